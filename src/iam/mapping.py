@@ -1,0 +1,121 @@
+"""Establishing the head mapping: window extraction, attention on the window, best-match search (paper §3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .similarity import SimilarityMetric
+
+
+@dataclass(frozen=True)
+class Window:
+    """The establishing window of every sequence in a left-padded batch.
+
+    Parameters
+    ----------
+    starts : ``[B]`` index of each sequence's first real token.
+    lengths : ``[B]`` tokens compared per sequence: ``min(real length, truncation_threshold)``.
+    """
+
+    starts: torch.Tensor
+    lengths: torch.Tensor
+
+    @classmethod
+    def from_mask(cls, attention_mask: torch.Tensor, truncation: int) -> Window:
+        real = attention_mask.sum(-1)
+        return cls(starts=attention_mask.shape[1] - real, lengths=real.clamp(max=truncation))
+
+    @property
+    def size(self) -> int:
+        return int(self.lengths.max())
+
+    def take(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """Rows ``starts .. starts + size`` of ``x`` along its time axis ``dim`` (batch is axis 0)."""
+        steps = torch.arange(self.size, device=x.device)
+        idx = (self.starts.to(x.device)[:, None] + steps).clamp(max=x.shape[dim] - 1)
+        batch = torch.arange(x.shape[0], device=x.device)[:, None]
+        return x.movedim(dim, 1)[batch, idx].movedim(1, dim)
+
+
+def window_attention(q: torch.Tensor, k: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Causal softmax(QK^T) on the window, in float32: ``q`` ``[B, H, W, d]``, ``k`` ``[B, Hkv, W, d]`` -> ``[B, H, W, W]``."""
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scaling
+    w = q.shape[-2]
+    causal = torch.ones(w, w, dtype=torch.bool, device=q.device).tril()
+    return scores.masked_fill(~causal, float("-inf")).softmax(-1)
+
+
+def tril_flat(probs: torch.Tensor, n: int) -> torch.Tensor:
+    """Flattened lower triangle of the first ``n`` tokens: ``[..., W, W]`` -> ``[..., n(n+1)/2]``."""
+    rows, cols = torch.tril_indices(n, n, device=probs.device)
+    return probs[..., rows, cols]
+
+
+@dataclass
+class HeadMap:
+    """The mapping of one LLM layer, per sequence: ``[B, H]`` tensors."""
+
+    slm_layer: torch.Tensor
+    slm_head: torch.Tensor
+    score: torch.Tensor
+    scale: torch.Tensor
+
+
+def slm_window_flats(queries: dict[int, torch.Tensor], keys: list[torch.Tensor], scaling: float, window: Window) -> list[torch.Tensor]:
+    """Flattened window attention of every SLM (layer, head): one ``[L_s * H_s, N_b]`` tensor per sequence."""
+    probs = torch.stack(
+        [window_attention(window.take(queries[i], 2), window.take(keys[i], 2), scaling) for i in range(len(keys))],
+        dim=1,
+    )  # [B, L_s, H_s, W, W]
+    return [tril_flat(probs[b].flatten(0, 1), int(n)) for b, n in enumerate(window.lengths)]
+
+
+def match_heads(
+    probs: torch.Tensor, window: Window, slm_flats: list[torch.Tensor], slm_heads: int, metric: SimilarityMetric
+) -> HeadMap:
+    """Map each LLM head to its best SLM (layer, head).
+
+    Parameters
+    ----------
+    probs : ``[B, H, W, W]`` the LLM layer's window attention.
+    window : the establishing window.
+    slm_flats : per sequence, ``[L_s * H_s, N_b]`` flattened SLM window attention.
+    slm_heads : ``H_s``, heads per SLM layer.
+    metric : similarity metric.
+
+    Returns
+    -------
+    The layer's ``HeadMap``.
+    """
+    best, scores, scales = [], [], []
+    for b, n in enumerate(window.lengths.tolist()):
+        llm = tril_flat(probs[b], n)
+        score, idx = metric.score(llm, slm_flats[b]).max(-1)
+        best.append(idx)
+        scores.append(score)
+        scales.append(metric.rescale(llm, slm_flats[b][idx]))
+    best_t = torch.stack(best)
+    return HeadMap(
+        slm_layer=best_t // slm_heads,
+        slm_head=best_t % slm_heads,
+        score=torch.stack(scores),
+        scale=torch.stack(scales),
+    )
+
+
+@dataclass
+class MappingState:
+    """What the mapped LLM layers read during one paired run; filled by the session, shared by the layers."""
+
+    window: Window
+    slm_flats: list[torch.Tensor]
+    slm_heads: int
+    slm_kv_groups: int
+    slm_scaling: float
+    metric: SimilarityMetric
+    slm_keys: list[torch.Tensor] = field(default_factory=list)
+    slm_queries: dict[int, torch.Tensor] = field(default_factory=dict)
+    maps: dict[int, HeadMap] = field(default_factory=dict)

@@ -1,0 +1,179 @@
+"""``IAMModel``: a large causal LM that borrows attention from a small one of the same family."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .cache import cache_bytes, full_cache_bytes
+from .config import MappingConfig, check_layers_in_range
+from .generation import PairedSession, generate
+from .selection import STRATEGIES
+
+SUPPORTED_FAMILIES = ("qwen2", "llama")
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+
+
+def check_pair(llm: nn.Module, slm: nn.Module) -> None:
+    """Raise ``ValueError`` unless ``llm`` and ``slm`` are causal LMs of one supported family with one vocabulary."""
+    for role, model in (("LLM", llm), ("SLM", slm)):
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in SUPPORTED_FAMILIES:
+            raise ValueError(f"{role} has model_type {model_type!r}; supported families: {list(SUPPORTED_FAMILIES)}.")
+        impl = model.config._attn_implementation
+        if impl not in SUPPORTED_ATTENTION:
+            raise ValueError(f"{role} uses attn_implementation {impl!r}; load it with one of {list(SUPPORTED_ATTENTION)}.")
+    if llm.config.model_type != slm.config.model_type:
+        raise ValueError(
+            f"LLM and SLM are of different families ({llm.config.model_type!r} vs {slm.config.model_type!r}); "
+            "IAM needs two models of one family."
+        )
+    if llm.config.vocab_size != slm.config.vocab_size:
+        raise ValueError(
+            f"LLM and SLM vocabularies differ (vocab_size {llm.config.vocab_size} vs {slm.config.vocab_size}); "
+            "IAM needs one tokenizer for both."
+        )
+    if llm.device != slm.device:
+        raise ValueError(f"LLM is on {llm.device} but SLM on {slm.device}; put both on one device.")
+
+
+class IAMModel:
+    """Wraps an LLM and an SLM of one family; the mapped LLM layers take their attention from the SLM.
+
+    Parameters
+    ----------
+    llm : the large ``*ForCausalLM`` (Qwen2/Qwen2.5 or Llama).
+    slm : the small ``*ForCausalLM`` of the same family and vocabulary.
+    config : the ``MappingConfig`` (defaults to ``MappingConfig()``).
+
+    Neither model is modified: the mapped attention modules are swapped in only for the duration of a call.
+    """
+
+    def __init__(self, llm: nn.Module, slm: nn.Module, config: MappingConfig | None = None) -> None:
+        check_pair(llm, slm)
+        self.llm, self.slm = llm.eval(), slm.eval()
+        self.config = config if config is not None else MappingConfig()
+        self.n_layers: int = llm.config.num_hidden_layers
+        if self.config.layers is not None:
+            check_layers_in_range(self.config.layers, self.n_layers)
+        self.n_mapped = self.config.resolve_count(self.n_layers)
+        self._session: PairedSession | None = None
+
+    # ---- layer selection ------------------------------------------------------------------------------------------
+    def select_layers(self, scores: Callable[[], torch.Tensor]) -> list[int]:
+        """The LLM layers to map; ``scores`` is called (``[L]`` mean best-match similarity) only if the strategy needs it."""
+        if self.config.layers is not None:
+            return list(self.config.layers)
+        strategy = STRATEGIES[self.config.strategy]
+        return strategy.select(self.n_layers, self.n_mapped, scores() if strategy.needs_scores else None)
+
+    # ---- calls -----------------------------------------------------------------------------------------------------
+    def _inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, new_tokens: int = 0):
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+            raise ValueError("input_ids must be a [batch, length] LongTensor.")
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids is empty: give at least one prompt token.")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}.")
+        mask = attention_mask.to(device=input_ids.device, dtype=torch.long)
+        if (mask.diff(dim=-1) < 0).any() or (mask[:, -1] == 0).any():
+            raise ValueError("attention_mask must be left-padded (padding first, then the prompt): set tokenizer.padding_side='left'.")
+        limit = min(self.llm.config.max_position_embeddings, self.slm.config.max_position_embeddings)
+        if input_ids.shape[1] + new_tokens > limit:
+            raise ValueError(
+                f"prompt too long: {input_ids.shape[1]} tokens + {new_tokens} new exceed the models' "
+                f"{limit}-position limit."
+            )
+        return input_ids.to(self.llm.device), mask.to(self.llm.device)
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> CausalLMOutputWithPast:
+        """One prefill forward with the mapping established on this input; ``.logits`` and, with ``labels``, ``.loss``."""
+        ids, mask = self._inputs(input_ids, attention_mask)
+        self._session = PairedSession(self, ids, mask)
+        logits = self._session.prefill(logits_to_keep=0)
+        loss = None
+        if labels is not None:
+            loss = self.llm.loss_function(logits=logits, labels=labels.to(logits.device), vocab_size=logits.shape[-1])
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Batched generation over left-padded prompts; returns ``[B, T + new]`` token ids (greedy by default)."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
+        if do_sample and not temperature > 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature!r}.")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}.")
+        ids, mask = self._inputs(input_ids, attention_mask, max_new_tokens)
+        gen_config = self.llm.generation_config
+        if eos_token_id is None:
+            eos_token_id = gen_config.eos_token_id
+        if pad_token_id is None:
+            pad_token_id = gen_config.pad_token_id
+        if pad_token_id is None:
+            pad_token_id = eos_token_id if isinstance(eos_token_id, int) else (eos_token_id or [0])[0]
+        self._session = PairedSession(self, ids, mask)
+        out, self.timings = generate(
+            self._session, max_new_tokens, do_sample, temperature, top_p, eos_token_id, pad_token_id, generator
+        )
+        return out
+
+    # ---- what the last call did --------------------------------------------------------------------------------
+    @property
+    def mapped_layers(self) -> list[int]:
+        """LLM layers mapped in the last call (or, before any call, the layers the config fixes)."""
+        if self._session is not None and self._session.established:
+            return list(self._session.mapped_layers)
+        if self.config.layers is not None or not STRATEGIES[self.config.strategy].needs_scores:
+            return self.select_layers(lambda: torch.empty(0))
+        return []
+
+    def _maps(self):
+        if self._session is None or not self._session.established:
+            return None
+        return [self._session.state.maps[i] for i in self._session.mapped_layers]
+
+    @property
+    def mapping(self) -> torch.Tensor | None:
+        """``[B, n_mapped, H, 2]`` LongTensor of ``(slm_layer, slm_head)`` per LLM head; ``None`` if not established."""
+        maps = self._maps()
+        if maps is None:
+            return None
+        return torch.stack([torch.stack([m.slm_layer, m.slm_head], -1) for m in maps], 1)
+
+    @property
+    def similarity(self) -> torch.Tensor | None:
+        """``[B, n_mapped, H]`` similarity of each matched pair (metric's own scale); ``None`` if not established."""
+        maps = self._maps()
+        return None if maps is None else torch.stack([m.score for m in maps], 1)
+
+    def kv_cache_bytes(self) -> dict[str, int]:
+        """Bytes in the real caches after the last call; ``baseline`` is what the LLM alone holds for the same tokens."""
+        if self._session is None:
+            raise RuntimeError("no call yet: run the model or generate() first.")
+        llm = cache_bytes(self._session.llm_cache)
+        slm = cache_bytes(self._session.slm_cache)
+        return {"llm": llm, "slm": slm, "total": llm + slm, "baseline": full_cache_bytes(self._session.llm_cache)}

@@ -1,0 +1,70 @@
+"""Tiny random same-family pairs, built in code (no downloads)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+FAMILIES = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}
+VOCAB = 97
+
+
+def tiny(family: str, layers: int, hidden: int, heads: int, kv_heads: int, seed: int) -> torch.nn.Module:
+    """A tiny random causal LM whose attention is peaked enough that heads are told apart."""
+    config_cls, model_cls = FAMILIES[family]
+    config = config_cls(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=256,
+        attn_implementation="sdpa",
+        tie_word_embeddings=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8.0)
+            layer.self_attn.k_proj.weight.mul_(8.0)
+    return model
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def pair(family):
+    """(LLM, SLM): 4-layer LLM with GQA, 2-layer SLM of the same family."""
+    return tiny(family, 4, 64, 4, 2, seed=0), tiny(family, 2, 32, 2, 1, seed=1)
+
+
+@pytest.fixture
+def twin(family):
+    """(LLM, exact copy of the LLM)."""
+    llm = tiny(family, 4, 64, 4, 2, seed=0)
+    return llm, copy.deepcopy(llm)
+
+
+def prompt(length: int, seed: int = 0, batch: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, VOCAB, (batch, length), generator=g)
+
+
+def left_pad(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(p.shape[-1] for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - p.shape[-1] :] = p
+        mask[i, width - p.shape[-1] :] = 1
+    return ids, mask

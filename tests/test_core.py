@@ -1,0 +1,184 @@
+"""Mechanics of the paired run on tiny random pairs (Qwen2 and Llama)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import left_pad, prompt
+from iam import IAMModel, MappingConfig
+from iam.capture import decoder_layers
+
+
+def llm_logits(llm, ids, mask=None):
+    with torch.no_grad():
+        return llm(input_ids=ids, attention_mask=mask).logits
+
+
+@pytest.mark.parametrize("ratio", [0.5, 1.0])
+def test_identity_twin_maps_each_head_to_itself(twin, ratio):
+    llm, slm = twin
+    iam = IAMModel(llm, slm, MappingConfig(ratio=ratio))
+    ids = prompt(40)
+    out = iam(ids)
+    heads = llm.config.num_attention_heads
+    expected = torch.tensor([[[layer, h] for h in range(heads)] for layer in iam.mapped_layers])
+    assert torch.equal(iam.mapping[0], expected)
+    assert (out.logits - llm_logits(llm, ids)).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("ratio", [0.5, 1.0])
+def test_identity_twin_decode_matches_llm_logits(twin, ratio):
+    llm, slm = twin
+    iam = IAMModel(llm, slm, MappingConfig(ratio=ratio))
+    ids = prompt(25)
+    out = iam.generate(ids, max_new_tokens=20)
+    assert out.shape == (1, 45)
+    assert iam.mapping is not None
+    # Logits of the LLM alone on the whole generated sequence vs IAM's prefill+decode choices.
+    ref = llm_logits(llm, out)[0, 24:-1].argmax(-1)
+    assert torch.equal(out[0, 25:], ref)
+    # And IAM's own one-shot logits on that sequence equal the LLM's.
+    assert (iam(out).logits - llm_logits(llm, out)).abs().max() < 1e-3
+
+
+def test_mapping_is_actually_used(pair):
+    """A different SLM must change the LLM's logits in mapped layers, and leave them alone at ratio 0."""
+    llm, slm = pair
+    ids = prompt(30)
+    mapped = IAMModel(llm, slm, MappingConfig(ratio=0.5))(ids).logits
+    unmapped = IAMModel(llm, slm, MappingConfig(ratio=0.0))(ids).logits
+    ref = llm_logits(llm, ids)
+    assert (mapped - ref).abs().max() > 1e-2
+    assert torch.allclose(unmapped, ref, atol=1e-5)
+
+
+def test_ratio_zero_generate_equals_llm_generate(pair):
+    llm, slm = pair
+    ids = prompt(12, seed=3, batch=2)
+    ours = IAMModel(llm, slm, MappingConfig(ratio=0.0)).generate(ids, max_new_tokens=15)
+    theirs = llm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=15, do_sample=False)
+    assert torch.equal(ours, theirs)
+
+
+class RowCounter:
+    """Counts, per call, the rows per sequence that a projection processes."""
+
+    def __init__(self, modules):
+        self.calls: list[int] = []
+        self.handles = [m.register_forward_hook(self._hook) for m in modules]
+
+    def _hook(self, _mod, args, _out):
+        self.calls.append(args[0].shape[1])
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def test_mapped_layers_skip_q_and_k_projections(pair):
+    llm, slm = pair
+    iam = IAMModel(llm, slm, MappingConfig(ratio=0.5, truncation_threshold=16))
+    layers = decoder_layers(llm)
+    mapped = [layers[i].self_attn for i in iam.mapped_layers]
+    unmapped = [layers[i].self_attn for i in range(4) if i not in iam.mapped_layers]
+    qk = RowCounter([m.q_proj for m in mapped] + [m.k_proj for m in mapped])
+    qk_unmapped = RowCounter([m.q_proj for m in unmapped])
+    v = RowCounter([m.v_proj for m in mapped])
+    session_ids = prompt(40, batch=2)
+    iam.generate(session_ids, max_new_tokens=6)
+    qk.close(), qk_unmapped.close(), v.close()
+    # Prefill: one call per projection per mapped layer, on the 16-row window only; decode: none.
+    assert qk.calls == [16] * 4
+    # The unmapped layers and the mapped V projections run on the prompt and then every decode step.
+    assert sorted(qk_unmapped.calls) == sorted([40] * 2 + [1] * 10)
+    assert sorted(v.calls) == sorted([40] * 2 + [1] * 10)
+
+
+def test_kv_bytes_drop_exactly_the_mapped_keys(pair):
+    llm, slm = pair
+    iam = IAMModel(llm, slm, MappingConfig(ratio=0.5))
+    ids = prompt(33, batch=2)
+    iam.generate(ids, max_new_tokens=5)
+    kv = iam.kv_cache_bytes()
+    cfg = llm.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    tokens = 33 + 4  # the last generated token is never fed back
+    per_layer_k = 2 * cfg.num_key_value_heads * tokens * head_dim * 4
+    assert kv["baseline"] == cfg.num_hidden_layers * 2 * per_layer_k
+    assert kv["llm"] == kv["baseline"] - len(iam.mapped_layers) * per_layer_k
+    # Baseline is what the LLM alone really holds for those tokens.
+    alone = llm(input_ids=ids, use_cache=True).past_key_values
+    prefill_alone = sum(layer.keys.nbytes + layer.values.nbytes for layer in alone.layers)
+    assert prefill_alone * tokens // 33 == kv["baseline"]
+    assert kv["total"] == kv["llm"] + kv["slm"] and kv["slm"] > 0
+
+
+def test_batch_equals_solo_runs(pair):
+    llm, slm = pair
+    iam = IAMModel(llm, slm, MappingConfig(ratio=0.5))
+    prompts = [prompt(n, seed=n)[0] for n in (22, 35, 28)]
+    ids, mask = left_pad(prompts)
+    batched = iam.generate(ids, attention_mask=mask, max_new_tokens=12)
+    batched_mapping = iam.mapping
+    for i, p in enumerate(prompts):
+        solo = iam.generate(p[None], max_new_tokens=12)
+        assert torch.equal(batched[i, -12:], solo[0, -12:]), f"prompt {i} differs"
+        assert torch.equal(batched_mapping[i], iam.mapping[0])
+
+
+def test_short_prompt_decodes_unmapped_until_threshold(pair):
+    llm, slm = pair
+    iam = IAMModel(llm, slm, MappingConfig(ratio=0.5, establish_threshold=20))
+    ids = prompt(5)
+    # Until the context holds 20 tokens, IAM is exactly the LLM alone.
+    out = iam.generate(ids, max_new_tokens=15)
+    assert iam.mapping is None
+    assert torch.equal(out, llm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=15, do_sample=False))
+    assert iam.kv_cache_bytes()["slm"] == 0
+    # One token more and the mapping is established on the 20-token context; mapped K is gone.
+    out = iam.generate(ids, max_new_tokens=18)
+    assert iam.mapping is not None and iam.mapping.shape == (1, 2, 4, 2)
+    assert iam._session.state.window.lengths.tolist() == [20]
+    kv = iam.kv_cache_bytes()
+    assert kv["slm"] > 0 and kv["llm"] < kv["baseline"]
+
+
+def test_wrapping_leaves_models_untouched(pair):
+    llm, slm = pair
+    ids = prompt(30)
+    before_llm, before_slm = llm_logits(llm, ids), llm_logits(slm, ids)
+    modules = [type(layer.self_attn) for layer in decoder_layers(llm)]
+    for cfg in (MappingConfig(ratio=0.5), MappingConfig(ratio=1.0, strategy="front", metric="pearson")):
+        IAMModel(llm, slm, cfg).generate(ids, max_new_tokens=4)
+    assert [type(layer.self_attn) for layer in decoder_layers(llm)] == modules
+    assert slm.config.num_hidden_layers == 2
+    assert torch.equal(llm_logits(llm, ids), before_llm)
+    assert torch.equal(llm_logits(slm, ids), before_slm)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "pearson", "minkowski1", "minkowski2", "cosine-norm"])
+def test_every_metric_runs_and_identity_still_holds(twin, metric):
+    llm, slm = twin
+    iam = IAMModel(llm, slm, MappingConfig(ratio=0.5, metric=metric))
+    ids = prompt(30)
+    out = iam(ids)
+    heads = llm.config.num_attention_heads
+    assert torch.equal(iam.mapping[0, :, :, 1], torch.arange(heads).expand(2, heads))
+    assert (out.logits - llm_logits(llm, ids)).abs().max() < 1e-3
+
+
+def test_similar_strategy_picks_the_best_scoring_layers(pair):
+    llm, slm = pair
+    iam = IAMModel(llm, slm, MappingConfig(ratio=0.5, strategy="similar"))
+    iam(prompt(30))
+    scores = iam._session.layer_scores.mean((1, 2))
+    assert iam.mapped_layers == sorted(scores.topk(2).indices.tolist())
+
+
+def test_loss_matches_llm_at_ratio_zero(pair):
+    llm, slm = pair
+    ids = prompt(30)
+    ours = IAMModel(llm, slm, MappingConfig(ratio=0.0))(ids, labels=ids).loss
+    theirs = llm(input_ids=ids, labels=ids).loss
+    assert torch.allclose(ours, theirs)
