@@ -170,6 +170,21 @@ class IAMModel:
         maps = self._maps()
         return None if maps is None else torch.stack([m.score for m in maps], 1)
 
+    def mapping_summary(self) -> dict | None:
+        """Per mapped layer: mean matched similarity and the SLM layers its heads borrow from (first sequence)."""
+        maps = self._maps()
+        if maps is None:
+            return None
+        layers = {}
+        for idx, m in zip(self._session.mapped_layers, maps):
+            used, counts = m.slm_layer[0].unique(return_counts=True)
+            layers[idx] = {
+                "mean_similarity": round(m.score.mean().item(), 4),
+                "slm_layers": {int(u): int(c) for u, c in zip(used, counts)},
+            }
+        mean = torch.stack([m.score for m in maps]).mean().item()
+        return {"mean_similarity": round(mean, 4), "metric": self.config.metric, "layers": layers}
+
     def kv_cache_bytes(self) -> dict[str, int]:
         """Bytes in the real caches after the last call; ``baseline`` is what the LLM alone holds for the same tokens."""
         if self._session is None:

