@@ -172,7 +172,7 @@ def test_similar_strategy_picks_the_best_scoring_layers(pair):
     llm, slm = pair
     iam = IAMModel(llm, slm, MappingConfig(ratio=0.5, strategy="similar"))
     iam(prompt(30))
-    scores = iam._session.layer_scores.mean((1, 2))
+    scores = iam._session.similarity.amax(-1).mean((1, 2))
     assert iam.mapped_layers == sorted(scores.topk(2).indices.tolist())
 
 

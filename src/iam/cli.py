@@ -9,8 +9,10 @@ from collections.abc import Sequence
 
 import torch
 
+from . import data, evaluation
 from .config import MappingConfig
 from .loading import load_pair
+from .reporting import write_report
 from .model import IAMModel
 from .selection import STRATEGIES
 from .similarity import METRICS
@@ -130,6 +132,109 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_items(path: str | None, limit: int) -> list[dict]:
+    """MMLU-format JSONL (question, choices, answer index); default: trivia with distractors from other answers."""
+    if path == "mmlu":
+        try:
+            from datasets import load_dataset
+        except ImportError:
+            raise FileNotFoundError("--dataset mmlu needs the datasets package: pip install 'iam-llm[online]'") from None
+        items = [dict(r) for r in load_dataset("cais/mmlu", "all", split="test")]
+    elif path:
+        with open(path) as f:
+            items = [json.loads(line) for line in f if line.strip()]
+        for i, item in enumerate(items):
+            if not {"question", "choices", "answer"} <= item.keys():
+                raise ValueError(f"{path} line {i + 1}: an item needs question, choices and answer (index).")
+    else:
+        items = evaluation.trivia_choices(data.trivia())
+    return items[:limit]
+
+
+def finish(args: argparse.Namespace, name: str, result: dict, columns: list[str], plot=None) -> int:
+    result.update(command=name, llm=args.llm, slm=args.slm)
+    paths = write_report(args.out, name, result, columns, plot)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(open(paths["markdown"]).read())
+        print("wrote " + ", ".join(paths.values()))
+    return 0
+
+
+def eval_windows(args: argparse.Namespace, tok) -> list[torch.Tensor]:
+    text = data.load_text(args.dataset if args.text is None else args.text)
+    return evaluation.text_windows(tok, text, args.windows, args.tokens)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    llm, slm, tok = load(args)
+    base = mapping_config(args, 0.0)
+    kind = args.eval_command
+    if kind == "perplexity":
+        result = evaluation.eval_perplexity(llm, slm, eval_windows(args, tok), args.ratios, base)
+        result["text"] = args.text or args.dataset
+        return finish(args, "perplexity", result, ["ratio", "strategy", "metric", "ppl", "ppl_increase", "mapped_layers"])
+    if kind == "metrics":
+        result = evaluation.eval_metrics(llm, slm, eval_windows(args, tok), args.ratio, base, args.metrics)
+        return finish(args, "metrics", result, ["metric", "ratio", "ppl", "ppl_increase"])
+    if kind == "sweep":
+        result = evaluation.eval_sweep(llm, slm, eval_windows(args, tok), args.block, base)
+
+        def plot(path):
+            import matplotlib.pyplot as plt
+
+            rows = result["rows"][1:]
+            plt.figure(figsize=(7, 3.5))
+            plt.bar([r["block"] for r in rows], [100 * r["ppl_increase"] for r in rows])
+            plt.ylabel("perplexity increase (%)")
+            plt.xlabel(f"mapped LLM layers (blocks of {args.block})")
+            plt.tight_layout()
+            plt.savefig(path, dpi=120)
+
+        return finish(args, "sweep", result, ["block", "ppl", "ppl_increase"], plot)
+    if kind == "consistency":
+        result = evaluation.eval_consistency(llm, slm, tok, eval_windows(args, tok), args.ratio, args.steps, base)
+        return finish(args, "consistency", result, ["llm_layer", "consistency"])
+    if kind == "qa":
+        pairs = data.trivia()[: args.limit]
+        result = evaluation.eval_qa(llm, slm, tok, pairs, args.ratios, base, args.max_new_tokens)
+        return finish(args, "qa", result, ["ratio", "strategy", "f1", "exact_match", "n"])
+    items = load_items(args.dataset, args.limit)
+    result = evaluation.eval_choice(llm, slm, tok, items, args.ratios, base)
+    return finish(args, "choice", result, ["ratio", "strategy", "accuracy", "n"])
+
+
+def cmd_similarity(args: argparse.Namespace) -> int:
+    llm, slm, tok = load(args)
+    result = evaluation.eval_similarity(llm, slm, eval_windows(args, tok), mapping_config(args, 0.0))
+
+    def plot(path):
+        import matplotlib.pyplot as plt
+
+        plt.figure(figsize=(6, 5))
+        plt.imshow(result["heatmap"], aspect="auto", origin="lower", cmap="viridis")
+        plt.colorbar(label=f"mean best {result['metric']} similarity")
+        plt.xlabel("SLM layer")
+        plt.ylabel("LLM layer")
+        plt.tight_layout()
+        plt.savefig(path, dpi=120)
+
+    return finish(args, "similarity", result, ["llm_layer", "mean_best_similarity", "best_slm_layer"], plot)
+
+
+def add_output_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="results", help="folder for the JSON, Markdown and PNG files")
+    p.add_argument("--json", action="store_true", help="print the JSON result")
+
+
+def add_text_args(p: argparse.ArgumentParser, windows: int = 3, tokens: int = 512) -> None:
+    p.add_argument("--dataset", default="wikipedia", help="wikipedia (offline), python-stdlib (offline) or wikitext2 (online)")
+    p.add_argument("--text", default=None, metavar="FILE", help="any text file instead of --dataset")
+    p.add_argument("--windows", type=int, default=windows)
+    p.add_argument("--tokens", type=int, default=tokens)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="iam", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -151,6 +256,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("similarity", help="per LLM layer mean best-match similarity, and an LLM x SLM layer heatmap")
+    add_pair_args(p)
+    add_mapping_args(p)
+    add_text_args(p, windows=2, tokens=256)
+    add_output_args(p)
+    p.set_defaults(func=cmd_similarity)
+
+    ev = sub.add_parser("eval", help="quality evaluations, LLM alone vs IAM side by side").add_subparsers(dest="eval_command", required=True)
+    for name, help_text in [
+        ("perplexity", "sliding-window perplexity"),
+        ("metrics", "perplexity under each similarity metric (paper Table 1)"),
+        ("sweep", "map each block of layers in turn (paper Fig. 2)"),
+        ("consistency", "does the prefill mapping stay the best during decode (paper Fig. 3)"),
+        ("qa", "generated answers scored by token F1 (chatterbot trivia by default)"),
+        ("choice", "multiple-choice accuracy by length-normalised log-likelihood"),
+    ]:
+        p = ev.add_parser(name, help=help_text)
+        add_pair_args(p)
+        add_mapping_args(p)
+        add_output_args(p)
+        p.set_defaults(func=cmd_eval)
+        if name in ("perplexity", "metrics", "sweep", "consistency"):
+            add_text_args(p, windows=2 if name == "consistency" else 3, tokens=64 if name == "consistency" else 512)
+        if name in ("perplexity", "qa", "choice"):
+            p.add_argument("--ratios", type=ratio_list, default=[0.0, 0.3, 0.5])
+        if name in ("metrics", "consistency"):
+            p.add_argument("--ratio", type=float, default=0.5)
+        if name == "metrics":
+            p.add_argument("--metrics", type=lambda t: t.split(","), default=sorted(METRICS))
+        if name == "sweep":
+            p.add_argument("--block", type=int, default=4)
+        if name == "consistency":
+            p.add_argument("--steps", type=int, default=16)
+        if name in ("qa", "choice"):
+            p.add_argument("--limit", type=int, default=40, help="number of questions")
+        if name == "qa":
+            p.add_argument("--max-new-tokens", type=int, default=24)
+        if name == "choice":
+            p.add_argument("--dataset", default=None, help="MMLU-format JSONL file, or 'mmlu' (online); default: trivia")
     return parser
 
 

@@ -57,10 +57,24 @@ def trivia() -> list[tuple[str, str]]:
     return [(str(q).strip(), str(a).strip()) for q, a, *_ in pairs]
 
 
+STDLIB_MODULES = ("argparse", "json.decoder", "collections", "dataclasses", "pathlib", "textwrap", "difflib", "heapq")
+
+
+def python_stdlib_text() -> str:
+    """Real Python source (a fixed list of standard-library modules): a second, different kind of text."""
+    import importlib
+    import inspect
+
+    return "\n\n".join(inspect.getsource(importlib.import_module(m)) for m in STDLIB_MODULES)
+
+
 def load_text(name: str) -> str:
-    """Text for perplexity: ``wikipedia`` (offline), ``wikitext2`` (online, via ``datasets``) or a file path."""
+    """Text for perplexity: ``wikipedia`` (offline), ``python-stdlib`` (offline), ``wikitext2`` (online, via
+    ``datasets``) or a file path."""
     if name == "wikipedia":
         return wikipedia_text()
+    if name == "python-stdlib":
+        return python_stdlib_text()
     if name == "wikitext2":
         try:
             from datasets import load_dataset
@@ -69,5 +83,5 @@ def load_text(name: str) -> str:
         return "\n\n".join(load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"])
     path = Path(name)
     if not path.is_file():
-        raise FileNotFoundError(f"text file {name!r} not found (or use 'wikipedia' / 'wikitext2').")
+        raise FileNotFoundError(f"text file {name!r} not found (or use 'wikipedia', 'python-stdlib' or 'wikitext2').")
     return path.read_text()

@@ -18,7 +18,7 @@ from transformers import DynamicCache
 from .attention import MappedAttention
 from .cache import paired_llm_cache
 from .capture import QueryCapture, decoder_layers
-from .mapping import MappingState, Window, match_heads, slm_window_flats, window_attention
+from .mapping import MappingState, Window, similarity_matrix, slm_window_flats, window_attention
 from .similarity import METRICS
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ class PairedSession:
         self.modules: dict[int, MappedAttention] = {}
         self.mapped_layers: list[int] = []
         self.slm_layers: list[int] = []
-        self.layer_scores: torch.Tensor | None = None
+        self.similarity: torch.Tensor | None = None
 
     @property
     def established(self) -> bool:
@@ -124,13 +124,11 @@ class PairedSession:
         self.state.slm_queries = self._slm_forward(ids, self.slm_layers, self.slm_layers[-1] + 1)
         self.state.slm_keys = [layer.keys for layer in self.slm_cache.layers]
 
-    def _establish(self, logits_to_keep: int) -> torch.Tensor:
-        """Paired prefill of the whole context: SLM first, then the LLM, whose mapped layers pick their heads."""
-        iam = self.iam
-        slm, cfg = iam.slm, iam.config
+    def prepare(self) -> MappingState:
+        """SLM prefill over the whole context with every layer's queries captured; builds the mapping state."""
+        slm, cfg = self.iam.slm, self.iam.config
         n_slm = slm.config.num_hidden_layers
         window = Window.from_mask(self.mask, cfg.truncation_threshold)
-
         self.slm_cache = DynamicCache(config=slm.config)
         queries = self._slm_forward(self.ids, list(range(n_slm)), n_slm)
         keys = [layer.keys for layer in self.slm_cache.layers]
@@ -145,7 +143,13 @@ class PairedSession:
             slm_keys=keys,
             slm_queries=queries,
         )
-        self.mapped_layers = iam.select_layers(lambda: self.probe_layer_scores().mean((1, 2)))
+        return self.state
+
+    def _establish(self, logits_to_keep: int) -> torch.Tensor:
+        """Paired prefill of the whole context: SLM first, then the LLM, whose mapped layers pick their heads."""
+        iam = self.iam
+        self.prepare()
+        self.mapped_layers = iam.select_layers(lambda: self.probe_similarity().amax(-1).mean((1, 2)))
         llm_layers = decoder_layers(iam.llm)
         self.modules = {i: MappedAttention(llm_layers[i].self_attn, self.state) for i in self.mapped_layers}
         self.llm_cache = paired_llm_cache(iam.llm.config, self.mapped_layers)
@@ -161,11 +165,11 @@ class PairedSession:
         self.state.slm_keys = [layer.keys for layer in self.slm_cache.layers]
         return logits
 
-    def probe_layer_scores(self) -> torch.Tensor:
-        """Best-match similarity ``[L, B, H]`` of every LLM layer, from an unmapped LLM pass over the window only."""
+    def probe_similarity(self) -> torch.Tensor:
+        """Similarity ``[L, B, H, L_s * H_s]`` of every LLM head to every SLM head, from an unmapped LLM pass over
+        the window only (needs ``prepare``)."""
         llm, state = self.iam.llm, self.state
-        window = state.window
-        ids = window.take(self.ids, 1)
+        ids = state.window.take(self.ids, 1)
         cache = DynamicCache(config=llm.config)
         n_layers = llm.config.num_hidden_layers
         with QueryCapture(llm, range(n_layers)) as cap:
@@ -175,13 +179,14 @@ class PairedSession:
                 past_key_values=cache,
                 use_cache=True,
             )
-        attn = decoder_layers(llm)[0].self_attn
-        scores = []
-        for i in range(n_layers):
-            probs = window_attention(cap.queries[i], cache.layers[i].keys, attn.scaling)
-            scores.append(match_heads(probs, window, state.slm_flats, state.slm_heads, state.metric).score)
-        self.layer_scores = torch.stack(scores)
-        return self.layer_scores
+        scaling = decoder_layers(llm)[0].self_attn.scaling
+        self.similarity = torch.stack(
+            [
+                similarity_matrix(window_attention(cap.queries[i], cache.layers[i].keys, scaling), state.window, state.slm_flats, state.metric)
+                for i in range(n_layers)
+            ]
+        )
+        return self.similarity
 
 
 def next_token(

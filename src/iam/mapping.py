@@ -73,6 +73,14 @@ def slm_window_flats(queries: dict[int, torch.Tensor], keys: list[torch.Tensor],
     return [tril_flat(probs[b].flatten(0, 1), int(n)) for b, n in enumerate(window.lengths)]
 
 
+def similarity_matrix(probs: torch.Tensor, window: Window, slm_flats: list[torch.Tensor], metric: SimilarityMetric) -> torch.Tensor:
+    """Similarity ``[B, H, L_s * H_s]`` of an LLM layer's heads (window attention ``probs`` ``[B, H, W, W]``) to every
+    SLM (layer, head)."""
+    return torch.stack(
+        [metric.score(tril_flat(probs[b], n), slm_flats[b]) for b, n in enumerate(window.lengths.tolist())]
+    )
+
+
 def match_heads(
     probs: torch.Tensor, window: Window, slm_flats: list[torch.Tensor], slm_heads: int, metric: SimilarityMetric
 ) -> HeadMap:
@@ -90,20 +98,11 @@ def match_heads(
     -------
     The layer's ``HeadMap``.
     """
-    best, scores, scales = [], [], []
-    for b, n in enumerate(window.lengths.tolist()):
-        llm = tril_flat(probs[b], n)
-        score, idx = metric.score(llm, slm_flats[b]).max(-1)
-        best.append(idx)
-        scores.append(score)
-        scales.append(metric.rescale(llm, slm_flats[b][idx]))
-    best_t = torch.stack(best)
-    return HeadMap(
-        slm_layer=best_t // slm_heads,
-        slm_head=best_t % slm_heads,
-        score=torch.stack(scores),
-        scale=torch.stack(scales),
+    score, best = similarity_matrix(probs, window, slm_flats, metric).max(-1)
+    scale = torch.stack(
+        [metric.rescale(tril_flat(probs[b], n), slm_flats[b][best[b]]) for b, n in enumerate(window.lengths.tolist())]
     )
+    return HeadMap(slm_layer=best // slm_heads, slm_head=best % slm_heads, score=score, scale=scale)
 
 
 @dataclass

@@ -1,0 +1,189 @@
+"""Quality evaluations (paper §3 and §4.2): perplexity, multiple choice, QA, mapping consistency, layer sweep,
+metric comparison and the similarity analysis. Every function runs the LLM alone and IAM side by side and
+returns a dict with a ``rows`` list.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import string
+from collections import Counter
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import MappingConfig
+from .generation import PairedSession
+from .model import IAMModel
+
+
+def text_windows(tokenizer, text: str, windows: int, tokens: int) -> list[torch.Tensor]:
+    """``windows`` non-overlapping windows of ``tokens`` tokens, evenly spread over ``text``."""
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    if ids.numel() < windows * tokens:
+        raise ValueError(f"text has {ids.numel()} tokens, fewer than --windows {windows} x --tokens {tokens}.")
+    stride = (ids.numel() - tokens) // max(windows - 1, 1)
+    return [ids[i * stride : i * stride + tokens][None] for i in range(windows)]
+
+
+def perplexity(iam: IAMModel, windows: Sequence[torch.Tensor], progress: bool = True, desc: str = "") -> float:
+    losses = [iam(w, labels=w).loss.item() for w in tqdm(windows, desc=desc, disable=not progress, leave=False)]
+    return math.exp(sum(losses) / len(losses))
+
+
+def _rows_over(configs: Sequence[tuple[dict, MappingConfig]], llm, slm, windows, progress: bool) -> list[dict]:
+    """Perplexity per config; the first config is the reference for ``ppl_increase``."""
+    rows = []
+    for label, cfg in tqdm(configs, desc="configs", disable=not progress):
+        iam = IAMModel(llm, slm, cfg)
+        row = dict(label, ppl=perplexity(iam, windows, progress, desc=str(label)), mapped_layers=iam.mapped_layers)
+        rows.append(row)
+    base = rows[0]["ppl"]
+    for row in rows:
+        row["ppl_increase"] = row["ppl"] / base - 1
+    return rows
+
+
+def eval_perplexity(llm, slm, windows, ratios: Sequence[float], base: MappingConfig, progress: bool = True) -> dict:
+    """Sliding-window perplexity at each ratio; ratio 0 (the LLM alone) is always the first row."""
+    ratios = [0.0] + [r for r in ratios if r != 0]
+    configs = [({"ratio": r, "strategy": base.strategy, "metric": base.metric}, MappingConfig(**{**vars(base), "ratio": r})) for r in ratios]
+    return {"rows": _rows_over(configs, llm, slm, windows, progress)}
+
+
+def eval_metrics(llm, slm, windows, ratio: float, base: MappingConfig, metrics: Sequence[str], progress: bool = True) -> dict:
+    """Perplexity under each similarity metric at one ratio (paper Table 1)."""
+    configs = [({"metric": "none (LLM alone)", "ratio": 0.0}, MappingConfig(ratio=0.0))]
+    configs += [({"metric": m, "ratio": ratio}, MappingConfig(**{**vars(base), "ratio": ratio, "metric": m})) for m in metrics]
+    return {"rows": _rows_over(configs, llm, slm, windows, progress)}
+
+
+def eval_sweep(llm, slm, windows, block: int, base: MappingConfig, progress: bool = True) -> dict:
+    """Map each block of ``block`` consecutive LLM layers in turn (paper §3.2, Fig. 2)."""
+    n = llm.config.num_hidden_layers
+    configs = [({"block": "none", "first_layer": None}, MappingConfig(ratio=0.0))]
+    for start in range(0, n, block):
+        layers = list(range(start, min(start + block, n)))
+        configs.append(({"block": f"{layers[0]}-{layers[-1]}", "first_layer": start}, MappingConfig(**{**vars(base), "layers": layers})))
+    return {"rows": _rows_over(configs, llm, slm, windows, progress), "block": block}
+
+
+def eval_similarity(llm, slm, windows, base: MappingConfig, progress: bool = True) -> dict:
+    """Per LLM layer, the mean best-match similarity, and the LLM-layer x SLM-layer heatmap (mean over heads of
+    the best head in that SLM layer)."""
+    iam = IAMModel(llm, slm, MappingConfig(**{**vars(base), "ratio": 0.0}))
+    n_slm, h_slm = slm.config.num_hidden_layers, slm.config.num_attention_heads
+    sims = []
+    for w in tqdm(windows, desc="similarity", disable=not progress):
+        with torch.inference_mode():
+            session = PairedSession(iam, w, torch.ones_like(w))
+            session.prepare()
+            sims.append(session.probe_similarity())  # [L, B, H, S]
+    sim = torch.cat(sims, 1)
+    heat = sim.unflatten(-1, (n_slm, h_slm)).amax(-1).mean((1, 2))  # [L, L_s]
+    best = sim.amax(-1).mean((1, 2))
+    rows = [{"llm_layer": i, "mean_best_similarity": best[i].item(), "best_slm_layer": int(heat[i].argmax())} for i in range(len(best))]
+    return {"rows": rows, "heatmap": heat.tolist(), "metric": base.metric, "mean": best.mean().item()}
+
+
+def eval_consistency(llm, slm, tokenizer, windows, ratio: float, steps: int, base: MappingConfig, progress: bool = True) -> dict:
+    """Paper §3.3: as decoding proceeds, does each mapped head's best match (recomputed on the whole growing
+    context) stay the one chosen at prefill? Per mapped layer, the fraction of steps where it does."""
+    iam = IAMModel(llm, slm, MappingConfig(**{**vars(base), "ratio": ratio}))
+    agree: dict[int, list[float]] = {}
+    for w in tqdm(windows, desc="consistency", disable=not progress):
+        out = iam.generate(w, max_new_tokens=steps)
+        layers = iam.mapped_layers
+        best = []
+        for k in range(w.shape[1], out.shape[1] + 1):
+            probe = IAMModel(llm, slm, MappingConfig(**{**vars(base), "ratio": 0.0, "truncation_threshold": k}))
+            with torch.inference_mode():
+                session = PairedSession(probe, out[:, :k], torch.ones_like(out[:, :k]))
+                session.prepare()
+                best.append(session.probe_similarity()[layers].argmax(-1))  # [n_mapped, B, H]
+        for j, layer in enumerate(layers):
+            same = torch.stack([(b[j] == best[0][j]).float().mean() for b in best[1:]])
+            agree.setdefault(layer, []).append(same.mean().item())
+    rows = [{"llm_layer": layer, "consistency": sum(v) / len(v)} for layer, v in agree.items()]
+    return {"rows": rows, "steps": steps, "ratio": ratio, "mean": sum(r["consistency"] for r in rows) / len(rows)}
+
+
+# ---- generated answers and multiple choice ------------------------------------------------------------------------
+def normalize_answer(text: str) -> list[str]:
+    """HotpotQA/SQuAD normalization: lower-case, drop punctuation and articles, split on whitespace."""
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    return re.sub(r"\b(a|an|the)\b", " ", text).split()
+
+
+def token_f1(prediction: str, gold: str) -> float:
+    pred, ref = normalize_answer(prediction), normalize_answer(gold)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def eval_qa(llm, slm, tokenizer, pairs: Sequence[tuple[str, str]], ratios: Sequence[float], base: MappingConfig,
+            max_new_tokens: int = 24, batch_size: int = 8, progress: bool = True) -> dict:
+    """Generated answers scored by token F1 and exact match (as HotpotQA is scored)."""
+    instruction = "Answer with just the answer, no explanation.\n\n"
+    prompts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": instruction + q}], tokenize=False, add_generation_prompt=True)
+        for q, _ in pairs
+    ]
+    rows, examples = [], {}
+    for r in [0.0] + [x for x in ratios if x != 0]:
+        iam = IAMModel(llm, slm, MappingConfig(**{**vars(base), "ratio": r}))
+        answers = []
+        for i in tqdm(range(0, len(prompts), batch_size), desc=f"qa ratio {r}", disable=not progress):
+            batch = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True)
+            out = iam.generate(batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens)
+            answers += tokenizer.batch_decode(out[:, batch.input_ids.shape[1] :], skip_special_tokens=True)
+        f1 = [token_f1(a, g) for a, (_, g) in zip(answers, pairs)]
+        em = [float(normalize_answer(a) == normalize_answer(g)) for a, (_, g) in zip(answers, pairs)]
+        rows.append({"ratio": r, "strategy": base.strategy, "f1": sum(f1) / len(f1), "exact_match": sum(em) / len(em), "n": len(pairs)})
+        examples[str(r)] = [{"question": q, "gold": g, "answer": a.strip()} for (q, g), a in list(zip(pairs, answers))[:5]]
+    return {"rows": rows, "examples": examples}
+
+
+def trivia_choices(pairs: Sequence[tuple[str, str]], n_choices: int = 4, seed: int = 0) -> list[dict]:
+    """MMLU-format items from Q/A pairs: the right answer plus distractors drawn from other answers."""
+    rng = random.Random(seed)
+    answers = sorted({a for _, a in pairs})
+    items = []
+    for q, a in pairs:
+        choices = rng.sample([x for x in answers if x != a], n_choices - 1) + [a]
+        rng.shuffle(choices)
+        items.append({"question": q, "choices": choices, "answer": choices.index(a)})
+    return items
+
+
+def choice_logprob(iam: IAMModel, tokenizer, prompt: str, options: Sequence[str]) -> list[float]:
+    """Length-normalised log-likelihood of each option after ``prompt`` (one left-padded batch)."""
+    n_prompt = len(tokenizer(prompt).input_ids)
+    batch = tokenizer([prompt + " " + o for o in options], return_tensors="pt", padding=True)
+    ids, mask = batch.input_ids, batch.attention_mask
+    logp = iam(ids, attention_mask=mask).logits[:, :-1].float().log_softmax(-1)
+    token_logp = logp.gather(-1, ids[:, 1:, None])[..., 0]
+    starts = ids.shape[1] - mask.sum(-1) + n_prompt  # first option token of each row
+    pos = torch.arange(1, ids.shape[1])[None]
+    scored = (pos >= starts[:, None]) & mask[:, 1:].bool()
+    return ((token_logp * scored).sum(-1) / scored.sum(-1).clamp_min(1)).tolist()
+
+
+def eval_choice(llm, slm, tokenizer, items: Sequence[dict], ratios: Sequence[float], base: MappingConfig, progress: bool = True) -> dict:
+    """Multiple-choice accuracy by length-normalised log-likelihood (MMLU-style items)."""
+    rows = []
+    for r in [0.0] + [x for x in ratios if x != 0]:
+        iam = IAMModel(llm, slm, MappingConfig(**{**vars(base), "ratio": r}))
+        correct = 0
+        for item in tqdm(items, desc=f"choice ratio {r}", disable=not progress):
+            prompt = f"Question: {item['question']}\nAnswer:"
+            scores = choice_logprob(iam, tokenizer, prompt, item["choices"])
+            correct += int(max(range(len(scores)), key=scores.__getitem__) == item["answer"])
+        rows.append({"ratio": r, "strategy": base.strategy, "accuracy": correct / len(items), "n": len(items)})
+    return {"rows": rows}
