@@ -9,11 +9,12 @@ from collections.abc import Sequence
 
 import torch
 
-from . import data, evaluation
+from . import bench, data, evaluation
 from .config import MappingConfig
 from .loading import load_pair
 from .reporting import write_report
 from .model import IAMModel
+from .presets import PRESETS, load_arch
 from .selection import STRATEGIES
 from .similarity import METRICS
 
@@ -38,7 +39,7 @@ def ratio_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"--ratios takes comma-separated numbers, e.g. 0,0.3,0.5; got {text!r}") from None
 
 
-def add_pair_args(p: argparse.ArgumentParser, llm: str = "qwen2.5-coder-1.5b", slm: str = "qwen2.5-coder-0.5b") -> None:
+def add_pair_args(p: argparse.ArgumentParser, llm: str | None = "qwen2.5-coder-1.5b", slm: str | None = "qwen2.5-coder-0.5b") -> None:
     p.add_argument("--llm", default=llm, help="alias, .gguf file or transformers folder of the large model")
     p.add_argument("--slm", default=slm, help="alias, .gguf file or transformers folder of the small model")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -223,6 +224,39 @@ def cmd_similarity(args: argparse.Namespace) -> int:
     return finish(args, "similarity", result, ["llm_layer", "mean_best_similarity", "best_slm_layer"], plot)
 
 
+BREAK_EVEN_PAIRS = [
+    ("qwen2-72b", "qwen2-0.5b"),
+    ("qwen2-7b", "qwen2-0.5b"),
+    ("qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b"),
+    ("llama-3.1-70b", "llama-3.2-1b"),
+]
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    full, cpu = bench.SCENARIOS[args.scenario]
+    scenario = full if args.full_size or args.analytic else cpu
+    scenario = bench.Scenario(args.prompt or scenario.prompt, args.batch or scenario.batch, args.new_tokens or scenario.new_tokens)
+    meta = {"scenario": args.scenario, **vars(scenario)}
+    if args.analytic:
+        args.llm, args.slm = args.llm or "qwen2-72b", args.slm or "qwen2-0.5b"
+        llm, slm = load_arch(args.llm), load_arch(args.slm)
+        rows = bench.analytic_rows(llm, slm, args.ratios, scenario, args.bytes, args.memory_budget)
+        even = []
+        for big, small in BREAK_EVEN_PAIRS:
+            ratio = bench.break_even(PRESETS[big], PRESETS[small], args.bytes)
+            even.append({"llm": big, "slm": small, "break_even_ratio": ratio, "kv_ratio_at_0.5": bench.kv_bytes_per_token(PRESETS[big], PRESETS[small], round(0.5 * PRESETS[big].layers), args.bytes) / bench.kv_bytes_per_token(PRESETS[big], PRESETS[small], 0, args.bytes)})
+        columns = ["method", "ratio", "mapped_layers", "kv_bytes", "kv_ratio", "ttft_limit", "tpot_limit"]
+        if args.memory_budget:
+            columns += ["max_batch", "batch_ratio", "throughput_ratio"]
+        result = {"mode": "analytic", **meta, "bytes_per_element": args.bytes, "memory_budget_gb": args.memory_budget, "rows": rows, "break_even": even}
+        return finish(args, "bench-analytic", result, columns)
+    args.llm, args.slm = args.llm or "qwen2.5-coder-1.5b", args.slm or "qwen2.5-coder-0.5b"
+    llm, slm, _ = load(args)
+    rows = bench.measure(llm, slm, args.ratios, scenario, args.repeats, mapping_config(args, 0.0))
+    result = {"mode": "measured", **meta, "repeats": args.repeats, "device": str(llm.device), "rows": rows}
+    return finish(args, f"bench-{args.scenario}", result, ["ratio", "kv_bytes", "kv_ratio", "ttft_s", "tpot_s", "throughput_tok_s", "peak_mem_bytes", "ttft_speedup", "tpot_speedup"])
+
+
 def add_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="results", help="folder for the JSON, Markdown and PNG files")
     p.add_argument("--json", action="store_true", help="print the JSON result")
@@ -263,6 +297,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_text_args(p, windows=2, tokens=256)
     add_output_args(p)
     p.set_defaults(func=cmd_similarity)
+
+    p = sub.add_parser("bench", help="efficiency: KV bytes, TTFT, TPOT, memory; LLM alone vs IAM")
+    add_pair_args(p, llm=None, slm=None)
+    add_mapping_args(p)
+    add_output_args(p)
+    p.add_argument("--analytic", action="store_true", help="configs only (presets or config.json), no weights")
+    p.add_argument("--scenario", default="concurrency", choices=sorted(bench.SCENARIOS))
+    p.add_argument("--full-size", action="store_true", help="the paper's sizes instead of the CPU-sized defaults")
+    p.add_argument("--prompt", type=int, default=None, help="prompt tokens (overrides the scenario)")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--new-tokens", type=int, default=None)
+    p.add_argument("--ratios", type=ratio_list, default=[0.0, 0.3, 0.5])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--bytes", type=int, default=2, help="bytes per cached element (analytic; 2 = fp16/bf16)")
+    p.add_argument("--memory-budget", type=float, default=None, metavar="GB", help="analytic: memory for weights + KV")
+    p.set_defaults(func=cmd_bench)
 
     ev = sub.add_parser("eval", help="quality evaluations, LLM alone vs IAM side by side").add_subparsers(dest="eval_command", required=True)
     for name, help_text in [

@@ -1,0 +1,198 @@
+"""Efficiency benchmarks: analytic (configs only) and measured (real runs, side by side, medians).
+
+Analytic accounting per ratio ``r`` (``n = round(r * L)`` mapped layers):
+
+- KV bytes per token: ``2 L kv d b`` for the LLM alone; IAM drops the K of the ``n`` mapped layers and adds the
+  SLM's whole cache (``paper`` accounting).
+- Prefill FLOPs (``T`` tokens): linear layers ``2 P T`` plus causal attention ``2 H d T^2`` per layer (QK^T and PV).
+  A mapped layer skips its Q/K projections and QK^T, keeps V, O, MLP and PV, and its SDPA recomputes the SLM's
+  QK^T per LLM head (``H d_s T^2``); the SLM runs its layers but not its LM head.
+- Decode is memory-bound: a step reads the weights once and every sequence's KV, so the TPOT limit is the ratio
+  of bytes read per step.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .presets import Arch
+
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """Prompt length, batch and new tokens of a benchmark run."""
+
+    prompt: int
+    batch: int
+    new_tokens: int
+
+
+SCENARIOS = {
+    # paper-size settings, then CPU-sized defaults
+    "concurrency": (Scenario(512, 64, 512), Scenario(512, 4, 32)),
+    "long": (Scenario(8192, 8, 512), Scenario(8192, 1, 32)),
+}
+
+
+def kv_bytes_per_token(llm: Arch, slm: Arch, n_mapped: int, elem: int) -> int:
+    base = 2 * llm.layers * llm.kv_heads * llm.head_dim * elem
+    if n_mapped == 0:
+        return base
+    return base - n_mapped * llm.kv_heads * llm.head_dim * elem + 2 * slm.layers * slm.kv_heads * slm.head_dim * elem
+
+
+def prefill_flops(llm: Arch, slm: Arch, n_mapped: int, tokens: int) -> float:
+    t = tokens
+    head = 2 * llm.hidden * llm.vocab * t
+    attn = 2 * llm.heads * llm.head_dim * t * t  # causal: QK^T and PV, each half of T^2
+    full = llm.layers * (2 * llm.layer_params * t + attn) + head
+    if n_mapped == 0:
+        return full
+    saved = n_mapped * (2 * llm.qk_params * t + llm.heads * llm.head_dim * t * t)
+    added = n_mapped * llm.heads * slm.head_dim * t * t
+    slm_cost = slm.layers * (2 * slm.layer_params * t + 2 * slm.heads * slm.head_dim * t * t)
+    return full - saved + added + slm_cost
+
+
+def decode_bytes(llm: Arch, slm: Arch, n_mapped: int, batch: int, context: int, elem: int) -> float:
+    """Bytes read by one decode step: weights once (the SLM without its LM head), plus the KV of every sequence."""
+    weights = (llm.params - (n_mapped * llm.qk_params)) * elem
+    if n_mapped:
+        weights += (slm.params - slm.vocab * slm.hidden * (0 if slm.tied else 1)) * elem
+    return weights + batch * context * kv_bytes_per_token(llm, slm, n_mapped, elem)
+
+
+def analytic_rows(llm: Arch, slm: Arch, ratios: list[float], scenario: Scenario, elem: int = 2, budget_gb: float | None = None) -> list[dict]:
+    """One row per ratio (ratio 0 = the LLM alone) with the ``paper`` accounting."""
+    context = scenario.prompt + scenario.new_tokens
+    rows = []
+    base_kv = kv_bytes_per_token(llm, slm, 0, elem)
+    base_prefill = prefill_flops(llm, slm, 0, scenario.prompt)
+    base_decode = decode_bytes(llm, slm, 0, scenario.batch, context, elem)
+    base_batch = None
+    for r in [0.0] + [x for x in ratios if x != 0]:
+        n = round(r * llm.layers)
+        kv = kv_bytes_per_token(llm, slm, n, elem)
+        row = {
+            "method": "paper",
+            "ratio": r,
+            "mapped_layers": n,
+            "kv_bytes": kv,
+            "kv_ratio": kv / base_kv,
+            "prefill_tflops": prefill_flops(llm, slm, n, scenario.prompt) / 1e12,
+            "ttft_limit": base_prefill / prefill_flops(llm, slm, n, scenario.prompt),
+            "tpot_limit": base_decode / decode_bytes(llm, slm, n, scenario.batch, context, elem),
+        }
+        if budget_gb is not None:
+            weights = (llm.params + (slm.params if n else 0)) * elem
+            max_batch = max(int((budget_gb * GB - weights) // (kv * context)), 0)
+            step = decode_bytes(llm, slm, n, max_batch, context, elem)
+            row["max_batch"] = max_batch
+            row["throughput_tok_s_per_tbps"] = max_batch / step * 1e12 if max_batch else 0.0
+            if base_batch is None:
+                base_batch, base_tput = max_batch, row["throughput_tok_s_per_tbps"]
+            row["batch_ratio"] = max_batch / base_batch if base_batch else math.nan
+            row["throughput_ratio"] = row["throughput_tok_s_per_tbps"] / base_tput if base_tput else math.nan
+        rows.append(row)
+    return rows
+
+
+def break_even(llm: Arch, slm: Arch, elem: int = 2) -> float | None:
+    """Smallest mapping ratio at which IAM's KV (paper accounting) falls below the LLM alone; None if never."""
+    for n in range(1, llm.layers + 1):
+        if kv_bytes_per_token(llm, slm, n, elem) < kv_bytes_per_token(llm, slm, 0, elem):
+            return n / llm.layers
+    return None
+
+
+# ---- measured ------------------------------------------------------------------------------------------------
+class PeakMemory:
+    """Peak memory of a block: CUDA allocator peak on a GPU, sampled process RSS growth on the CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak = 0
+
+    def _rss(self) -> int:
+        with open(f"/proc/{os.getpid()}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+            return self
+        self.start, self.peak, self._stop = self._rss(), self._rss(), threading.Event()
+
+        def sample() -> None:
+            while not self._stop.wait(0.005):
+                self.peak = max(self.peak, self._rss())
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self._rss())
+        self.bytes = self.peak - self.start
+
+
+def measure(llm, slm, ratios: list[float], scenario: Scenario, repeats: int, base_config, progress: bool = True) -> list[dict]:
+    """Run the LLM alone and IAM at each ratio, interleaved, ``repeats`` times; report medians."""
+    from tqdm.auto import tqdm
+
+    from .config import MappingConfig
+    from .model import IAMModel
+
+    device = llm.device
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, llm.config.vocab_size - 100, (scenario.batch, scenario.prompt), generator=g).to(device)
+    ratios = [0.0] + [r for r in ratios if r != 0]
+    samples: dict[float, list[dict]] = {r: [] for r in ratios}
+    IAMModel(llm, slm, MappingConfig(**{**vars(base_config), "ratio": ratios[-1]})).generate(ids[:, : min(32, ids.shape[1])], max_new_tokens=2)  # warm-up
+    runs = [(rep, r) for rep in range(repeats) for r in ratios]
+    for _, r in tqdm(runs, desc="bench runs", disable=not progress):
+        iam = IAMModel(llm, slm, MappingConfig(**{**vars(base_config), "ratio": r}))
+        with PeakMemory(device) as mem:
+            iam.generate(ids, max_new_tokens=scenario.new_tokens, eos_token_id=[])
+        t = iam.timings
+        samples[r].append({**t, "peak_mem_bytes": mem.bytes, "kv": iam.kv_cache_bytes(), "layers": iam.mapped_layers})
+    rows = []
+    base = samples[0.0][-1]["kv"]["total"]
+    for r in ratios:
+        s = samples[r]
+        ttft = statistics.median(x["ttft_s"] for x in s)
+        tpot = statistics.median(x["tpot_s"] for x in s)
+        kv = s[-1]["kv"]
+        rows.append({
+            "ratio": r,
+            "mapped_layers": s[-1]["layers"],
+            "kv_bytes": kv["total"],
+            "kv_llm_bytes": kv["llm"],
+            "kv_slm_bytes": kv["slm"],
+            "kv_ratio": kv["total"] / base,
+            "ttft_s": ttft,
+            "tpot_s": tpot,
+            "throughput_tok_s": scenario.batch / tpot,
+            "peak_mem_bytes": statistics.median(x["peak_mem_bytes"] for x in s),
+        })
+    for row in rows:
+        row["ttft_speedup"] = rows[0]["ttft_s"] / row["ttft_s"]
+        row["tpot_speedup"] = rows[0]["tpot_s"] / row["tpot_s"]
+    return rows

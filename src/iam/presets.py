@@ -1,0 +1,73 @@
+"""Architecture presets (from the models' public config.json files), for analytic benchmarks without weights."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Arch:
+    """What the arithmetic needs of a decoder-only transformer."""
+
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    tied: bool
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> Arch:
+        heads = cfg["num_attention_heads"]
+        return cls(
+            layers=cfg["num_hidden_layers"],
+            hidden=cfg["hidden_size"],
+            heads=heads,
+            kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            intermediate=cfg["intermediate_size"],
+            vocab=cfg["vocab_size"],
+            tied=bool(cfg.get("tie_word_embeddings", False)),
+        )
+
+    # parameters ----------------------------------------------------------------------------------------------
+    @property
+    def qk_params(self) -> int:
+        return self.hidden * (self.heads + self.kv_heads) * self.head_dim
+
+    @property
+    def layer_params(self) -> int:
+        attn = self.hidden * (self.heads + 2 * self.kv_heads) * self.head_dim + self.heads * self.head_dim * self.hidden
+        return attn + 3 * self.hidden * self.intermediate
+
+    @property
+    def params(self) -> int:
+        embed = self.vocab * self.hidden * (1 if self.tied else 2)
+        return self.layers * self.layer_params + embed
+
+
+PRESETS: dict[str, Arch] = {
+    "qwen2-72b": Arch(80, 8192, 64, 8, 128, 29568, 152064, False),
+    "qwen2-7b": Arch(28, 3584, 28, 4, 128, 18944, 152064, False),
+    "qwen2-0.5b": Arch(24, 896, 14, 2, 64, 4864, 151936, True),
+    "qwen2.5-coder-1.5b": Arch(28, 1536, 12, 2, 128, 8960, 151936, True),
+    "qwen2.5-coder-0.5b": Arch(24, 896, 14, 2, 64, 4864, 151936, True),
+    "llama-3.1-70b": Arch(80, 8192, 64, 8, 128, 28672, 128256, False),
+    "llama-3.2-1b": Arch(16, 2048, 32, 8, 64, 8192, 128256, True),
+}
+
+
+def load_arch(name_or_path: str) -> Arch:
+    """A preset name, a ``config.json`` file, or a model folder holding one."""
+    if name_or_path in PRESETS:
+        return PRESETS[name_or_path]
+    path = Path(name_or_path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json / model folder.")
+    return Arch.from_config(json.loads(path.read_text()))

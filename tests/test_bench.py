@@ -1,0 +1,66 @@
+"""Smoke runs of every bench mode (seconds): JSON keys and the paper's KV arithmetic. No timing is asserted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from iam.bench import Scenario, analytic_rows, break_even, kv_bytes_per_token
+from iam.cli import main
+from iam.presets import PRESETS, Arch, load_arch
+
+
+def test_paper_kv_arithmetic_qwen2_72b_with_0_5b():
+    llm, slm = PRESETS["qwen2-72b"], PRESETS["qwen2-0.5b"]
+    assert kv_bytes_per_token(llm, slm, 0, 2) == 327_680
+    assert kv_bytes_per_token(llm, slm, 40, 2) / 327_680 == pytest.approx(0.7875)
+
+
+def test_break_even_shows_the_shipped_pair_needs_a_high_ratio():
+    # 1.5B drops 512 B/token per mapped layer; the 0.5B adds 12,288 B/token: 25 of 28 layers to break even.
+    assert break_even(PRESETS["qwen2.5-coder-1.5b"], PRESETS["qwen2.5-coder-0.5b"]) == pytest.approx(25 / 28)
+    assert break_even(PRESETS["qwen2-72b"], PRESETS["qwen2-0.5b"]) == pytest.approx(7 / 80)  # 7 x 2,048 > 12,288
+
+
+def test_memory_budget_capacity_at_paper_long_context():
+    rows = analytic_rows(PRESETS["qwen2-72b"], PRESETS["qwen2-0.5b"], [0.5], Scenario(8192, 8, 512), 2, 640)
+    assert rows[0]["ratio"] == 0 and rows[0]["max_batch"] > 0
+    assert rows[1]["batch_ratio"] >= 1.25 and rows[1]["throughput_ratio"] >= 1.2
+
+
+def test_preset_param_counts_are_real():
+    assert PRESETS["qwen2-72b"].params / 1e9 == pytest.approx(72.7, abs=0.2)
+    assert PRESETS["qwen2-0.5b"].params / 1e9 == pytest.approx(0.494, abs=0.01)
+    assert PRESETS["llama-3.1-70b"].params / 1e9 == pytest.approx(70.6, abs=0.2)
+
+
+def test_config_json_is_read(tmp_path):
+    cfg = {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "intermediate_size": 128, "vocab_size": 100}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert load_arch(str(tmp_path)) == Arch(2, 64, 4, 2, 16, 128, 100, False)
+    with pytest.raises(FileNotFoundError, match="neither a preset"):
+        load_arch(str(tmp_path / "nope"))
+
+
+def test_cli_analytic(tmp_path, capsys):
+    assert main(["bench", "--analytic", "--scenario", "long", "--memory-budget", "640", "--out", str(tmp_path), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    rows = result["rows"]
+    assert [r["ratio"] for r in rows] == [0.0, 0.3, 0.5]
+    assert {"method", "ratio", "kv_bytes", "kv_ratio", "ttft_limit", "tpot_limit", "max_batch", "throughput_ratio"} <= rows[0].keys()
+    assert rows[2]["kv_ratio"] == pytest.approx(0.7875)
+    assert {"llm", "slm", "break_even_ratio"} <= result["break_even"][0].keys()
+    assert (tmp_path / "bench-analytic.md").read_text().startswith("| method |")
+
+
+def test_cli_measured_smoke(tmp_path, capsys):
+    args = ["bench", "--prompt", "24", "--batch", "2", "--new-tokens", "3", "--repeats", "1", "--ratios", "0.5"]
+    assert main([*args, "--out", str(tmp_path), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["ratio"] for r in rows] == [0.0, 0.5]
+    for key in ("kv_bytes", "kv_ratio", "ttft_s", "tpot_s", "throughput_tok_s", "peak_mem_bytes", "ttft_speedup", "tpot_speedup"):
+        assert key in rows[1]
+    # On the shipped pair the SLM cache outweighs what 14 mapped layers save (see README).
+    assert rows[1]["kv_llm_bytes"] < rows[0]["kv_bytes"] < rows[1]["kv_bytes"]
