@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -127,9 +128,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
               f"({kv['total'] / kv['baseline']:.1%} of LLM alone)")
         print(f"TTFT {t['ttft_s']:.2f} s, TPOT {t['tpot_s']:.3f} s", flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"llm": args.llm, "slm": args.slm, "prompts": DEMO_PROMPTS, "runs": runs}, f, indent=2)
-        print(f"\nwrote {args.json}")
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"llm": args.llm, "slm": args.slm, "prompts": DEMO_PROMPTS, "runs": runs}, indent=2))
+        print(f"\nwrote {path}")
     return 0
 
 

@@ -1,0 +1,44 @@
+"""CLI argument handling and the demo/generate commands' JSON (fast paths; the real pair is loaded once)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from iam.cli import build_parser, main
+
+PAIR = ["--llm", "qwen2.5-coder-1.5b", "--slm", "qwen2.5-coder-0.5b"]
+
+
+def test_bad_layer_list_is_explained(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "--prompt", "x", "--layers", "1,a"])
+    assert "--layers takes comma-separated integers" in capsys.readouterr().err
+
+
+def test_bad_ratio_is_a_clean_error(capsys):
+    assert main(["generate", *PAIR, "--prompt", "hi", "--ratio", "2"]) == 2
+    assert "ratio must be a number in [0, 1]" in capsys.readouterr().err
+
+
+def test_missing_model_is_a_clean_error(tmp_path, capsys):
+    assert main(["generate", "--llm", str(tmp_path / "none"), "--slm", "qwen2.5-coder-0.5b", "--prompt", "hi"]) == 2
+    assert "neither a model alias" in capsys.readouterr().err
+
+
+def test_generate_json(capsys):
+    assert main(["generate", *PAIR, "--prompt", "Name a prime number.", "--max-new-tokens", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {"text", "mapped_layers", "mapping_summary", "kv_cache_bytes", "timings"} <= out.keys()
+    assert out["mapped_layers"] == list(range(20, 28))
+    assert set(out["kv_cache_bytes"]) == {"llm", "slm", "total", "baseline"}
+    assert out["mapping_summary"]["mean_similarity"] > 0.5
+
+
+def test_demo_writes_json(tmp_path, capsys):
+    path = tmp_path / "sub" / "demo.json"
+    assert main(["demo", *PAIR, "--ratios", "0,0.5", "--max-new-tokens", "2", "--json", str(path)]) == 0
+    runs = json.loads(path.read_text())["runs"]
+    assert [r["mapped_layers"] for r in runs] == [[], list(range(14, 28))]
+    assert "IAM, ratio 0.5" in capsys.readouterr().out
