@@ -15,6 +15,9 @@ def test_paper_kv_arithmetic_qwen2_72b_with_0_5b():
     llm, slm = PRESETS["qwen2-72b"], PRESETS["qwen2-0.5b"]
     assert kv_bytes_per_token(llm, slm, 0, 2) == 327_680
     assert kv_bytes_per_token(llm, slm, 40, 2) / 327_680 == pytest.approx(0.7875)
+    # int8 SLM cache: 64 one-byte values + one fp16 scale per head and token instead of 128 bytes.
+    assert kv_bytes_per_token(llm, slm, 40, 2, "iam") == 245_760 + 2 * 24 * 2 * 66
+    assert kv_bytes_per_token(llm, slm, 40, 2, "iam") / 327_680 <= 0.770
 
 
 def test_break_even_shows_the_shipped_pair_needs_a_high_ratio():
@@ -27,6 +30,7 @@ def test_memory_budget_capacity_at_paper_long_context():
     rows = analytic_rows(PRESETS["qwen2-72b"], PRESETS["qwen2-0.5b"], [0.5], Scenario(8192, 8, 512), 2, 640)
     assert rows[0]["ratio"] == 0 and rows[0]["max_batch"] > 0
     assert rows[1]["batch_ratio"] >= 1.25 and rows[1]["throughput_ratio"] >= 1.2
+    assert rows[3]["method"] == "iam" and rows[3]["batch_ratio"] > rows[1]["batch_ratio"]
 
 
 def test_preset_param_counts_are_real():
@@ -48,9 +52,10 @@ def test_cli_analytic(tmp_path, capsys):
     assert main(["bench", "--analytic", "--scenario", "long", "--memory-budget", "640", "--out", str(tmp_path), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     rows = result["rows"]
-    assert [r["ratio"] for r in rows] == [0.0, 0.3, 0.5]
+    assert [(r["method"], r["ratio"]) for r in rows] == [(m, r) for m in ("paper", "iam") for r in (0.0, 0.3, 0.5)]
     assert {"method", "ratio", "kv_bytes", "kv_ratio", "ttft_limit", "tpot_limit", "max_batch", "throughput_ratio"} <= rows[0].keys()
     assert rows[2]["kv_ratio"] == pytest.approx(0.7875)
+    assert rows[5]["kv_ratio"] <= 0.770 and rows[5]["batch_ratio"] >= 1.25 and rows[5]["throughput_ratio"] >= 1.2
     assert {"llm", "slm", "break_even_ratio"} <= result["break_even"][0].keys()
     assert (tmp_path / "bench-analytic.md").read_text().startswith("| method |")
 

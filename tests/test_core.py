@@ -182,3 +182,23 @@ def test_loss_matches_llm_at_ratio_zero(pair):
     ours = IAMModel(llm, slm, MappingConfig(ratio=0.0))(ids, labels=ids).loss
     theirs = llm(input_ids=ids, labels=ids).loss
     assert torch.allclose(ours, theirs)
+
+
+def test_int8_slm_cache_halves_slm_bytes_and_keeps_the_mapping(twin):
+    llm, slm = twin
+    ids = prompt(30, batch=2)
+    native = IAMModel(llm, slm, MappingConfig(ratio=0.5))
+    int8 = IAMModel(llm, slm, MappingConfig(ratio=0.5, slm_cache="int8"))
+    ref = native.generate(ids, max_new_tokens=6)
+    out = int8.generate(ids, max_new_tokens=6)
+    assert torch.equal(native.mapping, int8.mapping)
+    assert torch.equal(out, ref)
+    cfg = slm.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    per_elem_row = head_dim * 1 + 4  # int8 values + one fp32 scale per head and token
+    expected = cfg.num_hidden_layers * 2 * 2 * cfg.num_key_value_heads * 35 * per_elem_row
+    assert int8.kv_cache_bytes()["slm"] == expected
+    assert native.kv_cache_bytes()["slm"] == cfg.num_hidden_layers * 2 * 2 * cfg.num_key_value_heads * 35 * head_dim * 4
+    assert int8._session.slm_cache.layers[0].keys.dtype == torch.int8
+    logits = int8(ids).logits
+    assert (logits - llm_logits(llm, ids)).abs().max() < 0.05

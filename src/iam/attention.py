@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cache import read_keys
 from .capture import apply_rope
 from .mapping import HeadMap, MappingState, match_heads, window_attention
 
@@ -87,5 +88,5 @@ class MappedAttention(nn.Module):
         k = some_q.new_empty(b, h, total, some_q.shape[-1])
         for layer, bi, hi, hs in self._groups:
             q[bi, hi] = state.slm_queries[layer][bi, hs]
-            k[bi, hi] = state.slm_keys[layer][bi, hs // state.slm_kv_groups]
+            k[bi, hi] = read_keys(state.slm_cache_layers[layer], bi, hs // state.slm_kv_groups)
         return q, k

@@ -3,7 +3,8 @@
 Analytic accounting per ratio ``r`` (``n = round(r * L)`` mapped layers):
 
 - KV bytes per token: ``2 L kv d b`` for the LLM alone; IAM drops the K of the ``n`` mapped layers and adds the
-  SLM's whole cache (``paper`` accounting).
+  SLM's whole cache (``paper`` accounting); the ``iam`` accounting keeps that SLM cache in int8 with one scale
+  per head and token, as ``MappingConfig(slm_cache="int8")`` does.
 - Prefill FLOPs (``T`` tokens): linear layers ``2 P T`` plus causal attention ``2 H d T^2`` per layer (QK^T and PV).
   A mapped layer skips its Q/K projections and QK^T, keeps V, O, MLP and PV, and its SDPA recomputes the SLM's
   QK^T per LLM head (``H d_s T^2``); the SLM runs its layers but not its LM head.
@@ -43,11 +44,18 @@ SCENARIOS = {
 }
 
 
-def kv_bytes_per_token(llm: Arch, slm: Arch, n_mapped: int, elem: int) -> int:
+METHODS = {
+    "paper": "plain IAM: mapped layers drop K, the SLM's full cache is added",
+    "iam": "this library: as paper, with the SLM cache in int8 plus one scale per head and token (slm_cache='int8')",
+}
+
+
+def kv_bytes_per_token(llm: Arch, slm: Arch, n_mapped: int, elem: int, method: str = "paper") -> int:
     base = 2 * llm.layers * llm.kv_heads * llm.head_dim * elem
     if n_mapped == 0:
         return base
-    return base - n_mapped * llm.kv_heads * llm.head_dim * elem + 2 * slm.layers * slm.kv_heads * slm.head_dim * elem
+    slm_row = slm.head_dim * elem if method == "paper" else slm.head_dim + elem
+    return base - n_mapped * llm.kv_heads * llm.head_dim * elem + 2 * slm.layers * slm.kv_heads * slm_row
 
 
 def prefill_flops(llm: Arch, slm: Arch, n_mapped: int, tokens: int) -> float:
@@ -63,46 +71,48 @@ def prefill_flops(llm: Arch, slm: Arch, n_mapped: int, tokens: int) -> float:
     return full - saved + added + slm_cost
 
 
-def decode_bytes(llm: Arch, slm: Arch, n_mapped: int, batch: int, context: int, elem: int) -> float:
+def decode_bytes(llm: Arch, slm: Arch, n_mapped: int, batch: int, context: int, elem: int, method: str = "paper") -> float:
     """Bytes read by one decode step: weights once (the SLM without its LM head), plus the KV of every sequence."""
     weights = (llm.params - (n_mapped * llm.qk_params)) * elem
     if n_mapped:
         weights += (slm.params - slm.vocab * slm.hidden * (0 if slm.tied else 1)) * elem
-    return weights + batch * context * kv_bytes_per_token(llm, slm, n_mapped, elem)
+    return weights + batch * context * kv_bytes_per_token(llm, slm, n_mapped, elem, method)
 
 
 def analytic_rows(llm: Arch, slm: Arch, ratios: list[float], scenario: Scenario, elem: int = 2, budget_gb: float | None = None) -> list[dict]:
-    """One row per ratio (ratio 0 = the LLM alone) with the ``paper`` accounting."""
+    """Rows per method (``paper``, ``iam``) and ratio; ratio 0 (the LLM alone) first."""
     context = scenario.prompt + scenario.new_tokens
-    rows = []
     base_kv = kv_bytes_per_token(llm, slm, 0, elem)
     base_prefill = prefill_flops(llm, slm, 0, scenario.prompt)
     base_decode = decode_bytes(llm, slm, 0, scenario.batch, context, elem)
-    base_batch = None
-    for r in [0.0] + [x for x in ratios if x != 0]:
-        n = round(r * llm.layers)
-        kv = kv_bytes_per_token(llm, slm, n, elem)
-        row = {
-            "method": "paper",
-            "ratio": r,
-            "mapped_layers": n,
-            "kv_bytes": kv,
-            "kv_ratio": kv / base_kv,
-            "prefill_tflops": prefill_flops(llm, slm, n, scenario.prompt) / 1e12,
-            "ttft_limit": base_prefill / prefill_flops(llm, slm, n, scenario.prompt),
-            "tpot_limit": base_decode / decode_bytes(llm, slm, n, scenario.batch, context, elem),
-        }
-        if budget_gb is not None:
-            weights = (llm.params + (slm.params if n else 0)) * elem
-            max_batch = max(int((budget_gb * GB - weights) // (kv * context)), 0)
-            step = decode_bytes(llm, slm, n, max_batch, context, elem)
-            row["max_batch"] = max_batch
-            row["throughput_tok_s_per_tbps"] = max_batch / step * 1e12 if max_batch else 0.0
-            if base_batch is None:
-                base_batch, base_tput = max_batch, row["throughput_tok_s_per_tbps"]
-            row["batch_ratio"] = max_batch / base_batch if base_batch else math.nan
-            row["throughput_ratio"] = row["throughput_tok_s_per_tbps"] / base_tput if base_tput else math.nan
-        rows.append(row)
+    base_batch = base_tput = None
+    rows = []
+    for method in METHODS:
+        for r in [0.0] + [x for x in ratios if x != 0]:
+            n = round(r * llm.layers)
+            kv = kv_bytes_per_token(llm, slm, n, elem, method)
+            flops = prefill_flops(llm, slm, n, scenario.prompt)
+            row = {
+                "method": method,
+                "ratio": r,
+                "mapped_layers": n,
+                "kv_bytes": kv,
+                "kv_ratio": kv / base_kv,
+                "prefill_tflops": flops / 1e12,
+                "ttft_limit": base_prefill / flops,
+                "tpot_limit": base_decode / decode_bytes(llm, slm, n, scenario.batch, context, elem, method),
+            }
+            if budget_gb is not None:
+                weights = (llm.params + (slm.params if n else 0)) * elem
+                max_batch = max(int((budget_gb * GB - weights) // (kv * context)), 0)
+                step = decode_bytes(llm, slm, n, max_batch, context, elem, method)
+                row["max_batch"] = max_batch
+                row["throughput_tok_s_per_tbps"] = max_batch / step * 1e12 if max_batch else 0.0
+                if base_batch is None:
+                    base_batch, base_tput = max_batch, row["throughput_tok_s_per_tbps"]
+                row["batch_ratio"] = max_batch / base_batch if base_batch else math.nan
+                row["throughput_ratio"] = row["throughput_tok_s_per_tbps"] / base_tput if base_tput else math.nan
+            rows.append(row)
     return rows
 
 

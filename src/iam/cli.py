@@ -53,6 +53,7 @@ def add_mapping_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=layer_list, default=None, help="explicit LLM layers, e.g. 20,21,22 (overrides ratio)")
     p.add_argument("--establish-threshold", type=int, default=20)
     p.add_argument("--truncation-threshold", type=int, default=100)
+    p.add_argument("--slm-cache", default="native", choices=["native", "int8"], help="SLM cache precision")
 
 
 def mapping_config(args: argparse.Namespace, ratio: float) -> MappingConfig:
@@ -63,6 +64,7 @@ def mapping_config(args: argparse.Namespace, ratio: float) -> MappingConfig:
         metric=args.metric,
         establish_threshold=args.establish_threshold,
         truncation_threshold=args.truncation_threshold,
+        slm_cache=args.slm_cache,
     )
 
 
@@ -250,7 +252,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         columns = ["method", "ratio", "mapped_layers", "kv_bytes", "kv_ratio", "ttft_limit", "tpot_limit"]
         if args.memory_budget:
             columns += ["max_batch", "batch_ratio", "throughput_ratio"]
-        result = {"mode": "analytic", **meta, "bytes_per_element": args.bytes, "memory_budget_gb": args.memory_budget, "rows": rows, "break_even": even}
+        result = {"mode": "analytic", "methods": bench.METHODS, **meta, "bytes_per_element": args.bytes, "memory_budget_gb": args.memory_budget, "rows": rows, "break_even": even}
         return finish(args, "bench-analytic", result, columns)
     args.llm, args.slm = args.llm or "qwen2.5-coder-1.5b", args.slm or "qwen2.5-coder-0.5b"
     llm, slm, _ = load(args)
@@ -265,7 +267,7 @@ def add_output_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_text_args(p: argparse.ArgumentParser, windows: int = 3, tokens: int = 512) -> None:
-    p.add_argument("--dataset", default="wikipedia", help="wikipedia (offline), python-stdlib (offline) or wikitext2 (online)")
+    p.add_argument("--dataset", default="wikipedia", help="wikipedia, python-stdlib, lee-news, crime-and-punishment (offline) or wikitext2 (online)")
     p.add_argument("--text", default=None, metavar="FILE", help="any text file instead of --dataset")
     p.add_argument("--windows", type=int, default=windows)
     p.add_argument("--tokens", type=int, default=tokens)

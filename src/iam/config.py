@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from .selection import STRATEGIES
 from .similarity import METRICS
 
+SLM_CACHES = ("native", "int8")
+
 
 @dataclass
 class MappingConfig:
@@ -21,6 +23,8 @@ class MappingConfig:
         ``"cosine-norm"`` (see ``iam.similarity``).
     establish_threshold : context length (tokens) at which the mapping is established.
     truncation_threshold : only the first this-many tokens' attention is compared.
+    slm_cache : ``"native"`` (the SLM's own dtype) or ``"int8"`` (K and V as int8 with per-token scales, about
+        half the SLM cache bytes in fp16).
     """
 
     ratio: float = 0.3
@@ -29,6 +33,7 @@ class MappingConfig:
     metric: str = "cosine"
     establish_threshold: int = 20
     truncation_threshold: int = 100
+    slm_cache: str = "native"
 
     def __post_init__(self) -> None:
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 <= self.ratio <= 1:
@@ -38,6 +43,8 @@ class MappingConfig:
             raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {self.strategy!r}.")
         if self.metric not in METRICS:
             raise ValueError(f"metric must be one of {sorted(METRICS)}, got {self.metric!r}.")
+        if self.slm_cache not in SLM_CACHES:
+            raise ValueError(f"slm_cache must be one of {list(SLM_CACHES)}, got {self.slm_cache!r}.")
         if self.layers is not None:
             self.layers = _check_layer_list(self.layers)
         for name in ("establish_threshold", "truncation_threshold"):

@@ -3,6 +3,7 @@
 - Wikipedia: the 107 real articles in gensim's test data (redirects dropped, markup removed by
   ``gensim.corpora.wikicorpus.filter_wiki``), standing in for WikiText-2.
 - Trivia: chatterbot-corpus's English trivia Q/A pairs.
+- Lee's news corpus and Crime and Punishment, also in gensim's test data; Python standard-library source.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from functools import lru_cache
 from pathlib import Path
 
 WIKI_FILE = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+# Plain-text files shipped in gensim's test data: Lee's news corpus and a novel.
+GENSIM_TEXTS = {"lee-news": "test/test_data/lee_background.cor", "crime-and-punishment": "test/test_data/crime-and-punishment.txt"}
 
 
 def _package_file(package: str, relative: str, extra: str) -> Path:
@@ -69,12 +72,14 @@ def python_stdlib_text() -> str:
 
 
 def load_text(name: str) -> str:
-    """Text for perplexity: ``wikipedia`` (offline), ``python-stdlib`` (offline), ``wikitext2`` (online, via
-    ``datasets``) or a file path."""
+    """Text for perplexity: ``wikipedia``, ``python-stdlib``, ``lee-news``, ``crime-and-punishment`` (offline),
+    ``wikitext2`` (online, via ``datasets``) or a file path."""
     if name == "wikipedia":
         return wikipedia_text()
     if name == "python-stdlib":
         return python_stdlib_text()
+    if name in GENSIM_TEXTS:
+        return _package_file("gensim", GENSIM_TEXTS[name], "eval").read_text(encoding="utf-8", errors="replace")
     if name == "wikitext2":
         try:
             from datasets import load_dataset
@@ -83,5 +88,5 @@ def load_text(name: str) -> str:
         return "\n\n".join(load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"])
     path = Path(name)
     if not path.is_file():
-        raise FileNotFoundError(f"text file {name!r} not found (or use 'wikipedia', 'python-stdlib' or 'wikitext2').")
+        raise FileNotFoundError(f"text file {name!r} not found (or use one of wikipedia, python-stdlib, lee-news, crime-and-punishment, wikitext2).")
     return path.read_text()

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from .attention import MappedAttention
-from .cache import paired_llm_cache
+from .cache import paired_llm_cache, read_keys, slm_cache
 from .capture import QueryCapture, decoder_layers
 from .mapping import MappingState, Window, similarity_matrix, slm_window_flats, window_attention
 from .similarity import METRICS
@@ -122,16 +122,15 @@ class PairedSession:
 
     def _slm_step(self, ids: torch.Tensor) -> None:
         self.state.slm_queries = self._slm_forward(ids, self.slm_layers, self.slm_layers[-1] + 1)
-        self.state.slm_keys = [layer.keys for layer in self.slm_cache.layers]
 
     def prepare(self) -> MappingState:
         """SLM prefill over the whole context with every layer's queries captured; builds the mapping state."""
         slm, cfg = self.iam.slm, self.iam.config
         n_slm = slm.config.num_hidden_layers
         window = Window.from_mask(self.mask, cfg.truncation_threshold)
-        self.slm_cache = DynamicCache(config=slm.config)
+        self.slm_cache = slm_cache(slm.config, cfg.slm_cache)
         queries = self._slm_forward(self.ids, list(range(n_slm)), n_slm)
-        keys = [layer.keys for layer in self.slm_cache.layers]
+        keys = [read_keys(layer) for layer in self.slm_cache.layers]
         slm_attn = decoder_layers(slm)[0].self_attn
         self.state = MappingState(
             window=window,
@@ -140,7 +139,7 @@ class PairedSession:
             slm_kv_groups=slm_attn.num_key_value_groups,
             slm_scaling=slm_attn.scaling,
             metric=METRICS[cfg.metric],
-            slm_keys=keys,
+            slm_cache_layers=self.slm_cache.layers,
             slm_queries=queries,
         )
         return self.state
@@ -162,7 +161,6 @@ class PairedSession:
             layer.reset()
         self.state.slm_flats = []
         self.state.slm_queries = {}
-        self.state.slm_keys = [layer.keys for layer in self.slm_cache.layers]
         return logits
 
     def probe_similarity(self) -> torch.Tensor:

@@ -115,6 +115,6 @@ class MappingState:
     slm_kv_groups: int
     slm_scaling: float
     metric: SimilarityMetric
-    slm_keys: list[torch.Tensor] = field(default_factory=list)
+    slm_cache_layers: list = field(default_factory=list)  # the SLM's cache layers (K read through ``cache.read_keys``)
     slm_queries: dict[int, torch.Tensor] = field(default_factory=dict)
     maps: dict[int, HeadMap] = field(default_factory=dict)
