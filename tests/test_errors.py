@@ -15,7 +15,7 @@ from iam import IAMModel, MappingConfig
         ({"ratio": 1.5}, r"ratio must be a number in \[0, 1\]"),
         ({"ratio": -0.1}, r"ratio must be a number in \[0, 1\]"),
         ({"ratio": "half"}, r"ratio must be a number"),
-        ({"strategy": "middle"}, r"strategy must be one of \['back', 'front', 'similar', 'two-region'\]"),
+        ({"strategy": "middle"}, r"strategy must be one of \['auto', 'back', 'calibrated', 'front', 'similar', 'two-region'\]"),
         ({"metric": "dot"}, r"metric must be one of \['cosine', 'cosine-norm', 'minkowski1', 'minkowski2', 'pearson'\]"),
         ({"layers": [1, 1]}, r"must not repeat"),
         ({"layers": [-1]}, r"non-negative"),

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from . import bench, data, evaluation
+from . import bench, calibration, data, evaluation
 from .config import MappingConfig
 from .loading import load_pair
 from .reporting import write_report
@@ -48,7 +48,7 @@ def add_pair_args(p: argparse.ArgumentParser, llm: str | None = "qwen2.5-coder-1
 
 
 def add_mapping_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--strategy", default="back", choices=sorted(STRATEGIES))
+    p.add_argument("--strategy", default="auto", choices=sorted(STRATEGIES))
     p.add_argument("--metric", default="cosine", choices=sorted(METRICS))
     p.add_argument("--layers", type=layer_list, default=None, help="explicit LLM layers, e.g. 20,21,22 (overrides ratio)")
     p.add_argument("--establish-threshold", type=int, default=20)
@@ -261,6 +261,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return finish(args, f"bench-{args.scenario}", result, ["ratio", "kv_bytes", "kv_ratio", "ttft_s", "tpot_s", "throughput_tok_s", "peak_mem_bytes", "ttft_speedup", "tpot_speedup"])
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    llm, slm, tok = load(args)
+    result = evaluation.eval_sweep(llm, slm, eval_windows(args, tok), 1, mapping_config(args, 0.0))
+    source = {"dataset": args.text or args.dataset, "windows": args.windows, "tokens": args.tokens, "llm": args.llm, "slm": args.slm}
+    path = calibration.write_order(llm.config, slm.config, result["rows"], source, Path(args.to) if args.to else None)
+    result["order"] = calibration.order_from_sweep(result["rows"])
+    result["calibration_file"] = str(path)
+    return finish(args, "calibrate", result, ["block", "ppl", "ppl_increase"])
+
+
 def add_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="results", help="folder for the JSON, Markdown and PNG files")
     p.add_argument("--json", action="store_true", help="print the JSON result")
@@ -301,6 +311,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_text_args(p, windows=2, tokens=256)
     add_output_args(p)
     p.set_defaults(func=cmd_similarity)
+
+    p = sub.add_parser("calibrate", help="measure the damage of mapping each LLM layer alone; store the order for --strategy auto")
+    add_pair_args(p)
+    add_mapping_args(p)
+    add_text_args(p, windows=3, tokens=256)
+    p.set_defaults(dataset="lee-news")
+    add_output_args(p)
+    p.add_argument("--to", default=None, metavar="FOLDER", help="where to write the order (default: $IAM_CACHE/calibration)")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("bench", help="efficiency: KV bytes, TTFT, TPOT, memory; LLM alone vs IAM")
     add_pair_args(p, llm=None, slm=None)

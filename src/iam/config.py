@@ -17,7 +17,8 @@ class MappingConfig:
     Parameters
     ----------
     ratio : fraction of LLM layers mapped, in ``[0, 1]``; the count is ``round(ratio * n_layers)``.
-    strategy : which layers: ``"back"``, ``"front"``, ``"two-region"`` or ``"similar"`` (see ``iam.selection``).
+    strategy : which layers: ``"auto"`` (the pair's stored calibrated order, else ``"back"``), ``"calibrated"``,
+        ``"back"``, ``"front"``, ``"two-region"`` or ``"similar"`` (see ``iam.selection``).
     layers : explicit LLM layer indices; overrides ``ratio`` and ``strategy``.
     metric : similarity used to match heads: ``"cosine"``, ``"pearson"``, ``"minkowski1"``, ``"minkowski2"``,
         ``"cosine-norm"`` (see ``iam.similarity``).
@@ -28,7 +29,7 @@ class MappingConfig:
     """
 
     ratio: float = 0.3
-    strategy: str = "back"
+    strategy: str = "auto"
     layers: list[int] | None = None
     metric: str = "cosine"
     establish_threshold: int = 20

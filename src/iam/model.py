@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -11,7 +12,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .cache import cache_bytes, full_cache_bytes
 from .config import MappingConfig, check_layers_in_range
 from .generation import PairedSession, generate
-from .selection import STRATEGIES
+from .calibration import find_order
+from .selection import STRATEGIES, CalibratedSelection
 
 SUPPORTED_FAMILIES = ("qwen2", "llama")
 SUPPORTED_ATTENTION = ("sdpa", "eager")
@@ -68,6 +70,8 @@ class IAMModel:
         if self.config.layers is not None:
             return list(self.config.layers)
         strategy = STRATEGIES[self.config.strategy]
+        if isinstance(strategy, CalibratedSelection):
+            strategy = replace(strategy, order=find_order(self.llm.config, self.slm.config))
         return strategy.select(self.n_layers, self.n_mapped, scores() if strategy.needs_scores else None)
 
     # ---- calls -----------------------------------------------------------------------------------------------------

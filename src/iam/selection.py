@@ -79,9 +79,34 @@ class SimilarSelection(LayerSelection):
         return sorted(scores.topk(n_mapped).indices.tolist())
 
 
+@dataclass(frozen=True)
+class CalibratedSelection(LayerSelection):
+    """Map layers in a measured order, least damaging first (``iam calibrate`` measures and stores it).
+
+    Parameters
+    ----------
+    order : every LLM layer, least damaging to map first; filled in from the stored calibration of the LLM.
+    fallback : strategy used when no order is stored for the LLM (``None``: raise).
+    """
+
+    order: tuple[int, ...] = ()
+    fallback: str | None = None
+
+    def select(self, n_layers: int, n_mapped: int, scores: torch.Tensor | None = None) -> list[int]:
+        if not self.order:
+            if self.fallback is None:
+                raise ValueError("no calibrated layer order is stored for this LLM: run `iam calibrate --llm ... --slm ...` first.")
+            return STRATEGIES[self.fallback].select(n_layers, n_mapped, scores)
+        if sorted(self.order) != list(range(n_layers)):
+            raise ValueError(f"the calibrated order {list(self.order)} does not cover the LLM's {n_layers} layers.")
+        return sorted(self.order[:n_mapped])
+
+
 STRATEGIES: dict[str, LayerSelection] = {
     "back": BackSelection(),
     "front": FrontSelection(),
     "two-region": TwoRegionSelection(),
     "similar": SimilarSelection(),
+    "calibrated": CalibratedSelection(),
+    "auto": CalibratedSelection(fallback="back"),  # the calibrated order where one is stored, else "back"
 }
