@@ -202,3 +202,17 @@ def test_int8_slm_cache_halves_slm_bytes_and_keeps_the_mapping(twin):
     assert int8._session.slm_cache.layers[0].keys.dtype == torch.int8
     logits = int8(ids).logits
     assert (logits - llm_logits(llm, ids)).abs().max() < 0.05
+
+
+def test_slm_runs_no_lm_head_and_only_as_deep_as_needed(twin):
+    llm, slm = twin
+    calls = {"head": 0, "deep": 0}
+    handles = [slm.lm_head.register_forward_hook(lambda *_: calls.__setitem__("head", calls["head"] + 1))]
+    handles += [decoder_layers(slm)[i].register_forward_hook(lambda *_: calls.__setitem__("deep", calls["deep"] + 1)) for i in (2, 3)]
+    iam = IAMModel(llm, slm, MappingConfig(layers=[0, 1]))
+    iam.generate(prompt(30), max_new_tokens=5)
+    for h in handles:
+        h.remove()
+    assert calls == {"head": 0, "deep": 2}  # layers 2 and 3 ran once, at prefill (to search all SLM heads)
+    layers = iam._session.slm_cache.layers
+    assert layers[1].values.shape[-2] == 34 and layers[2].values is None and layers[3].values is None

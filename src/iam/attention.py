@@ -50,18 +50,30 @@ class MappedAttention(nn.Module):
         v = attn.v_proj(hidden_states).view(b, t, -1, attn.head_dim).transpose(1, 2)
         if past_key_values is not None:
             _, v = past_key_values.update(None, v, self.layer_idx)
-        q, k = self._slm_query_key(hmap, t, v.shape[2])
-        v = v.repeat_interleave(attn.num_key_value_groups, dim=1)
-        out = F.scaled_dot_product_attention(
-            q.to(v.dtype),
-            k.to(v.dtype),
-            v,
-            attn_mask=attention_mask,
-            is_causal=attention_mask is None and t > 1,
-            scale=state.slm_scaling,
-        )
+        if t == 1:
+            out = self._decode(hmap, v, attention_mask)
+        else:
+            q, k = self._slm_query_key(hmap, t, v.shape[2])
+            out = F.scaled_dot_product_attention(
+                q.to(v.dtype),
+                k.to(v.dtype),
+                v.repeat_interleave(attn.num_key_value_groups, dim=1),
+                attn_mask=attention_mask,
+                is_causal=attention_mask is None,
+                scale=state.slm_scaling,
+            )
         out = out * hmap.scale.to(out.dtype)[:, :, None, None]
         return attn.o_proj(out.transpose(1, 2).reshape(b, t, -1)), None
+
+    def _decode(self, hmap: HeadMap, v: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """One new token: gather the SLM's attention rows (computed once per SLM layer and step, shared by every
+        LLM head and layer mapped to it) and multiply by V without expanding it; returns ``[B, H, 1, d]``."""
+        b, h = hmap.slm_layer.shape
+        rows = v.new_empty(b, h, v.shape[2])
+        for layer, bi, hi, hs in self._head_groups(hmap):
+            rows[bi, hi] = self.state.decode_rows(layer, attention_mask)[bi, hs].to(v.dtype)
+        kv_heads = v.shape[1]
+        return (rows.view(b, kv_heads, h // kv_heads, -1) @ v).view(b, h, 1, -1)
 
     def _establish(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> HeadMap:
         """Q/K projections on the window rows only, then best-match search against every SLM head."""
@@ -74,19 +86,24 @@ class MappedAttention(nn.Module):
         probs = window_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), attn.scaling)
         return match_heads(probs, window, self.state.slm_flats, self.state.slm_heads, self.state.metric)
 
-    def _slm_query_key(self, hmap: HeadMap, t: int, total: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gather, per sequence and LLM head, the matched SLM head's query ``[B, H, t, d_s]`` and keys ``[B, H, T, d_s]``."""
-        state = self.state
+    def _head_groups(self, hmap: HeadMap) -> list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``(slm_layer, batch idx, llm head idx, slm head idx)`` for each SLM layer this layer borrows from."""
         if self._groups is None:
             self._groups = []
             for layer in hmap.slm_layer.unique().tolist():
                 bi, hi = (hmap.slm_layer == layer).nonzero(as_tuple=True)
                 self._groups.append((layer, bi, hi, hmap.slm_head[bi, hi]))
-        some_q = state.slm_queries[self._groups[0][0]]
+        return self._groups
+
+    def _slm_query_key(self, hmap: HeadMap, t: int, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gather, per sequence and LLM head, the matched SLM head's query ``[B, H, t, d_s]`` and keys ``[B, H, T, d_s]``."""
+        state = self.state
+        groups = self._head_groups(hmap)
+        some_q = state.slm_queries[groups[0][0]]
         b, h = hmap.slm_layer.shape
         q = some_q.new_empty(b, h, t, some_q.shape[-1])
         k = some_q.new_empty(b, h, total, some_q.shape[-1])
-        for layer, bi, hi, hs in self._groups:
+        for layer, bi, hi, hs in groups:
             q[bi, hi] = state.slm_queries[layer][bi, hs]
             k[bi, hi] = read_keys(state.slm_cache_layers[layer], bi, hs // state.slm_kv_groups)
         return q, k

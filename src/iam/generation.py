@@ -121,7 +121,7 @@ class PairedSession:
         return cap.queries
 
     def _slm_step(self, ids: torch.Tensor) -> None:
-        self.state.slm_queries = self._slm_forward(ids, self.slm_layers, self.slm_layers[-1] + 1)
+        self.state.new_step(self._slm_forward(ids, self.slm_layers, self.slm_layers[-1] + 1))
 
     def prepare(self) -> MappingState:
         """SLM prefill over the whole context with every layer's queries captured; builds the mapping state."""

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .cache import read_keys
 from .similarity import SimilarityMetric
 
 
@@ -118,3 +119,23 @@ class MappingState:
     slm_cache_layers: list = field(default_factory=list)  # the SLM's cache layers (K read through ``cache.read_keys``)
     slm_queries: dict[int, torch.Tensor] = field(default_factory=dict)
     maps: dict[int, HeadMap] = field(default_factory=dict)
+    _rows: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def new_step(self, queries: dict[int, torch.Tensor]) -> None:
+        """The SLM has run one more step: these are its new queries."""
+        self.slm_queries = queries
+        self._rows = {}
+
+    def decode_rows(self, layer: int, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention probabilities ``[B, H_s, T]`` of SLM ``layer`` for the single new token, computed once a step."""
+        if layer not in self._rows:
+            q = self.slm_queries[layer]  # [B, H_s, 1, d_s]
+            k = read_keys(self.slm_cache_layers[layer])  # [B, H_kv_s, T, d_s]
+            b, heads = q.shape[:2]
+            scores = (q.view(b, k.shape[1], heads // k.shape[1], -1).float() @ k.float().transpose(-1, -2))
+            scores = scores.view(b, heads, -1) * self.slm_scaling
+            if attention_mask is not None:
+                mask = attention_mask[:, :, -1]  # [B, 1, T]
+                scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+            self._rows[layer] = scores.softmax(-1)
+        return self._rows[layer]
