@@ -69,3 +69,20 @@ def test_cli_measured_smoke(tmp_path, capsys):
         assert key in rows[1]
     # On the shipped pair the SLM cache outweighs what 14 mapped layers save (see README).
     assert rows[1]["kv_llm_bytes"] < rows[0]["kv_bytes"] < rows[1]["kv_bytes"]
+
+
+def test_cli_projection_smoke(tmp_path, capsys):
+    cfg = {"num_hidden_layers": 4, "hidden_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "intermediate_size": 256, "vocab_size": 512, "model_type": "qwen2"}
+    for name, layers in (("big", 4), ("small", 2)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": layers}))
+    args = ["bench", "--projection", "--llm", str(tmp_path / "big"), "--slm", str(tmp_path / "small"), "--tokens", "16",
+            "--repeats", "1", "--ratios", "0.5", "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert {"layer_prefill_s", "mapped_layer_prefill_s", "eager_layer_prefill_s", "slm_decode_s", "mapped_over_unmapped_prefill_arithmetic"} <= result["parts"][0].keys()
+    rows = result["rows"]
+    assert [r["ratio"] for r in rows] == [0.0, 0.5]
+    for key in ("ttft_s", "tpot_s", "ttft_speedup", "tpot_speedup", "ttft_limit", "tpot_limit", "kv_ratio"):
+        assert key in rows[1]

@@ -5,9 +5,9 @@ Analytic accounting per ratio ``r`` (``n = round(r * L)`` mapped layers):
 - KV bytes per token: ``2 L kv d b`` for the LLM alone; IAM drops the K of the ``n`` mapped layers and adds the
   SLM's whole cache (``paper`` accounting); the ``iam`` accounting keeps that SLM cache in int8 with one scale
   per head and token, as ``MappingConfig(slm_cache="int8")`` does.
-- Prefill FLOPs (``T`` tokens): linear layers ``2 P T`` plus causal attention ``2 H d T^2`` per layer (QK^T and PV).
-  A mapped layer skips its Q/K projections and QK^T, keeps V, O, MLP and PV, and its SDPA recomputes the SLM's
-  QK^T per LLM head (``H d_s T^2``); the SLM runs its layers but not its LM head.
+- Prefill FLOPs (``T`` tokens): linear layers ``2 P T`` plus causal attention ``2 H d T^2`` per layer (QK^T and PV),
+  LM head on the last token. A mapped layer skips its Q/K projections and QK^T, keeps V, O, MLP and PV, and its
+  SDPA recomputes the SLM's QK^T per LLM head (``H d_s T^2``); the SLM runs its layers but not its LM head.
 - Decode is memory-bound: a step reads the weights once and every sequence's KV, so the TPOT limit is the ratio
   of bytes read per step.
 """
@@ -58,17 +58,21 @@ def kv_bytes_per_token(llm: Arch, slm: Arch, n_mapped: int, elem: int, method: s
     return base - n_mapped * llm.kv_heads * llm.head_dim * elem + 2 * slm.layers * slm.kv_heads * slm_row
 
 
-def prefill_flops(llm: Arch, slm: Arch, n_mapped: int, tokens: int) -> float:
+def layer_prefill_flops(llm: Arch, slm: Arch, tokens: int, mapped: bool = False) -> float:
+    """FLOPs of one LLM decoder layer over ``tokens`` (causal attention: QK^T and PV each ``H d T^2``)."""
     t = tokens
-    head = 2 * llm.hidden * llm.vocab * t
-    attn = 2 * llm.heads * llm.head_dim * t * t  # causal: QK^T and PV, each half of T^2
-    full = llm.layers * (2 * llm.layer_params * t + attn) + head
-    if n_mapped == 0:
-        return full
-    saved = n_mapped * (2 * llm.qk_params * t + llm.heads * llm.head_dim * t * t)
-    added = n_mapped * llm.heads * slm.head_dim * t * t
-    slm_cost = slm.layers * (2 * slm.layer_params * t + 2 * slm.heads * slm.head_dim * t * t)
-    return full - saved + added + slm_cost
+    if not mapped:
+        return 2 * llm.layer_params * t + 2 * llm.heads * llm.head_dim * t * t
+    # No Q/K projections and no own QK^T; PV stays, and SDPA redoes the SLM head's QK^T per LLM head.
+    return 2 * (llm.layer_params - llm.qk_params) * t + llm.heads * (llm.head_dim + slm.head_dim) * t * t
+
+
+def prefill_flops(llm: Arch, slm: Arch, n_mapped: int, tokens: int) -> float:
+    """Prefill FLOPs of the whole pair (LM head on the last token only; the SLM runs no LM head)."""
+    total = (llm.layers - n_mapped) * layer_prefill_flops(llm, slm, tokens) + 2 * llm.hidden * llm.vocab
+    if n_mapped:
+        total += n_mapped * layer_prefill_flops(llm, slm, tokens, mapped=True) + slm.layers * layer_prefill_flops(slm, slm, tokens)
+    return total
 
 
 def decode_bytes(llm: Arch, slm: Arch, n_mapped: int, batch: int, context: int, elem: int, method: str = "paper") -> float:

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
-from . import bench, calibration, data, evaluation
+from . import bench, calibration, data, evaluation, projection
 from .config import MappingConfig
 from .loading import load_pair
-from .reporting import write_report
+from .reporting import markdown_table, write_report
 from .model import IAMModel
 from .presets import PRESETS, load_arch
 from .selection import STRATEGIES
@@ -241,6 +241,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     scenario = full if args.full_size or args.analytic else cpu
     scenario = bench.Scenario(args.prompt or scenario.prompt, args.batch or scenario.batch, args.new_tokens or scenario.new_tokens)
     meta = {"scenario": args.scenario, **vars(scenario)}
+    if args.projection:
+        args.llm, args.slm = args.llm or "qwen2-72b", args.slm or "qwen2-0.5b"
+        device = torch.device(args.device)
+        tokens = args.tokens or ([512, 8192] if device.type == "cuda" else [512])
+        result = projection.project(load_arch(args.llm), load_arch(args.slm), args.ratios, tokens, device, getattr(torch, args.dtype), args.repeats)
+        result.update(mode="projection", device=str(device), dtype=args.dtype)
+        if not args.json:
+            print("measured parts (seconds):\n" + markdown_table(result["parts"], list(result["parts"][0])))
+        return finish(args, "bench-projection", result, ["tokens", "ratio", "kv_ratio", "ttft_s", "tpot_s", "ttft_speedup", "ttft_limit", "tpot_speedup", "tpot_limit", "ttft_speedup_vs_eager"])
     if args.analytic:
         args.llm, args.slm = args.llm or "qwen2-72b", args.slm or "qwen2-0.5b"
         llm, slm = load_arch(args.llm), load_arch(args.slm)
@@ -325,7 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_pair_args(p, llm=None, slm=None)
     add_mapping_args(p)
     add_output_args(p)
-    p.add_argument("--analytic", action="store_true", help="configs only (presets or config.json), no weights")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--analytic", action="store_true", help="configs only (presets or config.json), no weights")
+    mode.add_argument("--projection", action="store_true", help="time one real-size layer of --llm (a preset or config.json) and project the full model")
+    p.add_argument("--tokens", type=lambda t: [int(x) for x in t.split(",")], default=None, help="projection: context lengths, e.g. 512,8192")
     p.add_argument("--scenario", default="concurrency", choices=sorted(bench.SCENARIOS))
     p.add_argument("--full-size", action="store_true", help="the paper's sizes instead of the CPU-sized defaults")
     p.add_argument("--prompt", type=int, default=None, help="prompt tokens (overrides the scenario)")

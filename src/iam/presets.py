@@ -19,6 +19,7 @@ class Arch:
     intermediate: int
     vocab: int
     tied: bool
+    family: str = "qwen2"
 
     @classmethod
     def from_config(cls, cfg: dict) -> Arch:
@@ -32,6 +33,7 @@ class Arch:
             intermediate=cfg["intermediate_size"],
             vocab=cfg["vocab_size"],
             tied=bool(cfg.get("tie_word_embeddings", False)),
+            family=cfg.get("model_type", "qwen2"),
         )
 
     # parameters ----------------------------------------------------------------------------------------------
@@ -56,9 +58,28 @@ PRESETS: dict[str, Arch] = {
     "qwen2-0.5b": Arch(24, 896, 14, 2, 64, 4864, 151936, True),
     "qwen2.5-coder-1.5b": Arch(28, 1536, 12, 2, 128, 8960, 151936, True),
     "qwen2.5-coder-0.5b": Arch(24, 896, 14, 2, 64, 4864, 151936, True),
-    "llama-3.1-70b": Arch(80, 8192, 64, 8, 128, 28672, 128256, False),
-    "llama-3.2-1b": Arch(16, 2048, 32, 8, 64, 8192, 128256, True),
+    "llama-3.1-70b": Arch(80, 8192, 64, 8, 128, 28672, 128256, False, "llama"),
+    "llama-3.2-1b": Arch(16, 2048, 32, 8, 64, 8192, 128256, True, "llama"),
 }
+
+
+def hf_config(arch: Arch, layers: int | None = None, attn_implementation: str = "sdpa"):
+    """A transformers config of ``arch`` (optionally with fewer layers), for random-weight timing."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    cls = {"qwen2": Qwen2Config, "llama": LlamaConfig}[arch.family]
+    return cls(
+        vocab_size=arch.vocab,
+        hidden_size=arch.hidden,
+        intermediate_size=arch.intermediate,
+        num_hidden_layers=arch.layers if layers is None else layers,
+        num_attention_heads=arch.heads,
+        num_key_value_heads=arch.kv_heads,
+        head_dim=arch.head_dim,
+        tie_word_embeddings=arch.tied,
+        max_position_embeddings=32768,
+        attn_implementation=attn_implementation,
+    )
 
 
 def load_arch(name_or_path: str) -> Arch:

@@ -1,0 +1,201 @@
+"""Projection to paper scale from measured parts: one decoder layer of the target at its real dimensions
+(random weights), timed unmapped (SDPA and eager) and mapped, plus the whole SLM and the LM head, then
+composed into full-model TTFT and TPOT. Every measured part is reported beside the projection.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from .attention import MappedAttention
+from .bench import decode_bytes, kv_bytes_per_token, layer_prefill_flops, prefill_flops
+from .cache import paired_llm_cache
+from .mapping import HeadMap, MappingState, Window
+from .presets import Arch, hf_config
+from .similarity import METRICS
+
+
+def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
+    """Median seconds of ``fn`` over ``repeats`` runs, after one warm-up."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class LayerBench:
+    """One decoder layer of ``arch`` with random weights, and what it needs to run at ``tokens`` of context."""
+
+    def __init__(self, arch: Arch, slm: Arch, tokens: int, device: torch.device, dtype: torch.dtype, attn: str = "sdpa") -> None:
+        from transformers import AutoModelForCausalLM  # noqa: F401  (registers model classes)
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+        from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RotaryEmbedding
+
+        layer_cls, rope_cls = {"qwen2": (Qwen2DecoderLayer, Qwen2RotaryEmbedding), "llama": (LlamaDecoderLayer, LlamaRotaryEmbedding)}[arch.family]
+        self.config = hf_config(arch, layers=1, attn_implementation=attn)
+        self.layer = layer_cls(self.config, 0).to(device=device, dtype=dtype).eval()
+        self.rope = rope_cls(self.config).to(device)
+        self.arch, self.slm, self.tokens, self.device, self.dtype = arch, slm, tokens, device, dtype
+        g = torch.Generator(device="cpu").manual_seed(0)
+        self.hidden = torch.randn(1, tokens + 1, arch.hidden, generator=g).to(device, dtype)
+
+    def _pe(self, start: int, length: int):
+        pos = torch.arange(start, start + length, device=self.device)[None]
+        return self.rope(self.hidden, pos)
+
+    def _run(self, cache, start: int, length: int) -> None:
+        self.layer(
+            self.hidden[:, start : start + length],
+            attention_mask=None,
+            position_embeddings=self._pe(start, length),
+            past_key_values=cache,
+            use_cache=True,
+        )
+
+    def _mapped_state(self, keys: int, queries: int) -> MappingState:
+        """A mapping state with random SLM queries/keys of the SLM's dimensions and a random head map."""
+        s, a = self.slm, self.arch
+        g = torch.Generator(device="cpu").manual_seed(1)
+        rand = lambda *shape: torch.randn(*shape, generator=g).to(self.device, self.dtype)  # noqa: E731
+        used = sorted(set(torch.randint(0, s.layers, (a.heads,), generator=g).tolist()))
+        layer_of_head = torch.tensor(used)[torch.randint(0, len(used), (1, a.heads), generator=g)]
+        cache_layers = []
+        for _ in range(s.layers):
+            cl = DynamicLayer()
+            cl.update(rand(1, s.kv_heads, keys, s.head_dim), rand(1, s.kv_heads, 1, s.head_dim))
+            cache_layers.append(cl)
+        state = MappingState(
+            window=Window(torch.zeros(1, dtype=torch.long), torch.tensor([min(self.tokens, 100)])),
+            slm_flats=[],
+            slm_heads=s.heads,
+            slm_kv_groups=s.heads // s.kv_heads,
+            slm_scaling=s.head_dim**-0.5,
+            metric=METRICS["cosine"],
+            slm_cache_layers=cache_layers,
+            slm_queries={i: rand(1, s.heads, queries, s.head_dim) for i in used},
+        )
+        one = torch.ones(1, a.heads, device=self.device)
+        state.maps[0] = HeadMap(layer_of_head.to(self.device), torch.randint(0, s.heads, (1, a.heads), generator=g).to(self.device), one, one)
+        return state
+
+    def unmapped(self, repeats: int) -> tuple[float, float]:
+        """(prefill seconds for ``tokens``, decode seconds for one token after ``tokens``)."""
+        prefill = timed(lambda: self._run(DynamicCache(), 0, self.tokens), repeats, self.device)
+        cache = DynamicCache()
+        self._run(cache, 0, self.tokens)
+
+        def step() -> None:
+            self._run(cache, self.tokens, 1)
+            cache.crop(-1)
+
+        return prefill, timed(step, repeats, self.device)
+
+    def mapped(self, repeats: int) -> tuple[float, float]:
+        """The same timings with the layer's attention mapped (mapping already established)."""
+        original = self.layer.self_attn
+        try:
+            self.layer.self_attn = MappedAttention(original, self._mapped_state(self.tokens, self.tokens))
+            prefill = timed(lambda: self._run(paired_llm_cache(self.config, [0]), 0, self.tokens), repeats, self.device)
+            cache = paired_llm_cache(self.config, [0])
+            self._run(cache, 0, self.tokens)
+            state = self._mapped_state(self.tokens + 1, 1)
+            self.layer.self_attn = MappedAttention(original, state)
+            queries = dict(state.slm_queries)
+
+            def step() -> None:
+                state.new_step(queries)
+                self._run(cache, self.tokens, 1)
+                cache.layers[0].values = cache.layers[0].values[..., :-1, :]
+
+            decode = timed(step, repeats, self.device)
+        finally:
+            self.layer.self_attn = original
+        return prefill, decode
+
+
+def slm_times(slm: Arch, tokens: int, device: torch.device, dtype: torch.dtype, repeats: int) -> tuple[float, float]:
+    """Whole SLM (base model, no LM head) at real dimensions: prefill of ``tokens`` and one decode step."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(hf_config(slm)).to(device=device, dtype=dtype).eval().model
+    ids = torch.randint(0, slm.vocab, (1, tokens + 1), device=device)
+    prefill = timed(lambda: model(input_ids=ids[:, :tokens], past_key_values=DynamicCache(), use_cache=True), repeats, device)
+    cache = DynamicCache()
+    model(input_ids=ids[:, :tokens], past_key_values=cache, use_cache=True)
+
+    def step() -> None:
+        model(input_ids=ids[:, tokens:], past_key_values=cache, use_cache=True)
+        cache.crop(-1)
+
+    return prefill, timed(step, repeats, device)
+
+
+def head_time(arch: Arch, device: torch.device, dtype: torch.dtype, repeats: int) -> float:
+    head = torch.nn.Linear(arch.hidden, arch.vocab, bias=False).to(device=device, dtype=dtype)
+    x = torch.randn(1, 1, arch.hidden, device=device, dtype=dtype)
+    return timed(lambda: head(x), repeats, device)
+
+
+@torch.inference_mode()
+def project(llm: Arch, slm: Arch, ratios: list[float], tokens_list: list[int], device: torch.device, dtype: torch.dtype, repeats: int) -> dict:
+    """Measured parts and the projected full-model TTFT/TPOT per context length and ratio."""
+    head = head_time(llm, device, dtype, repeats)
+    parts, rows = [], []
+    for tokens in tokens_list:
+        sdpa = LayerBench(llm, slm, tokens, device, dtype)
+        layer_prefill, layer_decode = sdpa.unmapped(repeats)
+        mapped_prefill, mapped_decode = sdpa.mapped(repeats)
+        del sdpa
+        eager_prefill, _ = LayerBench(llm, slm, tokens, device, dtype, attn="eager").unmapped(repeats)
+        slm_prefill, slm_decode = slm_times(slm, tokens, device, dtype, repeats)
+        parts.append({
+            "tokens": tokens,
+            "layer_prefill_s": layer_prefill,
+            "mapped_layer_prefill_s": mapped_prefill,
+            "eager_layer_prefill_s": eager_prefill,
+            "layer_decode_s": layer_decode,
+            "mapped_layer_decode_s": mapped_decode,
+            "slm_prefill_s": slm_prefill,
+            "slm_decode_s": slm_decode,
+            "lm_head_decode_s": head,
+            "mapped_over_unmapped_prefill": mapped_prefill / layer_prefill,
+            "mapped_over_unmapped_prefill_arithmetic": layer_prefill_flops(llm, slm, tokens, True) / layer_prefill_flops(llm, slm, tokens),
+        })
+        base_kv = kv_bytes_per_token(llm, slm, 0, 2)
+        for r in [0.0] + [x for x in ratios if x != 0]:
+            n = round(r * llm.layers)
+            extra = (slm_prefill, slm_decode) if n else (0.0, 0.0)
+            ttft = (llm.layers - n) * layer_prefill + n * mapped_prefill + extra[0] + head
+            tpot = (llm.layers - n) * layer_decode + n * mapped_decode + extra[1] + head
+            rows.append({
+                "tokens": tokens,
+                "ratio": r,
+                "kv_bytes": kv_bytes_per_token(llm, slm, n, 2, "iam"),
+                "kv_ratio": kv_bytes_per_token(llm, slm, n, 2, "iam") / base_kv,
+                "ttft_s": ttft,
+                "tpot_s": tpot,
+                "ttft_eager_s": llm.layers * eager_prefill + head if n == 0 else None,
+            })
+        base = [row for row in rows if row["tokens"] == tokens and row["ratio"] == 0][0]
+        for row in rows:
+            if row["tokens"] != tokens:
+                continue
+            n = round(row["ratio"] * llm.layers)
+            row["ttft_speedup"] = base["ttft_s"] / row["ttft_s"]
+            row["tpot_speedup"] = base["tpot_s"] / row["tpot_s"]
+            row["ttft_speedup_vs_eager"] = base["ttft_eager_s"] / row["ttft_s"]
+            row["ttft_limit"] = prefill_flops(llm, slm, 0, tokens) / prefill_flops(llm, slm, n, tokens)
+            row["tpot_limit"] = decode_bytes(llm, slm, 0, 1, tokens, 2) / decode_bytes(llm, slm, n, 1, tokens, 2, "iam")
+    return {"parts": parts, "rows": rows}
