@@ -40,8 +40,14 @@ def test_preset_param_counts_are_real():
 
 
 def test_config_json_is_read(tmp_path):
-    cfg = {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
-           "intermediate_size": 128, "vocab_size": 100}
+    cfg = {
+        "num_hidden_layers": 2,
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 128,
+        "vocab_size": 100,
+    }
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     assert load_arch(str(tmp_path)) == Arch(2, 64, 4, 2, 16, 128, 100, False)
     with pytest.raises(FileNotFoundError, match="neither a preset"):
@@ -53,7 +59,9 @@ def test_cli_analytic(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     rows = result["rows"]
     assert [(r["method"], r["ratio"]) for r in rows] == [(m, r) for m in ("paper", "iam") for r in (0.0, 0.3, 0.5)]
-    assert {"method", "ratio", "kv_bytes", "kv_ratio", "ttft_limit", "tpot_limit", "max_batch", "throughput_ratio"} <= rows[0].keys()
+    assert {"method", "ratio", "kv_bytes", "kv_ratio", "ttft_limit", "tpot_limit", "max_batch", "throughput_ratio"} <= rows[
+        0
+    ].keys()
     assert rows[2]["kv_ratio"] == pytest.approx(0.7875)
     assert rows[5]["kv_ratio"] <= 0.770 and rows[5]["batch_ratio"] >= 1.25 and rows[5]["throughput_ratio"] >= 1.2
     assert {"llm", "slm", "break_even_ratio"} <= result["break_even"][0].keys()
@@ -72,16 +80,43 @@ def test_cli_measured_smoke(tmp_path, capsys):
 
 
 def test_cli_projection_smoke(tmp_path, capsys):
-    cfg = {"num_hidden_layers": 4, "hidden_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
-           "intermediate_size": 256, "vocab_size": 512, "model_type": "qwen2"}
+    cfg = {
+        "num_hidden_layers": 4,
+        "hidden_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 256,
+        "vocab_size": 512,
+        "model_type": "qwen2",
+    }
     for name, layers in (("big", 4), ("small", 2)):
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": layers}))
-    args = ["bench", "--projection", "--llm", str(tmp_path / "big"), "--slm", str(tmp_path / "small"), "--tokens", "16",
-            "--repeats", "1", "--ratios", "0.5", "--device", "cpu"]
+    args = [
+        "bench",
+        "--projection",
+        "--llm",
+        str(tmp_path / "big"),
+        "--slm",
+        str(tmp_path / "small"),
+        "--tokens",
+        "16",
+        "--repeats",
+        "1",
+        "--ratios",
+        "0.5",
+        "--device",
+        "cpu",
+    ]
     assert main([*args, "--out", str(tmp_path), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert {"layer_prefill_s", "mapped_layer_prefill_s", "eager_layer_prefill_s", "slm_decode_s", "mapped_over_unmapped_prefill_arithmetic"} <= result["parts"][0].keys()
+    assert {
+        "layer_prefill_s",
+        "mapped_layer_prefill_s",
+        "eager_layer_prefill_s",
+        "slm_decode_s",
+        "mapped_over_unmapped_prefill_arithmetic",
+    } <= result["parts"][0].keys()
     rows = result["rows"]
     assert [r["ratio"] for r in rows] == [0.0, 0.5]
     for key in ("ttft_s", "tpot_s", "ttft_speedup", "tpot_speedup", "ttft_limit", "tpot_limit", "kv_ratio"):

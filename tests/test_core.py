@@ -208,7 +208,9 @@ def test_slm_runs_no_lm_head_and_only_as_deep_as_needed(twin):
     llm, slm = twin
     calls = {"head": 0, "deep": 0}
     handles = [slm.lm_head.register_forward_hook(lambda *_: calls.__setitem__("head", calls["head"] + 1))]
-    handles += [decoder_layers(slm)[i].register_forward_hook(lambda *_: calls.__setitem__("deep", calls["deep"] + 1)) for i in (2, 3)]
+    handles += [
+        decoder_layers(slm)[i].register_forward_hook(lambda *_: calls.__setitem__("deep", calls["deep"] + 1)) for i in (2, 3)
+    ]
     iam = IAMModel(llm, slm, MappingConfig(layers=[0, 1]))
     iam.generate(prompt(30), max_new_tokens=5)
     for h in handles:

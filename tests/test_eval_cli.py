@@ -31,7 +31,9 @@ def test_eval_perplexity(tmp_path, capsys):
 
 
 def test_eval_metrics_and_sweep(tmp_path, capsys):
-    metrics = run(tmp_path, capsys, "eval", "metrics", "--windows", "1", "--tokens", "32", "--ratio", "0.1", "--metrics", "cosine,pearson")
+    metrics = run(
+        tmp_path, capsys, "eval", "metrics", "--windows", "1", "--tokens", "32", "--ratio", "0.1", "--metrics", "cosine,pearson"
+    )
     assert [r["metric"] for r in metrics["rows"]] == ["none (LLM alone)", "cosine", "pearson"]
     sweep = run(tmp_path, capsys, "eval", "sweep", "--windows", "1", "--tokens", "32", "--block", "14")
     assert [r["block"] for r in sweep["rows"]] == ["none", "0-13", "14-27"]
@@ -67,7 +69,9 @@ def test_choice_rejects_malformed_jsonl(tmp_path, capsys):
     assert "line 1: an item needs question, choices and answer" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("pred, gold, f1", [("Richard Nixon", "Richard Nixon", 1.0), ("It was Nixon.", "Richard Nixon", 0.4), ("1964", "1963", 0.0)])
+@pytest.mark.parametrize(
+    "pred, gold, f1", [("Richard Nixon", "Richard Nixon", 1.0), ("It was Nixon.", "Richard Nixon", 0.4), ("1964", "1963", 0.0)]
+)
 def test_token_f1(pred, gold, f1):
     assert token_f1(pred, gold) == pytest.approx(f1)
 

@@ -34,7 +34,7 @@ def test_calibrated_order(pair, tmp_path, monkeypatch):
     llm, slm = pair
     # no stored order: "calibrated" refuses, "auto" falls back to "back"
     with pytest.raises(ValueError, match="no calibrated layer order is stored for this LLM: run `iam calibrate"):
-        IAMModel(llm, slm, MappingConfig(ratio=0.5, strategy="calibrated")).mapped_layers
+        _ = IAMModel(llm, slm, MappingConfig(ratio=0.5, strategy="calibrated")).mapped_layers
     assert IAMModel(llm, slm, MappingConfig(ratio=0.5)).mapped_layers == [2, 3]
     rows = [{"first_layer": None, "ppl_increase": 0.0}] + [
         {"first_layer": i, "ppl_increase": d} for i, d in enumerate([0.05, 0.30, 0.01, 0.10])

@@ -18,7 +18,6 @@ import math
 import os
 import statistics
 import threading
-import time
 from dataclasses import dataclass
 
 import torch
@@ -71,7 +70,9 @@ def prefill_flops(llm: Arch, slm: Arch, n_mapped: int, tokens: int) -> float:
     """Prefill FLOPs of the whole pair (LM head on the last token only; the SLM runs no LM head)."""
     total = (llm.layers - n_mapped) * layer_prefill_flops(llm, slm, tokens) + 2 * llm.hidden * llm.vocab
     if n_mapped:
-        total += n_mapped * layer_prefill_flops(llm, slm, tokens, mapped=True) + slm.layers * layer_prefill_flops(slm, slm, tokens)
+        total += n_mapped * layer_prefill_flops(llm, slm, tokens, mapped=True) + slm.layers * layer_prefill_flops(
+            slm, slm, tokens
+        )
     return total
 
 
@@ -83,7 +84,9 @@ def decode_bytes(llm: Arch, slm: Arch, n_mapped: int, batch: int, context: int, 
     return weights + batch * context * kv_bytes_per_token(llm, slm, n_mapped, elem, method)
 
 
-def analytic_rows(llm: Arch, slm: Arch, ratios: list[float], scenario: Scenario, elem: int = 2, budget_gb: float | None = None) -> list[dict]:
+def analytic_rows(
+    llm: Arch, slm: Arch, ratios: list[float], scenario: Scenario, elem: int = 2, budget_gb: float | None = None
+) -> list[dict]:
     """Rows per method (``paper``, ``iam``) and ratio; ratio 0 (the LLM alone) first."""
     context = scenario.prompt + scenario.new_tokens
     base_kv = kv_bytes_per_token(llm, slm, 0, elem)
@@ -179,7 +182,9 @@ def measure(llm, slm, ratios: list[float], scenario: Scenario, repeats: int, bas
     ids = torch.randint(100, llm.config.vocab_size - 100, (scenario.batch, scenario.prompt), generator=g).to(device)
     ratios = [0.0] + [r for r in ratios if r != 0]
     samples: dict[float, list[dict]] = {r: [] for r in ratios}
-    IAMModel(llm, slm, MappingConfig(**{**vars(base_config), "ratio": ratios[-1]})).generate(ids[:, : min(32, ids.shape[1])], max_new_tokens=2)  # warm-up
+    IAMModel(llm, slm, MappingConfig(**{**vars(base_config), "ratio": ratios[-1]})).generate(
+        ids[:, : min(32, ids.shape[1])], max_new_tokens=2
+    )  # warm-up
     runs = [(rep, r) for rep in range(repeats) for r in ratios]
     for _, r in tqdm(runs, desc="bench runs", disable=not progress):
         iam = IAMModel(llm, slm, MappingConfig(**{**vars(base_config), "ratio": r}))
@@ -194,18 +199,20 @@ def measure(llm, slm, ratios: list[float], scenario: Scenario, repeats: int, bas
         ttft = statistics.median(x["ttft_s"] for x in s)
         tpot = statistics.median(x["tpot_s"] for x in s)
         kv = s[-1]["kv"]
-        rows.append({
-            "ratio": r,
-            "mapped_layers": s[-1]["layers"],
-            "kv_bytes": kv["total"],
-            "kv_llm_bytes": kv["llm"],
-            "kv_slm_bytes": kv["slm"],
-            "kv_ratio": kv["total"] / base,
-            "ttft_s": ttft,
-            "tpot_s": tpot,
-            "throughput_tok_s": scenario.batch / tpot,
-            "peak_mem_bytes": statistics.median(x["peak_mem_bytes"] for x in s),
-        })
+        rows.append(
+            {
+                "ratio": r,
+                "mapped_layers": s[-1]["layers"],
+                "kv_bytes": kv["total"],
+                "kv_llm_bytes": kv["llm"],
+                "kv_slm_bytes": kv["slm"],
+                "kv_ratio": kv["total"] / base,
+                "ttft_s": ttft,
+                "tpot_s": tpot,
+                "throughput_tok_s": scenario.batch / tpot,
+                "peak_mem_bytes": statistics.median(x["peak_mem_bytes"] for x in s),
+            }
+        )
     for row in rows:
         row["ttft_speedup"] = rows[0]["ttft_s"] / row["ttft_s"]
         row["tpot_speedup"] = rows[0]["tpot_s"] / row["tpot_s"]

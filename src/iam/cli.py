@@ -13,9 +13,9 @@ import torch
 from . import bench, calibration, data, evaluation, projection
 from .config import MappingConfig
 from .loading import load_pair
-from .reporting import markdown_table, write_report
 from .model import IAMModel
 from .presets import PRESETS, load_arch
+from .reporting import markdown_table, write_report
 from .selection import STRATEGIES
 from .similarity import METRICS
 
@@ -40,7 +40,9 @@ def ratio_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"--ratios takes comma-separated numbers, e.g. 0,0.3,0.5; got {text!r}") from None
 
 
-def add_pair_args(p: argparse.ArgumentParser, llm: str | None = "qwen2.5-coder-1.5b", slm: str | None = "qwen2.5-coder-0.5b") -> None:
+def add_pair_args(
+    p: argparse.ArgumentParser, llm: str | None = "qwen2.5-coder-1.5b", slm: str | None = "qwen2.5-coder-0.5b"
+) -> None:
     p.add_argument("--llm", default=llm, help="alias, .gguf file or transformers folder of the large model")
     p.add_argument("--slm", default=slm, help="alias, .gguf file or transformers folder of the small model")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -126,8 +128,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"\nmapped layers: {run['mapped_layers']}")
         if run["mapping_summary"]:
             print(f"mean matched similarity: {run['mapping_summary']['mean_similarity']:.3f}")
-        print(f"KV bytes: LLM {kv['llm']:,} + SLM {kv['slm']:,} = {kv['total']:,} "
-              f"({kv['total'] / kv['baseline']:.1%} of LLM alone)")
+        print(
+            f"KV bytes: LLM {kv['llm']:,} + SLM {kv['slm']:,} = {kv['total']:,} ({kv['total'] / kv['baseline']:.1%} of LLM alone)"
+        )
         print(f"TTFT {t['ttft_s']:.2f} s, TPOT {t['tpot_s']:.3f} s", flush=True)
     if args.json:
         path = Path(args.json)
@@ -239,17 +242,37 @@ BREAK_EVEN_PAIRS = [
 def cmd_bench(args: argparse.Namespace) -> int:
     full, cpu = bench.SCENARIOS[args.scenario]
     scenario = full if args.full_size or args.analytic else cpu
-    scenario = bench.Scenario(args.prompt or scenario.prompt, args.batch or scenario.batch, args.new_tokens or scenario.new_tokens)
+    scenario = bench.Scenario(
+        args.prompt or scenario.prompt, args.batch or scenario.batch, args.new_tokens or scenario.new_tokens
+    )
     meta = {"scenario": args.scenario, **vars(scenario)}
     if args.projection:
         args.llm, args.slm = args.llm or "qwen2-72b", args.slm or "qwen2-0.5b"
         device = torch.device(args.device)
         tokens = args.tokens or ([512, 8192] if device.type == "cuda" else [512])
-        result = projection.project(load_arch(args.llm), load_arch(args.slm), args.ratios, tokens, device, getattr(torch, args.dtype), args.repeats)
+        result = projection.project(
+            load_arch(args.llm), load_arch(args.slm), args.ratios, tokens, device, getattr(torch, args.dtype), args.repeats
+        )
         result.update(mode="projection", device=str(device), dtype=args.dtype)
         if not args.json:
             print("measured parts (seconds):\n" + markdown_table(result["parts"], list(result["parts"][0])))
-        return finish(args, "bench-projection", result, ["tokens", "ratio", "kv_ratio", "ttft_s", "tpot_s", "ttft_speedup", "ttft_limit", "tpot_speedup", "tpot_limit", "ttft_speedup_vs_eager"])
+        return finish(
+            args,
+            "bench-projection",
+            result,
+            [
+                "tokens",
+                "ratio",
+                "kv_ratio",
+                "ttft_s",
+                "tpot_s",
+                "ttft_speedup",
+                "ttft_limit",
+                "tpot_speedup",
+                "tpot_limit",
+                "ttft_speedup_vs_eager",
+            ],
+        )
     if args.analytic:
         args.llm, args.slm = args.llm or "qwen2-72b", args.slm or "qwen2-0.5b"
         llm, slm = load_arch(args.llm), load_arch(args.slm)
@@ -257,23 +280,62 @@ def cmd_bench(args: argparse.Namespace) -> int:
         even = []
         for big, small in BREAK_EVEN_PAIRS:
             ratio = bench.break_even(PRESETS[big], PRESETS[small], args.bytes)
-            even.append({"llm": big, "slm": small, "break_even_ratio": ratio, "kv_ratio_at_0.5": bench.kv_bytes_per_token(PRESETS[big], PRESETS[small], round(0.5 * PRESETS[big].layers), args.bytes) / bench.kv_bytes_per_token(PRESETS[big], PRESETS[small], 0, args.bytes)})
+            even.append(
+                {
+                    "llm": big,
+                    "slm": small,
+                    "break_even_ratio": ratio,
+                    "kv_ratio_at_0.5": bench.kv_bytes_per_token(
+                        PRESETS[big], PRESETS[small], round(0.5 * PRESETS[big].layers), args.bytes
+                    )
+                    / bench.kv_bytes_per_token(PRESETS[big], PRESETS[small], 0, args.bytes),
+                }
+            )
         columns = ["method", "ratio", "mapped_layers", "kv_bytes", "kv_ratio", "ttft_limit", "tpot_limit"]
         if args.memory_budget:
             columns += ["max_batch", "batch_ratio", "throughput_ratio"]
-        result = {"mode": "analytic", "methods": bench.METHODS, **meta, "bytes_per_element": args.bytes, "memory_budget_gb": args.memory_budget, "rows": rows, "break_even": even}
+        result = {
+            "mode": "analytic",
+            "methods": bench.METHODS,
+            **meta,
+            "bytes_per_element": args.bytes,
+            "memory_budget_gb": args.memory_budget,
+            "rows": rows,
+            "break_even": even,
+        }
         return finish(args, "bench-analytic", result, columns)
     args.llm, args.slm = args.llm or "qwen2.5-coder-1.5b", args.slm or "qwen2.5-coder-0.5b"
     llm, slm, _ = load(args)
     rows = bench.measure(llm, slm, args.ratios, scenario, args.repeats, mapping_config(args, 0.0))
     result = {"mode": "measured", **meta, "repeats": args.repeats, "device": str(llm.device), "rows": rows}
-    return finish(args, f"bench-{args.scenario}", result, ["ratio", "kv_bytes", "kv_ratio", "ttft_s", "tpot_s", "throughput_tok_s", "peak_mem_bytes", "ttft_speedup", "tpot_speedup"])
+    return finish(
+        args,
+        f"bench-{args.scenario}",
+        result,
+        [
+            "ratio",
+            "kv_bytes",
+            "kv_ratio",
+            "ttft_s",
+            "tpot_s",
+            "throughput_tok_s",
+            "peak_mem_bytes",
+            "ttft_speedup",
+            "tpot_speedup",
+        ],
+    )
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     llm, slm, tok = load(args)
     result = evaluation.eval_sweep(llm, slm, eval_windows(args, tok), 1, mapping_config(args, 0.0))
-    source = {"dataset": args.text or args.dataset, "windows": args.windows, "tokens": args.tokens, "llm": args.llm, "slm": args.slm}
+    source = {
+        "dataset": args.text or args.dataset,
+        "windows": args.windows,
+        "tokens": args.tokens,
+        "llm": args.llm,
+        "slm": args.slm,
+    }
     path = calibration.write_order(llm.config, slm.config, result["rows"], source, Path(args.to) if args.to else None)
     result["order"] = calibration.order_from_sweep(result["rows"])
     result["calibration_file"] = str(path)
@@ -286,7 +348,11 @@ def add_output_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_text_args(p: argparse.ArgumentParser, windows: int = 3, tokens: int = 512) -> None:
-    p.add_argument("--dataset", default="wikipedia", help="wikipedia, python-stdlib, lee-news, crime-and-punishment (offline) or wikitext2 (online)")
+    p.add_argument(
+        "--dataset",
+        default="wikipedia",
+        help="wikipedia, python-stdlib, lee-news, crime-and-punishment (offline) or wikitext2 (online)",
+    )
     p.add_argument("--text", default=None, metavar="FILE", help="any text file instead of --dataset")
     p.add_argument("--windows", type=int, default=windows)
     p.add_argument("--tokens", type=int, default=tokens)
@@ -321,7 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_output_args(p)
     p.set_defaults(func=cmd_similarity)
 
-    p = sub.add_parser("calibrate", help="measure the damage of mapping each LLM layer alone; store the order for --strategy auto")
+    p = sub.add_parser(
+        "calibrate", help="measure the damage of mapping each LLM layer alone; store the order for --strategy auto"
+    )
     add_pair_args(p)
     add_mapping_args(p)
     add_text_args(p, windows=3, tokens=256)
@@ -336,8 +404,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_output_args(p)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--analytic", action="store_true", help="configs only (presets or config.json), no weights")
-    mode.add_argument("--projection", action="store_true", help="time one real-size layer of --llm (a preset or config.json) and project the full model")
-    p.add_argument("--tokens", type=lambda t: [int(x) for x in t.split(",")], default=None, help="projection: context lengths, e.g. 512,8192")
+    mode.add_argument(
+        "--projection",
+        action="store_true",
+        help="time one real-size layer of --llm (a preset or config.json) and project the full model",
+    )
+    p.add_argument(
+        "--tokens", type=lambda t: [int(x) for x in t.split(",")], default=None, help="projection: context lengths, e.g. 512,8192"
+    )
     p.add_argument("--scenario", default="concurrency", choices=sorted(bench.SCENARIOS))
     p.add_argument("--full-size", action="store_true", help="the paper's sizes instead of the CPU-sized defaults")
     p.add_argument("--prompt", type=int, default=None, help="prompt tokens (overrides the scenario)")
@@ -349,7 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-budget", type=float, default=None, metavar="GB", help="analytic: memory for weights + KV")
     p.set_defaults(func=cmd_bench)
 
-    ev = sub.add_parser("eval", help="quality evaluations, LLM alone vs IAM side by side").add_subparsers(dest="eval_command", required=True)
+    ev = sub.add_parser("eval", help="quality evaluations, LLM alone vs IAM side by side").add_subparsers(
+        dest="eval_command", required=True
+    )
     for name, help_text in [
         ("perplexity", "sliding-window perplexity"),
         ("metrics", "perplexity under each similarity metric (paper Table 1)"),

@@ -59,9 +59,7 @@ class MappingConfig:
 
 
 def _check_layer_list(layers: object) -> list[int]:
-    if not isinstance(layers, (list, tuple)) or not all(
-        isinstance(i, int) and not isinstance(i, bool) for i in layers
-    ):
+    if not isinstance(layers, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
         raise ValueError(f"layers must be a list of integer LLM layer indices, got {layers!r}.")
     if any(i < 0 for i in layers):
         raise ValueError(f"layers must be non-negative LLM layer indices, got {list(layers)}.")

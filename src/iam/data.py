@@ -15,7 +15,10 @@ from pathlib import Path
 
 WIKI_FILE = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 # Plain-text files shipped in gensim's test data: Lee's news corpus and a novel.
-GENSIM_TEXTS = {"lee-news": "test/test_data/lee_background.cor", "crime-and-punishment": "test/test_data/crime-and-punishment.txt"}
+GENSIM_TEXTS = {
+    "lee-news": "test/test_data/lee_background.cor",
+    "crime-and-punishment": "test/test_data/crime-and-punishment.txt",
+}
 
 
 def _package_file(package: str, relative: str, extra: str) -> Path:
@@ -88,5 +91,7 @@ def load_text(name: str) -> str:
         return "\n\n".join(load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"])
     path = Path(name)
     if not path.is_file():
-        raise FileNotFoundError(f"text file {name!r} not found (or use one of wikipedia, python-stdlib, lee-news, crime-and-punishment, wikitext2).")
+        raise FileNotFoundError(
+            f"text file {name!r} not found (or use one of wikipedia, python-stdlib, lee-news, crime-and-punishment, wikitext2)."
+        )
     return path.read_text()

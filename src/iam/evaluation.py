@@ -50,7 +50,10 @@ def _rows_over(configs: Sequence[tuple[dict, MappingConfig]], llm, slm, windows,
 def eval_perplexity(llm, slm, windows, ratios: Sequence[float], base: MappingConfig, progress: bool = True) -> dict:
     """Sliding-window perplexity at each ratio; ratio 0 (the LLM alone) is always the first row."""
     ratios = [0.0] + [r for r in ratios if r != 0]
-    configs = [({"ratio": r, "strategy": base.strategy, "metric": base.metric}, MappingConfig(**{**vars(base), "ratio": r})) for r in ratios]
+    configs = [
+        ({"ratio": r, "strategy": base.strategy, "metric": base.metric}, MappingConfig(**{**vars(base), "ratio": r}))
+        for r in ratios
+    ]
     return {"rows": _rows_over(configs, llm, slm, windows, progress)}
 
 
@@ -67,7 +70,9 @@ def eval_sweep(llm, slm, windows, block: int, base: MappingConfig, progress: boo
     configs = [({"block": "none", "first_layer": None}, MappingConfig(ratio=0.0))]
     for start in range(0, n, block):
         layers = list(range(start, min(start + block, n)))
-        configs.append(({"block": f"{layers[0]}-{layers[-1]}", "first_layer": start}, MappingConfig(**{**vars(base), "layers": layers})))
+        configs.append(
+            ({"block": f"{layers[0]}-{layers[-1]}", "first_layer": start}, MappingConfig(**{**vars(base), "layers": layers}))
+        )
     return {"rows": _rows_over(configs, llm, slm, windows, progress), "block": block}
 
 
@@ -85,7 +90,10 @@ def eval_similarity(llm, slm, windows, base: MappingConfig, progress: bool = Tru
     sim = torch.cat(sims, 1)
     heat = sim.unflatten(-1, (n_slm, h_slm)).amax(-1).mean((1, 2))  # [L, L_s]
     best = sim.amax(-1).mean((1, 2))
-    rows = [{"llm_layer": i, "mean_best_similarity": best[i].item(), "best_slm_layer": int(heat[i].argmax())} for i in range(len(best))]
+    rows = [
+        {"llm_layer": i, "mean_best_similarity": best[i].item(), "best_slm_layer": int(heat[i].argmax())}
+        for i in range(len(best))
+    ]
     return {"rows": rows, "heatmap": heat.tolist(), "metric": base.metric, "mean": best.mean().item()}
 
 
@@ -127,8 +135,17 @@ def token_f1(prediction: str, gold: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def eval_qa(llm, slm, tokenizer, pairs: Sequence[tuple[str, str]], ratios: Sequence[float], base: MappingConfig,
-            max_new_tokens: int = 24, batch_size: int = 8, progress: bool = True) -> dict:
+def eval_qa(
+    llm,
+    slm,
+    tokenizer,
+    pairs: Sequence[tuple[str, str]],
+    ratios: Sequence[float],
+    base: MappingConfig,
+    max_new_tokens: int = 24,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict:
     """Generated answers scored by token F1 and exact match (as HotpotQA is scored)."""
     instruction = "Answer with just the answer, no explanation.\n\n"
     prompts = [
@@ -145,7 +162,9 @@ def eval_qa(llm, slm, tokenizer, pairs: Sequence[tuple[str, str]], ratios: Seque
             answers += tokenizer.batch_decode(out[:, batch.input_ids.shape[1] :], skip_special_tokens=True)
         f1 = [token_f1(a, g) for a, (_, g) in zip(answers, pairs)]
         em = [float(normalize_answer(a) == normalize_answer(g)) for a, (_, g) in zip(answers, pairs)]
-        rows.append({"ratio": r, "strategy": base.strategy, "f1": sum(f1) / len(f1), "exact_match": sum(em) / len(em), "n": len(pairs)})
+        rows.append(
+            {"ratio": r, "strategy": base.strategy, "f1": sum(f1) / len(f1), "exact_match": sum(em) / len(em), "n": len(pairs)}
+        )
         examples[str(r)] = [{"question": q, "gold": g, "answer": a.strip()} for (q, g), a in list(zip(pairs, answers))[:5]]
     return {"rows": rows, "examples": examples}
 
@@ -175,7 +194,9 @@ def choice_logprob(iam: IAMModel, tokenizer, prompt: str, options: Sequence[str]
     return ((token_logp * scored).sum(-1) / scored.sum(-1).clamp_min(1)).tolist()
 
 
-def eval_choice(llm, slm, tokenizer, items: Sequence[dict], ratios: Sequence[float], base: MappingConfig, progress: bool = True) -> dict:
+def eval_choice(
+    llm, slm, tokenizer, items: Sequence[dict], ratios: Sequence[float], base: MappingConfig, progress: bool = True
+) -> dict:
     """Multiple-choice accuracy by length-normalised log-likelihood (MMLU-style items)."""
     rows = []
     for r in [0.0] + [x for x in ratios if x != 0]:

@@ -180,7 +180,9 @@ class PairedSession:
         scaling = decoder_layers(llm)[0].self_attn.scaling
         self.similarity = torch.stack(
             [
-                similarity_matrix(window_attention(cap.queries[i], cache.layers[i].keys, scaling), state.window, state.slm_flats, state.metric)
+                similarity_matrix(
+                    window_attention(cap.queries[i], cache.layers[i].keys, scaling), state.window, state.slm_flats, state.metric
+                )
                 for i in range(n_layers)
             ]
         )

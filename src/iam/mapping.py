@@ -65,7 +65,9 @@ class HeadMap:
     scale: torch.Tensor
 
 
-def slm_window_flats(queries: dict[int, torch.Tensor], keys: list[torch.Tensor], scaling: float, window: Window) -> list[torch.Tensor]:
+def slm_window_flats(
+    queries: dict[int, torch.Tensor], keys: list[torch.Tensor], scaling: float, window: Window
+) -> list[torch.Tensor]:
     """Flattened window attention of every SLM (layer, head): one ``[L_s * H_s, N_b]`` tensor per sequence."""
     probs = torch.stack(
         [window_attention(window.take(queries[i], 2), window.take(keys[i], 2), scaling) for i in range(len(keys))],
@@ -74,12 +76,12 @@ def slm_window_flats(queries: dict[int, torch.Tensor], keys: list[torch.Tensor],
     return [tril_flat(probs[b].flatten(0, 1), int(n)) for b, n in enumerate(window.lengths)]
 
 
-def similarity_matrix(probs: torch.Tensor, window: Window, slm_flats: list[torch.Tensor], metric: SimilarityMetric) -> torch.Tensor:
+def similarity_matrix(
+    probs: torch.Tensor, window: Window, slm_flats: list[torch.Tensor], metric: SimilarityMetric
+) -> torch.Tensor:
     """Similarity ``[B, H, L_s * H_s]`` of an LLM layer's heads (window attention ``probs`` ``[B, H, W, W]``) to every
     SLM (layer, head)."""
-    return torch.stack(
-        [metric.score(tril_flat(probs[b], n), slm_flats[b]) for b, n in enumerate(window.lengths.tolist())]
-    )
+    return torch.stack([metric.score(tril_flat(probs[b], n), slm_flats[b]) for b, n in enumerate(window.lengths.tolist())])
 
 
 def match_heads(
@@ -132,7 +134,7 @@ class MappingState:
             q = self.slm_queries[layer]  # [B, H_s, 1, d_s]
             k = read_keys(self.slm_cache_layers[layer])  # [B, H_kv_s, T, d_s]
             b, heads = q.shape[:2]
-            scores = (q.view(b, k.shape[1], heads // k.shape[1], -1).float() @ k.float().transpose(-1, -2))
+            scores = q.view(b, k.shape[1], heads // k.shape[1], -1).float() @ k.float().transpose(-1, -2)
             scores = scores.view(b, heads, -1) * self.slm_scaling
             if attention_mask is not None:
                 mask = attention_mask[:, :, -1]  # [B, 1, T]

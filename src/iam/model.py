@@ -10,9 +10,9 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .cache import cache_bytes, full_cache_bytes
+from .calibration import find_order
 from .config import MappingConfig, check_layers_in_range
 from .generation import PairedSession, generate
-from .calibration import find_order
 from .selection import STRATEGIES, CalibratedSelection
 
 SUPPORTED_FAMILIES = ("qwen2", "llama")
@@ -86,12 +86,13 @@ class IAMModel:
             raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}.")
         mask = attention_mask.to(device=input_ids.device, dtype=torch.long)
         if (mask.diff(dim=-1) < 0).any() or (mask[:, -1] == 0).any():
-            raise ValueError("attention_mask must be left-padded (padding first, then the prompt): set tokenizer.padding_side='left'.")
+            raise ValueError(
+                "attention_mask must be left-padded (padding first, then the prompt): set tokenizer.padding_side='left'."
+            )
         limit = min(self.llm.config.max_position_embeddings, self.slm.config.max_position_embeddings)
         if input_ids.shape[1] + new_tokens > limit:
             raise ValueError(
-                f"prompt too long: {input_ids.shape[1]} tokens + {new_tokens} new exceed the models' "
-                f"{limit}-position limit."
+                f"prompt too long: {input_ids.shape[1]} tokens + {new_tokens} new exceed the models' {limit}-position limit."
             )
         return input_ids.to(self.llm.device), mask.to(self.llm.device)
 

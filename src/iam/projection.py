@@ -39,11 +39,13 @@ class LayerBench:
     """One decoder layer of ``arch`` with random weights, and what it needs to run at ``tokens`` of context."""
 
     def __init__(self, arch: Arch, slm: Arch, tokens: int, device: torch.device, dtype: torch.dtype, attn: str = "sdpa") -> None:
-        from transformers import AutoModelForCausalLM  # noqa: F401  (registers model classes)
         from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
         from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RotaryEmbedding
 
-        layer_cls, rope_cls = {"qwen2": (Qwen2DecoderLayer, Qwen2RotaryEmbedding), "llama": (LlamaDecoderLayer, LlamaRotaryEmbedding)}[arch.family]
+        layer_cls, rope_cls = {
+            "qwen2": (Qwen2DecoderLayer, Qwen2RotaryEmbedding),
+            "llama": (LlamaDecoderLayer, LlamaRotaryEmbedding),
+        }[arch.family]
         self.config = hf_config(arch, layers=1, attn_implementation=attn)
         self.layer = layer_cls(self.config, 0).to(device=device, dtype=dtype).eval()
         self.rope = rope_cls(self.config).to(device)
@@ -87,7 +89,9 @@ class LayerBench:
             slm_queries={i: rand(1, s.heads, queries, s.head_dim) for i in used},
         )
         one = torch.ones(1, a.heads, device=self.device)
-        state.maps[0] = HeadMap(layer_of_head.to(self.device), torch.randint(0, s.heads, (1, a.heads), generator=g).to(self.device), one, one)
+        state.maps[0] = HeadMap(
+            layer_of_head.to(self.device), torch.randint(0, s.heads, (1, a.heads), generator=g).to(self.device), one, one
+        )
         return state
 
     def unmapped(self, repeats: int) -> tuple[float, float]:
@@ -149,7 +153,9 @@ def head_time(arch: Arch, device: torch.device, dtype: torch.dtype, repeats: int
 
 
 @torch.inference_mode()
-def project(llm: Arch, slm: Arch, ratios: list[float], tokens_list: list[int], device: torch.device, dtype: torch.dtype, repeats: int) -> dict:
+def project(
+    llm: Arch, slm: Arch, ratios: list[float], tokens_list: list[int], device: torch.device, dtype: torch.dtype, repeats: int
+) -> dict:
     """Measured parts and the projected full-model TTFT/TPOT per context length and ratio."""
     head = head_time(llm, device, dtype, repeats)
     parts, rows = [], []
@@ -160,34 +166,39 @@ def project(llm: Arch, slm: Arch, ratios: list[float], tokens_list: list[int], d
         del sdpa
         eager_prefill, _ = LayerBench(llm, slm, tokens, device, dtype, attn="eager").unmapped(repeats)
         slm_prefill, slm_decode = slm_times(slm, tokens, device, dtype, repeats)
-        parts.append({
-            "tokens": tokens,
-            "layer_prefill_s": layer_prefill,
-            "mapped_layer_prefill_s": mapped_prefill,
-            "eager_layer_prefill_s": eager_prefill,
-            "layer_decode_s": layer_decode,
-            "mapped_layer_decode_s": mapped_decode,
-            "slm_prefill_s": slm_prefill,
-            "slm_decode_s": slm_decode,
-            "lm_head_decode_s": head,
-            "mapped_over_unmapped_prefill": mapped_prefill / layer_prefill,
-            "mapped_over_unmapped_prefill_arithmetic": layer_prefill_flops(llm, slm, tokens, True) / layer_prefill_flops(llm, slm, tokens),
-        })
+        parts.append(
+            {
+                "tokens": tokens,
+                "layer_prefill_s": layer_prefill,
+                "mapped_layer_prefill_s": mapped_prefill,
+                "eager_layer_prefill_s": eager_prefill,
+                "layer_decode_s": layer_decode,
+                "mapped_layer_decode_s": mapped_decode,
+                "slm_prefill_s": slm_prefill,
+                "slm_decode_s": slm_decode,
+                "lm_head_decode_s": head,
+                "mapped_over_unmapped_prefill": mapped_prefill / layer_prefill,
+                "mapped_over_unmapped_prefill_arithmetic": layer_prefill_flops(llm, slm, tokens, True)
+                / layer_prefill_flops(llm, slm, tokens),
+            }
+        )
         base_kv = kv_bytes_per_token(llm, slm, 0, 2)
         for r in [0.0] + [x for x in ratios if x != 0]:
             n = round(r * llm.layers)
             extra = (slm_prefill, slm_decode) if n else (0.0, 0.0)
             ttft = (llm.layers - n) * layer_prefill + n * mapped_prefill + extra[0] + head
             tpot = (llm.layers - n) * layer_decode + n * mapped_decode + extra[1] + head
-            rows.append({
-                "tokens": tokens,
-                "ratio": r,
-                "kv_bytes": kv_bytes_per_token(llm, slm, n, 2, "iam"),
-                "kv_ratio": kv_bytes_per_token(llm, slm, n, 2, "iam") / base_kv,
-                "ttft_s": ttft,
-                "tpot_s": tpot,
-                "ttft_eager_s": llm.layers * eager_prefill + head if n == 0 else None,
-            })
+            rows.append(
+                {
+                    "tokens": tokens,
+                    "ratio": r,
+                    "kv_bytes": kv_bytes_per_token(llm, slm, n, 2, "iam"),
+                    "kv_ratio": kv_bytes_per_token(llm, slm, n, 2, "iam") / base_kv,
+                    "ttft_s": ttft,
+                    "tpot_s": tpot,
+                    "ttft_eager_s": llm.layers * eager_prefill + head if n == 0 else None,
+                }
+            )
         base = [row for row in rows if row["tokens"] == tokens and row["ratio"] == 0][0]
         for row in rows:
             if row["tokens"] != tokens:

@@ -95,7 +95,9 @@ class CalibratedSelection(LayerSelection):
     def select(self, n_layers: int, n_mapped: int, scores: torch.Tensor | None = None) -> list[int]:
         if not self.order:
             if self.fallback is None:
-                raise ValueError("no calibrated layer order is stored for this LLM: run `iam calibrate --llm ... --slm ...` first.")
+                raise ValueError(
+                    "no calibrated layer order is stored for this LLM: run `iam calibrate --llm ... --slm ...` first."
+                )
             return STRATEGIES[self.fallback].select(n_layers, n_mapped, scores)
         if sorted(self.order) != list(range(n_layers)):
             raise ValueError(f"the calibrated order {list(self.order)} does not cover the LLM's {n_layers} layers.")
