@@ -24,6 +24,8 @@ def test_break_even_shows_the_shipped_pair_needs_a_high_ratio():
     # 1.5B drops 512 B/token per mapped layer; the 0.5B adds 12,288 B/token: 25 of 28 layers to break even.
     assert break_even(PRESETS["qwen2.5-coder-1.5b"], PRESETS["qwen2.5-coder-0.5b"]) == pytest.approx(25 / 28)
     assert break_even(PRESETS["qwen2-72b"], PRESETS["qwen2-0.5b"]) == pytest.approx(7 / 80)  # 7 x 2,048 > 12,288
+    # with the int8 SLM cache (6,336 B/token) the shipped pair breaks even at 13 of 28 layers
+    assert break_even(PRESETS["qwen2.5-coder-1.5b"], PRESETS["qwen2.5-coder-0.5b"], 2, "iam") == pytest.approx(13 / 28)
 
 
 def test_memory_budget_capacity_at_paper_long_context():
@@ -64,7 +66,7 @@ def test_cli_analytic(tmp_path, capsys):
     ].keys()
     assert rows[2]["kv_ratio"] == pytest.approx(0.7875)
     assert rows[5]["kv_ratio"] <= 0.770 and rows[5]["batch_ratio"] >= 1.25 and rows[5]["throughput_ratio"] >= 1.2
-    assert {"llm", "slm", "break_even_ratio"} <= result["break_even"][0].keys()
+    assert {"llm", "slm", "break_even_ratio_paper", "break_even_ratio_iam"} <= result["break_even"][0].keys()
     assert (tmp_path / "bench-analytic.md").read_text().startswith("| method |")
 
 

@@ -123,10 +123,10 @@ def analytic_rows(
     return rows
 
 
-def break_even(llm: Arch, slm: Arch, elem: int = 2) -> float | None:
-    """Smallest mapping ratio at which IAM's KV (paper accounting) falls below the LLM alone; None if never."""
+def break_even(llm: Arch, slm: Arch, elem: int = 2, method: str = "paper") -> float | None:
+    """Smallest mapping ratio at which IAM's KV falls below the LLM alone; None if never."""
     for n in range(1, llm.layers + 1):
-        if kv_bytes_per_token(llm, slm, n, elem) < kv_bytes_per_token(llm, slm, 0, elem):
+        if kv_bytes_per_token(llm, slm, n, elem, method) < kv_bytes_per_token(llm, slm, 0, elem):
             return n / llm.layers
     return None
 

@@ -279,18 +279,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         rows = bench.analytic_rows(llm, slm, args.ratios, scenario, args.bytes, args.memory_budget)
         even = []
         for big, small in BREAK_EVEN_PAIRS:
-            ratio = bench.break_even(PRESETS[big], PRESETS[small], args.bytes)
-            even.append(
-                {
-                    "llm": big,
-                    "slm": small,
-                    "break_even_ratio": ratio,
-                    "kv_ratio_at_0.5": bench.kv_bytes_per_token(
-                        PRESETS[big], PRESETS[small], round(0.5 * PRESETS[big].layers), args.bytes
-                    )
-                    / bench.kv_bytes_per_token(PRESETS[big], PRESETS[small], 0, args.bytes),
-                }
-            )
+            a, b = PRESETS[big], PRESETS[small]
+            half = round(0.5 * a.layers)
+            row = {"llm": big, "slm": small}
+            for method in bench.METHODS:
+                row[f"break_even_ratio_{method}"] = bench.break_even(a, b, args.bytes, method)
+                row[f"kv_ratio_at_0.5_{method}"] = bench.kv_bytes_per_token(
+                    a, b, half, args.bytes, method
+                ) / bench.kv_bytes_per_token(a, b, 0, args.bytes)
+            even.append(row)
         columns = ["method", "ratio", "mapped_layers", "kv_bytes", "kv_ratio", "ttft_limit", "tpot_limit"]
         if args.memory_budget:
             columns += ["max_batch", "batch_ratio", "throughput_ratio"]
