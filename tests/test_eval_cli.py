@@ -49,7 +49,22 @@ def test_similarity(tmp_path, capsys):
 
 
 def test_consistency(tmp_path, capsys):
-    result = run(tmp_path, capsys, "eval", "consistency", "--windows", "1", "--tokens", "30", "--steps", "3", "--ratio", "0.1")
+    result = run(
+        tmp_path,
+        capsys,
+        "eval",
+        "consistency",
+        "--windows",
+        "1",
+        "--tokens",
+        "30",
+        "--steps",
+        "3",
+        "--ratio",
+        "0.1",
+        "--strategy",
+        "back",
+    )
     assert [r["llm_layer"] for r in result["rows"]] == [25, 26, 27]
     assert all(0 < r["consistency"] <= 1 for r in result["rows"])
 

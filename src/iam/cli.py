@@ -171,8 +171,9 @@ def finish(args: argparse.Namespace, name: str, result: dict, columns: list[str]
 
 
 def eval_windows(args: argparse.Namespace, tok) -> list[torch.Tensor]:
-    text = data.load_text(args.dataset if args.text is None else args.text)
-    return evaluation.text_windows(tok, text, args.windows, args.tokens)
+    """``--windows`` windows from each of the comma-separated ``--dataset`` names (or from ``--text``)."""
+    names = [args.text] if args.text else args.dataset.split(",")
+    return [w for name in names for w in evaluation.text_windows(tok, data.load_text(name), args.windows, args.tokens)]
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -348,7 +349,7 @@ def add_text_args(p: argparse.ArgumentParser, windows: int = 3, tokens: int = 51
     p.add_argument(
         "--dataset",
         default="wikipedia",
-        help="wikipedia, python-stdlib, lee-news, crime-and-punishment (offline) or wikitext2 (online)",
+        help="wikipedia, lee-news, python-stdlib, python-stdlib-calib (offline), wikitext2 (online); comma-separate to mix",
     )
     p.add_argument("--text", default=None, metavar="FILE", help="any text file instead of --dataset")
     p.add_argument("--windows", type=int, default=windows)

@@ -3,7 +3,7 @@
 - Wikipedia: the 107 real articles in gensim's test data (redirects dropped, markup removed by
   ``gensim.corpora.wikicorpus.filter_wiki``), standing in for WikiText-2.
 - Trivia: chatterbot-corpus's English trivia Q/A pairs.
-- Lee's news corpus and Crime and Punishment, also in gensim's test data; Python standard-library source.
+- Lee's news corpus, also in gensim's test data; Python standard-library source (two disjoint module sets).
 """
 
 from __future__ import annotations
@@ -63,24 +63,29 @@ def trivia() -> list[tuple[str, str]]:
     return [(str(q).strip(), str(a).strip()) for q, a, *_ in pairs]
 
 
-STDLIB_MODULES = ("argparse", "json.decoder", "collections", "dataclasses", "pathlib", "textwrap", "difflib", "heapq")
+STDLIB_MODULES = {
+    # evaluation text
+    "python-stdlib": ("argparse", "json.decoder", "collections", "dataclasses", "pathlib", "textwrap", "difflib", "heapq"),
+    # a disjoint set, for calibration
+    "python-stdlib-calib": ("logging", "subprocess", "tarfile", "email.message", "http.client", "configparser"),
+}
 
 
-def python_stdlib_text() -> str:
-    """Real Python source (a fixed list of standard-library modules): a second, different kind of text."""
+def python_stdlib_text(name: str = "python-stdlib") -> str:
+    """Real Python source of a fixed list of standard-library modules: a second, different kind of text."""
     import importlib
     import inspect
 
-    return "\n\n".join(inspect.getsource(importlib.import_module(m)) for m in STDLIB_MODULES)
+    return "\n\n".join(inspect.getsource(importlib.import_module(m)) for m in STDLIB_MODULES[name])
 
 
 def load_text(name: str) -> str:
-    """Text for perplexity: ``wikipedia``, ``python-stdlib``, ``lee-news``, ``crime-and-punishment`` (offline),
+    """Text for perplexity: ``wikipedia``, ``lee-news``, ``python-stdlib``, ``python-stdlib-calib`` (offline),
     ``wikitext2`` (online, via ``datasets``) or a file path."""
     if name == "wikipedia":
         return wikipedia_text()
-    if name == "python-stdlib":
-        return python_stdlib_text()
+    if name in STDLIB_MODULES:
+        return python_stdlib_text(name)
     if name in GENSIM_TEXTS:
         return _package_file("gensim", GENSIM_TEXTS[name], "eval").read_text(encoding="utf-8", errors="replace")
     if name == "wikitext2":
@@ -92,6 +97,6 @@ def load_text(name: str) -> str:
     path = Path(name)
     if not path.is_file():
         raise FileNotFoundError(
-            f"text file {name!r} not found (or use one of wikipedia, python-stdlib, lee-news, crime-and-punishment, wikitext2)."
+            f"text file {name!r} not found (or use one of wikipedia, lee-news, python-stdlib, python-stdlib-calib, wikitext2)."
         )
     return path.read_text()
