@@ -196,6 +196,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             rows = result["rows"][1:]
             plt.figure(figsize=(7, 3.5))
             plt.bar([r["block"] for r in rows], [100 * r["ppl_increase"] for r in rows])
+            plt.xticks(rotation=90 if len(rows) > 10 else 0)
             plt.ylabel("perplexity increase (%)")
             plt.xlabel(f"mapped LLM layers (blocks of {args.block})")
             plt.tight_layout()

@@ -71,7 +71,10 @@ def eval_sweep(llm, slm, windows, block: int, base: MappingConfig, progress: boo
     for start in range(0, n, block):
         layers = list(range(start, min(start + block, n)))
         configs.append(
-            ({"block": f"{layers[0]}-{layers[-1]}", "first_layer": start}, MappingConfig(**{**vars(base), "layers": layers}))
+            (
+                {"block": f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(start), "first_layer": start},
+                MappingConfig(**{**vars(base), "layers": layers}),
+            )
         )
     return {"rows": _rows_over(configs, llm, slm, windows, progress), "block": block}
 
