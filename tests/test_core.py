@@ -218,3 +218,15 @@ def test_slm_runs_no_lm_head_and_only_as_deep_as_needed(twin):
     assert calls == {"head": 0, "deep": 2}  # layers 2 and 3 ran once, at prefill (to search all SLM heads)
     layers = iam._session.slm_cache.layers
     assert layers[1].values.shape[-2] == 34 and layers[2].values is None and layers[3].values is None
+
+
+def test_eager_llm_with_padding_identity_twin(twin):
+    """An LLM loaded with eager attention (additive float masks) maps as well as an SDPA one."""
+    llm, slm = twin
+    llm.config._attn_implementation = "eager"
+    ids, mask = left_pad([prompt(n, seed=n)[0] for n in (24, 31)])
+    iam = IAMModel(llm, slm, MappingConfig(ratio=1.0))
+    out = iam.generate(ids, attention_mask=mask, max_new_tokens=8)
+    ref = llm.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    assert iam.mapping is not None
+    assert torch.equal(out, ref)
