@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import left_pad, prompt
+from conftest import left_pad, prompt, tiny
 from iam import IAMModel, MappingConfig
 from iam.capture import decoder_layers
 
@@ -230,3 +230,22 @@ def test_eager_llm_with_padding_identity_twin(twin):
     ref = llm.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
     assert iam.mapping is not None
     assert torch.equal(out, ref)
+
+
+def test_prefill_sdpa_gets_one_head_size(family, monkeypatch):
+    """SLM head size 8, LLM head size 16: q/k are zero-padded so SDPA can use a fused kernel (no T x T matrix)."""
+    llm, slm = tiny(family, 4, 64, 4, 2, seed=0), tiny(family, 2, 32, 4, 2, seed=1)
+    seen = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        seen.append((q.shape[-1], k.shape[-1], v.shape[-1]))
+        return real_sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr("iam.attention.F.scaled_dot_product_attention", spy)
+    ids = prompt(30)
+    out = IAMModel(llm, slm, MappingConfig(ratio=0.5))(ids).logits
+    monkeypatch.undo()
+    # every SDPA call of the pass (SLM, unmapped and the 2 mapped LLM layers) has one head size for q, k and v
+    assert len(seen) == 2 + 4 and all(a == b == c for a, b, c in seen), seen
+    assert torch.isfinite(out).all()

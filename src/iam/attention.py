@@ -53,15 +53,18 @@ class MappedAttention(nn.Module):
         if t == 1:
             out = self._decode(hmap, v, attention_mask)
         else:
-            q, k = self._slm_query_key(hmap, t, v.shape[2])
+            # SDPA's fused kernels need one head size for q/k and v; zero-padding q and k (or v) keeps q.k exact
+            # and avoids the fallback that would build the T x T matrix.
+            width = max(v.shape[-1], state.slm_cache_layers[0].keys.shape[-1])
+            q, k = self._slm_query_key(hmap, t, v.shape[2], width)
             out = F.scaled_dot_product_attention(
                 q.to(v.dtype),
                 k.to(v.dtype),
-                v.repeat_interleave(attn.num_key_value_groups, dim=1),
+                F.pad(v.repeat_interleave(attn.num_key_value_groups, dim=1), (0, width - v.shape[-1])),
                 attn_mask=attention_mask,
                 is_causal=attention_mask is None,
                 scale=state.slm_scaling,
-            )
+            )[..., : v.shape[-1]]
         out = out * hmap.scale.to(out.dtype)[:, :, None, None]
         return attn.o_proj(out.transpose(1, 2).reshape(b, t, -1)), None
 
@@ -95,15 +98,16 @@ class MappedAttention(nn.Module):
                 self._groups.append((layer, bi, hi, hmap.slm_head[bi, hi]))
         return self._groups
 
-    def _slm_query_key(self, hmap: HeadMap, t: int, total: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gather, per sequence and LLM head, the matched SLM head's query ``[B, H, t, d_s]`` and keys ``[B, H, T, d_s]``."""
+    def _slm_query_key(self, hmap: HeadMap, t: int, total: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gather, per sequence and LLM head, the matched SLM head's query ``[B, H, t, width]`` and keys
+        ``[B, H, T, width]``, zero-padded from the SLM head size ``d_s`` to ``width``."""
         state = self.state
         groups = self._head_groups(hmap)
         some_q = state.slm_queries[groups[0][0]]
-        b, h = hmap.slm_layer.shape
-        q = some_q.new_empty(b, h, t, some_q.shape[-1])
-        k = some_q.new_empty(b, h, total, some_q.shape[-1])
+        b, h, d = *hmap.slm_layer.shape, some_q.shape[-1]
+        q = some_q.new_zeros(b, h, t, width)
+        k = some_q.new_zeros(b, h, total, width)
         for layer, bi, hi, hs in groups:
-            q[bi, hi] = state.slm_queries[layer][bi, hs]
-            k[bi, hi] = read_keys(state.slm_cache_layers[layer], bi, hs // state.slm_kv_groups)
+            q[bi, hi, :, :d] = state.slm_queries[layer][bi, hs]
+            k[bi, hi, :, :d] = read_keys(state.slm_cache_layers[layer], bi, hs // state.slm_kv_groups)
         return q, k
