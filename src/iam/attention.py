@@ -55,8 +55,8 @@ class MappedAttention(nn.Module):
         else:
             # SDPA's fused kernels need one head size for q/k and v; zero-padding q and k (or v) keeps q.k exact
             # and avoids the fallback that would build the T x T matrix.
-            width = max(v.shape[-1], state.slm_cache_layers[0].keys.shape[-1])
-            q, k = self._slm_query_key(hmap, t, v.shape[2], width)
+            q, k = self._slm_query_key(hmap, t, v.shape[2], v.shape[-1])
+            width = q.shape[-1]
             out = F.scaled_dot_product_attention(
                 q.to(v.dtype),
                 k.to(v.dtype),
@@ -98,13 +98,14 @@ class MappedAttention(nn.Module):
                 self._groups.append((layer, bi, hi, hmap.slm_head[bi, hi]))
         return self._groups
 
-    def _slm_query_key(self, hmap: HeadMap, t: int, total: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gather, per sequence and LLM head, the matched SLM head's query ``[B, H, t, width]`` and keys
-        ``[B, H, T, width]``, zero-padded from the SLM head size ``d_s`` to ``width``."""
+    def _slm_query_key(self, hmap: HeadMap, t: int, total: int, min_width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gather, per sequence and LLM head, the matched SLM head's query ``[B, H, t, w]`` and keys ``[B, H, T, w]``,
+        zero-padded from the SLM head size ``d_s`` to ``w = max(d_s, min_width)``."""
         state = self.state
         groups = self._head_groups(hmap)
         some_q = state.slm_queries[groups[0][0]]
         b, h, d = *hmap.slm_layer.shape, some_q.shape[-1]
+        width = max(d, min_width)
         q = some_q.new_zeros(b, h, t, width)
         k = some_q.new_zeros(b, h, total, width)
         for layer, bi, hi, hs in groups:
