@@ -78,10 +78,11 @@ def slm_window_flats(
 
 def similarity_matrix(
     probs: torch.Tensor, window: Window, slm_flats: list[torch.Tensor], metric: SimilarityMetric
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Similarity ``[B, H, L_s * H_s]`` of an LLM layer's heads (window attention ``probs`` ``[B, H, W, W]``) to every
-    SLM (layer, head)."""
-    return torch.stack([metric.score(tril_flat(probs[b], n), slm_flats[b]) for b, n in enumerate(window.lengths.tolist())])
+    SLM (layer, head), and the LLM heads' flattened window attention per sequence (``[H, N_b]``)."""
+    flats = [tril_flat(probs[b], n) for b, n in enumerate(window.lengths.tolist())]
+    return torch.stack([metric.score(f, s) for f, s in zip(flats, slm_flats)]), flats
 
 
 def match_heads(
@@ -101,10 +102,9 @@ def match_heads(
     -------
     The layer's ``HeadMap``.
     """
-    score, best = similarity_matrix(probs, window, slm_flats, metric).max(-1)
-    scale = torch.stack(
-        [metric.rescale(tril_flat(probs[b], n), slm_flats[b][best[b]]) for b, n in enumerate(window.lengths.tolist())]
-    )
+    scores, flats = similarity_matrix(probs, window, slm_flats, metric)
+    score, best = scores.max(-1)
+    scale = torch.stack([metric.rescale(f, s[i]) for f, s, i in zip(flats, slm_flats, best)])
     return HeadMap(slm_layer=best // slm_heads, slm_head=best % slm_heads, score=score, scale=scale)
 
 
