@@ -207,7 +207,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result = evaluation.eval_consistency(llm, slm, tok, eval_windows(args, tok), args.ratio, args.steps, base)
         return finish(args, "consistency", result, ["llm_layer", "consistency"])
     if kind == "qa":
-        pairs = data.trivia()[: args.limit]
+        pairs = data.load_qa(args.dataset)[: args.limit]
         result = evaluation.eval_qa(llm, slm, tok, pairs, args.ratios, base, args.max_new_tokens)
         return finish(args, "qa", result, ["ratio", "strategy", "f1", "exact_match", "n"])
     items = load_items(args.dataset, args.limit)
@@ -350,7 +350,8 @@ def add_text_args(p: argparse.ArgumentParser, windows: int = 3, tokens: int = 51
     p.add_argument(
         "--dataset",
         default="wikipedia",
-        help="wikipedia, lee-news, python-stdlib, python-stdlib-calib (offline), wikitext2 (online); comma-separate to mix",
+        help="wikipedia, lee-news, python-stdlib, python-stdlib-calib (offline), wikitext2, govreport (online); "
+        "comma-separate to mix",
     )
     p.add_argument("--text", default=None, metavar="FILE", help="any text file instead of --dataset")
     p.add_argument("--windows", type=int, default=windows)
@@ -454,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--limit", type=int, default=40, help="number of questions")
         if name == "qa":
             p.add_argument("--max-new-tokens", type=int, default=24)
+            p.add_argument("--dataset", default="trivia", help="trivia (offline), hotpotqa or alpaca (online)")
         if name == "choice":
             p.add_argument("--dataset", default=None, help="MMLU-format JSONL file, or 'mmlu' (online); default: trivia")
     return parser

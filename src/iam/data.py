@@ -79,24 +79,52 @@ def python_stdlib_text(name: str = "python-stdlib") -> str:
     return "\n\n".join(inspect.getsource(importlib.import_module(m)) for m in STDLIB_MODULES[name])
 
 
+# Online data sets through Hugging Face ``datasets``: (path, config, split, field[, answer field]).
+ONLINE_TEXTS = {
+    "wikitext2": ("wikitext", "wikitext-2-raw-v1", "test", "text"),
+    "govreport": ("ccdv/govreport-summarization", None, "test", "report"),
+}
+ONLINE_QA = {
+    "hotpotqa": ("hotpot_qa", "distractor", "validation", "question", "answer"),
+    "alpaca": ("tatsu-lab/alpaca", None, "train", "instruction", "output"),
+}
+
+
+def _online(name: str, path: str, config: str | None, split: str):
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise FileNotFoundError(f"--dataset {name} needs the datasets package: pip install 'iam-llm[online]'") from None
+    return load_dataset(path, config, split=split)
+
+
 def load_text(name: str) -> str:
     """Text for perplexity: ``wikipedia``, ``lee-news``, ``python-stdlib``, ``python-stdlib-calib`` (offline),
-    ``wikitext2`` (online, via ``datasets``) or a file path."""
+    ``wikitext2``, ``govreport`` (online, via ``datasets``) or a file path."""
     if name == "wikipedia":
         return wikipedia_text()
     if name in STDLIB_MODULES:
         return python_stdlib_text(name)
     if name in GENSIM_TEXTS:
         return _package_file("gensim", GENSIM_TEXTS[name], "eval").read_text(encoding="utf-8", errors="replace")
-    if name == "wikitext2":
-        try:
-            from datasets import load_dataset
-        except ImportError:
-            raise FileNotFoundError("--dataset wikitext2 needs the datasets package: pip install 'iam-llm[online]'") from None
-        return "\n\n".join(load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"])
+    if name in ONLINE_TEXTS:
+        path, config, split, field = ONLINE_TEXTS[name]
+        return "\n\n".join(_online(name, path, config, split)[field])
     path = Path(name)
     if not path.is_file():
         raise FileNotFoundError(
-            f"text file {name!r} not found (or use one of wikipedia, lee-news, python-stdlib, python-stdlib-calib, wikitext2)."
+            f"text file {name!r} not found (or use one of wikipedia, lee-news, python-stdlib, python-stdlib-calib, "
+            f"{', '.join(ONLINE_TEXTS)})."
         )
     return path.read_text()
+
+
+def load_qa(name: str) -> list[tuple[str, str]]:
+    """Question/answer pairs: ``trivia`` (offline) or ``hotpotqa``, ``alpaca`` (online, via ``datasets``)."""
+    if name == "trivia":
+        return trivia()
+    if name not in ONLINE_QA:
+        raise ValueError(f"unknown QA data set {name!r}; use one of trivia, {', '.join(ONLINE_QA)}.")
+    path, config, split, question, answer = ONLINE_QA[name]
+    rows = _online(name, path, config, split)
+    return [(str(q), str(a)) for q, a in zip(rows[question], rows[answer])]
