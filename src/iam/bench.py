@@ -18,10 +18,11 @@ import math
 import os
 import statistics
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from .config import with_baseline
 from .presets import Arch
 
 GB = 1e9
@@ -95,7 +96,7 @@ def analytic_rows(
     base_batch = base_tput = None
     rows = []
     for method in METHODS:
-        for r in [0.0] + [x for x in ratios if x != 0]:
+        for r in with_baseline(ratios):
             n = round(r * llm.layers)
             kv = kv_bytes_per_token(llm, slm, n, elem, method)
             flops = prefill_flops(llm, slm, n, scenario.prompt)
@@ -174,20 +175,19 @@ def measure(llm, slm, ratios: list[float], scenario: Scenario, repeats: int, bas
     """Run the LLM alone and IAM at each ratio, interleaved, ``repeats`` times; report medians."""
     from tqdm.auto import tqdm
 
-    from .config import MappingConfig
     from .model import IAMModel
 
     device = llm.device
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(100, llm.config.vocab_size - 100, (scenario.batch, scenario.prompt), generator=g).to(device)
-    ratios = [0.0] + [r for r in ratios if r != 0]
+    ratios = with_baseline(ratios)
     samples: dict[float, list[dict]] = {r: [] for r in ratios}
-    IAMModel(llm, slm, MappingConfig(**{**vars(base_config), "ratio": ratios[-1]})).generate(
+    IAMModel(llm, slm, replace(base_config, ratio=ratios[-1])).generate(
         ids[:, : min(32, ids.shape[1])], max_new_tokens=2
     )  # warm-up
     runs = [(rep, r) for rep in range(repeats) for r in ratios]
     for _, r in tqdm(runs, desc="bench runs", disable=not progress):
-        iam = IAMModel(llm, slm, MappingConfig(**{**vars(base_config), "ratio": r}))
+        iam = IAMModel(llm, slm, replace(base_config, ratio=r))
         with PeakMemory(device) as mem:
             iam.generate(ids, max_new_tokens=scenario.new_tokens, eos_token_id=[])
         t = iam.timings

@@ -58,6 +58,11 @@ class MappingConfig:
         return len(self.layers) if self.layers is not None else round(self.ratio * n_layers)
 
 
+def with_baseline(ratios: list[float]) -> list[float]:
+    """``ratios`` with ratio 0 (the LLM alone) first and only once: side-by-side runs compare against it."""
+    return [0.0] + [r for r in ratios if r != 0]
+
+
 def _check_layer_list(layers: object) -> list[int]:
     if not isinstance(layers, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
         raise ValueError(f"layers must be a list of integer LLM layer indices, got {layers!r}.")

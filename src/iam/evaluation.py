@@ -11,11 +11,12 @@ import re
 import string
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 from tqdm.auto import tqdm
 
-from .config import MappingConfig
+from .config import MappingConfig, with_baseline
 from .generation import PairedSession
 from .model import IAMModel
 
@@ -49,18 +50,15 @@ def _rows_over(configs: Sequence[tuple[dict, MappingConfig]], llm, slm, windows,
 
 def eval_perplexity(llm, slm, windows, ratios: Sequence[float], base: MappingConfig, progress: bool = True) -> dict:
     """Sliding-window perplexity at each ratio; ratio 0 (the LLM alone) is always the first row."""
-    ratios = [0.0] + [r for r in ratios if r != 0]
-    configs = [
-        ({"ratio": r, "strategy": base.strategy, "metric": base.metric}, MappingConfig(**{**vars(base), "ratio": r}))
-        for r in ratios
-    ]
+    ratios = with_baseline(ratios)
+    configs = [({"ratio": r, "strategy": base.strategy, "metric": base.metric}, replace(base, ratio=r)) for r in ratios]
     return {"rows": _rows_over(configs, llm, slm, windows, progress)}
 
 
 def eval_metrics(llm, slm, windows, ratio: float, base: MappingConfig, metrics: Sequence[str], progress: bool = True) -> dict:
     """Perplexity under each similarity metric at one ratio (paper Table 1)."""
     configs = [({"metric": "none (LLM alone)", "ratio": 0.0}, MappingConfig(ratio=0.0))]
-    configs += [({"metric": m, "ratio": ratio}, MappingConfig(**{**vars(base), "ratio": ratio, "metric": m})) for m in metrics]
+    configs += [({"metric": m, "ratio": ratio}, replace(base, ratio=ratio, metric=m)) for m in metrics]
     return {"rows": _rows_over(configs, llm, slm, windows, progress)}
 
 
@@ -73,7 +71,7 @@ def eval_sweep(llm, slm, windows, block: int, base: MappingConfig, progress: boo
         configs.append(
             (
                 {"block": f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(start), "first_layer": start},
-                MappingConfig(**{**vars(base), "layers": layers}),
+                replace(base, layers=layers),
             )
         )
     return {"rows": _rows_over(configs, llm, slm, windows, progress), "block": block}
@@ -82,7 +80,7 @@ def eval_sweep(llm, slm, windows, block: int, base: MappingConfig, progress: boo
 def eval_similarity(llm, slm, windows, base: MappingConfig, progress: bool = True) -> dict:
     """Per LLM layer, the mean best-match similarity, and the LLM-layer x SLM-layer heatmap (mean over heads of
     the best head in that SLM layer)."""
-    iam = IAMModel(llm, slm, MappingConfig(**{**vars(base), "ratio": 0.0}))
+    iam = IAMModel(llm, slm, replace(base, ratio=0.0))
     n_slm, h_slm = slm.config.num_hidden_layers, slm.config.num_attention_heads
     sims = []
     for w in tqdm(windows, desc="similarity", disable=not progress):
@@ -103,14 +101,14 @@ def eval_similarity(llm, slm, windows, base: MappingConfig, progress: bool = Tru
 def eval_consistency(llm, slm, tokenizer, windows, ratio: float, steps: int, base: MappingConfig, progress: bool = True) -> dict:
     """Paper §3.3: as decoding proceeds, does each mapped head's best match (recomputed on the whole growing
     context) stay the one chosen at prefill? Per mapped layer, the fraction of steps where it does."""
-    iam = IAMModel(llm, slm, MappingConfig(**{**vars(base), "ratio": ratio}))
+    iam = IAMModel(llm, slm, replace(base, ratio=ratio))
     agree: dict[int, list[float]] = {}
     for w in tqdm(windows, desc="consistency", disable=not progress):
         out = iam.generate(w, max_new_tokens=steps)
         layers = iam.mapped_layers
         best = []
         for k in range(w.shape[1], out.shape[1] + 1):
-            probe = IAMModel(llm, slm, MappingConfig(**{**vars(base), "ratio": 0.0, "truncation_threshold": k}))
+            probe = IAMModel(llm, slm, replace(base, ratio=0.0, truncation_threshold=k))
             with torch.inference_mode():
                 session = PairedSession(probe, out[:, :k], torch.ones_like(out[:, :k]))
                 session.prepare()
@@ -156,8 +154,8 @@ def eval_qa(
         for q, _ in pairs
     ]
     rows, examples = [], {}
-    for r in [0.0] + [x for x in ratios if x != 0]:
-        iam = IAMModel(llm, slm, MappingConfig(**{**vars(base), "ratio": r}))
+    for r in with_baseline(ratios):
+        iam = IAMModel(llm, slm, replace(base, ratio=r))
         answers = []
         for i in tqdm(range(0, len(prompts), batch_size), desc=f"qa ratio {r}", disable=not progress):
             batch = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True)
@@ -202,8 +200,8 @@ def eval_choice(
 ) -> dict:
     """Multiple-choice accuracy by length-normalised log-likelihood (MMLU-style items)."""
     rows = []
-    for r in [0.0] + [x for x in ratios if x != 0]:
-        iam = IAMModel(llm, slm, MappingConfig(**{**vars(base), "ratio": r}))
+    for r in with_baseline(ratios):
+        iam = IAMModel(llm, slm, replace(base, ratio=r))
         correct = 0
         for item in tqdm(items, desc=f"choice ratio {r}", disable=not progress):
             prompt = f"Question: {item['question']}\nAnswer:"

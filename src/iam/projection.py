@@ -16,6 +16,7 @@ from transformers.cache_utils import DynamicLayer
 from .attention import MappedAttention
 from .bench import decode_bytes, kv_bytes_per_token, layer_prefill_flops, prefill_flops
 from .cache import paired_llm_cache
+from .config import with_baseline
 from .mapping import HeadMap, MappingState, Window
 from .presets import Arch, hf_config
 from .similarity import METRICS
@@ -183,7 +184,7 @@ def project(
             }
         )
         base_kv = kv_bytes_per_token(llm, slm, 0, 2)
-        for r in [0.0] + [x for x in ratios if x != 0]:
+        for r in with_baseline(ratios):
             n = round(r * llm.layers)
             extra = (slm_prefill, slm_decode) if n else (0.0, 0.0)
             ttft = (llm.layers - n) * layer_prefill + n * mapped_prefill + extra[0] + head
