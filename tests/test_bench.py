@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
+from conftest import tiny
 from iam.bench import Scenario, analytic_rows, break_even, kv_bytes_per_token
 from iam.cli import main
 from iam.presets import PRESETS, Arch, load_arch
@@ -123,3 +125,43 @@ def test_cli_projection_smoke(tmp_path, capsys):
     assert [r["ratio"] for r in rows] == [0.0, 0.5]
     for key in ("ttft_s", "tpot_s", "ttft_speedup", "tpot_speedup", "ttft_limit", "tpot_limit", "kv_ratio"):
         assert key in rows[1]
+
+
+def test_tensor_peak_counts_live_storages_once():
+    from iam.memory import TensorPeak
+
+    x = torch.randn(64, 16)
+    with torch.inference_mode(), TensorPeak() as mem:
+        scores = x @ x.T  # 16 KiB
+        view = scores[:8]  # same storage: not counted again
+        del scores, view
+        out = torch.nn.functional.scaled_dot_product_attention(x[None], x[None], x[None], is_causal=True)  # 4 KiB
+    assert mem.largest == 64 * 64 * 4 and mem.peak == 64 * 64 * 4  # the scores were freed before the output came
+    assert mem.current == out.numel() * 4
+
+
+def test_mapped_prefill_memory_is_linear_with_no_t_by_t_tensor():
+    from iam import MappingConfig
+    from iam.bench import memory_scaling
+
+    llm, slm = tiny("qwen2", 4, 64, 4, 2, 0), tiny("qwen2", 2, 32, 2, 1, 1)
+    config = MappingConfig(truncation_threshold=32)  # the establishing window stays small next to T
+    rows = memory_scaling(llm, slm, [60, 120, 240], [1.0], config, progress=False)
+    iam = [r for r in rows if r["ratio"] == 1.0]
+    assert [r["tokens"] for r in iam] == [60, 120, 240]
+    assert iam[-1]["largest_tensor_bytes"] < iam[-1]["tt_matrix_bytes"]
+    assert iam[-1]["largest_tensor_bytes"] <= 2 * iam[-2]["largest_tensor_bytes"]
+    assert all(1.8 < r["peak_growth"] < 2.1 for r in iam[1:])
+    # the check can fail: an eager LLM materialises every head's T x T probabilities, and its peak grows faster
+    llm.config._attn_implementation = "eager"
+    eager = memory_scaling(llm, slm, [60, 120, 240], [], config, progress=False)
+    assert eager[-1]["largest_tensor_bytes"] >= 4 * eager[-1]["tt_matrix_bytes"] and eager[-1]["peak_growth"] > 3
+
+
+def test_cli_memory_scaling_smoke(tmp_path, capsys):
+    assert main(["bench", "--memory-scaling", "--tokens", "24,48", "--ratios", "0.5", "--out", str(tmp_path), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["mode"] == "memory-scaling"
+    assert [(r["tokens"], r["ratio"]) for r in result["rows"]] == [(24, 0.0), (24, 0.5), (48, 0.0), (48, 0.5)]
+    for key in ("peak_tensor_bytes", "largest_tensor_bytes", "tt_matrix_bytes", "kv_bytes", "peak_growth"):
+        assert key in result["rows"][-1]

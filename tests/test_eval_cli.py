@@ -69,6 +69,19 @@ def test_consistency(tmp_path, capsys):
     assert all(0 < r["consistency"] <= 1 for r in result["rows"])
 
 
+def test_calibrate_writes_an_order_that_auto_uses(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("IAM_CACHE", str(tmp_path))
+    result = run(tmp_path, capsys, "calibrate", "--windows", "1", "--tokens", "24", "--steps", "2", "--shortlist", "1")
+    assert [r["step"] for r in result["rows"]] == [1, 2] and [r["measured"] for r in result["rows"]] == [28, 1]
+    assert 0 < result["rows"][0]["damage"] <= result["rows"][1]["damage"]
+    assert sorted(result["order"]) == list(range(28)) and result["order"][:2] == [r["layer"] for r in result["rows"]]
+    stored = json.loads((tmp_path / "calibration" / result["calibration_file"].split("/")[-1]).read_text())
+    assert stored["order"] == result["order"] and stored["source"]["method"] == "greedy"
+    # the user's calibration now takes precedence over the shipped order
+    assert main(["generate", *PAIR, "--prompt", "x " * 30, "--raw", "--max-new-tokens", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["mapped_layers"] == sorted(result["order"][:8])
+
+
 def test_qa_and_choice(tmp_path, capsys):
     qa = run(tmp_path, capsys, "eval", "qa", "--limit", "4", "--ratios", "0.3", "--max-new-tokens", "8")
     assert [r["ratio"] for r in qa["rows"]] == [0.0, 0.3]

@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import prompt
 from iam.selection import STRATEGIES
 
 
@@ -28,7 +29,7 @@ def test_similar_needs_scores():
 
 def test_calibrated_order(pair, tmp_path, monkeypatch):
     from iam import IAMModel, MappingConfig
-    from iam.calibration import write_order
+    from iam.calibration import order_from_sweep, write_order
 
     monkeypatch.setenv("IAM_CACHE", str(tmp_path))
     llm, slm = pair
@@ -39,8 +40,41 @@ def test_calibrated_order(pair, tmp_path, monkeypatch):
     rows = [{"first_layer": None, "ppl_increase": 0.0}] + [
         {"first_layer": i, "ppl_increase": d} for i, d in enumerate([0.05, 0.30, 0.01, 0.10])
     ]
-    path = write_order(llm.config, slm.config, rows, {"dataset": "test"})
+    order = order_from_sweep(rows)
+    assert order == [2, 0, 3, 1]
+    path = write_order(llm.config, slm.config, order, {}, {"dataset": "test"})
     assert path.parent == tmp_path / "calibration" and not list(path.parent.glob("*.partial"))
     for strategy in ("calibrated", "auto"):
         assert IAMModel(llm, slm, MappingConfig(ratio=0.5, strategy=strategy)).mapped_layers == [0, 2]
         assert IAMModel(llm, slm, MappingConfig(ratio=0.75, strategy=strategy)).mapped_layers == [0, 2, 3]
+
+
+def test_greedy_order_accounts_for_interactions():
+    from iam.calibration import greedy_order
+
+    cost = [1.0, 2.0, 3.0, 4.0, 9.0]
+    calls = []
+
+    def damage(layers: list[int]) -> float:
+        calls.append(layers)
+        # layers 0 and 1 are cheap alone but clash when mapped together
+        return sum(cost[i] for i in layers) + (10.0 if {0, 1} <= set(layers) else 0.0)
+
+    order, rows = greedy_order(damage, 5, steps=3, shortlist=2, progress=False)
+    # single-layer sorting would give [0, 1, ...] and a 2-layer set costing 13; greedy finds {0, 2} at 4
+    assert order[:3] == [0, 2, 3] and sorted(order) == list(range(5))
+    assert [r["damage"] for r in rows] == [1.0, 4.0, 8.0]
+    assert [r["measured"] for r in rows] == [5, 2, 2] and len(calls) == 9
+    assert all(c == sorted(c) for c in calls)
+    with pytest.raises(ValueError, match="steps"):
+        greedy_order(damage, 5, steps=0)
+
+
+def test_kl_damage_is_zero_unmapped_and_positive_mapped(pair):
+    from iam import MappingConfig
+    from iam.evaluation import kl_damage
+
+    llm, slm = pair
+    damage = kl_damage(llm, slm, [prompt(24)], MappingConfig(ratio=0.0))
+    assert damage([]) == pytest.approx(0.0, abs=1e-6)
+    assert damage([3]) > 1e-4

@@ -15,14 +15,13 @@ Analytic accounting per ratio ``r`` (``n = round(r * L)`` mapped layers):
 from __future__ import annotations
 
 import math
-import os
 import statistics
-import threading
 from dataclasses import dataclass, replace
 
 import torch
 
 from .config import with_baseline
+from .memory import PeakMemory, TensorPeak
 from .presets import Arch
 
 GB = 1e9
@@ -133,42 +132,11 @@ def break_even(llm: Arch, slm: Arch, elem: int = 2, method: str = "paper") -> fl
 
 
 # ---- measured ------------------------------------------------------------------------------------------------
-class PeakMemory:
-    """Peak memory of a block: CUDA allocator peak on a GPU, sampled process RSS growth on the CPU."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.peak = 0
-
-    def _rss(self) -> int:
-        with open(f"/proc/{os.getpid()}/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.start = torch.cuda.memory_allocated()
-            return self
-        self.start, self.peak, self._stop = self._rss(), self._rss(), threading.Event()
-
-        def sample() -> None:
-            while not self._stop.wait(0.005):
-                self.peak = max(self.peak, self._rss())
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated()
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self.peak, self._rss())
-        self.bytes = self.peak - self.start
+def random_prompt(llm, batch: int, length: int, generator: torch.Generator) -> torch.Tensor:
+    """Random token ids (clear of the vocabulary's ends, where special tokens live) on the LLM's device."""
+    vocab = llm.config.vocab_size
+    margin = min(100, vocab // 4)
+    return torch.randint(margin, vocab - margin, (batch, length), generator=generator).to(llm.device)
 
 
 def measure(llm, slm, ratios: list[float], scenario: Scenario, repeats: int, base_config, progress: bool = True) -> list[dict]:
@@ -178,8 +146,7 @@ def measure(llm, slm, ratios: list[float], scenario: Scenario, repeats: int, bas
     from .model import IAMModel
 
     device = llm.device
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(100, llm.config.vocab_size - 100, (scenario.batch, scenario.prompt), generator=g).to(device)
+    ids = random_prompt(llm, scenario.batch, scenario.prompt, torch.Generator().manual_seed(0))
     ratios = with_baseline(ratios)
     samples: dict[float, list[dict]] = {r: [] for r in ratios}
     IAMModel(llm, slm, replace(base_config, ratio=ratios[-1])).generate(
@@ -216,4 +183,40 @@ def measure(llm, slm, ratios: list[float], scenario: Scenario, repeats: int, bas
     for row in rows:
         row["ttft_speedup"] = rows[0]["ttft_s"] / row["ttft_s"]
         row["tpot_speedup"] = rows[0]["tpot_s"] / row["tpot_s"]
+    return rows
+
+
+def memory_scaling(llm, slm, lengths: list[int], ratios: list[float], base_config, progress: bool = True) -> list[dict]:
+    """Prefill plus one decode step at each prompt length, the LLM alone and IAM at each ratio, under ``TensorPeak``.
+
+    Returns one row per (length, ratio): ``peak_tensor_bytes`` (activations and caches, weights excluded),
+    ``largest_tensor_bytes``, ``tt_matrix_bytes`` (what one head's ``T x T`` score matrix would take), ``kv_bytes``
+    and ``peak_growth`` (peak over the previous length's peak; about the length growth when memory is linear,
+    its square when it is quadratic).
+    """
+    from tqdm.auto import tqdm
+
+    from .model import IAMModel
+
+    g = torch.Generator().manual_seed(0)
+    rows: list[dict] = []
+    runs = [(n, r) for n in sorted(lengths) for r in with_baseline(ratios)]
+    for n, r in tqdm(runs, desc="memory scaling", disable=not progress):
+        ids = random_prompt(llm, 1, n, g)
+        iam = IAMModel(llm, slm, replace(base_config, ratio=r))
+        with TensorPeak() as mem:
+            iam.generate(ids, max_new_tokens=2, eos_token_id=[])
+        previous = next((row for row in reversed(rows) if row["ratio"] == r), None)
+        rows.append(
+            {
+                "tokens": n,
+                "ratio": r,
+                "peak_tensor_bytes": mem.peak,
+                "largest_tensor_bytes": mem.largest,
+                "tt_matrix_bytes": n * n * llm.dtype.itemsize,
+                "kv_bytes": iam.kv_cache_bytes()["total"],
+                "length_growth": n / previous["tokens"] if previous else None,
+                "peak_growth": mem.peak / previous["peak_tensor_bytes"] if previous else None,
+            }
+        )
     return rows

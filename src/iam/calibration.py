@@ -1,4 +1,8 @@
-"""Damage-calibrated layer orders: map each LLM layer alone, measure the perplexity it costs, store the order.
+"""Damage-calibrated layer orders: which LLM layers to map first, measured on real text and stored per pair.
+
+Two ways to measure an order: ``single`` maps each layer alone and sorts by the perplexity it costs; ``greedy``
+(forward selection) grows the mapped set one layer at a time, each time adding the layer that costs least given the
+layers already mapped, so interactions between mapped layers count.
 
 Orders shipped with the library live in ``iam/calibration/*.json``; ``iam calibrate`` writes new ones under
 ``$IAM_CACHE/calibration``. An order is keyed by the LLM's architecture (and the SLM it was measured with).
@@ -9,8 +13,10 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
+from tqdm.auto import tqdm
 from transformers import PretrainedConfig
 
 from .loading import cache_root
@@ -46,18 +52,57 @@ def order_from_sweep(rows: list[dict]) -> list[int]:
     return [r["first_layer"] for r in sorted(measured, key=lambda r: r["ppl_increase"])]
 
 
-def write_order(llm: PretrainedConfig, slm: PretrainedConfig, rows: list[dict], source: dict, folder: Path | None = None) -> Path:
-    """Write the calibration atomically; returns its path."""
+def greedy_order(
+    damage: Callable[[list[int]], float], n_layers: int, steps: int, shortlist: int = 4, progress: bool = True
+) -> tuple[list[int], list[dict]]:
+    """Forward selection of the layers to map first.
+
+    Step 1 measures every layer mapped alone. Step k measures the k-1 layers already chosen plus one candidate and
+    keeps the cheapest. After step 1 only the ``shortlist`` candidates with the lowest last-measured damage are
+    re-measured (lazy greedy: a layer rarely gets cheaper as the mapped set grows). Layers not chosen within
+    ``steps`` follow in their last-measured order.
+
+    Parameters
+    ----------
+    damage : cost of mapping a sorted list of LLM layers (lower is better), e.g. mean KL to the LLM alone.
+    n_layers : depth of the LLM.
+    steps : how many layers to choose greedily (e.g. half the depth for ratios up to 0.5).
+    shortlist : candidates re-measured per step after the first.
+    progress : show a progress bar over the measurements.
+
+    Returns
+    -------
+    The full order of the ``n_layers`` layers, and one row per step: ``step``, ``layer``, ``damage`` (of the
+    chosen set), ``measured`` (candidates measured in that step).
+    """
+    if not 1 <= steps <= n_layers or shortlist < 1:
+        raise ValueError(f"need 1 <= steps <= {n_layers} and shortlist >= 1, got steps={steps}, shortlist={shortlist}.")
+    chosen: list[int] = []
+    estimate: dict[int, float] = {}
+    rows = []
+    total = n_layers + sum(min(shortlist, n_layers - k) for k in range(1, steps))
+    bar = tqdm(total=total, desc="calibration", disable=not progress)
+    for step in range(1, steps + 1):
+        rest = [i for i in range(n_layers) if i not in chosen]
+        candidates = rest if step == 1 else sorted(rest, key=estimate.__getitem__)[:shortlist]
+        for layer in candidates:
+            estimate[layer] = damage(sorted([*chosen, layer]))
+            bar.update()
+        best = min(candidates, key=estimate.__getitem__)
+        chosen.append(best)
+        rows.append({"step": step, "layer": best, "damage": estimate[best], "measured": len(candidates)})
+    bar.close()
+    return chosen + sorted((i for i in range(n_layers) if i not in chosen), key=estimate.__getitem__), rows
+
+
+def write_order(
+    llm: PretrainedConfig, slm: PretrainedConfig, order: list[int], damage: dict, source: dict, folder: Path | None = None
+) -> Path:
+    """Write the calibration atomically; returns its path. ``damage`` documents how the order was measured."""
     folder = folder or cache_root() / "calibration"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{pair_key(llm, slm)}.json"
-    record = {
-        "llm": arch_key(llm),
-        "slm": arch_key(slm),
-        "order": order_from_sweep(rows),
-        "damage": {str(r["first_layer"]): r["ppl_increase"] for r in rows if r.get("first_layer") is not None},
-        "source": source,
-    }
+    record = {"llm": arch_key(llm), "slm": arch_key(slm), "order": order, "damage": damage, "source": source}
     fd, tmp = tempfile.mkstemp(dir=folder, suffix=".partial")
     with os.fdopen(fd, "w") as f:
         json.dump(record, f, indent=2)

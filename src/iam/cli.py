@@ -275,6 +275,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 "ttft_speedup_vs_eager",
             ],
         )
+    if args.memory_scaling:
+        args.llm, args.slm = args.llm or "qwen2.5-coder-1.5b", args.slm or "qwen2.5-coder-0.5b"
+        llm, slm, _ = load(args)
+        tokens = args.tokens or [1024, 2048, 4096, 8192]
+        rows = bench.memory_scaling(llm, slm, tokens, args.ratios, mapping_config(args, 0.0))
+        result = {"mode": "memory-scaling", "device": str(llm.device), "dtype": str(llm.dtype), "rows": rows}
+        columns = ["tokens", "ratio", "peak_tensor_bytes", "peak_growth", "largest_tensor_bytes", "tt_matrix_bytes", "kv_bytes"]
+        return finish(args, "bench-memory", result, columns)
     if args.analytic:
         args.llm, args.slm = args.llm or "qwen2-72b", args.slm or "qwen2-0.5b"
         llm, slm = load_arch(args.llm), load_arch(args.slm)
@@ -327,18 +335,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     llm, slm, tok = load(args)
-    result = evaluation.eval_sweep(llm, slm, eval_windows(args, tok), 1, mapping_config(args, 0.0))
-    source = {
-        "dataset": args.text or args.dataset,
-        "windows": args.windows,
-        "tokens": args.tokens,
-        "llm": args.llm,
-        "slm": args.slm,
-    }
-    path = calibration.write_order(llm.config, slm.config, result["rows"], source, Path(args.to) if args.to else None)
-    result["order"] = calibration.order_from_sweep(result["rows"])
-    result["calibration_file"] = str(path)
-    return finish(args, "calibrate", result, ["block", "ppl", "ppl_increase"])
+    windows, base = eval_windows(args, tok), mapping_config(args, 0.0)
+    source = {k: getattr(args, k) for k in ("method", "windows", "tokens", "llm", "slm")}
+    source["dataset"] = args.text or args.dataset
+    if args.method == "single":
+        result = evaluation.eval_sweep(llm, slm, windows, 1, base)
+        order = calibration.order_from_sweep(result["rows"])
+        damage = {str(r["first_layer"]): r["ppl_increase"] for r in result["rows"][1:]}
+        columns = ["block", "ppl", "ppl_increase"]
+    else:
+        n = llm.config.num_hidden_layers
+        steps = args.steps or n // 2
+        source.update(steps=steps, shortlist=args.shortlist, damage="mean token KL(LLM || IAM), nats")
+        order, rows = calibration.greedy_order(evaluation.kl_damage(llm, slm, windows, base), n, steps, args.shortlist)
+        result = {"rows": rows}
+        damage = {str(r["layer"]): r["damage"] for r in rows}
+        columns = ["step", "layer", "damage", "measured"]
+    path = calibration.write_order(llm.config, slm.config, order, damage, source, Path(args.to) if args.to else None)
+    result.update(order=order, calibration_file=str(path), method=args.method)
+    return finish(args, "calibrate", result, columns)
 
 
 def add_output_args(p: argparse.ArgumentParser) -> None:
@@ -387,15 +402,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_output_args(p)
     p.set_defaults(func=cmd_similarity)
 
-    p = sub.add_parser(
-        "calibrate", help="measure the damage of mapping each LLM layer alone; store the order for --strategy auto"
-    )
+    p = sub.add_parser("calibrate", help="measure which LLM layers cost least to map; store the order for --strategy auto")
     add_pair_args(p)
     add_mapping_args(p)
     add_text_args(p, windows=3, tokens=256)
     p.set_defaults(dataset="lee-news")
     add_output_args(p)
     p.add_argument("--to", default=None, metavar="FOLDER", help="where to write the order (default: $IAM_CACHE/calibration)")
+    p.add_argument(
+        "--method",
+        choices=["single", "greedy"],
+        default="greedy",
+        help="single: each layer mapped alone, sorted by perplexity cost; greedy: grow the mapped set by the layer "
+        "that adds least KL to the LLM alone",
+    )
+    p.add_argument("--steps", type=int, default=None, help="greedy: layers chosen greedily (default: half the depth)")
+    p.add_argument("--shortlist", type=int, default=4, help="greedy: candidates re-measured per step after the first")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("bench", help="efficiency: KV bytes, TTFT, TPOT, memory; LLM alone vs IAM")
@@ -409,8 +431,16 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="time one real-size layer of --llm (a preset or config.json) and project the full model",
     )
+    mode.add_argument(
+        "--memory-scaling",
+        action="store_true",
+        help="exact live-tensor peak of prefill + decode at each --tokens length (default 1024,2048,4096,8192)",
+    )
     p.add_argument(
-        "--tokens", type=lambda t: [int(x) for x in t.split(",")], default=None, help="projection: context lengths, e.g. 512,8192"
+        "--tokens",
+        type=lambda t: [int(x) for x in t.split(",")],
+        default=None,
+        help="projection and memory scaling: context lengths, e.g. 512,8192",
     )
     p.add_argument("--scenario", default="concurrency", choices=sorted(bench.SCENARIOS))
     p.add_argument("--full-size", action="store_true", help="the paper's sizes instead of the CPU-sized defaults")

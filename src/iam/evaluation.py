@@ -10,10 +10,11 @@ import random
 import re
 import string
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .config import MappingConfig, with_baseline
@@ -75,6 +76,23 @@ def eval_sweep(llm, slm, windows, block: int, base: MappingConfig, progress: boo
             )
         )
     return {"rows": _rows_over(configs, llm, slm, windows, progress), "block": block}
+
+
+def kl_damage(llm, slm, windows: Sequence[torch.Tensor], base: MappingConfig) -> Callable[[list[int]], float]:
+    """A damage function for calibration: mapping ``layers`` costs the mean per-token KL(LLM alone || IAM), in nats,
+    over ``windows``. Unlike a perplexity difference it is never negative, so single-window noise does not cancel."""
+    with torch.inference_mode():
+        reference = [llm(w.to(llm.device)).logits.float().log_softmax(-1) for w in windows]
+
+    def damage(layers: list[int]) -> float:
+        iam = IAMModel(llm, slm, replace(base, layers=layers))
+        kls = [
+            F.kl_div(iam(w).logits.float().log_softmax(-1), ref, log_target=True, reduction="none").sum(-1).mean().item()
+            for w, ref in zip(windows, reference)
+        ]
+        return sum(kls) / len(kls)
+
+    return damage
 
 
 def eval_similarity(llm, slm, windows, base: MappingConfig, progress: bool = True) -> dict:
