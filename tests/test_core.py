@@ -8,6 +8,7 @@ import torch
 from conftest import left_pad, prompt, tiny
 from iam import IAMModel, MappingConfig
 from iam.capture import decoder_layers
+from iam.generation import PairedSession
 
 
 def llm_logits(llm, ids, mask=None):
@@ -249,3 +250,28 @@ def test_prefill_sdpa_gets_one_head_size(family, monkeypatch):
     # every SDPA call of the pass (SLM, unmapped and the 2 mapped LLM layers) has one head size for q, k and v
     assert len(seen) == 2 + 4 and all(a == b == c for a, b, c in seen), seen
     assert torch.isfinite(out).all()
+
+
+def test_heads_sharing_an_slm_head_and_a_kv_group_are_computed_once(family, monkeypatch):
+    """A one-layer, one-head SLM: every LLM head borrows the same SLM head, so each KV group (2 heads here) needs one
+    SDPA item, and prefill (deduplicated) still agrees with decode (per head)."""
+    llm, slm = tiny(family, 4, 64, 4, 2, seed=0), tiny(family, 1, 16, 1, 1, seed=1)
+    iam = IAMModel(llm, slm, MappingConfig(layers=[1, 3], truncation_threshold=20))
+    heads = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        heads.append(q.shape[1])
+        return real_sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr("iam.attention.F.scaled_dot_product_attention", spy)
+    ids = prompt(30)
+    full = iam(ids).logits
+    monkeypatch.undo()
+    # the SLM layer (1 head), then LLM layers 0-3: unmapped ones see 4 heads, mapped ones 2 items
+    assert heads == [1, 4, 2, 4, 2]
+    with torch.inference_mode():
+        session = PairedSession(iam, ids[:, :-1], torch.ones_like(ids[:, :-1]))
+        session.prefill()
+        stepped = session.decode(ids[:, -1])
+    assert (stepped[:, -1] - full[:, -1]).abs().max() < 1e-4

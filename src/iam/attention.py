@@ -3,6 +3,7 @@
 It replaces the layer's ``self_attn`` while a paired run is in flight (as transformers' KV-sharing layers do) and
 follows the same call contract. After the mapping exists it never calls ``q_proj``/``k_proj``, stores no K, and
 computes ``softmax(q_slm k_slm^T) V_llm`` with ``scaled_dot_product_attention``, so no T x T matrix is formed.
+LLM heads of one KV group that borrow the same SLM head would compute the same thing, so prefill computes it once.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ class MappedAttention(nn.Module):
         self.original = original
         self.state = state
         self.layer_idx: int = original.layer_idx
-        self._groups: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+        self._groups: dict[str, list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        self._unique: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def forward(
         self,
@@ -53,18 +55,7 @@ class MappedAttention(nn.Module):
         if t == 1:
             out = self._decode(hmap, v, attention_mask)
         else:
-            # SDPA's fused kernels need one head size for q/k and v; zero-padding q and k (or v) keeps q.k exact
-            # and avoids the fallback that would build the T x T matrix.
-            q, k = self._slm_query_key(hmap, t, v.shape[2], v.shape[-1])
-            width = q.shape[-1]
-            out = F.scaled_dot_product_attention(
-                q.to(v.dtype),
-                k.to(v.dtype),
-                F.pad(v.repeat_interleave(attn.num_key_value_groups, dim=1), (0, width - v.shape[-1])),
-                attn_mask=attention_mask,
-                is_causal=attention_mask is None,
-                scale=state.slm_scaling,
-            )[..., : v.shape[-1]]
+            out = self._prefill(hmap, v, attention_mask)
         out = out * hmap.scale.to(out.dtype)[:, :, None, None]
         return attn.o_proj(out.transpose(1, 2).reshape(b, t, -1)), None
 
@@ -73,7 +64,7 @@ class MappedAttention(nn.Module):
         LLM head and layer mapped to it) and multiply by V without expanding it; returns ``[B, H, 1, d]``."""
         b, h = hmap.slm_layer.shape
         rows = v.new_empty(b, h, v.shape[2])
-        for layer, bi, hi, hs in self._head_groups(hmap):
+        for layer, bi, hi, hs in self._by_slm_layer("heads", hmap.slm_layer, hmap.slm_head):
             rows[bi, hi] = self.state.decode_rows(layer, attention_mask)[bi, hs].to(v.dtype)
         kv_heads = v.shape[1]
         return (rows.view(b, kv_heads, h // kv_heads, -1) @ v).view(b, h, 1, -1)
@@ -89,26 +80,54 @@ class MappedAttention(nn.Module):
         probs = window_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), attn.scaling)
         return match_heads(probs, window, self.state.slm_flats, self.state.slm_heads, self.state.metric)
 
-    def _head_groups(self, hmap: HeadMap) -> list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """``(slm_layer, batch idx, llm head idx, slm head idx)`` for each SLM layer this layer borrows from."""
-        if self._groups is None:
-            self._groups = []
-            for layer in hmap.slm_layer.unique().tolist():
-                bi, hi = (hmap.slm_layer == layer).nonzero(as_tuple=True)
-                self._groups.append((layer, bi, hi, hmap.slm_head[bi, hi]))
-        return self._groups
+    def _prefill(self, hmap: HeadMap, v: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """All new tokens: one SDPA over the distinct (SLM head, KV group) items, expanded to the LLM heads.
 
-    def _slm_query_key(self, hmap: HeadMap, t: int, total: int, min_width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gather, per sequence and LLM head, the matched SLM head's query ``[B, H, t, w]`` and keys ``[B, H, T, w]``,
-        zero-padded from the SLM head size ``d_s`` to ``w = max(d_s, min_width)``."""
+        SDPA's fused kernels need one head size for q/k and v; zero-padding q and k (or v) keeps q.k exact and
+        avoids the fallback that would build the T x T matrix. Returns ``[B, H, t, d]``."""
+        slm_layer, slm_head, kv, head_item = self._unique_items(hmap, self.original.num_key_value_groups)
+        b, total, d = v.shape[0], v.shape[2], v.shape[-1]  # total: cached and new tokens
         state = self.state
-        groups = self._head_groups(hmap)
+        groups = self._by_slm_layer("items", slm_layer, slm_head)
         some_q = state.slm_queries[groups[0][0]]
-        b, h, d = *hmap.slm_layer.shape, some_q.shape[-1]
-        width = max(d, min_width)
-        q = some_q.new_zeros(b, h, t, width)
-        k = some_q.new_zeros(b, h, total, width)
-        for layer, bi, hi, hs in groups:
-            q[bi, hi, :, :d] = state.slm_queries[layer][bi, hs]
-            k[bi, hi, :, :d] = read_keys(state.slm_cache_layers[layer], bi, hs // state.slm_kv_groups)
-        return q, k
+        width = max(some_q.shape[-1], d)
+        q = some_q.new_zeros(*slm_layer.shape, some_q.shape[2], width)
+        k = some_q.new_zeros(*slm_layer.shape, total, width)
+        for layer, bi, ui, hs in groups:
+            q[bi, ui, :, : some_q.shape[-1]] = state.slm_queries[layer][bi, hs]
+            k[bi, ui, :, : some_q.shape[-1]] = read_keys(state.slm_cache_layers[layer], bi, hs // state.slm_kv_groups)
+        rows = torch.arange(b, device=v.device)[:, None]
+        out = F.scaled_dot_product_attention(
+            q.to(v.dtype),
+            k.to(v.dtype),
+            F.pad(v[rows, kv], (0, width - d)),
+            attn_mask=attention_mask,
+            is_causal=attention_mask is None,
+            scale=state.slm_scaling,
+        )[..., :d]
+        return out[rows, head_item]
+
+    def _unique_items(self, hmap: HeadMap, kv_groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per sequence, the distinct ``(slm_layer, slm_head, kv_head)`` items ``[B, U]`` (padded by repeating the
+        first), and the item of each LLM head ``[B, H]``."""
+        if self._unique is None:
+            b, h = hmap.slm_layer.shape
+            kv = torch.arange(h, device=hmap.slm_layer.device) // kv_groups
+            keys = torch.stack([hmap.slm_layer, hmap.slm_head, kv.expand(b, h)], -1)  # [B, H, 3]
+            found = [keys[i].unique(dim=0, return_inverse=True) for i in range(b)]
+            width = max(len(u) for u, _ in found)
+            items = torch.stack([torch.cat([u, u[:1].expand(width - len(u), 3)]) for u, _ in found])  # [B, U, 3]
+            self._unique = (*items.unbind(-1), torch.stack([inv for _, inv in found]))
+        return self._unique
+
+    def _by_slm_layer(
+        self, kind: str, slm_layer: torch.Tensor, slm_head: torch.Tensor
+    ) -> list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``(slm_layer, batch idx, column idx, slm head idx)`` for each SLM layer borrowed from, where ``slm_layer``
+        and ``slm_head`` are ``[B, N]`` (N LLM heads, or N prefill items); cached under ``kind``."""
+        if kind not in self._groups:
+            self._groups[kind] = []
+            for layer in slm_layer.unique().tolist():
+                bi, ni = (slm_layer == layer).nonzero(as_tuple=True)
+                self._groups[kind].append((layer, bi, ni, slm_head[bi, ni]))
+        return self._groups[kind]
