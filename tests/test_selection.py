@@ -78,3 +78,15 @@ def test_kl_damage_is_zero_unmapped_and_positive_mapped(pair):
     damage = kl_damage(llm, slm, [prompt(24)], MappingConfig(ratio=0.0))
     assert damage([]) == pytest.approx(0.0, abs=1e-6)
     assert damage([3]) > 1e-4
+
+
+def test_cosine_norm_prefers_the_candidate_of_matching_magnitude():
+    from iam.similarity import METRICS
+
+    llm = torch.tensor([[0.5, 0.5, 0.0, 0.0]])
+    same = torch.tensor([[0.5, 0.5, 0.0, 0.0]])
+    scaled = 3 * same  # same direction, wrong magnitude: cosine cannot tell them apart
+    slm = torch.cat([scaled, same])
+    assert torch.allclose(METRICS["cosine"].score(llm, slm), torch.ones(1, 2))
+    assert METRICS["cosine-norm"].score(llm, slm).argmax().item() == 1
+    assert METRICS["cosine-norm"].score(llm, slm)[0, 0].item() == pytest.approx(1 / 3)

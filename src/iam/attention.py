@@ -56,7 +56,6 @@ class MappedAttention(nn.Module):
             out = self._decode(hmap, v, attention_mask)
         else:
             out = self._prefill(hmap, v, attention_mask)
-        out = out * hmap.scale.to(out.dtype)[:, :, None, None]
         return attn.o_proj(out.transpose(1, 2).reshape(b, t, -1)), None
 
     def _decode(self, hmap: HeadMap, v: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:

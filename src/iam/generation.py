@@ -182,7 +182,7 @@ class PairedSession:
             [
                 similarity_matrix(
                     window_attention(cap.queries[i], cache.layers[i].keys, scaling), state.window, state.slm_flats, state.metric
-                )[0]
+                )
                 for i in range(n_layers)
             ]
         )

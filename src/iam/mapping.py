@@ -62,7 +62,6 @@ class HeadMap:
     slm_layer: torch.Tensor
     slm_head: torch.Tensor
     score: torch.Tensor
-    scale: torch.Tensor
 
 
 def slm_window_flats(
@@ -78,11 +77,11 @@ def slm_window_flats(
 
 def similarity_matrix(
     probs: torch.Tensor, window: Window, slm_flats: list[torch.Tensor], metric: SimilarityMetric
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
+) -> torch.Tensor:
     """Similarity ``[B, H, L_s * H_s]`` of an LLM layer's heads (window attention ``probs`` ``[B, H, W, W]``) to every
-    SLM (layer, head), and the LLM heads' flattened window attention per sequence (``[H, N_b]``)."""
+    SLM (layer, head)."""
     flats = [tril_flat(probs[b], n) for b, n in enumerate(window.lengths.tolist())]
-    return torch.stack([metric.score(f, s) for f, s in zip(flats, slm_flats)]), flats
+    return torch.stack([metric.score(f, s) for f, s in zip(flats, slm_flats)])
 
 
 def match_heads(
@@ -102,10 +101,8 @@ def match_heads(
     -------
     The layer's ``HeadMap``.
     """
-    scores, flats = similarity_matrix(probs, window, slm_flats, metric)
-    score, best = scores.max(-1)
-    scale = torch.stack([metric.rescale(f, s[i]) for f, s, i in zip(flats, slm_flats, best)])
-    return HeadMap(slm_layer=best // slm_heads, slm_head=best % slm_heads, score=score, scale=scale)
+    score, best = similarity_matrix(probs, window, slm_flats, metric).max(-1)
+    return HeadMap(slm_layer=best // slm_heads, slm_head=best % slm_heads, score=score)
 
 
 @dataclass

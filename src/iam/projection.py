@@ -91,7 +91,7 @@ class LayerBench:
         )
         one = torch.ones(1, a.heads, device=self.device)
         state.maps[0] = HeadMap(
-            layer_of_head.to(self.device), torch.randint(0, s.heads, (1, a.heads), generator=g).to(self.device), one, one
+            layer_of_head.to(self.device), torch.randint(0, s.heads, (1, a.heads), generator=g).to(self.device), one
         )
         return state
 

@@ -30,10 +30,6 @@ class SimilarityMetric(ABC):
         ``[H, S]`` scores, higher meaning more similar.
         """
 
-    def rescale(self, llm: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-        """Factor applied to each chosen SLM matrix (``[H]``); 1 unless the metric corrects magnitudes."""
-        return torch.ones(llm.shape[0], dtype=llm.dtype, device=llm.device)
-
 
 @dataclass(frozen=True)
 class CosineSimilarity(SimilarityMetric):
@@ -62,11 +58,15 @@ class MinkowskiSimilarity(SimilarityMetric):
 
 
 @dataclass(frozen=True)
-class CosineNormSimilarity(CosineSimilarity):
-    """Select by cosine, then rescale the chosen SLM matrix by ``||A_llm|| / ||A_slm||`` on the window."""
+class CosineNormSimilarity(SimilarityMetric):
+    """Cosine times the ratio of the smaller to the larger norm: direction and magnitude must both match (a
+    peaked head has a larger norm than a diffuse one). The chosen SLM probabilities are used as they are, so
+    every attention row still sums to one."""
 
-    def rescale(self, llm: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-        return llm.norm(dim=-1) / chosen.norm(dim=-1).clamp_min(torch.finfo(chosen.dtype).tiny)
+    def score(self, llm: torch.Tensor, slm: torch.Tensor) -> torch.Tensor:
+        a, b = llm.norm(dim=-1)[:, None], slm.norm(dim=-1)[None]
+        ratio = torch.minimum(a, b) / torch.maximum(a, b).clamp_min(torch.finfo(llm.dtype).tiny)
+        return CosineSimilarity().score(llm, slm) * ratio
 
 
 METRICS: dict[str, SimilarityMetric] = {
