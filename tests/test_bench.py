@@ -119,6 +119,7 @@ def test_cli_projection_smoke(tmp_path, capsys):
         "mapped_layer_prefill_s",
         "eager_layer_prefill_s",
         "slm_decode_s",
+        "slm_rows_decode_s",
         "mapped_over_unmapped_prefill_arithmetic",
     } <= result["parts"][0].keys()
     rows = result["rows"]

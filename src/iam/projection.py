@@ -1,6 +1,6 @@
 """Projection to paper scale from measured parts: one decoder layer of the target at its real dimensions
-(random weights), timed unmapped (SDPA and eager) and mapped, plus the whole SLM and the LM head, then
-composed into full-model TTFT and TPOT. Every measured part is reported beside the projection.
+(random weights), timed unmapped (SDPA and eager) and mapped, plus the whole SLM, the SLM attention rows a
+decode step shares across mapped layers, and the LM head, then composed into full-model TTFT and TPOT. Every measured part is reported beside the projection.
 """
 
 from __future__ import annotations
@@ -107,8 +107,10 @@ class LayerBench:
 
         return prefill, timed(step, repeats, self.device)
 
-    def mapped(self, repeats: int) -> tuple[float, float]:
-        """The same timings with the layer's attention mapped (mapping already established)."""
+    def mapped(self, repeats: int) -> tuple[float, float, float]:
+        """The same timings with the layer's attention mapped (mapping already established), plus the seconds a
+        decode step spends on the SLM attention rows of every SLM layer. A full model computes those rows once per
+        step and shares them across all mapped layers, so they are timed apart rather than charged to the layer."""
         original = self.layer.self_attn
         try:
             self.layer.self_attn = MappedAttention(original, self._mapped_state(self.tokens, self.tokens))
@@ -120,14 +122,19 @@ class LayerBench:
             queries = dict(state.slm_queries)
 
             def step() -> None:
-                state.new_step(queries)
                 self._run(cache, self.tokens, 1)
                 cache.layers[0].values = cache.layers[0].values[..., :-1, :]
 
+            def slm_rows() -> None:
+                state.new_step(queries)
+                for layer in range(self.slm.layers):
+                    state.decode_rows(layer, None)
+
+            rows = timed(slm_rows, repeats, self.device)
             decode = timed(step, repeats, self.device)
         finally:
             self.layer.self_attn = original
-        return prefill, decode
+        return prefill, decode, rows
 
 
 def slm_times(slm: Arch, tokens: int, device: torch.device, dtype: torch.dtype, repeats: int) -> tuple[float, float]:
@@ -163,7 +170,7 @@ def project(
     for tokens in tokens_list:
         sdpa = LayerBench(llm, slm, tokens, device, dtype)
         layer_prefill, layer_decode = sdpa.unmapped(repeats)
-        mapped_prefill, mapped_decode = sdpa.mapped(repeats)
+        mapped_prefill, mapped_decode, slm_rows = sdpa.mapped(repeats)
         del sdpa
         eager_prefill, _ = LayerBench(llm, slm, tokens, device, dtype, attn="eager").unmapped(repeats)
         slm_prefill, slm_decode = slm_times(slm, tokens, device, dtype, repeats)
@@ -177,6 +184,7 @@ def project(
                 "mapped_layer_decode_s": mapped_decode,
                 "slm_prefill_s": slm_prefill,
                 "slm_decode_s": slm_decode,
+                "slm_rows_decode_s": slm_rows,
                 "lm_head_decode_s": head,
                 "mapped_over_unmapped_prefill": mapped_prefill / layer_prefill,
                 "mapped_over_unmapped_prefill_arithmetic": layer_prefill_flops(llm, slm, tokens, True)
@@ -186,7 +194,7 @@ def project(
         base_kv = kv_bytes_per_token(llm, slm, 0, 2)
         for r in with_baseline(ratios):
             n = round(r * llm.layers)
-            extra = (slm_prefill, slm_decode) if n else (0.0, 0.0)
+            extra = (slm_prefill, slm_decode + slm_rows) if n else (0.0, 0.0)
             ttft = (llm.layers - n) * layer_prefill + n * mapped_prefill + extra[0] + head
             tpot = (llm.layers - n) * layer_decode + n * mapped_decode + extra[1] + head
             rows.append(
