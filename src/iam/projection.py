@@ -1,6 +1,7 @@
 """Projection to paper scale from measured parts: one decoder layer of the target at its real dimensions
 (random weights), timed unmapped (SDPA and eager) and mapped, plus the whole SLM, the SLM attention rows a
-decode step shares across mapped layers, and the LM head, then composed into full-model TTFT and TPOT. Every measured part is reported beside the projection.
+decode step shares across mapped layers, and the LM head, then composed into full-model TTFT and TPOT.
+Every measured part is reported beside the projection.
 """
 
 from __future__ import annotations
