@@ -88,7 +88,7 @@ class LayerBench:
             slm_scaling=s.head_dim**-0.5,
             metric=METRICS["cosine"],
             slm_cache_layers=cache_layers,
-            slm_queries={i: rand(1, s.heads, queries, s.head_dim) for i in used},
+            slm_queries={i: rand(1, s.heads, queries, s.head_dim) for i in range(s.layers)},
         )
         one = torch.ones(1, a.heads, device=self.device)
         state.maps[0] = HeadMap(
