@@ -71,7 +71,8 @@ def test_consistency(tmp_path, capsys):
 
 def test_calibrate_writes_an_order_that_auto_uses(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("IAM_CACHE", str(tmp_path))
-    result = run(tmp_path, capsys, "calibrate", "--windows", "1", "--tokens", "24", "--steps", "2", "--shortlist", "1")
+    args = ["--method", "greedy", "--windows", "1", "--tokens", "24", "--steps", "2", "--shortlist", "1"]
+    result = run(tmp_path, capsys, "calibrate", *args)
     assert [r["step"] for r in result["rows"]] == [1, 2] and [r["measured"] for r in result["rows"]] == [28, 1]
     assert 0 < result["rows"][0]["damage"] <= result["rows"][1]["damage"]
     assert sorted(result["order"]) == list(range(28)) and result["order"][:2] == [r["layer"] for r in result["rows"]]

@@ -89,12 +89,13 @@ class MappedAttention(nn.Module):
         state = self.state
         groups = self._by_slm_layer("items", slm_layer, slm_head)
         some_q = state.slm_queries[groups[0][0]]
-        width = max(some_q.shape[-1], d)
+        d_s = some_q.shape[-1]
+        width = max(d_s, d)
         q = some_q.new_zeros(*slm_layer.shape, some_q.shape[2], width)
         k = some_q.new_zeros(*slm_layer.shape, total, width)
         for layer, bi, ui, hs in groups:
-            q[bi, ui, :, : some_q.shape[-1]] = state.slm_queries[layer][bi, hs]
-            k[bi, ui, :, : some_q.shape[-1]] = read_keys(state.slm_cache_layers[layer], bi, hs // state.slm_kv_groups)
+            q[bi, ui, :, :d_s] = state.slm_queries[layer][bi, hs]
+            k[bi, ui, :, :d_s] = read_keys(state.slm_cache_layers[layer], bi, hs // state.slm_kv_groups)
         rows = torch.arange(b, device=v.device)[:, None]
         out = F.scaled_dot_product_attention(
             q.to(v.dtype),

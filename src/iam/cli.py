@@ -412,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--method",
         choices=["single", "greedy"],
-        default="greedy",
+        default="single",
         help="single: each layer mapped alone, sorted by perplexity cost; greedy: grow the mapped set by the layer "
         "that adds least KL to the LLM alone",
     )
