@@ -80,8 +80,7 @@ def similarity_matrix(
 ) -> torch.Tensor:
     """Similarity ``[B, H, L_s * H_s]`` of an LLM layer's heads (window attention ``probs`` ``[B, H, W, W]``) to every
     SLM (layer, head)."""
-    flats = [tril_flat(probs[b], n) for b, n in enumerate(window.lengths.tolist())]
-    return torch.stack([metric.score(f, s) for f, s in zip(flats, slm_flats)])
+    return torch.stack([metric.score(tril_flat(probs[b], n), slm_flats[b]) for b, n in enumerate(window.lengths.tolist())])
 
 
 def match_heads(
