@@ -3,7 +3,8 @@
 - Wikipedia: the 107 real articles in gensim's test data (redirects dropped, markup removed by
   ``gensim.corpora.wikicorpus.filter_wiki``), standing in for WikiText-2.
 - Trivia: chatterbot-corpus's English trivia Q/A pairs.
-- Lee's news corpus, also in gensim's test data; Python standard-library source (two disjoint module sets).
+- Lee's news corpus and Crime and Punishment, also in gensim's test data; Python standard-library source (two
+  disjoint module sets).
 """
 
 from __future__ import annotations
@@ -112,10 +113,8 @@ def load_text(name: str) -> str:
         return "\n\n".join(_online(name, path, config, split)[field])
     path = Path(name)
     if not path.is_file():
-        raise FileNotFoundError(
-            f"text file {name!r} not found (or use one of wikipedia, lee-news, python-stdlib, python-stdlib-calib, "
-            f"{', '.join(ONLINE_TEXTS)})."
-        )
+        names = ", ".join(["wikipedia", *GENSIM_TEXTS, *STDLIB_MODULES, *ONLINE_TEXTS])
+        raise FileNotFoundError(f"text file {name!r} not found (or use one of {names}).")
     return path.read_text()
 
 
