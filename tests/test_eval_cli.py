@@ -83,6 +83,14 @@ def test_calibrate_writes_an_order_that_auto_uses(tmp_path, capsys, monkeypatch)
     assert json.loads(capsys.readouterr().out)["mapped_layers"] == sorted(result["order"][:8])
 
 
+def test_calibrate_rejects_a_bad_step_count_before_measuring(tmp_path, capsys):
+    for steps in ("0", "29"):
+        args = ["calibrate", *PAIR, "--method", "greedy", "--steps", steps, "--windows", "1", "--tokens", "24"]
+        assert main([*args, "--to", str(tmp_path), "--out", str(tmp_path)]) == 2
+        assert "need 1 <= steps <= 28" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 def test_qa_and_choice(tmp_path, capsys):
     qa = run(tmp_path, capsys, "eval", "qa", "--limit", "4", "--ratios", "0.3", "--max-new-tokens", "8")
     assert [r["ratio"] for r in qa["rows"]] == [0.0, 0.3]

@@ -345,7 +345,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         columns = ["block", "ppl", "ppl_increase"]
     else:
         n = llm.config.num_hidden_layers
-        steps = args.steps or n // 2
+        steps = n // 2 if args.steps is None else args.steps
         source.update(steps=steps, shortlist=args.shortlist, damage="mean token KL(LLM || IAM), nats")
         order, rows = calibration.greedy_order(evaluation.kl_damage(llm, slm, windows, base), n, steps, args.shortlist)
         result = {"rows": rows}

@@ -80,11 +80,14 @@ def eval_sweep(llm, slm, windows, block: int, base: MappingConfig, progress: boo
 
 def kl_damage(llm, slm, windows: Sequence[torch.Tensor], base: MappingConfig) -> Callable[[list[int]], float]:
     """A damage function for calibration: mapping ``layers`` costs the mean per-token KL(LLM alone || IAM), in nats,
-    over ``windows``. Unlike a perplexity difference it is never negative, so single-window noise does not cancel."""
-    with torch.inference_mode():
-        reference = [llm(w.to(llm.device)).logits.float().log_softmax(-1) for w in windows]
+    over ``windows``. Unlike a perplexity difference it is never negative, so single-window noise does not cancel.
+    The LLM-alone reference is computed on the first call."""
+    reference: list[torch.Tensor] = []
 
     def damage(layers: list[int]) -> float:
+        if not reference:
+            with torch.inference_mode():
+                reference.extend(llm(w.to(llm.device)).logits.float().log_softmax(-1) for w in windows)
         iam = IAMModel(llm, slm, replace(base, layers=layers))
         kls = [
             F.kl_div(iam(w).logits.float().log_softmax(-1), ref, log_target=True, reduction="none").sum(-1).mean().item()
