@@ -12,9 +12,15 @@ PAIR = ["--llm", "qwen2.5-coder-1.5b", "--slm", "qwen2.5-coder-0.5b"]
 
 
 def test_bad_layer_list_is_explained(capsys):
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["generate", "--prompt", "x", "--layers", "1,a"])
-    assert "--layers takes comma-separated integers" in capsys.readouterr().err
+    for bad in ("1,a", "1:x", "1:2:3"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["generate", "--prompt", "x", "--layers", bad])
+        assert "--layers takes comma-separated layers or layer:kv_group units" in capsys.readouterr().err
+
+
+def test_layer_list_takes_whole_layers_and_kv_groups():
+    args = build_parser().parse_args(["generate", "--prompt", "x", "--layers", "3, 20:1,21"])
+    assert args.layers == [3, (20, 1), 21]
 
 
 def test_bad_ratio_is_a_clean_error(capsys):

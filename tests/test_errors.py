@@ -17,10 +17,14 @@ from iam import IAMModel, MappingConfig
         ({"ratio": "half"}, r"ratio must be a number"),
         ({"strategy": "middle"}, r"strategy must be one of \['auto', 'back', 'calibrated', 'front', 'similar', 'two-region'\]"),
         ({"metric": "dot"}, r"metric must be one of \['cosine', 'cosine-norm', 'minkowski1', 'minkowski2', 'pearson'\]"),
-        ({"layers": [1, 1]}, r"must not repeat"),
+        ({"layers": [1, 1]}, r"must name each layer or KV group once"),
+        ({"layers": [1, (1, 0)]}, r"must name each layer or KV group once"),
+        ({"layers": [(2, 1), (2, 1)]}, r"must name each layer or KV group once"),
         ({"layers": [-1]}, r"non-negative"),
-        ({"layers": "1,2"}, r"list of integer"),
-        ({"layers": [1.0]}, r"list of integer"),
+        ({"layers": [(1, -1)]}, r"non-negative"),
+        ({"layers": [(1, 0, 2)]}, r"\(layer, kv_group\) pairs"),
+        ({"layers": "1,2"}, r"list of non-negative LLM layer indices"),
+        ({"layers": [1.0]}, r"list of non-negative LLM layer indices"),
         ({"establish_threshold": 1}, r"establish_threshold must be an integer >= 2"),
         ({"truncation_threshold": 0}, r"truncation_threshold must be an integer >= 2"),
     ],
@@ -33,6 +37,8 @@ def test_bad_config(kwargs, message):
 def test_layers_out_of_range(pair):
     with pytest.raises(ValueError, match=r"layers \[4, 9\] out of range: the LLM has 4 layers \(0..3\)"):
         IAMModel(*pair, MappingConfig(layers=[1, 4, 9]))
+    with pytest.raises(ValueError, match=r"KV groups \[\(1, 2\)\] out of range: the LLM has 2 KV heads per layer \(0..1\)"):
+        IAMModel(*pair, MappingConfig(layers=[(1, 2)]))
 
 
 def test_mixed_families():

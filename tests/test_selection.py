@@ -60,14 +60,14 @@ def test_greedy_order_accounts_for_interactions():
         # layers 0 and 1 are cheap alone but clash when mapped together
         return sum(cost[i] for i in layers) + (10.0 if {0, 1} <= set(layers) else 0.0)
 
-    order, rows = greedy_order(damage, 5, steps=3, shortlist=2, progress=False)
+    order, rows = greedy_order(damage, list(range(5)), steps=3, shortlist=2, progress=False)
     # single-layer sorting would give [0, 1, ...] and a 2-layer set costing 13; greedy finds {0, 2} at 4
     assert order[:3] == [0, 2, 3] and sorted(order) == list(range(5))
     assert [r["damage"] for r in rows] == [1.0, 4.0, 8.0]
     assert [r["measured"] for r in rows] == [5, 2, 2] and len(calls) == 9
     assert all(c == sorted(c) for c in calls)
     with pytest.raises(ValueError, match="steps"):
-        greedy_order(damage, 5, steps=0)
+        greedy_order(damage, list(range(5)), steps=0)
 
 
 def test_kl_damage_is_zero_unmapped_and_positive_mapped(pair):

@@ -8,9 +8,12 @@ LLM heads of one KV group that borrow the same SLM head would compute the same t
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .cache import read_keys
 from .capture import apply_rope
@@ -20,18 +23,30 @@ from .mapping import HeadMap, MappingState, match_heads, window_attention
 class MappedAttention(nn.Module):
     """Drop-in ``self_attn`` for a mapped layer: the SLM's attention probabilities times this layer's own V.
 
+    A layer can be mapped in part: its ``groups`` of query heads (one group per KV head) borrow SLM attention and
+    keep no K, while the other groups attend as usual, with Q and K projected by row slices of ``q_proj``/``k_proj``
+    (views, no copy) and attention by the model's own attention function.
+
     Parameters
     ----------
     original : the layer's own attention module (its ``v_proj``/``o_proj`` are used; ``q_proj``/``k_proj`` only on
-        the establishing window).
+        the establishing window, and their unmapped rows).
     state : the run's shared ``MappingState``.
+    groups : the mapped KV groups of this layer (every group for a wholly mapped layer).
     """
 
-    def __init__(self, original: nn.Module, state: MappingState) -> None:
+    def __init__(self, original: nn.Module, state: MappingState, groups: tuple[int, ...]) -> None:
         super().__init__()
         self.original = original
         self.state = state
         self.layer_idx: int = original.layer_idx
+        per_group = original.num_key_value_groups
+        self.groups = groups
+        self.own = tuple(g for g in range(original.config.num_key_value_heads) if g not in groups)
+        self.heads, self.own_heads = (
+            torch.tensor([h for g in gs for h in range(g * per_group, (g + 1) * per_group)], dtype=torch.long)
+            for gs in (groups, self.own)
+        )
         self._groups: dict[str, list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
         self._unique: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
@@ -50,17 +65,47 @@ class MappedAttention(nn.Module):
 
         b, t, _ = hidden_states.shape
         v = attn.v_proj(hidden_states).view(b, t, -1, attn.head_dim).transpose(1, 2)
+        q = k = None
+        if self.own:
+            q, k = self._own_qk(hidden_states, position_embeddings)
         if past_key_values is not None:
-            _, v = past_key_values.update(None, v, self.layer_idx)
-        if t == 1:
-            out = self._decode(hmap, v, attention_mask)
-        else:
-            out = self._prefill(hmap, v, attention_mask)
+            k, v = past_key_values.update(k, v, self.layer_idx)
+        mapped_v = take_groups(v, self.groups)
+        out = self._decode(hmap, mapped_v, attention_mask) if t == 1 else self._prefill(hmap, mapped_v, attention_mask)
+        if self.own:
+            full = out.new_empty(b, len(self.heads) + len(self.own_heads), t, attn.head_dim)
+            full[:, self.heads] = out
+            full[:, self.own_heads] = self._attend(q, k, take_groups(v, self.own), attention_mask)
+            out = full
         return attn.o_proj(out.transpose(1, 2).reshape(b, t, -1)), None
+
+    def _own_qk(
+        self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Post-RoPE Q ``[B, H_own, t, d]`` and K ``[B, KV_own, t, d]`` of the unmapped groups only."""
+        attn = self.original
+        b, t, _ = hidden_states.shape
+        d = attn.head_dim
+        q = project_groups(attn.q_proj, hidden_states, self.own, attn.num_key_value_groups * d)
+        k = project_groups(attn.k_proj, hidden_states, self.own, d)
+        q, k = (x.view(b, t, -1, d).transpose(1, 2) for x in (q, k))
+        return apply_rope(q, *position_embeddings), apply_rope(k, *position_embeddings)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Usual attention of the unmapped groups through the model's own attention function: ``[B, H_own, t, d]``."""
+        attn = self.original
+        impl = attn.config._attn_implementation
+        default = importlib.import_module(type(attn).__module__).eager_attention_forward
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(impl, default)
+        out, _ = interface(
+            attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling, sliding_window=getattr(attn, "sliding_window", None)
+        )
+        return out.transpose(1, 2)
 
     def _decode(self, hmap: HeadMap, v: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """One new token: gather the SLM's attention rows (computed once per SLM layer and step, shared by every
-        LLM head and layer mapped to it) and multiply by V without expanding it; returns ``[B, H, 1, d]``."""
+        LLM head and layer mapped to it) and multiply by the mapped groups' V without expanding it; returns
+        ``[B, H_m, 1, d]``."""
         b, h = hmap.slm_layer.shape
         rows = v.new_empty(b, h, v.shape[2])
         for layer, bi, hi, hs in self._by_slm_layer("heads", hmap.slm_layer, hmap.slm_head):
@@ -74,16 +119,16 @@ class MappedAttention(nn.Module):
         b = hidden_states.shape[0]
         rows = window.take(hidden_states, 1)
         cos, sin = (window.take(x.expand(b, -1, -1), 1) for x in position_embeddings)
-        q = attn.q_proj(rows).view(b, window.size, -1, attn.head_dim).transpose(1, 2)
-        k = attn.k_proj(rows).view(b, window.size, -1, attn.head_dim).transpose(1, 2)
+        q = attn.q_proj(rows).view(b, window.size, -1, attn.head_dim).transpose(1, 2)[:, self.heads]
+        k = take_groups(attn.k_proj(rows).view(b, window.size, -1, attn.head_dim).transpose(1, 2), self.groups)
         probs = window_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), attn.scaling)
-        return match_heads(probs, window, self.state.slm_flats, self.state.slm_heads, self.state.metric)
+        return match_heads(self.heads, probs, window, self.state.slm_flats, self.state.slm_heads, self.state.metric)
 
     def _prefill(self, hmap: HeadMap, v: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """All new tokens: one SDPA over the distinct (SLM head, KV group) items, expanded to the LLM heads.
 
         SDPA's fused kernels need one head size for q/k and v; zero-padding q and k (or v) keeps q.k exact and
-        avoids the fallback that would build the T x T matrix. Returns ``[B, H, t, d]``."""
+        avoids the fallback that would build the T x T matrix. ``v`` holds the mapped groups. Returns ``[B, H_m, t, d]``."""
         slm_layer, slm_head, kv, head_item = self._unique_items(hmap, self.original.num_key_value_groups)
         b, total, d = v.shape[0], v.shape[2], v.shape[-1]  # total: cached and new tokens
         state = self.state
@@ -131,3 +176,29 @@ class MappedAttention(nn.Module):
                 bi, ni = (slm_layer == layer).nonzero(as_tuple=True)
                 self._groups[kind].append((layer, bi, ni, slm_head[bi, ni]))
         return self._groups[kind]
+
+
+def runs(groups: tuple[int, ...]) -> list[tuple[int, int]]:
+    """Contiguous runs ``[start, stop)`` of sorted group indices."""
+    out: list[list[int]] = []
+    for g in groups:
+        if out and out[-1][1] == g:
+            out[-1][1] = g + 1
+        else:
+            out.append([g, g + 1])
+    return [(a, b) for a, b in out]
+
+
+def take_groups(x: torch.Tensor, groups: tuple[int, ...]) -> torch.Tensor:
+    """``x[:, groups]`` along the KV-head axis: a view when the groups are contiguous."""
+    parts = [x[:, a:b] for a, b in runs(groups)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+
+def project_groups(proj: nn.Linear, x: torch.Tensor, groups: tuple[int, ...], width: int) -> torch.Tensor:
+    """``proj(x)`` restricted to the output rows of ``groups`` (``width`` rows each), from views of its weight."""
+    parts = []
+    for a, b in runs(groups):
+        rows = slice(a * width, b * width)
+        parts.append(F.linear(x, proj.weight[rows], None if proj.bias is None else proj.bias[rows]))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, -1)

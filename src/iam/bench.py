@@ -158,7 +158,7 @@ def measure(llm, slm, ratios: list[float], scenario: Scenario, repeats: int, bas
         with PeakMemory(device) as mem:
             iam.generate(ids, max_new_tokens=scenario.new_tokens, eos_token_id=[])
         t = iam.timings
-        samples[r].append({**t, "peak_mem_bytes": mem.bytes, "kv": iam.kv_cache_bytes(), "layers": iam.mapped_layers})
+        samples[r].append({**t, "peak_mem_bytes": mem.bytes, "kv": iam.kv_cache_bytes(), "layers": iam.mapped_units})
     rows = []
     base = samples[0.0][-1]["kv"]["total"]
     for r in ratios:

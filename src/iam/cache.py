@@ -79,11 +79,13 @@ def slm_cache(config: PretrainedConfig, kind: str) -> DynamicCache:
     return cache
 
 
-def paired_llm_cache(config: PretrainedConfig, mapped_layers: list[int]) -> DynamicCache:
-    """The LLM's cache for a paired run: ``ValueOnlyLayer`` at mapped layers, the model's usual layers elsewhere."""
+def paired_llm_cache(config: PretrainedConfig, plan: dict[int, tuple[int, ...]]) -> DynamicCache:
+    """The LLM's cache for a paired run: ``ValueOnlyLayer`` at wholly mapped layers, the model's usual layers
+    elsewhere. A partly mapped layer keeps a usual layer, which then holds K for its unmapped KV groups only."""
     cache = DynamicCache(config=config)
-    for idx in mapped_layers:
-        cache.layers[idx] = ValueOnlyLayer()
+    for idx, groups in plan.items():
+        if len(groups) == config.num_key_value_heads:
+            cache.layers[idx] = ValueOnlyLayer()
     return cache
 
 

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from transformers import PretrainedConfig
 
 from .loading import cache_root
+from .selection import Unit
 
 SHIPPED = Path(__file__).parent / "calibration"
 
@@ -36,25 +37,26 @@ def pair_key(llm: PretrainedConfig, slm: PretrainedConfig) -> str:
     return f"{arch_key(llm)}__{arch_key(slm)}"
 
 
-def find_order(llm: PretrainedConfig, slm: PretrainedConfig) -> tuple[int, ...]:
-    """The stored order for this pair (user calibrations first), or ``()``."""
+def find_order(llm: PretrainedConfig, slm: PretrainedConfig) -> tuple[Unit, ...]:
+    """The stored order for this pair (user calibrations first): layers, or ``(layer, kv_group)`` pairs; or ``()``."""
     name = pair_key(llm, slm) + ".json"
     for folder in (cache_root() / "calibration", SHIPPED):
         path = folder / name
         if path.is_file():
-            return tuple(json.loads(path.read_text())["order"])
+            return tuple(u if isinstance(u, int) else tuple(u) for u in json.loads(path.read_text())["order"])
     return ()
 
 
-def order_from_sweep(rows: list[dict]) -> list[int]:
-    """Layers sorted by the perplexity increase of mapping each alone (rows of a block-1 sweep)."""
-    measured = [r for r in rows if r.get("first_layer") is not None]
-    return [r["first_layer"] for r in sorted(measured, key=lambda r: r["ppl_increase"])]
+def order_from_sweep(rows: list[dict]) -> list[Unit]:
+    """Layers, or ``(layer, kv_group)`` units, sorted by the perplexity increase of mapping each alone (rows of a
+    block-1 sweep)."""
+    measured = sorted((r for r in rows if r.get("first_layer") is not None), key=lambda r: r["ppl_increase"])
+    return [r["first_layer"] if r.get("kv_group") is None else (r["first_layer"], r["kv_group"]) for r in measured]
 
 
 def greedy_order(
-    damage: Callable[[list[int]], float], n_layers: int, steps: int, shortlist: int = 4, progress: bool = True
-) -> tuple[list[int], list[dict]]:
+    damage: Callable[[list[Unit]], float], units: list[Unit], steps: int, shortlist: int = 4, progress: bool = True
+) -> tuple[list[Unit], list[dict]]:
     """Forward selection of the layers to map first.
 
     Step 1 measures every layer mapped alone. Step k measures the k-1 layers already chosen plus one candidate and
@@ -64,26 +66,27 @@ def greedy_order(
 
     Parameters
     ----------
-    damage : cost of mapping a sorted list of LLM layers (lower is better), e.g. mean KL to the LLM alone.
-    n_layers : depth of the LLM.
-    steps : how many layers to choose greedily (e.g. half the depth for ratios up to 0.5).
+    damage : cost of mapping a sorted list of units (lower is better), e.g. mean KL to the LLM alone.
+    units : every candidate: the LLM's layers, or its ``(layer, kv_group)`` pairs.
+    steps : how many units to choose greedily (e.g. half of them for ratios up to 0.5).
     shortlist : candidates re-measured per step after the first.
     progress : show a progress bar over the measurements.
 
     Returns
     -------
-    The full order of the ``n_layers`` layers, and one row per step: ``step``, ``layer``, ``damage`` (of the
+    The full order of the units, and one row per step: ``step``, ``layer`` (the unit chosen), ``damage`` (of the
     chosen set), ``measured`` (candidates measured in that step).
     """
-    if not 1 <= steps <= n_layers or shortlist < 1:
-        raise ValueError(f"need 1 <= steps <= {n_layers} and shortlist >= 1, got steps={steps}, shortlist={shortlist}.")
-    chosen: list[int] = []
-    estimate: dict[int, float] = {}
+    n = len(units)
+    if not 1 <= steps <= n or shortlist < 1:
+        raise ValueError(f"need 1 <= steps <= {n} and shortlist >= 1, got steps={steps}, shortlist={shortlist}.")
+    chosen: list[Unit] = []
+    estimate: dict[Unit, float] = {}
     rows = []
-    total = n_layers + sum(min(shortlist, n_layers - k) for k in range(1, steps))
+    total = n + sum(min(shortlist, n - k) for k in range(1, steps))
     bar = tqdm(total=total, desc="calibration", disable=not progress)
     for step in range(1, steps + 1):
-        rest = [i for i in range(n_layers) if i not in chosen]
+        rest = [u for u in units if u not in chosen]
         candidates = rest if step == 1 else sorted(rest, key=estimate.__getitem__)[:shortlist]
         for layer in candidates:
             estimate[layer] = damage(sorted([*chosen, layer]))
@@ -92,11 +95,11 @@ def greedy_order(
         chosen.append(best)
         rows.append({"step": step, "layer": best, "damage": estimate[best], "measured": len(candidates)})
     bar.close()
-    return chosen + sorted((i for i in range(n_layers) if i not in chosen), key=estimate.__getitem__), rows
+    return chosen + sorted((u for u in units if u not in chosen), key=estimate.__getitem__), rows
 
 
 def write_order(
-    llm: PretrainedConfig, slm: PretrainedConfig, order: list[int], damage: dict, source: dict, folder: Path | None = None
+    llm: PretrainedConfig, slm: PretrainedConfig, order: list[Unit], damage: dict, source: dict, folder: Path | None = None
 ) -> Path:
     """Write the calibration atomically; returns its path. ``damage`` documents how the order was measured."""
     folder = folder or cache_root() / "calibration"

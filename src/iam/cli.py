@@ -16,7 +16,7 @@ from .loading import load_pair
 from .model import IAMModel
 from .presets import PRESETS, load_arch
 from .reporting import markdown_table, write_report
-from .selection import STRATEGIES
+from .selection import STRATEGIES, Unit, parse_unit, unit_name
 from .similarity import METRICS
 
 DEMO_PROMPTS = [
@@ -26,11 +26,13 @@ DEMO_PROMPTS = [
 ]
 
 
-def layer_list(text: str) -> list[int]:
+def layer_list(text: str) -> list[Unit]:
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        return [parse_unit(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--layers takes comma-separated integers, e.g. 20,21,22; got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"--layers takes comma-separated layers or layer:kv_group units, e.g. 20,21,22:1; got {text!r}"
+        ) from None
 
 
 def ratio_list(text: str) -> list[float]:
@@ -52,7 +54,12 @@ def add_pair_args(
 def add_mapping_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", default="auto", choices=sorted(STRATEGIES))
     p.add_argument("--metric", default="cosine", choices=sorted(METRICS))
-    p.add_argument("--layers", type=layer_list, default=None, help="explicit LLM layers, e.g. 20,21,22 (overrides ratio)")
+    p.add_argument(
+        "--layers",
+        type=layer_list,
+        default=None,
+        help="explicit LLM layers, or layer:kv_group for one KV group of a layer, e.g. 20,21,22:1 (overrides ratio)",
+    )
     p.add_argument("--establish-threshold", type=int, default=20)
     p.add_argument("--truncation-threshold", type=int, default=100)
     p.add_argument("--slm-cache", default="native", choices=["native", "int8"], help="SLM cache precision")
@@ -90,7 +97,7 @@ def run_generation(iam: IAMModel, tokenizer, batch: dict[str, torch.Tensor], max
     return {
         "ratio": iam.config.ratio if iam.config.layers is None else None,
         "texts": texts,
-        "mapped_layers": iam.mapped_layers,
+        "mapped_layers": iam.mapped_units,
         "mapping_summary": iam.mapping_summary(),
         "kv_cache_bytes": iam.kv_cache_bytes(),
         "timings": iam.timings,
@@ -188,7 +195,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result = evaluation.eval_metrics(llm, slm, eval_windows(args, tok), args.ratio, base, args.metrics)
         return finish(args, "metrics", result, ["metric", "ratio", "ppl", "ppl_increase"])
     if kind == "sweep":
-        result = evaluation.eval_sweep(llm, slm, eval_windows(args, tok), args.block, base)
+        per_group = args.granularity == "kv-group"
+        result = evaluation.eval_sweep(llm, slm, eval_windows(args, tok), args.block, base, per_group)
 
         def plot(path):
             import matplotlib.pyplot as plt
@@ -198,7 +206,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             plt.bar([r["block"] for r in rows], [100 * r["ppl_increase"] for r in rows])
             plt.xticks(rotation=90 if len(rows) > 10 else 0)
             plt.ylabel("perplexity increase (%)")
-            plt.xlabel(f"mapped LLM layers (blocks of {args.block})")
+            plt.xlabel(f"mapped LLM layers (blocks of {args.block}{', layer:kv_group' if per_group else ''})")
             plt.tight_layout()
             plt.savefig(path, dpi=120)
 
@@ -336,24 +344,37 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     llm, slm, tok = load(args)
     windows, base = eval_windows(args, tok), mapping_config(args, 0.0)
-    source = {k: getattr(args, k) for k in ("method", "windows", "tokens", "llm", "slm")}
+    source = {k: getattr(args, k) for k in ("method", "granularity", "windows", "tokens", "llm", "slm")}
     source["dataset"] = args.text or args.dataset
+    per_group = args.granularity == "kv-group"
     if args.method == "single":
-        result = evaluation.eval_sweep(llm, slm, windows, 1, base)
+        result = evaluation.eval_sweep(llm, slm, windows, 1, base, per_group)
         order = calibration.order_from_sweep(result["rows"])
-        damage = {str(r["first_layer"]): r["ppl_increase"] for r in result["rows"][1:]}
+        damage = {r["block"]: r["ppl_increase"] for r in result["rows"][1:]}
         columns = ["block", "ppl", "ppl_increase"]
     else:
-        n = llm.config.num_hidden_layers
-        steps = n // 2 if args.steps is None else args.steps
+        n, n_kv = llm.config.num_hidden_layers, llm.config.num_key_value_heads
+        units = [(i, g) for i in range(n) for g in range(n_kv)] if per_group else list(range(n))
+        steps = len(units) // 2 if args.steps is None else args.steps
         source.update(steps=steps, shortlist=args.shortlist, damage="mean token KL(LLM || IAM), nats")
-        order, rows = calibration.greedy_order(evaluation.kl_damage(llm, slm, windows, base), n, steps, args.shortlist)
+        order, rows = calibration.greedy_order(evaluation.kl_damage(llm, slm, windows, base), units, steps, args.shortlist)
+        for row in rows:  # whole layers stay ints, KV groups read "layer:group" (as in mapped_layers)
+            row["layer"] = row["layer"] if isinstance(row["layer"], int) else unit_name(row["layer"])
         result = {"rows": rows}
         damage = {str(r["layer"]): r["damage"] for r in rows}
         columns = ["step", "layer", "damage", "measured"]
     path = calibration.write_order(llm.config, slm.config, order, damage, source, Path(args.to) if args.to else None)
     result.update(order=order, calibration_file=str(path), method=args.method)
     return finish(args, "calibrate", result, columns)
+
+
+def add_granularity_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--granularity",
+        choices=["layer", "kv-group"],
+        default="layer",
+        help="map whole layers, or each KV group (its query heads and K) of a layer on its own",
+    )
 
 
 def add_output_args(p: argparse.ArgumentParser) -> None:
@@ -416,7 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="single: each layer mapped alone, sorted by perplexity cost; greedy: grow the mapped set by the layer "
         "that adds least KL to the LLM alone",
     )
-    p.add_argument("--steps", type=int, default=None, help="greedy: layers chosen greedily (default: half the depth)")
+    add_granularity_arg(p)
+    p.add_argument("--steps", type=int, default=None, help="greedy: units chosen greedily (default: half of them)")
     p.add_argument("--shortlist", type=int, default=4, help="greedy: candidates re-measured per step after the first")
     p.set_defaults(func=cmd_calibrate)
 
@@ -479,6 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--metrics", type=lambda t: t.split(","), default=sorted(METRICS))
         if name == "sweep":
             p.add_argument("--block", type=int, default=4)
+            add_granularity_arg(p)
         if name == "consistency":
             p.add_argument("--steps", type=int, default=16)
         if name in ("qa", "choice"):

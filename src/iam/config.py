@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .selection import STRATEGIES
+from .selection import STRATEGIES, Unit
 from .similarity import METRICS
 
 SLM_CACHES = ("native", "int8")
@@ -19,7 +19,9 @@ class MappingConfig:
     ratio : fraction of LLM layers mapped, in ``[0, 1]``; the count is ``round(ratio * n_layers)``.
     strategy : which layers: ``"auto"`` (the pair's stored calibrated order, else ``"back"``), ``"calibrated"``,
         ``"back"``, ``"front"``, ``"two-region"`` or ``"similar"`` (see ``iam.selection``).
-    layers : explicit LLM layer indices; overrides ``ratio`` and ``strategy``.
+    layers : explicit units to map, overriding ``ratio`` and ``strategy``: whole LLM layers (``int``) and single KV
+        groups (``(layer, kv_group)``: the group's query heads borrow SLM attention and its K is not cached, while
+        the layer's other groups attend as usual).
     metric : similarity used to match heads: ``"cosine"``, ``"pearson"``, ``"minkowski1"``, ``"minkowski2"``,
         ``"cosine-norm"`` (see ``iam.similarity``).
     establish_threshold : context length (tokens) at which the mapping is established.
@@ -30,7 +32,7 @@ class MappingConfig:
 
     ratio: float = 0.3
     strategy: str = "auto"
-    layers: list[int] | None = None
+    layers: list[Unit] | None = None
     metric: str = "cosine"
     establish_threshold: int = 20
     truncation_threshold: int = 100
@@ -53,28 +55,33 @@ class MappingConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 2:
                 raise ValueError(f"{name} must be an integer >= 2 (tokens), got {value!r}.")
 
-    def resolve_count(self, n_layers: int) -> int:
-        """Number of LLM layers mapped for a model of depth ``n_layers``."""
-        return len(self.layers) if self.layers is not None else round(self.ratio * n_layers)
-
 
 def with_baseline(ratios: list[float]) -> list[float]:
     """``ratios`` with ratio 0 (the LLM alone) first and only once: side-by-side runs compare against it."""
     return [0.0] + [r for r in ratios if r != 0]
 
 
-def _check_layer_list(layers: object) -> list[int]:
-    if not isinstance(layers, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
-        raise ValueError(f"layers must be a list of integer LLM layer indices, got {layers!r}.")
-    if any(i < 0 for i in layers):
-        raise ValueError(f"layers must be non-negative LLM layer indices, got {list(layers)}.")
-    if len(set(layers)) != len(layers):
-        raise ValueError(f"layers must not repeat an index, got {list(layers)}.")
-    return sorted(layers)
+def _is_index(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
-def check_layers_in_range(layers: list[int], n_layers: int) -> None:
-    """Raise if an explicit layer index does not exist in an LLM of depth ``n_layers``."""
-    bad = [i for i in layers if i >= n_layers]
+def _check_layer_list(layers: object) -> list[Unit]:
+    units = [tuple(u) if isinstance(u, list) else u for u in layers] if isinstance(layers, (list, tuple)) else None
+    if units is None or not all(_is_index(u) or (isinstance(u, tuple) and len(u) == 2 and all(map(_is_index, u))) for u in units):
+        raise ValueError(
+            f"layers must be a list of non-negative LLM layer indices (whole layers) or (layer, kv_group) pairs, got {layers!r}."
+        )
+    whole = {u for u in units if isinstance(u, int)}
+    if len(set(units)) != len(units) or any(isinstance(u, tuple) and u[0] in whole for u in units):
+        raise ValueError(f"layers must name each layer or KV group once, got {list(layers)}.")
+    return sorted(units, key=lambda u: (u, -1) if isinstance(u, int) else u)
+
+
+def check_layers_in_range(layers: list[Unit], n_layers: int, n_kv: int) -> None:
+    """Raise if an explicit layer or KV group does not exist in an LLM of depth ``n_layers`` with ``n_kv`` KV heads."""
+    bad = [u for u in layers if (u if isinstance(u, int) else u[0]) >= n_layers]
     if bad:
         raise ValueError(f"layers {bad} out of range: the LLM has {n_layers} layers (0..{n_layers - 1}).")
+    bad = [u for u in layers if isinstance(u, tuple) and u[1] >= n_kv]
+    if bad:
+        raise ValueError(f"KV groups {bad} out of range: the LLM has {n_kv} KV heads per layer (0..{n_kv - 1}).")

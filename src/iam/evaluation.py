@@ -41,7 +41,7 @@ def _rows_over(configs: Sequence[tuple[dict, MappingConfig]], llm, slm, windows,
     rows = []
     for label, cfg in tqdm(configs, desc="configs", disable=not progress):
         iam = IAMModel(llm, slm, cfg)
-        row = dict(label, ppl=perplexity(iam, windows, progress, desc=str(label)), mapped_layers=iam.mapped_layers)
+        row = dict(label, ppl=perplexity(iam, windows, progress, desc=str(label)), mapped_layers=iam.mapped_units)
         rows.append(row)
     base = rows[0]["ppl"]
     for row in rows:
@@ -63,19 +63,21 @@ def eval_metrics(llm, slm, windows, ratio: float, base: MappingConfig, metrics: 
     return {"rows": _rows_over(configs, llm, slm, windows, progress)}
 
 
-def eval_sweep(llm, slm, windows, block: int, base: MappingConfig, progress: bool = True) -> dict:
-    """Map each block of ``block`` consecutive LLM layers in turn (paper §3.2, Fig. 2)."""
-    n = llm.config.num_hidden_layers
+def eval_sweep(llm, slm, windows, block: int, base: MappingConfig, per_group: bool = False, progress: bool = True) -> dict:
+    """Map each block of ``block`` consecutive LLM layers in turn (paper §3.2, Fig. 2); with ``per_group``, each KV
+    group of each block in turn (rows then carry ``kv_group``)."""
+    n, n_kv = llm.config.num_hidden_layers, llm.config.num_key_value_heads
     configs = [({"block": "none", "first_layer": None}, MappingConfig(ratio=0.0))]
     for start in range(0, n, block):
         layers = list(range(start, min(start + block, n)))
-        configs.append(
-            (
-                {"block": f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(start), "first_layer": start},
-                replace(base, layers=layers),
-            )
-        )
-    return {"rows": _rows_over(configs, llm, slm, windows, progress), "block": block}
+        name = f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(start)
+        if not per_group:
+            configs.append(({"block": name, "first_layer": start}, replace(base, layers=layers)))
+            continue
+        for g in range(n_kv):
+            label = {"block": f"{name}:{g}", "first_layer": start, "kv_group": g}
+            configs.append((label, replace(base, layers=[(i, g) for i in layers])))
+    return {"rows": _rows_over(configs, llm, slm, windows, progress), "block": block, "per_group": per_group}
 
 
 def kl_damage(llm, slm, windows: Sequence[torch.Tensor], base: MappingConfig) -> Callable[[list[int]], float]:

@@ -61,7 +61,7 @@ class PairedSession:
         self.slm_cache: DynamicCache | None = None
         self.state: MappingState | None = None
         self.modules: dict[int, MappedAttention] = {}
-        self.mapped_layers: list[int] = []
+        self.plan: dict[int, tuple[int, ...]] = {}
         self.slm_layers: list[int] = []
         self.similarity: torch.Tensor | None = None
 
@@ -148,10 +148,10 @@ class PairedSession:
         """Paired prefill of the whole context: SLM first, then the LLM, whose mapped layers pick their heads."""
         iam = self.iam
         self.prepare()
-        self.mapped_layers = iam.select_layers(lambda: self.probe_similarity().amax(-1).mean((1, 2)))
+        self.plan = iam.select_plan(lambda: self.probe_similarity().amax(-1).mean((1, 2)))
         llm_layers = decoder_layers(iam.llm)
-        self.modules = {i: MappedAttention(llm_layers[i].self_attn, self.state) for i in self.mapped_layers}
-        self.llm_cache = paired_llm_cache(iam.llm.config, self.mapped_layers)
+        self.modules = {i: MappedAttention(llm_layers[i].self_attn, self.state, g) for i, g in self.plan.items()}
+        self.llm_cache = paired_llm_cache(iam.llm.config, self.plan)
         logits = self._llm_step(self.ids, logits_to_keep)
 
         # From here on the SLM only runs as deep as the deepest head any mapping uses.

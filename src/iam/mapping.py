@@ -57,8 +57,10 @@ def tril_flat(probs: torch.Tensor, n: int) -> torch.Tensor:
 
 @dataclass
 class HeadMap:
-    """The mapping of one LLM layer, per sequence: ``[B, H]`` tensors."""
+    """The mapping of one LLM layer's mapped heads ``heads`` (``[H_m]`` LLM head indices), per sequence: ``[B, H_m]``
+    tensors."""
 
+    heads: torch.Tensor
     slm_layer: torch.Tensor
     slm_head: torch.Tensor
     score: torch.Tensor
@@ -84,13 +86,19 @@ def similarity_matrix(
 
 
 def match_heads(
-    probs: torch.Tensor, window: Window, slm_flats: list[torch.Tensor], slm_heads: int, metric: SimilarityMetric
+    heads: torch.Tensor,
+    probs: torch.Tensor,
+    window: Window,
+    slm_flats: list[torch.Tensor],
+    slm_heads: int,
+    metric: SimilarityMetric,
 ) -> HeadMap:
     """Map each LLM head to its best SLM (layer, head).
 
     Parameters
     ----------
-    probs : ``[B, H, W, W]`` the LLM layer's window attention.
+    heads : ``[H_m]`` the LLM heads being mapped.
+    probs : ``[B, H_m, W, W]`` their window attention.
     window : the establishing window.
     slm_flats : per sequence, ``[L_s * H_s, N_b]`` flattened SLM window attention.
     slm_heads : ``H_s``, heads per SLM layer.
@@ -101,7 +109,7 @@ def match_heads(
     The layer's ``HeadMap``.
     """
     score, best = similarity_matrix(probs, window, slm_flats, metric).max(-1)
-    return HeadMap(slm_layer=best // slm_heads, slm_head=best % slm_heads, score=score)
+    return HeadMap(heads=heads, slm_layer=best // slm_heads, slm_head=best % slm_heads, score=score)
 
 
 @dataclass

@@ -13,7 +13,8 @@ from .cache import cache_bytes, full_cache_bytes
 from .calibration import find_order
 from .config import MappingConfig, check_layers_in_range
 from .generation import PairedSession, generate
-from .selection import STRATEGIES, CalibratedSelection
+from .mapping import HeadMap
+from .selection import STRATEGIES, CalibratedSelection, Plan, format_plan, plan_of
 
 SUPPORTED_FAMILIES = ("qwen2", "llama")
 SUPPORTED_ATTENTION = ("sdpa", "eager")
@@ -59,20 +60,25 @@ class IAMModel:
         self.llm, self.slm = llm.eval(), slm.eval()
         self.config = config if config is not None else MappingConfig()
         self.n_layers: int = llm.config.num_hidden_layers
+        self.n_kv: int = llm.config.num_key_value_heads
+        self.strategy = STRATEGIES[self.config.strategy]
+        if isinstance(self.strategy, CalibratedSelection):
+            self.strategy = replace(self.strategy, order=find_order(llm.config, slm.config))
         if self.config.layers is not None:
-            check_layers_in_range(self.config.layers, self.n_layers)
-        self.n_mapped = self.config.resolve_count(self.n_layers)
+            check_layers_in_range(self.config.layers, self.n_layers, self.n_kv)
+            self.n_mapped = len(self.config.layers)
+        else:
+            self.n_mapped = self.strategy.count(self.n_layers, self.n_kv, self.config.ratio)
         self._session: PairedSession | None = None
 
     # ---- layer selection ------------------------------------------------------------------------------------------
-    def select_layers(self, scores: Callable[[], torch.Tensor]) -> list[int]:
-        """The LLM layers to map; ``scores`` is called (``[L]`` mean best-match similarity) only if the strategy needs it."""
+    def select_plan(self, scores: Callable[[], torch.Tensor]) -> Plan:
+        """The KV groups to map per LLM layer; ``scores`` is called (``[L]`` mean best-match similarity) only if the
+        strategy needs it."""
         if self.config.layers is not None:
-            return list(self.config.layers)
-        strategy = STRATEGIES[self.config.strategy]
-        if isinstance(strategy, CalibratedSelection):
-            strategy = replace(strategy, order=find_order(self.llm.config, self.slm.config))
-        return strategy.select(self.n_layers, self.n_mapped, scores() if strategy.needs_scores else None)
+            return plan_of(self.config.layers, self.n_kv)
+        strategy = self.strategy
+        return strategy.plan(self.n_layers, self.n_kv, self.config.ratio, scores() if strategy.needs_scores else None)
 
     # ---- calls -----------------------------------------------------------------------------------------------------
     def _inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, new_tokens: int = 0):
@@ -148,32 +154,52 @@ class IAMModel:
 
     # ---- what the last call did --------------------------------------------------------------------------------
     @property
-    def mapped_layers(self) -> list[int]:
-        """LLM layers mapped in the last call (or, before any call, the layers the config fixes)."""
+    def plan(self) -> Plan:
+        """KV groups mapped per LLM layer in the last call (or, before any call, what the config fixes)."""
         if self._session is not None and self._session.established:
-            return list(self._session.mapped_layers)
-        if self.config.layers is not None or not STRATEGIES[self.config.strategy].needs_scores:
-            return self.select_layers(lambda: torch.empty(0))
-        return []
+            return dict(self._session.plan)
+        if self.config.layers is not None or not self.strategy.needs_scores:
+            return self.select_plan(lambda: torch.empty(0))
+        return {}
+
+    @property
+    def mapped_layers(self) -> list[int]:
+        """LLM layers with at least one mapped KV group in the last call (or, before any call, as the config fixes)."""
+        return list(self.plan)
+
+    @property
+    def mapped_units(self) -> list[int | str]:
+        """The mapped units as the CLI writes them: whole layers as ``int``, single KV groups as ``"layer:group"``."""
+        return format_plan(self.plan, self.n_kv)
 
     def _maps(self):
         if self._session is None or not self._session.established:
             return None
-        return [self._session.state.maps[i] for i in self._session.mapped_layers]
+        return [self._session.state.maps[i] for i in self._session.plan]
 
-    @property
-    def mapping(self) -> torch.Tensor | None:
-        """``[B, n_mapped, H, 2]`` LongTensor of ``(slm_layer, slm_head)`` per LLM head; ``None`` if not established."""
+    def _per_head(self, values: Callable[[HeadMap], torch.Tensor], fill: float) -> torch.Tensor | None:
+        """``values(map)`` ``[B, H_mapped, ...]`` of each mapped layer, placed at its heads of a ``[B, n_layers, H, ...]``
+        tensor; heads of a layer's unmapped KV groups hold ``fill``."""
         maps = self._maps()
         if maps is None:
             return None
-        return torch.stack([torch.stack([m.slm_layer, m.slm_head], -1) for m in maps], 1)
+        first = values(maps[0])
+        out = first.new_full((first.shape[0], len(maps), self.llm.config.num_attention_heads, *first.shape[2:]), fill)
+        for i, m in enumerate(maps):
+            out[:, i, m.heads] = values(m)
+        return out
+
+    @property
+    def mapping(self) -> torch.Tensor | None:
+        """``[B, n_mapped_layers, H, 2]`` LongTensor of ``(slm_layer, slm_head)`` per LLM head (``-1`` for heads of
+        unmapped KV groups); ``None`` if not established."""
+        return self._per_head(lambda m: torch.stack([m.slm_layer, m.slm_head], -1), -1)
 
     @property
     def similarity(self) -> torch.Tensor | None:
-        """``[B, n_mapped, H]`` similarity of each matched pair (metric's own scale); ``None`` if not established."""
-        maps = self._maps()
-        return None if maps is None else torch.stack([m.score for m in maps], 1)
+        """``[B, n_mapped_layers, H]`` similarity of each matched pair (metric's own scale, NaN for heads of unmapped
+        KV groups); ``None`` if not established."""
+        return self._per_head(lambda m: m.score, float("nan"))
 
     def mapping_summary(self) -> dict | None:
         """Per mapped layer: mean matched similarity and the SLM layers its heads borrow from (first sequence)."""
@@ -181,9 +207,10 @@ class IAMModel:
         if maps is None:
             return None
         layers = {}
-        for idx, m in zip(self._session.mapped_layers, maps):
+        for idx, m in zip(self._session.plan, maps):
             used, counts = m.slm_layer[0].unique(return_counts=True)
             layers[idx] = {
+                "kv_groups": list(self._session.plan[idx]),
                 "mean_similarity": round(m.score.mean().item(), 4),
                 "slm_layers": {int(u): int(c) for u, c in zip(used, counts)},
             }

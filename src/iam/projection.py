@@ -92,7 +92,10 @@ class LayerBench:
         )
         one = torch.ones(1, a.heads, device=self.device)
         state.maps[0] = HeadMap(
-            layer_of_head.to(self.device), torch.randint(0, s.heads, (1, a.heads), generator=g).to(self.device), one
+            torch.arange(a.heads),
+            layer_of_head.to(self.device),
+            torch.randint(0, s.heads, (1, a.heads), generator=g).to(self.device),
+            one,
         )
         return state
 
@@ -113,13 +116,14 @@ class LayerBench:
         decode step spends on the SLM attention rows of every SLM layer. A full model computes those rows once per
         step and shares them across all mapped layers, so they are timed apart rather than charged to the layer."""
         original = self.layer.self_attn
+        every = tuple(range(self.arch.kv_heads))
         try:
-            self.layer.self_attn = MappedAttention(original, self._mapped_state(self.tokens, self.tokens))
-            prefill = timed(lambda: self._run(paired_llm_cache(self.config, [0]), 0, self.tokens), repeats, self.device)
-            cache = paired_llm_cache(self.config, [0])
+            self.layer.self_attn = MappedAttention(original, self._mapped_state(self.tokens, self.tokens), every)
+            prefill = timed(lambda: self._run(paired_llm_cache(self.config, {0: every}), 0, self.tokens), repeats, self.device)
+            cache = paired_llm_cache(self.config, {0: every})
             self._run(cache, 0, self.tokens)
             state = self._mapped_state(self.tokens + 1, 1)
-            self.layer.self_attn = MappedAttention(original, state)
+            self.layer.self_attn = MappedAttention(original, state, every)
             queries = dict(state.slm_queries)
 
             def step() -> None:

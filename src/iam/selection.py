@@ -8,6 +8,39 @@ from dataclasses import dataclass
 
 import torch
 
+Unit = int | tuple[int, int]
+"""What can be mapped: a whole LLM layer (``int``) or one KV group of a layer (``(layer, kv_group)``)."""
+Plan = dict[int, tuple[int, ...]]
+"""Mapped KV groups per mapped LLM layer (all groups of a whole layer)."""
+
+
+def plan_of(units: list[Unit], n_kv: int) -> Plan:
+    """The plan mapping these whole layers and single ``(layer, kv_group)`` units."""
+    plan: dict[int, list[int]] = {}
+    for u in units:
+        layer, groups = (u, range(n_kv)) if isinstance(u, int) else (u[0], [u[1]])
+        plan.setdefault(layer, []).extend(groups)
+    return {layer: tuple(sorted(plan[layer])) for layer in sorted(plan)}
+
+
+def unit_name(unit: Unit) -> str:
+    """``"20"`` for a whole layer, ``"20:1"`` for KV group 1 of layer 20 (the CLI's ``--layers`` syntax)."""
+    return str(unit) if isinstance(unit, int) else f"{unit[0]}:{unit[1]}"
+
+
+def parse_unit(text: str) -> Unit:
+    """The inverse of ``unit_name``."""
+    layer, _, group = text.strip().partition(":")
+    return int(layer) if not group else (int(layer), int(group))
+
+
+def format_plan(plan: Plan, n_kv: int) -> list[int | str]:
+    """A plan as the CLI writes it: whole layers as ``int``, single KV groups as ``"layer:group"``."""
+    out: list[int | str] = []
+    for layer, groups in plan.items():
+        out += [layer] if len(groups) == n_kv else [unit_name((layer, g)) for g in groups]
+    return out
+
 
 @dataclass(frozen=True)
 class LayerSelection(ABC):
@@ -28,6 +61,24 @@ class LayerSelection(ABC):
         -------
         Sorted LLM layer indices.
         """
+
+    def count(self, n_layers: int, n_kv: int, ratio: float) -> int:
+        """How many units the plan at ``ratio`` maps (whole layers, unless the strategy maps KV groups)."""
+        return round(ratio * n_layers)
+
+    def plan(self, n_layers: int, n_kv: int, ratio: float, scores: torch.Tensor | None = None) -> Plan:
+        """
+        Parameters
+        ----------
+        n_layers, n_kv : depth of the LLM and its KV heads per layer.
+        ratio : fraction of the LLM's K cache to drop.
+        scores : as for ``select``.
+
+        Returns
+        -------
+        The mapped KV groups per LLM layer.
+        """
+        return plan_of(self.select(n_layers, self.count(n_layers, n_kv, ratio), scores), n_kv)
 
 
 @dataclass(frozen=True)
@@ -81,16 +132,32 @@ class SimilarSelection(LayerSelection):
 
 @dataclass(frozen=True)
 class CalibratedSelection(LayerSelection):
-    """Map layers in a measured order, least damaging first (``iam calibrate`` measures and stores it).
+    """Map layers, or single KV groups, in a measured order, least damaging first (``iam calibrate`` measures and
+    stores it).
 
     Parameters
     ----------
-    order : every LLM layer, least damaging to map first; filled in from the stored calibration of the LLM.
+    order : every LLM layer, or every ``(layer, kv_group)``, least damaging to map first; filled in from the
+        stored calibration of the pair. With KV groups, ``ratio`` maps ``round(ratio * layers * kv_heads)`` of them.
     fallback : strategy used when no order is stored for the LLM (``None``: raise).
     """
 
-    order: tuple[int, ...] = ()
+    order: tuple[Unit, ...] = ()
     fallback: str | None = None
+
+    @property
+    def per_group(self) -> bool:
+        return bool(self.order) and not isinstance(self.order[0], int)
+
+    def count(self, n_layers: int, n_kv: int, ratio: float) -> int:
+        return round(ratio * n_layers * n_kv) if self.per_group else super().count(n_layers, n_kv, ratio)
+
+    def plan(self, n_layers: int, n_kv: int, ratio: float, scores: torch.Tensor | None = None) -> Plan:
+        if not self.per_group:
+            return super().plan(n_layers, n_kv, ratio, scores)
+        if sorted(self.order) != [(i, g) for i in range(n_layers) for g in range(n_kv)]:
+            raise ValueError(f"the calibrated order does not cover the LLM's {n_layers} layers x {n_kv} KV groups.")
+        return plan_of(list(self.order[: self.count(n_layers, n_kv, ratio)]), n_kv)
 
     def select(self, n_layers: int, n_mapped: int, scores: torch.Tensor | None = None) -> list[int]:
         if not self.order:

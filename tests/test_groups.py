@@ -1,0 +1,97 @@
+"""KV-group granularity: one KV group of a layer (its query heads and its K) mapped while the others attend as usual."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import left_pad, prompt
+from iam import IAMModel, MappingConfig
+from iam.capture import decoder_layers
+
+PLAN = [(0, 1), (2, 0), 3]  # the tiny LLMs have 4 layers of 4 query heads in 2 KV groups
+
+
+def llm_generate(llm, ids, mask, new):
+    return llm.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_partly_mapped_identity_twin_is_the_llm(twin, impl):
+    """With the SLM an exact copy, mapped heads borrow their own attention and unmapped heads attend as usual:
+    prefill logits and greedy decode equal the LLM alone, with padding, under either attention implementation."""
+    llm, slm = twin
+    llm.config._attn_implementation = impl
+    ids, mask = left_pad([prompt(n, seed=n)[0] for n in (26, 33)])
+    iam = IAMModel(llm, slm, MappingConfig(layers=PLAN))
+    out = iam.generate(ids, attention_mask=mask, max_new_tokens=8)
+    assert torch.equal(out, llm_generate(llm, ids, mask, 8))
+    assert iam.plan == {0: (1,), 2: (0,), 3: (0, 1)}
+    assert iam.mapped_units == ["0:1", "2:0", 3]
+    mapping = iam.mapping[0]  # [3 layers, 4 heads, 2]
+    assert (mapping[0, :2] == -1).all() and torch.equal(mapping[0, 2:], torch.tensor([[0, 2], [0, 3]]))
+    assert torch.equal(mapping[1, :2], torch.tensor([[2, 0], [2, 1]])) and (mapping[1, 2:] == -1).all()
+    assert iam.similarity[0, 0, :2].isnan().all() and not iam.similarity[0, 2].isnan().any()
+    with torch.no_grad():
+        ref = llm(input_ids=out, attention_mask=torch.cat([mask, torch.ones_like(out[:, mask.shape[1] :])], 1)).logits
+    assert (iam(out, torch.cat([mask, torch.ones_like(out[:, mask.shape[1] :])], 1)).logits - ref).abs().max() < 1e-3
+
+
+def test_partly_mapped_layer_caches_k_of_its_unmapped_group_only(pair):
+    llm, slm = pair
+    iam = IAMModel(llm, slm, MappingConfig(layers=[(1, 0)]))
+    iam.generate(prompt(30, batch=2), max_new_tokens=4)
+    layer = iam._session.llm_cache.layers[1]
+    assert layer.keys.shape[1] == 1 and layer.values.shape[1] == 2
+    kv = iam.kv_cache_bytes()
+    assert kv["llm"] == kv["baseline"] - layer.keys.nbytes  # exactly one KV head's K is gone
+
+
+def test_unmapped_groups_project_q_and_k_from_their_weight_rows_only(pair, monkeypatch):
+    """Q/K of a partly mapped layer's unmapped group come from views of just that group's weight rows; the full
+    projections run on the establishing window only."""
+    llm, slm = pair
+    attn = decoder_layers(llm)[1].self_attn
+    d = attn.head_dim
+    seen = []
+    real_linear = torch.nn.functional.linear
+
+    def linear(x, weight, bias=None):
+        for name in ("q_proj", "k_proj"):
+            if weight.untyped_storage().data_ptr() == getattr(attn, name).weight.untyped_storage().data_ptr():
+                seen.append((name, weight.shape[0], weight.storage_offset(), x.shape[1]))
+        return real_linear(x, weight, bias)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", linear)
+    IAMModel(llm, slm, MappingConfig(layers=[(1, 0)], truncation_threshold=16)).generate(prompt(30), max_new_tokens=3)
+    # Window: the full projections on 16 rows. Then group 1 only (rows from 2*d for q, from d for k) on the prompt
+    # and on each of the two decode steps.
+    assert seen[:2] == [("q_proj", 4 * d, 0, 16), ("k_proj", 2 * d, 0, 16)]
+    own = [("q_proj", 2 * d, 2 * d * 64, t) for t in (30, 1, 1)], [("k_proj", d, d * 64, t) for t in (30, 1, 1)]
+    assert sorted(seen[2:]) == sorted(own[0] + own[1])
+
+
+def test_partial_plan_decode_matches_its_own_prefill(pair):
+    """Decode steps of a partly mapped run give the tokens a one-shot prefill of the whole sequence would."""
+    llm, slm = pair
+    iam = IAMModel(llm, slm, MappingConfig(layers=PLAN, truncation_threshold=16))
+    out = iam.generate(prompt(40, seed=5), max_new_tokens=8)
+    assert torch.equal(iam(out).logits[0, 39:-1].argmax(-1), out[0, 40:])
+
+
+def test_calibrated_kv_group_order(pair, tmp_path, monkeypatch):
+    from iam.calibration import order_from_sweep, write_order
+
+    monkeypatch.setenv("IAM_CACHE", str(tmp_path))
+    llm, slm = pair
+    rows = [{"first_layer": None, "ppl_increase": 0.0}]
+    rows += [{"first_layer": i, "kv_group": g, "ppl_increase": 0.1 * (7 - 2 * i - g)} for i in range(4) for g in range(2)]
+    order = order_from_sweep(rows)
+    assert order == [(3, 1), (3, 0), (2, 1), (2, 0), (1, 1), (1, 0), (0, 1), (0, 0)]
+    write_order(llm.config, slm.config, order, {}, {"dataset": "test"})
+    iam = IAMModel(llm, slm, MappingConfig(ratio=0.375))  # round(0.375 * 8) = 3 of 8 KV groups
+    assert iam.plan == {2: (1,), 3: (0, 1)} and iam.n_mapped == 3
+    assert IAMModel(llm, slm, MappingConfig(ratio=0.02)).n_mapped == 0
+    write_order(llm.config, slm.config, order[:-1], {}, {"dataset": "test"})
+    with pytest.raises(ValueError, match=r"does not cover the LLM's 4 layers x 2 KV groups"):
+        _ = IAMModel(llm, slm, MappingConfig(ratio=0.5)).plan
