@@ -4,11 +4,13 @@ It replaces the layer's ``self_attn`` while a paired run is in flight (as transf
 follows the same call contract. After the mapping exists it never calls ``q_proj``/``k_proj``, stores no K, and
 computes ``softmax(q_slm k_slm^T) V_llm`` with ``scaled_dot_product_attention``, so no T x T matrix is formed.
 LLM heads of one KV group that borrow the same SLM head would compute the same thing, so prefill computes it once.
+A layer can also be mapped in part, one KV group at a time (see ``MappedAttention``).
 """
 
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +20,52 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from .cache import read_keys
 from .capture import apply_rope
 from .mapping import HeadMap, MappingState, match_heads, window_attention
+
+Route = tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]
+"""``(slm_layer, batch idx, column idx, slm head idx)``: the columns that read one SLM layer."""
+
+
+def by_slm_layer(slm_layer: torch.Tensor, slm_head: torch.Tensor) -> list[Route]:
+    """One route per SLM layer borrowed from, for ``[B, N]`` columns (LLM heads, or prefill items)."""
+    out = []
+    for layer in slm_layer.unique().tolist():
+        bi, ni = (slm_layer == layer).nonzero(as_tuple=True)
+        out.append((layer, bi, ni, slm_head[bi, ni]))
+    return out
+
+
+@dataclass(frozen=True)
+class Routes:
+    """Where a mapped layer reads its attention from, grouped for the kernels; built once per mapping.
+
+    Parameters
+    ----------
+    heads : per SLM layer, the mapped LLM heads reading it (decode: one row per LLM head).
+    items : per SLM layer, the prefill items reading it. An item is a distinct ``(slm_layer, slm_head, kv group)``
+        of a sequence: LLM heads of one KV group borrowing one SLM head compute the same thing, so they share one.
+    item_kv : ``[B, U]`` the KV group (among the mapped ones) of each item; rows are padded by repeating the first.
+    item_of_head : ``[B, H_m]`` the item of each mapped LLM head.
+    """
+
+    heads: list[Route]
+    items: list[Route]
+    item_kv: torch.Tensor
+    item_of_head: torch.Tensor
+
+    @classmethod
+    def of(cls, hmap: HeadMap, heads_per_kv: int) -> Routes:
+        b, h = hmap.slm_layer.shape
+        kv = torch.arange(h, device=hmap.slm_layer.device) // heads_per_kv
+        keys = torch.stack([hmap.slm_layer, hmap.slm_head, kv.expand(b, h)], -1)  # [B, H_m, 3]
+        found = [keys[i].unique(dim=0, return_inverse=True) for i in range(b)]
+        width = max(len(u) for u, _ in found)
+        items = torch.stack([torch.cat([u, u[:1].expand(width - len(u), 3)]) for u, _ in found])  # [B, U, 3]
+        return cls(
+            heads=by_slm_layer(hmap.slm_layer, hmap.slm_head),
+            items=by_slm_layer(items[..., 0], items[..., 1]),
+            item_kv=items[..., 2],
+            item_of_head=torch.stack([inv for _, inv in found]),
+        )
 
 
 class MappedAttention(nn.Module):
@@ -47,8 +95,7 @@ class MappedAttention(nn.Module):
             torch.tensor([h for g in gs for h in range(g * per_group, (g + 1) * per_group)], dtype=torch.long)
             for gs in (groups, self.own)
         )
-        self._groups: dict[str, list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
-        self._unique: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._routes: Routes | None = None
 
     def forward(
         self,
@@ -61,7 +108,9 @@ class MappedAttention(nn.Module):
         attn, state = self.original, self.state
         if self.layer_idx not in state.maps:
             state.maps[self.layer_idx] = self._establish(hidden_states, position_embeddings)
-        hmap = state.maps[self.layer_idx]
+        if self._routes is None:
+            self._routes = Routes.of(state.maps[self.layer_idx], attn.num_key_value_groups)
+        routes = self._routes
 
         b, t, _ = hidden_states.shape
         v = attn.v_proj(hidden_states).view(b, t, -1, attn.head_dim).transpose(1, 2)
@@ -71,7 +120,7 @@ class MappedAttention(nn.Module):
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
         mapped_v = take_groups(v, self.groups)
-        out = self._decode(hmap, mapped_v, attention_mask) if t == 1 else self._prefill(hmap, mapped_v, attention_mask)
+        out = self._decode(routes, mapped_v, attention_mask) if t == 1 else self._prefill(routes, mapped_v, attention_mask)
         if self.own:
             full = out.new_empty(b, len(self.heads) + len(self.own_heads), t, attn.head_dim)
             full[:, self.heads] = out
@@ -102,13 +151,13 @@ class MappedAttention(nn.Module):
         )
         return out.transpose(1, 2)
 
-    def _decode(self, hmap: HeadMap, v: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    def _decode(self, routes: Routes, v: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """One new token: gather the SLM's attention rows (computed once per SLM layer and step, shared by every
         LLM head and layer mapped to it) and multiply by the mapped groups' V without expanding it; returns
         ``[B, H_m, 1, d]``."""
-        b, h = hmap.slm_layer.shape
+        b, h = routes.item_of_head.shape
         rows = v.new_empty(b, h, v.shape[2])
-        for layer, bi, hi, hs in self._by_slm_layer("heads", hmap.slm_layer, hmap.slm_head):
+        for layer, bi, hi, hs in routes.heads:
             rows[bi, hi] = self.state.decode_rows(layer, attention_mask)[bi, hs].to(v.dtype)
         kv_heads = v.shape[1]
         return (rows.view(b, kv_heads, h // kv_heads, -1) @ v).view(b, h, 1, -1)
@@ -124,58 +173,31 @@ class MappedAttention(nn.Module):
         probs = window_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), attn.scaling)
         return match_heads(self.heads, probs, window, self.state.slm_flats, self.state.slm_heads, self.state.metric)
 
-    def _prefill(self, hmap: HeadMap, v: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    def _prefill(self, routes: Routes, v: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """All new tokens: one SDPA over the distinct (SLM head, KV group) items, expanded to the LLM heads.
 
         SDPA's fused kernels need one head size for q/k and v; zero-padding q and k (or v) keeps q.k exact and
         avoids the fallback that would build the T x T matrix. ``v`` holds the mapped groups. Returns ``[B, H_m, t, d]``."""
-        slm_layer, slm_head, kv, head_item = self._unique_items(hmap, self.original.num_key_value_groups)
         b, total, d = v.shape[0], v.shape[2], v.shape[-1]  # total: cached and new tokens
         state = self.state
-        groups = self._by_slm_layer("items", slm_layer, slm_head)
-        some_q = state.slm_queries[groups[0][0]]
+        some_q = state.slm_queries[routes.items[0][0]]
         d_s = some_q.shape[-1]
         width = max(d_s, d)
-        q = some_q.new_zeros(*slm_layer.shape, some_q.shape[2], width)
-        k = some_q.new_zeros(*slm_layer.shape, total, width)
-        for layer, bi, ui, hs in groups:
+        q = some_q.new_zeros(*routes.item_kv.shape, some_q.shape[2], width)
+        k = some_q.new_zeros(*routes.item_kv.shape, total, width)
+        for layer, bi, ui, hs in routes.items:
             q[bi, ui, :, :d_s] = state.slm_queries[layer][bi, hs]
             k[bi, ui, :, :d_s] = read_keys(state.slm_cache_layers[layer], bi, hs // state.slm_kv_groups)
         rows = torch.arange(b, device=v.device)[:, None]
         out = F.scaled_dot_product_attention(
             q.to(v.dtype),
             k.to(v.dtype),
-            F.pad(v[rows, kv], (0, width - d)),
+            F.pad(v[rows, routes.item_kv], (0, width - d)),
             attn_mask=attention_mask,
             is_causal=attention_mask is None,
             scale=state.slm_scaling,
         )[..., :d]
-        return out[rows, head_item]
-
-    def _unique_items(self, hmap: HeadMap, kv_groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per sequence, the distinct ``(slm_layer, slm_head, kv_head)`` items ``[B, U]`` (padded by repeating the
-        first), and the item of each LLM head ``[B, H]``."""
-        if self._unique is None:
-            b, h = hmap.slm_layer.shape
-            kv = torch.arange(h, device=hmap.slm_layer.device) // kv_groups
-            keys = torch.stack([hmap.slm_layer, hmap.slm_head, kv.expand(b, h)], -1)  # [B, H, 3]
-            found = [keys[i].unique(dim=0, return_inverse=True) for i in range(b)]
-            width = max(len(u) for u, _ in found)
-            items = torch.stack([torch.cat([u, u[:1].expand(width - len(u), 3)]) for u, _ in found])  # [B, U, 3]
-            self._unique = (*items.unbind(-1), torch.stack([inv for _, inv in found]))
-        return self._unique
-
-    def _by_slm_layer(
-        self, kind: str, slm_layer: torch.Tensor, slm_head: torch.Tensor
-    ) -> list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """``(slm_layer, batch idx, column idx, slm head idx)`` for each SLM layer borrowed from, where ``slm_layer``
-        and ``slm_head`` are ``[B, N]`` (N LLM heads, or N prefill items); cached under ``kind``."""
-        if kind not in self._groups:
-            self._groups[kind] = []
-            for layer in slm_layer.unique().tolist():
-                bi, ni = (slm_layer == layer).nonzero(as_tuple=True)
-                self._groups[kind].append((layer, bi, ni, slm_head[bi, ni]))
-        return self._groups[kind]
+        return out[rows, routes.item_of_head]
 
 
 def runs(groups: tuple[int, ...]) -> list[tuple[int, int]]:
