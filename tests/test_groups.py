@@ -32,6 +32,9 @@ def test_partly_mapped_identity_twin_is_the_llm(twin, impl):
     assert (mapping[0, :2] == -1).all() and torch.equal(mapping[0, 2:], torch.tensor([[0, 2], [0, 3]]))
     assert torch.equal(mapping[1, :2], torch.tensor([[2, 0], [2, 1]])) and (mapping[1, 2:] == -1).all()
     assert iam.similarity[0, 0, :2].isnan().all() and not iam.similarity[0, 2].isnan().any()
+    summary = iam.mapping_summary()
+    assert [v["kv_groups"] for v in summary["layers"].values()] == [[1], [0], [0, 1]]
+    assert summary["mean_similarity"] > 0.99  # each head finds itself
     with torch.no_grad():
         ref = llm(input_ids=out, attention_mask=torch.cat([mask, torch.ones_like(out[:, mask.shape[1] :])], 1)).logits
     assert (iam(out, torch.cat([mask, torch.ones_like(out[:, mask.shape[1] :])], 1)).logits - ref).abs().max() < 1e-3

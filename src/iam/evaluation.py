@@ -137,7 +137,8 @@ def eval_consistency(llm, slm, tokenizer, windows, ratio: float, steps: int, bas
                 session.prepare()
                 best.append(session.probe_similarity()[layers].argmax(-1))  # [n_mapped, B, H]
         for j, layer in enumerate(layers):
-            same = torch.stack([(b[j] == best[0][j]).float().mean() for b in best[1:]])
+            heads = iam.head_maps[layer].heads  # a partly mapped layer: its mapped groups' heads only
+            same = torch.stack([(b[j][:, heads] == best[0][j][:, heads]).float().mean() for b in best[1:]])
             agree.setdefault(layer, []).append(same.mean().item())
     rows = [{"llm_layer": layer, "consistency": sum(v) / len(v)} for layer, v in agree.items()]
     return {"rows": rows, "steps": steps, "ratio": ratio, "mean": sum(r["consistency"] for r in rows) / len(rows)}

@@ -172,17 +172,19 @@ class IAMModel:
         """The mapped units as the CLI writes them: whole layers as ``int``, single KV groups as ``"layer:group"``."""
         return format_plan(self.plan, self.n_kv)
 
-    def _maps(self):
+    @property
+    def head_maps(self) -> dict[int, HeadMap] | None:
+        """The ``HeadMap`` of each mapped LLM layer in the last call; ``None`` if no mapping was established."""
         if self._session is None or not self._session.established:
             return None
-        return [self._session.state.maps[i] for i in self._session.plan]
+        return {i: self._session.state.maps[i] for i in self._session.plan}
 
     def _per_head(self, values: Callable[[HeadMap], torch.Tensor], fill: float) -> torch.Tensor | None:
         """``values(map)`` ``[B, H_mapped, ...]`` of each mapped layer, placed at its heads of a ``[B, n_layers, H, ...]``
         tensor; heads of a layer's unmapped KV groups hold ``fill``."""
-        maps = self._maps()
-        if maps is None:
+        if self.head_maps is None:
             return None
+        maps = list(self.head_maps.values())
         first = values(maps[0])
         out = first.new_full((first.shape[0], len(maps), self.llm.config.num_attention_heads, *first.shape[2:]), fill)
         for i, m in enumerate(maps):
@@ -203,18 +205,17 @@ class IAMModel:
 
     def mapping_summary(self) -> dict | None:
         """Per mapped layer: mean matched similarity and the SLM layers its heads borrow from (first sequence)."""
-        maps = self._maps()
-        if maps is None:
+        if self.head_maps is None:
             return None
         layers = {}
-        for idx, m in zip(self._session.plan, maps):
+        for idx, m in self.head_maps.items():
             used, counts = m.slm_layer[0].unique(return_counts=True)
             layers[idx] = {
-                "kv_groups": list(self._session.plan[idx]),
+                "kv_groups": list(self.plan[idx]),
                 "mean_similarity": round(m.score.mean().item(), 4),
                 "slm_layers": {int(u): int(c) for u, c in zip(used, counts)},
             }
-        mean = torch.stack([m.score for m in maps]).mean().item()
+        mean = torch.cat([m.score.flatten() for m in self.head_maps.values()]).mean().item()
         return {"mean_similarity": round(mean, 4), "metric": self.config.metric, "layers": layers}
 
     def kv_cache_bytes(self) -> dict[str, int]:
