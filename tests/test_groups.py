@@ -98,3 +98,14 @@ def test_calibrated_kv_group_order(pair, tmp_path, monkeypatch):
     write_order(llm.config, slm.config, order[:-1], {}, {"dataset": "test"})
     with pytest.raises(ValueError, match=r"does not cover the LLM's 4 layers x 2 KV groups"):
         _ = IAMModel(llm, slm, MappingConfig(ratio=0.5)).plan
+
+
+def test_sweep_per_kv_group_maps_one_group_at_a_time(pair):
+    from iam.evaluation import eval_sweep
+
+    llm, slm = pair
+    result = eval_sweep(llm, slm, [prompt(30, seed=2)], 2, MappingConfig(), per_group=True, progress=False)
+    rows = result["rows"]
+    assert [r["block"] for r in rows] == ["none", "0-1:0", "0-1:1", "2-3:0", "2-3:1"]
+    assert [r["mapped_layers"] for r in rows[1:]] == [["0:0", "1:0"], ["0:1", "1:1"], ["2:0", "3:0"], ["2:1", "3:1"]]
+    assert rows[0]["ppl_increase"] == 0 and all(r["ppl_increase"] != 0 for r in rows[1:])
