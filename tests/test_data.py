@@ -22,6 +22,12 @@ def test_calibration_and_evaluation_code_texts_are_disjoint():
     assert "def getLogger" in load_text("python-stdlib-calib")
 
 
+def test_python_docs_is_the_language_reference():
+    text = load_text("python-docs")
+    assert len(text) > 100_000 and 'The "assert" statement' in text
+    assert "def getLogger" not in text and "class ArgumentParser" not in text  # no calibration or evaluation source
+
+
 def test_trivia_pairs():
     pairs = load_qa("trivia")
     assert len(pairs) > 100 and all(q and a for q, a in pairs)

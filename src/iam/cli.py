@@ -63,6 +63,9 @@ def add_mapping_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--establish-threshold", type=int, default=20)
     p.add_argument("--truncation-threshold", type=int, default=100)
     p.add_argument("--slm-cache", default="native", choices=["native", "int8"], help="SLM cache precision")
+    p.add_argument(
+        "--calibration", default=None, metavar="FILE", help="order for --strategy auto/calibrated, instead of the stored one"
+    )
 
 
 def mapping_config(args: argparse.Namespace, ratio: float) -> MappingConfig:
@@ -74,6 +77,7 @@ def mapping_config(args: argparse.Namespace, ratio: float) -> MappingConfig:
         establish_threshold=args.establish_threshold,
         truncation_threshold=args.truncation_threshold,
         slm_cache=args.slm_cache,
+        calibration=args.calibration,
     )
 
 
@@ -386,7 +390,7 @@ def add_text_args(p: argparse.ArgumentParser, windows: int = 3, tokens: int = 51
     p.add_argument(
         "--dataset",
         default="wikipedia",
-        help="wikipedia, lee-news, python-stdlib, python-stdlib-calib (offline), wikitext2, govreport (online); "
+        help="wikipedia, lee-news, python-docs, python-stdlib, python-stdlib-calib (offline), wikitext2, govreport (online); "
         "comma-separate to mix",
     )
     p.add_argument("--text", default=None, metavar="FILE", help="any text file instead of --dataset")

@@ -4,7 +4,7 @@
   ``gensim.corpora.wikicorpus.filter_wiki``), standing in for WikiText-2.
 - Trivia: chatterbot-corpus's English trivia Q/A pairs.
 - Lee's news corpus and Crime and Punishment, also in gensim's test data; Python standard-library source (two
-  disjoint module sets).
+  disjoint module sets); Python's Language Reference (English technical prose, shipped with CPython).
 """
 
 from __future__ import annotations
@@ -99,11 +99,21 @@ def _online(name: str, path: str, config: str | None, split: str):
     return load_dataset(path, config, split=split)
 
 
+def python_docs_text() -> str:
+    """Python's Language Reference sections, as shipped with every CPython in ``pydoc_data`` (what ``help()``
+    shows): English technical prose with short code examples."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
 def load_text(name: str) -> str:
-    """Text for perplexity: ``wikipedia``, ``lee-news``, ``python-stdlib``, ``python-stdlib-calib`` (offline),
-    ``wikitext2``, ``govreport`` (online, via ``datasets``) or a file path."""
+    """Text for perplexity: ``wikipedia``, ``lee-news``, ``python-docs``, ``python-stdlib``, ``python-stdlib-calib``
+    (offline), ``wikitext2``, ``govreport`` (online, via ``datasets``) or a file path."""
     if name == "wikipedia":
         return wikipedia_text()
+    if name == "python-docs":
+        return python_docs_text()
     if name in STDLIB_MODULES:
         return python_stdlib_text(name)
     if name in GENSIM_TEXTS:
@@ -113,7 +123,7 @@ def load_text(name: str) -> str:
         return "\n\n".join(_online(name, path, config, split)[field])
     path = Path(name)
     if not path.is_file():
-        names = ", ".join(["wikipedia", *GENSIM_TEXTS, *STDLIB_MODULES, *ONLINE_TEXTS])
+        names = ", ".join(["wikipedia", "python-docs", *GENSIM_TEXTS, *STDLIB_MODULES, *ONLINE_TEXTS])
         raise FileNotFoundError(f"text file {name!r} not found (or use one of {names}).")
     return path.read_text()
 
