@@ -90,3 +90,20 @@ def test_cosine_norm_prefers_the_candidate_of_matching_magnitude():
     assert torch.allclose(METRICS["cosine"].score(llm, slm), torch.ones(1, 2))
     assert METRICS["cosine-norm"].score(llm, slm).argmax().item() == 1
     assert METRICS["cosine-norm"].score(llm, slm)[0, 0].item() == pytest.approx(1 / 3)
+
+
+def test_a_calibration_file_can_be_chosen(pair, tmp_path, monkeypatch):
+    from iam import IAMModel, MappingConfig
+    from iam.calibration import write_order
+
+    monkeypatch.setenv("IAM_CACHE", str(tmp_path / "cache"))
+    llm, slm = pair
+    path = write_order(llm.config, slm.config, [1, 3, 0, 2], {}, {"dataset": "test"}, tmp_path)
+    assert IAMModel(llm, slm, MappingConfig(ratio=0.5, calibration=str(path))).mapped_layers == [1, 3]
+    assert IAMModel(llm, slm, MappingConfig(ratio=0.5)).mapped_layers == [2, 3]  # nothing stored: "back"
+    other = write_order(slm.config, slm.config, [0, 1], {}, {}, tmp_path / "other")
+    with pytest.raises(ValueError, match=r"calibrates \w+-L2-.* with .*, not this pair"):
+        IAMModel(llm, slm, MappingConfig(ratio=0.5, calibration=str(other)))
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="is not a calibration file written by `iam calibrate`"):
+        IAMModel(llm, slm, MappingConfig(ratio=0.5, calibration=str(tmp_path / "bad.json")))

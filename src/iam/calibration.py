@@ -37,13 +37,24 @@ def pair_key(llm: PretrainedConfig, slm: PretrainedConfig) -> str:
     return f"{arch_key(llm)}__{arch_key(slm)}"
 
 
+def read_order(path: Path, llm: PretrainedConfig, slm: PretrainedConfig) -> tuple[Unit, ...]:
+    """The order in a calibration file (layers, or ``(layer, kv_group)`` pairs); it must be for this pair."""
+    try:
+        record = json.loads(Path(path).read_text())
+        order, llm_key, slm_key = record["order"], record["llm"], record["slm"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not a calibration file written by `iam calibrate` ({e}).") from None
+    if (llm_key, slm_key) != (arch_key(llm), arch_key(slm)):
+        raise ValueError(f"{path} calibrates {llm_key} with {slm_key}, not this pair ({arch_key(llm)} with {arch_key(slm)}).")
+    return tuple(u if isinstance(u, int) else tuple(u) for u in order)
+
+
 def find_order(llm: PretrainedConfig, slm: PretrainedConfig) -> tuple[Unit, ...]:
-    """The stored order for this pair (user calibrations first): layers, or ``(layer, kv_group)`` pairs; or ``()``."""
+    """The stored order for this pair (user calibrations first), or ``()``."""
     name = pair_key(llm, slm) + ".json"
     for folder in (cache_root() / "calibration", SHIPPED):
-        path = folder / name
-        if path.is_file():
-            return tuple(u if isinstance(u, int) else tuple(u) for u in json.loads(path.read_text())["order"])
+        if (folder / name).is_file():
+            return read_order(folder / name, llm, slm)
     return ()
 
 

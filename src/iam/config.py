@@ -26,6 +26,8 @@ class MappingConfig:
         ``"cosine-norm"`` (see ``iam.similarity``).
     establish_threshold : context length (tokens) at which the mapping is established.
     truncation_threshold : only the first this-many tokens' attention is compared.
+    calibration : a calibration file (``iam calibrate`` writes them) whose order ``"auto"``/``"calibrated"`` use
+        instead of the one stored for the pair.
     slm_cache : ``"native"`` (the SLM's own dtype) or ``"int8"`` (K and V as int8 with per-token scales, about
         half the SLM cache bytes in fp16).
     """
@@ -37,6 +39,7 @@ class MappingConfig:
     establish_threshold: int = 20
     truncation_threshold: int = 100
     slm_cache: str = "native"
+    calibration: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 <= self.ratio <= 1:

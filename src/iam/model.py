@@ -10,7 +10,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .cache import cache_bytes, full_cache_bytes
-from .calibration import find_order
+from .calibration import find_order, read_order
 from .config import MappingConfig, check_layers_in_range
 from .generation import PairedSession, generate
 from .mapping import HeadMap
@@ -63,7 +63,9 @@ class IAMModel:
         self.n_kv: int = llm.config.num_key_value_heads
         self.strategy = STRATEGIES[self.config.strategy]
         if isinstance(self.strategy, CalibratedSelection):
-            self.strategy = replace(self.strategy, order=find_order(llm.config, slm.config))
+            file = self.config.calibration
+            order = read_order(file, llm.config, slm.config) if file else find_order(llm.config, slm.config)
+            self.strategy = replace(self.strategy, order=order)
         if self.config.layers is not None:
             check_layers_in_range(self.config.layers, self.n_layers, self.n_kv)
             self.n_mapped = len(self.config.layers)
