@@ -68,3 +68,8 @@ def left_pad(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         ids[i, width - p.shape[-1] :] = p
         mask[i, width - p.shape[-1] :] = 1
     return ids, mask
+
+
+def kv_groups_mapped(units: list, n_kv: int = 2) -> int:
+    """KV groups a ``mapped_layers`` list maps: whole layers (ints) count ``n_kv``, ``"layer:group"`` entries one."""
+    return sum(n_kv if isinstance(u, int) else 1 for u in units)

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from conftest import kv_groups_mapped
 from iam.cli import build_parser, main
 
 PAIR = ["--llm", "qwen2.5-coder-1.5b", "--slm", "qwen2.5-coder-0.5b"]
@@ -37,7 +38,7 @@ def test_generate_json(capsys):
     assert main(["generate", *PAIR, "--prompt", "Name a prime number.", "--max-new-tokens", "3", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert {"text", "mapped_layers", "mapping_summary", "kv_cache_bytes", "timings"} <= out.keys()
-    assert len(out["mapped_layers"]) == 8  # 30% of 28 layers, in the pair's calibrated order
+    assert kv_groups_mapped(out["mapped_layers"]) == 17  # 30% of 28 x 2 KV groups, in the pair's calibrated order
     assert set(out["kv_cache_bytes"]) == {"llm", "slm", "total", "baseline"}
     assert out["mapping_summary"]["mean_similarity"] > 0.5
 
@@ -46,5 +47,5 @@ def test_demo_writes_json(tmp_path, capsys):
     path = tmp_path / "sub" / "demo.json"
     assert main(["demo", *PAIR, "--ratios", "0,0.5", "--max-new-tokens", "2", "--json", str(path)]) == 0
     runs = json.loads(path.read_text())["runs"]
-    assert [len(r["mapped_layers"]) for r in runs] == [0, 14]
+    assert [kv_groups_mapped(r["mapped_layers"]) for r in runs] == [0, 28]
     assert "IAM, ratio 0.5" in capsys.readouterr().out
