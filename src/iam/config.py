@@ -16,7 +16,8 @@ class MappingConfig:
 
     Parameters
     ----------
-    ratio : fraction of LLM layers mapped, in ``[0, 1]``; the count is ``round(ratio * n_layers)``.
+    ratio : fraction of the LLM's K cache dropped, in ``[0, 1]``: ``round(ratio * n_layers)`` whole layers, or
+        ``round(ratio * n_layers * kv_heads)`` KV groups when the calibrated order is per KV group.
     strategy : which layers: ``"auto"`` (the pair's stored calibrated order, else ``"back"``), ``"calibrated"``,
         ``"back"``, ``"front"``, ``"two-region"`` or ``"similar"`` (see ``iam.selection``).
     layers : explicit units to map, overriding ``ratio`` and ``strategy``: whole LLM layers (``int``) and single KV
