@@ -67,8 +67,8 @@ def test_pair_loads_as_one_family(real_pair):
     llm, slm, tok = real_pair
     assert (llm.config.model_type, llm.config.num_hidden_layers, slm.config.num_hidden_layers) == ("qwen2", 28, 24)
     assert tok.padding_side == "left"
-    # the calibrated order ships with the package and covers every layer
-    assert sorted(find_order(llm.config, slm.config)) == list(range(28))
+    # the calibrated order ships with the package and covers every KV group of every layer
+    assert sorted(find_order(llm.config, slm.config)) == [(i, g) for i in range(28) for g in range(2)]
 
 
 def test_llm_alone_has_plausible_wikipedia_perplexity(real_pair, wiki_windows):
