@@ -83,7 +83,7 @@ def test_cli_measured_smoke(tmp_path, capsys):
     assert rows[1]["kv_llm_bytes"] < rows[0]["kv_bytes"] < rows[1]["kv_bytes"]
 
 
-def test_cli_projection_smoke(tmp_path, capsys):
+def test_cli_projection_smoke(tmp_path, capsys, monkeypatch):
     cfg = {
         "num_hidden_layers": 4,
         "hidden_size": 128,
@@ -126,6 +126,13 @@ def test_cli_projection_smoke(tmp_path, capsys):
     assert [r["ratio"] for r in rows] == [0.0, 0.5]
     for key in ("ttft_s", "tpot_s", "ttft_speedup", "tpot_speedup", "ttft_limit", "tpot_limit", "kv_ratio"):
         assert key in rows[1]
+    assert result["parts"][0]["eager_layer_prefill_s"] > 0 and rows[1]["ttft_speedup_vs_eager"] > 0
+    # Where eager's T x T probabilities would not fit, the eager baseline is left out instead of running out of memory.
+    monkeypatch.setattr("iam.projection.eager_budget", lambda device: 4 * 16 * 16 * 4 - 1)
+    assert main([*args, "--out", str(tmp_path), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["parts"][0]["eager_layer_prefill_s"] is None and result["rows"][1]["ttft_speedup_vs_eager"] is None
+    assert result["rows"][1]["ttft_speedup"] > 0
 
 
 def test_tensor_peak_counts_live_storages_once():

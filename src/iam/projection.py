@@ -165,6 +165,11 @@ def head_time(arch: Arch, device: torch.device, dtype: torch.dtype, repeats: int
     return timed(lambda: head(x), repeats, device)
 
 
+def eager_budget(device: torch.device) -> int:
+    """Bytes an eager layer's probabilities may take: half the free GPU memory, or 4 GiB on CPU."""
+    return torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda" else 4 << 30
+
+
 @torch.inference_mode()
 def project(
     llm: Arch, slm: Arch, ratios: list[float], tokens_list: list[int], device: torch.device, dtype: torch.dtype, repeats: int
@@ -177,7 +182,9 @@ def project(
         layer_prefill, layer_decode = sdpa.unmapped(repeats)
         mapped_prefill, mapped_decode, slm_rows = sdpa.mapped(repeats)
         del sdpa
-        eager_prefill, _ = LayerBench(llm, slm, tokens, device, dtype, attn="eager").unmapped(repeats)
+        eager_prefill = None  # eager materialises heads x T x T probabilities; skipped where they would not fit
+        if llm.heads * tokens**2 * dtype.itemsize <= eager_budget(device):
+            eager_prefill, _ = LayerBench(llm, slm, tokens, device, dtype, attn="eager").unmapped(repeats)
         slm_prefill, slm_decode = slm_times(slm, tokens, device, dtype, repeats)
         parts.append(
             {
@@ -210,7 +217,7 @@ def project(
                     "kv_ratio": kv_bytes_per_token(llm, slm, n, 2, "iam") / base_kv,
                     "ttft_s": ttft,
                     "tpot_s": tpot,
-                    "ttft_eager_s": llm.layers * eager_prefill + head if n == 0 else None,
+                    "ttft_eager_s": llm.layers * eager_prefill + head if n == 0 and eager_prefill else None,
                 }
             )
         base = [row for row in rows if row["tokens"] == tokens and row["ratio"] == 0][0]
@@ -220,7 +227,7 @@ def project(
             n = round(row["ratio"] * llm.layers)
             row["ttft_speedup"] = base["ttft_s"] / row["ttft_s"]
             row["tpot_speedup"] = base["tpot_s"] / row["tpot_s"]
-            row["ttft_speedup_vs_eager"] = base["ttft_eager_s"] / row["ttft_s"]
+            row["ttft_speedup_vs_eager"] = base["ttft_eager_s"] / row["ttft_s"] if base["ttft_eager_s"] else None
             row["ttft_limit"] = prefill_flops(llm, slm, 0, tokens) / prefill_flops(llm, slm, n, tokens)
             row["tpot_limit"] = decode_bytes(llm, slm, 0, 1, tokens, 2) / decode_bytes(llm, slm, n, 1, tokens, 2, "iam")
     return {"parts": parts, "rows": rows}
