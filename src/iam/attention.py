@@ -96,6 +96,9 @@ class MappedAttention(nn.Module):
             for gs in (groups, self.own)
         )
         self._routes: Routes | None = None
+        # The model's own attention function for the unmapped groups, resolved once (as its own layers do per call).
+        eager = importlib.import_module(type(original).__module__).eager_attention_forward
+        self._attention = ALL_ATTENTION_FUNCTIONS.get_interface(original.config._attn_implementation, eager)
 
     def forward(
         self,
@@ -143,10 +146,7 @@ class MappedAttention(nn.Module):
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Usual attention of the unmapped groups through the model's own attention function: ``[B, H_own, t, d]``."""
         attn = self.original
-        impl = attn.config._attn_implementation
-        default = importlib.import_module(type(attn).__module__).eager_attention_forward
-        interface = ALL_ATTENTION_FUNCTIONS.get_interface(impl, default)
-        out, _ = interface(
+        out, _ = self._attention(
             attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling, sliding_window=getattr(attn, "sliding_window", None)
         )
         return out.transpose(1, 2)
