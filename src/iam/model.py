@@ -184,9 +184,10 @@ class IAMModel:
     def _per_head(self, values: Callable[[HeadMap], torch.Tensor], fill: float) -> torch.Tensor | None:
         """``values(map)`` ``[B, H_mapped, ...]`` of each mapped layer, placed at its heads of a ``[B, n_layers, H, ...]``
         tensor; heads of a layer's unmapped KV groups hold ``fill``."""
-        if self.head_maps is None:
+        head_maps = self.head_maps
+        if head_maps is None:
             return None
-        maps = list(self.head_maps.values())
+        maps = list(head_maps.values())
         first = values(maps[0])
         out = first.new_full((first.shape[0], len(maps), self.llm.config.num_attention_heads, *first.shape[2:]), fill)
         for i, m in enumerate(maps):
@@ -207,17 +208,18 @@ class IAMModel:
 
     def mapping_summary(self) -> dict | None:
         """Per mapped layer: mean matched similarity and the SLM layers its heads borrow from (first sequence)."""
-        if self.head_maps is None:
+        head_maps, plan = self.head_maps, self.plan
+        if head_maps is None:
             return None
         layers = {}
-        for idx, m in self.head_maps.items():
+        for idx, m in head_maps.items():
             used, counts = m.slm_layer[0].unique(return_counts=True)
             layers[idx] = {
-                "kv_groups": list(self.plan[idx]),
+                "kv_groups": list(plan[idx]),
                 "mean_similarity": round(m.score.mean().item(), 4),
                 "slm_layers": {int(u): int(c) for u, c in zip(used, counts)},
             }
-        mean = torch.cat([m.score.flatten() for m in self.head_maps.values()]).mean().item()
+        mean = torch.cat([m.score.flatten() for m in head_maps.values()]).mean().item()
         return {"mean_similarity": round(mean, 4), "metric": self.config.metric, "layers": layers}
 
     def kv_cache_bytes(self) -> dict[str, int]:
