@@ -16,7 +16,7 @@ from .loading import load_pair
 from .model import IAMModel
 from .presets import PRESETS, load_arch
 from .reporting import markdown_table, write_report
-from .selection import STRATEGIES, Unit, parse_unit, unit_name
+from .selection import STRATEGIES, Unit, parse_unit, unit_label
 from .similarity import METRICS
 
 DEMO_PROMPTS = [
@@ -364,8 +364,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         steps = len(units) // 2 if args.steps is None else args.steps
         source.update(steps=steps, shortlist=args.shortlist, damage="mean token KL(LLM || IAM), nats")
         order, rows = calibration.greedy_order(evaluation.kl_damage(llm, slm, windows, base), units, steps, args.shortlist)
-        for row in rows:  # whole layers stay ints, KV groups read "layer:group" (as in mapped_layers)
-            row["layer"] = row["layer"] if isinstance(row["layer"], int) else unit_name(row["layer"])
+        for row in rows:  # named as in mapped_layers
+            row["layer"] = unit_label(row["layer"])
         result = {"rows": rows}
         damage = {str(r["layer"]): r["damage"] for r in rows}
         columns = ["step", "layer", "damage", "measured"]

@@ -28,6 +28,11 @@ def unit_name(unit: Unit) -> str:
     return str(unit) if isinstance(unit, int) else f"{unit[0]}:{unit[1]}"
 
 
+def unit_label(unit: Unit) -> int | str:
+    """How results name a unit: a whole layer as its ``int``, a KV group as ``"layer:group"``."""
+    return unit if isinstance(unit, int) else unit_name(unit)
+
+
 def parse_unit(text: str) -> Unit:
     """The inverse of ``unit_name``."""
     layer, _, group = text.strip().partition(":")
@@ -38,7 +43,7 @@ def format_plan(plan: Plan, n_kv: int) -> list[int | str]:
     """A plan as the CLI writes it: whole layers as ``int``, single KV groups as ``"layer:group"``."""
     out: list[int | str] = []
     for layer, groups in plan.items():
-        out += [layer] if len(groups) == n_kv else [unit_name((layer, g)) for g in groups]
+        out += [layer] if len(groups) == n_kv else [unit_label((layer, g)) for g in groups]
     return out
 
 
