@@ -107,6 +107,8 @@ def test_cli_projection_smoke(tmp_path, capsys, monkeypatch):
         "16",
         "--repeats",
         "1",
+        "--decode-repeats",
+        "2",
         "--ratios",
         "0.5",
         "--device",
@@ -122,6 +124,7 @@ def test_cli_projection_smoke(tmp_path, capsys, monkeypatch):
         "slm_rows_decode_s",
         "mapped_over_unmapped_prefill_arithmetic",
     } <= result["parts"][0].keys()
+    assert (result["repeats"], result["decode_repeats"]) == (1, 2)
     rows = result["rows"]
     assert [r["ratio"] for r in rows] == [0.0, 0.5]
     for key in ("ttft_s", "tpot_s", "ttft_speedup", "tpot_speedup", "ttft_limit", "tpot_limit", "kv_ratio"):
@@ -133,6 +136,15 @@ def test_cli_projection_smoke(tmp_path, capsys, monkeypatch):
     result = json.loads(capsys.readouterr().out)
     assert result["parts"][0]["eager_layer_prefill_s"] is None and result["rows"][1]["ttft_speedup_vs_eager"] is None
     assert result["rows"][1]["ttft_speedup"] > 0
+
+
+def test_projection_timings_interleave_their_rounds():
+    from iam.projection import timed
+
+    calls = []
+    medians = timed([lambda: calls.append("a"), lambda: calls.append("b")], 3, torch.device("cpu"))
+    assert calls == ["a", "b"] * 4  # one warm-up round, then three timed ones, taking turns
+    assert len(medians) == 2 and all(m >= 0 for m in medians)
 
 
 def test_tensor_peak_counts_live_storages_once():

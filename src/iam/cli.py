@@ -267,9 +267,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
         device = torch.device(args.device)
         tokens = args.tokens or ([512, 8192] if device.type == "cuda" else [512])
         result = projection.project(
-            load_arch(args.llm), load_arch(args.slm), args.ratios, tokens, device, getattr(torch, args.dtype), args.repeats
+            load_arch(args.llm),
+            load_arch(args.slm),
+            args.ratios,
+            tokens,
+            device,
+            getattr(torch, args.dtype),
+            args.repeats,
+            args.decode_repeats,
         )
-        result.update(mode="projection", device=str(device), dtype=args.dtype)
+        result.update(
+            mode="projection", device=str(device), dtype=args.dtype, repeats=args.repeats, decode_repeats=args.decode_repeats
+        )
         if not args.json:
             print("measured parts (seconds):\n" + markdown_table(result["parts"], list(result["parts"][0])))
         return finish(
@@ -477,6 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=None)
     p.add_argument("--ratios", type=ratio_list, default=[0.0, 0.3, 0.5])
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--decode-repeats", type=int, default=20, help="projection: rounds of the decode-step timings (short and noisy)"
+    )
     p.add_argument("--bytes", type=int, default=2, help="bytes per cached element (analytic; 2 = fp16/bf16)")
     p.add_argument("--memory-budget", type=float, default=None, metavar="GB", help="analytic: memory for weights + KV")
     p.set_defaults(func=cmd_bench)

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
@@ -23,22 +24,25 @@ from .presets import Arch, hf_config
 from .similarity import METRICS
 
 
-def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
-    """Median seconds of ``fn`` over ``repeats`` runs, after one warm-up."""
+def timed(fns: list[Callable[[], object]], repeats: int, device: torch.device) -> list[float]:
+    """Median seconds of each of ``fns`` over ``repeats`` rounds, after one warm-up round. A round calls every
+    function once, in turn, so the machine's slow drifts hit all of them alike."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: list[list[float]] = [[] for _ in fns]
+    for round_ in range(repeats + 1):
+        for fn, samples in zip(fns, times):
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            if round_:
+                samples.append(time.perf_counter() - start)
+    return [statistics.median(samples) for samples in times]
 
 
 class LayerBench:
-    """One decoder layer of ``arch`` with random weights, and what it needs to run at ``tokens`` of context."""
+    """One decoder layer of ``arch`` with random weights, and what it needs to run at ``tokens`` of context,
+    unmapped and wholly mapped (the mapping already established)."""
 
     def __init__(self, arch: Arch, slm: Arch, tokens: int, device: torch.device, dtype: torch.dtype, attn: str = "sdpa") -> None:
         from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
@@ -50,26 +54,28 @@ class LayerBench:
         }[arch.family]
         self.config = hf_config(arch, layers=1, attn_implementation=attn)
         self.layer = layer_cls(self.config, 0).to(device=device, dtype=dtype).eval()
+        self.attn = self.layer.self_attn
         self.rope = rope_cls(self.config).to(device)
         self.arch, self.slm, self.tokens, self.device, self.dtype = arch, slm, tokens, device, dtype
+        self.every = tuple(range(arch.kv_heads))
         g = torch.Generator(device="cpu").manual_seed(0)
         self.hidden = torch.randn(1, tokens + 1, arch.hidden, generator=g).to(device, dtype)
 
-    def _pe(self, start: int, length: int):
+    def _run(self, attn: nn.Module, cache, start: int, length: int) -> None:
+        """Tokens ``start .. start + length`` through the layer with ``attn`` as its attention."""
+        self.layer.self_attn = attn
         pos = torch.arange(start, start + length, device=self.device)[None]
-        return self.rope(self.hidden, pos)
-
-    def _run(self, cache, start: int, length: int) -> None:
         self.layer(
             self.hidden[:, start : start + length],
             attention_mask=None,
-            position_embeddings=self._pe(start, length),
+            position_embeddings=self.rope(self.hidden, pos),
             past_key_values=cache,
             use_cache=True,
         )
 
-    def _mapped_state(self, keys: int, queries: int) -> MappingState:
-        """A mapping state with random SLM queries/keys of the SLM's dimensions and a random head map."""
+    def _mapped(self, keys: int, queries: int) -> MappedAttention:
+        """The layer's attention wholly mapped, over random SLM queries/keys of the SLM's dimensions and a random
+        head map."""
         s, a = self.slm, self.arch
         g = torch.Generator(device="cpu").manual_seed(1)
         rand = lambda *shape: torch.randn(*shape, generator=g).to(self.device, self.dtype)  # noqa: E731
@@ -97,58 +103,54 @@ class LayerBench:
             torch.randint(0, s.heads, (1, a.heads), generator=g).to(self.device),
             one,
         )
-        return state
+        return MappedAttention(self.attn, state, self.every)
 
-    def unmapped(self, repeats: int) -> tuple[float, float]:
-        """(prefill seconds for ``tokens``, decode seconds for one token after ``tokens``)."""
-        prefill = timed(lambda: self._run(DynamicCache(), 0, self.tokens), repeats, self.device)
-        cache = DynamicCache()
-        self._run(cache, 0, self.tokens)
+    def prefill(self) -> None:
+        """Unmapped prefill of ``tokens`` on a fresh cache."""
+        self._run(self.attn, DynamicCache(), 0, self.tokens)
 
-        def step() -> None:
-            self._run(cache, self.tokens, 1)
-            cache.crop(-1)
+    def prefill_steps(self) -> list[Callable[[], None]]:
+        """Prefill of ``tokens`` on a fresh cache: unmapped, then mapped."""
+        mapped = self._mapped(self.tokens, self.tokens)
+        return [self.prefill, lambda: self._run(mapped, paired_llm_cache(self.config, {0: self.every}), 0, self.tokens)]
 
-        return prefill, timed(step, repeats, self.device)
+    def decode_steps(self) -> tuple[list[Callable[[], None]], Callable[[], None]]:
+        """One decode step after ``tokens``, unmapped and mapped, each dropping what it appended to its cache; and
+        the step's SLM attention rows of every SLM layer. A full model computes those rows once per step and shares
+        them across all mapped layers, so they are timed apart rather than charged to the layer."""
+        plain, paired = DynamicCache(), paired_llm_cache(self.config, {0: self.every})
+        self._run(self.attn, plain, 0, self.tokens)
+        self._run(self._mapped(self.tokens, self.tokens), paired, 0, self.tokens)
+        mapped = self._mapped(self.tokens + 1, 1)
+        state = mapped.state
+        queries = dict(state.slm_queries)
 
-    def mapped(self, repeats: int) -> tuple[float, float, float]:
-        """The same timings with the layer's attention mapped (mapping already established), plus the seconds a
-        decode step spends on the SLM attention rows of every SLM layer. A full model computes those rows once per
-        step and shares them across all mapped layers, so they are timed apart rather than charged to the layer."""
-        original = self.layer.self_attn
-        every = tuple(range(self.arch.kv_heads))
-        try:
-            self.layer.self_attn = MappedAttention(original, self._mapped_state(self.tokens, self.tokens), every)
-            prefill = timed(lambda: self._run(paired_llm_cache(self.config, {0: every}), 0, self.tokens), repeats, self.device)
-            cache = paired_llm_cache(self.config, {0: every})
-            self._run(cache, 0, self.tokens)
-            state = self._mapped_state(self.tokens + 1, 1)
-            self.layer.self_attn = MappedAttention(original, state, every)
-            queries = dict(state.slm_queries)
+        def unmapped_step() -> None:
+            self._run(self.attn, plain, self.tokens, 1)
+            plain.crop(-1)
 
-            def step() -> None:
-                self._run(cache, self.tokens, 1)
-                cache.layers[0].values = cache.layers[0].values[..., :-1, :]
+        def mapped_step() -> None:
+            self._run(mapped, paired, self.tokens, 1)
+            paired.layers[0].values = paired.layers[0].values[..., :-1, :]
 
-            def slm_rows() -> None:
-                state.new_step(queries)
-                for layer in range(self.slm.layers):
-                    state.decode_rows(layer, None)
+        def slm_rows() -> None:
+            state.new_step(queries)
+            for layer in range(self.slm.layers):
+                state.decode_rows(layer, None)
 
-            rows = timed(slm_rows, repeats, self.device)
-            decode = timed(step, repeats, self.device)
-        finally:
-            self.layer.self_attn = original
-        return prefill, decode, rows
+        slm_rows()  # the step's rows exist before any layer reads them, as in a full model
+        return [unmapped_step, mapped_step], slm_rows
 
 
-def slm_times(slm: Arch, tokens: int, device: torch.device, dtype: torch.dtype, repeats: int) -> tuple[float, float]:
+def slm_times(
+    slm: Arch, tokens: int, device: torch.device, dtype: torch.dtype, repeats: int, decode_repeats: int
+) -> tuple[float, float]:
     """Whole SLM (base model, no LM head) at real dimensions: prefill of ``tokens`` and one decode step."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_config(hf_config(slm)).to(device=device, dtype=dtype).eval().model
     ids = torch.randint(0, slm.vocab, (1, tokens + 1), device=device)
-    prefill = timed(lambda: model(input_ids=ids[:, :tokens], past_key_values=DynamicCache(), use_cache=True), repeats, device)
+    (prefill,) = timed([lambda: model(input_ids=ids[:, :tokens], past_key_values=DynamicCache())], repeats, device)
     cache = DynamicCache()
     model(input_ids=ids[:, :tokens], past_key_values=cache, use_cache=True)
 
@@ -156,13 +158,13 @@ def slm_times(slm: Arch, tokens: int, device: torch.device, dtype: torch.dtype, 
         model(input_ids=ids[:, tokens:], past_key_values=cache, use_cache=True)
         cache.crop(-1)
 
-    return prefill, timed(step, repeats, device)
+    return prefill, timed([step], decode_repeats, device)[0]
 
 
 def head_time(arch: Arch, device: torch.device, dtype: torch.dtype, repeats: int) -> float:
     head = torch.nn.Linear(arch.hidden, arch.vocab, bias=False).to(device=device, dtype=dtype)
     x = torch.randn(1, 1, arch.hidden, device=device, dtype=dtype)
-    return timed(lambda: head(x), repeats, device)
+    return timed([lambda: head(x)], repeats, device)[0]
 
 
 def eager_budget(device: torch.device) -> int:
@@ -172,20 +174,32 @@ def eager_budget(device: torch.device) -> int:
 
 @torch.inference_mode()
 def project(
-    llm: Arch, slm: Arch, ratios: list[float], tokens_list: list[int], device: torch.device, dtype: torch.dtype, repeats: int
+    llm: Arch,
+    slm: Arch,
+    ratios: list[float],
+    tokens_list: list[int],
+    device: torch.device,
+    dtype: torch.dtype,
+    repeats: int,
+    decode_repeats: int,
 ) -> dict:
-    """Measured parts and the projected full-model TTFT/TPOT per context length and ratio."""
-    head = head_time(llm, device, dtype, repeats)
+    """Measured parts and the projected full-model TTFT/TPOT per context length and ratio.
+
+    Prefills are timed over ``repeats`` rounds and decode steps, which are short and noisy, over ``decode_repeats``;
+    the unmapped and mapped layer take turns within each round."""
+    head = head_time(llm, device, dtype, decode_repeats)
     parts, rows = [], []
     for tokens in tokens_list:
         sdpa = LayerBench(llm, slm, tokens, device, dtype)
-        layer_prefill, layer_decode = sdpa.unmapped(repeats)
-        mapped_prefill, mapped_decode, slm_rows = sdpa.mapped(repeats)
-        del sdpa
+        layer_prefill, mapped_prefill = timed(sdpa.prefill_steps(), repeats, device)
+        decode_steps, rows_step = sdpa.decode_steps()
+        layer_decode, mapped_decode = timed(decode_steps, decode_repeats, device)
+        (slm_rows,) = timed([rows_step], decode_repeats, device)
+        del sdpa, decode_steps, rows_step
         eager_prefill = None  # eager materialises heads x T x T probabilities; skipped where they would not fit
         if llm.heads * tokens**2 * dtype.itemsize <= eager_budget(device):
-            eager_prefill, _ = LayerBench(llm, slm, tokens, device, dtype, attn="eager").unmapped(repeats)
-        slm_prefill, slm_decode = slm_times(slm, tokens, device, dtype, repeats)
+            eager_prefill = timed([LayerBench(llm, slm, tokens, device, dtype, attn="eager").prefill], repeats, device)[0]
+        slm_prefill, slm_decode = slm_times(slm, tokens, device, dtype, repeats, decode_repeats)
         parts.append(
             {
                 "tokens": tokens,
