@@ -4,7 +4,8 @@ It replaces the layer's ``self_attn`` while a paired run is in flight (as transf
 follows the same call contract. After the mapping exists it never calls ``q_proj``/``k_proj``, stores no K, and
 computes ``softmax(q_slm k_slm^T) V_llm`` with ``scaled_dot_product_attention``, so no T x T matrix is formed.
 LLM heads of one KV group that borrow the same SLM head would compute the same thing, so prefill computes it once.
-A layer can also be mapped in part, one KV group at a time (see ``MappedAttention``).
+An LLM head can borrow a weighted mix of several SLM heads (``MappingConfig.blend``), and a layer can be mapped in
+part, one KV group at a time (see ``MappedAttention``).
 """
 
 from __future__ import annotations
@@ -38,34 +39,49 @@ def by_slm_layer(slm_layer: torch.Tensor, slm_head: torch.Tensor) -> list[Route]
 class Routes:
     """Where a mapped layer reads its attention from, grouped for the kernels; built once per mapping.
 
+    A column is one (mapped LLM head, borrowed SLM head) pair: ``H_m * k`` of them for ``k`` SLM heads mixed per
+    LLM head, head-major.
+
     Parameters
     ----------
-    heads : per SLM layer, the mapped LLM heads reading it (decode: one row per LLM head).
+    columns : per SLM layer, the columns reading it (decode: one attention row per column).
     items : per SLM layer, the prefill items reading it. An item is a distinct ``(slm_layer, slm_head, kv group)``
-        of a sequence: LLM heads of one KV group borrowing one SLM head compute the same thing, so they share one.
+        of a sequence: columns of one KV group borrowing one SLM head compute the same thing, so they share one.
     item_kv : ``[B, U]`` the KV group (among the mapped ones) of each item; rows are padded by repeating the first.
-    item_of_head : ``[B, H_m]`` the item of each mapped LLM head.
+    item_of_column : ``[B, H_m * k]`` the item of each column.
+    weight : ``[B, H_m, k]`` the mixing weights of each LLM head's columns.
     """
 
-    heads: list[Route]
+    columns: list[Route]
     items: list[Route]
     item_kv: torch.Tensor
-    item_of_head: torch.Tensor
+    item_of_column: torch.Tensor
+    weight: torch.Tensor
 
     @classmethod
     def of(cls, hmap: HeadMap, heads_per_kv: int) -> Routes:
-        b, h = hmap.slm_layer.shape
-        kv = torch.arange(h, device=hmap.slm_layer.device) // heads_per_kv
-        keys = torch.stack([hmap.slm_layer, hmap.slm_head, kv.expand(b, h)], -1)  # [B, H_m, 3]
+        b, h, k = hmap.slm_layer.shape
+        slm_layer, slm_head = hmap.slm_layer.reshape(b, h * k), hmap.slm_head.reshape(b, h * k)
+        kv = (torch.arange(h, device=slm_layer.device) // heads_per_kv).repeat_interleave(k)
+        keys = torch.stack([slm_layer, slm_head, kv.expand(b, -1)], -1)  # [B, H_m * k, 3]
         found = [keys[i].unique(dim=0, return_inverse=True) for i in range(b)]
         width = max(len(u) for u, _ in found)
         items = torch.stack([torch.cat([u, u[:1].expand(width - len(u), 3)]) for u, _ in found])  # [B, U, 3]
         return cls(
-            heads=by_slm_layer(hmap.slm_layer, hmap.slm_head),
+            columns=by_slm_layer(slm_layer, slm_head),
             items=by_slm_layer(items[..., 0], items[..., 1]),
             item_kv=items[..., 2],
-            item_of_head=torch.stack([inv for _, inv in found]),
+            item_of_column=torch.stack([inv for _, inv in found]),
+            weight=hmap.weight,
         )
+
+    def mix(self, x: torch.Tensor) -> torch.Tensor:
+        """Per LLM head, the weighted sum of its columns: ``[B, H_m * k, ...]`` -> ``[B, H_m, ...]``."""
+        b, h, k = self.weight.shape
+        if k == 1:
+            return x
+        w = self.weight.to(x.dtype).view(b, h, k, *(1,) * (x.dim() - 2))
+        return (x.view(b, h, k, *x.shape[2:]) * w).sum(2)
 
 
 class MappedAttention(nn.Module):
@@ -153,13 +169,15 @@ class MappedAttention(nn.Module):
 
     def _decode(self, routes: Routes, v: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """One new token: gather the SLM's attention rows (computed once per SLM layer and step, shared by every
-        LLM head and layer mapped to it) and multiply by the mapped groups' V without expanding it; returns
+        LLM head and layer mapped to it), mix them per LLM head, and multiply by the mapped groups' V without
+        expanding it; returns
         ``[B, H_m, 1, d]``."""
-        b, h = routes.item_of_head.shape
-        rows = v.new_empty(b, h, v.shape[2])
-        for layer, bi, hi, hs in routes.heads:
-            rows[bi, hi] = self.state.decode_rows(layer, attention_mask)[bi, hs].to(v.dtype)
-        kv_heads = v.shape[1]
+        b, columns = routes.item_of_column.shape
+        rows = v.new_empty(b, columns, v.shape[2])
+        for layer, bi, ci, hs in routes.columns:
+            rows[bi, ci] = self.state.decode_rows(layer, attention_mask)[bi, hs].to(v.dtype)
+        rows = routes.mix(rows)  # [B, H_m, T]
+        h, kv_heads = rows.shape[1], v.shape[1]
         return (rows.view(b, kv_heads, h // kv_heads, -1) @ v).view(b, h, 1, -1)
 
     def _establish(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> HeadMap:
@@ -171,10 +189,12 @@ class MappedAttention(nn.Module):
         q = attn.q_proj(rows).view(b, window.size, -1, attn.head_dim).transpose(1, 2)[:, self.heads]
         k = take_groups(attn.k_proj(rows).view(b, window.size, -1, attn.head_dim).transpose(1, 2), self.groups)
         probs = window_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), attn.scaling)
-        return match_heads(self.heads, probs, window, self.state.slm_flats, self.state.slm_heads, self.state.metric)
+        state = self.state
+        return match_heads(self.heads, probs, window, state.slm_flats, state.slm_heads, state.metric, state.blend)
 
     def _prefill(self, routes: Routes, v: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """All new tokens: one SDPA over the distinct (SLM head, KV group) items, expanded to the LLM heads.
+        """All new tokens: one SDPA over the distinct (SLM head, KV group) items, expanded to columns and mixed
+        per LLM head.
 
         SDPA's fused kernels need one head size for q/k and v; zero-padding q and k (or v) keeps q.k exact and
         avoids the fallback that would build the T x T matrix. ``v`` holds the mapped groups. Returns ``[B, H_m, t, d]``."""
@@ -197,7 +217,7 @@ class MappedAttention(nn.Module):
             is_causal=attention_mask is None,
             scale=state.slm_scaling,
         )[..., :d]
-        return out[rows, routes.item_of_head]
+        return routes.mix(out[rows, routes.item_of_column])
 
 
 def runs(groups: tuple[int, ...]) -> list[tuple[int, int]]:

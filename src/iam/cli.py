@@ -55,6 +55,9 @@ def add_mapping_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", default="auto", choices=sorted(STRATEGIES))
     p.add_argument("--metric", default="cosine", choices=sorted(METRICS))
     p.add_argument(
+        "--blend", type=int, default=1, help="SLM heads mixed per mapped LLM head (1: the paper's best match; 3: better quality)"
+    )
+    p.add_argument(
         "--layers",
         type=layer_list,
         default=None,
@@ -74,6 +77,7 @@ def mapping_config(args: argparse.Namespace, ratio: float) -> MappingConfig:
         strategy=args.strategy,
         layers=args.layers,
         metric=args.metric,
+        blend=args.blend,
         establish_threshold=args.establish_threshold,
         truncation_threshold=args.truncation_threshold,
         slm_cache=args.slm_cache,

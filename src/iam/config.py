@@ -25,6 +25,10 @@ class MappingConfig:
         the layer's other groups attend as usual).
     metric : similarity used to match heads: ``"cosine"``, ``"pearson"``, ``"minkowski1"``, ``"minkowski2"``,
         ``"cosine-norm"`` (see ``iam.similarity``).
+    blend : SLM heads each mapped LLM head borrows. 1 is the paper's single best match; ``k > 1`` takes the ``k``
+        most similar SLM heads and mixes their attention with non-negative weights summing to one (so every row is
+        still a distribution), fit by least squares to the LLM head's window attention. No K either way; the mapped
+        heads' prefill attention costs up to ``k`` times as much, and decode gathers ``k`` rows per head.
     establish_threshold : context length (tokens) at which the mapping is established.
     truncation_threshold : only the first this-many tokens' attention is compared.
     calibration : a calibration file (``iam calibrate`` writes them) whose order ``"auto"``/``"calibrated"`` use
@@ -37,6 +41,7 @@ class MappingConfig:
     strategy: str = "auto"
     layers: list[Unit] | None = None
     metric: str = "cosine"
+    blend: int = 1
     establish_threshold: int = 20
     truncation_threshold: int = 100
     slm_cache: str = "native"
@@ -54,6 +59,8 @@ class MappingConfig:
             raise ValueError(f"slm_cache must be one of {list(SLM_CACHES)}, got {self.slm_cache!r}.")
         if self.layers is not None:
             self.layers = _check_layer_list(self.layers)
+        if isinstance(self.blend, bool) or not isinstance(self.blend, int) or self.blend < 1:
+            raise ValueError(f"blend must be an integer >= 1 (SLM heads mixed per mapped LLM head), got {self.blend!r}.")
         for name in ("establish_threshold", "truncation_threshold"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 2:

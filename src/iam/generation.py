@@ -139,6 +139,7 @@ class PairedSession:
             slm_kv_groups=slm_attn.num_key_value_groups,
             slm_scaling=slm_attn.scaling,
             metric=METRICS[cfg.metric],
+            blend=cfg.blend,
             slm_cache_layers=self.slm_cache.layers,
             slm_queries=queries,
         )

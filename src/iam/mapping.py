@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from .cache import read_keys
 from .similarity import SimilarityMetric
@@ -57,12 +58,21 @@ def tril_flat(probs: torch.Tensor, n: int) -> torch.Tensor:
 
 @dataclass
 class HeadMap:
-    """The mapping of one LLM layer's mapped heads ``heads`` (``[H_m]`` LLM head indices), per sequence: ``[B, H_m]``
-    tensors."""
+    """The mapping of one LLM layer's mapped heads.
+
+    Parameters
+    ----------
+    heads : ``[H_m]`` the mapped LLM head indices.
+    slm_layer, slm_head : ``[B, H_m, k]`` the SLM heads each LLM head borrows, most similar first (``k = 1``: the
+        paper's single best match).
+    weight : ``[B, H_m, k]`` their mixing weights (non-negative, summing to one).
+    score : ``[B, H_m]`` the similarity of the borrowed (mixed) attention to the LLM head's own, on the window.
+    """
 
     heads: torch.Tensor
     slm_layer: torch.Tensor
     slm_head: torch.Tensor
+    weight: torch.Tensor
     score: torch.Tensor
 
 
@@ -92,8 +102,9 @@ def match_heads(
     slm_flats: list[torch.Tensor],
     slm_heads: int,
     metric: SimilarityMetric,
+    blend: int = 1,
 ) -> HeadMap:
-    """Map each LLM head to its best SLM (layer, head).
+    """Map each LLM head to its ``blend`` most similar SLM (layer, head)s, mixed by ``simplex_weights``.
 
     Parameters
     ----------
@@ -102,14 +113,50 @@ def match_heads(
     window : the establishing window.
     slm_flats : per sequence, ``[L_s * H_s, N_b]`` flattened SLM window attention.
     slm_heads : ``H_s``, heads per SLM layer.
-    metric : similarity metric.
+    metric : similarity metric (ranks the candidates and scores the result).
+    blend : SLM heads mixed per LLM head; 1 is the paper's best match.
 
     Returns
     -------
     The layer's ``HeadMap``.
     """
-    score, best = similarity_matrix(probs, window, slm_flats, metric).max(-1)
-    return HeadMap(heads=heads, slm_layer=best // slm_heads, slm_head=best % slm_heads, score=score)
+    picks, weights, scores = [], [], []
+    for b, n in enumerate(window.lengths.tolist()):
+        llm = tril_flat(probs[b], n)
+        best = metric.score(llm, slm_flats[b]).topk(blend, -1).indices  # [H_m, k], most similar first
+        candidates = slm_flats[b][best]  # [H_m, k, N]
+        w = simplex_weights(llm, candidates)
+        picks.append(best)
+        weights.append(w)
+        scores.append(metric.score(llm, (w[..., None] * candidates).sum(1)).diagonal())
+    best = torch.stack(picks)
+    return HeadMap(heads, best // slm_heads, best % slm_heads, torch.stack(weights), torch.stack(scores))
+
+
+def simplex_weights(target: torch.Tensor, candidates: torch.Tensor, steps: int = 500) -> torch.Tensor:
+    """Least-squares mixing weights on the simplex (non-negative, summing to one, so a mix of attention rows is
+    still a distribution): ``target`` ``[H, N]``, ``candidates`` ``[H, k, N]`` -> ``[H, k]``.
+
+    Projected gradient descent from all weight on the first candidate, with a step no longer than 1 / the largest
+    eigenvalue, so the squared error only falls: the mix is never further from the target than that candidate."""
+    w = F.one_hot(torch.zeros(target.shape[0], dtype=torch.long, device=target.device), candidates.shape[1]).to(target)
+    if candidates.shape[1] == 1:
+        return w
+    gram = candidates @ candidates.transpose(-1, -2)  # [H, k, k]
+    corr = (candidates @ target[..., None]).squeeze(-1)
+    step = 1 / gram.diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True)  # 1 / trace >= 1 / largest eigenvalue
+    for _ in range(steps):
+        w = onto_simplex(w - step * ((gram @ w[..., None]).squeeze(-1) - corr))
+    return w
+
+
+def onto_simplex(v: torch.Tensor) -> torch.Tensor:
+    """Euclidean projection of each row of ``v`` ``[..., k]`` onto the probability simplex (Duchi et al., 2008)."""
+    u = v.sort(-1, descending=True).values
+    excess = u.cumsum(-1) - 1
+    rank = torch.arange(1, v.shape[-1] + 1, device=v.device, dtype=v.dtype)
+    kept = ((u - excess / rank) > 0).sum(-1, keepdim=True)
+    return (v - excess.gather(-1, kept - 1) / kept).clamp_min(0)
 
 
 @dataclass
@@ -122,6 +169,7 @@ class MappingState:
     slm_kv_groups: int
     slm_scaling: float
     metric: SimilarityMetric
+    blend: int = 1
     slm_cache_layers: list = field(default_factory=list)  # the SLM's cache layers (K read through ``cache.read_keys``)
     slm_queries: dict[int, torch.Tensor] = field(default_factory=dict)
     maps: dict[int, HeadMap] = field(default_factory=dict)

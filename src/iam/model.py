@@ -196,18 +196,26 @@ class IAMModel:
 
     @property
     def mapping(self) -> torch.Tensor | None:
-        """``[B, n_mapped_layers, H, 2]`` LongTensor of ``(slm_layer, slm_head)`` per LLM head (``-1`` for heads of
-        unmapped KV groups); ``None`` if not established."""
-        return self._per_head(lambda m: torch.stack([m.slm_layer, m.slm_head], -1), -1)
+        """``[B, n_mapped_layers, H, 2]`` LongTensor of each LLM head's best-matching ``(slm_layer, slm_head)``
+        (``-1`` for heads of unmapped KV groups); ``None`` if not established. See ``mixture`` for ``blend > 1``."""
+        return self._per_head(lambda m: torch.stack([m.slm_layer[..., 0], m.slm_head[..., 0]], -1), -1)
+
+    @property
+    def mixture(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Every borrowed SLM head and its weight: ``[B, n_mapped_layers, H, blend, 2]`` ``(slm_layer, slm_head)``
+        (``-1`` for heads of unmapped KV groups) and ``[B, n_mapped_layers, H, blend]`` weights (NaN there)."""
+        sources = self._per_head(lambda m: torch.stack([m.slm_layer, m.slm_head], -1), -1)
+        return None if sources is None else (sources, self._per_head(lambda m: m.weight, float("nan")))
 
     @property
     def similarity(self) -> torch.Tensor | None:
-        """``[B, n_mapped_layers, H]`` similarity of each matched pair (metric's own scale, NaN for heads of unmapped
-        KV groups); ``None`` if not established."""
+        """``[B, n_mapped_layers, H]`` similarity of each LLM head's borrowed (with ``blend > 1``, mixed) attention to
+        its own on the window (metric's own scale, NaN for heads of unmapped KV groups); ``None`` if not established."""
         return self._per_head(lambda m: m.score, float("nan"))
 
     def mapping_summary(self) -> dict | None:
-        """Per mapped layer: mean matched similarity and the SLM layers its heads borrow from (first sequence)."""
+        """Per mapped layer: mean matched similarity and how many borrowed SLM heads come from each SLM layer
+        (first sequence)."""
         head_maps, plan = self.head_maps, self.plan
         if head_maps is None:
             return None
@@ -220,7 +228,7 @@ class IAMModel:
                 "slm_layers": {int(u): int(c) for u, c in zip(used, counts)},
             }
         mean = torch.cat([m.score.flatten() for m in head_maps.values()]).mean().item()
-        return {"mean_similarity": round(mean, 4), "metric": self.config.metric, "layers": layers}
+        return {"mean_similarity": round(mean, 4), "metric": self.config.metric, "blend": self.config.blend, "layers": layers}
 
     def kv_cache_bytes(self) -> dict[str, int]:
         """Bytes in the real caches after the last call; ``baseline`` is what the LLM alone holds for the same tokens."""

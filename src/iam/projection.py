@@ -96,12 +96,13 @@ class LayerBench:
             slm_cache_layers=cache_layers,
             slm_queries={i: rand(1, s.heads, queries, s.head_dim) for i in range(s.layers)},
         )
-        one = torch.ones(1, a.heads, device=self.device)
+        one = torch.ones(1, a.heads, 1, device=self.device)  # one SLM head per LLM head (blend 1), weight 1
         state.maps[0] = HeadMap(
             torch.arange(a.heads),
-            layer_of_head.to(self.device),
-            torch.randint(0, s.heads, (1, a.heads), generator=g).to(self.device),
+            layer_of_head[..., None].to(self.device),
+            torch.randint(0, s.heads, (1, a.heads, 1), generator=g).to(self.device),
             one,
+            one[..., 0],
         )
         return MappedAttention(self.attn, state, self.every)
 

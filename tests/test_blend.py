@@ -1,0 +1,78 @@
+"""Mixing several SLM heads per mapped LLM head (``MappingConfig.blend``), on tiny random pairs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import prompt
+from iam import IAMModel, MappingConfig
+from iam.mapping import onto_simplex, simplex_weights
+
+
+def test_onto_simplex_is_the_euclidean_projection():
+    v = torch.tensor([[0.2, 0.3, 0.5], [0.5, 0.5, 2.0], [1.0, 1.0, -3.0], [-1.0, -1.0, -1.0]])
+    expected = torch.tensor([[0.2, 0.3, 0.5], [0.0, 0.0, 1.0], [0.5, 0.5, 0.0], [1 / 3, 1 / 3, 1 / 3]])
+    assert torch.allclose(onto_simplex(v), expected)
+
+
+def test_simplex_weights_recover_a_mixture_and_never_lose_to_the_first_candidate():
+    g = torch.Generator().manual_seed(0)
+    candidates = (3 * torch.randn(5, 3, 60, generator=g)).softmax(-1)
+    true = torch.tensor([0.6, 0.0, 0.4])
+    target = (true[:, None] * candidates).sum(1)
+    assert torch.allclose(simplex_weights(target, candidates), true.expand(5, 3), atol=1e-3)
+    # Any target: the fitted mix is no further from it than the first candidate (where the descent starts).
+    other = (3 * torch.randn(5, 60, generator=g)).softmax(-1)
+    w = simplex_weights(other, candidates)
+    assert (w >= 0).all() and torch.allclose(w.sum(-1), torch.ones(5))
+    mixed = (other - (w[..., None] * candidates).sum(1)).norm(dim=-1)
+    assert (mixed <= (other - candidates[:, 0]).norm(dim=-1) + 1e-7).all()
+    assert (mixed < 0.99 * (other - candidates[:, 0]).norm(dim=-1)).any()
+
+
+def test_identity_twin_puts_all_weight_on_itself(twin):
+    llm, slm = twin
+    iam = IAMModel(llm, slm, MappingConfig(ratio=0.5, blend=3))
+    ids = prompt(40)
+    out = iam(ids).logits
+    sources, weights = iam.mixture
+    assert sources.shape[-2:] == (3, 2) and weights.shape[-1] == 3
+    heads = llm.config.num_attention_heads
+    expected = torch.tensor([[[layer, h] for h in range(heads)] for layer in iam.mapped_layers])
+    assert torch.equal(iam.mapping[0], expected) and torch.equal(sources[0, :, :, 0], expected)
+    assert torch.allclose(weights[..., 0], torch.ones_like(weights[..., 0]), atol=1e-5)
+    with torch.no_grad():
+        assert (out - llm(input_ids=ids).logits).abs().max() < 1e-3
+
+
+def test_blend_mixes_several_heads_and_fits_better(pair):
+    llm, slm = pair
+    ids = prompt(40, seed=2, batch=2)
+    runs = {}
+    for k in (1, 3):
+        iam = IAMModel(llm, slm, MappingConfig(ratio=0.5, blend=k, metric="minkowski2"))
+        runs[k] = (iam(ids).logits, iam.similarity, iam.mixture)
+    sources, weights = runs[3][2]
+    assert (weights >= 0).all() and torch.allclose(weights.sum(-1), torch.ones_like(weights[..., 0]))
+    assert (weights[..., 1:] > 1e-3).any()  # some heads really mix
+    assert (sources[..., 1:, :] != sources[..., :1, :]).any(-1).all()  # k distinct SLM heads
+    # Same layers, same best match first; the mix is at least as close (minkowski2 = -Euclidean distance).
+    assert torch.equal(sources[..., 0, :], runs[1][2][0][..., 0, :])
+    assert (runs[3][1] >= runs[1][1] - 1e-5).all() and (runs[3][1] > runs[1][1] + 1e-4).any()
+    assert (runs[3][0] - runs[1][0]).abs().max() > 1e-3
+
+
+def test_blended_decode_matches_its_own_prefill(pair):
+    """Decode mixes attention rows the way prefill mixes attention outputs."""
+    llm, slm = pair
+    iam = IAMModel(llm, slm, MappingConfig(ratio=0.5, blend=3, truncation_threshold=16))
+    out = iam.generate(prompt(40, seed=5), max_new_tokens=8)
+    assert (iam.mixture[1][..., 1:] > 1e-3).any()
+    assert torch.equal(iam(out).logits[0, 39:-1].argmax(-1), out[0, 40:])
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "3"])
+def test_bad_blend_is_refused(bad):
+    with pytest.raises(ValueError, match="blend must be an integer >= 1"):
+        MappingConfig(blend=bad)
