@@ -170,8 +170,7 @@ class MappedAttention(nn.Module):
     def _decode(self, routes: Routes, v: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """One new token: gather the SLM's attention rows (computed once per SLM layer and step, shared by every
         LLM head and layer mapped to it), mix them per LLM head, and multiply by the mapped groups' V without
-        expanding it; returns
-        ``[B, H_m, 1, d]``."""
+        expanding it; returns ``[B, H_m, 1, d]``."""
         b, columns = routes.item_of_column.shape
         rows = v.new_empty(b, columns, v.shape[2])
         for layer, bi, ci, hs in routes.columns:
