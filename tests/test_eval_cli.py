@@ -8,6 +8,7 @@ import json
 import pytest
 
 from conftest import kv_groups_mapped
+from iam import calibration
 from iam.cli import main
 from iam.evaluation import token_f1, trivia_choices
 
@@ -71,7 +72,8 @@ def test_consistency(tmp_path, capsys):
 
 
 def test_calibrate_writes_an_order_that_auto_uses(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("IAM_CACHE", str(tmp_path))
+    # only the calibration folder moves: pointing IAM_CACHE here would convert both models again (9 GB)
+    monkeypatch.setattr(calibration, "user_folder", lambda: tmp_path / "calibration")
     args = ["--method", "greedy", "--windows", "1", "--tokens", "24", "--steps", "2", "--shortlist", "1"]
     result = run(tmp_path, capsys, "calibrate", *args)
     assert [r["step"] for r in result["rows"]] == [1, 2] and [r["measured"] for r in result["rows"]] == [28, 1]

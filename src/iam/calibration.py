@@ -49,10 +49,15 @@ def read_order(path: Path, llm: PretrainedConfig, slm: PretrainedConfig) -> tupl
     return tuple(u if isinstance(u, int) else tuple(u) for u in order)
 
 
+def user_folder() -> Path:
+    """Where ``iam calibrate`` writes orders and where :func:`find_order` looks first: ``$IAM_CACHE/calibration``."""
+    return cache_root() / "calibration"
+
+
 def find_order(llm: PretrainedConfig, slm: PretrainedConfig) -> tuple[Unit, ...]:
     """The stored order for this pair (user calibrations first), or ``()``."""
     name = pair_key(llm, slm) + ".json"
-    for folder in (cache_root() / "calibration", SHIPPED):
+    for folder in (user_folder(), SHIPPED):
         if (folder / name).is_file():
             return read_order(folder / name, llm, slm)
     return ()
@@ -113,7 +118,7 @@ def write_order(
     llm: PretrainedConfig, slm: PretrainedConfig, order: list[Unit], damage: dict, source: dict, folder: Path | None = None
 ) -> Path:
     """Write the calibration atomically; returns its path. ``damage`` documents how the order was measured."""
-    folder = folder or cache_root() / "calibration"
+    folder = folder or user_folder()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{pair_key(llm, slm)}.json"
     record = {"llm": arch_key(llm), "slm": arch_key(slm), "order": order, "damage": damage, "source": source}
