@@ -74,5 +74,5 @@ def test_blended_decode_matches_its_own_prefill(pair):
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, "3"])
 def test_bad_blend_is_refused(bad):
-    with pytest.raises(ValueError, match="blend must be an integer >= 1"):
+    with pytest.raises(ValueError, match="blend must be None .the pair.s stored value. or an integer >= 1"):
         MappingConfig(blend=bad)

@@ -29,6 +29,7 @@ def test_eval_perplexity(tmp_path, capsys):
     assert [r["ratio"] for r in rows] == [0.0, 0.5]
     assert {"ratio", "strategy", "ppl"} <= rows[0].keys()
     assert rows[0]["mapped_layers"] == [] and kv_groups_mapped(rows[1]["mapped_layers"]) == 28  # half of 28 x 2
+    assert [r["blend"] for r in rows] == [None, 3]  # the shipped calibration's blend, the default
     assert result["text"] == "wikipedia"
 
 
@@ -81,6 +82,7 @@ def test_calibrate_writes_an_order_that_auto_uses(tmp_path, capsys, monkeypatch)
     assert sorted(result["order"]) == list(range(28)) and result["order"][:2] == [r["layer"] for r in result["rows"]]
     stored = json.loads((tmp_path / "calibration" / result["calibration_file"].split("/")[-1]).read_text())
     assert stored["order"] == result["order"] and stored["source"]["method"] == "greedy"
+    assert stored["blend"] == 3  # measured under the stored default blend, and stored with the order
     # the user's calibration now takes precedence over the shipped order
     assert main(["generate", *PAIR, "--prompt", "x " * 30, "--raw", "--max-new-tokens", "1", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["mapped_layers"] == sorted(result["order"][:8])

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from iam import IAMModel, MappingConfig
-from iam.calibration import find_order
+from iam.calibration import find_calibration
 from iam.data import wikipedia_text
 from iam.loading import ALIASES, assemble, chunk_files, load_pair
 
@@ -67,8 +67,9 @@ def test_pair_loads_as_one_family(real_pair):
     llm, slm, tok = real_pair
     assert (llm.config.model_type, llm.config.num_hidden_layers, slm.config.num_hidden_layers) == ("qwen2", 28, 24)
     assert tok.padding_side == "left"
-    # the calibrated order ships with the package and covers every KV group of every layer
-    assert sorted(find_order(llm.config, slm.config)) == [(i, g) for i in range(28) for g in range(2)]
+    # the calibrated order ships with the package, covers every KV group of every layer, and was measured blending 3
+    stored = find_calibration(llm.config, slm.config)
+    assert sorted(stored.order) == [(i, g) for i in range(28) for g in range(2)] and stored.blend == 3
 
 
 def test_llm_alone_has_plausible_wikipedia_perplexity(real_pair, wiki_windows):

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -47,6 +49,31 @@ def test_calibrated_order(pair, tmp_path, monkeypatch):
     for strategy in ("calibrated", "auto"):
         assert IAMModel(llm, slm, MappingConfig(ratio=0.5, strategy=strategy)).mapped_layers == [0, 2]
         assert IAMModel(llm, slm, MappingConfig(ratio=0.75, strategy=strategy)).mapped_layers == [0, 2, 3]
+
+
+def test_the_stored_blend_goes_with_the_stored_order(pair, tmp_path, monkeypatch):
+    from iam import IAMModel, MappingConfig
+    from iam.calibration import write_order
+
+    monkeypatch.setenv("IAM_CACHE", str(tmp_path))
+    llm, slm = pair
+    assert IAMModel(llm, slm, MappingConfig()).config.blend == 1  # nothing stored: the paper's best match
+    path = write_order(llm.config, slm.config, [2, 0, 3, 1], {}, {"dataset": "test"}, blend=3)
+    config = MappingConfig(ratio=0.5)
+    iam = IAMModel(llm, slm, config)
+    assert (iam.config.blend, config.blend, iam.mapped_layers) == (3, None, [0, 2])  # the user's config is untouched
+    assert IAMModel(llm, slm, MappingConfig(strategy="calibrated")).config.blend == 3
+    assert IAMModel(llm, slm, MappingConfig(blend=2)).config.blend == 2  # an explicit blend wins
+    assert IAMModel(llm, slm, MappingConfig(strategy="back")).config.blend == 1  # no stored order in use
+    assert iam.generate(prompt(30, seed=1), max_new_tokens=2).shape == (1, 32)
+    assert iam.mixture[0].shape[-2] == 3 and iam.mapping_summary()["blend"] == 3
+    record = json.loads(path.read_text())
+    del record["blend"]  # files written before blends were stored measured the paper's best match
+    path.write_text(json.dumps(record))
+    assert IAMModel(llm, slm, MappingConfig()).config.blend == 1
+    path.write_text(json.dumps({**record, "blend": 0}))
+    with pytest.raises(ValueError, match="is not a calibration file written by `iam calibrate` .blend 0 is not"):
+        IAMModel(llm, slm, MappingConfig())
 
 
 def test_greedy_order_accounts_for_interactions():

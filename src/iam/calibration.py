@@ -5,7 +5,9 @@ Two ways to measure an order: ``single`` maps each layer alone and sorts by the 
 layers already mapped, so interactions between mapped layers count.
 
 Orders shipped with the library live in ``iam/calibration/*.json``; ``iam calibrate`` writes new ones under
-``$IAM_CACHE/calibration``. An order is keyed by the LLM's architecture (and the SLM it was measured with).
+``$IAM_CACHE/calibration``. An order is keyed by the LLM's architecture (and the SLM it was measured with), and
+carries the ``blend`` to use with it (``iam calibrate`` stores the one it measured under): ``MappingConfig(blend=None)``,
+the default, takes it with the order.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -37,30 +40,47 @@ def pair_key(llm: PretrainedConfig, slm: PretrainedConfig) -> str:
     return f"{arch_key(llm)}__{arch_key(slm)}"
 
 
-def read_order(path: Path, llm: PretrainedConfig, slm: PretrainedConfig) -> tuple[Unit, ...]:
-    """The order in a calibration file (layers, or ``(layer, kv_group)`` pairs); it must be for this pair."""
+@dataclass(frozen=True)
+class Calibration:
+    """A stored calibration.
+
+    Parameters
+    ----------
+    order : every LLM layer, or every ``(layer, kv_group)``, least damaging to map first.
+    blend : SLM heads mixed per mapped LLM head with this order, the pair's default ``blend`` (1 where the file has
+        none, as in files written before blends were stored).
+    """
+
+    order: tuple[Unit, ...]
+    blend: int = 1
+
+
+def read_calibration(path: Path, llm: PretrainedConfig, slm: PretrainedConfig) -> Calibration:
+    """The calibration in a file written by ``iam calibrate``; it must be for this pair."""
     try:
         record = json.loads(Path(path).read_text())
-        order, llm_key, slm_key = record["order"], record["llm"], record["slm"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        order, llm_key, slm_key, blend = record["order"], record["llm"], record["slm"], record.get("blend", 1)
+        if not (isinstance(blend, int) and blend >= 1):
+            raise ValueError(f"blend {blend!r} is not an integer >= 1")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{path} is not a calibration file written by `iam calibrate` ({e}).") from None
     if (llm_key, slm_key) != (arch_key(llm), arch_key(slm)):
         raise ValueError(f"{path} calibrates {llm_key} with {slm_key}, not this pair ({arch_key(llm)} with {arch_key(slm)}).")
-    return tuple(u if isinstance(u, int) else tuple(u) for u in order)
+    return Calibration(tuple(u if isinstance(u, int) else tuple(u) for u in order), blend)
 
 
 def user_folder() -> Path:
-    """Where ``iam calibrate`` writes orders and where :func:`find_order` looks first: ``$IAM_CACHE/calibration``."""
+    """Where ``iam calibrate`` writes orders and where :func:`find_calibration` looks first: ``$IAM_CACHE/calibration``."""
     return cache_root() / "calibration"
 
 
-def find_order(llm: PretrainedConfig, slm: PretrainedConfig) -> tuple[Unit, ...]:
-    """The stored order for this pair (user calibrations first), or ``()``."""
+def find_calibration(llm: PretrainedConfig, slm: PretrainedConfig) -> Calibration | None:
+    """The stored calibration for this pair (user calibrations first), or ``None``."""
     name = pair_key(llm, slm) + ".json"
     for folder in (user_folder(), SHIPPED):
         if (folder / name).is_file():
-            return read_order(folder / name, llm, slm)
-    return ()
+            return read_calibration(folder / name, llm, slm)
+    return None
 
 
 def order_from_sweep(rows: list[dict]) -> list[Unit]:
@@ -115,13 +135,20 @@ def greedy_order(
 
 
 def write_order(
-    llm: PretrainedConfig, slm: PretrainedConfig, order: list[Unit], damage: dict, source: dict, folder: Path | None = None
+    llm: PretrainedConfig,
+    slm: PretrainedConfig,
+    order: list[Unit],
+    damage: dict,
+    source: dict,
+    folder: Path | None = None,
+    blend: int = 1,
 ) -> Path:
-    """Write the calibration atomically; returns its path. ``damage`` documents how the order was measured."""
+    """Write the calibration atomically; returns its path. ``damage`` and ``source`` document how the order was
+    measured, ``blend`` the setting it was measured under."""
     folder = folder or user_folder()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{pair_key(llm, slm)}.json"
-    record = {"llm": arch_key(llm), "slm": arch_key(slm), "order": order, "damage": damage, "source": source}
+    record = {"llm": arch_key(llm), "slm": arch_key(slm), "order": order, "blend": blend, "damage": damage, "source": source}
     fd, tmp = tempfile.mkstemp(dir=folder, suffix=".partial")
     with os.fdopen(fd, "w") as f:
         json.dump(record, f, indent=2)

@@ -55,7 +55,11 @@ def add_mapping_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", default="auto", choices=sorted(STRATEGIES))
     p.add_argument("--metric", default="cosine", choices=sorted(METRICS))
     p.add_argument(
-        "--blend", type=int, default=1, help="SLM heads mixed per mapped LLM head (1: the paper's best match; 3: better quality)"
+        "--blend",
+        type=int,
+        default=None,
+        help="SLM heads mixed per mapped LLM head (1: the paper's best match; default: the value stored with the pair's "
+        "calibration under --strategy auto/calibrated, 3 for the shipped pair, else 1)",
     )
     p.add_argument(
         "--layers",
@@ -200,7 +204,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if kind == "perplexity":
         result = evaluation.eval_perplexity(llm, slm, eval_windows(args, tok), args.ratios, base)
         result["text"] = args.text or args.dataset
-        return finish(args, "perplexity", result, ["ratio", "strategy", "metric", "ppl", "ppl_increase", "mapped_layers"])
+        columns = ["ratio", "strategy", "metric", "blend", "ppl", "ppl_increase", "mapped_layers"]
+        return finish(args, "perplexity", result, columns)
     if kind == "metrics":
         result = evaluation.eval_metrics(llm, slm, eval_windows(args, tok), args.ratio, base, args.metrics)
         return finish(args, "metrics", result, ["metric", "ratio", "ppl", "ppl_increase"])
@@ -363,6 +368,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     llm, slm, tok = load(args)
     windows, base = eval_windows(args, tok), mapping_config(args, 0.0)
+    base = IAMModel(llm, slm, base).config  # blend resolved (the pair's stored one by default): measured under, stored with
     source = {k: getattr(args, k) for k in ("method", "granularity", "windows", "tokens", "llm", "slm")}
     source["dataset"] = args.text or args.dataset
     per_group = args.granularity == "kv-group"
@@ -382,7 +388,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         result = {"rows": rows}
         damage = {str(r["layer"]): r["damage"] for r in rows}
         columns = ["step", "layer", "damage", "measured"]
-    path = calibration.write_order(llm.config, slm.config, order, damage, source, Path(args.to) if args.to else None)
+    path = calibration.write_order(llm.config, slm.config, order, damage, source, Path(args.to) if args.to else None, base.blend)
     result.update(order=order, calibration_file=str(path), method=args.method)
     return finish(args, "calibrate", result, columns)
 

@@ -28,7 +28,9 @@ class MappingConfig:
     blend : SLM heads each mapped LLM head borrows. 1 is the paper's single best match; ``k > 1`` takes the ``k``
         most similar SLM heads and mixes their attention with non-negative weights summing to one (so every row is
         still a distribution), fit by least squares to the LLM head's window attention. No K either way; the mapped
-        heads' prefill attention costs up to ``k`` times as much, and decode gathers ``k`` rows per head.
+        heads' prefill attention costs up to ``k`` times as much, and decode gathers ``k`` rows per head. ``None``
+        (default): the blend stored with the pair's calibration under ``"auto"``/``"calibrated"`` (3 for the shipped
+        Qwen2.5-Coder pair), else 1.
     establish_threshold : context length (tokens) at which the mapping is established.
     truncation_threshold : only the first this-many tokens' attention is compared.
     calibration : a calibration file (``iam calibrate`` writes them) whose order ``"auto"``/``"calibrated"`` use
@@ -41,7 +43,7 @@ class MappingConfig:
     strategy: str = "auto"
     layers: list[Unit] | None = None
     metric: str = "cosine"
-    blend: int = 1
+    blend: int | None = None
     establish_threshold: int = 20
     truncation_threshold: int = 100
     slm_cache: str = "native"
@@ -59,8 +61,11 @@ class MappingConfig:
             raise ValueError(f"slm_cache must be one of {list(SLM_CACHES)}, got {self.slm_cache!r}.")
         if self.layers is not None:
             self.layers = _check_layer_list(self.layers)
-        if isinstance(self.blend, bool) or not isinstance(self.blend, int) or self.blend < 1:
-            raise ValueError(f"blend must be an integer >= 1 (SLM heads mixed per mapped LLM head), got {self.blend!r}.")
+        if self.blend is not None and (isinstance(self.blend, bool) or not isinstance(self.blend, int) or self.blend < 1):
+            raise ValueError(
+                f"blend must be None (the pair's stored value) or an integer >= 1 (SLM heads mixed per mapped LLM head), "
+                f"got {self.blend!r}."
+            )
         for name in ("establish_threshold", "truncation_threshold"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 2:

@@ -42,6 +42,7 @@ def _rows_over(configs: Sequence[tuple[dict, MappingConfig]], llm, slm, windows,
     for label, cfg in tqdm(configs, desc="configs", disable=not progress):
         iam = IAMModel(llm, slm, cfg)
         row = dict(label, ppl=perplexity(iam, windows, progress, desc=str(label)), mapped_layers=iam.mapped_units)
+        row["blend"] = iam.config.blend if iam.n_mapped else None  # as resolved: the pair's stored one by default
         rows.append(row)
     base = rows[0]["ppl"]
     for row in rows:

@@ -10,7 +10,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .cache import cache_bytes, full_cache_bytes
-from .calibration import find_order, read_order
+from .calibration import find_calibration, read_calibration
 from .config import MappingConfig, check_layers_in_range
 from .generation import PairedSession, generate
 from .mapping import HeadMap
@@ -50,7 +50,8 @@ class IAMModel:
     ----------
     llm : the large ``*ForCausalLM`` (Qwen2/Qwen2.5 or Llama).
     slm : the small ``*ForCausalLM`` of the same family and vocabulary.
-    config : the ``MappingConfig`` (defaults to ``MappingConfig()``).
+    config : the ``MappingConfig`` (defaults to ``MappingConfig()``); ``self.config`` holds it with ``blend``
+        resolved (a copy where it was ``None``).
 
     Neither model is modified: the mapped attention modules are swapped in only for the duration of a call.
     """
@@ -58,14 +59,18 @@ class IAMModel:
     def __init__(self, llm: nn.Module, slm: nn.Module, config: MappingConfig | None = None) -> None:
         check_pair(llm, slm)
         self.llm, self.slm = llm.eval(), slm.eval()
-        self.config = config if config is not None else MappingConfig()
+        config = config if config is not None else MappingConfig()
         self.n_layers: int = llm.config.num_hidden_layers
         self.n_kv: int = llm.config.num_key_value_heads
-        self.strategy = STRATEGIES[self.config.strategy]
+        self.strategy = STRATEGIES[config.strategy]
+        stored = None
         if isinstance(self.strategy, CalibratedSelection):
-            file = self.config.calibration
-            order = read_order(file, llm.config, slm.config) if file else find_order(llm.config, slm.config)
-            self.strategy = replace(self.strategy, order=order)
+            file = config.calibration
+            stored = read_calibration(file, llm.config, slm.config) if file else find_calibration(llm.config, slm.config)
+            self.strategy = replace(self.strategy, order=stored.order if stored else ())
+        if config.blend is None:  # the pair's stored blend goes with its stored order
+            config = replace(config, blend=stored.blend if stored else 1)
+        self.config = config
         if self.config.layers is not None:
             check_layers_in_range(self.config.layers, self.n_layers, self.n_kv)
             self.n_mapped = len(self.config.layers)
