@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from .cache import read_keys
 from .similarity import SimilarityMetric
@@ -133,30 +133,30 @@ def match_heads(
     return HeadMap(heads, best // slm_heads, best % slm_heads, torch.stack(weights), torch.stack(scores))
 
 
-def simplex_weights(target: torch.Tensor, candidates: torch.Tensor, steps: int = 500) -> torch.Tensor:
+def simplex_weights(target: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     """Least-squares mixing weights on the simplex (non-negative, summing to one, so a mix of attention rows is
     still a distribution): ``target`` ``[H, N]``, ``candidates`` ``[H, k, N]`` -> ``[H, k]``.
 
-    Projected gradient descent from all weight on the first candidate, with a step no longer than 1 / the largest
-    eigenvalue, so the squared error only falls: the mix is never further from the target than that candidate."""
-    w = F.one_hot(torch.zeros(target.shape[0], dtype=torch.long, device=target.device), candidates.shape[1]).to(target)
-    if candidates.shape[1] == 1:
-        return w
-    gram = candidates @ candidates.transpose(-1, -2)  # [H, k, k]
-    corr = (candidates @ target[..., None]).squeeze(-1)
-    step = 1 / gram.diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True)  # 1 / trace >= 1 / largest eigenvalue
-    for _ in range(steps):
-        w = onto_simplex(w - step * ((gram @ w[..., None]).squeeze(-1) - corr))
-    return w
-
-
-def onto_simplex(v: torch.Tensor) -> torch.Tensor:
-    """Euclidean projection of each row of ``v`` ``[..., k]`` onto the probability simplex (Duchi et al., 2008)."""
-    u = v.sort(-1, descending=True).values
-    excess = u.cumsum(-1) - 1
-    rank = torch.arange(1, v.shape[-1] + 1, device=v.device, dtype=v.dtype)
-    kept = ((u - excess / rank) > 0).sum(-1, keepdim=True)
-    return (v - excess.gather(-1, kept - 1) / kept).clamp_min(0)
+    Exact: the optimum has some support, and on its support it solves the equality-constrained problem (KKT:
+    ``G w + lam 1 = c``, ``1^T w = 1``). Every support is solved at once (``2^k - 1`` small systems; ``k`` is a
+    handful) and the best one with non-negative weights is kept. A single candidate is one of them, so the mix is
+    never further from the target than any candidate alone."""
+    h, k, _ = candidates.shape
+    c, t = candidates.double(), target.double()
+    gram = c @ c.transpose(-1, -2)  # [H, k, k]
+    corr = (c @ t[..., None]).squeeze(-1)  # [H, k]
+    on = torch.tensor(list(itertools.product((False, True), repeat=k))[1:], device=c.device)[:, None]  # [S, 1, k]
+    system = c.new_zeros(len(on), h, k + 1, k + 1)
+    # off the support a weight is pinned to 0; on it, the KKT rows
+    system[..., :k, :k] = torch.where(on[..., :, None] & on[..., None, :], gram, torch.diag_embed((~on).double()))
+    system[..., :k, k] = system[..., k, :k] = on.double()
+    rhs = torch.cat([corr * on, c.new_ones(len(on), h, 1)], -1)
+    solution, info = torch.linalg.solve_ex(system, rhs)
+    w = solution[..., :k]  # [S, H, k]
+    error = ((w[..., None, :] @ gram).squeeze(-2) * w).sum(-1) - 2 * (w * corr).sum(-1)  # + |t|^2, the same for all
+    error = error.masked_fill((info != 0) | (w < -1e-9).any(-1), torch.inf)
+    w = w[error.argmin(0), torch.arange(h, device=c.device)].clamp_min(0)
+    return (w / w.sum(-1, keepdim=True)).to(target.dtype)
 
 
 @dataclass
