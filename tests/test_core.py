@@ -252,6 +252,33 @@ def test_prefill_sdpa_gets_one_head_size(family, monkeypatch):
     assert torch.isfinite(out).all()
 
 
+def test_long_prefill_runs_flex_attention_with_both_head_sizes(family, monkeypatch):
+    """From FLEX_MIN_TOKENS on, mapped prefill runs FlexAttention on the SLM's 8-wide q/k and the LLM's 16-wide V
+    (no padding) and agrees with the padded SDPA path; a left-padded batch keeps SDPA."""
+    from iam import attention
+
+    llm, slm = tiny(family, 4, 64, 4, 2, seed=0), tiny(family, 2, 32, 4, 2, seed=1)
+    ids = prompt(40)
+    padded = IAMModel(llm, slm, MappingConfig(ratio=0.5))(ids).logits
+    calls = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        calls.append(q.shape[-1])
+        return real_sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(attention, "FLEX_MIN_TOKENS", 32)
+    monkeypatch.setattr("iam.attention.F.scaled_dot_product_attention", spy)
+    flex = IAMModel(llm, slm, MappingConfig(ratio=0.5))(ids).logits
+    assert attention.flex_kernel(ids.device, 8, 16) is not None
+    assert len(calls) == 2 + 2  # the SLM's and the unmapped LLM layers' own; the mapped layers ran flex
+    assert torch.allclose(flex, padded, atol=1e-4)
+    calls.clear()
+    batch, mask = left_pad([prompt(40, seed=1), prompt(36, seed=2)])
+    IAMModel(llm, slm, MappingConfig(ratio=0.5))(batch, attention_mask=mask)
+    assert len(calls) == 2 + 4
+
+
 def test_heads_sharing_an_slm_head_and_a_kv_group_are_computed_once(family, monkeypatch):
     """A one-layer, one-head SLM: every LLM head borrows the same SLM head, so each KV group (2 heads here) needs one
     SDPA item, and prefill (deduplicated) still agrees with decode (per head)."""
