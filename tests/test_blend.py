@@ -83,3 +83,9 @@ def test_blended_decode_matches_its_own_prefill(pair):
 def test_bad_blend_is_refused(bad):
     with pytest.raises(ValueError, match="blend must be None .the pair.s stored value. or an integer >= 1"):
         MappingConfig(blend=bad)
+
+
+def test_a_blend_too_large_for_the_exact_fit_is_refused():
+    assert MappingConfig(blend=8).blend == 8
+    with pytest.raises(ValueError, match="blend must be at most 8"):
+        MappingConfig(blend=9)

@@ -8,6 +8,7 @@ from .selection import STRATEGIES, Unit
 from .similarity import METRICS
 
 SLM_CACHES = ("native", "int8")
+MAX_BLEND = 8  # the exact blend fit solves 2^blend - 1 small systems per head
 
 
 @dataclass
@@ -30,7 +31,7 @@ class MappingConfig:
         still a distribution), fit by least squares to the LLM head's window attention. No K either way; the mapped
         heads' prefill attention costs up to ``k`` times as much, and decode gathers ``k`` rows per head. ``None``
         (default): the blend stored with the pair's calibration under ``"auto"``/``"calibrated"`` (3 for the shipped
-        Qwen2.5-Coder pair), else 1.
+        Qwen2.5-Coder pair), else 1. At most ``MAX_BLEND`` (8).
     establish_threshold : context length (tokens) at which the mapping is established.
     truncation_threshold : only the first this-many tokens' attention is compared.
     calibration : a calibration file (``iam calibrate`` writes them) whose order ``"auto"``/``"calibrated"`` use
@@ -66,6 +67,8 @@ class MappingConfig:
                 f"blend must be None (the pair's stored value) or an integer >= 1 (SLM heads mixed per mapped LLM head), "
                 f"got {self.blend!r}."
             )
+        if self.blend is not None and self.blend > MAX_BLEND:
+            raise ValueError(f"blend must be at most {MAX_BLEND} (the exact fit solves 2^blend - 1 systems), got {self.blend}.")
         for name in ("establish_threshold", "truncation_threshold"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 2:
