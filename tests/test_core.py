@@ -270,13 +270,36 @@ def test_long_prefill_runs_flex_attention_with_both_head_sizes(family, monkeypat
     monkeypatch.setattr(attention, "FLEX_MIN_TOKENS", 32)
     monkeypatch.setattr("iam.attention.F.scaled_dot_product_attention", spy)
     flex = IAMModel(llm, slm, MappingConfig(ratio=0.5))(ids).logits
-    assert attention.flex_kernel(ids.device, 8, 16) is not None
+    assert attention.flex_kernel(ids.device, torch.float32, 8, 16) is not None
     assert len(calls) == 2 + 2  # the SLM's and the unmapped LLM layers' own; the mapped layers ran flex
     assert torch.allclose(flex, padded, atol=1e-4)
     calls.clear()
     batch, mask = left_pad([prompt(40, seed=1), prompt(36, seed=2)])
     IAMModel(llm, slm, MappingConfig(ratio=0.5))(batch, attention_mask=mask)
     assert len(calls) == 2 + 4
+
+
+def test_flex_attention_compiles_once_for_any_batch_mapping_and_length(family, monkeypatch):
+    """The compiled FlexAttention kernel is specialised to batch and head counts, and after 8 recompilations it falls
+    back to an unfused version that builds the T x T scores: one compilation must serve every batch size, number of
+    borrowed SLM heads per layer, and length."""
+    from iam import attention
+
+    llm, slm = tiny(family, 4, 64, 4, 2, seed=0), tiny(family, 2, 32, 4, 2, seed=1)
+    monkeypatch.setattr(attention, "FLEX_MIN_TOKENS", 129)  # the tiny models hold 256 positions
+    IAMModel(llm, slm, MappingConfig(ratio=0.5))(prompt(140))  # compiles (first use)
+    mapped_sdpa = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):  # a mapped SDPA call: LLM-wide (16) q with the SLM's scale
+        mapped_sdpa.append(q.shape[-1] == 16 and kwargs.get("scale") == 8**-0.5)
+        return real_sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr("iam.attention.F.scaled_dot_product_attention", spy)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for length, batch, ratio in [(200, 1, 0.5), (150, 3, 1.0), (250, 2, 0.25)]:
+            IAMModel(llm, slm, MappingConfig(ratio=ratio))(prompt(length, seed=length, batch=batch))
+    assert mapped_sdpa and not any(mapped_sdpa)  # the SLM and unmapped layers ran SDPA, every mapped prefill flex
 
 
 def test_heads_sharing_an_slm_head_and_a_kv_group_are_computed_once(family, monkeypatch):

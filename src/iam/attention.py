@@ -198,14 +198,16 @@ class MappedAttention(nn.Module):
         """All new tokens: one attention call over the distinct (SLM head, KV group) items, expanded to columns and
         mixed per LLM head. ``v`` holds the mapped groups. Returns ``[B, H_m, t, d]``.
 
-        The SLM's q/k head size ``d_s`` is smaller than the LLM's ``d``. Long causal prefills run FlexAttention,
-        which takes both sizes as they are. Otherwise SDPA, whose fused kernels need one head size: zero-padding q
-        and k keeps q.k exact and avoids the fallback that would build the T x T matrix."""
+        The SLM's q/k head size ``d_s`` is smaller than the LLM's ``d``. Unpadded causal prefills from
+        ``FLEX_MIN_TOKENS`` on run FlexAttention, which takes both sizes as they are. Otherwise SDPA, whose fused
+        kernels need one head size: zero-padding q and k keeps q.k exact and avoids the fallback that would build
+        the T x T matrix."""
         b, total, d = v.shape[0], v.shape[2], v.shape[-1]  # total: cached and new tokens
         state = self.state
         some_q = state.slm_queries[routes.items[0][0]]
         t, d_s = some_q.shape[2], some_q.shape[-1]
-        flex = flex_kernel(v.device, d_s, d) if attention_mask is None and d_s != d and total >= FLEX_MIN_TOKENS else None
+        use_flex = attention_mask is None and d_s != d and total == t >= FLEX_MIN_TOKENS
+        flex = flex_kernel(v.device, v.dtype, d_s, d) if use_flex else None
         width = d_s if flex else max(d_s, d)
         q = some_q.new_zeros(*routes.item_kv.shape, t, width)
         k = some_q.new_zeros(*routes.item_kv.shape, total, width)
@@ -215,7 +217,7 @@ class MappedAttention(nn.Module):
         rows = torch.arange(b, device=v.device)[:, None]
         q, k, v = q.to(v.dtype), k.to(v.dtype), v[rows, routes.item_kv]
         if flex:
-            out = flex(q, k, v, block_mask=causal_block_mask(t, total, v.device), scale=state.slm_scaling)
+            out = flex(q, k, v, state.slm_scaling)
         else:
             out = F.scaled_dot_product_attention(
                 q,
@@ -228,21 +230,39 @@ class MappedAttention(nn.Module):
         return routes.mix(out[rows, routes.item_of_column])
 
 
-FLEX_MIN_TOKENS = 2048
-"""Context length from which mapped prefill uses FlexAttention: at 8192 tokens on a CPU it took 0.64 of SDPA's
-time on the padded heads; below this the difference is small and not worth a first-call compilation."""
+FLEX_MIN_TOKENS = 256
+"""Prefill length from which mapped attention runs FlexAttention. With 64 SLM heads on a CPU it took 0.4 of padded
+SDPA's time at 512 tokens and 0.64 at 8192; at 256 they are even. Up to 128 tokens (one flex block) flex would
+need a second compilation, for an attention cost that is negligible there."""
+
+FLEX_HEADS = 8
+"""Heads per FlexAttention call. The compiled kernel is specialised to the batch and head counts (only the length
+is dynamic) and falls back to an unfused version, which builds the T x T scores, after 8 recompilations. Every
+call therefore has the shape ``[1, FLEX_HEADS, T, d]``: one compilation serves every batch, mapping and length."""
 
 
 @functools.cache
-def flex_kernel(device: torch.device, qk_dim: int, v_dim: int) -> Callable | None:
-    """``flex_attention`` compiled for these head sizes and any length (a few seconds, on first use), or ``None``
-    where it cannot be compiled here (SDPA is used instead)."""
+def flex_kernel(device: torch.device, dtype: torch.dtype, qk_dim: int, v_dim: int) -> Callable | None:
+    """FlexAttention for this device, dtype and head sizes, any batch, item count and length above 128 tokens, as
+    ``kernel(q [B, U, T, qk_dim], k [B, U, T, qk_dim], v [B, U, T, v_dim], scale) -> [B, U, T, v_dim]``, causal.
+    Compiled on first use (a few seconds); ``None`` where it cannot be compiled here (SDPA is used instead)."""
     try:
         from torch.nn.attention.flex_attention import flex_attention
 
-        kernel = torch.compile(flex_attention, dynamic=True)
-        q, v = torch.zeros(1, 1, 16, qk_dim, device=device), torch.zeros(1, 1, 16, v_dim, device=device)
-        kernel(q, q, v, block_mask=causal_block_mask(16, 16, device))
+        compiled = torch.compile(flex_attention, dynamic=True)
+
+        def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+            b, u, t = q.shape[:3]
+            pad = -(b * u) % FLEX_HEADS
+            q, k, v = (F.pad(x.flatten(0, 1), (0, 0, 0, 0, 0, pad)).view(-1, 1, FLEX_HEADS, t, x.shape[-1]) for x in (q, k, v))
+            mask = causal_block_mask(t, device)
+            q = q * scale  # one compiled kernel for every scale: a float argument would be specialised on
+            out = torch.cat([compiled(*c, block_mask=mask, scale=1.0) for c in zip(q, k, v)])
+            return out.flatten(0, 1)[: b * u].view(b, u, t, v_dim)
+
+        for t in (FLEX_MIN_TOKENS, FLEX_MIN_TOKENS + 128):  # two lengths: the second compiles the length-dynamic kernel
+            x = torch.zeros(1, 1, t, max(qk_dim, v_dim), device=device, dtype=dtype)
+            kernel(x[..., :qk_dim], x[..., :qk_dim], x[..., :v_dim], 1.0)
     except Exception as e:  # no compiler, or a backend without flex support
         warnings.warn(f"FlexAttention is unavailable ({type(e).__name__}: {e}); mapped prefill uses SDPA.", stacklevel=2)
         return None
@@ -250,12 +270,11 @@ def flex_kernel(device: torch.device, qk_dim: int, v_dim: int) -> Callable | Non
 
 
 @functools.lru_cache(maxsize=8)
-def causal_block_mask(t: int, total: int, device: torch.device):
-    """Causal mask for ``t`` new queries after ``total - t`` cached tokens."""
+def causal_block_mask(t: int, device: torch.device):
+    """Causal FlexAttention mask over ``t`` tokens."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    offset = total - t
-    return create_block_mask(lambda b, h, qi, ki: qi + offset >= ki, None, None, t, total, device=device)
+    return create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, t, t, device=device)
 
 
 def runs(groups: tuple[int, ...]) -> list[tuple[int, int]]:
