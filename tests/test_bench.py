@@ -79,6 +79,10 @@ def test_cli_measured_smoke(tmp_path, capsys):
     assert [r["ratio"] for r in rows] == [0.0, 0.5]
     for key in ("kv_bytes", "kv_ratio", "ttft_s", "tpot_s", "throughput_tok_s", "peak_mem_bytes", "ttft_speedup", "tpot_speedup"):
         assert key in rows[1]
+    # IAM's budget: the LLM alone (less what mapping saves) plus the SLM alone, measured in the same rounds
+    for name in ("ttft", "tpot"):
+        assert 0 < rows[1][f"slm_{name}_s"] < rows[1][f"{name}_budget_s"] < rows[0][f"{name}_s"] + rows[1][f"slm_{name}_s"]
+        assert rows[1][f"{name}_vs_budget"] == pytest.approx(rows[1][f"{name}_s"] / rows[1][f"{name}_budget_s"], rel=1e-6)
     # On the shipped pair the SLM cache outweighs what 14 mapped layers save (see README).
     assert rows[1]["kv_llm_bytes"] < rows[0]["kv_bytes"] < rows[1]["kv_bytes"]
 

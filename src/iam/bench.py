@@ -16,14 +16,18 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 from dataclasses import dataclass, replace
 
 import torch
+from transformers import DynamicCache
 
 from .attention import FLEX_MIN_TOKENS
 from .config import with_baseline
+from .generation import synchronize
 from .memory import PeakMemory, TensorPeak
 from .presets import Arch
+from .selection import format_plan
 
 GB = 1e9
 
@@ -50,12 +54,20 @@ METHODS = {
 }
 
 
+def llm_kv_bytes_per_token(llm: Arch, n_mapped: float, elem: int) -> float:
+    """The LLM's own KV per token: K and V of every layer, less the K of the mapped ones."""
+    return (2 * llm.layers - n_mapped) * llm.kv_heads * llm.head_dim * elem
+
+
+def slm_kv_bytes_per_token(slm: Arch, elem: int, method: str = "paper") -> int:
+    """The SLM's whole KV per token; ``iam`` accounting: int8 plus one ``elem``-byte scale per head and token."""
+    row = slm.head_dim * elem if method == "paper" else slm.head_dim + elem
+    return 2 * slm.layers * slm.kv_heads * row
+
+
 def kv_bytes_per_token(llm: Arch, slm: Arch, n_mapped: int, elem: int, method: str = "paper") -> int:
-    base = 2 * llm.layers * llm.kv_heads * llm.head_dim * elem
-    if n_mapped == 0:
-        return base
-    slm_row = slm.head_dim * elem if method == "paper" else slm.head_dim + elem
-    return base - n_mapped * llm.kv_heads * llm.head_dim * elem + 2 * slm.layers * slm.kv_heads * slm_row
+    own = int(llm_kv_bytes_per_token(llm, n_mapped, elem))
+    return own + slm_kv_bytes_per_token(slm, elem, method) if n_mapped else own
 
 
 def layer_prefill_flops(llm: Arch, slm: Arch, tokens: int, mapped: bool = False) -> float:
@@ -67,22 +79,30 @@ def layer_prefill_flops(llm: Arch, slm: Arch, tokens: int, mapped: bool = False)
     return 2 * (llm.layer_params - llm.qk_params) * t + llm.heads * (llm.head_dim + slm.head_dim) * t * t
 
 
+def llm_prefill_flops(llm: Arch, slm: Arch, n_mapped: float, tokens: int) -> float:
+    """Prefill FLOPs of the LLM's own pass, ``n_mapped`` layers mapped (LM head on the last token only)."""
+    unmapped, mapped = (layer_prefill_flops(llm, slm, tokens, m) for m in (False, True))
+    return (llm.layers - n_mapped) * unmapped + n_mapped * mapped + 2 * llm.hidden * llm.vocab
+
+
 def prefill_flops(llm: Arch, slm: Arch, n_mapped: int, tokens: int) -> float:
-    """Prefill FLOPs of the whole pair (LM head on the last token only; the SLM runs no LM head)."""
-    total = (llm.layers - n_mapped) * layer_prefill_flops(llm, slm, tokens) + 2 * llm.hidden * llm.vocab
-    if n_mapped:
-        total += n_mapped * layer_prefill_flops(llm, slm, tokens, mapped=True) + slm.layers * layer_prefill_flops(
-            slm, slm, tokens
-        )
-    return total
+    """Prefill FLOPs of the whole pair (the SLM runs no LM head)."""
+    own = llm_prefill_flops(llm, slm, n_mapped, tokens)
+    return own + slm.layers * layer_prefill_flops(slm, slm, tokens) if n_mapped else own
+
+
+def llm_decode_bytes(llm: Arch, n_mapped: float, batch: int, context: int, elem: int) -> float:
+    """Bytes the LLM's own part of a decode step reads: its weights less the mapped Q/K, and its KV."""
+    return (llm.params - n_mapped * llm.qk_params) * elem + batch * context * llm_kv_bytes_per_token(llm, n_mapped, elem)
 
 
 def decode_bytes(llm: Arch, slm: Arch, n_mapped: int, batch: int, context: int, elem: int, method: str = "paper") -> float:
     """Bytes read by one decode step: weights once (the SLM without its LM head), plus the KV of every sequence."""
-    weights = (llm.params - (n_mapped * llm.qk_params)) * elem
-    if n_mapped:
-        weights += (slm.params - slm.vocab * slm.hidden * (0 if slm.tied else 1)) * elem
-    return weights + batch * context * kv_bytes_per_token(llm, slm, n_mapped, elem, method)
+    own = llm_decode_bytes(llm, n_mapped, batch, context, elem)
+    if not n_mapped:
+        return own
+    slm_weights = (slm.params - slm.vocab * slm.hidden * (0 if slm.tied else 1)) * elem
+    return own + slm_weights + batch * context * slm_kv_bytes_per_token(slm, elem, method)
 
 
 def analytic_rows(
@@ -140,8 +160,31 @@ def random_prompt(llm, batch: int, length: int, generator: torch.Generator) -> t
     return torch.randint(margin, vocab - margin, (batch, length), generator=generator).to(llm.device)
 
 
+@torch.inference_mode()
+def time_slm(slm, ids: torch.Tensor, new_tokens: int) -> dict[str, float]:
+    """The SLM alone, as IAM runs it: base model only (no LM head) over the prompt, then ``new_tokens - 1``
+    one-token steps. Returns ``ttft_s`` and ``tpot_s``."""
+    cache = DynamicCache(config=slm.config)
+    start = time.perf_counter()
+    slm.model(input_ids=ids, past_key_values=cache, use_cache=True)
+    synchronize(ids.device)
+    ttft = time.perf_counter() - start
+    steps = max(new_tokens - 1, 1)
+    start = time.perf_counter()
+    for _ in range(steps):
+        slm.model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True)
+    synchronize(ids.device)
+    return {"ttft_s": ttft, "tpot_s": (time.perf_counter() - start) / steps}
+
+
 def measure(llm, slm, ratios: list[float], scenario: Scenario, repeats: int, base_config, progress: bool = True) -> list[dict]:
-    """Run the LLM alone and IAM at each ratio, interleaved, ``repeats`` times; report medians."""
+    """Run the LLM alone, IAM at each ratio and the SLM alone, in turns, ``repeats`` times; report medians.
+
+    IAM rows also carry its budget, what the parts cost measured alone in the same round: the LLM's time scaled
+    by the share of its arithmetic that mapping leaves (prefill FLOPs, decode bytes), plus the SLM's time.
+    ``ttft_vs_budget``/``tpot_vs_budget`` are medians of IAM over its budget, round by round (1 = IAM costs exactly
+    its parts; above 1, overhead).
+    """
     from tqdm.auto import tqdm
 
     from .model import IAMModel
@@ -149,37 +192,51 @@ def measure(llm, slm, ratios: list[float], scenario: Scenario, repeats: int, bas
     device = llm.device
     ids = random_prompt(llm, scenario.batch, scenario.prompt, torch.Generator().manual_seed(0))
     ratios = with_baseline(ratios)
-    samples: dict[float, list[dict]] = {r: [] for r in ratios}
+    samples: dict[float | None, list[dict]] = {r: [] for r in [*ratios, None]}  # None: the SLM alone
     warm = ids[:, :FLEX_MIN_TOKENS]  # long enough to compile the mapped prefill's kernel before any timing
     IAMModel(llm, slm, replace(base_config, ratio=ratios[-1])).generate(warm, max_new_tokens=2)
-    runs = [(rep, r) for rep in range(repeats) for r in ratios]
+    runs = [(rep, r) for rep in range(repeats) for r in [*ratios, None]]
     for _, r in tqdm(runs, desc="bench runs", disable=not progress):
+        if r is None:
+            samples[None].append(time_slm(slm, ids, scenario.new_tokens))
+            continue
         iam = IAMModel(llm, slm, replace(base_config, ratio=r))
         with PeakMemory(device) as mem:
             iam.generate(ids, max_new_tokens=scenario.new_tokens, eos_token_id=[])
         t = iam.timings
-        samples[r].append({**t, "peak_mem_bytes": mem.bytes, "kv": iam.kv_cache_bytes(), "layers": iam.mapped_units})
+        samples[r].append({**t, "peak_mem_bytes": mem.bytes, "kv": iam.kv_cache_bytes(), "plan": iam.plan})
+    big, small = (Arch.from_config(m.config.to_dict()) for m in (llm, slm))
+    elem, context = llm.dtype.itemsize, scenario.prompt + scenario.new_tokens
+    alone, slm_alone = samples[0.0], samples[None]
     rows = []
-    base = samples[0.0][-1]["kv"]["total"]
     for r in ratios:
         s = samples[r]
-        ttft = statistics.median(x["ttft_s"] for x in s)
-        tpot = statistics.median(x["tpot_s"] for x in s)
         kv = s[-1]["kv"]
-        rows.append(
-            {
-                "ratio": r,
-                "mapped_layers": s[-1]["layers"],
-                "kv_bytes": kv["total"],
-                "kv_llm_bytes": kv["llm"],
-                "kv_slm_bytes": kv["slm"],
-                "kv_ratio": kv["total"] / base,
-                "ttft_s": ttft,
-                "tpot_s": tpot,
-                "throughput_tok_s": scenario.batch / tpot,
-                "peak_mem_bytes": statistics.median(x["peak_mem_bytes"] for x in s),
+        row = {
+            "ratio": r,
+            "mapped_layers": format_plan(s[-1]["plan"], big.kv_heads),
+            "kv_bytes": kv["total"],
+            "kv_llm_bytes": kv["llm"],
+            "kv_slm_bytes": kv["slm"],
+            "kv_ratio": kv["total"] / alone[-1]["kv"]["total"],
+            "ttft_s": statistics.median(x["ttft_s"] for x in s),
+            "tpot_s": statistics.median(x["tpot_s"] for x in s),
+            "peak_mem_bytes": statistics.median(x["peak_mem_bytes"] for x in s),
+        }
+        row["throughput_tok_s"] = scenario.batch / row["tpot_s"]
+        if r:
+            n = sum(len(groups) for groups in s[-1]["plan"].values()) / big.kv_heads  # mapped layers' worth
+            share = {
+                "ttft_s": llm_prefill_flops(big, small, n, scenario.prompt) / llm_prefill_flops(big, small, 0, scenario.prompt),
+                "tpot_s": llm_decode_bytes(big, n, scenario.batch, context, elem)
+                / llm_decode_bytes(big, 0, scenario.batch, context, elem),
             }
-        )
+            for key, name in (("ttft_s", "ttft"), ("tpot_s", "tpot")):
+                budget = [a[key] * share[key] + b[key] for a, b in zip(alone, slm_alone)]
+                row[f"slm_{key}"] = statistics.median(b[key] for b in slm_alone)
+                row[f"{name}_budget_s"] = statistics.median(budget)
+                row[f"{name}_vs_budget"] = statistics.median(x[key] / b for x, b in zip(s, budget))
+        rows.append(row)
     for row in rows:
         row["ttft_speedup"] = rows[0]["ttft_s"] / row["ttft_s"]
         row["tpot_speedup"] = rows[0]["tpot_s"] / row["tpot_s"]

@@ -361,6 +361,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             "peak_mem_bytes",
             "ttft_speedup",
             "tpot_speedup",
+            "ttft_vs_budget",
+            "tpot_vs_budget",
         ],
     )
 

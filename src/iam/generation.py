@@ -190,6 +190,12 @@ class PairedSession:
         return self.similarity
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a wall-clock reading covers it (a no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def next_token(
     logits: torch.Tensor,
     do_sample: bool,
@@ -222,6 +228,7 @@ def generate(
     eos = torch.tensor([] if eos_token_id is None else eos_token_id, device=session.ids.device).flatten()
     start = time.perf_counter()
     logits = session.prefill(logits_to_keep=1)
+    synchronize(logits.device)
     ttft = time.perf_counter() - start
     prompt_len = session.ids.shape[1]
     finished = torch.zeros(session.ids.shape[0], dtype=torch.bool, device=session.ids.device)
@@ -235,6 +242,7 @@ def generate(
         if finished.all() or step + 1 == max_new_tokens:
             break
         logits = session.decode(tok)
+    synchronize(logits.device)
     decode_s = time.perf_counter() - decode_start
     out = torch.cat([session.ids[:, :prompt_len], torch.stack(tokens, 1)], dim=-1) if tokens else session.ids
     steps = max(len(tokens) - 1, 1)

@@ -19,6 +19,7 @@ from .attention import MappedAttention
 from .bench import decode_bytes, kv_bytes_per_token, layer_prefill_flops, prefill_flops
 from .cache import paired_llm_cache
 from .config import with_baseline
+from .generation import synchronize
 from .mapping import HeadMap, MappingState, Window
 from .presets import Arch, hf_config
 from .similarity import METRICS
@@ -27,14 +28,13 @@ from .similarity import METRICS
 def timed(fns: list[Callable[[], object]], repeats: int, device: torch.device) -> list[float]:
     """Median seconds of each of ``fns`` over ``repeats`` rounds, after one warm-up round. A round calls every
     function once, in turn, so the machine's slow drifts hit all of them alike."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times: list[list[float]] = [[] for _ in fns]
     for round_ in range(repeats + 1):
         for fn, samples in zip(fns, times):
-            sync()
+            synchronize(device)
             start = time.perf_counter()
             fn()
-            sync()
+            synchronize(device)
             if round_:
                 samples.append(time.perf_counter() - start)
     return [statistics.median(samples) for samples in times]
