@@ -51,8 +51,8 @@ def test_partly_mapped_layer_caches_k_of_its_unmapped_group_only(pair):
 
 
 def test_unmapped_groups_project_q_and_k_from_their_weight_rows_only(pair, monkeypatch):
-    """Q/K of a partly mapped layer's unmapped group come from views of just that group's weight rows; the full
-    projections run on the establishing window only."""
+    """Q/K of a partly mapped layer come from views of one group's weight rows: the mapped group's on the
+    establishing window only, the unmapped group's on every token."""
     llm, slm = pair
     attn = decoder_layers(llm)[1].self_attn
     d = attn.head_dim
@@ -67,9 +67,9 @@ def test_unmapped_groups_project_q_and_k_from_their_weight_rows_only(pair, monke
 
     monkeypatch.setattr(torch.nn.functional, "linear", linear)
     IAMModel(llm, slm, MappingConfig(layers=[(1, 0)], truncation_threshold=16)).generate(prompt(30), max_new_tokens=3)
-    # Window: the full projections on 16 rows. Then group 1 only (rows from 2*d for q, from d for k) on the prompt
+    # Window: group 0's rows on 16 tokens. Then group 1 only (rows from 2*d for q, from d for k) on the prompt
     # and on each of the two decode steps.
-    assert seen[:2] == [("q_proj", 4 * d, 0, 16), ("k_proj", 2 * d, 0, 16)]
+    assert seen[:2] == [("q_proj", 2 * d, 0, 16), ("k_proj", d, 0, 16)]
     own = [("q_proj", 2 * d, 2 * d * 64, t) for t in (30, 1, 1)], [("k_proj", d, d * 64, t) for t in (30, 1, 1)]
     assert sorted(seen[2:]) == sorted(own[0] + own[1])
 

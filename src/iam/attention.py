@@ -138,7 +138,7 @@ class MappedAttention(nn.Module):
         v = attn.v_proj(hidden_states).view(b, t, -1, attn.head_dim).transpose(1, 2)
         q = k = None
         if self.own:
-            q, k = self._own_qk(hidden_states, position_embeddings)
+            q, k = self._qk(hidden_states, *position_embeddings, self.own)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
         mapped_v = take_groups(v, self.groups)
@@ -150,17 +150,17 @@ class MappedAttention(nn.Module):
             out = full
         return attn.o_proj(out.transpose(1, 2).reshape(b, t, -1)), None
 
-    def _own_qk(
-        self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    def _qk(
+        self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, groups: tuple[int, ...]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Post-RoPE Q ``[B, H_own, t, d]`` and K ``[B, KV_own, t, d]`` of the unmapped groups only."""
+        """Post-RoPE Q ``[B, H_g, t, d]`` and K ``[B, KV_g, t, d]`` of ``groups`` only, from row slices of the weights."""
         attn = self.original
         b, t, _ = hidden_states.shape
         d = attn.head_dim
-        q = project_groups(attn.q_proj, hidden_states, self.own, attn.num_key_value_groups * d)
-        k = project_groups(attn.k_proj, hidden_states, self.own, d)
+        q = project_groups(attn.q_proj, hidden_states, groups, attn.num_key_value_groups * d)
+        k = project_groups(attn.k_proj, hidden_states, groups, d)
         q, k = (x.view(b, t, -1, d).transpose(1, 2) for x in (q, k))
-        return apply_rope(q, *position_embeddings), apply_rope(k, *position_embeddings)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Usual attention of the unmapped groups through the model's own attention function: ``[B, H_own, t, d]``."""
@@ -183,14 +183,12 @@ class MappedAttention(nn.Module):
         return (rows.view(b, kv_heads, h // kv_heads, -1) @ v).view(b, h, 1, -1)
 
     def _establish(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> HeadMap:
-        """Q/K projections on the window rows only, then best-match search against every SLM head."""
-        attn, window = self.original, self.state.window
+        """Q/K projections of the mapped groups on the window rows only, then best-match search against every SLM
+        head."""
+        window = self.state.window
         b = hidden_states.shape[0]
-        rows = window.take(hidden_states, 1)
         cos, sin = (window.take(x.expand(b, -1, -1), 1) for x in position_embeddings)
-        q = attn.q_proj(rows).view(b, window.size, -1, attn.head_dim).transpose(1, 2)[:, self.heads]
-        k = take_groups(attn.k_proj(rows).view(b, window.size, -1, attn.head_dim).transpose(1, 2), self.groups)
-        probs = window_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), attn.scaling)
+        probs = window_attention(*self._qk(window.take(hidden_states, 1), cos, sin, self.groups), self.original.scaling)
         state = self.state
         return match_heads(self.heads, probs, window, state.slm_flats, state.slm_heads, state.metric, state.blend)
 
@@ -232,8 +230,8 @@ class MappedAttention(nn.Module):
 
 FLEX_MIN_TOKENS = 256
 """Prefill length from which mapped attention runs FlexAttention. With 64 SLM heads on a CPU it took 0.4 of padded
-SDPA's time at 512 tokens and 0.64 at 8192; at 256 they are even. Up to 128 tokens (one flex block) flex would
-need a second compilation, for an attention cost that is negligible there."""
+SDPA's time at 512 tokens, 0.64 at 8192, and 0.5-1 at 256. Up to 128 tokens (one flex block) flex would need a
+second compilation, for an attention cost that is negligible there."""
 
 FLEX_HEADS = 8
 """Heads per FlexAttention call. The compiled kernel is specialised to the batch and head counts (only the length
@@ -295,7 +293,10 @@ def take_groups(x: torch.Tensor, groups: tuple[int, ...]) -> torch.Tensor:
 
 
 def project_groups(proj: nn.Linear, x: torch.Tensor, groups: tuple[int, ...], width: int) -> torch.Tensor:
-    """``proj(x)`` restricted to the output rows of ``groups`` (``width`` rows each), from views of its weight."""
+    """``proj(x)`` restricted to the output rows of ``groups`` (``width`` rows each), from views of its weight (the
+    module itself when that is all of its rows)."""
+    if runs(groups) == [(0, proj.out_features // width)]:
+        return proj(x)
     parts = []
     for a, b in runs(groups):
         rows = slice(a * width, b * width)
