@@ -9,6 +9,7 @@ from conftest import left_pad, prompt, tiny
 from iam import IAMModel, MappingConfig
 from iam.capture import decoder_layers
 from iam.generation import PairedSession
+from iam.memory import TensorPeak
 
 
 def llm_logits(llm, ids, mask=None):
@@ -300,6 +301,9 @@ def test_flex_attention_compiles_once_for_any_batch_mapping_and_length(family, m
         for length, batch, ratio in [(200, 1, 0.5), (150, 3, 1.0), (250, 2, 0.25)]:
             IAMModel(llm, slm, MappingConfig(ratio=ratio))(prompt(length, seed=length, batch=batch))
     assert mapped_sdpa and not any(mapped_sdpa)  # the SLM and unmapped layers ran SDPA, every mapped prefill flex
+    with TensorPeak():  # compiled code cannot run under a Python dispatch mode: mapped prefill takes SDPA there
+        IAMModel(llm, slm, MappingConfig(ratio=0.5))(prompt(200))
+    assert any(mapped_sdpa)
 
 
 def test_heads_sharing_an_slm_head_and_a_kv_group_are_computed_once(family, monkeypatch):

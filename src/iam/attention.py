@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .cache import read_keys
@@ -204,7 +205,8 @@ class MappedAttention(nn.Module):
         state = self.state
         some_q = state.slm_queries[routes.items[0][0]]
         t, d_s = some_q.shape[2], some_q.shape[-1]
-        use_flex = attention_mask is None and d_s != d and total == t >= FLEX_MIN_TOKENS
+        # Compiled code cannot run under a Python dispatch mode (TensorPeak, FlopCounterMode): SDPA there.
+        use_flex = attention_mask is None and d_s != d and total == t >= FLEX_MIN_TOKENS and not is_in_torch_dispatch_mode()
         flex = flex_kernel(v.device, v.dtype, d_s, d) if use_flex else None
         width = d_s if flex else max(d_s, d)
         q = some_q.new_zeros(*routes.item_kv.shape, t, width)

@@ -55,7 +55,8 @@ class TensorPeak(TorchDispatchMode):
     Every ATen op's outputs are recorded by storage (views count once) and released when their storage is freed,
     like ``torch.cuda.max_memory_allocated`` but device-independent and blind to allocator caching. Tensors that
     existed before the block (weights, inputs) are not counted. Composite ops such as a math-kernel SDPA are seen
-    decomposed, so a ``T x T`` intermediate shows up in ``largest``.
+    decomposed, so a ``T x T`` intermediate shows up in ``largest``. Compiled code cannot run under it, so mapped
+    prefill takes its SDPA path here instead of FlexAttention.
 
     Returns (as attributes after the block)
     -------
