@@ -256,7 +256,7 @@ def flex_kernel(device: torch.device, dtype: torch.dtype, qk_dim: int, v_dim: in
             pad = -(b * u) % FLEX_HEADS
             q, k, v = (F.pad(x.flatten(0, 1), (0, 0, 0, 0, 0, pad)).view(-1, 1, FLEX_HEADS, t, x.shape[-1]) for x in (q, k, v))
             mask = causal_block_mask(t, device)
-            q = q * scale  # one compiled kernel for every scale: a float argument would be specialised on
+            q.mul_(scale)  # (the padded copy) one compiled kernel for every scale: a float argument is specialised on
             out = torch.cat([compiled(*c, block_mask=mask, scale=1.0) for c in zip(q, k, v)])
             return out.flatten(0, 1)[: b * u].view(b, u, t, v_dim)
 
