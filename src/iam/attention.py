@@ -2,7 +2,8 @@
 
 It replaces the layer's ``self_attn`` while a paired run is in flight (as transformers' KV-sharing layers do) and
 follows the same call contract. After the mapping exists it never calls ``q_proj``/``k_proj``, stores no K, and
-computes ``softmax(q_slm k_slm^T) V_llm`` with ``scaled_dot_product_attention``, so no T x T matrix is formed.
+computes ``softmax(q_slm k_slm^T) V_llm`` with FlexAttention or SDPA (see ``MappedAttention._prefill``), so no
+T x T matrix is formed.
 LLM heads of one KV group that borrow the same SLM head would compute the same thing, so prefill computes it once.
 An LLM head can borrow a weighted mix of several SLM heads (``MappingConfig.blend``), and a layer can be mapped in
 part, one KV group at a time (see ``MappedAttention``).
