@@ -1,7 +1,7 @@
 """Projection to paper scale from measured parts: one decoder layer of the target at its real dimensions
-(random weights), timed unmapped (SDPA and eager) and mapped, plus the whole SLM, the SLM attention rows a
-decode step shares across mapped layers, and the LM head, then composed into full-model TTFT and TPOT.
-Every measured part is reported beside the projection.
+(random weights), timed unmapped (SDPA and eager) and mapped in the same rounds, plus the whole SLM, the SLM
+attention rows a decode step shares across mapped layers, and the LM head, then composed into full-model TTFT and
+TPOT. Every measured part is reported beside the projection.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class LayerBench:
     """One decoder layer of ``arch`` with random weights, and what it needs to run at ``tokens`` of context,
     unmapped and wholly mapped (the mapping already established)."""
 
-    def __init__(self, arch: Arch, slm: Arch, tokens: int, device: torch.device, dtype: torch.dtype, attn: str = "sdpa") -> None:
+    def __init__(self, arch: Arch, slm: Arch, tokens: int, device: torch.device, dtype: torch.dtype) -> None:
         from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
         from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RotaryEmbedding
 
@@ -52,7 +52,7 @@ class LayerBench:
             "qwen2": (Qwen2DecoderLayer, Qwen2RotaryEmbedding),
             "llama": (LlamaDecoderLayer, LlamaRotaryEmbedding),
         }[arch.family]
-        self.config = hf_config(arch, layers=1, attn_implementation=attn)
+        self.config = hf_config(arch, layers=1, attn_implementation="sdpa")
         self.layer = layer_cls(self.config, 0).to(device=device, dtype=dtype).eval()
         self.attn = self.layer.self_attn
         self.rope = rope_cls(self.config).to(device)
@@ -106,14 +106,20 @@ class LayerBench:
         )
         return MappedAttention(self.attn, state, self.every)
 
-    def prefill(self) -> None:
-        """Unmapped prefill of ``tokens`` on a fresh cache."""
-        self._run(self.attn, DynamicCache(), 0, self.tokens)
+    def prefill(self, attn: str = "sdpa") -> None:
+        """Unmapped prefill of ``tokens`` on a fresh cache, with the ``attn`` attention implementation (the layer
+        reads it from its config on every call)."""
+        self.config._attn_implementation = attn
+        try:
+            self._run(self.attn, DynamicCache(), 0, self.tokens)
+        finally:
+            self.config._attn_implementation = "sdpa"
 
-    def prefill_steps(self) -> list[Callable[[], None]]:
-        """Prefill of ``tokens`` on a fresh cache: unmapped, then mapped."""
+    def prefill_steps(self, eager: bool) -> list[Callable[[], None]]:
+        """Prefill of ``tokens`` on a fresh cache: unmapped, mapped and, with ``eager``, unmapped with eager attention."""
         mapped = self._mapped(self.tokens, self.tokens)
-        return [self.prefill, lambda: self._run(mapped, paired_llm_cache(self.config, {0: self.every}), 0, self.tokens)]
+        steps = [self.prefill, lambda: self._run(mapped, paired_llm_cache(self.config, {0: self.every}), 0, self.tokens)]
+        return steps + [lambda: self.prefill("eager")] if eager else steps
 
     def decode_steps(self) -> tuple[list[Callable[[], None]], Callable[[], None]]:
         """One decode step after ``tokens``, unmapped and mapped, each dropping what it appended to its cache; and
@@ -191,22 +197,20 @@ def project(
     head = head_time(llm, device, dtype, decode_repeats)
     parts, rows = [], []
     for tokens in tokens_list:
-        sdpa = LayerBench(llm, slm, tokens, device, dtype)
-        layer_prefill, mapped_prefill = timed(sdpa.prefill_steps(), repeats, device)
-        decode_steps, rows_step = sdpa.decode_steps()
+        bench = LayerBench(llm, slm, tokens, device, dtype)
+        eager = llm.heads * tokens**2 * dtype.itemsize <= eager_budget(device)  # eager holds heads x T x T probabilities
+        layer_prefill, mapped_prefill, *eager_prefill = timed(bench.prefill_steps(eager), repeats, device)
+        decode_steps, rows_step = bench.decode_steps()
         layer_decode, mapped_decode = timed(decode_steps, decode_repeats, device)
         (slm_rows,) = timed([rows_step], decode_repeats, device)
-        del sdpa, decode_steps, rows_step
-        eager_prefill = None  # eager materialises heads x T x T probabilities; skipped where they would not fit
-        if llm.heads * tokens**2 * dtype.itemsize <= eager_budget(device):
-            eager_prefill = timed([LayerBench(llm, slm, tokens, device, dtype, attn="eager").prefill], repeats, device)[0]
+        del bench, decode_steps, rows_step
         slm_prefill, slm_decode = slm_times(slm, tokens, device, dtype, repeats, decode_repeats)
         parts.append(
             {
                 "tokens": tokens,
                 "layer_prefill_s": layer_prefill,
                 "mapped_layer_prefill_s": mapped_prefill,
-                "eager_layer_prefill_s": eager_prefill,
+                "eager_layer_prefill_s": eager_prefill[0] if eager else None,
                 "layer_decode_s": layer_decode,
                 "mapped_layer_decode_s": mapped_decode,
                 "slm_prefill_s": slm_prefill,
@@ -232,7 +236,7 @@ def project(
                     "kv_ratio": kv_bytes_per_token(llm, slm, n, 2, "iam") / base_kv,
                     "ttft_s": ttft,
                     "tpot_s": tpot,
-                    "ttft_eager_s": llm.layers * eager_prefill + head if n == 0 and eager_prefill else None,
+                    "ttft_eager_s": llm.layers * eager_prefill[0] + head if n == 0 and eager else None,
                 }
             )
         base = [row for row in rows if row["tokens"] == tokens and row["ratio"] == 0][0]
