@@ -142,6 +142,23 @@ def test_cli_projection_smoke(tmp_path, capsys, monkeypatch):
     assert result["rows"][1]["ttft_speedup"] > 0
 
 
+def test_projection_eager_baseline_runs_eager_attention_in_the_same_rounds(monkeypatch):
+    from transformers.models.qwen2 import modeling_qwen2
+
+    from iam.projection import LayerBench
+
+    eager, calls = modeling_qwen2.eager_attention_forward, []
+    monkeypatch.setattr(modeling_qwen2, "eager_attention_forward", lambda *a, **k: calls.append(1) or eager(*a, **k))
+    llm, slm = Arch(1, 64, 4, 2, 16, 128, 100, True), Arch(2, 32, 2, 1, 16, 64, 100, True)
+    bench = LayerBench(llm, slm, 24, torch.device("cpu"), torch.float32)
+    sdpa, mapped, eager_step = bench.prefill_steps(eager=True)
+    sdpa(), mapped()
+    assert calls == []
+    eager_step()
+    assert calls == [1] and bench.config._attn_implementation == "sdpa"  # and the layer is back on SDPA
+    assert len(bench.prefill_steps(eager=False)) == 2
+
+
 def test_projection_timings_interleave_their_rounds():
     from iam.projection import timed
 
