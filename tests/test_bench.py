@@ -72,10 +72,13 @@ def test_cli_analytic(tmp_path, capsys):
     assert (tmp_path / "bench-analytic.md").read_text().startswith("| method |")
 
 
-def test_cli_measured_smoke(tmp_path, capsys):
+def test_cli_measured_smoke(tmp_path, capsys, monkeypatch):
     args = ["bench", "--prompt", "24", "--batch", "2", "--new-tokens", "3", "--repeats", "1", "--ratios", "0.5"]
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000000000")
     assert main([*args, "--out", str(tmp_path), "--json"]) == 0
-    rows = json.loads(capsys.readouterr().out)["rows"]
+    result = json.loads(capsys.readouterr().out)
+    assert result["allocator"]["MALLOC_TRIM_THRESHOLD_"] == "1000000000" and result["threads"] >= 1  # how it was timed
+    rows = result["rows"]
     assert [r["ratio"] for r in rows] == [0.0, 0.5]
     for key in ("kv_bytes", "kv_ratio", "ttft_s", "tpot_s", "throughput_tok_s", "peak_mem_bytes", "ttft_speedup", "tpot_speedup"):
         assert key in rows[1]
@@ -85,6 +88,18 @@ def test_cli_measured_smoke(tmp_path, capsys):
         assert rows[1][f"{name}_vs_budget"] == pytest.approx(rows[1][f"{name}_s"] / rows[1][f"{name}_budget_s"], rel=1e-6)
     # On the shipped pair the SLM cache outweighs what 14 mapped layers save (see README).
     assert rows[1]["kv_llm_bytes"] < rows[0]["kv_bytes"] < rows[1]["kv_bytes"]
+
+
+def test_measured_bench_drops_its_warm_up_round(monkeypatch):
+    from iam import MappingConfig
+    from iam.bench import measure
+
+    slm_times = iter([{"ttft_s": 100.0, "tpot_s": 100.0}, {"ttft_s": 0.5, "tpot_s": 0.25}])  # the warm-up's, then a timed one
+    monkeypatch.setattr("iam.bench.time_slm", lambda *a: next(slm_times))
+    llm, slm = tiny("qwen2", 4, 64, 4, 2, 0), tiny("qwen2", 2, 32, 2, 1, 1)
+    rows = measure(llm, slm, [0.5], Scenario(24, 2, 3), 1, MappingConfig(), progress=False)
+    assert rows[1]["slm_ttft_s"] == 0.5 and rows[1]["slm_tpot_s"] == 0.25
+    assert next(slm_times, None) is None  # one warm-up round, then one timed round
 
 
 def test_cli_projection_smoke(tmp_path, capsys, monkeypatch):
@@ -128,7 +143,7 @@ def test_cli_projection_smoke(tmp_path, capsys, monkeypatch):
         "slm_rows_decode_s",
         "mapped_over_unmapped_prefill_arithmetic",
     } <= result["parts"][0].keys()
-    assert (result["repeats"], result["decode_repeats"]) == (1, 2)
+    assert (result["repeats"], result["decode_repeats"]) == (1, 2) and "allocator" in result
     rows = result["rows"]
     assert [r["ratio"] for r in rows] == [0.0, 0.5]
     for key in ("ttft_s", "tpot_s", "ttft_speedup", "tpot_speedup", "ttft_limit", "tpot_limit", "kv_ratio"):

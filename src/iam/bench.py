@@ -15,6 +15,7 @@ Analytic accounting per ratio ``r`` (``n = round(r * L)`` mapped layers):
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass, replace
@@ -22,7 +23,6 @@ from dataclasses import dataclass, replace
 import torch
 from transformers import DynamicCache
 
-from .attention import FLEX_MIN_TOKENS
 from .config import with_baseline
 from .generation import synchronize
 from .memory import PeakMemory, TensorPeak
@@ -178,7 +178,8 @@ def time_slm(slm, ids: torch.Tensor, new_tokens: int) -> dict[str, float]:
 
 
 def measure(llm, slm, ratios: list[float], scenario: Scenario, repeats: int, base_config, progress: bool = True) -> list[dict]:
-    """Run the LLM alone, IAM at each ratio and the SLM alone, in turns, ``repeats`` times; report medians.
+    """Run the LLM alone, IAM at each ratio and the SLM alone, in turns, ``repeats`` times after a warm-up round;
+    report medians.
 
     IAM rows also carry its budget, what the parts cost measured alone in the same round: the LLM's time scaled
     by the share of its arithmetic that mapping leaves (prefill FLOPs, decode bytes), plus the SLM's time.
@@ -193,18 +194,19 @@ def measure(llm, slm, ratios: list[float], scenario: Scenario, repeats: int, bas
     ids = random_prompt(llm, scenario.batch, scenario.prompt, torch.Generator().manual_seed(0))
     ratios = with_baseline(ratios)
     samples: dict[float | None, list[dict]] = {r: [] for r in [*ratios, None]}  # None: the SLM alone
-    warm = ids[:, :FLEX_MIN_TOKENS]  # long enough to compile the mapped prefill's kernel before any timing
-    IAMModel(llm, slm, replace(base_config, ratio=ratios[-1])).generate(warm, max_new_tokens=2)
-    runs = [(rep, r) for rep in range(repeats) for r in [*ratios, None]]
-    for _, r in tqdm(runs, desc="bench runs", disable=not progress):
+    # Round 0 is a warm-up, dropped: it compiles FlexAttention and lets the allocator reach its steady state, which
+    # on CPU otherwise keeps faulting fresh pages in for the first runs (see ``timing_environment``).
+    runs = [(rep, r) for rep in range(repeats + 1) for r in [*ratios, None]]
+    for rep, r in tqdm(runs, desc="bench runs", disable=not progress):
         if r is None:
-            samples[None].append(time_slm(slm, ids, scenario.new_tokens))
-            continue
-        iam = IAMModel(llm, slm, replace(base_config, ratio=r))
-        with PeakMemory(device) as mem:
-            iam.generate(ids, max_new_tokens=scenario.new_tokens, eos_token_id=[])
-        t = iam.timings
-        samples[r].append({**t, "peak_mem_bytes": mem.bytes, "kv": iam.kv_cache_bytes(), "plan": iam.plan})
+            sample = time_slm(slm, ids, scenario.new_tokens)
+        else:
+            iam = IAMModel(llm, slm, replace(base_config, ratio=r))
+            with PeakMemory(device) as mem:
+                iam.generate(ids, max_new_tokens=scenario.new_tokens, eos_token_id=[])
+            sample = {**iam.timings, "peak_mem_bytes": mem.bytes, "kv": iam.kv_cache_bytes(), "plan": iam.plan}
+        if rep:
+            samples[r].append(sample)
     big, small = (Arch.from_config(m.config.to_dict()) for m in (llm, slm))
     elem, context = llm.dtype.itemsize, scenario.prompt + scenario.new_tokens
     alone, slm_alone = samples[0.0], samples[None]
@@ -241,6 +243,18 @@ def measure(llm, slm, ratios: list[float], scenario: Scenario, repeats: int, bas
         row["ttft_speedup"] = rows[0]["ttft_s"] / row["ttft_s"]
         row["tpot_speedup"] = rows[0]["tpot_s"] / row["tpot_s"]
     return rows
+
+
+def timing_environment() -> dict:
+    """What a timing depends on beyond the code: torch version, threads, and the allocator settings.
+
+    On Linux CPUs glibc's malloc serves large tensors with fresh ``mmap`` pages and returns them on free, so every
+    forward faults its activations in again (about a million page faults, seconds of system time, per 4 x 256
+    prefill of the 1.5B model), and how many depends on the run's history. ``MALLOC_MMAP_MAX_=0
+    MALLOC_TRIM_THRESHOLD_=<large>`` (or jemalloc/tcmalloc through ``LD_PRELOAD``) keeps freed memory in the
+    process; the settings in force are recorded with every measured result."""
+    allocator = {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_") or k == "LD_PRELOAD"}
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "allocator": allocator}
 
 
 def memory_scaling(llm, slm, lengths: list[int], ratios: list[float], base_config, progress: bool = True) -> list[dict]:

@@ -286,7 +286,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
             args.decode_repeats,
         )
         result.update(
-            mode="projection", device=str(device), dtype=args.dtype, repeats=args.repeats, decode_repeats=args.decode_repeats
+            mode="projection",
+            device=str(device),
+            dtype=args.dtype,
+            repeats=args.repeats,
+            decode_repeats=args.decode_repeats,
+            **bench.timing_environment(),
         )
         if not args.json:
             print("measured parts (seconds):\n" + markdown_table(result["parts"], list(result["parts"][0])))
@@ -346,7 +351,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     args.llm, args.slm = args.llm or "qwen2.5-coder-1.5b", args.slm or "qwen2.5-coder-0.5b"
     llm, slm, _ = load(args)
     rows = bench.measure(llm, slm, args.ratios, scenario, args.repeats, mapping_config(args, 0.0))
-    result = {"mode": "measured", **meta, "repeats": args.repeats, "device": str(llm.device), "rows": rows}
+    environment = bench.timing_environment()
+    result = {"mode": "measured", **meta, "repeats": args.repeats, "device": str(llm.device), **environment, "rows": rows}
     return finish(
         args,
         f"bench-{args.scenario}",
