@@ -210,8 +210,9 @@ class MappedAttention(nn.Module):
         use_flex = attention_mask is None and d_s != d and total == t >= FLEX_MIN_TOKENS and not is_in_torch_dispatch_mode()
         flex = flex_kernel(v.device, v.dtype, d_s, d) if use_flex else None
         width = d_s if flex else max(d_s, d)
-        q = some_q.new_zeros(*routes.item_kv.shape, t, width)
-        k = some_q.new_zeros(*routes.item_kv.shape, total, width)
+        alloc = some_q.new_empty if width == d_s else some_q.new_zeros  # every item is written; pad columns are zeros
+        q = alloc(*routes.item_kv.shape, t, width)
+        k = alloc(*routes.item_kv.shape, total, width)
         for layer, bi, ui, hs in routes.items:
             q[bi, ui, :, :d_s] = state.slm_queries[layer][bi, hs]
             k[bi, ui, :, :d_s] = read_keys(state.slm_cache_layers[layer], bi, hs // state.slm_kv_groups)
