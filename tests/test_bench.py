@@ -102,6 +102,20 @@ def test_measured_bench_drops_its_warm_up_round(monkeypatch):
     assert next(slm_times, None) is None  # one warm-up round, then one timed round
 
 
+def test_slm_alone_is_timed_with_iams_kind_of_slm_cache(monkeypatch):
+    from iam.bench import time_slm
+    from iam.cache import Int8Layer
+
+    quantize, calls = Int8Layer._quantize, []
+    monkeypatch.setattr(Int8Layer, "_quantize", staticmethod(lambda x: calls.append(1) or quantize(x)))
+    slm = tiny("qwen2", 2, 32, 2, 1, 1)
+    ids = torch.randint(0, slm.config.vocab_size, (1, 8))
+    time_slm(slm, ids, 3)
+    assert calls == []
+    time_slm(slm, ids, 3, "int8")
+    assert len(calls) == 2 * 2 * 3  # K and V of both layers, at the prompt and two steps
+
+
 def test_cli_projection_smoke(tmp_path, capsys, monkeypatch):
     cfg = {
         "num_hidden_layers": 4,

@@ -21,8 +21,8 @@ import time
 from dataclasses import dataclass, replace
 
 import torch
-from transformers import DynamicCache
 
+from .cache import slm_cache
 from .config import with_baseline
 from .generation import synchronize
 from .memory import PeakMemory, TensorPeak
@@ -161,10 +161,10 @@ def random_prompt(llm, batch: int, length: int, generator: torch.Generator) -> t
 
 
 @torch.inference_mode()
-def time_slm(slm, ids: torch.Tensor, new_tokens: int) -> dict[str, float]:
-    """The SLM alone, as IAM runs it: base model only (no LM head) over the prompt, then ``new_tokens - 1``
-    one-token steps. Returns ``ttft_s`` and ``tpot_s``."""
-    cache = DynamicCache(config=slm.config)
+def time_slm(slm, ids: torch.Tensor, new_tokens: int, cache_kind: str = "native") -> dict[str, float]:
+    """The SLM alone, as IAM runs it: base model only (no LM head), with IAM's kind of SLM cache, over the prompt,
+    then ``new_tokens - 1`` one-token steps. Returns ``ttft_s`` and ``tpot_s``."""
+    cache = slm_cache(slm.config, cache_kind)
     start = time.perf_counter()
     slm.model(input_ids=ids, past_key_values=cache, use_cache=True)
     synchronize(ids.device)
@@ -199,7 +199,7 @@ def measure(llm, slm, ratios: list[float], scenario: Scenario, repeats: int, bas
     runs = [(rep, r) for rep in range(repeats + 1) for r in [*ratios, None]]
     for rep, r in tqdm(runs, desc="bench runs", disable=not progress):
         if r is None:
-            sample = time_slm(slm, ids, scenario.new_tokens)
+            sample = time_slm(slm, ids, scenario.new_tokens, base_config.slm_cache)
         else:
             iam = IAMModel(llm, slm, replace(base_config, ratio=r))
             with PeakMemory(device) as mem:
