@@ -197,6 +197,20 @@ def test_projection_timings_interleave_their_rounds():
     assert len(medians) == 2 and all(m >= 0 for m in medians)
 
 
+def test_cpu_peak_memory_counts_allocations_whether_or_not_pages_are_touched():
+    import time
+
+    from iam.memory import PeakMemory, malloc_in_use
+
+    if malloc_in_use() is None:
+        pytest.skip("malloc is not glibc's here: PeakMemory samples RSS")
+    with PeakMemory(torch.device("cpu")) as mem:
+        x = torch.empty(64 << 20, dtype=torch.uint8)  # no page touched: RSS would not grow
+        time.sleep(0.05)  # the sampler runs every 5 ms
+        del x
+    assert 64 << 20 <= mem.bytes < 72 << 20
+
+
 def test_tensor_peak_counts_live_storages_once():
     from iam.memory import TensorPeak
 

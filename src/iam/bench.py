@@ -25,7 +25,7 @@ import torch
 from .cache import slm_cache
 from .config import with_baseline
 from .generation import synchronize
-from .memory import PeakMemory, TensorPeak
+from .memory import PeakMemory, TensorPeak, cpu_memory_measure
 from .presets import Arch
 from .selection import format_plan
 
@@ -252,9 +252,14 @@ def timing_environment() -> dict:
     forward faults its activations in again (about a million page faults, seconds of system time, per 4 x 256
     prefill of the 1.5B model), and how many depends on the run's history. ``MALLOC_MMAP_MAX_=0
     MALLOC_TRIM_THRESHOLD_=<large>`` (or jemalloc/tcmalloc through ``LD_PRELOAD``) keeps freed memory in the
-    process; the settings in force are recorded with every measured result."""
+    process; the settings in force are recorded with every measured result, with what CPU peak memory samples."""
     allocator = {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_") or k == "LD_PRELOAD"}
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "allocator": allocator}
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "allocator": allocator,
+        "cpu_peak_memory": cpu_memory_measure(),
+    }
 
 
 def memory_scaling(llm, slm, lengths: list[int], ratios: list[float], base_config, progress: bool = True) -> list[dict]:

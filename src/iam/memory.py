@@ -1,9 +1,12 @@
-"""Memory measurement: the process or CUDA allocator peak, and an exact live-tensor peak on any device."""
+"""Memory measurement: the malloc, process or CUDA allocator peak, and an exact live-tensor peak on any device."""
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import threading
+from collections.abc import Callable
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -11,16 +14,51 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")
+    ]
+
+
+@functools.cache
+def malloc_in_use() -> Callable[[], int] | None:
+    """A reader of the bytes glibc's malloc has handed out and not taken back (``mallinfo2``: chunks in use plus
+    mmapped ones), or ``None`` where malloc is not glibc's (another libc or OS, or an allocator put in with
+    ``LD_PRELOAD``). Unlike RSS it does not depend on whether freed memory went back to the OS."""
+    if "malloc" in os.environ.get("LD_PRELOAD", ""):
+        return None
+    try:
+        info = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):
+        return None
+    info.restype = _MallInfo2
+
+    def read() -> int:
+        m = info()
+        return m.uordblks + m.hblkhd
+
+    return read
+
+
+def rss() -> int:
+    """Resident set size of this process in bytes."""
+    with open(f"/proc/{os.getpid()}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def cpu_memory_measure() -> str:
+    """What ``PeakMemory`` samples on the CPU here."""
+    return "malloc in use (glibc mallinfo2)" if malloc_in_use() else "process RSS"
+
+
 class PeakMemory:
-    """Peak memory of a block: CUDA allocator peak on a GPU, sampled process RSS growth on the CPU."""
+    """Peak memory of a block, over what was in use when it began: the CUDA allocator's peak on a GPU; on the CPU
+    the sampled peak of the bytes malloc has in use (glibc; see ``malloc_in_use``), else of process RSS."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.peak = 0
-
-    def _rss(self) -> int:
-        with open(f"/proc/{os.getpid()}/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
@@ -28,11 +66,13 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.start = torch.cuda.memory_allocated()
             return self
-        self.start, self.peak, self._stop = self._rss(), self._rss(), threading.Event()
+        self._read = malloc_in_use() or rss
+        self.start = self.peak = self._read()
+        self._stop = threading.Event()
 
         def sample() -> None:
             while not self._stop.wait(0.005):
-                self.peak = max(self.peak, self._rss())
+                self.peak = max(self.peak, self._read())
 
         self._thread = threading.Thread(target=sample, daemon=True)
         self._thread.start()
@@ -45,7 +85,7 @@ class PeakMemory:
         else:
             self._stop.set()
             self._thread.join()
-            self.peak = max(self.peak, self._rss())
+            self.peak = max(self.peak, self._read())
         self.bytes = self.peak - self.start
 
 
