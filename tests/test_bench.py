@@ -93,13 +93,18 @@ def test_cli_measured_smoke(tmp_path, capsys, monkeypatch):
 def test_measured_bench_drops_its_warm_up_round(monkeypatch):
     from iam import MappingConfig
     from iam.bench import measure
+    from iam.memory import PeakMemory
 
     slm_times = iter([{"ttft_s": 100.0, "tpot_s": 100.0}, {"ttft_s": 0.5, "tpot_s": 0.25}])  # the warm-up's, then a timed one
     monkeypatch.setattr("iam.bench.time_slm", lambda *a: next(slm_times))
+    sampled = []
+    monkeypatch.setattr(PeakMemory, "__enter__", lambda self, enter=PeakMemory.__enter__: sampled.append(1) or enter(self))
     llm, slm = tiny("qwen2", 4, 64, 4, 2, 0), tiny("qwen2", 2, 32, 2, 1, 1)
     rows = measure(llm, slm, [0.5], Scenario(24, 2, 3), 1, MappingConfig(), progress=False)
     assert rows[1]["slm_ttft_s"] == 0.5 and rows[1]["slm_tpot_s"] == 0.25
     assert next(slm_times, None) is None  # one warm-up round, then one timed round
+    # memory is sampled in the warm-up round only (the sampler would perturb the timed runs), once per configuration
+    assert len(sampled) == 2 and all(r["peak_mem_bytes"] >= 0 for r in rows)
 
 
 def test_slm_alone_is_timed_with_iams_kind_of_slm_cache(monkeypatch):

@@ -14,6 +14,7 @@ Analytic accounting per ratio ``r`` (``n = round(r * L)`` mapped layers):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import statistics
@@ -181,10 +182,10 @@ def measure(llm, slm, ratios: list[float], scenario: Scenario, repeats: int, bas
     """Run the LLM alone, IAM at each ratio and the SLM alone, in turns, ``repeats`` times after a warm-up round;
     report medians.
 
-    IAM rows also carry its budget, what the parts cost measured alone in the same round: the LLM's time scaled
-    by the share of its arithmetic that mapping leaves (prefill FLOPs, decode bytes), plus the SLM's time.
-    ``ttft_vs_budget``/``tpot_vs_budget`` are medians of IAM over its budget, round by round (1 = IAM costs exactly
-    its parts; above 1, overhead).
+    ``peak_mem_bytes`` comes from the warm-up round (see below). IAM rows also carry its budget, what the parts
+    cost measured alone in the same round: the LLM's time scaled by the share of its arithmetic that mapping leaves
+    (prefill FLOPs, decode bytes), plus the SLM's time. ``ttft_vs_budget``/``tpot_vs_budget`` are medians of IAM
+    over its budget, round by round (1 = IAM costs exactly its parts; above 1, overhead).
     """
     from tqdm.auto import tqdm
 
@@ -194,17 +195,22 @@ def measure(llm, slm, ratios: list[float], scenario: Scenario, repeats: int, bas
     ids = random_prompt(llm, scenario.batch, scenario.prompt, torch.Generator().manual_seed(0))
     ratios = with_baseline(ratios)
     samples: dict[float | None, list[dict]] = {r: [] for r in [*ratios, None]}  # None: the SLM alone
-    # Round 0 is a warm-up, dropped: it compiles FlexAttention and lets the allocator reach its steady state, which
-    # on CPU otherwise keeps faulting fresh pages in for the first runs (see ``timing_environment``).
+    peaks: dict[float, int] = {}
+    # Round 0 is a warm-up, dropped from the timings: it compiles FlexAttention and lets the allocator reach its
+    # steady state, which on CPU otherwise keeps faulting fresh pages in for the first runs (see
+    # ``timing_environment``). It is also the only round whose peak memory is taken: on CPU a sampler thread does
+    # that, and glibc's mallinfo2 takes malloc's lock, which slowed IAM's decode steps by 15-20%.
     runs = [(rep, r) for rep in range(repeats + 1) for r in [*ratios, None]]
     for rep, r in tqdm(runs, desc="bench runs", disable=not progress):
         if r is None:
             sample = time_slm(slm, ids, scenario.new_tokens, base_config.slm_cache)
         else:
-            iam = IAMModel(llm, slm, replace(base_config, ratio=r))
-            with PeakMemory(device) as mem:
+            iam, memory = IAMModel(llm, slm, replace(base_config, ratio=r)), PeakMemory(device)
+            with memory if rep == 0 else contextlib.nullcontext():
                 iam.generate(ids, max_new_tokens=scenario.new_tokens, eos_token_id=[])
-            sample = {**iam.timings, "peak_mem_bytes": mem.bytes, "kv": iam.kv_cache_bytes(), "plan": iam.plan}
+            if rep == 0:
+                peaks[r] = memory.bytes
+            sample = {**iam.timings, "kv": iam.kv_cache_bytes(), "plan": iam.plan}
         if rep:
             samples[r].append(sample)
     big, small = (Arch.from_config(m.config.to_dict()) for m in (llm, slm))
@@ -223,7 +229,7 @@ def measure(llm, slm, ratios: list[float], scenario: Scenario, repeats: int, bas
             "kv_ratio": kv["total"] / alone[-1]["kv"]["total"],
             "ttft_s": statistics.median(x["ttft_s"] for x in s),
             "tpot_s": statistics.median(x["tpot_s"] for x in s),
-            "peak_mem_bytes": statistics.median(x["peak_mem_bytes"] for x in s),
+            "peak_mem_bytes": peaks[r],
         }
         row["throughput_tok_s"] = scenario.batch / row["tpot_s"]
         if r:
