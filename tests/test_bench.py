@@ -73,11 +73,16 @@ def test_cli_analytic(tmp_path, capsys):
 
 
 def test_cli_measured_smoke(tmp_path, capsys, monkeypatch):
+    from iam.memory import malloc_in_use
+
     args = ["bench", "--prompt", "24", "--batch", "2", "--new-tokens", "3", "--repeats", "1", "--ratios", "0.5"]
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000000000")
+    monkeypatch.delenv("MALLOC_MMAP_MAX_", raising=False)
     assert main([*args, "--out", str(tmp_path), "--json"]) == 0
-    result = json.loads(capsys.readouterr().out)
+    out = capsys.readouterr()
+    result = json.loads(out.out)
     assert result["allocator"]["MALLOC_TRIM_THRESHOLD_"] == "1000000000" and result["threads"] >= 1  # how it was timed
+    assert ("MALLOC_MMAP_MAX_=0" in out.err) == (malloc_in_use() is not None)  # glibc's defaults: a hint to steady them
     rows = result["rows"]
     assert [r["ratio"] for r in rows] == [0.0, 0.5]
     for key in ("kv_bytes", "kv_ratio", "ttft_s", "tpot_s", "throughput_tok_s", "peak_mem_bytes", "ttft_speedup", "tpot_speedup"):
@@ -170,8 +175,11 @@ def test_cli_projection_smoke(tmp_path, capsys, monkeypatch):
     assert result["parts"][0]["eager_layer_prefill_s"] > 0 and rows[1]["ttft_speedup_vs_eager"] > 0
     # Where eager's T x T probabilities would not fit, the eager baseline is left out instead of running out of memory.
     monkeypatch.setattr("iam.projection.eager_budget", lambda device: 4 * 16 * 16 * 4 - 1)
+    monkeypatch.setenv("MALLOC_MMAP_MAX_", "0")
     assert main([*args, "--out", str(tmp_path), "--json"]) == 0
-    result = json.loads(capsys.readouterr().out)
+    out = capsys.readouterr()
+    result = json.loads(out.out)
+    assert "MALLOC_MMAP_MAX_" not in out.err and result["allocator"]["MALLOC_MMAP_MAX_"] == "0"
     assert result["parts"][0]["eager_layer_prefill_s"] is None and result["rows"][1]["ttft_speedup_vs_eager"] is None
     assert result["rows"][1]["ttft_speedup"] > 0
 

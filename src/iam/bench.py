@@ -26,7 +26,7 @@ import torch
 from .cache import slm_cache
 from .config import with_baseline
 from .generation import synchronize
-from .memory import PeakMemory, TensorPeak, cpu_memory_measure
+from .memory import PeakMemory, TensorPeak, cpu_memory_measure, malloc_in_use
 from .presets import Arch
 from .selection import format_plan
 
@@ -266,6 +266,20 @@ def timing_environment() -> dict:
         "allocator": allocator,
         "cpu_peak_memory": cpu_memory_measure(),
     }
+
+
+STEADY_MALLOC = "MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1000000000000"
+"""glibc malloc settings that keep freed memory in the process (``make bench`` runs with them)."""
+
+
+def allocator_note(device: torch.device) -> str | None:
+    """A hint to print before CPU timings taken under glibc malloc's defaults (see ``timing_environment``)."""
+    if device.type != "cpu" or malloc_in_use() is None or os.environ.get("MALLOC_MMAP_MAX_") == "0":
+        return None
+    return (
+        "note: glibc malloc hands freed memory back to the OS here, and CPU timings then include faulting it in again "
+        f"on every forward; for steady timings run with {STEADY_MALLOC} (as `make bench` does)."
+    )
 
 
 def memory_scaling(llm, slm, lengths: list[int], ratios: list[float], base_config, progress: bool = True) -> list[dict]:

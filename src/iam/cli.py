@@ -264,6 +264,12 @@ BREAK_EVEN_PAIRS = [
 ]
 
 
+def warn_allocator(device: torch.device) -> None:
+    note = bench.allocator_note(device)
+    if note:
+        print(note, file=sys.stderr)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     full, cpu = bench.SCENARIOS[args.scenario]
     scenario = full if args.full_size or args.analytic else cpu
@@ -274,6 +280,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.projection:
         args.llm, args.slm = args.llm or "qwen2-72b", args.slm or "qwen2-0.5b"
         device = torch.device(args.device)
+        warn_allocator(device)
         tokens = args.tokens or ([512, 8192] if device.type == "cuda" else [512])
         result = projection.project(
             load_arch(args.llm),
@@ -350,6 +357,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return finish(args, "bench-analytic", result, columns)
     args.llm, args.slm = args.llm or "qwen2.5-coder-1.5b", args.slm or "qwen2.5-coder-0.5b"
     llm, slm, _ = load(args)
+    warn_allocator(llm.device)
     rows = bench.measure(llm, slm, args.ratios, scenario, args.repeats, mapping_config(args, 0.0))
     environment = bench.timing_environment()
     result = {"mode": "measured", **meta, "repeats": args.repeats, "device": str(llm.device), **environment, "rows": rows}
