@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+from transformers.cache_utils import Cache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .cache import read_keys
@@ -126,9 +127,11 @@ class MappedAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
-        past_key_values=None,
+        cache: Cache | None = None,
+        past_key_values: Cache | None = None,  # the name of ``cache`` before transformers 5.24
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
+        cache = cache if cache is not None else past_key_values
         attn, state = self.original, self.state
         if self.layer_idx not in state.maps:
             state.maps[self.layer_idx] = self._establish(hidden_states, position_embeddings)
@@ -141,8 +144,8 @@ class MappedAttention(nn.Module):
         q = k = None
         if self.own:
             q, k = self._qk(hidden_states, *position_embeddings, self.own)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
         mapped_v = take_groups(v, self.groups)
         out = self._decode(routes, mapped_v, attention_mask) if t == 1 else self._prefill(routes, mapped_v, attention_mask)
         if self.own:

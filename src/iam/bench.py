@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .cache import slm_cache
+from .cache import slm_cache, with_cache
 from .config import with_baseline
 from .generation import synchronize
 from .memory import PeakMemory, TensorPeak, cpu_memory_measure, malloc_in_use
@@ -167,13 +167,13 @@ def time_slm(slm, ids: torch.Tensor, new_tokens: int, cache_kind: str = "native"
     then ``new_tokens - 1`` one-token steps. Returns ``ttft_s`` and ``tpot_s``."""
     cache = slm_cache(slm.config, cache_kind)
     start = time.perf_counter()
-    slm.model(input_ids=ids, past_key_values=cache, use_cache=True)
+    slm.model(input_ids=ids, **with_cache(cache), use_cache=True)
     synchronize(ids.device)
     ttft = time.perf_counter() - start
     steps = max(new_tokens - 1, 1)
     start = time.perf_counter()
     for _ in range(steps):
-        slm.model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True)
+        slm.model(input_ids=ids[:, -1:], **with_cache(cache), use_cache=True)
     synchronize(ids.device)
     return {"ttft_s": ttft, "tpot_s": (time.perf_counter() - start) / steps}
 

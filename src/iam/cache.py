@@ -3,8 +3,19 @@
 from __future__ import annotations
 
 import torch
+import transformers
+from packaging.version import Version
 from transformers import DynamicCache, PretrainedConfig
 from transformers.cache_utils import Cache, DynamicLayer
+
+# The keyword under which models and their attention layers take the cache: transformers 5.24 renamed
+# ``past_key_values`` to ``cache`` (the old name is deprecated, with a warning on every call).
+CACHE_ARG = "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"
+
+
+def with_cache(cache: Cache | None) -> dict[str, Cache | None]:
+    """``{CACHE_ARG: cache}``, to pass a cache to a model call under the installed transformers' keyword."""
+    return {CACHE_ARG: cache}
 
 
 class ValueOnlyLayer(DynamicLayer):
@@ -35,6 +46,7 @@ class Int8Layer(DynamicLayer):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
+        self.dtype = key_states.dtype  # the compute dtype (transformers 5.24 dropped the layers' own ``dtype``)
         shape = (*key_states.shape[:2], 0)
         self.keys = key_states.new_empty(*shape, key_states.shape[-1], dtype=torch.int8)
         self.values = value_states.new_empty(*shape, value_states.shape[-1], dtype=torch.int8)

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from .attention import MappedAttention
-from .cache import paired_llm_cache, read_keys, slm_cache
+from .cache import paired_llm_cache, read_keys, slm_cache, with_cache
 from .capture import QueryCapture, decoder_layers
 from .mapping import MappingState, Window, similarity_matrix, slm_window_flats, window_attention
 from .similarity import METRICS
@@ -101,7 +101,7 @@ class PairedSession:
                 input_ids=ids,
                 attention_mask=self.mask,
                 position_ids=self._positions(ids.shape[1]),
-                past_key_values=self.llm_cache,
+                **with_cache(self.llm_cache),
                 use_cache=True,
                 logits_to_keep=logits_to_keep,
             )
@@ -115,7 +115,7 @@ class PairedSession:
                 input_ids=ids,
                 attention_mask=self.mask,
                 position_ids=self._positions(ids.shape[1]),
-                past_key_values=self.slm_cache,
+                **with_cache(self.slm_cache),
                 use_cache=True,
             )
         return cap.queries
@@ -175,7 +175,7 @@ class PairedSession:
             llm.model(
                 input_ids=ids,
                 position_ids=torch.arange(ids.shape[1], device=ids.device).expand_as(ids),
-                past_key_values=cache,
+                **with_cache(cache),
                 use_cache=True,
             )
         scaling = decoder_layers(llm)[0].self_attn.scaling

@@ -17,7 +17,7 @@ from transformers.cache_utils import DynamicLayer
 
 from .attention import MappedAttention
 from .bench import decode_bytes, kv_bytes_per_token, layer_prefill_flops, prefill_flops
-from .cache import paired_llm_cache
+from .cache import paired_llm_cache, with_cache
 from .config import with_baseline
 from .generation import synchronize
 from .mapping import HeadMap, MappingState, Window
@@ -69,7 +69,7 @@ class LayerBench:
             self.hidden[:, start : start + length],
             attention_mask=None,
             position_embeddings=self.rope(self.hidden, pos),
-            past_key_values=cache,
+            **with_cache(cache),
             use_cache=True,
         )
 
@@ -157,12 +157,12 @@ def slm_times(
 
     model = AutoModelForCausalLM.from_config(hf_config(slm)).to(device=device, dtype=dtype).eval().model
     ids = torch.randint(0, slm.vocab, (1, tokens + 1), device=device)
-    (prefill,) = timed([lambda: model(input_ids=ids[:, :tokens], past_key_values=DynamicCache())], repeats, device)
+    (prefill,) = timed([lambda: model(input_ids=ids[:, :tokens], **with_cache(DynamicCache()))], repeats, device)
     cache = DynamicCache()
-    model(input_ids=ids[:, :tokens], past_key_values=cache, use_cache=True)
+    model(input_ids=ids[:, :tokens], **with_cache(cache), use_cache=True)
 
     def step() -> None:
-        model(input_ids=ids[:, tokens:], past_key_values=cache, use_cache=True)
+        model(input_ids=ids[:, tokens:], **with_cache(cache), use_cache=True)
         cache.crop(-1)
 
     return prefill, timed([step], decode_repeats, device)[0]
