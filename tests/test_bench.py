@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import transformers
 
 from conftest import tiny
 from iam.bench import Scenario, analytic_rows, break_even, kv_bytes_per_token
@@ -59,8 +60,12 @@ def test_config_json_is_read(tmp_path):
 
 
 def test_cli_analytic(tmp_path, capsys):
-    assert main(["bench", "--analytic", "--scenario", "long", "--memory-budget", "640", "--out", str(tmp_path), "--json"]) == 0
+    argv = ["bench", "--analytic", "--scenario", "long", "--memory-budget", "640", "--out", str(tmp_path), "--json"]
+    assert main(argv) == 0
     result = json.loads(capsys.readouterr().out)
+    made = result["provenance"]  # what reproduces it
+    assert made["argv"] == "iam " + " ".join(argv) and made["transformers"] == transformers.__version__
+    assert made["git_commit"] is None or len(made["git_commit"]) == 40
     rows = result["rows"]
     assert [(r["method"], r["ratio"]) for r in rows] == [(m, r) for m in ("paper", "iam") for r in (0.0, 0.3, 0.5)]
     assert {"method", "ratio", "kv_bytes", "kv_ratio", "ttft_limit", "tpot_limit", "max_batch", "throughput_ratio"} <= rows[

@@ -46,6 +46,8 @@ def test_generate_json(capsys):
 def test_demo_writes_json(tmp_path, capsys):
     path = tmp_path / "sub" / "demo.json"
     assert main(["demo", *PAIR, "--ratios", "0,0.5", "--max-new-tokens", "2", "--json", str(path)]) == 0
-    runs = json.loads(path.read_text())["runs"]
+    result = json.loads(path.read_text())
+    assert result["provenance"]["argv"].startswith("iam demo --llm ")
+    runs = result["runs"]
     assert [kv_groups_mapped(r["mapped_layers"]) for r in runs] == [0, 28]
     assert "IAM, ratio 0.5" in capsys.readouterr().out

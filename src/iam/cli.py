@@ -15,7 +15,7 @@ from .config import MappingConfig
 from .loading import load_pair
 from .model import IAMModel
 from .presets import PRESETS, load_arch
-from .reporting import markdown_table, write_report
+from .reporting import markdown_table, provenance, write_report
 from .selection import STRATEGIES, Unit, parse_unit, unit_label
 from .similarity import METRICS
 
@@ -156,7 +156,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"llm": args.llm, "slm": args.slm, "prompts": DEMO_PROMPTS, "runs": runs}, indent=2))
+        path.write_text(
+            json.dumps(
+                {"llm": args.llm, "slm": args.slm, "provenance": provenance(args.argv), "prompts": DEMO_PROMPTS, "runs": runs},
+                indent=2,
+            )
+        )
         print(f"\nwrote {path}")
     return 0
 
@@ -181,7 +186,7 @@ def load_items(path: str | None, limit: int) -> list[dict]:
 
 
 def finish(args: argparse.Namespace, name: str, result: dict, columns: list[str], plot=None) -> int:
-    result.update(command=name, llm=args.llm, slm=args.slm)
+    result.update(command=name, llm=args.llm, slm=args.slm, provenance=provenance(args.argv))
     paths = write_report(args.out, name, result, columns, plot)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -559,7 +564,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as err:

@@ -3,8 +3,40 @@
 from __future__ import annotations
 
 import json
+import platform
+import shlex
+import subprocess
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+
+def provenance(argv: Sequence[str]) -> dict:
+    """What a result came from: the command line, the package versions, the time, and, when the package runs
+    from a git checkout, its commit (with ``dirty`` set when tracked files differ from it)."""
+    import torch
+    import transformers
+
+    from . import __version__
+
+    def git(*cmd: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *cmd], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    return {
+        "argv": shlex.join(["iam", *argv]),
+        "iam": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "git_commit": commit,
+        "git_dirty": None if commit is None else bool(git("status", "--porcelain", "--untracked-files=no")),
+        "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
 
 
 def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
