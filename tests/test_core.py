@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
+
 import pytest
 import torch
 
 from conftest import left_pad, prompt, tiny
 from iam import IAMModel, MappingConfig
+from iam.cache import CACHE_ARG
 from iam.capture import decoder_layers
 from iam.generation import PairedSession
 from iam.memory import TensorPeak
@@ -114,6 +118,16 @@ def test_kv_bytes_drop_exactly_the_mapped_keys(pair):
     prefill_alone = sum(layer.keys.nbytes + layer.values.nbytes for layer in alone.layers)
     assert prefill_alone * tokens // 33 == kv["baseline"]
     assert kv["total"] == kv["llm"] + kv["slm"] and kv["slm"] > 0
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_cache_keyword_is_the_one_installed_transformers_takes(family):
+    """``with_cache`` must name the argument under which models and decoder layers take their cache; under a
+    wrong name the cache would be swallowed by ``**kwargs`` and decoding would silently run without one."""
+    module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    prefix = {"qwen2": "Qwen2", "llama": "Llama"}[family]
+    for cls in ("Model", "DecoderLayer", "Attention"):
+        assert CACHE_ARG in inspect.signature(getattr(module, prefix + cls).forward).parameters
 
 
 def test_batch_equals_solo_runs(pair):
