@@ -125,9 +125,8 @@ def test_cache_keyword_is_the_one_installed_transformers_takes(family):
     """``with_cache`` must name the argument under which models and decoder layers take their cache; under a
     wrong name the cache would be swallowed by ``**kwargs`` and decoding would silently run without one."""
     module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
-    prefix = {"qwen2": "Qwen2", "llama": "Llama"}[family]
     for cls in ("Model", "DecoderLayer", "Attention"):
-        assert CACHE_ARG in inspect.signature(getattr(module, prefix + cls).forward).parameters
+        assert CACHE_ARG in inspect.signature(getattr(module, family.capitalize() + cls).forward).parameters
 
 
 def test_batch_equals_solo_runs(pair):

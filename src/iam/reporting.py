@@ -10,14 +10,15 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import torch
+import transformers
+
+from . import __version__
+
 
 def provenance(argv: Sequence[str]) -> dict:
     """What a result came from: the command line, the package versions, the time, and, when the package runs
-    from a git checkout, its commit (with ``dirty`` set when tracked files differ from it)."""
-    import torch
-    import transformers
-
-    from . import __version__
+    from a git checkout, its commit (``git_dirty``: tracked files differ from it)."""
 
     def git(*cmd: str) -> str | None:
         try:
