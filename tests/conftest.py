@@ -1,12 +1,15 @@
-"""Tiny random same-family pairs, built in code (no downloads)."""
+"""Tiny random same-family pairs and a character tokenizer for them, built in code (no downloads)."""
 
 from __future__ import annotations
 
 import copy
+import string
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from iam import IAMForCausalLM, MappingConfig
 
 FAMILIES = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}
 VOCAB = 97
@@ -27,6 +30,7 @@ def tiny(family: str, layers: int, hidden: int, heads: int, kv_heads: int, seed:
         tie_word_embeddings=False,
         eos_token_id=None,
         pad_token_id=0,
+        bos_token_id=None,
     )
     torch.manual_seed(seed)
     model = model_cls(config).eval()
@@ -73,3 +77,41 @@ def left_pad(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 def kv_groups_mapped(units: list, n_kv: int = 2) -> int:
     """KV groups a ``mapped_layers`` list maps: whole layers (ints) count ``n_kv``, ``"layer:group"`` entries one."""
     return sum(n_kv if isinstance(u, int) else 1 for u in units)
+
+
+CHARS = string.ascii_letters + string.digits + " .,:;?!'-()\n"
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer over the tiny models' 97 ids: ``<pad>`` 0, ``<eos>`` 1, ``<unk>`` 2, then one id
+    per character of ``CHARS``; left padding and a minimal chat template."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{c: i + 3 for i, c in enumerate(CHARS)}}
+    assert len(vocab) <= VOCAB
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    tok.padding_side = "left"
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    return tok
+
+
+@pytest.fixture
+def tokenizer() -> PreTrainedTokenizerFast:
+    return char_tokenizer()
+
+
+def iam(llm, slm, **mapping) -> IAMForCausalLM:
+    """``IAMForCausalLM.from_pair(llm, slm, MappingConfig(**mapping))``."""
+    return IAMForCausalLM.from_pair(llm, slm, MappingConfig(**mapping))
+
+
+def forward(model, ids: torch.Tensor, mask: torch.Tensor | None = None, **kwargs):
+    """One forward without gradients."""
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, **kwargs)

@@ -9,9 +9,9 @@ import torch
 import transformers
 
 from conftest import tiny
-from iam.bench import Scenario, analytic_rows, break_even, kv_bytes_per_token
+from iam.bench.costs import Scenario, analytic_rows, break_even, kv_bytes_per_token
 from iam.cli import main
-from iam.presets import PRESETS, Arch, load_arch
+from iam.models.presets import PRESETS, Arch, load_arch
 
 
 def test_paper_kv_arithmetic_qwen2_72b_with_0_5b():
@@ -19,8 +19,8 @@ def test_paper_kv_arithmetic_qwen2_72b_with_0_5b():
     assert kv_bytes_per_token(llm, slm, 0, 2) == 327_680
     assert kv_bytes_per_token(llm, slm, 40, 2) / 327_680 == pytest.approx(0.7875)
     # int8 SLM cache: 64 one-byte values + one fp16 scale per head and token instead of 128 bytes.
-    assert kv_bytes_per_token(llm, slm, 40, 2, "iam") == 245_760 + 2 * 24 * 2 * 66
-    assert kv_bytes_per_token(llm, slm, 40, 2, "iam") / 327_680 <= 0.770
+    assert kv_bytes_per_token(llm, slm, 40, 2, "int8") == 245_760 + 2 * 24 * 2 * 66
+    assert kv_bytes_per_token(llm, slm, 40, 2, "int8") / 327_680 <= 0.770
 
 
 def test_break_even_shows_the_shipped_pair_needs_a_high_ratio():
@@ -28,14 +28,14 @@ def test_break_even_shows_the_shipped_pair_needs_a_high_ratio():
     assert break_even(PRESETS["qwen2.5-coder-1.5b"], PRESETS["qwen2.5-coder-0.5b"]) == pytest.approx(25 / 28)
     assert break_even(PRESETS["qwen2-72b"], PRESETS["qwen2-0.5b"]) == pytest.approx(7 / 80)  # 7 x 2,048 > 12,288
     # with the int8 SLM cache (6,336 B/token) the shipped pair breaks even at 13 of 28 layers
-    assert break_even(PRESETS["qwen2.5-coder-1.5b"], PRESETS["qwen2.5-coder-0.5b"], 2, "iam") == pytest.approx(13 / 28)
+    assert break_even(PRESETS["qwen2.5-coder-1.5b"], PRESETS["qwen2.5-coder-0.5b"], 2, "int8") == pytest.approx(13 / 28)
 
 
 def test_memory_budget_capacity_at_paper_long_context():
     rows = analytic_rows(PRESETS["qwen2-72b"], PRESETS["qwen2-0.5b"], [0.5], Scenario(8192, 8, 512), 2, 640)
     assert rows[0]["ratio"] == 0 and rows[0]["max_batch"] > 0
     assert rows[1]["batch_ratio"] >= 1.25 and rows[1]["throughput_ratio"] >= 1.2
-    assert rows[3]["method"] == "iam" and rows[3]["batch_ratio"] > rows[1]["batch_ratio"]
+    assert rows[3]["slm_cache"] == "int8" and rows[3]["batch_ratio"] > rows[1]["batch_ratio"]
 
 
 def test_preset_param_counts_are_real():
@@ -67,18 +67,19 @@ def test_cli_analytic(tmp_path, capsys):
     assert made["argv"] == "iam " + " ".join(argv) and made["transformers"] == transformers.__version__
     assert made["git_commit"] is None or len(made["git_commit"]) == 40
     rows = result["rows"]
-    assert [(r["method"], r["ratio"]) for r in rows] == [(m, r) for m in ("paper", "iam") for r in (0.0, 0.3, 0.5)]
-    assert {"method", "ratio", "kv_bytes", "kv_ratio", "ttft_limit", "tpot_limit", "max_batch", "throughput_ratio"} <= rows[
+    assert [(r["slm_cache"], r["ratio"]) for r in rows] == [(m, r) for m in ("native", "int8") for r in (0.0, 0.3, 0.5)]
+    assert {"slm_cache", "ratio", "kv_bytes", "kv_ratio", "ttft_limit", "tpot_limit", "max_batch", "throughput_ratio"} <= rows[
         0
     ].keys()
     assert rows[2]["kv_ratio"] == pytest.approx(0.7875)
     assert rows[5]["kv_ratio"] <= 0.770 and rows[5]["batch_ratio"] >= 1.25 and rows[5]["throughput_ratio"] >= 1.2
-    assert {"llm", "slm", "break_even_ratio_paper", "break_even_ratio_iam"} <= result["break_even"][0].keys()
-    assert (tmp_path / "bench-analytic.md").read_text().startswith("| method |")
+    assert {"llm", "slm", "break_even_ratio_native", "break_even_ratio_int8"} <= result["break_even"][0].keys()
+    assert (tmp_path / "bench-analytic.md").read_text().startswith("| slm_cache |")
 
 
+@pytest.mark.slow
 def test_cli_measured_smoke(tmp_path, capsys, monkeypatch):
-    from iam.memory import malloc_in_use
+    from iam.bench.memory import malloc_in_use
 
     args = ["bench", "--prompt", "24", "--batch", "2", "--new-tokens", "3", "--repeats", "1", "--ratios", "0.5"]
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000000000")
@@ -102,11 +103,11 @@ def test_cli_measured_smoke(tmp_path, capsys, monkeypatch):
 
 def test_measured_bench_drops_its_warm_up_round(monkeypatch):
     from iam import MappingConfig
-    from iam.bench import measure
-    from iam.memory import PeakMemory
+    from iam.bench.measure import measure
+    from iam.bench.memory import PeakMemory
 
     slm_times = iter([{"ttft_s": 100.0, "tpot_s": 100.0}, {"ttft_s": 0.5, "tpot_s": 0.25}])  # the warm-up's, then a timed one
-    monkeypatch.setattr("iam.bench.time_slm", lambda *a: next(slm_times))
+    monkeypatch.setattr("iam.bench.measure.time_slm", lambda *a: next(slm_times))
     sampled = []
     monkeypatch.setattr(PeakMemory, "__enter__", lambda self, enter=PeakMemory.__enter__: sampled.append(1) or enter(self))
     llm, slm = tiny("qwen2", 4, 64, 4, 2, 0), tiny("qwen2", 2, 32, 2, 1, 1)
@@ -118,8 +119,8 @@ def test_measured_bench_drops_its_warm_up_round(monkeypatch):
 
 
 def test_slm_alone_is_timed_with_iams_kind_of_slm_cache(monkeypatch):
-    from iam.bench import time_slm
-    from iam.cache import Int8Layer
+    from iam.bench.measure import time_slm
+    from iam.core.cache import Int8Layer
 
     quantize, calls = Int8Layer._quantize, []
     monkeypatch.setattr(Int8Layer, "_quantize", staticmethod(lambda x: calls.append(1) or quantize(x)))
@@ -179,7 +180,7 @@ def test_cli_projection_smoke(tmp_path, capsys, monkeypatch):
         assert key in rows[1]
     assert result["parts"][0]["eager_layer_prefill_s"] > 0 and rows[1]["ttft_speedup_vs_eager"] > 0
     # Where eager's T x T probabilities would not fit, the eager baseline is left out instead of running out of memory.
-    monkeypatch.setattr("iam.projection.eager_budget", lambda device: 4 * 16 * 16 * 4 - 1)
+    monkeypatch.setattr("iam.bench.projection.eager_budget", lambda device: 4 * 16 * 16 * 4 - 1)
     monkeypatch.setenv("MALLOC_MMAP_MAX_", "0")
     assert main([*args, "--out", str(tmp_path), "--json"]) == 0
     out = capsys.readouterr()
@@ -192,7 +193,7 @@ def test_cli_projection_smoke(tmp_path, capsys, monkeypatch):
 def test_projection_eager_baseline_runs_eager_attention_in_the_same_rounds(monkeypatch):
     from transformers.models.qwen2 import modeling_qwen2
 
-    from iam.projection import LayerBench
+    from iam.bench.projection import LayerBench
 
     eager, calls = modeling_qwen2.eager_attention_forward, []
     monkeypatch.setattr(modeling_qwen2, "eager_attention_forward", lambda *a, **k: calls.append(1) or eager(*a, **k))
@@ -207,7 +208,7 @@ def test_projection_eager_baseline_runs_eager_attention_in_the_same_rounds(monke
 
 
 def test_projection_timings_interleave_their_rounds():
-    from iam.projection import timed
+    from iam.bench.timing import timed
 
     calls = []
     medians = timed([lambda: calls.append("a"), lambda: calls.append("b")], 3, torch.device("cpu"))
@@ -218,7 +219,7 @@ def test_projection_timings_interleave_their_rounds():
 def test_cpu_peak_memory_counts_allocations_whether_or_not_pages_are_touched():
     import time
 
-    from iam.memory import PeakMemory, malloc_in_use
+    from iam.bench.memory import PeakMemory, malloc_in_use
 
     if malloc_in_use() is None:
         pytest.skip("malloc is not glibc's here: PeakMemory samples RSS")
@@ -230,7 +231,7 @@ def test_cpu_peak_memory_counts_allocations_whether_or_not_pages_are_touched():
 
 
 def test_tensor_peak_counts_live_storages_once():
-    from iam.memory import TensorPeak
+    from iam.bench.memory import TensorPeak
 
     x = torch.randn(64, 16)
     with torch.inference_mode(), TensorPeak() as mem:
@@ -244,7 +245,7 @@ def test_tensor_peak_counts_live_storages_once():
 
 def test_mapped_prefill_memory_is_linear_with_no_t_by_t_tensor():
     from iam import MappingConfig
-    from iam.bench import memory_scaling
+    from iam.bench.measure import memory_scaling
 
     llm, slm = tiny("qwen2", 4, 64, 4, 2, 0), tiny("qwen2", 2, 32, 2, 1, 1)
     config = MappingConfig(truncation_threshold=32)  # the establishing window stays small next to T
@@ -260,6 +261,7 @@ def test_mapped_prefill_memory_is_linear_with_no_t_by_t_tensor():
     assert eager[-1]["largest_tensor_bytes"] >= 4 * eager[-1]["tt_matrix_bytes"] and eager[-1]["peak_growth"] > 3
 
 
+@pytest.mark.slow
 def test_cli_memory_scaling_smoke(tmp_path, capsys):
     assert main(["bench", "--memory-scaling", "--tokens", "24,48", "--ratios", "0.5", "--out", str(tmp_path), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import prompt
-from iam import IAMModel, MappingConfig
-from iam.mapping import simplex_weights
+from conftest import forward, iam, prompt
+from iam import MappingConfig
+from iam.core.mapping import simplex_weights
 
 
 def test_simplex_weights_recover_a_mixture_and_never_lose_to_a_single_candidate():
@@ -40,14 +40,14 @@ def test_simplex_weights_are_the_optimum():
 
 def test_identity_twin_puts_all_weight_on_itself(twin):
     llm, slm = twin
-    iam = IAMModel(llm, slm, MappingConfig(ratio=0.5, blend=3))
     ids = prompt(40)
-    out = iam(ids).logits
-    sources, weights = iam.mixture
+    result = forward(iam(llm, slm, ratio=0.5, blend=3), ids)
+    out, mapping = result.logits, result.cache.mapping
+    sources, weights = mapping.mixture
     assert sources.shape[-2:] == (3, 2) and weights.shape[-1] == 3
     heads = llm.config.num_attention_heads
-    expected = torch.tensor([[[layer, h] for h in range(heads)] for layer in iam.mapped_layers])
-    assert torch.equal(iam.mapping[0], expected) and torch.equal(sources[0, :, :, 0], expected)
+    expected = torch.tensor([[[layer, h] for h in range(heads)] for layer in mapping.mapped_layers])
+    assert torch.equal(mapping.head_mapping[0], expected) and torch.equal(sources[0, :, :, 0], expected)
     assert torch.allclose(weights[..., 0], torch.ones_like(weights[..., 0]), atol=1e-5)
     with torch.no_grad():
         assert (out - llm(input_ids=ids).logits).abs().max() < 1e-3
@@ -58,8 +58,8 @@ def test_blend_mixes_several_heads_and_fits_better(pair):
     ids = prompt(40, seed=2, batch=2)
     runs = {}
     for k in (1, 3):
-        iam = IAMModel(llm, slm, MappingConfig(ratio=0.5, blend=k, metric="minkowski2"))
-        runs[k] = (iam(ids).logits, iam.similarity, iam.mixture)
+        out = forward(iam(llm, slm, ratio=0.5, blend=k, metric="minkowski2"), ids)
+        runs[k] = (out.logits, out.cache.mapping.similarity, out.cache.mapping.mixture)
     sources, weights = runs[3][2]
     assert (weights >= 0).all() and torch.allclose(weights.sum(-1), torch.ones_like(weights[..., 0]))
     assert (weights[..., 1:] > 1e-3).any()  # some heads really mix
@@ -73,10 +73,11 @@ def test_blend_mixes_several_heads_and_fits_better(pair):
 def test_blended_decode_matches_its_own_prefill(pair):
     """Decode mixes attention rows the way prefill mixes attention outputs."""
     llm, slm = pair
-    iam = IAMModel(llm, slm, MappingConfig(ratio=0.5, blend=3, truncation_threshold=16))
-    out = iam.generate(prompt(40, seed=5), max_new_tokens=8)
-    assert (iam.mixture[1][..., 1:] > 1e-3).any()
-    assert torch.equal(iam(out).logits[0, 39:-1].argmax(-1), out[0, 40:])
+    model = iam(llm, slm, ratio=0.5, blend=3, truncation_threshold=16)
+    result = model.generate(prompt(40, seed=5), max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
+    out = result.sequences
+    assert (result.cache.mapping.mixture[1][..., 1:] > 1e-3).any()
+    assert torch.equal(forward(model, out).logits[0, 39:-1].argmax(-1), out[0, 40:])
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, "3"])

@@ -34,8 +34,9 @@ def test_missing_model_is_a_clean_error(tmp_path, capsys):
     assert "neither a model alias" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_generate_json(capsys):
-    assert main(["generate", *PAIR, "--prompt", "Name a prime number.", "--max-new-tokens", "3", "--json"]) == 0
+    assert main(["generate", *PAIR, "--prompt", "Name a prime number.", "--chat", "--max-new-tokens", "3", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert {"text", "mapped_layers", "mapping_summary", "kv_cache_bytes", "timings"} <= out.keys()
     assert kv_groups_mapped(out["mapped_layers"]) == 17  # 30% of 28 x 2 KV groups, in the pair's calibrated order
@@ -43,6 +44,7 @@ def test_generate_json(capsys):
     assert out["mapping_summary"]["mean_similarity"] > 0.5
 
 
+@pytest.mark.slow
 def test_demo_writes_json(tmp_path, capsys):
     path = tmp_path / "sub" / "demo.json"
     assert main(["demo", *PAIR, "--ratios", "0,0.5", "--max-new-tokens", "2", "--json", str(path)]) == 0
@@ -51,3 +53,28 @@ def test_demo_writes_json(tmp_path, capsys):
     runs = result["runs"]
     assert [kv_groups_mapped(r["mapped_layers"]) for r in runs] == [0, 28]
     assert "IAM, ratio 0.5" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_generate_chat_stream_penalty_and_stop(capsys):
+    args = ["generate", *PAIR, "--prompt", "Count from 1 to 20, one number per line.", "--chat", "--max-new-tokens", "24"]
+    assert main([*args, "--stream", "--repetition-penalty", "1.2", "--stop", "5"]) == 0
+    out = capsys.readouterr().out
+    streamed = out.split("\nmapped layers:")[0].strip()
+    assert streamed.endswith("5") and "6" not in streamed  # streamed token by token, stopped at the stop string
+    assert main([*args, "--json", "--stop", "3"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["text"].rstrip().endswith("3") and result["timings"]["new_tokens"] < 24
+
+
+@pytest.mark.slow
+def test_eval_harness_side_by_side(tmp_path, capsys):
+    args = ["eval", "harness", *PAIR, "--tasks", "iam_trivia_mc", "--limit", "2", "--ratios", "0.5"]
+    assert main([*args, "--out", str(tmp_path), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [(r["ratio"], r["task"], r["metric"]) for r in result["rows"]] == [
+        (0.0, "iam_trivia_mc", "acc"),
+        (0.5, "iam_trivia_mc", "acc"),
+    ]
+    assert result["provenance"]["argv"].startswith("iam eval harness")
+    assert (tmp_path / "harness.md").read_text().startswith("| ratio | task | metric |")

@@ -2,69 +2,61 @@
 
 from __future__ import annotations
 
-import importlib
-import inspect
-
 import pytest
 import torch
 
-from conftest import left_pad, prompt, tiny
-from iam import IAMModel, MappingConfig
-from iam.cache import CACHE_ARG
-from iam.capture import decoder_layers
-from iam.generation import PairedSession
-from iam.memory import TensorPeak
+from conftest import forward, iam, left_pad, prompt, tiny
+from iam.bench.memory import TensorPeak
+from iam.core.decoder import decoder_layers
 
 
 def llm_logits(llm, ids, mask=None):
-    with torch.no_grad():
-        return llm(input_ids=ids, attention_mask=mask).logits
+    return forward(llm, ids, mask).logits
+
+
+def greedy(model, ids, mask=None, new=8, **kwargs):
+    """Greedy ``generate`` of exactly ``new`` tokens, with the cache returned."""
+    mask = torch.ones_like(ids) if mask is None else mask
+    return model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, return_dict_in_generate=True, **kwargs)
 
 
 @pytest.mark.parametrize("ratio", [0.5, 1.0])
 def test_identity_twin_maps_each_head_to_itself(twin, ratio):
     llm, slm = twin
-    iam = IAMModel(llm, slm, MappingConfig(ratio=ratio))
     ids = prompt(40)
-    out = iam(ids)
+    out = forward(iam(llm, slm, ratio=ratio), ids)
+    mapping = out.cache.mapping
     heads = llm.config.num_attention_heads
-    expected = torch.tensor([[[layer, h] for h in range(heads)] for layer in iam.mapped_layers])
-    assert torch.equal(iam.mapping[0], expected)
+    expected = torch.tensor([[[layer, h] for h in range(heads)] for layer in mapping.mapped_layers])
+    assert torch.equal(mapping.head_mapping[0], expected)
     assert (out.logits - llm_logits(llm, ids)).abs().max() < 1e-3
 
 
 @pytest.mark.parametrize("ratio", [0.5, 1.0])
 def test_identity_twin_decode_matches_llm_logits(twin, ratio):
     llm, slm = twin
-    iam = IAMModel(llm, slm, MappingConfig(ratio=ratio))
+    model = iam(llm, slm, ratio=ratio)
     ids = prompt(25)
-    out = iam.generate(ids, max_new_tokens=20)
+    result = greedy(model, ids, new=20)
+    out = result.sequences
     assert out.shape == (1, 45)
-    assert iam.mapping is not None
+    assert result.cache.established
     # Logits of the LLM alone on the whole generated sequence vs IAM's prefill+decode choices.
     ref = llm_logits(llm, out)[0, 24:-1].argmax(-1)
     assert torch.equal(out[0, 25:], ref)
     # And IAM's own one-shot logits on that sequence equal the LLM's.
-    assert (iam(out).logits - llm_logits(llm, out)).abs().max() < 1e-3
+    assert (forward(model, out).logits - llm_logits(llm, out)).abs().max() < 1e-3
 
 
 def test_mapping_is_actually_used(pair):
     """A different SLM must change the LLM's logits in mapped layers, and leave them alone at ratio 0."""
     llm, slm = pair
     ids = prompt(30)
-    mapped = IAMModel(llm, slm, MappingConfig(ratio=0.5))(ids).logits
-    unmapped = IAMModel(llm, slm, MappingConfig(ratio=0.0))(ids).logits
+    mapped = forward(iam(llm, slm, ratio=0.5), ids).logits
+    unmapped = forward(iam(llm, slm, ratio=0.0), ids).logits
     ref = llm_logits(llm, ids)
     assert (mapped - ref).abs().max() > 1e-2
     assert torch.allclose(unmapped, ref, atol=1e-5)
-
-
-def test_ratio_zero_generate_equals_llm_generate(pair):
-    llm, slm = pair
-    ids = prompt(12, seed=3, batch=2)
-    ours = IAMModel(llm, slm, MappingConfig(ratio=0.0)).generate(ids, max_new_tokens=15)
-    theirs = llm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=15, do_sample=False)
-    assert torch.equal(ours, theirs)
 
 
 class RowCounter:
@@ -83,17 +75,20 @@ class RowCounter:
 
 
 def test_mapped_layers_skip_q_and_k_projections(pair):
+    """Under transformers' generate(): q_proj/k_proj of mapped layers see the establishing window at prefill and
+    nothing in decode."""
     llm, slm = pair
-    iam = IAMModel(llm, slm, MappingConfig(ratio=0.5, truncation_threshold=16))
+    model = iam(llm, slm, ratio=0.5, truncation_threshold=16)
+    planned = list(model.planned)
     layers = decoder_layers(llm)
-    mapped = [layers[i].self_attn for i in iam.mapped_layers]
-    unmapped = [layers[i].self_attn for i in range(4) if i not in iam.mapped_layers]
+    mapped = [layers[i].self_attn for i in planned]
+    unmapped = [layers[i].self_attn for i in range(4) if i not in planned]
     qk = RowCounter([m.q_proj for m in mapped] + [m.k_proj for m in mapped])
     qk_unmapped = RowCounter([m.q_proj for m in unmapped])
     v = RowCounter([m.v_proj for m in mapped])
-    session_ids = prompt(40, batch=2)
-    iam.generate(session_ids, max_new_tokens=6)
+    out = greedy(model, prompt(40, batch=2), new=6)
     qk.close(), qk_unmapped.close(), v.close()
+    assert out.cache.mapping.mapped_layers == planned
     # Prefill: one call per projection per mapped layer, on the 16-row window only; decode: none.
     assert qk.calls == [16] * 4
     # The unmapped layers and the mapped V projections run on the prompt and then every decode step.
@@ -103,60 +98,60 @@ def test_mapped_layers_skip_q_and_k_projections(pair):
 
 def test_kv_bytes_drop_exactly_the_mapped_keys(pair):
     llm, slm = pair
-    iam = IAMModel(llm, slm, MappingConfig(ratio=0.5))
     ids = prompt(33, batch=2)
-    iam.generate(ids, max_new_tokens=5)
-    kv = iam.kv_cache_bytes()
+    cache = greedy(iam(llm, slm, ratio=0.5), ids, new=5).cache
+    kv = cache.kv_bytes()
     cfg = llm.config
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     tokens = 33 + 4  # the last generated token is never fed back
     per_layer_k = 2 * cfg.num_key_value_heads * tokens * head_dim * 4
     assert kv["baseline"] == cfg.num_hidden_layers * 2 * per_layer_k
-    assert kv["llm"] == kv["baseline"] - len(iam.mapped_layers) * per_layer_k
+    assert kv["llm"] == kv["baseline"] - len(cache.mapping.mapped_layers) * per_layer_k
     # Baseline is what the LLM alone really holds for those tokens.
-    alone = llm(input_ids=ids, use_cache=True)[1]  # the cache (named ``cache`` from transformers 5.24)
-    prefill_alone = sum(layer.keys.nbytes + layer.values.nbytes for layer in alone.layers)
-    assert prefill_alone * tokens // 33 == kv["baseline"]
-    assert kv["total"] == kv["llm"] + kv["slm"] and kv["slm"] > 0
-
-
-@pytest.mark.parametrize("family", ["qwen2", "llama"])
-def test_cache_keyword_is_the_one_installed_transformers_takes(family):
-    """``with_cache`` must name the argument under which models and decoder layers take their cache; under a
-    wrong name the cache would be swallowed by ``**kwargs`` and decoding would silently run without one."""
-    module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
-    for cls in ("Model", "DecoderLayer", "Attention"):
-        assert CACHE_ARG in inspect.signature(getattr(module, family.capitalize() + cls).forward).parameters
+    alone = greedy(llm, ids, new=5).cache
+    assert sum(layer.keys.nbytes + layer.values.nbytes for layer in alone.layers) == kv["baseline"]
+    slm_cfg = slm.config
+    slm_head_dim = slm_cfg.hidden_size // slm_cfg.num_attention_heads
+    slm_layers = cache.mapping.slm_layers[-1] + 1  # the SLM's cache is kept as deep as the mapping reads
+    assert kv["slm"] == slm_layers * 2 * slm_cfg.num_key_value_heads * 2 * tokens * slm_head_dim * 4
+    assert kv["total"] == kv["llm"] + kv["slm"]
 
 
 def test_batch_equals_solo_runs(pair):
+    """Through generate(): each row of a left-padded batch gets its own mapping and the tokens of its solo run."""
     llm, slm = pair
-    iam = IAMModel(llm, slm, MappingConfig(ratio=0.5))
+    model = iam(llm, slm, ratio=0.5)
     prompts = [prompt(n, seed=n)[0] for n in (22, 35, 28)]
     ids, mask = left_pad(prompts)
-    batched = iam.generate(ids, attention_mask=mask, max_new_tokens=12)
-    batched_mapping = iam.mapping
+    batched = greedy(model, ids, mask, new=12)
     for i, p in enumerate(prompts):
-        solo = iam.generate(p[None], max_new_tokens=12)
-        assert torch.equal(batched[i, -12:], solo[0, -12:]), f"prompt {i} differs"
-        assert torch.equal(batched_mapping[i], iam.mapping[0])
+        solo = greedy(model, p[None], new=12)
+        assert torch.equal(batched.sequences[i, -12:], solo.sequences[0, -12:]), f"prompt {i} differs"
+        assert torch.equal(batched.cache.mapping.head_mapping[i], solo.cache.mapping.head_mapping[0])
+        assert torch.equal(batched.cache.mapping.mixture[1][i], solo.cache.mapping.mixture[1][0])
 
 
 def test_short_prompt_decodes_unmapped_until_threshold(pair):
+    """Through generate(): below establish_threshold the LLM runs alone; the decode step whose context reaches it
+    prefills both models over the context, sets the mapping and frees the mapped layers' K from then on."""
     llm, slm = pair
-    iam = IAMModel(llm, slm, MappingConfig(ratio=0.5, establish_threshold=20))
+    model = iam(llm, slm, ratio=0.5, establish_threshold=20)
     ids = prompt(5)
     # Until the context holds 20 tokens, IAM is exactly the LLM alone.
-    out = iam.generate(ids, max_new_tokens=15)
-    assert iam.mapping is None
-    assert torch.equal(out, llm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=15, do_sample=False))
-    assert iam.kv_cache_bytes()["slm"] == 0
+    out = greedy(model, ids, new=15)
+    assert not out.cache.established and out.cache.mapping is None
+    assert torch.equal(out.sequences, greedy(llm, ids, new=15).sequences)
+    assert out.cache.kv_bytes()["slm"] == 0
     # One token more and the mapping is established on the 20-token context; mapped K is gone.
-    out = iam.generate(ids, max_new_tokens=18)
-    assert iam.mapping is not None and iam.mapping.shape == (1, 2, 4, 2)
-    assert iam._session.state.window.lengths.tolist() == [20]
-    kv = iam.kv_cache_bytes()
+    out = greedy(model, ids, new=18)
+    mapping = out.cache.mapping
+    assert mapping.head_mapping.shape == (1, 2, 4, 2)
+    assert mapping.window.lengths.tolist() == [20]
+    kv = out.cache.kv_bytes()
     assert kv["slm"] > 0 and kv["llm"] < kv["baseline"]
+    # The tokens after the threshold are those of the mapped model's own prefill over the whole sequence.
+    logits = forward(model, out.sequences[:, :-1]).logits
+    assert torch.equal(logits[0, 19:].argmax(-1), out.sequences[0, 20:])
 
 
 def test_wrapping_leaves_models_untouched(pair):
@@ -164,8 +159,8 @@ def test_wrapping_leaves_models_untouched(pair):
     ids = prompt(30)
     before_llm, before_slm = llm_logits(llm, ids), llm_logits(slm, ids)
     modules = [type(layer.self_attn) for layer in decoder_layers(llm)]
-    for cfg in (MappingConfig(ratio=0.5), MappingConfig(ratio=1.0, strategy="front", metric="pearson")):
-        IAMModel(llm, slm, cfg).generate(ids, max_new_tokens=4)
+    for cfg in ({"ratio": 0.5}, {"ratio": 1.0, "strategy": "front", "metric": "pearson"}):
+        greedy(iam(llm, slm, **cfg), ids, new=4)
     assert [type(layer.self_attn) for layer in decoder_layers(llm)] == modules
     assert slm.config.num_hidden_layers == 2
     assert torch.equal(llm_logits(llm, ids), before_llm)
@@ -175,26 +170,24 @@ def test_wrapping_leaves_models_untouched(pair):
 @pytest.mark.parametrize("metric", ["cosine", "pearson", "minkowski1", "minkowski2", "cosine-norm"])
 def test_every_metric_runs_and_identity_still_holds(twin, metric):
     llm, slm = twin
-    iam = IAMModel(llm, slm, MappingConfig(ratio=0.5, metric=metric))
     ids = prompt(30)
-    out = iam(ids)
+    out = forward(iam(llm, slm, ratio=0.5, metric=metric), ids)
     heads = llm.config.num_attention_heads
-    assert torch.equal(iam.mapping[0, :, :, 1], torch.arange(heads).expand(2, heads))
+    assert torch.equal(out.cache.mapping.head_mapping[0, :, :, 1], torch.arange(heads).expand(2, heads))
     assert (out.logits - llm_logits(llm, ids)).abs().max() < 1e-3
 
 
 def test_similar_strategy_picks_the_best_scoring_layers(pair):
     llm, slm = pair
-    iam = IAMModel(llm, slm, MappingConfig(ratio=0.5, strategy="similar"))
-    iam(prompt(30))
-    scores = iam._session.similarity.amax(-1).mean((1, 2))
-    assert iam.mapped_layers == sorted(scores.topk(2).indices.tolist())
+    mapping = forward(iam(llm, slm, ratio=0.5, strategy="similar"), prompt(30)).cache.mapping
+    scores = mapping.probe.amax(-1).mean((1, 2))
+    assert mapping.mapped_layers == sorted(scores.topk(2).indices.tolist())
 
 
 def test_loss_matches_llm_at_ratio_zero(pair):
     llm, slm = pair
     ids = prompt(30)
-    ours = IAMModel(llm, slm, MappingConfig(ratio=0.0))(ids, labels=ids).loss
+    ours = forward(iam(llm, slm, ratio=0.0), ids, labels=ids).loss
     theirs = llm(input_ids=ids, labels=ids).loss
     assert torch.allclose(ours, theirs)
 
@@ -202,20 +195,19 @@ def test_loss_matches_llm_at_ratio_zero(pair):
 def test_int8_slm_cache_halves_slm_bytes_and_keeps_the_mapping(twin):
     llm, slm = twin
     ids = prompt(30, batch=2)
-    native = IAMModel(llm, slm, MappingConfig(ratio=0.5))
-    int8 = IAMModel(llm, slm, MappingConfig(ratio=0.5, slm_cache="int8"))
-    ref = native.generate(ids, max_new_tokens=6)
-    out = int8.generate(ids, max_new_tokens=6)
-    assert torch.equal(native.mapping, int8.mapping)
-    assert torch.equal(out, ref)
+    int8 = iam(llm, slm, ratio=0.5, slm_cache="int8")
+    ref = greedy(iam(llm, slm, ratio=0.5), ids, new=6)
+    out = greedy(int8, ids, new=6)
+    assert torch.equal(ref.cache.mapping.head_mapping, out.cache.mapping.head_mapping)
+    assert torch.equal(out.sequences, ref.sequences)
     cfg = slm.config
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     per_elem_row = head_dim * 1 + 4  # int8 values + one fp32 scale per head and token
     expected = cfg.num_hidden_layers * 2 * 2 * cfg.num_key_value_heads * 35 * per_elem_row
-    assert int8.kv_cache_bytes()["slm"] == expected
-    assert native.kv_cache_bytes()["slm"] == cfg.num_hidden_layers * 2 * 2 * cfg.num_key_value_heads * 35 * head_dim * 4
-    assert int8._session.slm_cache.layers[0].keys.dtype == torch.int8
-    logits = int8(ids).logits
+    assert out.cache.kv_bytes()["slm"] == expected
+    assert ref.cache.kv_bytes()["slm"] == cfg.num_hidden_layers * 2 * 2 * cfg.num_key_value_heads * 35 * head_dim * 4
+    assert out.cache.slm.layers[0].keys.dtype == torch.int8
+    logits = forward(int8, ids).logits
     assert (logits - llm_logits(llm, ids)).abs().max() < 0.05
 
 
@@ -224,14 +216,13 @@ def test_slm_runs_no_lm_head_and_only_as_deep_as_needed(twin):
     calls = {"head": 0, "deep": 0}
     handles = [slm.lm_head.register_forward_hook(lambda *_: calls.__setitem__("head", calls["head"] + 1))]
     handles += [
-        decoder_layers(slm)[i].register_forward_hook(lambda *_: calls.__setitem__("deep", calls["deep"] + 1)) for i in (2, 3)
+        decoder_layers(slm)[i].mlp.register_forward_hook(lambda *_: calls.__setitem__("deep", calls["deep"] + 1)) for i in (2, 3)
     ]
-    iam = IAMModel(llm, slm, MappingConfig(layers=[0, 1]))
-    iam.generate(prompt(30), max_new_tokens=5)
+    cache = greedy(iam(llm, slm, layers=[0, 1]), prompt(30), new=5).cache
     for h in handles:
         h.remove()
     assert calls == {"head": 0, "deep": 2}  # layers 2 and 3 ran once, at prefill (to search all SLM heads)
-    layers = iam._session.slm_cache.layers
+    layers = cache.slm.layers
     assert layers[1].values.shape[-2] == 34 and layers[2].values is None and layers[3].values is None
 
 
@@ -240,11 +231,9 @@ def test_eager_llm_with_padding_identity_twin(twin):
     llm, slm = twin
     llm.config._attn_implementation = "eager"
     ids, mask = left_pad([prompt(n, seed=n)[0] for n in (24, 31)])
-    iam = IAMModel(llm, slm, MappingConfig(ratio=1.0))
-    out = iam.generate(ids, attention_mask=mask, max_new_tokens=8)
-    ref = llm.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
-    assert iam.mapping is not None
-    assert torch.equal(out, ref)
+    out = greedy(iam(llm, slm, ratio=1.0), ids, mask, new=8)
+    assert out.cache.established
+    assert torch.equal(out.sequences, greedy(llm, ids, mask, new=8).sequences)
 
 
 def test_prefill_sdpa_gets_one_head_size(family, monkeypatch):
@@ -257,9 +246,9 @@ def test_prefill_sdpa_gets_one_head_size(family, monkeypatch):
         seen.append((q.shape[-1], k.shape[-1], v.shape[-1]))
         return real_sdpa(q, k, v, **kwargs)
 
-    monkeypatch.setattr("iam.attention.F.scaled_dot_product_attention", spy)
+    monkeypatch.setattr("iam.core.attention.F.scaled_dot_product_attention", spy)
     ids = prompt(30)
-    out = IAMModel(llm, slm, MappingConfig(ratio=0.5))(ids).logits
+    out = forward(iam(llm, slm, ratio=0.5), ids).logits
     monkeypatch.undo()
     # every SDPA call of the pass (SLM, unmapped and the 2 mapped LLM layers) has one head size for q, k and v
     assert len(seen) == 2 + 4 and all(a == b == c for a, b, c in seen), seen
@@ -269,11 +258,11 @@ def test_prefill_sdpa_gets_one_head_size(family, monkeypatch):
 def test_long_prefill_runs_flex_attention_with_both_head_sizes(family, monkeypatch):
     """From FLEX_MIN_TOKENS on, mapped prefill runs FlexAttention on the SLM's 8-wide q/k and the LLM's 16-wide V
     (no padding) and agrees with the padded SDPA path; a left-padded batch keeps SDPA."""
-    from iam import attention
+    from iam.core import attention
 
     llm, slm = tiny(family, 4, 64, 4, 2, seed=0), tiny(family, 2, 32, 4, 2, seed=1)
     ids = prompt(40)
-    padded = IAMModel(llm, slm, MappingConfig(ratio=0.5))(ids).logits
+    padded = forward(iam(llm, slm, ratio=0.5), ids).logits
     calls = []
     real_sdpa = torch.nn.functional.scaled_dot_product_attention
 
@@ -282,14 +271,14 @@ def test_long_prefill_runs_flex_attention_with_both_head_sizes(family, monkeypat
         return real_sdpa(q, k, v, **kwargs)
 
     monkeypatch.setattr(attention, "FLEX_MIN_TOKENS", 32)
-    monkeypatch.setattr("iam.attention.F.scaled_dot_product_attention", spy)
-    flex = IAMModel(llm, slm, MappingConfig(ratio=0.5))(ids).logits
+    monkeypatch.setattr("iam.core.attention.F.scaled_dot_product_attention", spy)
+    flex = forward(iam(llm, slm, ratio=0.5), ids).logits
     assert attention.flex_kernel(ids.device, torch.float32, 8, 16) is not None
     assert len(calls) == 2 + 2  # the SLM's and the unmapped LLM layers' own; the mapped layers ran flex
     assert torch.allclose(flex, padded, atol=1e-4)
     calls.clear()
     batch, mask = left_pad([prompt(40, seed=1), prompt(36, seed=2)])
-    IAMModel(llm, slm, MappingConfig(ratio=0.5))(batch, attention_mask=mask)
+    forward(iam(llm, slm, ratio=0.5), batch, mask)
     assert len(calls) == 2 + 4
 
 
@@ -297,11 +286,11 @@ def test_flex_attention_compiles_once_for_any_batch_mapping_and_length(family, m
     """The compiled FlexAttention kernel is specialised to batch and head counts, and after 8 recompilations it falls
     back to an unfused version that builds the T x T scores: one compilation must serve every batch size, number of
     borrowed SLM heads per layer, and length."""
-    from iam import attention
+    from iam.core import attention
 
     llm, slm = tiny(family, 4, 64, 4, 2, seed=0), tiny(family, 2, 32, 4, 2, seed=1)
     monkeypatch.setattr(attention, "FLEX_MIN_TOKENS", 129)  # the tiny models hold 256 positions
-    IAMModel(llm, slm, MappingConfig(ratio=0.5))(prompt(140))  # compiles (first use)
+    forward(iam(llm, slm, ratio=0.5), prompt(140))  # compiles (first use)
     mapped_sdpa = []
     real_sdpa = torch.nn.functional.scaled_dot_product_attention
 
@@ -309,13 +298,13 @@ def test_flex_attention_compiles_once_for_any_batch_mapping_and_length(family, m
         mapped_sdpa.append(q.shape[-1] == 16 and kwargs.get("scale") == 8**-0.5)
         return real_sdpa(q, k, v, **kwargs)
 
-    monkeypatch.setattr("iam.attention.F.scaled_dot_product_attention", spy)
+    monkeypatch.setattr("iam.core.attention.F.scaled_dot_product_attention", spy)
     with torch._dynamo.config.patch(error_on_recompile=True):
         for length, batch, ratio in [(200, 1, 0.5), (150, 3, 1.0), (250, 2, 0.25)]:
-            IAMModel(llm, slm, MappingConfig(ratio=ratio))(prompt(length, seed=length, batch=batch))
+            forward(iam(llm, slm, ratio=ratio), prompt(length, seed=length, batch=batch))
     assert mapped_sdpa and not any(mapped_sdpa)  # the SLM and unmapped layers ran SDPA, every mapped prefill flex
     with TensorPeak():  # compiled code cannot run under a Python dispatch mode: mapped prefill takes SDPA there
-        IAMModel(llm, slm, MappingConfig(ratio=0.5))(prompt(200))
+        forward(iam(llm, slm, ratio=0.5), prompt(200))
     assert any(mapped_sdpa)
 
 
@@ -323,7 +312,7 @@ def test_heads_sharing_an_slm_head_and_a_kv_group_are_computed_once(family, monk
     """A one-layer, one-head SLM: every LLM head borrows the same SLM head, so each KV group (2 heads here) needs one
     SDPA item, and prefill (deduplicated) still agrees with decode (per head)."""
     llm, slm = tiny(family, 4, 64, 4, 2, seed=0), tiny(family, 1, 16, 1, 1, seed=1)
-    iam = IAMModel(llm, slm, MappingConfig(layers=[1, 3], truncation_threshold=20))
+    model = iam(llm, slm, layers=[1, 3], truncation_threshold=20)
     heads = []
     real_sdpa = torch.nn.functional.scaled_dot_product_attention
 
@@ -331,14 +320,12 @@ def test_heads_sharing_an_slm_head_and_a_kv_group_are_computed_once(family, monk
         heads.append(q.shape[1])
         return real_sdpa(q, k, v, **kwargs)
 
-    monkeypatch.setattr("iam.attention.F.scaled_dot_product_attention", spy)
+    monkeypatch.setattr("iam.core.attention.F.scaled_dot_product_attention", spy)
     ids = prompt(30)
-    full = iam(ids).logits
+    full = forward(model, ids).logits
     monkeypatch.undo()
     # the SLM layer (1 head), then LLM layers 0-3: unmapped ones see 4 heads, mapped ones 2 items
     assert heads == [1, 4, 2, 4, 2]
-    with torch.inference_mode():
-        session = PairedSession(iam, ids[:, :-1], torch.ones_like(ids[:, :-1]))
-        session.prefill()
-        stepped = session.decode(ids[:, -1])
+    prefill = forward(model, ids[:, :-1])
+    stepped = forward(model, ids[:, -1:], cache=prefill.cache).logits
     assert (stepped[:, -1] - full[:, -1]).abs().max() < 1e-4

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
+import sys
 
 import pytest
 
-from iam.data import load_qa, load_text, wikipedia_articles
+from iam.eval.data import load_qa, load_text, wikipedia_articles
 
 
 def test_wikipedia_articles_are_clean_prose():
@@ -33,9 +33,9 @@ def test_trivia_pairs():
     assert len(pairs) > 100 and all(q and a for q, a in pairs)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("datasets") is not None, reason="datasets is installed")
 @pytest.mark.parametrize("name", ["wikitext2", "govreport"])
-def test_online_text_without_datasets_says_what_to_install(name):
+def test_online_text_without_datasets_says_what_to_install(name, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if it were not installed
     with pytest.raises(FileNotFoundError, match=rf"--dataset {name} needs the datasets package: pip install 'iam-llm\[online\]'"):
         load_text(name)
 

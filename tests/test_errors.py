@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import prompt, tiny
-from iam import IAMModel, MappingConfig
+from conftest import forward, iam, left_pad, prompt, tiny
+from iam import IAMForCausalLM, MappingConfig
 
 
 @pytest.mark.parametrize(
@@ -24,6 +24,10 @@ from iam import IAMModel, MappingConfig
         ({"layers": [(1, -1)]}, r"non-negative"),
         ({"layers": [(1, 0, 2)]}, r"\(layer, kv_group\) pairs"),
         ({"layers": "1,2"}, r"list of non-negative LLM layer indices"),
+        ({"layers": (2, 1)}, r"layers must be a list, got the tuple \(2, 1\).*\[2, 1\] for whole layers, or \[\(2, 1\)\]"),
+        ({"calibration": "x.json", "strategy": "back"}, r"calibration='x.json' would not be used: .*strategy is 'back'"),
+        ({"calibration": "x.json", "layers": [1]}, r"would not be used: .*layers are given"),
+        ({"calibration": "/no/such/file.json"}, r"calibration file '/no/such/file.json' does not exist"),
         ({"layers": [1.0]}, r"list of non-negative LLM layer indices"),
         ({"establish_threshold": 1}, r"establish_threshold must be an integer >= 2"),
         ({"truncation_threshold": 0}, r"truncation_threshold must be an integer >= 2"),
@@ -34,16 +38,31 @@ def test_bad_config(kwargs, message):
         MappingConfig(**kwargs)
 
 
+def test_a_config_invalid_for_the_pair_fails_before_weights_load(tmp_path, monkeypatch):
+    """``from_pretrained`` checks the mapping against the two config.json files; no weights are read."""
+    from iam.models import loading
+
+    tiny("qwen2", 4, 64, 4, 2, 0).config.save_pretrained(tmp_path / "big")
+    tiny("qwen2", 2, 32, 2, 1, 1).config.save_pretrained(tmp_path / "small")
+    monkeypatch.setattr(loading, "load_pair", lambda *a, **k: pytest.fail("weights were loaded"))
+    with pytest.raises(ValueError, match=r"layers \[7\] out of range: the LLM has 4 layers"):
+        IAMForCausalLM.from_pretrained(tmp_path / "big", tmp_path / "small", layers=[7])
+    with pytest.raises(ValueError, match=r"blend 5 exceeds the SLM's 4 heads"):
+        IAMForCausalLM.from_pretrained(tmp_path / "big", tmp_path / "small", blend=5)
+    with pytest.raises(ValueError, match=r"ratio must be a number in \[0, 1\]"):
+        IAMForCausalLM.from_pretrained(tmp_path / "big", tmp_path / "small", ratio=3)
+
+
 def test_layers_out_of_range(pair):
     with pytest.raises(ValueError, match=r"layers \[4, 9\] out of range: the LLM has 4 layers \(0..3\)"):
-        IAMModel(*pair, MappingConfig(layers=[1, 4, 9]))
+        IAMForCausalLM(*pair, MappingConfig(layers=[1, 4, 9]))
     with pytest.raises(ValueError, match=r"KV groups \[\(1, 2\)\] out of range: the LLM has 2 KV heads per layer \(0..1\)"):
-        IAMModel(*pair, MappingConfig(layers=[(1, 2)]))
+        IAMForCausalLM(*pair, MappingConfig(layers=[(1, 2)]))
 
 
 def test_mixed_families():
     with pytest.raises(ValueError, match=r"different families \('qwen2' vs 'llama'\)"):
-        IAMModel(tiny("qwen2", 2, 32, 2, 1, 0), tiny("llama", 2, 32, 2, 1, 0))
+        IAMForCausalLM(tiny("qwen2", 2, 32, 2, 1, 0), tiny("llama", 2, 32, 2, 1, 0))
 
 
 def test_unsupported_family():
@@ -51,41 +70,106 @@ def test_unsupported_family():
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=97))
     with pytest.raises(ValueError, match=r"model_type 'gpt2'; supported families: \['qwen2', 'llama'\]"):
-        IAMModel(gpt2, tiny("qwen2", 2, 32, 2, 1, 0))
+        IAMForCausalLM(gpt2, tiny("qwen2", 2, 32, 2, 1, 0))
 
 
 def test_different_vocabularies(family):
     slm = tiny(family, 2, 32, 2, 1, 0)
     slm.resize_token_embeddings(120)
     with pytest.raises(ValueError, match=r"vocabularies differ \(vocab_size 97 vs 120\)"):
-        IAMModel(tiny(family, 2, 32, 2, 1, 0), slm)
+        IAMForCausalLM(tiny(family, 2, 32, 2, 1, 0), slm)
 
 
 def test_bad_inputs(pair):
-    iam = IAMModel(*pair, MappingConfig(ratio=0.5))
+    model = iam(*pair, ratio=0.5)
     ids = prompt(10, batch=2)
     with pytest.raises(ValueError, match="LongTensor"):
-        iam(ids.float())
-    with pytest.raises(ValueError, match="must match input_ids"):
-        iam(ids, attention_mask=torch.ones(2, 9, dtype=torch.long))
+        forward(model, ids.float())
+    with pytest.raises(ValueError, match=r"attention_mask \(2, 9\) must be 2D \[batch, cached \+ new tokens\] = \(2, 10\)"):
+        forward(model, ids, torch.ones(2, 9, dtype=torch.long))
     right_padded = torch.ones_like(ids)
     right_padded[0, -3:] = 0
     with pytest.raises(ValueError, match="left-padded"):
-        iam.generate(ids, attention_mask=right_padded)
-    with pytest.raises(ValueError, match=r"prompt too long: 250 tokens \+ 10 new exceed the models' 256-position limit"):
-        iam.generate(prompt(250), max_new_tokens=10)
-    with pytest.raises(ValueError, match="max_new_tokens must be a positive integer"):
-        iam.generate(ids, max_new_tokens=0)
-    with pytest.raises(ValueError, match="temperature must be > 0"):
-        iam.generate(ids, do_sample=True, temperature=0.0)
-    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
-        iam.generate(ids, top_p=1.5)
-    with pytest.raises(RuntimeError, match="no call yet"):
-        IAMModel(*pair).kv_cache_bytes()
+        model.generate(ids, attention_mask=right_padded, max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"context too long: 257 tokens exceed the models' 256-position limit"):
+        forward(model, prompt(257))
+    with pytest.raises(ValueError, match="takes input_ids, not inputs_embeds"):
+        model(input_ids=ids, inputs_embeds=torch.zeros(2, 10, 64))
+
+
+@pytest.mark.parametrize(
+    "mask, message",
+    [
+        (torch.tensor([[0, 2, 2, 2], [1, 1, 1, 1]]), r"attention_mask must hold only 0 and 1, got values \[0, 1, 2\]"),
+        (torch.tensor([[0.0, 0.5, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]]), r"attention_mask must be 0/1, bool or integer"),
+        (torch.tensor([[-1, 1, 1, 1], [1, 1, 1, 1]]), r"only 0 and 1, got values \[-1, 1\]"),
+    ],
+)
+def test_masks_other_than_zero_one_are_refused(pair, mask, message):
+    """A mask of 2s or fractions used to be accepted and changed the output; it must be refused."""
+    with pytest.raises(ValueError, match=message):
+        forward(iam(*pair, ratio=0.5), prompt(4, batch=2), mask)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_up_front(pair):
+    model = iam(*pair, ratio=0.5)
+    for bad in (97, -1):
+        ids = prompt(25)
+        ids[0, 3] = bad
+        with pytest.raises(ValueError, match=r"token ids outside the vocabulary \[0, 97\)"):
+            model.generate(ids, max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"token ids outside the vocabulary"):  # a pad token beyond the vocabulary
+        ids, mask = left_pad([prompt(25)[0], prompt(20)[0]])
+        model.generate(ids.masked_fill(mask == 0, 200), attention_mask=mask, max_new_tokens=2)
+
+
+def test_a_batch_of_zero_rows_is_refused(pair):
+    with pytest.raises(ValueError, match=r"input_ids of shape \(0, 5\) is empty"):
+        forward(iam(*pair, ratio=0.5), torch.zeros(0, 5, dtype=torch.long))
+
+
+def test_a_blend_above_the_slm_head_count_is_refused_before_any_call(pair):
+    # the tiny SLM has 2 layers x 2 heads
+    assert iam(*pair, blend=4).mapping_config.blend == 4
+    with pytest.raises(ValueError, match=r"blend 5 exceeds the SLM's 4 heads \(2 layers x 2\)"):
+        iam(*pair, blend=5)
+
+
+def test_similar_strategy_refuses_a_batch(pair):
+    """'similar' chooses layers from the input: a batch would let a row's neighbours change its result."""
+    with pytest.raises(ValueError, match="strategy 'similar' chooses layers per input: run one sequence at a time"):
+        forward(iam(*pair, ratio=0.5, strategy="similar"), prompt(30, batch=2))
+
+
+@pytest.mark.parametrize(
+    "kwargs, mode",
+    [
+        ({"prompt_lookup_num_tokens": 3}, "prompt-lookup decoding"),
+        ({"output_attentions": True, "return_dict_in_generate": True}, "output_attentions"),
+        ({"output_hidden_states": True, "return_dict_in_generate": True}, "output_hidden_states"),
+        ({"cache_implementation": "static"}, r"cache_implementation='static' is not supported"),
+    ],
+)
+def test_unsupported_generation_modes_are_named(pair, kwargs, mode):
+    with pytest.raises(ValueError, match=mode):
+        iam(*pair, ratio=0.5).generate(prompt(25), max_new_tokens=2, **kwargs)
+
+
+def test_assisted_decoding_is_refused(pair):
+    llm, slm = pair
+    with pytest.raises(ValueError, match=r"does not support assisted decoding"):
+        iam(llm, slm, ratio=0.5).generate(prompt(25), max_new_tokens=2, assistant_model=llm)
+
+
+def test_a_foreign_filled_cache_is_refused(pair):
+    llm, slm = pair
+    filled = forward(llm, prompt(5), use_cache=True).cache
+    with pytest.raises(ValueError, match="continues only its own IAMCache, got a filled DynamicCache"):
+        forward(iam(llm, slm, ratio=0.5), prompt(1), cache=filled)
 
 
 def test_unsupported_attention_implementation(pair):
     llm, slm = pair
     llm.config._attn_implementation = "flex_attention"
     with pytest.raises(ValueError, match="attn_implementation 'flex_attention'"):
-        IAMModel(llm, slm)
+        IAMForCausalLM(llm, slm)

@@ -8,9 +8,12 @@ import json
 import pytest
 
 from conftest import kv_groups_mapped
-from iam import calibration
 from iam.cli import main
-from iam.evaluation import token_f1, trivia_choices
+from iam.core import calibration
+from iam.eval.data import trivia_choices
+from iam.eval.evaluation import token_f1
+
+pytestmark = pytest.mark.slow
 
 PAIR = ["--llm", "qwen2.5-coder-1.5b", "--slm", "qwen2.5-coder-0.5b"]
 
@@ -84,7 +87,7 @@ def test_calibrate_writes_an_order_that_auto_uses(tmp_path, capsys, monkeypatch)
     assert stored["order"] == result["order"] and stored["source"]["method"] == "greedy"
     assert stored["blend"] == 3  # measured under the stored default blend, and stored with the order
     # the user's calibration now takes precedence over the shipped order
-    assert main(["generate", *PAIR, "--prompt", "x " * 30, "--raw", "--max-new-tokens", "1", "--json"]) == 0
+    assert main(["generate", *PAIR, "--prompt", "x " * 30, "--max-new-tokens", "1", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["mapped_layers"] == sorted(result["order"][:8])
 
 

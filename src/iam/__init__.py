@@ -1,9 +1,11 @@
 """iam-llm: efficient inference through attention mapping between different-scale LLMs (arXiv 2507.11953)."""
 
-from .config import MappingConfig
-from .model import IAMModel
-from .selection import STRATEGIES
-from .similarity import METRICS
+from .core.cache import IAMCache
+from .core.config import MappingConfig
+from .core.mapping import Mapping
+from .core.model import IAMForCausalLM
+from .core.selection import STRATEGIES
+from .core.similarity import METRICS
 
-__all__ = ["IAMModel", "MappingConfig", "METRICS", "STRATEGIES"]
-__version__ = "0.1.0"
+__all__ = ["IAMCache", "IAMForCausalLM", "METRICS", "Mapping", "MappingConfig", "STRATEGIES"]
+__version__ = "0.2.0"

@@ -1,4 +1,5 @@
-"""The ``iam`` command line: ``generate``, ``demo``, ``eval ...``, ``similarity`` and ``bench``."""
+"""The ``iam`` command line: ``generate``, ``demo``, ``eval ...``, ``similarity``, ``calibrate`` and ``bench``. Each
+command parses, checks its mapping configs against the pair's configs, loads, and hands over to the library."""
 
 from __future__ import annotations
 
@@ -6,18 +7,23 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+from transformers import TextStreamer
 
-from . import bench, calibration, data, evaluation, projection
-from .config import MappingConfig
-from .loading import load_pair
-from .model import IAMModel
-from .presets import PRESETS, load_arch
-from .reporting import markdown_table, provenance, write_report
-from .selection import STRATEGIES, Unit, parse_unit, unit_label
-from .similarity import METRICS
+from .bench import costs, measure, projection
+from .bench.timing import GenerationTimer, allocator_note, timing_environment
+from .core import calibration
+from .core.config import MappingConfig, resolve
+from .core.model import IAMForCausalLM, check_pair_configs
+from .core.selection import STRATEGIES, Unit, parse_unit, unit_label, units_for_ratio
+from .core.similarity import METRICS
+from .eval import data, evaluation
+from .models.loading import load_pair, read_configs
+from .models.presets import PRESETS, load_arch
+from .reporting import heatmap_plot, markdown_table, provenance, sweep_plot, write_atomic, write_report
 
 DEMO_PROMPTS = [
     "Write a Python function that checks whether a string is a palindrome.",
@@ -89,12 +95,20 @@ def mapping_config(args: argparse.Namespace, ratio: float) -> MappingConfig:
     )
 
 
-def load(args: argparse.Namespace):
+def load(args: argparse.Namespace, configs: Sequence[MappingConfig] = ()):
+    """Check ``configs`` against the pair's configs (no weights loaded yet), then load ``(llm, slm, tokenizer)``."""
+    llm_config, slm_config = read_configs(args.llm, args.slm)
+    check_pair_configs(llm_config, slm_config)
+    for config in configs:
+        resolve(config, llm_config, slm_config)
     return load_pair(args.llm, args.slm, dtype=getattr(torch, args.dtype), device=args.device)
 
 
-def chat_ids(tokenizer, prompts: Sequence[str], chat: bool = True) -> dict[str, torch.Tensor]:
-    if chat and tokenizer.chat_template:
+def prompt_batch(tokenizer, prompts: Sequence[str], chat: bool) -> dict[str, torch.Tensor]:
+    """A left-padded batch of ``prompts``, each wrapped in the tokenizer's chat template with ``chat``."""
+    if chat:
+        if not tokenizer.chat_template:
+            raise ValueError("--chat needs a tokenizer with a chat template; this one has none.")
         prompts = [
             tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
             for p in prompts
@@ -102,29 +116,48 @@ def chat_ids(tokenizer, prompts: Sequence[str], chat: bool = True) -> dict[str, 
     return tokenizer(list(prompts), return_tensors="pt", padding=True)
 
 
-def run_generation(iam: IAMModel, tokenizer, batch: dict[str, torch.Tensor], max_new_tokens: int) -> dict:
-    """Generate for one batch and report texts, mapping, KV bytes and timings."""
-    out = iam.generate(batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=max_new_tokens)
-    texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+def generation_kwargs(args: argparse.Namespace, tokenizer) -> dict:
+    """``generate()`` arguments from the command line."""
+    kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
+    for name in ("repetition_penalty", "do_sample", "temperature", "top_p", "top_k"):
+        if getattr(args, name, None) is not None:
+            kwargs[name] = getattr(args, name)
+    if getattr(args, "stop", None):
+        kwargs.update(stop_strings=args.stop, tokenizer=tokenizer)
+    return kwargs
+
+
+def run_generation(iam: IAMForCausalLM, tokenizer, batch: dict[str, torch.Tensor], streamer=None, **kwargs) -> dict:
+    """Generate for one batch; report texts, mapping, KV bytes and timings, read off the call's cache."""
+    timer = GenerationTimer(iam.device, then=streamer)
+    out = iam.generate(**batch, streamer=timer.start(), return_dict_in_generate=True, **kwargs)
+    texts = tokenizer.batch_decode(out.sequences[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    mapping = out.cache.mapping
     return {
-        "ratio": iam.config.ratio if iam.config.layers is None else None,
+        "ratio": iam.mapping_config.ratio if iam.mapping_config.layers is None else None,
         "texts": texts,
-        "mapped_layers": iam.mapped_units,
-        "mapping_summary": iam.mapping_summary(),
-        "kv_cache_bytes": iam.kv_cache_bytes(),
-        "timings": iam.timings,
+        "mapped_layers": mapping.units if mapping else [],
+        "mapping_summary": mapping.summary() if mapping else None,
+        "kv_cache_bytes": out.cache.kv_bytes(),
+        "timings": timer.timings,
     }
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    llm, slm, tok = load(args)
-    iam = IAMModel(llm, slm, mapping_config(args, args.ratio))
-    result = run_generation(iam, tok, chat_ids(tok, [args.prompt], chat=not args.raw), args.max_new_tokens)
+    config = mapping_config(args, args.ratio)
+    llm, slm, tok = load(args, [config])
+    iam = IAMForCausalLM(llm, slm, config)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True) if args.stream else None
+    batch = prompt_batch(tok, [args.prompt], args.chat)
+    result = run_generation(iam, tok, batch, streamer, **generation_kwargs(args, tok))
     result["text"] = result.pop("texts")[0]
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(result["text"])
+        if not args.stream:
+            print(result["text"])
         print(f"\nmapped layers: {result['mapped_layers']}")
         kv = result["kv_cache_bytes"]
         print(f"KV bytes: LLM {kv['llm']:,} + SLM {kv['slm']:,} = {kv['total']:,} (LLM alone: {kv['baseline']:,})")
@@ -134,14 +167,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    llm, slm, tok = load(args)
-    batch = chat_ids(tok, DEMO_PROMPTS)
+    configs = [mapping_config(args, r) for r in args.ratios]
+    llm, slm, tok = load(args, configs)
+    batch = prompt_batch(tok, DEMO_PROMPTS, chat=True)
+    kwargs = {"do_sample": False, "pad_token_id": tok.pad_token_id}
     # The first pass pages the weights in from disk (seconds per GB); keep that out of the timings below.
-    run_generation(IAMModel(llm, slm, mapping_config(args, max(args.ratios))), tok, batch, 2)
+    run_generation(IAMForCausalLM(llm, slm, configs[-1]), tok, batch, max_new_tokens=2, **kwargs)
     runs = []
-    for ratio in args.ratios:
+    for ratio, config in zip(args.ratios, configs):
         print(f"\n=== {'LLM alone' if ratio == 0 else f'IAM, ratio {ratio}'} ===", flush=True)
-        run = run_generation(IAMModel(llm, slm, mapping_config(args, ratio)), tok, batch, args.max_new_tokens)
+        run = run_generation(IAMForCausalLM(llm, slm, config), tok, batch, max_new_tokens=args.max_new_tokens, **kwargs)
         runs.append(run)
         for prompt, text in zip(DEMO_PROMPTS, run["texts"]):
             print(f"\n> {prompt}\n{text.strip()}")
@@ -154,35 +189,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         )
         print(f"TTFT {t['ttft_s']:.2f} s, TPOT {t['tpot_s']:.3f} s", flush=True)
     if args.json:
+        result = {"llm": args.llm, "slm": args.slm, "provenance": provenance(args.argv), "prompts": DEMO_PROMPTS, "runs": runs}
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(
-            json.dumps(
-                {"llm": args.llm, "slm": args.slm, "provenance": provenance(args.argv), "prompts": DEMO_PROMPTS, "runs": runs},
-                indent=2,
-            )
-        )
+        write_atomic(path, json.dumps(result, indent=2))
         print(f"\nwrote {path}")
     return 0
-
-
-def load_items(path: str | None, limit: int) -> list[dict]:
-    """MMLU-format JSONL (question, choices, answer index); default: trivia with distractors from other answers."""
-    if path == "mmlu":
-        try:
-            from datasets import load_dataset
-        except ImportError:
-            raise FileNotFoundError("--dataset mmlu needs the datasets package: pip install 'iam-llm[online]'") from None
-        items = [dict(r) for r in load_dataset("cais/mmlu", "all", split="test")]
-    elif path:
-        with open(path) as f:
-            items = [json.loads(line) for line in f if line.strip()]
-        for i, item in enumerate(items):
-            if not {"question", "choices", "answer"} <= item.keys():
-                raise ValueError(f"{path} line {i + 1}: an item needs question, choices and answer (index).")
-    else:
-        items = evaluation.trivia_choices(data.trivia())
-    return items[:limit]
 
 
 def finish(args: argparse.Namespace, name: str, result: dict, columns: list[str], plot=None) -> int:
@@ -203,8 +215,9 @@ def eval_windows(args: argparse.Namespace, tok) -> list[torch.Tensor]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    llm, slm, tok = load(args)
     base = mapping_config(args, 0.0)
+    ratios = getattr(args, "ratios", None) or [getattr(args, "ratio", 0.0)]
+    llm, slm, tok = load(args, [replace(base, ratio=r) for r in ratios])
     kind = args.eval_command
     if kind == "perplexity":
         result = evaluation.eval_perplexity(llm, slm, eval_windows(args, tok), args.ratios, base)
@@ -217,19 +230,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if kind == "sweep":
         per_group = args.granularity == "kv-group"
         result = evaluation.eval_sweep(llm, slm, eval_windows(args, tok), args.block, base, per_group)
-
-        def plot(path):
-            import matplotlib.pyplot as plt
-
-            rows = result["rows"][1:]
-            plt.figure(figsize=(7, 3.5))
-            plt.bar([r["block"] for r in rows], [100 * r["ppl_increase"] for r in rows])
-            plt.xticks(rotation=90 if len(rows) > 10 else 0)
-            plt.ylabel("perplexity increase (%)")
-            plt.xlabel(f"mapped LLM layers (blocks of {args.block}{', layer:kv_group' if per_group else ''})")
-            plt.tight_layout()
-            plt.savefig(path, dpi=120)
-
+        plot = sweep_plot(result["rows"][1:], args.block, per_group)
         return finish(args, "sweep", result, ["block", "ppl", "ppl_increase"], plot)
     if kind == "consistency":
         result = evaluation.eval_consistency(llm, slm, tok, eval_windows(args, tok), args.ratio, args.steps, base)
@@ -238,26 +239,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
         pairs = data.load_qa(args.dataset)[: args.limit]
         result = evaluation.eval_qa(llm, slm, tok, pairs, args.ratios, base, args.max_new_tokens)
         return finish(args, "qa", result, ["ratio", "strategy", "f1", "exact_match", "n"])
-    items = load_items(args.dataset, args.limit)
+    if kind == "harness":
+        try:
+            from .eval import harness
+        except ImportError as e:
+            raise FileNotFoundError(f"iam eval harness needs lm-eval ({e}): pip install 'iam-llm[harness]'") from None
+
+        result = harness.evaluate(llm, slm, tok, args.tasks, args.ratios, base, args.limit)
+        return finish(args, "harness", result, ["ratio", "task", "metric", "value", "change"])
+    items = data.load_items(args.dataset, args.limit)
     result = evaluation.eval_choice(llm, slm, tok, items, args.ratios, base)
     return finish(args, "choice", result, ["ratio", "strategy", "accuracy", "n"])
 
 
 def cmd_similarity(args: argparse.Namespace) -> int:
-    llm, slm, tok = load(args)
-    result = evaluation.eval_similarity(llm, slm, eval_windows(args, tok), mapping_config(args, 0.0))
-
-    def plot(path):
-        import matplotlib.pyplot as plt
-
-        plt.figure(figsize=(6, 5))
-        plt.imshow(result["heatmap"], aspect="auto", origin="lower", cmap="viridis")
-        plt.colorbar(label=f"mean best {result['metric']} similarity")
-        plt.xlabel("SLM layer")
-        plt.ylabel("LLM layer")
-        plt.tight_layout()
-        plt.savefig(path, dpi=120)
-
+    config = mapping_config(args, 0.0)
+    llm, slm, tok = load(args, [config])
+    result = evaluation.eval_similarity(llm, slm, eval_windows(args, tok), config)
+    plot = heatmap_plot(result["heatmap"], f"mean best {result['metric']} similarity")
     return finish(args, "similarity", result, ["llm_layer", "mean_best_similarity", "best_slm_layer"], plot)
 
 
@@ -270,15 +269,15 @@ BREAK_EVEN_PAIRS = [
 
 
 def warn_allocator(device: torch.device) -> None:
-    note = bench.allocator_note(device)
+    note = allocator_note(device)
     if note:
         print(note, file=sys.stderr)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    full, cpu = bench.SCENARIOS[args.scenario]
+    full, cpu = costs.SCENARIOS[args.scenario]
     scenario = full if args.full_size or args.analytic else cpu
-    scenario = bench.Scenario(
+    scenario = costs.Scenario(
         args.prompt or scenario.prompt, args.batch or scenario.batch, args.new_tokens or scenario.new_tokens
     )
     meta = {"scenario": args.scenario, **vars(scenario)}
@@ -303,7 +302,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             repeats=args.repeats,
             decode_repeats=args.decode_repeats,
-            **bench.timing_environment(),
+            **timing_environment(),
         )
         if not args.json:
             print("measured parts (seconds):\n" + markdown_table(result["parts"], list(result["parts"][0])))
@@ -326,33 +325,34 @@ def cmd_bench(args: argparse.Namespace) -> int:
         )
     if args.memory_scaling:
         args.llm, args.slm = args.llm or "qwen2.5-coder-1.5b", args.slm or "qwen2.5-coder-0.5b"
-        llm, slm, _ = load(args)
+        base = mapping_config(args, 0.0)
+        llm, slm, _ = load(args, [replace(base, ratio=r) for r in args.ratios])
         tokens = args.tokens or [1024, 2048, 4096, 8192]
-        rows = bench.memory_scaling(llm, slm, tokens, args.ratios, mapping_config(args, 0.0))
+        rows = measure.memory_scaling(llm, slm, tokens, args.ratios, base)
         result = {"mode": "memory-scaling", "device": str(llm.device), "dtype": str(llm.dtype), "rows": rows}
         columns = ["tokens", "ratio", "peak_tensor_bytes", "peak_growth", "largest_tensor_bytes", "tt_matrix_bytes", "kv_bytes"]
         return finish(args, "bench-memory", result, columns)
     if args.analytic:
         args.llm, args.slm = args.llm or "qwen2-72b", args.slm or "qwen2-0.5b"
         llm, slm = load_arch(args.llm), load_arch(args.slm)
-        rows = bench.analytic_rows(llm, slm, args.ratios, scenario, args.bytes, args.memory_budget)
+        rows = costs.analytic_rows(llm, slm, args.ratios, scenario, args.bytes, args.memory_budget)
         even = []
         for big, small in BREAK_EVEN_PAIRS:
             a, b = PRESETS[big], PRESETS[small]
-            half = round(0.5 * a.layers)
+            half = units_for_ratio(0.5, a.layers)
             row = {"llm": big, "slm": small}
-            for method in bench.METHODS:
-                row[f"break_even_ratio_{method}"] = bench.break_even(a, b, args.bytes, method)
-                row[f"kv_ratio_at_0.5_{method}"] = bench.kv_bytes_per_token(
-                    a, b, half, args.bytes, method
-                ) / bench.kv_bytes_per_token(a, b, 0, args.bytes)
+            for kind in costs.SLM_CACHE_NOTES:
+                row[f"break_even_ratio_{kind}"] = costs.break_even(a, b, args.bytes, kind)
+                row[f"kv_ratio_at_0.5_{kind}"] = costs.kv_bytes_per_token(
+                    a, b, half, args.bytes, kind
+                ) / costs.kv_bytes_per_token(a, b, 0, args.bytes)
             even.append(row)
-        columns = ["method", "ratio", "mapped_layers", "kv_bytes", "kv_ratio", "ttft_limit", "tpot_limit"]
+        columns = ["slm_cache", "ratio", "mapped_layers", "kv_bytes", "kv_ratio", "ttft_limit", "tpot_limit"]
         if args.memory_budget:
             columns += ["max_batch", "batch_ratio", "throughput_ratio"]
         result = {
             "mode": "analytic",
-            "methods": bench.METHODS,
+            "slm_caches": costs.SLM_CACHE_NOTES,
             **meta,
             "bytes_per_element": args.bytes,
             "memory_budget_gb": args.memory_budget,
@@ -361,10 +361,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         }
         return finish(args, "bench-analytic", result, columns)
     args.llm, args.slm = args.llm or "qwen2.5-coder-1.5b", args.slm or "qwen2.5-coder-0.5b"
-    llm, slm, _ = load(args)
+    base = mapping_config(args, 0.0)
+    llm, slm, _ = load(args, [replace(base, ratio=r) for r in args.ratios])
     warn_allocator(llm.device)
-    rows = bench.measure(llm, slm, args.ratios, scenario, args.repeats, mapping_config(args, 0.0))
-    environment = bench.timing_environment()
+    rows = measure.measure(llm, slm, args.ratios, scenario, args.repeats, base)
+    environment = timing_environment()
     result = {"mode": "measured", **meta, "repeats": args.repeats, "device": str(llm.device), **environment, "rows": rows}
     return finish(
         args,
@@ -387,9 +388,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    llm, slm, tok = load(args)
-    windows, base = eval_windows(args, tok), mapping_config(args, 0.0)
-    base = IAMModel(llm, slm, base).config  # blend resolved (the pair's stored one by default): measured under, stored with
+    base = mapping_config(args, 0.0)
+    llm, slm, tok = load(args, [base])
+    windows = eval_windows(args, tok)
+    base = IAMForCausalLM(llm, slm, base).mapping_config  # blend resolved (the pair's stored one): measured under, stored with
     source = {k: getattr(args, k) for k in ("method", "granularity", "windows", "tokens", "llm", "slm")}
     source["dataset"] = args.text or args.dataset
     per_group = args.granularity == "kv-group"
@@ -449,8 +451,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_mapping_args(p)
     p.add_argument("--ratio", type=float, default=0.3)
     p.add_argument("--prompt", required=True)
-    p.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template (Instruct models)")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--repetition-penalty", type=float, default=None, help="e.g. 1.2, the paper's setting")
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop string (repeatable)")
+    p.add_argument("--do-sample", action="store_true", default=None, help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
     p.add_argument("--json", action="store_true", help="print a JSON result")
     p.set_defaults(func=cmd_generate)
 
@@ -510,7 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="projection and memory scaling: context lengths, e.g. 512,8192",
     )
-    p.add_argument("--scenario", default="concurrency", choices=sorted(bench.SCENARIOS))
+    p.add_argument("--scenario", default="concurrency", choices=sorted(costs.SCENARIOS))
     p.add_argument("--full-size", action="store_true", help="the paper's sizes instead of the CPU-sized defaults")
     p.add_argument("--prompt", type=int, default=None, help="prompt tokens (overrides the scenario)")
     p.add_argument("--batch", type=int, default=None)
@@ -534,6 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("consistency", "does the prefill mapping stay the best during decode (paper Fig. 3)"),
         ("qa", "generated answers scored by token F1 (chatterbot trivia by default)"),
         ("choice", "multiple-choice accuracy by length-normalised log-likelihood"),
+        ("harness", "lm-evaluation-harness tasks (local ones offline, any lm-eval task online)"),
     ]:
         p = ev.add_parser(name, help=help_text)
         add_pair_args(p)
@@ -542,7 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=cmd_eval)
         if name in ("perplexity", "metrics", "sweep", "consistency"):
             add_text_args(p, windows=2 if name == "consistency" else 3, tokens=64 if name == "consistency" else 512)
-        if name in ("perplexity", "qa", "choice"):
+        if name in ("perplexity", "qa", "choice", "harness"):
             p.add_argument("--ratios", type=ratio_list, default=[0.0, 0.3, 0.5])
         if name in ("metrics", "consistency"):
             p.add_argument("--ratio", type=float, default=0.5)
@@ -560,6 +571,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--dataset", default="trivia", help="trivia (offline), hotpotqa or alpaca (online)")
         if name == "choice":
             p.add_argument("--dataset", default=None, help="MMLU-format JSONL file, or 'mmlu' (online); default: trivia")
+        if name == "harness":
+            p.add_argument(
+                "--tasks",
+                type=lambda t: [x for x in t.split(",") if x],
+                default=["iam_trivia_mc", "iam_wikipedia_ppl", "iam_trivia_qa"],
+                help="lm-eval task names: the local iam_trivia_mc, iam_wikipedia_ppl, iam_trivia_qa, or any lm-eval task",
+            )
+            p.add_argument("--limit", type=int, default=None, help="documents per task (default: all)")
     return parser
 
 

@@ -1,8 +1,10 @@
-"""Writing results: JSON, a Markdown table, and a PNG where a figure helps."""
+"""Writing results: JSON, a Markdown table, provenance, and a PNG where a figure helps (every file written
+atomically: a temporary file renamed into place)."""
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shlex
 import subprocess
@@ -14,6 +16,22 @@ import torch
 import transformers
 
 from . import __version__
+
+
+def with_baseline(ratios: Sequence[float]) -> list[float]:
+    """``ratios`` with ratio 0 (the LLM alone) first and only once: side-by-side runs compare against it."""
+    return [0.0] + [r for r in ratios if r != 0]
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file renamed into place: readers see the old file or the new
+    one, never a part."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def provenance(argv: Sequence[str]) -> dict:
@@ -58,19 +76,56 @@ def write_report(
     name: str,
     result: dict,
     columns: Sequence[str],
-    plot: Callable[[Path], None] | None = None,
+    plot: Callable | None = None,
 ) -> dict[str, str]:
-    """Write ``<name>.json``, ``<name>.md`` (the ``rows`` as a table) and optionally ``<name>.png``; returns the paths."""
+    """Write ``<name>.json``, ``<name>.md`` (the ``rows`` as a table) and, with ``plot`` (called with
+    ``matplotlib.pyplot`` to draw one figure), ``<name>.png``; returns the paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": str(out / f"{name}.json"), "markdown": str(out / f"{name}.md")}
-    Path(paths["markdown"]).write_text(markdown_table(result["rows"], columns))
+    write_atomic(Path(paths["markdown"]), markdown_table(result["rows"], columns))
     if plot is not None:
         import matplotlib
 
         matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
         paths["png"] = str(out / f"{name}.png")
-        plot(Path(paths["png"]))
+        tmp = out / f".{name}.{os.getpid()}.partial.png"
+        try:
+            plot(plt)
+            plt.tight_layout()
+            plt.savefig(tmp, dpi=120)
+            plt.close("all")
+            os.replace(tmp, paths["png"])
+        finally:
+            tmp.unlink(missing_ok=True)
     result["files"] = paths
-    Path(paths["json"]).write_text(json.dumps(result, indent=2))
+    write_atomic(Path(paths["json"]), json.dumps(result, indent=2))
     return paths
+
+
+def sweep_plot(rows: Sequence[dict], block: int, per_group: bool) -> Callable:
+    """Bar chart of the perplexity increase of each mapped block (paper Fig. 2)."""
+
+    def plot(plt) -> None:
+        plt.figure(figsize=(7, 3.5))
+        plt.bar([r["block"] for r in rows], [100 * r["ppl_increase"] for r in rows])
+        plt.xticks(rotation=90 if len(rows) > 10 else 0)
+        plt.ylabel("perplexity increase (%)")
+        plt.xlabel(f"mapped LLM layers (blocks of {block}{', layer:kv_group' if per_group else ''})")
+
+    return plot
+
+
+def heatmap_plot(heatmap: Sequence[Sequence[float]], label: str) -> Callable:
+    """LLM layer x SLM layer heatmap of mean best-match similarity (paper Fig. 10)."""
+
+    def plot(plt) -> None:
+        plt.figure(figsize=(6, 5))
+        plt.imshow(heatmap, aspect="auto", origin="lower", cmap="viridis")
+        plt.colorbar(label=label)
+        plt.xlabel("SLM layer")
+        plt.ylabel("LLM layer")
+
+    return plot

@@ -6,38 +6,24 @@ TPOT. Every measured part is reported beside the projection.
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
-from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from .attention import MappedAttention
-from .bench import decode_bytes, kv_bytes_per_token, layer_prefill_flops, prefill_flops
-from .cache import paired_llm_cache, with_cache
-from .config import with_baseline
-from .generation import synchronize
-from .mapping import HeadMap, MappingState, Window
-from .presets import Arch, hf_config
-from .similarity import METRICS
+from ..core.attention import MappedAttention, SLMStep
+from ..core.cache import IAMCache
+from ..core.decoder import layer_forward
+from ..core.mapping import HeadMap, Mapping, Window
+from ..core.selection import units_for_ratio
+from ..models.presets import Arch, hf_config
+from ..reporting import with_baseline
+from .costs import decode_bytes, kv_bytes_per_token, layer_prefill_flops, prefill_flops
+from .timing import timed
 
-
-def timed(fns: list[Callable[[], object]], repeats: int, device: torch.device) -> list[float]:
-    """Median seconds of each of ``fns`` over ``repeats`` rounds, after one warm-up round. A round calls every
-    function once, in turn, so the machine's slow drifts hit all of them alike."""
-    times: list[list[float]] = [[] for _ in fns]
-    for round_ in range(repeats + 1):
-        for fn, samples in zip(fns, times):
-            synchronize(device)
-            start = time.perf_counter()
-            fn()
-            synchronize(device)
-            if round_:
-                samples.append(time.perf_counter() - start)
-    return [statistics.median(samples) for samples in times]
+Mapped = tuple[MappedAttention, Mapping, SLMStep]
+"""A mapped layer's attention for one run: the attention, its mapping and the SLM step it reads."""
 
 
 class LayerBench:
@@ -61,19 +47,17 @@ class LayerBench:
         g = torch.Generator(device="cpu").manual_seed(0)
         self.hidden = torch.randn(1, tokens + 1, arch.hidden, generator=g).to(device, dtype)
 
-    def _run(self, attn: nn.Module, cache, start: int, length: int) -> None:
-        """Tokens ``start .. start + length`` through the layer with ``attn`` as its attention."""
-        self.layer.self_attn = attn
+    def _run(self, mapped: Mapped | None, cache, start: int, length: int) -> None:
+        """Tokens ``start .. start + length`` through the layer, unmapped or with the ``mapped`` attention."""
         pos = torch.arange(start, start + length, device=self.device)[None]
-        self.layer(
-            self.hidden[:, start : start + length],
-            attention_mask=None,
-            position_embeddings=self.rope(self.hidden, pos),
-            **with_cache(cache),
-            use_cache=True,
-        )
+        hidden, rope = self.hidden[:, start : start + length], self.rope(self.hidden, pos)
+        if mapped is None:
+            self.layer(hidden, attention_mask=None, position_embeddings=rope, cache=cache, use_cache=True)
+        else:
+            attention, mapping, step = mapped
+            layer_forward(self.layer, hidden, lambda x: attention(x, rope, None, cache, mapping, step))
 
-    def _mapped(self, keys: int, queries: int) -> MappedAttention:
+    def _mapped(self, keys: int, queries: int) -> Mapped:
         """The layer's attention wholly mapped, over random SLM queries/keys of the SLM's dimensions and a random
         head map."""
         s, a = self.slm, self.arch
@@ -86,67 +70,80 @@ class LayerBench:
             cl = DynamicLayer()
             cl.update(rand(1, s.kv_heads, keys, s.head_dim), rand(1, s.kv_heads, 1, s.head_dim))
             cache_layers.append(cl)
-        state = MappingState(
-            window=Window(torch.zeros(1, dtype=torch.long), torch.tensor([min(self.tokens, 100)])),
-            slm_flats=[],
-            slm_heads=s.heads,
-            slm_kv_groups=s.heads // s.kv_heads,
-            slm_scaling=s.head_dim**-0.5,
-            metric=METRICS["cosine"],
-            slm_cache_layers=cache_layers,
-            slm_queries={i: rand(1, s.heads, queries, s.head_dim) for i in range(s.layers)},
+        step = SLMStep(
+            {i: rand(1, s.heads, queries, s.head_dim) for i in range(s.layers)},
+            cache_layers,
+            s.heads // s.kv_heads,
+            s.head_dim**-0.5,
         )
+        window = Window(torch.zeros(1, dtype=torch.long), torch.tensor([min(self.tokens, 100)]))
+        mapping = Mapping({0: self.every}, window, a.heads, a.kv_heads, "cosine", 1)
         one = torch.ones(1, a.heads, 1, device=self.device)  # one SLM head per LLM head (blend 1), weight 1
-        state.maps[0] = HeadMap(
+        mapping.layers[0] = HeadMap(
             torch.arange(a.heads),
             layer_of_head[..., None].to(self.device),
             torch.randint(0, s.heads, (1, a.heads, 1), generator=g).to(self.device),
             one,
             one[..., 0],
         )
-        return MappedAttention(self.attn, state, self.every)
+        return MappedAttention(self.attn, self.every), mapping, step
+
+    def _paired_cache(self) -> IAMCache:
+        """An LLM cache with the layer wholly mapped (a ``ValueOnlyLayer``)."""
+        cache = IAMCache(self.config, self.config)
+        cache.establish(
+            Mapping(
+                {0: self.every},
+                Window(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)),
+                self.arch.heads,
+                self.arch.kv_heads,
+                "cosine",
+                1,
+            )
+        )
+        return cache
 
     def prefill(self, attn: str = "sdpa") -> None:
         """Unmapped prefill of ``tokens`` on a fresh cache, with the ``attn`` attention implementation (the layer
         reads it from its config on every call)."""
         self.config._attn_implementation = attn
         try:
-            self._run(self.attn, DynamicCache(), 0, self.tokens)
+            self._run(None, DynamicCache(), 0, self.tokens)
         finally:
             self.config._attn_implementation = "sdpa"
 
     def prefill_steps(self, eager: bool) -> list[Callable[[], None]]:
         """Prefill of ``tokens`` on a fresh cache: unmapped, mapped and, with ``eager``, unmapped with eager attention."""
         mapped = self._mapped(self.tokens, self.tokens)
-        steps = [self.prefill, lambda: self._run(mapped, paired_llm_cache(self.config, {0: self.every}), 0, self.tokens)]
+        steps = [self.prefill, lambda: self._run(mapped, self._paired_cache(), 0, self.tokens)]
         return steps + [lambda: self.prefill("eager")] if eager else steps
 
     def decode_steps(self) -> tuple[list[Callable[[], None]], Callable[[], None]]:
         """One decode step after ``tokens``, unmapped and mapped, each dropping what it appended to its cache; and
         the step's SLM attention rows of every SLM layer. A full model computes those rows once per step and shares
         them across all mapped layers, so they are timed apart rather than charged to the layer."""
-        plain, paired = DynamicCache(), paired_llm_cache(self.config, {0: self.every})
-        self._run(self.attn, plain, 0, self.tokens)
+        plain, paired = DynamicCache(), self._paired_cache()
+        self._run(None, plain, 0, self.tokens)
         self._run(self._mapped(self.tokens, self.tokens), paired, 0, self.tokens)
         mapped = self._mapped(self.tokens + 1, 1)
-        state = mapped.state
-        queries = dict(state.slm_queries)
+        step = mapped[2]
 
         def unmapped_step() -> None:
-            self._run(self.attn, plain, self.tokens, 1)
+            self._run(None, plain, self.tokens, 1)
             plain.crop(-1)
 
         def mapped_step() -> None:
             self._run(mapped, paired, self.tokens, 1)
             paired.layers[0].values = paired.layers[0].values[..., :-1, :]
 
-        def slm_rows() -> None:
-            state.new_step(queries)
+        def slm_rows(step: SLMStep = step) -> None:
             for layer in range(self.slm.layers):
-                state.decode_rows(layer, None)
+                step.decode_rows(layer, None)
 
         slm_rows()  # the step's rows exist before any layer reads them, as in a full model
-        return [unmapped_step, mapped_step], slm_rows
+        return [unmapped_step, mapped_step], lambda: slm_rows(
+            SLMStep(step.queries, step.cache_layers, step.kv_groups, step.scaling)
+        )
 
 
 def slm_times(
@@ -157,12 +154,12 @@ def slm_times(
 
     model = AutoModelForCausalLM.from_config(hf_config(slm)).to(device=device, dtype=dtype).eval().model
     ids = torch.randint(0, slm.vocab, (1, tokens + 1), device=device)
-    (prefill,) = timed([lambda: model(input_ids=ids[:, :tokens], **with_cache(DynamicCache()))], repeats, device)
+    (prefill,) = timed([lambda: model(input_ids=ids[:, :tokens], cache=DynamicCache())], repeats, device)
     cache = DynamicCache()
-    model(input_ids=ids[:, :tokens], **with_cache(cache), use_cache=True)
+    model(input_ids=ids[:, :tokens], cache=cache, use_cache=True)
 
     def step() -> None:
-        model(input_ids=ids[:, tokens:], **with_cache(cache), use_cache=True)
+        model(input_ids=ids[:, tokens:], cache=cache, use_cache=True)
         cache.crop(-1)
 
     return prefill, timed([step], decode_repeats, device)[0]
@@ -224,7 +221,7 @@ def project(
         )
         base_kv = kv_bytes_per_token(llm, slm, 0, 2)
         for r in with_baseline(ratios):
-            n = round(r * llm.layers)
+            n = units_for_ratio(r, llm.layers)
             extra = (slm_prefill, slm_decode + slm_rows) if n else (0.0, 0.0)
             ttft = (llm.layers - n) * layer_prefill + n * mapped_prefill + extra[0] + head
             tpot = (llm.layers - n) * layer_decode + n * mapped_decode + extra[1] + head
@@ -232,8 +229,8 @@ def project(
                 {
                     "tokens": tokens,
                     "ratio": r,
-                    "kv_bytes": kv_bytes_per_token(llm, slm, n, 2, "iam"),
-                    "kv_ratio": kv_bytes_per_token(llm, slm, n, 2, "iam") / base_kv,
+                    "kv_bytes": kv_bytes_per_token(llm, slm, n, 2, "int8"),
+                    "kv_ratio": kv_bytes_per_token(llm, slm, n, 2, "int8") / base_kv,
                     "ttft_s": ttft,
                     "tpot_s": tpot,
                     "ttft_eager_s": llm.layers * eager_prefill[0] + head if n == 0 and eager else None,
@@ -243,10 +240,10 @@ def project(
         for row in rows:
             if row["tokens"] != tokens:
                 continue
-            n = round(row["ratio"] * llm.layers)
+            n = units_for_ratio(row["ratio"], llm.layers)
             row["ttft_speedup"] = base["ttft_s"] / row["ttft_s"]
             row["tpot_speedup"] = base["tpot_s"] / row["tpot_s"]
             row["ttft_speedup_vs_eager"] = base["ttft_eager_s"] / row["ttft_s"] if base["ttft_eager_s"] else None
             row["ttft_limit"] = prefill_flops(llm, slm, 0, tokens) / prefill_flops(llm, slm, n, tokens)
-            row["tpot_limit"] = decode_bytes(llm, slm, 0, 1, tokens, 2) / decode_bytes(llm, slm, n, 1, tokens, 2, "iam")
+            row["tpot_limit"] = decode_bytes(llm, slm, 0, 1, tokens, 2) / decode_bytes(llm, slm, n, 1, tokens, 2, "int8")
     return {"parts": parts, "rows": rows}

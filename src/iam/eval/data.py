@@ -10,7 +10,10 @@
 from __future__ import annotations
 
 import bz2
+import json
+import random
 import re
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
@@ -137,3 +140,30 @@ def load_qa(name: str) -> list[tuple[str, str]]:
     path, config, split, question, answer = ONLINE_QA[name]
     rows = _online(name, path, config, split)
     return [(str(q), str(a)) for q, a in zip(rows[question], rows[answer])]
+
+
+def trivia_choices(pairs: Sequence[tuple[str, str]], n_choices: int = 4, seed: int = 0) -> list[dict]:
+    """MMLU-format items from Q/A pairs: the right answer plus distractors drawn from other answers."""
+    rng = random.Random(seed)
+    answers = sorted({a for _, a in pairs})
+    items = []
+    for q, a in pairs:
+        choices = rng.sample([x for x in answers if x != a], n_choices - 1) + [a]
+        rng.shuffle(choices)
+        items.append({"question": q, "choices": choices, "answer": choices.index(a)})
+    return items
+
+
+def load_items(path: str | None, limit: int) -> list[dict]:
+    """MMLU-format JSONL (question, choices, answer index); default: trivia with distractors from other answers."""
+    if path == "mmlu":
+        items = [dict(r) for r in _online("mmlu", "cais/mmlu", "all", "test")]
+    elif path:
+        with open(path) as f:
+            items = [json.loads(line) for line in f if line.strip()]
+        for i, item in enumerate(items):
+            if not {"question", "choices", "answer"} <= item.keys():
+                raise ValueError(f"{path} line {i + 1}: an item needs question, choices and answer (index).")
+    else:
+        items = trivia_choices(trivia())
+    return items[:limit]

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_model
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 CHUNK = 1 << 24
 
@@ -162,6 +162,20 @@ def resolve(name_or_path: str | os.PathLike, progress: bool = True) -> Path:
     raise FileNotFoundError(
         f"{name!r} is neither a model alias ({', '.join(ALIASES)}), a .gguf file, nor a transformers model folder."
     )
+
+
+def read_configs(
+    llm: str | os.PathLike, slm: str | os.PathLike, progress: bool = True
+) -> tuple[PretrainedConfig, PretrainedConfig]:
+    """The two models' configs, without loading weights (an alias or GGUF file is converted once first)."""
+    return AutoConfig.from_pretrained(resolve(llm, progress)), AutoConfig.from_pretrained(resolve(slm, progress))
+
+
+def load_tokenizer(name_or_path: str | os.PathLike, progress: bool = True) -> PreTrainedTokenizerBase:
+    """The tokenizer of an alias, GGUF file or local folder, left-padding (as IAM's batches must)."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve(name_or_path, progress))
+    tokenizer.padding_side = "left"
+    return tokenizer
 
 
 def load_model(

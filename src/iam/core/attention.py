@@ -1,18 +1,15 @@
-"""The attention module of a mapped LLM layer.
+"""The attention of a mapped LLM layer, and the SLM's part of a forward that it reads.
 
-It replaces the layer's ``self_attn`` while a paired run is in flight (as transformers' KV-sharing layers do) and
-follows the same call contract. After the mapping exists it never calls ``q_proj``/``k_proj``, stores no K, and
-computes ``softmax(q_slm k_slm^T) V_llm`` with FlexAttention or SDPA (see ``MappedAttention._prefill``), so no
-T x T matrix is formed.
-LLM heads of one KV group that borrow the same SLM head would compute the same thing, so prefill computes it once.
-An LLM head can borrow a weighted mix of several SLM heads (``MappingConfig.blend``), and a layer can be mapped in
-part, one KV group at a time (see ``MappedAttention``).
+A mapped layer never calls ``q_proj``/``k_proj`` once the mapping exists (only on the establishing window), stores
+no K, and computes ``softmax(q_slm k_slm^T) V_llm`` with FlexAttention or SDPA (see ``MappedAttention._prefill``),
+so no T x T matrix is formed. LLM heads of one KV group that borrow the same SLM head would compute the same thing,
+so prefill computes it once. An LLM head can borrow a weighted mix of several SLM heads (``MappingConfig.blend``),
+and a layer can be mapped in part, one KV group at a time (see ``MappedAttention``).
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,11 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 from transformers.cache_utils import Cache
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .cache import read_keys
-from .capture import apply_rope
-from .mapping import HeadMap, MappingState, match_heads, window_attention
+from .decoder import attend, project_qk, runs
+from .mapping import HeadMap, Mapping, SLMWindow, window_attention
 
 Route = tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]
 """``(slm_layer, batch idx, column idx, slm head idx)``: the columns that read one SLM layer."""
@@ -90,25 +86,58 @@ class Routes:
         return (x.view(b, h, k, *x.shape[2:]) * w).sum(2)
 
 
-class MappedAttention(nn.Module):
-    """Drop-in ``self_attn`` for a mapped layer: the SLM's attention probabilities times this layer's own V.
-
-    A layer can be mapped in part: its ``groups`` of query heads (one group per KV head) borrow SLM attention and
-    keep no K, while the other groups attend as usual, with Q and K projected by row slices of ``q_proj``/``k_proj``
-    (views, no copy) and attention by the model's own attention function.
+class SLMStep:
+    """The SLM's part of one forward: its post-RoPE queries of the new tokens, read against the keys in its cache.
 
     Parameters
     ----------
-    original : the layer's own attention module (its ``v_proj``/``o_proj`` are used; ``q_proj``/``k_proj`` only on
-        the establishing window, and their unmapped rows).
-    state : the run's shared ``MappingState``.
+    queries : per SLM layer run, ``[B, H_s, t, d_s]``.
+    cache_layers : the SLM's cache layers (K read through ``cache.read_keys``).
+    kv_groups : SLM query heads per SLM KV head.
+    scaling : the SLM's attention scaling.
+    """
+
+    def __init__(self, queries: dict[int, torch.Tensor], cache_layers: list, kv_groups: int, scaling: float) -> None:
+        self.queries, self.cache_layers, self.kv_groups, self.scaling = queries, cache_layers, kv_groups, scaling
+        self._rows: dict[int, torch.Tensor] = {}
+
+    def keys(self, layer: int, *index: torch.Tensor) -> torch.Tensor:
+        """Cached keys of SLM ``layer`` (``[B, H_kv_s, T, d_s]``, or ``keys[index]``) in the model's dtype."""
+        return read_keys(self.cache_layers[layer], *index)
+
+    def decode_rows(self, layer: int, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention probabilities ``[B, H_s, T]`` of SLM ``layer`` for the single new token, computed once a step and
+        shared by every LLM head and layer mapped to it."""
+        if layer not in self._rows:
+            q = self.queries[layer]  # [B, H_s, 1, d_s]
+            k = self.keys(layer)  # [B, H_kv_s, T, d_s]
+            b, heads = q.shape[:2]
+            scores = q.view(b, k.shape[1], heads // k.shape[1], -1).float() @ k.float().transpose(-1, -2)
+            scores = scores.view(b, heads, -1) * self.scaling
+            if attention_mask is not None:
+                mask = attention_mask[:, :, -1]  # [B, 1, T]
+                scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+            self._rows[layer] = scores.softmax(-1)
+        return self._rows[layer]
+
+
+class MappedAttention:
+    """A mapped layer's attention for one call: the SLM's attention probabilities times this layer's own V.
+
+    It is a function of the call, not a module: the layer's own ``self_attn`` stays in place, untouched, and only
+    its ``v_proj``/``o_proj`` (and ``q_proj``/``k_proj`` on the establishing window, and their unmapped rows) are
+    used. A layer can be mapped in part: its ``groups`` of query heads (one group per KV head) borrow SLM attention
+    and keep no K, while the other groups attend as usual, with Q and K projected by row slices of
+    ``q_proj``/``k_proj`` (views, no copy) and attention by the model's own attention function.
+
+    Parameters
+    ----------
+    original : the layer's own attention module.
     groups : the mapped KV groups of this layer (every group for a wholly mapped layer).
     """
 
-    def __init__(self, original: nn.Module, state: MappingState, groups: tuple[int, ...]) -> None:
-        super().__init__()
+    def __init__(self, original: nn.Module, groups: tuple[int, ...]) -> None:
         self.original = original
-        self.state = state
         self.layer_idx: int = original.layer_idx
         per_group = original.num_key_value_groups
         self.groups = groups
@@ -117,87 +146,69 @@ class MappedAttention(nn.Module):
             torch.tensor([h for g in gs for h in range(g * per_group, (g + 1) * per_group)], dtype=torch.long)
             for gs in (groups, self.own)
         )
-        self._routes: Routes | None = None
-        # The model's own attention function for the unmapped groups, resolved once (as its own layers do per call).
-        eager = importlib.import_module(type(original).__module__).eager_attention_forward
-        self._attention = ALL_ATTENTION_FUNCTIONS.get_interface(original.config._attn_implementation, eager)
 
-    def forward(
+    def __call__(
         self,
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
-        cache: Cache | None = None,
-        past_key_values: Cache | None = None,  # the name of ``cache`` before transformers 5.24
-        **kwargs,
-    ) -> tuple[torch.Tensor, None]:
-        cache = cache if cache is not None else past_key_values
-        attn, state = self.original, self.state
-        if self.layer_idx not in state.maps:
-            state.maps[self.layer_idx] = self._establish(hidden_states, position_embeddings)
-        if self._routes is None:
-            self._routes = Routes.of(state.maps[self.layer_idx], attn.num_key_value_groups)
-        routes = self._routes
+        cache: Cache,
+        mapping: Mapping,
+        slm: SLMStep,
+        establishing: SLMWindow | None = None,
+    ) -> torch.Tensor:
+        """The layer's attention output (after ``o_proj``) ``[B, t, D]``. In the establishing forward
+        (``establishing`` given) the layer first matches its heads and records its ``HeadMap`` in ``mapping``."""
+        attn = self.original
+        if self.layer_idx not in mapping.layers:
+            if establishing is None:
+                raise RuntimeError(f"LLM layer {self.layer_idx} is mapped but has no head map.")
+            mapping.layers[self.layer_idx] = self._establish(hidden_states, position_embeddings, establishing)
+        routes = mapping.routes.get(self.layer_idx)
+        if routes is None:
+            routes = mapping.routes[self.layer_idx] = Routes.of(mapping.layers[self.layer_idx], attn.num_key_value_groups)
 
         b, t, _ = hidden_states.shape
         v = attn.v_proj(hidden_states).view(b, t, -1, attn.head_dim).transpose(1, 2)
         q = k = None
         if self.own:
-            q, k = self._qk(hidden_states, *position_embeddings, self.own)
-        if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx)
+            q, k = project_qk(attn, hidden_states, *position_embeddings, self.own)
+        k, v = cache.update(k, v, self.layer_idx)
         mapped_v = take_groups(v, self.groups)
-        out = self._decode(routes, mapped_v, attention_mask) if t == 1 else self._prefill(routes, mapped_v, attention_mask)
+        if t == 1:
+            out = self._decode(routes, mapped_v, attention_mask, slm)
+        else:
+            out = self._prefill(routes, mapped_v, attention_mask, slm)
         if self.own:
             full = out.new_empty(b, len(self.heads) + len(self.own_heads), t, attn.head_dim)
             full[:, self.heads] = out
-            full[:, self.own_heads] = self._attend(q, k, take_groups(v, self.own), attention_mask)
+            full[:, self.own_heads] = attend(attn, q, k, take_groups(v, self.own), attention_mask)
             out = full
-        return attn.o_proj(out.transpose(1, 2).reshape(b, t, -1)), None
+        return attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
-    def _qk(
-        self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, groups: tuple[int, ...]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Post-RoPE Q ``[B, H_g, t, d]`` and K ``[B, KV_g, t, d]`` of ``groups`` only, from row slices of the weights."""
-        attn = self.original
-        b, t, _ = hidden_states.shape
-        d = attn.head_dim
-        q = project_groups(attn.q_proj, hidden_states, groups, attn.num_key_value_groups * d)
-        k = project_groups(attn.k_proj, hidden_states, groups, d)
-        q, k = (x.view(b, t, -1, d).transpose(1, 2) for x in (q, k))
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    def _establish(
+        self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor], establishing: SLMWindow
+    ) -> HeadMap:
+        """Q/K projections of the mapped groups on the window rows only, then best-match search against every SLM
+        head."""
+        window = establishing.window
+        b = hidden_states.shape[0]
+        cos, sin = (window.take(x.expand(b, -1, -1), 1) for x in position_embeddings)
+        q, k = project_qk(self.original, window.take(hidden_states, 1), cos, sin, self.groups)
+        return establishing.match(self.heads, window_attention(q, k, self.original.scaling))
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """Usual attention of the unmapped groups through the model's own attention function: ``[B, H_own, t, d]``."""
-        attn = self.original
-        out, _ = self._attention(
-            attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling, sliding_window=getattr(attn, "sliding_window", None)
-        )
-        return out.transpose(1, 2)
-
-    def _decode(self, routes: Routes, v: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """One new token: gather the SLM's attention rows (computed once per SLM layer and step, shared by every
-        LLM head and layer mapped to it), mix them per LLM head, and multiply by the mapped groups' V without
-        expanding it; returns ``[B, H_m, 1, d]``."""
+    def _decode(self, routes: Routes, v: torch.Tensor, attention_mask: torch.Tensor | None, slm: SLMStep) -> torch.Tensor:
+        """One new token: gather the SLM's attention rows, mix them per LLM head, and multiply by the mapped groups'
+        V without expanding it; returns ``[B, H_m, 1, d]``."""
         b, columns = routes.item_of_column.shape
         rows = v.new_empty(b, columns, v.shape[2])
         for layer, bi, ci, hs in routes.columns:
-            rows[bi, ci] = self.state.decode_rows(layer, attention_mask)[bi, hs].to(v.dtype)
+            rows[bi, ci] = slm.decode_rows(layer, attention_mask)[bi, hs].to(v.dtype)
         rows = routes.mix(rows)  # [B, H_m, T]
         h, kv_heads = rows.shape[1], v.shape[1]
         return (rows.view(b, kv_heads, h // kv_heads, -1) @ v).view(b, h, 1, -1)
 
-    def _establish(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> HeadMap:
-        """Q/K projections of the mapped groups on the window rows only, then best-match search against every SLM
-        head."""
-        window = self.state.window
-        b = hidden_states.shape[0]
-        cos, sin = (window.take(x.expand(b, -1, -1), 1) for x in position_embeddings)
-        probs = window_attention(*self._qk(window.take(hidden_states, 1), cos, sin, self.groups), self.original.scaling)
-        state = self.state
-        return match_heads(self.heads, probs, window, state.slm_flats, state.slm_heads, state.metric, state.blend)
-
-    def _prefill(self, routes: Routes, v: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    def _prefill(self, routes: Routes, v: torch.Tensor, attention_mask: torch.Tensor | None, slm: SLMStep) -> torch.Tensor:
         """All new tokens: one attention call over the distinct (SLM head, KV group) items, expanded to columns and
         mixed per LLM head. ``v`` holds the mapped groups. Returns ``[B, H_m, t, d]``.
 
@@ -206,8 +217,7 @@ class MappedAttention(nn.Module):
         kernels need one head size: zero-padding q and k keeps q.k exact and avoids the fallback that would build
         the T x T matrix."""
         b, total, d = v.shape[0], v.shape[2], v.shape[-1]  # total: cached and new tokens
-        state = self.state
-        some_q = state.slm_queries[routes.items[0][0]]
+        some_q = slm.queries[routes.items[0][0]]
         t, d_s = some_q.shape[2], some_q.shape[-1]
         # Compiled code cannot run under a Python dispatch mode (TensorPeak, FlopCounterMode): SDPA there.
         use_flex = attention_mask is None and d_s != d and total == t >= FLEX_MIN_TOKENS and not is_in_torch_dispatch_mode()
@@ -217,12 +227,12 @@ class MappedAttention(nn.Module):
         q = alloc(*routes.item_kv.shape, t, width)
         k = alloc(*routes.item_kv.shape, total, width)
         for layer, bi, ui, hs in routes.items:
-            q[bi, ui, :, :d_s] = state.slm_queries[layer][bi, hs]
-            k[bi, ui, :, :d_s] = read_keys(state.slm_cache_layers[layer], bi, hs // state.slm_kv_groups)
+            q[bi, ui, :, :d_s] = slm.queries[layer][bi, hs]
+            k[bi, ui, :, :d_s] = slm.keys(layer, bi, hs // slm.kv_groups)
         rows = torch.arange(b, device=v.device)[:, None]
         q, k, v = q.to(v.dtype), k.to(v.dtype), v[rows, routes.item_kv]
         if flex:
-            out = flex(q, k, v, state.slm_scaling)
+            out = flex(q, k, v, slm.scaling)
         else:
             out = F.scaled_dot_product_attention(
                 q,
@@ -230,7 +240,7 @@ class MappedAttention(nn.Module):
                 F.pad(v, (0, width - d)),
                 attn_mask=attention_mask,
                 is_causal=attention_mask is None,
-                scale=state.slm_scaling,
+                scale=slm.scaling,
             )[..., :d]
         return routes.mix(out[rows, routes.item_of_column])
 
@@ -282,30 +292,7 @@ def causal_block_mask(t: int, device: torch.device):
     return create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, t, t, device=device)
 
 
-def runs(groups: tuple[int, ...]) -> list[tuple[int, int]]:
-    """Contiguous runs ``[start, stop)`` of sorted group indices."""
-    out: list[list[int]] = []
-    for g in groups:
-        if out and out[-1][1] == g:
-            out[-1][1] = g + 1
-        else:
-            out.append([g, g + 1])
-    return [(a, b) for a, b in out]
-
-
 def take_groups(x: torch.Tensor, groups: tuple[int, ...]) -> torch.Tensor:
     """``x[:, groups]`` along the KV-head axis: a view when the groups are contiguous."""
     parts = [x[:, a:b] for a, b in runs(groups)]
     return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
-
-
-def project_groups(proj: nn.Linear, x: torch.Tensor, groups: tuple[int, ...], width: int) -> torch.Tensor:
-    """``proj(x)`` restricted to the output rows of ``groups`` (``width`` rows each), from views of its weight (the
-    module itself when that is all of its rows)."""
-    if runs(groups) == [(0, proj.out_features // width)]:
-        return proj(x)
-    parts = []
-    for a, b in runs(groups):
-        rows = slice(a * width, b * width)
-        parts.append(F.linear(x, proj.weight[rows], None if proj.bias is None else proj.bias[rows]))
-    return parts[0] if len(parts) == 1 else torch.cat(parts, -1)

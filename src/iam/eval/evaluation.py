@@ -6,7 +6,6 @@ returns a dict with a ``rows`` list.
 from __future__ import annotations
 
 import math
-import random
 import re
 import string
 from collections import Counter
@@ -17,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .config import MappingConfig, with_baseline
-from .generation import PairedSession
-from .model import IAMModel
+from ..core.config import MappingConfig
+from ..core.model import IAMForCausalLM
+from ..reporting import with_baseline
 
 
 def text_windows(tokenizer, text: str, windows: int, tokens: int) -> list[torch.Tensor]:
@@ -31,18 +30,28 @@ def text_windows(tokenizer, text: str, windows: int, tokens: int) -> list[torch.
     return [ids[i * stride : i * stride + tokens][None] for i in range(windows)]
 
 
-def perplexity(iam: IAMModel, windows: Sequence[torch.Tensor], progress: bool = True, desc: str = "") -> float:
-    losses = [iam(w, labels=w).loss.item() for w in tqdm(windows, desc=desc, disable=not progress, leave=False)]
-    return math.exp(sum(losses) / len(losses))
+@torch.inference_mode()
+def perplexity(
+    iam: IAMForCausalLM, windows: Sequence[torch.Tensor], progress: bool = True, desc: str = ""
+) -> tuple[float, list[int | str]]:
+    """Perplexity over ``windows`` (one mapped prefill each), and the units the first window mapped."""
+    losses, units = [], None
+    for w in tqdm(windows, desc=desc, disable=not progress, leave=False):
+        out = iam(w, labels=w)
+        losses.append(out.loss.item())
+        if units is None:
+            units = out.cache.mapping.units if out.cache.established else []
+    return math.exp(sum(losses) / len(losses)), units
 
 
 def _rows_over(configs: Sequence[tuple[dict, MappingConfig]], llm, slm, windows, progress: bool) -> list[dict]:
     """Perplexity per config; the first config is the reference for ``ppl_increase``."""
     rows = []
     for label, cfg in tqdm(configs, desc="configs", disable=not progress):
-        iam = IAMModel(llm, slm, cfg)
-        row = dict(label, ppl=perplexity(iam, windows, progress, desc=str(label)), mapped_layers=iam.mapped_units)
-        row["blend"] = iam.config.blend if iam.n_mapped else None  # as resolved: the pair's stored one by default
+        iam = IAMForCausalLM(llm, slm, cfg)
+        ppl, units = perplexity(iam, windows, progress, desc=str(label))
+        row = dict(label, ppl=ppl, mapped_layers=units)
+        row["blend"] = iam.mapping_config.blend if iam.resolved.n_mapped else None  # resolved: the pair's stored one
         rows.append(row)
     base = rows[0]["ppl"]
     for row in rows:
@@ -91,11 +100,12 @@ def kl_damage(llm, slm, windows: Sequence[torch.Tensor], base: MappingConfig) ->
         if not reference:
             with torch.inference_mode():
                 reference.extend(llm(w.to(llm.device)).logits.float().log_softmax(-1) for w in windows)
-        iam = IAMModel(llm, slm, replace(base, layers=layers))
-        kls = [
-            F.kl_div(iam(w).logits.float().log_softmax(-1), ref, log_target=True, reduction="none").sum(-1).mean().item()
-            for w, ref in zip(windows, reference)
-        ]
+        iam = IAMForCausalLM(llm, slm, replace(base, layers=layers))
+        with torch.inference_mode():
+            kls = [
+                F.kl_div(iam(w).logits.float().log_softmax(-1), ref, log_target=True, reduction="none").sum(-1).mean().item()
+                for w, ref in zip(windows, reference)
+            ]
         return sum(kls) / len(kls)
 
     return damage
@@ -104,15 +114,9 @@ def kl_damage(llm, slm, windows: Sequence[torch.Tensor], base: MappingConfig) ->
 def eval_similarity(llm, slm, windows, base: MappingConfig, progress: bool = True) -> dict:
     """Per LLM layer, the mean best-match similarity, and the LLM-layer x SLM-layer heatmap (mean over heads of
     the best head in that SLM layer)."""
-    iam = IAMModel(llm, slm, replace(base, ratio=0.0))
+    iam = IAMForCausalLM(llm, slm, replace(base, ratio=0.0))
     n_slm, h_slm = slm.config.num_hidden_layers, slm.config.num_attention_heads
-    sims = []
-    for w in tqdm(windows, desc="similarity", disable=not progress):
-        with torch.inference_mode():
-            session = PairedSession(iam, w, torch.ones_like(w))
-            session.prepare()
-            sims.append(session.probe_similarity())  # [L, B, H, S]
-    sim = torch.cat(sims, 1)
+    sim = torch.cat([iam.head_similarity(w) for w in tqdm(windows, desc="similarity", disable=not progress)], 1)  # [L, B, H, S]
     heat = sim.unflatten(-1, (n_slm, h_slm)).amax(-1).mean((1, 2))  # [L, L_s]
     best = sim.amax(-1).mean((1, 2))
     rows = [
@@ -125,20 +129,19 @@ def eval_similarity(llm, slm, windows, base: MappingConfig, progress: bool = Tru
 def eval_consistency(llm, slm, tokenizer, windows, ratio: float, steps: int, base: MappingConfig, progress: bool = True) -> dict:
     """Paper §3.3: as decoding proceeds, does each mapped head's best match (recomputed on the whole growing
     context) stay the one chosen at prefill? Per mapped layer, the fraction of steps where it does."""
-    iam = IAMModel(llm, slm, replace(base, ratio=ratio))
+    iam = IAMForCausalLM(llm, slm, replace(base, ratio=ratio))
+    probe = IAMForCausalLM(llm, slm, replace(base, ratio=0.0))
     agree: dict[int, list[float]] = {}
     for w in tqdm(windows, desc="consistency", disable=not progress):
-        out = iam.generate(w, max_new_tokens=steps)
-        layers = iam.mapped_layers
-        best = []
-        for k in range(w.shape[1], out.shape[1] + 1):
-            probe = IAMModel(llm, slm, replace(base, ratio=0.0, truncation_threshold=k))
-            with torch.inference_mode():
-                session = PairedSession(probe, out[:, :k], torch.ones_like(out[:, :k]))
-                session.prepare()
-                best.append(session.probe_similarity()[layers].argmax(-1))  # [n_mapped, B, H]
+        out = iam.generate(w, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, return_dict_in_generate=True)
+        mapping, seq = out.cache.mapping, out.sequences
+        layers = mapping.mapped_layers
+        best = [
+            probe.head_similarity(seq[:, :k], truncation_threshold=k)[layers].argmax(-1)
+            for k in range(w.shape[1], seq.shape[1] + 1)
+        ]
         for j, layer in enumerate(layers):
-            heads = iam.head_maps[layer].heads  # a partly mapped layer: its mapped groups' heads only
+            heads = mapping.layers[layer].heads  # a partly mapped layer: its mapped groups' heads only
             same = torch.stack([(b[j][:, heads] == best[0][j][:, heads]).float().mean() for b in best[1:]])
             agree.setdefault(layer, []).append(same.mean().item())
     rows = [{"llm_layer": layer, "consistency": sum(v) / len(v)} for layer, v in agree.items()]
@@ -180,11 +183,11 @@ def eval_qa(
     ]
     rows, examples = [], {}
     for r in with_baseline(ratios):
-        iam = IAMModel(llm, slm, replace(base, ratio=r))
+        iam = IAMForCausalLM(llm, slm, replace(base, ratio=r))
         answers = []
         for i in tqdm(range(0, len(prompts), batch_size), desc=f"qa ratio {r}", disable=not progress):
             batch = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True)
-            out = iam.generate(batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens)
+            out = iam.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
             answers += tokenizer.batch_decode(out[:, batch.input_ids.shape[1] :], skip_special_tokens=True)
         f1 = [token_f1(a, g) for a, (_, g) in zip(answers, pairs)]
         em = [float(normalize_answer(a) == normalize_answer(g)) for a, (_, g) in zip(answers, pairs)]
@@ -195,19 +198,8 @@ def eval_qa(
     return {"rows": rows, "examples": examples}
 
 
-def trivia_choices(pairs: Sequence[tuple[str, str]], n_choices: int = 4, seed: int = 0) -> list[dict]:
-    """MMLU-format items from Q/A pairs: the right answer plus distractors drawn from other answers."""
-    rng = random.Random(seed)
-    answers = sorted({a for _, a in pairs})
-    items = []
-    for q, a in pairs:
-        choices = rng.sample([x for x in answers if x != a], n_choices - 1) + [a]
-        rng.shuffle(choices)
-        items.append({"question": q, "choices": choices, "answer": choices.index(a)})
-    return items
-
-
-def choice_logprob(iam: IAMModel, tokenizer, prompt: str, options: Sequence[str]) -> list[float]:
+@torch.inference_mode()
+def choice_logprob(iam: IAMForCausalLM, tokenizer, prompt: str, options: Sequence[str]) -> list[float]:
     """Length-normalised log-likelihood of each option after ``prompt`` (one left-padded batch)."""
     n_prompt = len(tokenizer(prompt).input_ids)
     batch = tokenizer([prompt + " " + o for o in options], return_tensors="pt", padding=True)
@@ -226,7 +218,7 @@ def eval_choice(
     """Multiple-choice accuracy by length-normalised log-likelihood (MMLU-style items)."""
     rows = []
     for r in with_baseline(ratios):
-        iam = IAMModel(llm, slm, replace(base, ratio=r))
+        iam = IAMForCausalLM(llm, slm, replace(base, ratio=r))
         correct = 0
         for item in tqdm(items, desc=f"choice ratio {r}", disable=not progress):
             prompt = f"Question: {item['question']}\nAnswer:"

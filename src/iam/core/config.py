@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
-from .selection import STRATEGIES, Unit
+from transformers import PretrainedConfig
+
+from .cache import SLM_CACHES
+from .calibration import find_calibration, read_calibration
+from .selection import STRATEGIES, CalibratedSelection, LayerSelection, Unit
 from .similarity import METRICS
 
-SLM_CACHES = ("native", "int8")
 MAX_BLEND = 8  # the exact blend fit solves 2^blend - 1 small systems per head
 
 
@@ -35,7 +39,7 @@ class MappingConfig:
     establish_threshold : context length (tokens) at which the mapping is established.
     truncation_threshold : only the first this-many tokens' attention is compared.
     calibration : a calibration file (``iam calibrate`` writes them) whose order ``"auto"``/``"calibrated"`` use
-        instead of the one stored for the pair.
+        instead of the one stored for the pair (an error with any other strategy, or when the file is missing).
     slm_cache : ``"native"`` (the SLM's own dtype) or ``"int8"`` (K and V as int8 with per-token scales, about
         half the SLM cache bytes in fp16).
     """
@@ -62,6 +66,15 @@ class MappingConfig:
             raise ValueError(f"slm_cache must be one of {list(SLM_CACHES)}, got {self.slm_cache!r}.")
         if self.layers is not None:
             self.layers = _check_layer_list(self.layers)
+        if self.calibration is not None:
+            if not isinstance(STRATEGIES[self.strategy], CalibratedSelection) or self.layers is not None:
+                raise ValueError(
+                    f"calibration={self.calibration!r} would not be used: it sets the order of strategy 'auto' or "
+                    f"'calibrated' without explicit layers (strategy is {self.strategy!r}"
+                    f"{', layers are given' if self.layers is not None else ''})."
+                )
+            if not Path(self.calibration).is_file():
+                raise ValueError(f"calibration file {self.calibration!r} does not exist.")
         if self.blend is not None and (isinstance(self.blend, bool) or not isinstance(self.blend, int) or self.blend < 1):
             raise ValueError(
                 f"blend must be None (the pair's stored value) or an integer >= 1 (SLM heads mixed per mapped LLM head), "
@@ -75,17 +88,17 @@ class MappingConfig:
                 raise ValueError(f"{name} must be an integer >= 2 (tokens), got {value!r}.")
 
 
-def with_baseline(ratios: list[float]) -> list[float]:
-    """``ratios`` with ratio 0 (the LLM alone) first and only once: side-by-side runs compare against it."""
-    return [0.0] + [r for r in ratios if r != 0]
-
-
 def _is_index(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def _check_layer_list(layers: object) -> list[Unit]:
-    units = [tuple(u) if isinstance(u, list) else u for u in layers] if isinstance(layers, (list, tuple)) else None
+    if isinstance(layers, tuple):
+        raise ValueError(
+            f"layers must be a list, got the tuple {layers!r}, which reads as either whole layers or one (layer, kv_group) "
+            f"unit: write {list(layers)!r} for whole layers, or [{layers!r}] for one KV group."
+        )
+    units = [tuple(u) if isinstance(u, list) else u for u in layers] if isinstance(layers, list) else None
     if units is None or not all(_is_index(u) or (isinstance(u, tuple) and len(u) == 2 and all(map(_is_index, u))) for u in units):
         raise ValueError(
             f"layers must be a list of non-negative LLM layer indices (whole layers) or (layer, kv_group) pairs, got {layers!r}."
@@ -104,3 +117,49 @@ def check_layers_in_range(layers: list[Unit], n_layers: int, n_kv: int) -> None:
     bad = [u for u in layers if isinstance(u, tuple) and u[1] >= n_kv]
     if bad:
         raise ValueError(f"KV groups {bad} out of range: the LLM has {n_kv} KV heads per layer (0..{n_kv - 1}).")
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A ``MappingConfig`` resolved for one LLM/SLM pair.
+
+    Parameters
+    ----------
+    config : the config with ``blend`` resolved (the pair's stored blend where it was ``None``).
+    strategy : the layer selection, with the calibrated order filled in where the strategy uses one.
+    n_mapped : units the plan maps (whole layers, or KV groups under a per-group order).
+    """
+
+    config: MappingConfig
+    strategy: LayerSelection
+    n_mapped: int
+
+
+def resolve(config: MappingConfig, llm: PretrainedConfig, slm: PretrainedConfig) -> Resolved:
+    """Check ``config`` against the pair's configs (no weights needed) and resolve the stored order and blend.
+
+    Raises ``ValueError`` for units outside the LLM, a blend above the SLM's head count, or a calibration file
+    written for another pair."""
+    n_layers, n_kv = llm.num_hidden_layers, llm.num_key_value_heads
+    strategy = STRATEGIES[config.strategy]
+    stored = None
+    if isinstance(strategy, CalibratedSelection) and config.layers is None:
+        file = config.calibration
+        stored = read_calibration(file, llm, slm) if file else find_calibration(llm, slm)
+        if stored is None and strategy.fallback is None:
+            raise ValueError("no calibrated layer order is stored for this LLM: run `iam calibrate --llm ... --slm ...` first.")
+        strategy = replace(strategy, order=stored.order if stored else ())
+    if config.blend is None:  # the pair's stored blend goes with its stored order
+        config = replace(config, blend=stored.blend if stored else 1)
+    slm_heads = slm.num_hidden_layers * slm.num_attention_heads
+    if config.blend > slm_heads:
+        raise ValueError(
+            f"blend {config.blend} exceeds the SLM's {slm_heads} heads ({slm.num_hidden_layers} layers x "
+            f"{slm.num_attention_heads}): each mapped head borrows that many distinct SLM heads."
+        )
+    if config.layers is not None:
+        check_layers_in_range(config.layers, n_layers, n_kv)
+        n_mapped = len(config.layers)
+    else:
+        n_mapped = strategy.count(n_layers, n_kv, config.ratio)
+    return Resolved(config, strategy, n_mapped)

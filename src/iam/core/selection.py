@@ -14,6 +14,11 @@ Plan = dict[int, tuple[int, ...]]
 """Mapped KV groups per mapped LLM layer (all groups of a whole layer)."""
 
 
+def units_for_ratio(ratio: float, n_layers: int, n_kv: int = 1) -> int:
+    """How many units ratio ``ratio`` maps: of ``n_layers`` whole layers, or (``n_kv`` > 1) of their KV groups."""
+    return round(ratio * n_layers * n_kv)
+
+
 def plan_of(units: list[Unit], n_kv: int) -> Plan:
     """The plan mapping these whole layers and single ``(layer, kv_group)`` units."""
     plan: dict[int, list[int]] = {}
@@ -69,7 +74,7 @@ class LayerSelection(ABC):
 
     def count(self, n_layers: int, n_kv: int, ratio: float) -> int:
         """How many units the plan at ``ratio`` maps (whole layers, unless the strategy maps KV groups)."""
-        return round(ratio * n_layers)
+        return units_for_ratio(ratio, n_layers)
 
     def plan(self, n_layers: int, n_kv: int, ratio: float, scores: torch.Tensor | None = None) -> Plan:
         """
@@ -155,7 +160,7 @@ class CalibratedSelection(LayerSelection):
         return bool(self.order) and not isinstance(self.order[0], int)
 
     def count(self, n_layers: int, n_kv: int, ratio: float) -> int:
-        return round(ratio * n_layers * n_kv) if self.per_group else super().count(n_layers, n_kv, ratio)
+        return units_for_ratio(ratio, n_layers, n_kv) if self.per_group else super().count(n_layers, n_kv, ratio)
 
     def plan(self, n_layers: int, n_kv: int, ratio: float, scores: torch.Tensor | None = None) -> Plan:
         if not self.per_group:

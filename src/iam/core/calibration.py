@@ -4,7 +4,7 @@ Two ways to measure an order: ``single`` maps each layer alone and sorts by the 
 (forward selection) grows the mapped set one layer at a time, each time adding the layer that costs least given the
 layers already mapped, so interactions between mapped layers count.
 
-Orders shipped with the library live in ``iam/calibration/*.json``; ``iam calibrate`` writes new ones under
+Orders shipped with the library live in ``iam/core/calibrations/*.json``; ``iam calibrate`` writes new ones under
 ``$IAM_CACHE/calibration``. An order is keyed by the LLM's architecture (and the SLM it was measured with), and
 carries the ``blend`` to use with it (``iam calibrate`` stores the one it measured under): ``MappingConfig(blend=None)``,
 the default, takes it with the order.
@@ -22,10 +22,10 @@ from pathlib import Path
 from tqdm.auto import tqdm
 from transformers import PretrainedConfig
 
-from .loading import cache_root
+from ..models.loading import cache_root
 from .selection import Unit
 
-SHIPPED = Path(__file__).parent / "calibration"
+SHIPPED = Path(__file__).parent / "calibrations"
 
 
 def arch_key(config: PretrainedConfig) -> str:

@@ -1,0 +1,144 @@
+"""Cost arithmetic of IAM from configs alone: KV bytes per token, prefill FLOPs and the bytes a decode step reads.
+
+Per ratio ``r`` (``n = units_for_ratio(r, L)`` mapped layers):
+
+- KV bytes per token: ``2 L kv d b`` for the LLM alone; IAM drops the K of the ``n`` mapped layers and adds the
+  SLM's whole cache, in its own precision (``slm_cache="native"``, the paper's accounting) or in int8 with one scale
+  per head and token (``slm_cache="int8"``, as ``MappingConfig(slm_cache="int8")`` keeps it).
+- Prefill FLOPs (``T`` tokens): linear layers ``2 P T`` plus causal attention ``2 H d T^2`` per layer (QK^T and PV),
+  LM head on the last token. A mapped layer skips its Q/K projections and QK^T, keeps V, O, MLP and PV, and its
+  SDPA recomputes the SLM's QK^T per LLM head (``H d_s T^2``); the SLM runs its layers but not its LM head.
+- Decode is memory-bound: a step reads the weights once and every sequence's KV, so the TPOT limit is the ratio
+  of bytes read per step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..core.cache import SLM_CACHES
+from ..core.selection import units_for_ratio
+from ..models.presets import Arch
+from ..reporting import with_baseline
+
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """Prompt length, batch and new tokens of a benchmark run."""
+
+    prompt: int
+    batch: int
+    new_tokens: int
+
+
+SCENARIOS = {
+    # paper-size settings, then CPU-sized defaults
+    "concurrency": (Scenario(512, 64, 512), Scenario(512, 4, 32)),
+    "long": (Scenario(8192, 8, 512), Scenario(8192, 1, 32)),
+}
+
+SLM_CACHE_NOTES = {
+    "native": "the paper's accounting: mapped layers drop K, the SLM's full cache is added in its own precision",
+    "int8": "the SLM cache in int8 plus one scale per head and token (MappingConfig(slm_cache='int8'))",
+}
+
+
+def llm_kv_bytes_per_token(llm: Arch, n_mapped: float, elem: int) -> float:
+    """The LLM's own KV per token: K and V of every layer, less the K of the mapped ones."""
+    return (2 * llm.layers - n_mapped) * llm.kv_heads * llm.head_dim * elem
+
+
+def slm_kv_bytes_per_token(slm: Arch, elem: int, slm_cache: str = "native") -> int:
+    """The SLM's whole KV per token; with an int8 cache, int8 plus one ``elem``-byte scale per head and token."""
+    row = slm.head_dim * elem if slm_cache == "native" else slm.head_dim + elem
+    return 2 * slm.layers * slm.kv_heads * row
+
+
+def kv_bytes_per_token(llm: Arch, slm: Arch, n_mapped: int, elem: int, slm_cache: str = "native") -> int:
+    own = int(llm_kv_bytes_per_token(llm, n_mapped, elem))
+    return own + slm_kv_bytes_per_token(slm, elem, slm_cache) if n_mapped else own
+
+
+def layer_prefill_flops(llm: Arch, slm: Arch, tokens: int, mapped: bool = False) -> float:
+    """FLOPs of one LLM decoder layer over ``tokens`` (causal attention: QK^T and PV each ``H d T^2``)."""
+    t = tokens
+    if not mapped:
+        return 2 * llm.layer_params * t + 2 * llm.heads * llm.head_dim * t * t
+    # No Q/K projections and no own QK^T; PV stays, and SDPA redoes the SLM head's QK^T per LLM head.
+    return 2 * (llm.layer_params - llm.qk_params) * t + llm.heads * (llm.head_dim + slm.head_dim) * t * t
+
+
+def llm_prefill_flops(llm: Arch, slm: Arch, n_mapped: float, tokens: int) -> float:
+    """Prefill FLOPs of the LLM's own pass, ``n_mapped`` layers mapped (LM head on the last token only)."""
+    unmapped, mapped = (layer_prefill_flops(llm, slm, tokens, m) for m in (False, True))
+    return (llm.layers - n_mapped) * unmapped + n_mapped * mapped + 2 * llm.hidden * llm.vocab
+
+
+def prefill_flops(llm: Arch, slm: Arch, n_mapped: int, tokens: int) -> float:
+    """Prefill FLOPs of the whole pair (the SLM runs no LM head)."""
+    own = llm_prefill_flops(llm, slm, n_mapped, tokens)
+    return own + slm.layers * layer_prefill_flops(slm, slm, tokens) if n_mapped else own
+
+
+def llm_decode_bytes(llm: Arch, n_mapped: float, batch: int, context: int, elem: int) -> float:
+    """Bytes the LLM's own part of a decode step reads: its weights less the mapped Q/K, and its KV."""
+    return (llm.params - n_mapped * llm.qk_params) * elem + batch * context * llm_kv_bytes_per_token(llm, n_mapped, elem)
+
+
+def decode_bytes(llm: Arch, slm: Arch, n_mapped: int, batch: int, context: int, elem: int, slm_cache: str = "native") -> float:
+    """Bytes read by one decode step: weights once (the SLM without its LM head), plus the KV of every sequence."""
+    own = llm_decode_bytes(llm, n_mapped, batch, context, elem)
+    if not n_mapped:
+        return own
+    slm_weights = (slm.params - slm.vocab * slm.hidden * (0 if slm.tied else 1)) * elem
+    return own + slm_weights + batch * context * slm_kv_bytes_per_token(slm, elem, slm_cache)
+
+
+def analytic_rows(
+    llm: Arch, slm: Arch, ratios: list[float], scenario: Scenario, elem: int = 2, budget_gb: float | None = None
+) -> list[dict]:
+    """Rows per SLM cache kind (``native``, ``int8``) and ratio; ratio 0 (the LLM alone) first."""
+    context = scenario.prompt + scenario.new_tokens
+    base_kv = kv_bytes_per_token(llm, slm, 0, elem)
+    base_prefill = prefill_flops(llm, slm, 0, scenario.prompt)
+    base_decode = decode_bytes(llm, slm, 0, scenario.batch, context, elem)
+    base_batch = base_tput = None
+    rows = []
+    for slm_cache in SLM_CACHES:
+        for r in with_baseline(ratios):
+            n = units_for_ratio(r, llm.layers)
+            kv = kv_bytes_per_token(llm, slm, n, elem, slm_cache)
+            flops = prefill_flops(llm, slm, n, scenario.prompt)
+            row = {
+                "slm_cache": slm_cache,
+                "ratio": r,
+                "mapped_layers": n,
+                "kv_bytes": kv,
+                "kv_ratio": kv / base_kv,
+                "prefill_tflops": flops / 1e12,
+                "ttft_limit": base_prefill / flops,
+                "tpot_limit": base_decode / decode_bytes(llm, slm, n, scenario.batch, context, elem, slm_cache),
+            }
+            if budget_gb is not None:
+                weights = (llm.params + (slm.params if n else 0)) * elem
+                max_batch = max(int((budget_gb * GB - weights) // (kv * context)), 0)
+                step = decode_bytes(llm, slm, n, max_batch, context, elem, slm_cache)
+                row["max_batch"] = max_batch
+                row["throughput_tok_s_per_tbps"] = max_batch / step * 1e12 if max_batch else 0.0
+                if base_batch is None:
+                    base_batch, base_tput = max_batch, row["throughput_tok_s_per_tbps"]
+                row["batch_ratio"] = max_batch / base_batch if base_batch else math.nan
+                row["throughput_ratio"] = row["throughput_tok_s_per_tbps"] / base_tput if base_tput else math.nan
+            rows.append(row)
+    return rows
+
+
+def break_even(llm: Arch, slm: Arch, elem: int = 2, slm_cache: str = "native") -> float | None:
+    """Smallest mapping ratio at which IAM's KV falls below the LLM alone; None if never."""
+    for n in range(1, llm.layers + 1):
+        if kv_bytes_per_token(llm, slm, n, elem, slm_cache) < kv_bytes_per_token(llm, slm, 0, elem):
+            return n / llm.layers
+    return None

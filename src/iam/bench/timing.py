@@ -1,0 +1,108 @@
+"""Timing helpers: synchronised wall clocks, interleaved rounds, a streamer that times ``generate()``, and what a
+timing depends on beyond the code."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from .memory import cpu_memory_measure, malloc_in_use
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a wall-clock reading covers it (a no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fns: list[Callable[[], object]], repeats: int, device: torch.device) -> list[float]:
+    """Median seconds of each of ``fns`` over ``repeats`` rounds, after one warm-up round. A round calls every
+    function once, in turn, so the machine's slow drifts hit all of them alike."""
+    times: list[list[float]] = [[] for _ in fns]
+    for round_ in range(repeats + 1):
+        for fn, samples in zip(fns, times):
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            if round_:
+                samples.append(time.perf_counter() - start)
+    return [statistics.median(samples) for samples in times]
+
+
+class GenerationTimer(BaseStreamer):
+    """A ``generate(streamer=...)`` that times the call: TTFT from ``start()`` to the first new token, TPOT over the
+    steps after it. ``generate`` hands the streamer the prompt first, then every step's tokens, then ``end()``.
+
+    Parameters
+    ----------
+    device : where the model runs (readings wait for its queued work).
+    then : another streamer that receives everything after the reading (e.g. a ``TextStreamer``).
+
+    Returns (as attributes, after the call)
+    -------
+    ttft_s, tpot_s, total_s, new_tokens.
+    """
+
+    def __init__(self, device: torch.device, then: BaseStreamer | None = None) -> None:
+        self.device, self.then = device, then
+        self.marks: list[float] = []
+
+    def start(self) -> GenerationTimer:
+        self.marks = [time.perf_counter()]
+        return self
+
+    def put(self, value: torch.Tensor) -> None:
+        synchronize(self.device)
+        self.marks.append(time.perf_counter())
+        if self.then is not None:
+            self.then.put(value)
+
+    def end(self) -> None:
+        if self.then is not None:
+            self.then.end()
+        start, _prompt, first, *rest = self.marks
+        self.new_tokens = 1 + len(rest)
+        self.ttft_s = first - start
+        self.total_s = (rest[-1] if rest else first) - start
+        self.tpot_s = (rest[-1] - first) / len(rest) if rest else 0.0
+
+    @property
+    def timings(self) -> dict[str, float]:
+        return {"ttft_s": self.ttft_s, "tpot_s": self.tpot_s, "total_s": self.total_s, "new_tokens": self.new_tokens}
+
+
+def timing_environment() -> dict:
+    """What a timing depends on beyond the code: torch version, threads, and the allocator settings.
+
+    On Linux CPUs glibc's malloc serves large tensors with fresh ``mmap`` pages and returns them on free, so every
+    forward faults its activations in again (about a million page faults, seconds of system time, per 4 x 256
+    prefill of the 1.5B model), and how many depends on the run's history. ``MALLOC_MMAP_MAX_=0
+    MALLOC_TRIM_THRESHOLD_=<large>`` (or jemalloc/tcmalloc through ``LD_PRELOAD``) keeps freed memory in the
+    process; the settings in force are recorded with every measured result, with what CPU peak memory samples."""
+    allocator = {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_") or k == "LD_PRELOAD"}
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "allocator": allocator,
+        "cpu_peak_memory": cpu_memory_measure(),
+    }
+
+
+STEADY_MALLOC = "MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1000000000000"
+"""glibc malloc settings that keep freed memory in the process (``make bench`` runs with them)."""
+
+
+def allocator_note(device: torch.device) -> str | None:
+    """A hint to print before CPU timings taken under glibc malloc's defaults (see ``timing_environment``)."""
+    if device.type != "cpu" or malloc_in_use() is None or os.environ.get("MALLOC_MMAP_MAX_") == "0":
+        return None
+    return (
+        "note: glibc malloc hands freed memory back to the OS here, and CPU timings then include faulting it in again "
+        f"on every forward; for steady timings run with {STEADY_MALLOC} (as `make bench` does)."
+    )

@@ -1,0 +1,204 @@
+"""Caches of a paired run: ``IAMCache`` holds the LLM's cache layers (``ValueOnlyLayer`` where a whole layer is
+mapped), the SLM's cache and the ``Mapping``; bytes are read off the real tensors."""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache, PretrainedConfig
+from transformers.cache_utils import Cache, DynamicLayer
+
+from .mapping import Mapping
+
+SLM_CACHES = ("native", "int8")
+"""How the SLM's cache is kept: in the model's own dtype, or as int8 with one scale per head and token."""
+
+
+class ValueOnlyLayer(DynamicLayer):
+    """Cache layer of a wholly mapped attention layer: it stores V and never K (K comes from the SLM)."""
+
+    def lazy_initialization(self, key_states: torch.Tensor | None, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(value_states, value_states)
+        self.keys = value_states.new_empty(*value_states.shape[:2], 0, value_states.shape[-1])
+
+    def update(self, key_states: torch.Tensor | None, value_states: torch.Tensor, *args, **kwargs):
+        if key_states is not None:
+            raise RuntimeError("a mapped layer must not cache keys")
+        if not self.is_initialized:
+            self.lazy_initialization(None, value_states)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        return None, self.values
+
+    def get_seq_length(self) -> int:
+        return self.values.shape[-2] if self.is_initialized else 0
+
+
+class Int8Layer(DynamicLayer):
+    """Cache layer storing K and V as int8 with one scale per (head, token), in the model's dtype.
+
+    For head_dim 64 in fp16 that is 66 bytes instead of 128 per head and token. ``update`` returns dequantized
+    states, so the owning model computes as usual; ``keys``/``values`` hold the int8 tensors.
+    """
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.dtype = key_states.dtype  # the compute dtype (transformers 5.24 dropped the layers' own ``dtype``)
+        shape = (*key_states.shape[:2], 0)
+        self.keys = key_states.new_empty(*shape, key_states.shape[-1], dtype=torch.int8)
+        self.values = value_states.new_empty(*shape, value_states.shape[-1], dtype=torch.int8)
+        self.key_scales = key_states.new_empty(*shape, 1)
+        self.value_scales = value_states.new_empty(*shape, 1)
+
+    @staticmethod
+    def _quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = x.abs().amax(-1, keepdim=True).float().clamp_min(1e-8) / 127
+        return (x.float() / scale).round_().to(torch.int8), scale.to(x.dtype)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        qk, sk = self._quantize(key_states)
+        qv, sv = self._quantize(value_states)
+        self.keys = torch.cat([self.keys, qk], dim=-2)
+        self.values = torch.cat([self.values, qv], dim=-2)
+        self.key_scales = torch.cat([self.key_scales, sk], dim=-2)
+        self.value_scales = torch.cat([self.value_scales, sv], dim=-2)
+        return self.dequantized_keys(), self.values.to(self.dtype) * self.value_scales
+
+    def dequantized_keys(self, *index: torch.Tensor) -> torch.Tensor:
+        """Keys in the model's dtype, optionally only ``keys[index]`` (e.g. batch and head indices)."""
+        return self.keys[index].to(self.dtype) * self.key_scales[index]
+
+    def _rows(self, index: torch.Tensor) -> None:
+        if self.get_seq_length() > 0:
+            i = index.to(self.keys.device)
+            self.keys, self.values, self.key_scales, self.value_scales = (
+                t[i] for t in (self.keys, self.values, self.key_scales, self.value_scales)
+            )
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._rows(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.get_seq_length() > 0:
+            self._rows(torch.arange(self.keys.shape[0]).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._rows(indices)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        if tokens_to_remove and self.is_initialized:
+            self.key_scales = self.key_scales[..., : -abs(tokens_to_remove), :]
+            self.value_scales = self.value_scales[..., : -abs(tokens_to_remove), :]
+
+    def reset(self) -> None:
+        super().reset()
+        self.key_scales = self.value_scales = None
+
+
+def read_keys(layer: DynamicLayer, *index: torch.Tensor) -> torch.Tensor:
+    """``layer.keys[index]`` in the model's dtype, whether the layer is plain or int8."""
+    return layer.dequantized_keys(*index) if isinstance(layer, Int8Layer) else layer.keys[index]
+
+
+def slm_cache(config: PretrainedConfig, kind: str = "native") -> DynamicCache:
+    """The SLM's cache for a paired run: the model's usual layers (``native``) or ``Int8Layer`` everywhere."""
+    cache = DynamicCache(config=config)
+    if kind == "int8":
+        cache.layers = [Int8Layer() for _ in cache.layers]
+    return cache
+
+
+def tensor_bytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+def cache_bytes(cache: Cache | None) -> int:
+    """Bytes held by every K and V tensor of ``cache`` (and their scales, for int8 layers)."""
+    if cache is None:
+        return 0
+    names = ("keys", "values", "key_scales", "value_scales")
+    return sum(tensor_bytes(getattr(layer, n, None)) for layer in cache.layers for n in names)
+
+
+class IAMCache(Cache):
+    """The cache of an ``IAMForCausalLM`` call: the LLM's layers (``self.layers``), the SLM's cache (``self.slm``)
+    and, once the context has reached ``establish_threshold``, the ``Mapping`` (``self.mapping``).
+
+    Until the mapping is established the LLM runs alone, its layers are plain ``DynamicLayer`` and the cache keeps
+    the tokens seen (``self.tokens``), so that the forward which reaches the threshold can prefill both models over
+    the whole context. From then on a wholly mapped layer holds a ``ValueOnlyLayer`` and a partly mapped one keeps K
+    for its unmapped KV groups only. Beam search's reorder, repeat and select apply to both models and the mapping.
+
+    Parameters
+    ----------
+    llm_config, slm_config : the two models' configs.
+    slm_cache : ``"native"`` or ``"int8"`` (see ``MappingConfig.slm_cache``).
+    """
+
+    def __init__(self, llm_config: PretrainedConfig, slm_config: PretrainedConfig, slm_cache_kind: str = "native") -> None:
+        super().__init__(layers=[DynamicLayer() for _ in range(llm_config.num_hidden_layers)])
+        self.n_kv = llm_config.num_key_value_heads
+        self.slm = slm_cache(slm_config, slm_cache_kind)
+        self.mapping: Mapping | None = None
+        self.tokens: torch.Tensor | None = None
+
+    @property
+    def established(self) -> bool:
+        return self.mapping is not None
+
+    @property
+    def is_croppable(self) -> bool:
+        return False
+
+    def establish(self, mapping: Mapping) -> None:
+        """Start over with ``mapping``: every LLM layer emptied (the establishing forward prefills the whole context
+        again), a ``ValueOnlyLayer`` at each wholly mapped one."""
+        self.layers = [
+            ValueOnlyLayer() if len(mapping.plan.get(i, ())) == self.n_kv else DynamicLayer() for i in range(len(self.layers))
+        ]
+        self.mapping = mapping
+        self.tokens = None
+
+    def drop_slm_layers(self, depth: int) -> None:
+        """Free the SLM's cache layers from ``depth`` on (no mapping reads them)."""
+        for layer in self.slm.layers[depth:]:
+            layer.reset()
+
+    def _rows(self, index: torch.Tensor) -> None:
+        if self.mapping is not None:
+            self.mapping = self.mapping.rows(index)
+        if self.tokens is not None:
+            self.tokens = self.tokens[index.to(self.tokens.device)]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self.slm.reorder_cache(beam_idx)
+        self._rows(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self.slm.batch_repeat_interleave(repeats)
+        rows = self.mapping.window.starts if self.mapping is not None else self.tokens
+        if rows is not None:
+            self._rows(torch.arange(len(rows)).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self.slm.batch_select_indices(indices)
+        self._rows(indices)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise ValueError("an IAMCache cannot be cropped: the SLM's cache and the mapping follow the LLM's tokens.")
+
+    def reset(self) -> None:
+        super().reset()
+        self.slm.reset()
+        self.mapping = self.tokens = None
+
+    def kv_bytes(self) -> dict[str, int]:
+        """Bytes in the real caches: ``llm``, ``slm``, ``total``, and ``baseline``, what the LLM alone would hold for
+        the same tokens (K and V in every layer: twice the V bytes)."""
+        llm, slm = cache_bytes(self), cache_bytes(self.slm)
+        baseline = sum(2 * tensor_bytes(layer.values) for layer in self.layers)
+        return {"llm": llm, "slm": slm, "total": llm + slm, "baseline": baseline}

@@ -1,0 +1,354 @@
+"""``IAMForCausalLM``: a large causal LM that borrows attention from a small one of the same family, as a
+transformers model: ``forward`` runs one paired step, and transformers' own ``generate()`` and pipelines drive it.
+
+Flat on purpose (after gpt-fast): ``forward`` picks one of three steps, ``_alone`` (the LLM before the mapping
+exists), ``_establish`` (the forward where the context reaches ``establish_threshold``: both models over the whole
+context, the mapping set) and ``_paired`` (the SLM, then the LLM with its mapped layers).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from ..models.loading import load_pair, read_configs
+from .attention import MappedAttention, SLMStep
+from .cache import IAMCache, read_keys
+from .config import MappingConfig, Resolved, resolve
+from .decoder import Pass, decoder_layers, positions
+from .mapping import Mapping, SLMWindow, Window, slm_window_flats, window_attention
+from .selection import Plan, plan_of
+from .similarity import METRICS
+
+SUPPORTED_FAMILIES = ("qwen2", "llama")
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+
+UNSUPPORTED_GENERATION = {
+    "assistant_model": "assisted decoding",
+    "prompt_lookup_num_tokens": "prompt-lookup decoding",
+    "custom_generate": "custom generation methods",
+    "output_attentions": "output_attentions (mapped layers form no attention matrix)",
+    "output_hidden_states": "output_hidden_states",
+}
+"""``generate()`` arguments that IAM refuses, with the mode each one selects."""
+
+
+def check_pair_configs(llm: PretrainedConfig, slm: PretrainedConfig) -> None:
+    """Raise ``ValueError`` unless the two configs are causal LMs of one supported family with one vocabulary."""
+    for role, config in (("LLM", llm), ("SLM", slm)):
+        model_type = getattr(config, "model_type", None)
+        if model_type not in SUPPORTED_FAMILIES:
+            raise ValueError(f"{role} has model_type {model_type!r}; supported families: {list(SUPPORTED_FAMILIES)}.")
+    if llm.model_type != slm.model_type:
+        raise ValueError(
+            f"LLM and SLM are of different families ({llm.model_type!r} vs {slm.model_type!r}); "
+            "IAM needs two models of one family."
+        )
+    if llm.vocab_size != slm.vocab_size:
+        raise ValueError(
+            f"LLM and SLM vocabularies differ (vocab_size {llm.vocab_size} vs {slm.vocab_size}); "
+            "IAM needs one tokenizer for both."
+        )
+
+
+def check_pair(llm: nn.Module, slm: nn.Module) -> None:
+    """Raise ``ValueError`` unless ``llm`` and ``slm`` are causal LMs of one supported family with one vocabulary,
+    loaded with a supported attention implementation, on one device."""
+    for role, model in (("LLM", llm), ("SLM", slm)):
+        if not isinstance(getattr(model, "config", None), PretrainedConfig):
+            raise ValueError(f"{role} is not a transformers model (it has no config).")
+    check_pair_configs(llm.config, slm.config)
+    for role, model in (("LLM", llm), ("SLM", slm)):
+        impl = model.config._attn_implementation
+        if impl not in SUPPORTED_ATTENTION:
+            raise ValueError(f"{role} uses attn_implementation {impl!r}; load it with one of {list(SUPPORTED_ATTENTION)}.")
+    if llm.device != slm.device:
+        raise ValueError(f"LLM is on {llm.device} but SLM on {slm.device}; put both on one device.")
+
+
+class IAMForCausalLM(PreTrainedModel, GenerationMixin):
+    """An LLM whose mapped layers take their attention from an SLM of the same family (IAM, arXiv 2507.11953).
+
+    Build it with ``from_pair(llm, slm, config)`` or ``from_pretrained(llm=..., slm=..., **mapping)``. Wrapping
+    changes nothing in either model, during a call too: the mapped layers' attention is computed beside the
+    model's modules, never swapped into them, so one LLM can serve several wrappers, in several threads.
+    What a call did (plan, head mapping, blend weights, similarity, KV bytes) comes back on its cache, an
+    ``IAMCache`` (``output.cache``, or ``generate(..., return_dict_in_generate=True).cache``).
+
+    Parameters
+    ----------
+    llm : the large ``*ForCausalLM`` (Qwen2/Qwen2.5 or Llama), loaded with SDPA or eager attention.
+    slm : the small ``*ForCausalLM`` of the same family and vocabulary, on the same device.
+    config : the ``MappingConfig`` (default ``MappingConfig()``); ``self.mapping_config`` holds it resolved for
+        the pair (the stored blend filled in).
+    """
+
+    config_class = PretrainedConfig
+    base_model_prefix = "llm"
+    _supports_sdpa = True
+
+    def __init__(self, llm: nn.Module, slm: nn.Module, config: MappingConfig | None = None) -> None:
+        check_pair(llm, slm)
+        resolved = resolve(config if config is not None else MappingConfig(), llm.config, slm.config)
+        super().__init__(copy.deepcopy(llm.config))
+        self.llm, self.slm = llm, slm
+        self.generation_config = copy.deepcopy(llm.generation_config)
+        self.resolved: Resolved = resolved
+        self.mapping_config: MappingConfig = resolved.config
+        self.n_layers: int = llm.config.num_hidden_layers
+        self.n_kv: int = llm.config.num_key_value_heads
+
+    @classmethod
+    def from_pair(cls, llm: nn.Module, slm: nn.Module, config: MappingConfig | None = None) -> IAMForCausalLM:
+        """Wrap two loaded models."""
+        return cls(llm, slm, config)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        llm: str | os.PathLike = "qwen2.5-coder-1.5b",
+        slm: str | os.PathLike = "qwen2.5-coder-0.5b",
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        progress: bool = True,
+        **mapping,
+    ) -> IAMForCausalLM:
+        """Load a pair by alias, GGUF file or local folder (see ``iam.models.loading``) and wrap it; ``mapping`` holds
+        ``MappingConfig`` fields. The config is checked against the pair's configs before any weights load."""
+        config = MappingConfig(**mapping)
+        llm_config, slm_config = read_configs(llm, slm, progress)
+        check_pair_configs(llm_config, slm_config)
+        resolve(config, llm_config, slm_config)
+        big, small, _ = load_pair(llm, slm, dtype=dtype, device=device, progress=progress)
+        return cls(big, small, config)
+
+    @property
+    def planned(self) -> Plan | None:
+        """The plan the config fixes before any input (``{}`` at ratio 0); ``None`` where the strategy chooses per
+        input (``"similar"``)."""
+        config, strategy = self.mapping_config, self.resolved.strategy
+        if config.layers is not None:
+            return plan_of(config.layers, self.n_kv)
+        if strategy.needs_scores:
+            return None
+        return strategy.plan(self.n_layers, self.n_kv, config.ratio)
+
+    def new_cache(self) -> IAMCache:
+        """An empty cache for this pair; pass it to ``forward`` or ``generate`` and read the results off it."""
+        return IAMCache(self.llm.config, self.slm.config, self.mapping_config.slm_cache)
+
+    # ---- generate --------------------------------------------------------------------------------------------
+    def generate(self, inputs: torch.Tensor | None = None, generation_config=None, **kwargs):
+        """transformers' ``generate()``, refusing the modes IAM cannot serve (``UNSUPPORTED_GENERATION``) and a
+        static cache with a ``ValueError`` that names them."""
+        for name, mode in UNSUPPORTED_GENERATION.items():
+            value = kwargs.get(name, getattr(generation_config, name, None))
+            if value not in (None, False):
+                raise ValueError(f"IAMForCausalLM does not support {mode} (got {name}={value!r}).")
+        implementation = kwargs.get("cache_implementation", getattr(generation_config, "cache_implementation", None))
+        if implementation not in (None, "dynamic"):
+            raise ValueError(f"IAMForCausalLM keeps its own IAMCache; cache_implementation={implementation!r} is not supported.")
+        return super().generate(inputs, generation_config, **kwargs)
+
+    # ---- forward ---------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        labels: torch.LongTensor | None = None,
+        logits_to_keep: int = 0,
+        use_cache: bool | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """One paired step over the new tokens ``input_ids`` ``[B, t]``.
+
+        ``attention_mask`` is the 2D mask of every token so far (cached and new; left padding only), ``cache`` the
+        ``IAMCache`` of earlier steps (``past_key_values`` is its old name; ``None`` or an empty cache starts a new
+        sequence). Returns the LLM's logits (the last ``logits_to_keep`` positions, all for 0), the loss with
+        ``labels``, and the cache, which carries the mapping.
+        """
+        if kwargs.get("inputs_embeds") is not None:
+            raise ValueError("IAMForCausalLM takes input_ids, not inputs_embeds: the SLM reads the same tokens.")
+        cache = self._cache(cache if cache is not None else past_key_values)
+        ids, mask = self._inputs(input_ids, attention_mask, cache)
+        t = ids.shape[1]
+        if position_ids is None:
+            position_ids = positions(mask, t)
+        if cache.established:
+            logits = self._paired(cache, ids, mask, position_ids, logits_to_keep)
+        elif self._ready(mask):
+            logits = self._establish(cache, ids, mask, logits_to_keep)
+        else:
+            logits = self._alone(cache, ids, mask, position_ids, logits_to_keep)
+        loss = None
+        if labels is not None:
+            loss = self.llm.loss_function(logits=logits, labels=labels.to(logits.device), vocab_size=logits.shape[-1])
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
+
+    def _cache(self, cache: Cache | None) -> IAMCache:
+        if isinstance(cache, IAMCache):
+            return cache
+        if cache is None or cache.get_seq_length() == 0:  # e.g. the empty DynamicCache that generate() makes
+            return self.new_cache()
+        raise ValueError(f"IAMForCausalLM continues only its own IAMCache, got a filled {type(cache).__name__}.")
+
+    def _inputs(self, input_ids, attention_mask, cache: IAMCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """Check the inputs; returns them on the LLM's device, with the full 2D mask (ones where none is given)."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+            raise ValueError("input_ids must be a [batch, length] LongTensor.")
+        b, t = input_ids.shape
+        if b == 0 or t == 0:
+            raise ValueError(f"input_ids of shape {tuple(input_ids.shape)} is empty: give at least one row of one token.")
+        vocab = self.llm.config.vocab_size
+        if input_ids.min() < 0 or input_ids.max() >= vocab:
+            raise ValueError(
+                f"input_ids hold token ids outside the vocabulary [0, {vocab}): {input_ids.min()}..{input_ids.max()}."
+            )
+        past = cache.get_seq_length()
+        if attention_mask is None:
+            attention_mask = torch.ones(b, past + t, dtype=torch.long, device=input_ids.device)
+        if attention_mask.dim() != 2 or attention_mask.shape != (b, past + t):
+            raise ValueError(
+                f"attention_mask {tuple(attention_mask.shape)} must be 2D [batch, cached + new tokens] = {(b, past + t)}."
+            )
+        if attention_mask.dtype != torch.bool and attention_mask.dtype.is_floating_point:
+            raise ValueError(f"attention_mask must be 0/1, bool or integer, got dtype {attention_mask.dtype}.")
+        mask = attention_mask.to(device=input_ids.device, dtype=torch.long)
+        if ((mask != 0) & (mask != 1)).any():
+            raise ValueError(f"attention_mask must hold only 0 and 1, got values {sorted(mask.unique().tolist())}.")
+        if (mask.diff(dim=-1) < 0).any() or (mask[:, -1] == 0).any():
+            raise ValueError(
+                "attention_mask must be left-padded (padding first, then the prompt): set tokenizer.padding_side='left'."
+            )
+        limit = min(self.llm.config.max_position_embeddings, self.slm.config.max_position_embeddings)
+        if past + t > limit:
+            raise ValueError(f"context too long: {past + t} tokens exceed the models' {limit}-position limit.")
+        return input_ids.to(self.llm.device), mask.to(self.llm.device)
+
+    def _ready(self, mask: torch.Tensor) -> bool:
+        """Whether this forward establishes the mapping: something is mapped and the shortest sequence holds
+        ``establish_threshold`` tokens."""
+        return self.resolved.n_mapped > 0 and int(mask.sum(-1).min()) >= self.mapping_config.establish_threshold
+
+    # ---- the three steps -------------------------------------------------------------------------------------
+    def _alone(self, cache: IAMCache, ids, mask, position_ids, logits_to_keep: int) -> torch.Tensor:
+        """The LLM alone, before the mapping exists; the tokens are kept for the forward that establishes it."""
+        if self.resolved.n_mapped > 0:
+            cache.tokens = ids if cache.tokens is None else torch.cat([cache.tokens, ids], -1)
+        run = Pass(self.llm, ids, mask, position_ids, cache)
+        for i in range(self.n_layers):
+            run.layer(i)
+        return self._logits(run, logits_to_keep)
+
+    def _establish(self, cache: IAMCache, ids, mask, logits_to_keep: int) -> torch.Tensor:
+        """Both models over the whole context (earlier tokens and these): the SLM first, with every layer's queries;
+        then the plan and the LLM, whose mapped layers match their heads on the window as they are reached. Returns
+        the logits of this forward's tokens only."""
+        t = ids.shape[1]
+        if cache.tokens is not None:
+            ids = torch.cat([cache.tokens, ids], -1)
+        position_ids = positions(mask, ids.shape[1])
+        config = self.mapping_config
+        n_slm = self.slm.config.num_hidden_layers
+        cache.slm.reset()
+        step = self._slm_step(cache, ids, mask, position_ids, n_slm)
+        slm_attn = decoder_layers(self.slm)[0].self_attn
+        window = Window.from_mask(mask, config.truncation_threshold)
+        keys = [read_keys(layer) for layer in cache.slm.layers]
+        establishing = SLMWindow(
+            window=window,
+            flats=slm_window_flats(step.queries, keys, slm_attn.scaling, window),
+            heads=self.slm.config.num_attention_heads,
+            metric=METRICS[config.metric],
+            blend=config.blend,
+        )
+        probe = None
+        if self.resolved.strategy.needs_scores:
+            if ids.shape[0] > 1:
+                raise ValueError(
+                    "strategy 'similar' chooses layers per input: run one sequence at a time (a batch would choose "
+                    "for all rows at once)."
+                )
+            probe = self._probe(ids, establishing)
+        plan = self._plan(probe)
+        cache.establish(
+            Mapping(plan, window, self.config.num_attention_heads, self.n_kv, config.metric, config.blend, probe=probe)
+        )
+        logits = self._llm_step(cache, ids, mask, position_ids, logits_to_keep or t, step, establishing)
+        cache.drop_slm_layers(cache.mapping.slm_layers[-1] + 1)  # from here on the SLM runs only this deep
+        return logits
+
+    def _paired(self, cache: IAMCache, ids, mask, position_ids, logits_to_keep: int) -> torch.Tensor:
+        """The SLM over the new tokens, as deep as the mapping reads, then the LLM with its mapped layers."""
+        step = self._slm_step(cache, ids, mask, position_ids, cache.mapping.slm_layers[-1] + 1)
+        return self._llm_step(cache, ids, mask, position_ids, logits_to_keep, step)
+
+    # ---- parts -----------------------------------------------------------------------------------------------
+    def _slm_step(self, cache: IAMCache, ids, mask, position_ids, depth: int) -> SLMStep:
+        """The SLM's base model (never its LM head) through ``depth`` layers, recording their queries."""
+        queries = Pass(self.slm, ids, mask, position_ids, cache.slm).queries(depth)
+        attn = decoder_layers(self.slm)[0].self_attn
+        return SLMStep(queries, cache.slm.layers, attn.num_key_value_groups, attn.scaling)
+
+    def _llm_step(
+        self, cache: IAMCache, ids, mask, position_ids, logits_to_keep: int, step: SLMStep, establishing: SLMWindow | None = None
+    ) -> torch.Tensor:
+        run = Pass(self.llm, ids, mask, position_ids, cache)
+        mapping = cache.mapping
+        layers = decoder_layers(self.llm)
+        for i in range(self.n_layers):
+            if i not in mapping.plan:
+                run.layer(i)
+                continue
+            mapped = MappedAttention(layers[i].self_attn, mapping.plan[i])
+            run.layer(i, lambda x, mapped=mapped: mapped(x, run.rope, run.mask, cache, mapping, step, establishing))
+        return self._logits(run, logits_to_keep)
+
+    def _logits(self, run: Pass, logits_to_keep: int) -> torch.Tensor:
+        hidden = self.llm.model.norm(run.hidden)
+        return self.llm.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+
+    def _plan(self, probe: torch.Tensor | None) -> Plan:
+        planned = self.planned
+        if planned is not None:
+            return planned
+        scores = probe.amax(-1).mean((1, 2))
+        return self.resolved.strategy.plan(self.n_layers, self.n_kv, self.mapping_config.ratio, scores)
+
+    def _probe(self, ids: torch.Tensor, establishing: SLMWindow) -> torch.Tensor:
+        """Similarity ``[L, B, H, L_s * H_s]`` of every LLM head to every SLM head, from an unmapped LLM pass over
+        the window only."""
+        window_ids = establishing.window.take(ids, 1)
+        cache = IAMCache(self.llm.config, self.slm.config)
+        pos = torch.arange(window_ids.shape[1], device=ids.device).expand_as(window_ids)
+        queries = Pass(self.llm, window_ids, torch.ones_like(window_ids), pos, cache).queries(self.n_layers)
+        scaling = decoder_layers(self.llm)[0].self_attn.scaling
+        return torch.stack(
+            [establishing.similarity(window_attention(queries[i], cache.layers[i].keys, scaling)) for i in range(self.n_layers)]
+        )
+
+    @torch.inference_mode()
+    def head_similarity(self, input_ids: torch.Tensor, truncation_threshold: int | None = None) -> torch.Tensor:
+        """Similarity ``[L, B, H, L_s * H_s]`` of every LLM head to every SLM (layer, head) on the window of
+        ``input_ids`` (unpadded, ``[B, T]``), by the config's metric: the analysis behind ``iam similarity``."""
+        config = self.mapping_config
+        mask = torch.ones_like(input_ids)
+        cache = self.new_cache()
+        ids = input_ids.to(self.llm.device)
+        step = self._slm_step(cache, ids, mask, positions(mask, ids.shape[1]), self.slm.config.num_hidden_layers)
+        window = Window.from_mask(mask, truncation_threshold or config.truncation_threshold)
+        keys = [read_keys(layer) for layer in cache.slm.layers]
+        scaling = decoder_layers(self.slm)[0].self_attn.scaling
+        flats = slm_window_flats(step.queries, keys, scaling, window)
+        establishing = SLMWindow(window, flats, self.slm.config.num_attention_heads, METRICS[config.metric], config.blend)
+        return self._probe(ids, establishing)
