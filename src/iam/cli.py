@@ -127,8 +127,9 @@ def generation_kwargs(args: argparse.Namespace, tokenizer) -> dict:
     return kwargs
 
 
-def run_generation(iam: IAMForCausalLM, tokenizer, batch: dict[str, torch.Tensor], streamer=None, **kwargs) -> dict:
-    """Generate for one batch; report texts, mapping, KV bytes and timings, read off the call's cache."""
+def run_generation(iam: IAMForCausalLM, tokenizer, batch: dict[str, torch.Tensor], kwargs: dict, streamer=None) -> dict:
+    """Generate for one batch with ``generate(**kwargs)``; report texts, mapping, KV bytes and timings, read off the
+    call's cache."""
     timer = GenerationTimer(iam.device, then=streamer)
     out = iam.generate(**batch, streamer=timer.start(), return_dict_in_generate=True, **kwargs)
     texts = tokenizer.batch_decode(out.sequences[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
@@ -151,7 +152,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True) if args.stream else None
     batch = prompt_batch(tok, [args.prompt], args.chat)
-    result = run_generation(iam, tok, batch, streamer, **generation_kwargs(args, tok))
+    result = run_generation(iam, tok, batch, generation_kwargs(args, tok), streamer)
     result["text"] = result.pop("texts")[0]
     if args.json:
         print(json.dumps(result, indent=2))
@@ -172,11 +173,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     batch = prompt_batch(tok, DEMO_PROMPTS, chat=True)
     kwargs = {"do_sample": False, "pad_token_id": tok.pad_token_id}
     # The first pass pages the weights in from disk (seconds per GB); keep that out of the timings below.
-    run_generation(IAMForCausalLM(llm, slm, configs[-1]), tok, batch, max_new_tokens=2, **kwargs)
+    run_generation(IAMForCausalLM(llm, slm, configs[-1]), tok, batch, {**kwargs, "max_new_tokens": 2})
     runs = []
     for ratio, config in zip(args.ratios, configs):
         print(f"\n=== {'LLM alone' if ratio == 0 else f'IAM, ratio {ratio}'} ===", flush=True)
-        run = run_generation(IAMForCausalLM(llm, slm, config), tok, batch, max_new_tokens=args.max_new_tokens, **kwargs)
+        run = run_generation(IAMForCausalLM(llm, slm, config), tok, batch, {**kwargs, "max_new_tokens": args.max_new_tokens})
         runs.append(run)
         for prompt, text in zip(DEMO_PROMPTS, run["texts"]):
             print(f"\n> {prompt}\n{text.strip()}")
