@@ -329,3 +329,31 @@ def test_heads_sharing_an_slm_head_and_a_kv_group_are_computed_once(family, monk
     prefill = forward(model, ids[:, :-1])
     stepped = forward(model, ids[:, -1:], cache=prefill.cache).logits
     assert (stepped[:, -1] - full[:, -1]).abs().max() < 1e-4
+
+
+def test_continuation_over_the_cache_equals_one_prefill(pair):
+    """A continuation scored over the cache of its prefilled context gives the logits of one prefill of the whole
+    sequence (the mapping is set on the context's window, which both share)."""
+    llm, slm = pair
+    model = iam(llm, slm, ratio=0.5, truncation_threshold=16)
+    ids = prompt(48, seed=4)
+    first = forward(model, ids[:, :30])
+    rest = forward(model, ids[:, 30:], cache=first.cache)
+    full = forward(model, ids)
+    assert torch.equal(first.cache.mapping.head_mapping, full.cache.mapping.head_mapping)
+    assert (rest.logits - full.logits[:, 30:]).abs().max() < 1e-4
+
+
+def test_continuation_perplexity_scores_only_the_continuation(pair):
+    import math
+
+    from iam.eval.evaluation import perplexity
+
+    llm, slm = pair
+    windows = [prompt(40, seed=s) for s in (1, 2)]
+    logits = [forward(llm, w).logits[0, 24:-1].log_softmax(-1) for w in windows]
+    nll = [-lp.gather(-1, w[0, 25:, None]).mean() for lp, w in zip(logits, windows)]
+    ppl, units, _ = perplexity(iam(llm, slm, ratio=0.0), windows, progress=False, context=25)
+    assert units == [] and ppl == pytest.approx(math.exp(sum(n.item() for n in nll) / 2), rel=1e-5)
+    mapped, units, _ = perplexity(iam(llm, slm, ratio=0.5), windows, progress=False, context=25)
+    assert units == [2, 3] and mapped != pytest.approx(ppl)

@@ -17,13 +17,14 @@ from .bench import costs, measure, projection
 from .bench.timing import GenerationTimer, allocator_note, timing_environment
 from .core import calibration
 from .core.config import MappingConfig, resolve
+from .core.eviction import POLICIES, EvictionPolicy, make_policy, parse_budget
 from .core.model import IAMForCausalLM, check_pair_configs
 from .core.selection import STRATEGIES, Unit, parse_unit, unit_label, units_for_ratio
 from .core.similarity import METRICS
 from .eval import data, evaluation
 from .models.loading import load_pair, read_configs
 from .models.presets import PRESETS, load_arch
-from .reporting import heatmap_plot, markdown_table, provenance, sweep_plot, write_atomic, write_report
+from .reporting import heatmap_plot, markdown_table, provenance, sweep_plot, tradeoff_plot, write_atomic, write_report
 
 DEMO_PROMPTS = [
     "Write a Python function that checks whether a string is a palindrome.",
@@ -55,6 +56,17 @@ def add_pair_args(
     p.add_argument("--slm", default=slm, help="alias, .gguf file or transformers folder of the small model")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def add_eviction_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eviction", default=None, choices=sorted(POLICIES), help="token eviction policy (with IAM or alone)")
+    p.add_argument(
+        "--budget", type=parse_budget, default=None, help="tokens kept per sequence: a fraction (0.8) or a count (256)"
+    )
+
+
+def eviction(args: argparse.Namespace) -> EvictionPolicy | None:
+    return make_policy(getattr(args, "eviction", None), getattr(args, "budget", None))
 
 
 def add_mapping_args(p: argparse.ArgumentParser) -> None:
@@ -145,9 +157,9 @@ def run_generation(iam: IAMForCausalLM, tokenizer, batch: dict[str, torch.Tensor
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    config = mapping_config(args, args.ratio)
+    config, policy = mapping_config(args, args.ratio), eviction(args)
     llm, slm, tok = load(args, [config])
-    iam = IAMForCausalLM(llm, slm, config)
+    iam = IAMForCausalLM(llm, slm, config, policy)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True) if args.stream else None
@@ -221,7 +233,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     llm, slm, tok = load(args, [replace(base, ratio=r) for r in ratios])
     kind = args.eval_command
     if kind == "perplexity":
-        result = evaluation.eval_perplexity(llm, slm, eval_windows(args, tok), args.ratios, base)
+        windows = eval_windows(args, tok)
+        result = evaluation.eval_perplexity(llm, slm, windows, args.ratios, base, context=args.context, eviction=eviction(args))
         result["text"] = args.text or args.dataset
         columns = ["ratio", "strategy", "metric", "blend", "ppl", "ppl_increase", "mapped_layers"]
         return finish(args, "perplexity", result, columns)
@@ -240,6 +253,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         pairs = data.load_qa(args.dataset)[: args.limit]
         result = evaluation.eval_qa(llm, slm, tok, pairs, args.ratios, base, args.max_new_tokens)
         return finish(args, "qa", result, ["ratio", "strategy", "f1", "exact_match", "n"])
+    if kind == "kv-tradeoff":
+        result = evaluation.eval_kv_tradeoff(
+            llm, slm, eval_windows(args, tok), args.context, base, args.ratios, args.policies, args.budgets, args.combined_budgets
+        )
+        result["text"] = args.text or args.dataset
+        columns = ["method", "ratio", "budget", "llm_kv_dropped", "total_kv", "ppl_increase", "prefill_flops"]
+        return finish(args, "kv-tradeoff", result, columns, tradeoff_plot(result["rows"]))
     if kind == "harness":
         try:
             from .eval import harness
@@ -336,7 +356,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.analytic:
         args.llm, args.slm = args.llm or "qwen2-72b", args.slm or "qwen2-0.5b"
         llm, slm = load_arch(args.llm), load_arch(args.slm)
-        rows = costs.analytic_rows(llm, slm, args.ratios, scenario, args.bytes, args.memory_budget)
+        policy = eviction(args)
+        kept = costs.kept_share(policy and policy.budget, scenario.prompt + scenario.new_tokens)
+        rows = costs.analytic_rows(llm, slm, args.ratios, scenario, args.bytes, args.memory_budget, kept)
         even = []
         for big, small in BREAK_EVEN_PAIRS:
             a, b = PRESETS[big], PRESETS[small]
@@ -356,6 +378,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             "slm_caches": costs.SLM_CACHE_NOTES,
             **meta,
             "bytes_per_element": args.bytes,
+            "eviction": None if policy is None else repr(policy),
+            "kept_share": kept,
             "memory_budget_gb": args.memory_budget,
             "rows": rows,
             "break_even": even,
@@ -365,7 +389,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     base = mapping_config(args, 0.0)
     llm, slm, _ = load(args, [replace(base, ratio=r) for r in args.ratios])
     warn_allocator(llm.device)
-    rows = measure.measure(llm, slm, args.ratios, scenario, args.repeats, base)
+    rows = measure.measure(llm, slm, args.ratios, scenario, args.repeats, base, eviction=eviction(args))
     environment = timing_environment()
     result = {"mode": "measured", **meta, "repeats": args.repeats, "device": str(llm.device), **environment, "rows": rows}
     return finish(
@@ -462,6 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    add_eviction_args(p)
     p.add_argument("--json", action="store_true", help="print a JSON result")
     p.set_defaults(func=cmd_generate)
 
@@ -533,6 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--bytes", type=int, default=2, help="bytes per cached element (analytic; 2 = fp16/bf16)")
     p.add_argument("--memory-budget", type=float, default=None, metavar="GB", help="analytic: memory for weights + KV")
+    add_eviction_args(p)
     p.set_defaults(func=cmd_bench)
 
     ev = sub.add_parser("eval", help="quality evaluations, LLM alone vs IAM side by side").add_subparsers(
@@ -546,18 +572,35 @@ def build_parser() -> argparse.ArgumentParser:
         ("qa", "generated answers scored by token F1 (chatterbot trivia by default)"),
         ("choice", "multiple-choice accuracy by length-normalised log-likelihood"),
         ("harness", "lm-evaluation-harness tasks (local ones offline, any lm-eval task online)"),
+        ("kv-tradeoff", "continuation perplexity against KV kept: token eviction, IAM, and both"),
     ]:
         p = ev.add_parser(name, help=help_text)
         add_pair_args(p)
         add_mapping_args(p)
         add_output_args(p)
         p.set_defaults(func=cmd_eval)
+        if name == "kv-tradeoff":
+            add_text_args(p, windows=3, tokens=512)
+            p.add_argument("--context", type=int, default=384, help="tokens prefilled (and evicted from) per window")
+            p.add_argument("--ratios", type=ratio_list, default=[0.1, 0.2, 0.3, 0.4, 0.5])
+            p.add_argument("--policies", type=lambda t: t.split(","), default=sorted(POLICIES))
+            p.add_argument("--budgets", type=ratio_list, default=[0.9, 0.75, 0.5, 0.25, 0.1], help="kept shares, policy alone")
+            p.add_argument("--combined-budgets", type=ratio_list, default=[0.8], help="kept shares, with IAM")
         if name in ("perplexity", "metrics", "sweep", "consistency"):
             add_text_args(p, windows=2 if name == "consistency" else 3, tokens=64 if name == "consistency" else 512)
         if name in ("perplexity", "qa", "choice", "harness"):
             p.add_argument("--ratios", type=ratio_list, default=[0.0, 0.3, 0.5])
         if name in ("metrics", "consistency"):
             p.add_argument("--ratio", type=float, default=0.5)
+        if name == "perplexity":
+            add_eviction_args(p)
+            p.add_argument(
+                "--context",
+                type=int,
+                default=None,
+                metavar="N",
+                help="continuation protocol: prefill the first N tokens of each window, score the rest over that cache",
+            )
         if name == "metrics":
             p.add_argument("--metrics", type=lambda t: t.split(","), default=sorted(METRICS))
         if name == "sweep":

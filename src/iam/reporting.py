@@ -129,3 +129,23 @@ def heatmap_plot(heatmap: Sequence[Sequence[float]], label: str) -> Callable:
         plt.ylabel("LLM layer")
 
     return plot
+
+
+def tradeoff_plot(rows: Sequence[dict]) -> Callable:
+    """Continuation perplexity increase against the LLM's KV dropped and against total KV, one line per method."""
+
+    def plot(plt) -> None:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+        for method in dict.fromkeys(r["method"] for r in rows[1:]):
+            points = sorted((r for r in rows[1:] if r["method"] == method), key=lambda r: r["llm_kv_dropped"])
+            y = [100 * r["ppl_increase"] for r in points]
+            axes[0].plot([100 * r["llm_kv_dropped"] for r in points], y, "o-", label=method)
+            axes[1].plot([100 * r["total_kv"] for r in points], y, "o-", label=method)
+        axes[0].set_xlabel("LLM's own KV dropped (%)")
+        axes[1].set_xlabel("total KV, LLM + SLM (% of the LLM alone)")
+        axes[0].set_ylabel("continuation perplexity increase (%)")
+        axes[1].legend(fontsize=8)
+        for ax in axes:
+            ax.grid(alpha=0.3)
+
+    return plot

@@ -98,9 +98,17 @@ def decode_bytes(llm: Arch, slm: Arch, n_mapped: int, batch: int, context: int, 
 
 
 def analytic_rows(
-    llm: Arch, slm: Arch, ratios: list[float], scenario: Scenario, elem: int = 2, budget_gb: float | None = None
+    llm: Arch,
+    slm: Arch,
+    ratios: list[float],
+    scenario: Scenario,
+    elem: int = 2,
+    budget_gb: float | None = None,
+    kept: float = 1.0,
 ) -> list[dict]:
-    """Rows per SLM cache kind (``native``, ``int8``) and ratio; ratio 0 (the LLM alone) first."""
+    """Rows per SLM cache kind (``native``, ``int8``) and ratio; ratio 0 (the LLM alone) first. ``kept``: the share
+    of tokens an eviction policy keeps, in every layer of both models (``kv_ratio`` is against the LLM alone
+    without eviction)."""
     context = scenario.prompt + scenario.new_tokens
     base_kv = kv_bytes_per_token(llm, slm, 0, elem)
     base_prefill = prefill_flops(llm, slm, 0, scenario.prompt)
@@ -110,7 +118,7 @@ def analytic_rows(
     for slm_cache in SLM_CACHES:
         for r in with_baseline(ratios):
             n = units_for_ratio(r, llm.layers)
-            kv = kv_bytes_per_token(llm, slm, n, elem, slm_cache)
+            kv = kv_bytes_per_token(llm, slm, n, elem, slm_cache) * kept
             flops = prefill_flops(llm, slm, n, scenario.prompt)
             row = {
                 "slm_cache": slm_cache,
@@ -134,6 +142,13 @@ def analytic_rows(
                 row["throughput_ratio"] = row["throughput_tok_s_per_tbps"] / base_tput if base_tput else math.nan
             rows.append(row)
     return rows
+
+
+def kept_share(budget: float | int | None, context: int) -> float:
+    """The share of a ``context``-token sequence that an eviction budget keeps (a fraction, or a token count)."""
+    if budget is None:
+        return 1.0
+    return float(budget) if isinstance(budget, float) else min(1.0, budget / context)
 
 
 def break_even(llm: Arch, slm: Arch, elem: int = 2, slm_cache: str = "native") -> float | None:

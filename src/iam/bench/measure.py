@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from ..core.cache import cache_bytes, slm_cache
 from ..core.config import MappingConfig
+from ..core.eviction import EvictionPolicy
 from ..core.model import IAMForCausalLM
 from ..models.presets import Arch
 from ..reporting import with_baseline
@@ -61,10 +62,18 @@ def time_slm(slm, ids: torch.Tensor, new_tokens: int, cache_kind: str = "native"
 
 
 def measure(
-    llm, slm, ratios: list[float], scenario: Scenario, repeats: int, base_config: MappingConfig, progress: bool = True
+    llm,
+    slm,
+    ratios: list[float],
+    scenario: Scenario,
+    repeats: int,
+    base_config: MappingConfig,
+    progress: bool = True,
+    eviction: EvictionPolicy | None = None,
 ) -> list[dict]:
     """Run the LLM alone (its own ``generate()``), IAM at each ratio (``IAMForCausalLM.generate()``) and the SLM
-    alone, in turns, ``repeats`` times after a warm-up round; report medians.
+    alone, in turns, ``repeats`` times after a warm-up round; report medians. With ``eviction`` every row evicts,
+    the LLM alone (then through ``IAMForCausalLM`` at ratio 0) included.
 
     ``peak_mem_bytes`` comes from the warm-up round (see below). IAM rows also carry its budget, what the parts
     cost measured alone in the same round: the LLM's time scaled by the share of its arithmetic that mapping leaves
@@ -74,7 +83,9 @@ def measure(
     device = llm.device
     ids = random_prompt(llm, scenario.batch, scenario.prompt, torch.Generator().manual_seed(0))
     ratios = with_baseline(ratios)
-    models = {r: llm if r == 0 else IAMForCausalLM(llm, slm, replace(base_config, ratio=r)) for r in ratios}
+    models = {r: IAMForCausalLM(llm, slm, replace(base_config, ratio=r), eviction) for r in ratios}
+    if eviction is None:
+        models[0.0] = llm  # the LLM alone through its own generate()
     samples: dict[float | None, list[dict]] = {r: [] for r in [*ratios, None]}  # None: the SLM alone
     peaks: dict[float, int] = {}
     # Round 0 is a warm-up, dropped from the timings: it compiles FlexAttention and lets the allocator reach its
@@ -91,8 +102,8 @@ def measure(
                 timings, cache = run_generate(models[r], ids, scenario.new_tokens)
             if rep == 0:
                 peaks[r] = memory.bytes
-            if r:
-                kv, units = cache.kv_bytes(), cache.mapping.units
+            if isinstance(models[r], IAMForCausalLM):
+                kv, units = cache.kv_bytes(), cache.mapping.units if cache.mapping else []
             else:
                 kv, units = {"llm": cache_bytes(cache), "slm": 0, "total": cache_bytes(cache)}, []
             sample = {**timings, "kv": kv, "units": units}

@@ -7,6 +7,7 @@ import torch
 from transformers import DynamicCache, PretrainedConfig
 from transformers.cache_utils import Cache, DynamicLayer
 
+from .eviction import EvictionPolicy, Kept
 from .mapping import Mapping
 
 SLM_CACHES = ("native", "int8")
@@ -130,18 +131,32 @@ class IAMCache(Cache):
     the whole context. From then on a wholly mapped layer holds a ``ValueOnlyLayer`` and a partly mapped one keeps K
     for its unmapped KV groups only. Beam search's reorder, repeat and select apply to both models and the mapping.
 
+    With an ``eviction`` policy the cache keeps one set of tokens per sequence for every layer of both models
+    (``self.kept``, see ``iam.core.eviction``): evicted slots are compacted away, and the slots a shorter row lacks
+    are masked like left padding.
+
     Parameters
     ----------
     llm_config, slm_config : the two models' configs.
     slm_cache : ``"native"`` or ``"int8"`` (see ``MappingConfig.slm_cache``).
+    eviction : the token eviction policy, if any.
     """
 
-    def __init__(self, llm_config: PretrainedConfig, slm_config: PretrainedConfig, slm_cache_kind: str = "native") -> None:
+    def __init__(
+        self,
+        llm_config: PretrainedConfig,
+        slm_config: PretrainedConfig,
+        slm_cache_kind: str = "native",
+        eviction: EvictionPolicy | None = None,
+    ) -> None:
         super().__init__(layers=[DynamicLayer() for _ in range(llm_config.num_hidden_layers)])
         self.n_kv = llm_config.num_key_value_heads
         self.slm = slm_cache(slm_config, slm_cache_kind)
+        self.eviction = eviction
         self.mapping: Mapping | None = None
         self.tokens: torch.Tensor | None = None
+        self.kept: Kept | None = None
+        self.columns = 0  # tokens (padding included) seen so far: the width of the caller's attention mask
 
     @property
     def established(self) -> bool:
@@ -165,11 +180,47 @@ class IAMCache(Cache):
         for layer in self.slm.layers[depth:]:
             layer.reset()
 
+    def slot_mask(self, attention_mask: torch.Tensor, new: int) -> torch.Tensor:
+        """The 2D mask over this forward's cache slots and ``new`` tokens: the caller's, or, once tokens are evicted,
+        the kept slots' validity and the new tokens' part of the caller's."""
+        if self.kept is None:
+            return attention_mask
+        return torch.cat([self.kept.valid.long(), attention_mask[:, -new:]], -1)
+
+    def track(self, attention_mask: torch.Tensor, positions: torch.Tensor) -> None:
+        """Record the slots just written (``[B, t]`` mask and true positions), where a policy evicts."""
+        if self.eviction is not None:
+            if self.kept is None:
+                self.kept = Kept.empty(attention_mask.shape[0], attention_mask.device)
+            self.kept.append(attention_mask, positions)
+
+    def evict(self, mass: torch.Tensor | None, prefill: bool) -> None:
+        """Score the slots with ``mass`` (``[B, S]`` attention received in this forward) and drop what the policy
+        lets go from every layer of both models."""
+        kept, policy = self.kept, self.eviction
+        if kept is None:
+            return
+        if mass is not None:
+            kept.scores = kept.scores + mass if policy.decode else mass
+        if not (prefill or policy.decode):
+            return
+        index = kept.select(policy)
+        if index is None:
+            return
+        for layer in [*self.layers, *self.slm.layers]:
+            for name in ("keys", "values", "key_scales", "value_scales"):
+                x = getattr(layer, name, None)
+                if x is not None and x.shape[-2] > 0:
+                    setattr(layer, name, x.gather(2, index[:, None, :, None].expand(x.shape[0], x.shape[1], -1, x.shape[-1])))
+
     def _rows(self, index: torch.Tensor) -> None:
         if self.mapping is not None:
             self.mapping = self.mapping.rows(index)
         if self.tokens is not None:
             self.tokens = self.tokens[index.to(self.tokens.device)]
+        if self.kept is not None:
+            i = index.to(self.kept.valid.device)
+            self.kept = Kept(self.kept.valid[i], self.kept.positions[i], self.kept.scores[i], self.kept.seen[i])
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
@@ -179,9 +230,16 @@ class IAMCache(Cache):
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
         self.slm.batch_repeat_interleave(repeats)
-        rows = self.mapping.window.starts if self.mapping is not None else self.tokens
-        if rows is not None:
-            self._rows(torch.arange(len(rows)).repeat_interleave(repeats))
+        batch = self._batch_size()
+        if batch is not None:
+            self._rows(torch.arange(batch).repeat_interleave(repeats))
+
+    def _batch_size(self) -> int | None:
+        """Rows of what ``_rows`` moves, where anything is there to move."""
+        for rows in (self.tokens, self.kept and self.kept.seen, self.mapping and self.mapping.window.starts):
+            if rows is not None:
+                return len(rows)
+        return None
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
@@ -194,11 +252,16 @@ class IAMCache(Cache):
     def reset(self) -> None:
         super().reset()
         self.slm.reset()
-        self.mapping = self.tokens = None
+        self.mapping = self.tokens = self.kept = None
+        self.columns = 0
 
     def kv_bytes(self) -> dict[str, int]:
         """Bytes in the real caches: ``llm``, ``slm``, ``total``, and ``baseline``, what the LLM alone would hold for
-        the same tokens (K and V in every layer: twice the V bytes)."""
+        every token seen, without eviction (K and V in every layer: twice the V bytes per token)."""
         llm, slm = cache_bytes(self), cache_bytes(self.slm)
-        baseline = sum(2 * tensor_bytes(layer.values) for layer in self.layers)
+        baseline = sum(
+            2 * tensor_bytes(layer.values) // layer.values.shape[-2] * self.columns
+            for layer in self.layers
+            if layer.values is not None and layer.values.shape[-2]
+        )
         return {"llm": llm, "slm": slm, "total": llm + slm, "baseline": baseline}

@@ -22,6 +22,7 @@ from .attention import MappedAttention, SLMStep
 from .cache import IAMCache, read_keys
 from .config import MappingConfig, Resolved, resolve
 from .decoder import Pass, decoder_layers, positions
+from .eviction import EvictionPolicy, attention_mass
 from .mapping import Mapping, SLMWindow, Window, slm_window_flats, window_attention
 from .selection import Plan, plan_of
 from .similarity import METRICS
@@ -87,13 +88,17 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
     slm : the small ``*ForCausalLM`` of the same family and vocabulary, on the same device.
     config : the ``MappingConfig`` (default ``MappingConfig()``); ``self.mapping_config`` holds it resolved for
         the pair (the stored blend filled in).
+    eviction : a token eviction policy (``iam.core.eviction``), composed with the mapping; at ratio 0 it is the
+        LLM alone with eviction.
     """
 
     config_class = PretrainedConfig
     base_model_prefix = "llm"
     _supports_sdpa = True
 
-    def __init__(self, llm: nn.Module, slm: nn.Module, config: MappingConfig | None = None) -> None:
+    def __init__(
+        self, llm: nn.Module, slm: nn.Module, config: MappingConfig | None = None, eviction: EvictionPolicy | None = None
+    ) -> None:
         check_pair(llm, slm)
         resolved = resolve(config if config is not None else MappingConfig(), llm.config, slm.config)
         super().__init__(copy.deepcopy(llm.config))
@@ -103,11 +108,14 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         self.mapping_config: MappingConfig = resolved.config
         self.n_layers: int = llm.config.num_hidden_layers
         self.n_kv: int = llm.config.num_key_value_heads
+        self.eviction = eviction
 
     @classmethod
-    def from_pair(cls, llm: nn.Module, slm: nn.Module, config: MappingConfig | None = None) -> IAMForCausalLM:
+    def from_pair(
+        cls, llm: nn.Module, slm: nn.Module, config: MappingConfig | None = None, eviction: EvictionPolicy | None = None
+    ) -> IAMForCausalLM:
         """Wrap two loaded models."""
-        return cls(llm, slm, config)
+        return cls(llm, slm, config, eviction)
 
     @classmethod
     def from_pretrained(
@@ -118,6 +126,7 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         progress: bool = True,
+        eviction: EvictionPolicy | None = None,
         **mapping,
     ) -> IAMForCausalLM:
         """Load a pair by alias, GGUF file or local folder (see ``iam.models.loading``) and wrap it; ``mapping`` holds
@@ -127,7 +136,7 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         check_pair_configs(llm_config, slm_config)
         resolve(config, llm_config, slm_config)
         big, small, _ = load_pair(llm, slm, dtype=dtype, device=device, progress=progress)
-        return cls(big, small, config)
+        return cls(big, small, config, eviction)
 
     @property
     def planned(self) -> Plan | None:
@@ -142,7 +151,7 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
 
     def new_cache(self) -> IAMCache:
         """An empty cache for this pair; pass it to ``forward`` or ``generate`` and read the results off it."""
-        return IAMCache(self.llm.config, self.slm.config, self.mapping_config.slm_cache)
+        return IAMCache(self.llm.config, self.slm.config, self.mapping_config.slm_cache, self.eviction)
 
     # ---- generate --------------------------------------------------------------------------------------------
     def generate(self, inputs: torch.Tensor | None = None, generation_config=None, **kwargs):
@@ -190,6 +199,7 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
             logits = self._establish(cache, ids, mask, logits_to_keep)
         else:
             logits = self._alone(cache, ids, mask, position_ids, logits_to_keep)
+        cache.columns = mask.shape[1]
         loss = None
         if labels is not None:
             loss = self.llm.loss_function(logits=logits, labels=labels.to(logits.device), vocab_size=logits.shape[-1])
@@ -214,7 +224,7 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError(
                 f"input_ids hold token ids outside the vocabulary [0, {vocab}): {input_ids.min()}..{input_ids.max()}."
             )
-        past = cache.get_seq_length()
+        past = cache.columns
         if attention_mask is None:
             attention_mask = torch.ones(b, past + t, dtype=torch.long, device=input_ids.device)
         if attention_mask.dim() != 2 or attention_mask.shape != (b, past + t):
@@ -243,12 +253,13 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
     # ---- the three steps -------------------------------------------------------------------------------------
     def _alone(self, cache: IAMCache, ids, mask, position_ids, logits_to_keep: int) -> torch.Tensor:
         """The LLM alone, before the mapping exists; the tokens are kept for the forward that establishes it."""
-        if self.resolved.n_mapped > 0:
+        if self.resolved.n_mapped > 0:  # eviction waits for the mapping, whose forward prefills the whole context
             cache.tokens = ids if cache.tokens is None else torch.cat([cache.tokens, ids], -1)
-        run = Pass(self.llm, ids, mask, position_ids, cache)
-        for i in range(self.n_layers):
-            run.layer(i)
-        return self._logits(run, logits_to_keep)
+            run = Pass(self.llm, ids, mask, position_ids, cache)
+            for i in range(self.n_layers):
+                run.layer(i)
+            return self._logits(run, logits_to_keep)
+        return self._llm_step(cache, ids, mask, position_ids, logits_to_keep, None)
 
     def _establish(self, cache: IAMCache, ids, mask, logits_to_keep: int) -> torch.Tensor:
         """Both models over the whole context (earlier tokens and these): the SLM first, with every layer's queries;
@@ -296,23 +307,54 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
     # ---- parts -----------------------------------------------------------------------------------------------
     def _slm_step(self, cache: IAMCache, ids, mask, position_ids, depth: int) -> SLMStep:
         """The SLM's base model (never its LM head) through ``depth`` layers, recording their queries."""
-        queries = Pass(self.slm, ids, mask, position_ids, cache.slm).queries(depth)
+        queries = Pass(self.slm, ids, cache.slot_mask(mask, ids.shape[1]), position_ids, cache.slm).queries(depth)
         attn = decoder_layers(self.slm)[0].self_attn
         return SLMStep(queries, cache.slm.layers, attn.num_key_value_groups, attn.scaling)
 
     def _llm_step(
-        self, cache: IAMCache, ids, mask, position_ids, logits_to_keep: int, step: SLMStep, establishing: SLMWindow | None = None
+        self,
+        cache: IAMCache,
+        ids,
+        mask,
+        position_ids,
+        logits_to_keep: int,
+        step: SLMStep | None,
+        establishing: SLMWindow | None = None,
     ) -> torch.Tensor:
-        run = Pass(self.llm, ids, mask, position_ids, cache)
+        """The LLM over the new tokens, its mapped layers (if any) reading ``step``; then eviction, if the cache has
+        a policy."""
+        t = ids.shape[1]
+        slots = cache.slot_mask(mask, t)
+        run = Pass(self.llm, ids, slots, position_ids, cache)
         mapping = cache.mapping
         layers = decoder_layers(self.llm)
+        scoring = cache.eviction is not None and cache.eviction.needs_scores
+        queries: dict[int, torch.Tensor] = {}
         for i in range(self.n_layers):
-            if i not in mapping.plan:
+            if mapping is not None and i in mapping.plan:
+                mapped = MappedAttention(layers[i].self_attn, mapping.plan[i])
+                run.layer(i, lambda x, mapped=mapped: mapped(x, run.rope, run.mask, cache, mapping, step, establishing))
+            elif scoring:
+                run.query_capture(i, queries)
+            else:
                 run.layer(i)
-                continue
-            mapped = MappedAttention(layers[i].self_attn, mapping.plan[i])
-            run.layer(i, lambda x, mapped=mapped: mapped(x, run.rope, run.mask, cache, mapping, step, establishing))
-        return self._logits(run, logits_to_keep)
+        logits = self._logits(run, logits_to_keep)
+        if cache.eviction is not None:
+            first = cache.kept is None
+            cache.track(mask[:, -t:], position_ids)
+            cache.evict(self._attention_mass(cache, queries, step, slots) if scoring else None, prefill=first)
+        return logits
+
+    def _attention_mass(self, cache: IAMCache, queries: dict[int, torch.Tensor], step: SLMStep | None, slots) -> torch.Tensor:
+        """Attention mass on each cache slot from this forward's queries: the LLM's unmapped layers' own, and the SLM
+        layers' that the mapped layers borrow from (their heads stand in for the mapped heads)."""
+        last = getattr(cache.eviction, "window", None)
+        llm_scaling = decoder_layers(self.llm)[0].self_attn.scaling
+        mass = sum(attention_mass(q, cache.layers[i].keys, llm_scaling, slots, last) for i, q in queries.items())
+        if cache.mapping is not None:
+            for layer in cache.mapping.slm_layers:
+                mass = mass + attention_mass(step.queries[layer], step.keys(layer), step.scaling, slots, last)
+        return mass
 
     def _logits(self, run: Pass, logits_to_keep: int) -> torch.Tensor:
         hidden = self.llm.model.norm(run.hidden)

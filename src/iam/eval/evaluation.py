@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..core.config import MappingConfig
+from ..core.eviction import EvictionPolicy
 from ..core.model import IAMForCausalLM
 from ..reporting import with_baseline
 
@@ -32,24 +33,43 @@ def text_windows(tokenizer, text: str, windows: int, tokens: int) -> list[torch.
 
 @torch.inference_mode()
 def perplexity(
-    iam: IAMForCausalLM, windows: Sequence[torch.Tensor], progress: bool = True, desc: str = ""
-) -> tuple[float, list[int | str]]:
-    """Perplexity over ``windows`` (one mapped prefill each), and the units the first window mapped."""
-    losses, units = [], None
+    iam: IAMForCausalLM, windows: Sequence[torch.Tensor], progress: bool = True, desc: str = "", context: int | None = None
+) -> tuple[float, list[int | str], dict[str, int]]:
+    """Perplexity over ``windows``, the units the first window mapped, and its KV bytes at the end of the window.
+
+    Without ``context`` each window is scored in one mapped prefill. With it, the continuation protocol: the first
+    ``context`` tokens are prefilled (the mapping is set on them), then the rest is scored teacher-forced in one
+    forward over that cache, so what the cache kept is what the continuation reads."""
+    losses, units, kv = [], None, {}
     for w in tqdm(windows, desc=desc, disable=not progress, leave=False):
-        out = iam(w, labels=w)
-        losses.append(out.loss.item())
+        if context is None:
+            out = iam(w, labels=w)
+            loss = out.loss
+        else:
+            first = iam(w[:, :context])
+            out = iam(w[:, context:], cache=first.cache)
+            logits = torch.cat([first.logits[:, -1:], out.logits[:, :-1]], 1)  # position i predicts token i + 1
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), w[:, context:].flatten().to(logits.device))
+        losses.append(loss.item())
         if units is None:
-            units = out.cache.mapping.units if out.cache.established else []
-    return math.exp(sum(losses) / len(losses)), units
+            units, kv = out.cache.mapping.units if out.cache.established else [], out.cache.kv_bytes()
+    return math.exp(sum(losses) / len(losses)), units, kv
 
 
-def _rows_over(configs: Sequence[tuple[dict, MappingConfig]], llm, slm, windows, progress: bool) -> list[dict]:
+def _rows_over(
+    configs: Sequence[tuple[dict, MappingConfig]],
+    llm,
+    slm,
+    windows,
+    progress: bool,
+    context: int | None = None,
+    eviction: EvictionPolicy | None = None,
+) -> list[dict]:
     """Perplexity per config; the first config is the reference for ``ppl_increase``."""
     rows = []
     for label, cfg in tqdm(configs, desc="configs", disable=not progress):
-        iam = IAMForCausalLM(llm, slm, cfg)
-        ppl, units = perplexity(iam, windows, progress, desc=str(label))
+        iam = IAMForCausalLM(llm, slm, cfg, eviction)
+        ppl, units, _ = perplexity(iam, windows, progress, desc=str(label), context=context)
         row = dict(label, ppl=ppl, mapped_layers=units)
         row["blend"] = iam.mapping_config.blend if iam.resolved.n_mapped else None  # resolved: the pair's stored one
         rows.append(row)
@@ -59,11 +79,75 @@ def _rows_over(configs: Sequence[tuple[dict, MappingConfig]], llm, slm, windows,
     return rows
 
 
-def eval_perplexity(llm, slm, windows, ratios: Sequence[float], base: MappingConfig, progress: bool = True) -> dict:
-    """Sliding-window perplexity at each ratio; ratio 0 (the LLM alone) is always the first row."""
+def eval_perplexity(
+    llm,
+    slm,
+    windows,
+    ratios: Sequence[float],
+    base: MappingConfig,
+    progress: bool = True,
+    context: int | None = None,
+    eviction: EvictionPolicy | None = None,
+) -> dict:
+    """Perplexity at each ratio, over whole windows or (``context``) their continuations; ratio 0 (the LLM alone)
+    is always the first row. With ``eviction`` every row evicts, the LLM alone included; only a continuation reads
+    an evicted cache."""
+    if context is not None and not 0 < context < windows[0].shape[1]:
+        raise ValueError(f"--context {context} must leave tokens to score: 0 < context < {windows[0].shape[1]} (--tokens).")
     ratios = with_baseline(ratios)
     configs = [({"ratio": r, "strategy": base.strategy, "metric": base.metric}, replace(base, ratio=r)) for r in ratios]
-    return {"rows": _rows_over(configs, llm, slm, windows, progress)}
+    rows = _rows_over(configs, llm, slm, windows, progress, context, eviction)
+    return {"rows": rows, "context": context, "eviction": None if eviction is None else repr(eviction)}
+
+
+def eval_kv_tradeoff(
+    llm,
+    slm,
+    windows: Sequence[torch.Tensor],
+    context: int,
+    base: MappingConfig,
+    ratios: Sequence[float],
+    policies: Sequence[str],
+    budgets: Sequence[float],
+    combined_budgets: Sequence[float],
+    progress: bool = True,
+) -> dict:
+    """Quality against KV memory, by the continuation protocol: the LLM alone with each policy at each budget, IAM
+    at each ratio, and IAM with each policy at each of ``combined_budgets``; every point against the LLM alone.
+
+    Rows carry ``llm_kv_dropped`` (of the LLM's own KV, measured on the cache at the end of the first window),
+    ``total_kv`` (LLM + SLM over the LLM alone), ``ppl_increase`` of the continuation, and ``prefill_flops`` of the
+    context relative to the LLM alone (mapping's arithmetic; eviction saves none and its scoring is not counted)."""
+    from ..bench.costs import prefill_flops
+    from ..core.eviction import make_policy
+    from ..models.presets import Arch
+
+    points = [(0.0, None, None)] + [(0.0, p, b) for p in policies for b in budgets]
+    points += [(r, None, None) for r in ratios if r] + [
+        (r, p, b) for p in policies for b in combined_budgets for r in ratios if r
+    ]
+    big, small = (Arch.from_config(m.config.to_dict()) for m in (llm, slm))
+    rows = []
+    for r, policy, budget in tqdm(points, desc="kv-tradeoff", disable=not progress):
+        iam = IAMForCausalLM(llm, slm, replace(base, ratio=r), make_policy(policy, budget))
+        ppl, units, kv = perplexity(iam, windows, progress=False, context=context)
+        n = sum(1 if isinstance(u, str) else big.kv_heads for u in units) / big.kv_heads  # mapped layers' worth
+        rows.append(
+            {
+                "method": ("IAM" if r else "LLM alone") + (f" + {policy}" if policy else ""),
+                "ratio": r,
+                "eviction": policy,
+                "budget": budget,
+                "ppl": ppl,
+                "llm_kv_dropped": 1 - kv["llm"] / kv["baseline"],
+                "total_kv": kv["total"] / kv["baseline"],
+                "prefill_flops": prefill_flops(big, small, n, context) / prefill_flops(big, small, 0, context),
+                "mapped_layers": units,
+            }
+        )
+    for row in rows:
+        row["ppl_increase"] = row["ppl"] / rows[0]["ppl"] - 1
+    return {"rows": rows, "context": context, "tokens": windows[0].shape[1]}
 
 
 def eval_metrics(llm, slm, windows, ratio: float, base: MappingConfig, metrics: Sequence[str], progress: bool = True) -> dict:

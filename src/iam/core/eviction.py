@@ -1,0 +1,242 @@
+"""Token eviction from the KV cache, one small dataclass per policy and a registry (after kvpress).
+
+Every policy keeps one set of tokens per sequence, shared by all cache layers of both models: the LLM's own
+layers, its mapped (V-only) layers, and the SLM's layers that the mapped ones borrow attention from. So a borrowed
+SLM row never reads a token whose V is gone, and the rule is simple to state: a token is in the cache of every
+layer, or of none. Evicted slots are compacted away (their bytes are freed); a sequence that keeps fewer tokens
+than its neighbours is padded at the front, and those slots are masked like left padding, so attention over the
+kept tokens renormalises by itself. Positions stay true: cached keys carry their RoPE, and new tokens take the
+positions the caller gives.
+
+Scores are attention mass on each cached token, summed over heads and layers: the LLM's unmapped layers score
+with their own attention, and mapped layers with the SLM attention they borrow, which the SLM computes anyway.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class EvictionPolicy(ABC):
+    """Base class.
+
+    Parameters
+    ----------
+    budget : tokens kept per sequence: a fraction in ``(0, 1]`` of its tokens so far, or a count (an ``int`` > 1).
+    """
+
+    budget: float | int = 0.8
+    needs_scores = False  # whether the policy reads attention scores
+    decode = True  # whether it evicts during decode as well as after prefill
+
+    def __post_init__(self) -> None:
+        b = self.budget
+        if isinstance(b, bool) or not isinstance(b, (int, float)):
+            raise ValueError(f"budget must be a fraction in (0, 1] or a token count, got {b!r}.")
+        if isinstance(b, float) and not 0 < b <= 1:
+            raise ValueError(f"budget must be a fraction in (0, 1] or a token count (an integer > 1), got {b!r}.")
+        if isinstance(b, int) and b < 1:
+            raise ValueError(f"budget must be a fraction in (0, 1] or a token count (an integer > 1), got {b!r}.")
+        if isinstance(b, int) and b < self.reserved:
+            raise ValueError(f"budget {b} is smaller than the {self.reserved} tokens {type(self).__name__} always keeps.")
+
+    @property
+    def reserved(self) -> int:
+        """Tokens the policy always keeps (sinks, a recent window)."""
+        return 0
+
+    def kept(self, n_real: torch.Tensor) -> torch.Tensor:
+        """``[B]`` tokens each sequence keeps out of its ``n_real`` real tokens."""
+        if isinstance(self.budget, float):
+            keep = torch.ceil(n_real.double() * self.budget).long()
+        else:
+            keep = torch.full_like(n_real, self.budget)
+        return torch.minimum(torch.maximum(keep, n_real.clamp(max=self.reserved)), n_real)
+
+    @abstractmethod
+    def priority(self, scores: torch.Tensor | None, valid: torch.Tensor, age: torch.Tensor) -> torch.Tensor:
+        """``[B, S]`` keep priority of each cache slot, higher kept first (invalid slots are never kept).
+
+        Parameters
+        ----------
+        scores : ``[B, S]`` attention mass on each slot (policies with ``needs_scores``).
+        valid : ``[B, S]`` real, kept tokens.
+        age : ``[B, S]`` how many real tokens came after each slot (0 for the newest).
+        """
+
+
+def _protect(priority: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return priority.masked_fill(mask, math.inf)
+
+
+@dataclass(frozen=True)
+class StreamingLLM(EvictionPolicy):
+    """Attention sinks plus the most recent tokens (Xiao et al. 2023): the first ``sinks`` tokens of each sequence
+    and as many of the latest as the budget allows.
+
+    Parameters
+    ----------
+    budget : as for ``EvictionPolicy``.
+    sinks : first tokens always kept.
+    """
+
+    sinks: int = 4
+
+    @property
+    def reserved(self) -> int:
+        return self.sinks
+
+    def priority(self, scores, valid, age):
+        first = age.masked_fill(~valid, -1).amax(-1, keepdim=True)  # age of each sequence's first real token
+        return _protect(-age.double(), age > first - self.sinks)
+
+
+@dataclass(frozen=True)
+class H2O(EvictionPolicy):
+    """Heavy hitters (Zhang et al. 2023): the tokens with the most attention accumulated so far, plus a recent
+    window; evicts after prefill and at every decode step.
+
+    Parameters
+    ----------
+    budget : as for ``EvictionPolicy``.
+    recent : latest tokens always kept.
+    """
+
+    recent: int = 8
+    needs_scores = True
+
+    @property
+    def reserved(self) -> int:
+        return self.recent
+
+    def priority(self, scores, valid, age):
+        return _protect(scores.double(), age < self.recent)
+
+
+@dataclass(frozen=True)
+class SnapKV(EvictionPolicy):
+    """SnapKV (Li et al. 2024): after prefill, keep the tokens that the last ``window`` prompt tokens attend to
+    most (pooled over a ``kernel`` of neighbours), plus that window; decode then appends without evicting.
+
+    Parameters
+    ----------
+    budget : as for ``EvictionPolicy``.
+    window : the observation window: last prompt tokens whose attention scores the rest, always kept.
+    kernel : max-pooling width over neighbouring tokens' scores (odd).
+    """
+
+    window: int = 16
+    kernel: int = 5
+    needs_scores = True
+    decode = False
+
+    @property
+    def reserved(self) -> int:
+        return self.window
+
+    def priority(self, scores, valid, age):
+        pooled = torch.nn.functional.max_pool1d(scores[:, None].float(), self.kernel, 1, self.kernel // 2)[:, 0]
+        return _protect(pooled.double(), age < self.window)
+
+
+POLICIES: dict[str, type[EvictionPolicy]] = {"h2o": H2O, "snapkv": SnapKV, "streaming": StreamingLLM}
+"""Eviction policies by name (``--eviction``)."""
+
+
+def make_policy(name: str | None, budget: float | int | None = None) -> EvictionPolicy | None:
+    """The policy ``name`` with ``budget`` (its default where ``None``); ``None`` for no eviction."""
+    if name is None:
+        if budget is not None:
+            raise ValueError("a budget needs an eviction policy: give --eviction h2o, snapkv or streaming.")
+        return None
+    if name not in POLICIES:
+        raise ValueError(f"eviction policy must be one of {sorted(POLICIES)}, got {name!r}.")
+    return POLICIES[name]() if budget is None else POLICIES[name](budget=budget)
+
+
+def parse_budget(text: str) -> float | int:
+    """``"0.8"`` is a fraction, ``"256"`` a token count."""
+    value = float(text)
+    return int(value) if value.is_integer() and value > 1 else value
+
+
+@dataclass
+class Kept:
+    """Which tokens a cache holds, per sequence, once a policy evicts: one slot per cached position of every layer.
+
+    Parameters
+    ----------
+    valid : ``[B, S]`` slots holding a real token (not padding, not compacted away).
+    positions : ``[B, S]`` each slot's true position.
+    scores : ``[B, S]`` attention mass each slot has received (accumulated for H2O, the last forward's otherwise).
+    seen : ``[B]`` real tokens each sequence has had so far (kept or not).
+    """
+
+    valid: torch.Tensor
+    positions: torch.Tensor
+    scores: torch.Tensor
+    seen: torch.Tensor
+
+    @classmethod
+    def empty(cls, batch: int, device: torch.device) -> Kept:
+        none = torch.zeros(batch, 0, dtype=torch.long, device=device)
+        return cls(none.bool(), none, none.float(), torch.zeros(batch, dtype=torch.long, device=device))
+
+    def append(self, mask: torch.Tensor, positions: torch.Tensor) -> None:
+        """``t`` new slots (``mask`` ``[B, t]``, 0/1)."""
+        self.valid = torch.cat([self.valid, mask.bool()], -1)
+        self.positions = torch.cat([self.positions, positions], -1)
+        self.scores = torch.cat([self.scores, self.scores.new_zeros(mask.shape)], -1)
+        self.seen = self.seen + mask.sum(-1)
+
+    def select(self, policy: EvictionPolicy) -> torch.Tensor | None:
+        """The slots to keep, ``[B, S']`` indices in time order, front-padded (the pad slots become invalid); ``None``
+        where nothing need go. Updates the bookkeeping to the kept slots."""
+        n_real = self.valid.sum(-1)
+        keep = policy.kept(self.seen).clamp(max=n_real)
+        if bool((keep >= n_real).all()):
+            return None
+        age = (self.seen[:, None] - 1 - self.positions).masked_fill(~self.valid, -1)
+        priority = policy.priority(self.scores, self.valid, age).masked_fill(~self.valid, -math.inf)
+        width = int(keep.max())
+        best = priority.topk(width, -1).indices  # most deserving first
+        chosen = torch.arange(width, device=best.device)[None] < keep[:, None]
+        index = best.masked_fill(~chosen, -1).sort(-1).values  # time order, a shorter row's padding first
+        pad = index < 0
+        index = index.clamp(min=0)
+        self.valid = self.valid.gather(-1, index) & ~pad
+        self.positions, self.scores = self.positions.gather(-1, index), self.scores.gather(-1, index)
+        return index
+
+
+def attention_mass(
+    q: torch.Tensor, k: torch.Tensor, scaling: float, valid: torch.Tensor, last: int | None = None, chunk: int = 128
+) -> torch.Tensor:
+    """Attention mass ``[B, S]`` each cache slot receives, summed over heads and queries, in float32 and in chunks of
+    queries (no T x T matrix).
+
+    Parameters
+    ----------
+    q : ``[B, H, t, d]`` post-RoPE queries of the ``t`` newest slots.
+    k : ``[B, H_kv, S, d]`` the cached keys of every slot, the new ones last.
+    scaling : the attention scaling.
+    valid : ``[B, S]`` slots holding real tokens (padding neither attends nor is attended to).
+    last : only the last ``last`` queries (SnapKV's observation window).
+    """
+    b, h, t, _ = q.shape
+    s = k.shape[2]
+    k = k.repeat_interleave(h // k.shape[1], 1).float()
+    cols = torch.arange(s, device=q.device)
+    mass = torch.zeros(b, s, device=q.device)
+    for i in range(0 if last is None else max(t - last, 0), t, chunk):
+        scores = (q[:, :, i : i + chunk].float() @ k.transpose(-1, -2)) * scaling  # [B, H, c, S]
+        rows = torch.arange(i, i + scores.shape[2], device=q.device) + (s - t)
+        allowed = (cols[None] <= rows[:, None])[None, None] & valid.bool()[:, None, None, :]
+        probs = scores.masked_fill(~allowed, -math.inf).softmax(-1).nan_to_num(0.0)  # a padding query sees nothing
+        mass += probs.sum((1, 2))
+    return mass
