@@ -269,3 +269,12 @@ def test_cli_memory_scaling_smoke(tmp_path, capsys):
     assert [(r["tokens"], r["ratio"]) for r in result["rows"]] == [(24, 0.0), (24, 0.5), (48, 0.0), (48, 0.5)]
     for key in ("peak_tensor_bytes", "largest_tensor_bytes", "tt_matrix_bytes", "kv_bytes", "peak_growth"):
         assert key in result["rows"][-1]
+
+
+def test_analytic_h2o_composes_with_iam_at_the_papers_configuration(tmp_path, capsys):
+    """Paper §4.5: IAM at 0.5 with H2O keeping 80% holds 78.75% x 0.8 = 63% of the LLM alone; H2O alone 80%."""
+    argv = ["bench", "--analytic", "--ratios", "0.5", "--eviction", "h2o", "--budget", "0.8", "--out", str(tmp_path), "--json"]
+    assert main(argv) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert rows[0]["kv_ratio"] == pytest.approx(0.8) and rows[1]["kv_ratio"] == pytest.approx(0.63)
+    assert rows[1]["tpot_limit"] > rows[0]["tpot_limit"] > 1  # a step reads less KV with eviction, less again with IAM

@@ -83,12 +83,12 @@ def prefill_flops(llm: Arch, slm: Arch, n_mapped: int, tokens: int) -> float:
     return own + slm.layers * layer_prefill_flops(slm, slm, tokens) if n_mapped else own
 
 
-def llm_decode_bytes(llm: Arch, n_mapped: float, batch: int, context: int, elem: int) -> float:
+def llm_decode_bytes(llm: Arch, n_mapped: float, batch: int, context: float, elem: int) -> float:
     """Bytes the LLM's own part of a decode step reads: its weights less the mapped Q/K, and its KV."""
     return (llm.params - n_mapped * llm.qk_params) * elem + batch * context * llm_kv_bytes_per_token(llm, n_mapped, elem)
 
 
-def decode_bytes(llm: Arch, slm: Arch, n_mapped: int, batch: int, context: int, elem: int, slm_cache: str = "native") -> float:
+def decode_bytes(llm: Arch, slm: Arch, n_mapped: int, batch: int, context: float, elem: int, slm_cache: str = "native") -> float:
     """Bytes read by one decode step: weights once (the SLM without its LM head), plus the KV of every sequence."""
     own = llm_decode_bytes(llm, n_mapped, batch, context, elem)
     if not n_mapped:
@@ -107,8 +107,8 @@ def analytic_rows(
     kept: float = 1.0,
 ) -> list[dict]:
     """Rows per SLM cache kind (``native``, ``int8``) and ratio; ratio 0 (the LLM alone) first. ``kept``: the share
-    of tokens an eviction policy keeps, in every layer of both models (``kv_ratio`` is against the LLM alone
-    without eviction)."""
+    of tokens an eviction policy keeps, in every layer of both models (``kv_ratio`` and the limits are against the
+    LLM alone without eviction; a decode step reads only the kept KV)."""
     context = scenario.prompt + scenario.new_tokens
     base_kv = kv_bytes_per_token(llm, slm, 0, elem)
     base_prefill = prefill_flops(llm, slm, 0, scenario.prompt)
@@ -128,12 +128,12 @@ def analytic_rows(
                 "kv_ratio": kv / base_kv,
                 "prefill_tflops": flops / 1e12,
                 "ttft_limit": base_prefill / flops,
-                "tpot_limit": base_decode / decode_bytes(llm, slm, n, scenario.batch, context, elem, slm_cache),
+                "tpot_limit": base_decode / decode_bytes(llm, slm, n, scenario.batch, context * kept, elem, slm_cache),
             }
             if budget_gb is not None:
                 weights = (llm.params + (slm.params if n else 0)) * elem
                 max_batch = max(int((budget_gb * GB - weights) // (kv * context)), 0)
-                step = decode_bytes(llm, slm, n, max_batch, context, elem, slm_cache)
+                step = decode_bytes(llm, slm, n, max_batch, context * kept, elem, slm_cache)
                 row["max_batch"] = max_batch
                 row["throughput_tok_s_per_tbps"] = max_batch / step * 1e12 if max_batch else 0.0
                 if base_batch is None:
