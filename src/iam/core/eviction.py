@@ -36,13 +36,11 @@ class EvictionPolicy(ABC):
 
     def __post_init__(self) -> None:
         b = self.budget
-        if isinstance(b, bool) or not isinstance(b, (int, float)):
-            raise ValueError(f"budget must be a fraction in (0, 1] or a token count, got {b!r}.")
-        if isinstance(b, float) and not 0 < b <= 1:
+        fraction = isinstance(b, float) and 0 < b <= 1
+        count = isinstance(b, int) and not isinstance(b, bool) and b >= 1
+        if not (fraction or count):
             raise ValueError(f"budget must be a fraction in (0, 1] or a token count (an integer > 1), got {b!r}.")
-        if isinstance(b, int) and b < 1:
-            raise ValueError(f"budget must be a fraction in (0, 1] or a token count (an integer > 1), got {b!r}.")
-        if isinstance(b, int) and b < self.reserved:
+        if count and b < self.reserved:
             raise ValueError(f"budget {b} is smaller than the {self.reserved} tokens {type(self).__name__} always keeps.")
 
     @property
