@@ -24,7 +24,7 @@ test: install
 	$(VENV)/bin/python -m pytest -q
 
 # The README's shipped-pair benchmark. glibc malloc keeps freed memory in the process here, so CPU timings do
-# not include faulting in again, on every forward, the pages it gave back to the OS (README, "Shipped pair").
+# not include faulting in again, on every forward, the pages it gave back to the OS (docs/results.md, "Allocator").
 BENCH_ENV := MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1000000000000
 bench: install
 	$(BENCH_ENV) $(VENV)/bin/iam bench --scenario concurrency --prompt 256 --batch 4 --new-tokens 16 --repeats 5 \

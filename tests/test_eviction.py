@@ -34,10 +34,13 @@ def test_each_policy_keeps_its_budget_per_sequence_and_never_padding(pair, polic
     width = int(expected.max())
     layers = [layer for layer in [*out.cache.layers, *out.cache.slm.layers] if layer.values is not None]
     assert all(layer.values.shape[-2] == width for layer in layers)  # evicted bytes are gone from every layer
-    first = ids.shape[1] - torch.tensor([30, 22, 26])  # each row's first real token's column
-    positions = kept.positions.masked_fill(~kept.valid, -1)
-    assert all(((positions[b] >= 0) == kept.valid[b]).all() and positions[b].max() < seen[b] for b in range(3))
-    assert (first >= 0).all()
+    for b in range(3):  # kept slots are distinct real tokens (a kept pad slot would repeat position 0)
+        real = kept.positions[b][kept.valid[b]].tolist()
+        assert len(set(real)) == len(real) == expected[b] and max(real) == seen[b] - 1
+        if isinstance(policy, StreamingLLM):
+            assert real == [0, 1, *range(int(seen[b]) - 10, int(seen[b]))]  # the sinks and the latest tokens
+        if isinstance(policy, H2O):
+            assert real[-4:] == list(range(int(seen[b]) - 4, int(seen[b])))  # the recent window
 
 
 def test_fraction_budgets_keep_a_share_of_each_sequence(pair):
@@ -98,6 +101,50 @@ def test_iam_with_h2o_bytes_equal_the_arithmetic(pair):
     slm_bytes = 2 * slots * fp32 * d_s * 1 * 2 * (cache.mapping.slm_layers[-1] + 1)
     assert (kv["llm"], kv["slm"]) == (llm_bytes, slm_bytes)
     assert kv["baseline"] == 2 * 45 * fp32 * d * 2 * 2 * 4  # every token seen, K and V in every layer
+
+
+def test_eviction_starts_with_the_mapping_set_in_decode_and_survives_beam_search(pair):
+    """A prompt below establish_threshold runs the LLM alone without evicting; the decode step that reaches the
+    threshold prefills both models, sets the mapping and evicts from then on, under beam search too."""
+    llm, slm = pair
+    ids = prompt(12)
+    out = model(llm, slm, H2O(budget=10, recent=3), ratio=0.5, establish_threshold=16).generate(
+        ids, max_new_tokens=12, do_sample=False, num_beams=2, return_dict_in_generate=True
+    )
+    cache = out.cache
+    assert cache.established and cache.mapping.window.lengths.tolist() == [16, 16]
+    assert cache.kept.valid.sum(-1).tolist() == [10, 10] and torch.equal(cache.kept.seen, torch.tensor([23, 23]))
+    assert cache.get_seq_length() == 23 and cache.layers[0].get_seq_length() == 10
+
+
+def test_a_reset_cache_serves_a_new_short_prompt(pair):
+    llm, slm = pair
+    m = model(llm, slm, StreamingLLM(budget=8, sinks=2), ratio=0.5)
+    cache = forward(m, prompt(30)).cache
+    cache.reset()
+    assert forward(m, prompt(5), cache=cache).logits.shape == (1, 5, 97) and not cache.established
+
+
+def test_generate_continues_an_evicted_cache(pair):
+    """generate() slices the prompt by the cache's length: tokens seen, not the slots kept."""
+    llm, slm = pair
+    m = model(llm, slm, StreamingLLM(budget=12, sinks=2), ratio=0.5)
+    ids = prompt(30)
+    cache = m.new_cache()
+    first = m.generate(ids, max_new_tokens=4, do_sample=False, cache=cache)
+    assert cache.layers[0].get_seq_length() == 12 and cache.get_seq_length() == 33
+    more = m.generate(first, max_new_tokens=3, do_sample=False, cache=cache)
+    assert torch.equal(more[:, :34], first) and more.shape == (1, 37) and cache.kept.valid.sum() == 12
+
+
+def test_a_context_below_the_threshold_is_refused_for_iam(pair):
+    from iam.eval.evaluation import eval_perplexity
+
+    llm, slm = pair
+    with pytest.raises(ValueError, match="--context 10 is below establish_threshold 20"):
+        eval_perplexity(llm, slm, [prompt(40)], [0.5], MappingConfig(), progress=False, context=10)
+    with pytest.raises(ValueError, match=r"--context 40 must leave tokens to score: 0 < context < 40"):
+        eval_perplexity(llm, slm, [prompt(40)], [0.0], MappingConfig(), progress=False, context=40)
 
 
 def test_continuation_reads_the_evicted_cache(pair):

@@ -113,7 +113,9 @@ def analytic_rows(
     base_kv = kv_bytes_per_token(llm, slm, 0, elem)
     base_prefill = prefill_flops(llm, slm, 0, scenario.prompt)
     base_decode = decode_bytes(llm, slm, 0, scenario.batch, context, elem)
-    base_batch = base_tput = None
+    if budget_gb is not None:  # the LLM alone without eviction: what every row is set against
+        base_batch = max(int((budget_gb * GB - llm.params * elem) // (base_kv * context)), 0)
+        base_tput = base_batch / decode_bytes(llm, slm, 0, base_batch, context, elem) * 1e12 if base_batch else 0.0
     rows = []
     for slm_cache in SLM_CACHES:
         for r in with_baseline(ratios):
@@ -136,8 +138,6 @@ def analytic_rows(
                 step = decode_bytes(llm, slm, n, max_batch, context * kept, elem, slm_cache)
                 row["max_batch"] = max_batch
                 row["throughput_tok_s_per_tbps"] = max_batch / step * 1e12 if max_batch else 0.0
-                if base_batch is None:
-                    base_batch, base_tput = max_batch, row["throughput_tok_s_per_tbps"]
                 row["batch_ratio"] = max_batch / base_batch if base_batch else math.nan
                 row["throughput_ratio"] = row["throughput_tok_s_per_tbps"] / base_tput if base_tput else math.nan
             rows.append(row)

@@ -15,6 +15,7 @@ from ..core.cache import cache_bytes, slm_cache
 from ..core.config import MappingConfig
 from ..core.eviction import EvictionPolicy
 from ..core.model import IAMForCausalLM
+from ..core.selection import layers_worth
 from ..models.presets import Arch
 from ..reporting import with_baseline
 from .costs import Scenario, llm_decode_bytes, llm_prefill_flops
@@ -129,7 +130,7 @@ def measure(
         }
         row["throughput_tok_s"] = scenario.batch / row["tpot_s"]
         if r:
-            n = sum(1 if isinstance(u, str) else big.kv_heads for u in s[-1]["units"]) / big.kv_heads  # layers' worth
+            n = layers_worth(s[-1]["units"], big.kv_heads)
             share = {
                 "ttft_s": llm_prefill_flops(big, small, n, scenario.prompt) / llm_prefill_flops(big, small, 0, scenario.prompt),
                 "tpot_s": llm_decode_bytes(big, n, scenario.batch, context, elem)

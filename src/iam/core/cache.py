@@ -138,7 +138,7 @@ class IAMCache(Cache):
     Parameters
     ----------
     llm_config, slm_config : the two models' configs.
-    slm_cache : ``"native"`` or ``"int8"`` (see ``MappingConfig.slm_cache``).
+    slm_cache_kind : ``"native"`` or ``"int8"`` (see ``MappingConfig.slm_cache``).
     eviction : the token eviction policy, if any.
     """
 
@@ -250,10 +250,19 @@ class IAMCache(Cache):
         raise ValueError("an IAMCache cannot be cropped: the SLM's cache and the mapping follow the LLM's tokens.")
 
     def reset(self) -> None:
-        super().reset()
+        self.layers = [DynamicLayer() for _ in self.layers]  # mapped layers were V-only
         self.slm.reset()
         self.mapping = self.tokens = self.kept = None
         self.columns = 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens seen so far, padding included: what the caller's attention mask spans (``generate()`` slices its
+        inputs by it). Once tokens are evicted the layers hold fewer slots; see ``get_query_offset``."""
+        return self.columns
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        """Slots cached before this forward's tokens, where the mask places them."""
+        return self.layers[layer_idx].get_seq_length()
 
     def kv_bytes(self) -> dict[str, int]:
         """Bytes in the real caches: ``llm``, ``slm``, ``total``, and ``baseline``, what the LLM alone would hold for

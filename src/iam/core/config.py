@@ -24,12 +24,12 @@ class MappingConfig:
     ratio : fraction of the LLM's K cache dropped, in ``[0, 1]``: ``round(ratio * n_layers)`` whole layers, or
         ``round(ratio * n_layers * kv_heads)`` KV groups when the calibrated order is per KV group.
     strategy : which layers: ``"auto"`` (the pair's stored calibrated order, else ``"back"``), ``"calibrated"``,
-        ``"back"``, ``"front"``, ``"two-region"`` or ``"similar"`` (see ``iam.selection``).
+        ``"back"``, ``"front"``, ``"two-region"`` or ``"similar"`` (see ``iam.core.selection``).
     layers : explicit units to map, overriding ``ratio`` and ``strategy``: whole LLM layers (``int``) and single KV
         groups (``(layer, kv_group)``: the group's query heads borrow SLM attention and its K is not cached, while
         the layer's other groups attend as usual).
     metric : similarity used to match heads: ``"cosine"``, ``"pearson"``, ``"minkowski1"``, ``"minkowski2"``,
-        ``"cosine-norm"`` (see ``iam.similarity``).
+        ``"cosine-norm"`` (see ``iam.core.similarity``).
     blend : SLM heads each mapped LLM head borrows. 1 is the paper's single best match; ``k > 1`` takes the ``k``
         most similar SLM heads and mixes their attention with non-negative weights summing to one (so every row is
         still a distribution), fit by least squares to the LLM head's window attention. No K either way; the mapped

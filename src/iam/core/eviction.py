@@ -27,7 +27,8 @@ class EvictionPolicy(ABC):
 
     Parameters
     ----------
-    budget : tokens kept per sequence: a fraction in ``(0, 1]`` of its tokens so far, or a count (an ``int`` > 1).
+    budget : tokens kept per sequence: a fraction in ``(0, 1]`` of its tokens so far (a ``float``), or a count (a
+        positive ``int``).
     """
 
     budget: float | int = 0.8
@@ -39,7 +40,7 @@ class EvictionPolicy(ABC):
         fraction = isinstance(b, float) and 0 < b <= 1
         count = isinstance(b, int) and not isinstance(b, bool) and b >= 1
         if not (fraction or count):
-            raise ValueError(f"budget must be a fraction in (0, 1] or a token count (an integer > 1), got {b!r}.")
+            raise ValueError(f"budget must be a fraction in (0, 1] or a token count (a positive integer), got {b!r}.")
         if count and b < self.reserved:
             raise ValueError(f"budget {b} is smaller than the {self.reserved} tokens {type(self).__name__} always keeps.")
 
@@ -158,7 +159,7 @@ def make_policy(name: str | None, budget: float | int | None = None) -> Eviction
 
 
 def parse_budget(text: str) -> float | int:
-    """``"0.8"`` is a fraction, ``"256"`` a token count."""
+    """``"0.8"`` is a fraction, ``"256"`` a token count; ``"1"`` is the fraction 1 (keep every token)."""
     value = float(text)
     return int(value) if value.is_integer() and value > 1 else value
 

@@ -183,7 +183,8 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
 
         ``attention_mask`` is the 2D mask of every token so far (cached and new; left padding only), ``cache`` the
         ``IAMCache`` of earlier steps (``past_key_values`` is its old name; ``None`` or an empty cache starts a new
-        sequence). Returns the LLM's logits (the last ``logits_to_keep`` positions, all for 0), the loss with
+        sequence). The cache is always kept and returned (``use_cache`` is accepted for ``generate()``). Returns the
+        LLM's logits (the last ``logits_to_keep`` positions, all for 0), the loss with
         ``labels``, and the cache, which carries the mapping.
         """
         if kwargs.get("inputs_embeds") is not None:
@@ -268,29 +269,18 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         t = ids.shape[1]
         if cache.tokens is not None:
             ids = torch.cat([cache.tokens, ids], -1)
+        needs_scores = self.resolved.strategy.needs_scores
+        if needs_scores and ids.shape[0] > 1:
+            raise ValueError(
+                "strategy 'similar' chooses layers per input: run one sequence at a time (a batch would choose for all "
+                "rows at once)."
+            )
         position_ids = positions(mask, ids.shape[1])
         config = self.mapping_config
-        n_slm = self.slm.config.num_hidden_layers
         cache.slm.reset()
-        step = self._slm_step(cache, ids, mask, position_ids, n_slm)
-        slm_attn = decoder_layers(self.slm)[0].self_attn
-        window = Window.from_mask(mask, config.truncation_threshold)
-        keys = [read_keys(layer) for layer in cache.slm.layers]
-        establishing = SLMWindow(
-            window=window,
-            flats=slm_window_flats(step.queries, keys, slm_attn.scaling, window),
-            heads=self.slm.config.num_attention_heads,
-            metric=METRICS[config.metric],
-            blend=config.blend,
-        )
-        probe = None
-        if self.resolved.strategy.needs_scores:
-            if ids.shape[0] > 1:
-                raise ValueError(
-                    "strategy 'similar' chooses layers per input: run one sequence at a time (a batch would choose "
-                    "for all rows at once)."
-                )
-            probe = self._probe(ids, establishing)
+        step, establishing = self._slm_window(cache, ids, mask, config.truncation_threshold)
+        window = establishing.window
+        probe = self._probe(ids, establishing) if needs_scores else None
         plan = self._plan(probe)
         cache.establish(
             Mapping(plan, window, self.config.num_attention_heads, self.n_kv, config.metric, config.blend, probe=probe)
@@ -305,6 +295,16 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         return self._llm_step(cache, ids, mask, position_ids, logits_to_keep, step)
 
     # ---- parts -----------------------------------------------------------------------------------------------
+    def _slm_window(self, cache: IAMCache, ids, mask, truncation: int) -> tuple[SLMStep, SLMWindow]:
+        """The SLM over the whole context, every layer (its queries recorded), and what it provides to establish a
+        mapping: its attention on the window of the first ``truncation`` real tokens."""
+        step = self._slm_step(cache, ids, mask, positions(mask, ids.shape[1]), self.slm.config.num_hidden_layers)
+        window = Window.from_mask(mask, truncation)
+        keys = [read_keys(layer) for layer in cache.slm.layers]
+        flats = slm_window_flats(step.queries, keys, step.scaling, window)
+        config = self.mapping_config
+        return step, SLMWindow(window, flats, self.slm.config.num_attention_heads, METRICS[config.metric], config.blend)
+
     def _slm_step(self, cache: IAMCache, ids, mask, position_ids, depth: int) -> SLMStep:
         """The SLM's base model (never its LM head) through ``depth`` layers, recording their queries."""
         queries = Pass(self.slm, ids, cache.slot_mask(mask, ids.shape[1]), position_ids, cache.slm).queries(depth)
@@ -328,7 +328,8 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         run = Pass(self.llm, ids, slots, position_ids, cache)
         mapping = cache.mapping
         layers = decoder_layers(self.llm)
-        scoring = cache.eviction is not None and cache.eviction.needs_scores
+        policy = cache.eviction
+        scoring = policy is not None and policy.needs_scores and (cache.kept is None or policy.decode)
         queries: dict[int, torch.Tensor] = {}
         for i in range(self.n_layers):
             if mapping is not None and i in mapping.plan:
@@ -339,7 +340,7 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
             else:
                 run.layer(i)
         logits = self._logits(run, logits_to_keep)
-        if cache.eviction is not None:
+        if policy is not None:
             first = cache.kept is None
             cache.track(mask[:, -t:], position_ids)
             cache.evict(self._attention_mass(cache, queries, step, slots) if scoring else None, prefill=first)
@@ -383,14 +384,7 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
     def head_similarity(self, input_ids: torch.Tensor, truncation_threshold: int | None = None) -> torch.Tensor:
         """Similarity ``[L, B, H, L_s * H_s]`` of every LLM head to every SLM (layer, head) on the window of
         ``input_ids`` (unpadded, ``[B, T]``), by the config's metric: the analysis behind ``iam similarity``."""
-        config = self.mapping_config
-        mask = torch.ones_like(input_ids)
-        cache = self.new_cache()
         ids = input_ids.to(self.llm.device)
-        step = self._slm_step(cache, ids, mask, positions(mask, ids.shape[1]), self.slm.config.num_hidden_layers)
-        window = Window.from_mask(mask, truncation_threshold or config.truncation_threshold)
-        keys = [read_keys(layer) for layer in cache.slm.layers]
-        scaling = decoder_layers(self.slm)[0].self_attn.scaling
-        flats = slm_window_flats(step.queries, keys, scaling, window)
-        establishing = SLMWindow(window, flats, self.slm.config.num_attention_heads, METRICS[config.metric], config.blend)
+        truncation = truncation_threshold or self.mapping_config.truncation_threshold
+        _, establishing = self._slm_window(self.new_cache(), ids, torch.ones_like(ids), truncation)
         return self._probe(ids, establishing)

@@ -44,6 +44,11 @@ def parse_unit(text: str) -> Unit:
     return int(layer) if not group else (int(layer), int(group))
 
 
+def layers_worth(units: list[int | str], n_kv: int) -> float:
+    """Whole layers' worth of mapped K in units as ``format_plan`` writes them (a KV group is ``1 / n_kv`` layer)."""
+    return sum(1 if isinstance(u, str) else n_kv for u in units) / n_kv
+
+
 def format_plan(plan: Plan, n_kv: int) -> list[int | str]:
     """A plan as the CLI writes it: whole layers as ``int``, single KV groups as ``"layer:group"``."""
     out: list[int | str] = []

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from ..core.config import MappingConfig
 from ..core.eviction import EvictionPolicy
 from ..core.model import IAMForCausalLM
+from ..core.selection import layers_worth
 from ..reporting import with_baseline
 
 
@@ -46,7 +47,7 @@ def perplexity(
             out = iam(w, labels=w)
             loss = out.loss
         else:
-            first = iam(w[:, :context])
+            first = iam(w[:, :context], logits_to_keep=1)
             out = iam(w[:, context:], cache=first.cache)
             logits = torch.cat([first.logits[:, -1:], out.logits[:, :-1]], 1)  # position i predicts token i + 1
             loss = F.cross_entropy(logits.flatten(0, 1).float(), w[:, context:].flatten().to(logits.device))
@@ -92,12 +93,25 @@ def eval_perplexity(
     """Perplexity at each ratio, over whole windows or (``context``) their continuations; ratio 0 (the LLM alone)
     is always the first row. With ``eviction`` every row evicts, the LLM alone included; only a continuation reads
     an evicted cache."""
-    if context is not None and not 0 < context < windows[0].shape[1]:
-        raise ValueError(f"--context {context} must leave tokens to score: 0 < context < {windows[0].shape[1]} (--tokens).")
+    if context is not None:
+        check_context(context, windows[0].shape[1], base, ratios)
     ratios = with_baseline(ratios)
     configs = [({"ratio": r, "strategy": base.strategy, "metric": base.metric}, replace(base, ratio=r)) for r in ratios]
     rows = _rows_over(configs, llm, slm, windows, progress, context, eviction)
     return {"rows": rows, "context": context, "eviction": None if eviction is None else repr(eviction)}
+
+
+def check_context(context: int, tokens: int, base: MappingConfig, ratios: Sequence[float]) -> None:
+    """Raise unless a continuation protocol with ``context`` tokens prefilled is meaningful: tokens left to score,
+    and, where IAM maps, a context that reaches ``establish_threshold`` (below it the mapping, and eviction with it,
+    would only start in the continuation's own forward)."""
+    if not 0 < context < tokens:
+        raise ValueError(f"--context {context} must leave tokens to score: 0 < context < {tokens} (--tokens).")
+    if any(r > 0 for r in ratios) and context < base.establish_threshold:
+        raise ValueError(
+            f"--context {context} is below establish_threshold {base.establish_threshold}: IAM would map (and evict) only "
+            "after the continuation is scored."
+        )
 
 
 def eval_kv_tradeoff(
@@ -122,6 +136,7 @@ def eval_kv_tradeoff(
     from ..core.eviction import make_policy
     from ..models.presets import Arch
 
+    check_context(context, windows[0].shape[1], base, ratios)
     points = [(0.0, None, None)] + [(0.0, p, b) for p in policies for b in budgets]
     points += [(r, None, None) for r in ratios if r] + [
         (r, p, b) for p in policies for b in combined_budgets for r in ratios if r
@@ -131,7 +146,7 @@ def eval_kv_tradeoff(
     for r, policy, budget in tqdm(points, desc="kv-tradeoff", disable=not progress):
         iam = IAMForCausalLM(llm, slm, replace(base, ratio=r), make_policy(policy, budget))
         ppl, units, kv = perplexity(iam, windows, progress=False, context=context)
-        n = sum(1 if isinstance(u, str) else big.kv_heads for u in units) / big.kv_heads  # mapped layers' worth
+        n = layers_worth(units, big.kv_heads)
         rows.append(
             {
                 "method": ("IAM" if r else "LLM alone") + (f" + {policy}" if policy else ""),
