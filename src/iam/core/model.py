@@ -278,7 +278,7 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         position_ids = positions(mask, ids.shape[1])
         config = self.mapping_config
         cache.slm.reset()
-        step, establishing = self._slm_window(cache, ids, mask, config.truncation_threshold)
+        step, establishing = self._slm_window(cache, ids, mask, position_ids, config.truncation_threshold)
         window = establishing.window
         probe = self._probe(ids, establishing) if needs_scores else None
         plan = self._plan(probe)
@@ -295,10 +295,10 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         return self._llm_step(cache, ids, mask, position_ids, logits_to_keep, step)
 
     # ---- parts -----------------------------------------------------------------------------------------------
-    def _slm_window(self, cache: IAMCache, ids, mask, truncation: int) -> tuple[SLMStep, SLMWindow]:
+    def _slm_window(self, cache: IAMCache, ids, mask, position_ids, truncation: int) -> tuple[SLMStep, SLMWindow]:
         """The SLM over the whole context, every layer (its queries recorded), and what it provides to establish a
         mapping: its attention on the window of the first ``truncation`` real tokens."""
-        step = self._slm_step(cache, ids, mask, positions(mask, ids.shape[1]), self.slm.config.num_hidden_layers)
+        step = self._slm_step(cache, ids, mask, position_ids, self.slm.config.num_hidden_layers)
         window = Window.from_mask(mask, truncation)
         keys = [read_keys(layer) for layer in cache.slm.layers]
         flats = slm_window_flats(step.queries, keys, step.scaling, window)
@@ -386,5 +386,6 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         ``input_ids`` (unpadded, ``[B, T]``), by the config's metric: the analysis behind ``iam similarity``."""
         ids = input_ids.to(self.llm.device)
         truncation = truncation_threshold or self.mapping_config.truncation_threshold
-        _, establishing = self._slm_window(self.new_cache(), ids, torch.ones_like(ids), truncation)
+        mask = torch.ones_like(ids)
+        _, establishing = self._slm_window(self.new_cache(), ids, mask, positions(mask, ids.shape[1]), truncation)
         return self._probe(ids, establishing)
