@@ -10,6 +10,7 @@ and a layer can be mapped in part, one KV group at a time (see ``MappedAttention
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from torch import nn
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 from transformers.cache_utils import Cache
 
-from .cache import read_keys
+from .cache import LocalKeys, read_keys
 from .decoder import attend, project_qk, runs
 from .mapping import HeadMap, Mapping, SLMWindow, window_attention
 
@@ -175,7 +176,10 @@ class MappedAttention:
             q, k = project_qk(attn, hidden_states, *position_embeddings, self.own)
         k, v = cache.update(k, v, self.layer_idx)
         mapped_v = take_groups(v, self.groups)
-        if t == 1:
+        if cache.local is not None:
+            local = cache.local.layers[self.layer_idx]
+            out = self._local(hidden_states, position_embeddings, routes, mapped_v, local, mapping.window.starts, attention_mask, slm)
+        elif t == 1:
             out = self._decode(routes, mapped_v, attention_mask, slm)
         else:
             out = self._prefill(routes, mapped_v, attention_mask, slm)
@@ -244,6 +248,105 @@ class MappedAttention:
             )[..., :d]
         return routes.mix(out[rows, routes.item_of_column])
 
+    def _local(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        routes: Routes,
+        v: torch.Tensor,
+        keys: LocalKeys,
+        starts: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        slm: SLMStep,
+    ) -> torch.Tensor:
+        """The mapped heads with an exact local window (``MappingConfig.local_window``): each query attends with the
+        head's own Q and K to the sinks and the ``window`` latest slots, and the borrowed SLM row gives the mass
+        ``m`` on the older ("far") slots and its spread over them::
+
+            out = sum_far a_j v_j + (1 - m) * softmax_window(q k^T) v
+
+        so where the window covers every slot the head is exactly the LLM's own. ``v`` ``[B, G, S, d]`` holds the
+        mapped groups' V of every slot; ``starts`` ``[B]`` each sequence's first real slot. Queries run in chunks,
+        and the exact part reads only the chunk's sinks and window. Returns ``[B, H_m, t, d]``."""
+        q, k = project_qk(self.original, hidden_states, *position_embeddings, self.groups)
+        sink_k, recent_k = keys.update(k, starts)
+        b, h, t, d = q.shape
+        g, total = v.shape[1], v.shape[2]
+        past, per, sinks, window = total - t, h // g, keys.sinks, keys.window
+        slots = torch.arange(total, device=v.device)
+        first_real = starts.to(v.device)[:, None, None]  # [B, 1, 1]
+        sink_slots = first_real[:, 0] + slots[:sinks]  # [B, sinks]
+        sink_v = v.gather(2, sink_slots[:, None, :, None].expand(b, g, sinks, d))
+        first_recent = total - recent_k.shape[2]  # the slot of recent_k[:, :, 0]
+        items = None if t == 1 else slm_items(routes, slm)
+        q, v32 = q.float().view(b, g, per, t, d), v.float()[:, :, None]
+        out = q.new_empty(b, g, per, t, d)
+        columns = max(routes.item_of_column.shape[1], routes.item_kv.shape[1])
+        chunk = max(1, min(t, LOCAL_CHUNK_ELEMENTS // (b * columns * total)))
+        for a in range(0, t, chunk):
+            e = min(a + chunk, t)
+            seen = slots[past + a : past + e, None]  # [c, 1] the chunk's query slots
+            lo = max(past + a - window + 1, first_recent)
+            recent = slots[lo : past + e]
+            exact_k = torch.cat([sink_k, recent_k[:, :, lo - first_recent : past + e - first_recent]], 2).float()
+            exact_v = torch.cat([sink_v, v[:, :, lo : past + e]], 2).float()
+            reads = torch.cat(  # [B, c, sinks + n]: sinks up to the query; recent within the window, past the sinks
+                [
+                    (sink_slots[:, None, :] <= seen).expand(-1, e - a, -1),
+                    (recent <= seen) & (recent > seen - window) & (recent >= first_real + sinks),
+                ],
+                -1,
+            )
+            scores = (q[:, :, :, a:e] @ exact_k[:, :, None].transpose(-1, -2)) * self.original.scaling
+            exact = scores.masked_fill(~reads[:, None, None], -math.inf).softmax(-1).nan_to_num(0.0) @ exact_v[:, :, None]
+            rows = routes.mix(self._slm_rows(routes, slm, items, a, e, seen, first_real, attention_mask))  # [B, H_m, c, S]
+            far = (slots >= first_real + sinks) & (slots <= seen - window)  # [B, c, S]
+            rows = (rows * far[:, None]).view(b, g, per, e - a, total)
+            out[:, :, :, a:e] = rows @ v32 + (1 - rows.sum(-1, keepdim=True)) * exact
+        return out.view(b, h, t, d).to(v.dtype)
+
+    @staticmethod
+    def _slm_rows(
+        routes: Routes,
+        slm: SLMStep,
+        items: tuple[torch.Tensor, torch.Tensor] | None,
+        a: int,
+        e: int,
+        seen: torch.Tensor,
+        first_real: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Borrowed SLM attention probabilities ``[B, H_m * k, e - a, S]`` of the queries ``a:e``, one row per
+        column: in decode the SLM layer's shared rows, in prefill per item from ``items`` (queries, keys)."""
+        if items is None:
+            b, columns = routes.item_of_column.shape
+            first = slm.decode_rows(routes.columns[0][0], attention_mask)
+            rows = first.new_empty(b, columns, first.shape[-1])
+            for layer, bi, ci, hs in routes.columns:
+                rows[bi, ci] = slm.decode_rows(layer, attention_mask)[bi, hs]
+            return rows[:, :, None]
+        q, k = items
+        slots = torch.arange(k.shape[2], device=k.device)
+        scores = (q[:, :, a:e].float() @ k.float().transpose(-1, -2)) * slm.scaling  # [B, U, c, S]
+        visible = (slots <= seen) & (slots >= first_real)  # [B, c, S]
+        probs = scores.masked_fill(~visible[:, None], -math.inf).softmax(-1).nan_to_num(0.0)
+        return probs[torch.arange(q.shape[0], device=q.device)[:, None], routes.item_of_column]
+
+
+def slm_items(routes: Routes, slm: SLMStep) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries ``[B, U, t, d_s]`` and keys ``[B, U, S, d_s]`` of each prefill item (see ``Routes``)."""
+    some_q = slm.queries[routes.items[0][0]]
+    some_k = slm.keys(routes.items[0][0])
+    q = some_q.new_empty(*routes.item_kv.shape, *some_q.shape[2:])
+    k = some_k.new_empty(*routes.item_kv.shape, *some_k.shape[2:])
+    for layer, bi, ui, hs in routes.items:
+        q[bi, ui] = slm.queries[layer][bi, hs]
+        k[bi, ui] = slm.keys(layer, bi, hs // slm.kv_groups)
+    return q, k
+
+
+LOCAL_CHUNK_ELEMENTS = 1 << 23
+"""Elements of the largest probability block ``[B, columns, chunk, S]`` one chunk of a local-window prefill holds."""
 
 FLEX_MIN_TOKENS = 256
 """Prefill length from which mapped attention runs FlexAttention. With 64 SLM heads on a CPU it took 0.4 of padded

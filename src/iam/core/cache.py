@@ -97,6 +97,38 @@ class Int8Layer(DynamicLayer):
         self.key_scales = self.value_scales = None
 
 
+class LocalKeys(DynamicLayer):
+    """K of a mapped layer's mapped KV groups under ``MappingConfig.local_window``: each sequence's first ``sinks``
+    real tokens, then the latest ``window`` slots, in one ``keys`` tensor ``[B, G, sinks + recent, d]``. Keys that
+    leave the window are freed. ``values`` stays empty: the layer's V is in its own cache layer.
+
+    Parameters
+    ----------
+    sinks, window : as ``MappingConfig.sinks`` and ``MappingConfig.local_window``.
+    """
+
+    def __init__(self, sinks: int, window: int) -> None:
+        super().__init__()
+        self.sinks, self.window = sinks, window
+
+    def lazy_initialization(self, key_states: torch.Tensor, starts: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, key_states)
+        slots = (starts.to(key_states.device)[:, None] + torch.arange(self.sinks, device=key_states.device))[:, None, :, None]
+        self.keys = key_states.gather(2, slots.expand(-1, key_states.shape[1], -1, key_states.shape[-1]))
+        self.values = key_states.new_empty(*key_states.shape[:2], 0, key_states.shape[-1])
+
+    def update(self, key_states: torch.Tensor, starts: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add the keys of this forward's ``t`` slots (``[B, G, t, d]``; the first forward holds every slot so far,
+        and ``starts`` ``[B]`` places each sequence's sinks in it). Returns the sink keys ``[B, G, sinks, d]`` and
+        the recent keys this forward reads: the cached ones, then the new ones."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, starts)
+        sinks, recent = self.keys.split([self.sinks, self.keys.shape[2] - self.sinks], 2)
+        recent = torch.cat([recent, key_states], 2)
+        self.keys = torch.cat([sinks, recent[:, :, max(recent.shape[2] - self.window, 0) :]], 2)
+        return sinks, recent
+
+
 def read_keys(layer: DynamicLayer, *index: torch.Tensor) -> torch.Tensor:
     """``layer.keys[index]`` in the model's dtype, whether the layer is plain or int8."""
     return layer.dequantized_keys(*index) if isinstance(layer, Int8Layer) else layer.keys[index]
@@ -140,6 +172,8 @@ class IAMCache(Cache):
     llm_config, slm_config : the two models' configs.
     slm_cache_kind : ``"native"`` or ``"int8"`` (see ``MappingConfig.slm_cache``).
     eviction : the token eviction policy, if any.
+    local : ``(sinks, window)`` where mapped layers attend exactly to a local window (``MappingConfig.local_window``):
+        their mapped groups' K for those tokens is in ``self.local``, one ``LocalKeys`` per LLM layer.
     """
 
     def __init__(
@@ -148,10 +182,13 @@ class IAMCache(Cache):
         slm_config: PretrainedConfig,
         slm_cache_kind: str = "native",
         eviction: EvictionPolicy | None = None,
+        local: tuple[int, int] | None = None,
     ) -> None:
-        super().__init__(layers=[DynamicLayer() for _ in range(llm_config.num_hidden_layers)])
+        n_layers = llm_config.num_hidden_layers
+        super().__init__(layers=[DynamicLayer() for _ in range(n_layers)])
         self.n_kv = llm_config.num_key_value_heads
         self.slm = slm_cache(slm_config, slm_cache_kind)
+        self.local = Cache(layers=[LocalKeys(*local) for _ in range(n_layers)]) if local else None
         self.eviction = eviction
         self.mapping: Mapping | None = None
         self.tokens: torch.Tensor | None = None
@@ -174,6 +211,8 @@ class IAMCache(Cache):
         ]
         self.mapping = mapping
         self.tokens = None
+        if self.local is not None:
+            self.local.reset()
 
     def drop_slm_layers(self, depth: int) -> None:
         """Free the SLM's cache layers from ``depth`` on (no mapping reads them)."""
@@ -213,6 +252,10 @@ class IAMCache(Cache):
                 if x is not None and x.shape[-2] > 0:
                     setattr(layer, name, x.gather(2, index[:, None, :, None].expand(x.shape[0], x.shape[1], -1, x.shape[-1])))
 
+    def _others(self) -> list[Cache]:
+        """The caches that follow the LLM's: the SLM's, and the local keys' where there are any."""
+        return [self.slm] if self.local is None else [self.slm, self.local]
+
     def _rows(self, index: torch.Tensor) -> None:
         if self.mapping is not None:
             self.mapping = self.mapping.rows(index)
@@ -224,12 +267,14 @@ class IAMCache(Cache):
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
-        self.slm.reorder_cache(beam_idx)
+        for cache in self._others():
+            cache.reorder_cache(beam_idx)
         self._rows(beam_idx)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
-        self.slm.batch_repeat_interleave(repeats)
+        for cache in self._others():
+            cache.batch_repeat_interleave(repeats)
         batch = self._batch_size()
         if batch is not None:
             self._rows(torch.arange(batch).repeat_interleave(repeats))
@@ -243,7 +288,8 @@ class IAMCache(Cache):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
-        self.slm.batch_select_indices(indices)
+        for cache in self._others():
+            cache.batch_select_indices(indices)
         self._rows(indices)
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -251,7 +297,8 @@ class IAMCache(Cache):
 
     def reset(self) -> None:
         self.layers = [DynamicLayer() for _ in self.layers]  # mapped layers were V-only
-        self.slm.reset()
+        for cache in self._others():
+            cache.reset()
         self.mapping = self.tokens = self.kept = None
         self.columns = 0
 
@@ -265,9 +312,9 @@ class IAMCache(Cache):
         return self.layers[layer_idx].get_seq_length()
 
     def kv_bytes(self) -> dict[str, int]:
-        """Bytes in the real caches: ``llm``, ``slm``, ``total``, and ``baseline``, what the LLM alone would hold for
+        """Bytes in the real caches: ``llm`` (the local keys included), ``slm``, ``total``, and ``baseline``, what the LLM alone would hold for
         every token seen, without eviction (K and V in every layer: twice the V bytes per token)."""
-        llm, slm = cache_bytes(self), cache_bytes(self.slm)
+        llm, slm = cache_bytes(self) + cache_bytes(self.local), cache_bytes(self.slm)
         baseline = sum(
             2 * tensor_bytes(layer.values) // layer.values.shape[-2] * self.columns
             for layer in self.layers

@@ -42,6 +42,12 @@ class MappingConfig:
         instead of the one stored for the pair (an error with any other strategy, or when the file is missing).
     slm_cache : ``"native"`` (the SLM's own dtype) or ``"int8"`` (K and V as int8 with per-token scales, about
         half the SLM cache bytes in fp16).
+    local_window : 0 (default) for the paper's mapped layer. ``w > 0``: each mapped head attends exactly, with its
+        own Q and K, to the first ``local_sinks`` tokens and the ``w`` most recent ones, and takes only the mass on
+        older tokens, and its spread over them, from the borrowed SLM row (see ``iam.core.attention``). The layer
+        then caches K for those ``local_sinks + w`` tokens instead of none, and projects Q and K again.
+    local_sinks : first tokens of each sequence attended exactly when ``local_window > 0`` (default 4); at most
+        ``establish_threshold``, so that every sequence has them when the mapping is set.
     """
 
     ratio: float = 0.3
@@ -53,6 +59,8 @@ class MappingConfig:
     truncation_threshold: int = 100
     slm_cache: str = "native"
     calibration: str | None = None
+    local_window: int = 0
+    local_sinks: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 <= self.ratio <= 1:
@@ -86,6 +94,23 @@ class MappingConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 2:
                 raise ValueError(f"{name} must be an integer >= 2 (tokens), got {value!r}.")
+        if not _is_index(self.local_window):
+            raise ValueError(f"local_window must be an integer >= 0 (recent tokens attended exactly), got {self.local_window!r}.")
+        if self.local_sinks is not None:
+            if not self.local_window:
+                raise ValueError(f"local_sinks={self.local_sinks!r} would not be used: it needs local_window > 0.")
+            if not _is_index(self.local_sinks) or self.local_sinks > self.establish_threshold:
+                raise ValueError(
+                    f"local_sinks must be an integer in [0, establish_threshold={self.establish_threshold}] (first tokens "
+                    f"attended exactly; every sequence has that many when the mapping is set), got {self.local_sinks!r}."
+                )
+
+    @property
+    def sinks(self) -> int:
+        """The sinks the mapped layers attend exactly: ``local_sinks``, or 4 by default (0 without ``local_window``)."""
+        if not self.local_window:
+            return 0
+        return min(4, self.establish_threshold) if self.local_sinks is None else self.local_sinks
 
 
 def _is_index(x: object) -> bool:

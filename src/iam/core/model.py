@@ -108,6 +108,11 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         self.mapping_config: MappingConfig = resolved.config
         self.n_layers: int = llm.config.num_hidden_layers
         self.n_kv: int = llm.config.num_key_value_heads
+        if eviction is not None and self.mapping_config.local_window:
+            raise ValueError(
+                "local_window cannot be combined with eviction yet: the local keys follow slots that eviction compacts. "
+                "Use one or the other."
+            )
         self.eviction = eviction
 
     @classmethod
@@ -151,7 +156,9 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
 
     def new_cache(self) -> IAMCache:
         """An empty cache for this pair; pass it to ``forward`` or ``generate`` and read the results off it."""
-        return IAMCache(self.llm.config, self.slm.config, self.mapping_config.slm_cache, self.eviction)
+        config = self.mapping_config
+        local = (config.sinks, config.local_window) if config.local_window and self.resolved.n_mapped else None
+        return IAMCache(self.llm.config, self.slm.config, config.slm_cache, self.eviction, local)
 
     # ---- generate --------------------------------------------------------------------------------------------
     def generate(self, inputs: torch.Tensor | None = None, generation_config=None, **kwargs):

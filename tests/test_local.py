@@ -1,0 +1,136 @@
+"""The exact local window of mapped layers (``MappingConfig.local_window``) on tiny random pairs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import iam.core.attention as attention
+from conftest import forward, iam, left_pad, prompt
+from iam import IAMForCausalLM, MappingConfig
+from iam.core.cache import tensor_bytes
+from iam.core.eviction import H2O
+
+UNITS = [1, (2, 0)]  # a whole layer and one KV group of another
+
+
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    return left_pad([prompt(60, 1)[0], prompt(45, 2)[0]])
+
+
+@pytest.mark.parametrize("blend", [1, 2])
+def test_a_window_covering_every_token_is_the_llm_alone(pair, blend):
+    llm, slm = pair
+    ids, mask = batch()
+    model = iam(llm, slm, layers=UNITS, blend=blend, local_window=64)
+    out = forward(model, ids, mask)
+    reference = forward(llm, ids, mask).logits
+    assert (out.logits - reference)[mask.bool()].abs().max() < 1e-4
+    plain = forward(iam(llm, slm, layers=UNITS, blend=blend), ids, mask).logits
+    assert (plain - reference)[mask.bool()].abs().max() > 1e-2  # the window is what makes it exact
+    tokens = dict(attention_mask=mask, max_new_tokens=12, do_sample=False)
+    model = iam(llm, slm, layers=UNITS, blend=blend, local_window=80)
+    assert torch.equal(model.generate(ids, **tokens), llm.generate(ids, **tokens))
+
+
+def test_far_tokens_take_the_borrowed_mass_and_spread(twin):
+    """The identity twin borrows each head's own attention, so far mass plus the exact window renormalised to the
+    rest is the LLM's own attention again, for any window."""
+    llm, slm = twin
+    ids, mask = batch()
+    model = iam(llm, slm, ratio=0.5, blend=1, local_window=4, local_sinks=2)
+    out = forward(model, ids, mask)
+    assert (out.logits - forward(llm, ids, mask).logits)[mask.bool()].abs().max() < 1e-4
+
+
+def test_a_small_window_lies_between_plain_iam_and_the_llm(pair):
+    llm, slm = pair
+    ids, mask = batch()
+    reference = forward(llm, ids, mask).logits[mask.bool()]
+
+    def error(window: int) -> float:
+        logits = forward(iam(llm, slm, layers=UNITS, blend=1, local_window=window), ids, mask).logits
+        return (logits[mask.bool()] - reference).abs().mean().item()
+
+    assert error(0) > error(8) > error(32) > 0
+
+
+def test_prefill_chunks_continuations_and_decode_agree(pair, monkeypatch):
+    llm, slm = pair
+    ids, mask = batch()
+    model = iam(llm, slm, layers=UNITS, blend=2, local_window=8, truncation_threshold=20)
+    whole = forward(model, ids, mask).logits
+    first = forward(model, ids[:, :40], mask[:, :40])
+    rest = forward(model, ids[:, 40:], mask, cache=first.cache).logits
+    assert (rest - whole[:, 40:]).abs().max() < 1e-4
+    cache, steps = forward(model, ids[:, :40], mask[:, :40]).cache, []
+    for i in range(40, 60):
+        out = forward(model, ids[:, i : i + 1], mask[:, : i + 1], cache=cache)
+        steps.append(out.logits)
+    assert (torch.cat(steps, 1) - whole[:, 40:]).abs().max() < 1e-4
+    solo = forward(model, ids[1:, 15:], mask[1:, 15:]).logits
+    assert (solo - whole[1:, 15:]).abs().max() < 1e-4
+    monkeypatch.setattr(attention, "LOCAL_CHUNK_ELEMENTS", 1000)  # many chunks
+    assert (forward(model, ids, mask).logits - whole).abs().max() < 1e-4
+
+
+def test_keys_are_the_sinks_and_window_only_and_leave_as_decode_slides(pair):
+    llm, slm = pair
+    ids, mask = batch()
+    sinks, window = 3, 8
+    model = iam(llm, slm, layers=UNITS, local_window=window, local_sinks=sinks)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, return_dict_in_generate=True)
+    cache = out.cache
+    d = llm.model.layers[0].self_attn.head_dim
+    local = {i: layer for i, layer in enumerate(cache.local.layers) if layer.is_initialized}
+    assert {i: tuple(layer.keys.shape) for i, layer in local.items()} == {1: (2, 2, sinks + window, d), 2: (2, 1, sinks + window, d)}
+    # the LLM's own cache: V everywhere, K of the unmapped groups; plus the local keys
+    tokens = ids.shape[1] + 10 - 1  # the last new token is never fed back
+    elem = 4
+    own_k = (4 * 2 - 2 - 1) * tokens * d * elem * 2  # batch 2
+    v = 4 * 2 * tokens * d * elem * 2
+    local_k = (2 + 1) * (sinks + window) * d * elem * 2
+    assert cache.kv_bytes()["llm"] == own_k + v + local_k
+    assert sum(tensor_bytes(layer.keys) for layer in cache.local.layers) == local_k
+
+
+def test_the_sinks_stay_each_sequences_first_real_tokens(pair):
+    """With left padding the sinks are each row's first real tokens, not the padding."""
+    llm, slm = pair
+    ids, mask = batch()
+    model = iam(llm, slm, layers=[1], local_window=4, local_sinks=2)
+    cache = forward(model, ids, mask).cache
+    for row in range(2):
+        start = int((mask[row] == 0).sum())
+        alone = forward(model, ids[row : row + 1, start:]).cache
+        assert torch.allclose(cache.local.layers[1].keys[row, :, :2], alone.local.layers[1].keys[0, :, :2], atol=1e-5)
+
+
+def test_beam_search_moves_the_local_keys(pair):
+    llm, slm = pair
+    ids, mask = batch()
+    model = iam(llm, slm, layers=UNITS, local_window=100)
+    tokens = dict(attention_mask=mask, max_new_tokens=6, num_beams=3, do_sample=False)
+    assert torch.equal(model.generate(ids, **tokens), llm.generate(ids, **tokens))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"local_window": -1}, "local_window must be an integer >= 0"),
+        ({"local_window": 2.5}, "local_window must be an integer >= 0"),
+        ({"local_window": True}, "local_window must be an integer >= 0"),
+        ({"local_sinks": 4}, "needs local_window > 0"),
+        ({"local_window": 8, "local_sinks": 21}, "local_sinks must be an integer in"),
+        ({"local_window": 8, "local_sinks": -1}, "local_sinks must be an integer in"),
+    ],
+)
+def test_bad_local_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MappingConfig(**kwargs)
+
+
+def test_local_window_with_eviction_is_refused(pair):
+    llm, slm = pair
+    with pytest.raises(ValueError, match="local_window cannot be combined with eviction"):
+        IAMForCausalLM.from_pair(llm, slm, MappingConfig(layers=[1], local_window=8), H2O(0.5))
