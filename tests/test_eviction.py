@@ -188,7 +188,9 @@ def test_kv_tradeoff_points_sit_where_their_arithmetic_puts_them(pair):
 
     llm, slm = pair
     windows = [prompt(60, seed=s) for s in (1, 2)]
-    result = eval_kv_tradeoff(llm, slm, windows, 40, MappingConfig(), [0.5], ["h2o", "streaming"], [0.5], [0.8], progress=False)
+    result = eval_kv_tradeoff(
+        llm, slm, windows, 40, MappingConfig(), [0.5], ["h2o", "streaming"], [0.5], [0.8], local_windows=[8], progress=False
+    )
     rows = {(r["method"], r["budget"]): r for r in result["rows"]}
     assert list(rows)[0] == ("LLM alone", None) and rows[("LLM alone", None)]["ppl_increase"] == 0
     for policy in ("h2o", "streaming"):  # 30 of the window's 60 tokens kept
@@ -199,6 +201,10 @@ def test_kv_tradeoff_points_sit_where_their_arithmetic_puts_them(pair):
     big, small = (Arch.from_config(m.config.to_dict()) for m in (llm, slm))
     assert iam["total_kv"] > 0.75 and iam["prefill_flops"] == prefill_flops(big, small, 2, 40) / prefill_flops(big, small, 0, 40)
     assert rows[("LLM alone + h2o", 0.5)]["prefill_flops"] == 1  # eviction saves no prefill arithmetic
+    local = rows[("IAM, exact window 8", None)]  # the mapped layers keep K of 4 sinks + 8 recent of 60 tokens
+    assert local["llm_kv_dropped"] == pytest.approx(0.25 * (1 - 12 / 60))
+    assert local["prefill_flops"] == prefill_flops(big, small, 2, 40, 12) / prefill_flops(big, small, 0, 40)
+    assert local["prefill_flops"] > iam["prefill_flops"]  # Q/K projected again
     combined = rows[("IAM + h2o", 0.8)]
     assert combined["llm_kv_dropped"] == pytest.approx(1 - 0.75 * 0.8)  # 48 of 60 tokens kept
     assert combined["total_kv"] == pytest.approx(iam["total_kv"] * 0.8)

@@ -91,6 +91,13 @@ def add_mapping_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--calibration", default=None, metavar="FILE", help="order for --strategy auto/calibrated, instead of the stored one"
     )
+    p.add_argument(
+        "--local-window",
+        type=int,
+        default=0,
+        help="mapped heads attend exactly to the sinks and this many latest tokens; the SLM row covers older ones (0: off)",
+    )
+    p.add_argument("--local-sinks", type=int, default=None, help="first tokens attended exactly with --local-window (4)")
 
 
 def mapping_config(args: argparse.Namespace, ratio: float) -> MappingConfig:
@@ -104,6 +111,8 @@ def mapping_config(args: argparse.Namespace, ratio: float) -> MappingConfig:
         truncation_threshold=args.truncation_threshold,
         slm_cache=args.slm_cache,
         calibration=args.calibration,
+        local_window=args.local_window,
+        local_sinks=args.local_sinks,
     )
 
 
@@ -255,10 +264,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return finish(args, "qa", result, ["ratio", "strategy", "f1", "exact_match", "n"])
     if kind == "kv-tradeoff":
         result = evaluation.eval_kv_tradeoff(
-            llm, slm, eval_windows(args, tok), args.context, base, args.ratios, args.policies, args.budgets, args.combined_budgets
+            llm,
+            slm,
+            eval_windows(args, tok),
+            args.context,
+            base,
+            args.ratios,
+            args.policies,
+            args.budgets,
+            args.combined_budgets,
+            args.local_windows,
         )
         result["text"] = args.text or args.dataset
-        columns = ["method", "ratio", "budget", "llm_kv_dropped", "total_kv", "ppl_increase", "prefill_flops"]
+        columns = ["method", "ratio", "budget", "llm_kv_dropped", "total_kv", "ppl_increase", "prefill_flops", "on_frontier"]
         return finish(args, "kv-tradeoff", result, columns, tradeoff_plot(result["rows"]))
     if kind == "harness":
         try:
@@ -354,6 +372,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         columns = ["tokens", "ratio", "peak_tensor_bytes", "peak_growth", "largest_tensor_bytes", "tt_matrix_bytes", "kv_bytes"]
         return finish(args, "bench-memory", result, columns)
     if args.analytic:
+        if args.local_window:
+            raise ValueError("--analytic does not model --local-window (its K bytes depend on the context); measure it instead.")
         args.llm, args.slm = args.llm or "qwen2-72b", args.slm or "qwen2-0.5b"
         llm, slm = load_arch(args.llm), load_arch(args.slm)
         policy = eviction(args)
@@ -586,6 +606,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--policies", type=lambda t: t.split(","), default=sorted(POLICIES))
             p.add_argument("--budgets", type=ratio_list, default=[0.9, 0.75, 0.5, 0.25, 0.1], help="kept shares, policy alone")
             p.add_argument("--combined-budgets", type=ratio_list, default=[0.8], help="kept shares, with IAM")
+            p.add_argument(
+                "--local-windows",
+                type=lambda t: [int(x) for x in t.split(",") if x.strip()],
+                default=[64],
+                help="exact local windows of the mapped layers to add as IAM points (see --local-window)",
+            )
         if name in ("perplexity", "metrics", "sweep", "consistency"):
             add_text_args(p, windows=2 if name == "consistency" else 3, tokens=64 if name == "consistency" else 512)
         if name in ("perplexity", "qa", "choice", "harness"):

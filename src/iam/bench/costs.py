@@ -7,7 +7,8 @@ Per ratio ``r`` (``n = units_for_ratio(r, L)`` mapped layers):
   per head and token (``slm_cache="int8"``, as ``MappingConfig(slm_cache="int8")`` keeps it).
 - Prefill FLOPs (``T`` tokens): linear layers ``2 P T`` plus causal attention ``2 H d T^2`` per layer (QK^T and PV),
   LM head on the last token. A mapped layer skips its Q/K projections and QK^T, keeps V, O, MLP and PV, and its
-  SDPA recomputes the SLM's QK^T per LLM head (``H d_s T^2``); the SLM runs its layers but not its LM head.
+  SDPA recomputes the SLM's QK^T per LLM head (``H d_s T^2``); the SLM runs its layers but not its LM head. With an
+  exact local window the mapped layer projects Q and K again and adds QK^T and PV over the window.
 - Decode is memory-bound: a step reads the weights once and every sequence's KV, so the TPOT limit is the ratio
   of bytes read per step.
 """
@@ -62,24 +63,29 @@ def kv_bytes_per_token(llm: Arch, slm: Arch, n_mapped: int, elem: int, slm_cache
     return own + slm_kv_bytes_per_token(slm, elem, slm_cache) if n_mapped else own
 
 
-def layer_prefill_flops(llm: Arch, slm: Arch, tokens: int, mapped: bool = False) -> float:
-    """FLOPs of one LLM decoder layer over ``tokens`` (causal attention: QK^T and PV each ``H d T^2``)."""
+def layer_prefill_flops(llm: Arch, slm: Arch, tokens: int, mapped: bool = False, local: int = 0) -> float:
+    """FLOPs of one LLM decoder layer over ``tokens`` (causal attention: QK^T and PV each ``H d T^2``); a mapped
+    layer with an exact local window of ``local`` tokens (sinks + window) projects Q and K again and attends exactly
+    to at most ``local`` tokens per query (QK^T and PV), besides the borrowed part."""
     t = tokens
     if not mapped:
         return 2 * llm.layer_params * t + 2 * llm.heads * llm.head_dim * t * t
     # No Q/K projections and no own QK^T; PV stays, and SDPA redoes the SLM head's QK^T per LLM head.
-    return 2 * (llm.layer_params - llm.qk_params) * t + llm.heads * (llm.head_dim + slm.head_dim) * t * t
+    borrowed = llm.heads * (llm.head_dim + slm.head_dim) * t * t
+    if local:
+        return 2 * llm.layer_params * t + borrowed + 4 * llm.heads * llm.head_dim * t * min(local, t)
+    return 2 * (llm.layer_params - llm.qk_params) * t + borrowed
 
 
-def llm_prefill_flops(llm: Arch, slm: Arch, n_mapped: float, tokens: int) -> float:
+def llm_prefill_flops(llm: Arch, slm: Arch, n_mapped: float, tokens: int, local: int = 0) -> float:
     """Prefill FLOPs of the LLM's own pass, ``n_mapped`` layers mapped (LM head on the last token only)."""
-    unmapped, mapped = (layer_prefill_flops(llm, slm, tokens, m) for m in (False, True))
+    unmapped, mapped = (layer_prefill_flops(llm, slm, tokens, m, local) for m in (False, True))
     return (llm.layers - n_mapped) * unmapped + n_mapped * mapped + 2 * llm.hidden * llm.vocab
 
 
-def prefill_flops(llm: Arch, slm: Arch, n_mapped: int, tokens: int) -> float:
-    """Prefill FLOPs of the whole pair (the SLM runs no LM head)."""
-    own = llm_prefill_flops(llm, slm, n_mapped, tokens)
+def prefill_flops(llm: Arch, slm: Arch, n_mapped: int, tokens: int, local: int = 0) -> float:
+    """Prefill FLOPs of the whole pair (the SLM runs no LM head); ``local`` as for ``layer_prefill_flops``."""
+    own = llm_prefill_flops(llm, slm, n_mapped, tokens, local)
     return own + slm.layers * layer_prefill_flops(slm, slm, tokens) if n_mapped else own
 
 

@@ -124,44 +124,55 @@ def eval_kv_tradeoff(
     policies: Sequence[str],
     budgets: Sequence[float],
     combined_budgets: Sequence[float],
+    local_windows: Sequence[int] = (),
     progress: bool = True,
 ) -> dict:
     """Quality against KV memory, by the continuation protocol: the LLM alone with each policy at each budget, IAM
-    at each ratio, and IAM with each policy at each of ``combined_budgets``; every point against the LLM alone.
+    at each ratio (with each of ``local_windows``, the exact local window of the mapped layers, too), and IAM with
+    each policy at each of ``combined_budgets``; every point against the LLM alone.
 
     Rows carry ``llm_kv_dropped`` (of the LLM's own KV, measured on the cache at the end of the first window),
-    ``total_kv`` (LLM + SLM over the LLM alone), ``ppl_increase`` of the continuation, and ``prefill_flops`` of the
-    context relative to the LLM alone (mapping's arithmetic; eviction saves none and its scoring is not counted)."""
+    ``total_kv`` (LLM + SLM over the LLM alone), ``ppl_increase`` of the continuation, ``prefill_flops`` of the
+    context relative to the LLM alone (mapping's arithmetic; eviction saves none and its scoring is not counted),
+    and ``on_frontier``: no other point drops at least as much of the LLM's KV for a smaller increase."""
     from ..bench.costs import prefill_flops
     from ..core.eviction import make_policy
     from ..models.presets import Arch
 
     check_context(context, windows[0].shape[1], base, ratios)
-    points = [(0.0, None, None)] + [(0.0, p, b) for p in policies for b in budgets]
-    points += [(r, None, None) for r in ratios if r] + [
-        (r, p, b) for p in policies for b in combined_budgets for r in ratios if r
-    ]
+    mapped = [r for r in ratios if r]
+    points = [(0.0, 0, None, None)] + [(0.0, 0, p, b) for p in policies for b in budgets]
+    points += [(r, 0, None, None) for r in mapped] + [(r, w, None, None) for w in local_windows if w for r in mapped]
+    points += [(r, 0, p, b) for p in policies for b in combined_budgets for r in mapped]
     big, small = (Arch.from_config(m.config.to_dict()) for m in (llm, slm))
     rows = []
-    for r, policy, budget in tqdm(points, desc="kv-tradeoff", disable=not progress):
-        iam = IAMForCausalLM(llm, slm, replace(base, ratio=r), make_policy(policy, budget))
+    for r, w, policy, budget in tqdm(points, desc="kv-tradeoff", disable=not progress):
+        config = replace(base, ratio=r, local_window=w, local_sinks=base.local_sinks if w else None)
+        iam = IAMForCausalLM(llm, slm, config, make_policy(policy, budget))
         ppl, units, kv = perplexity(iam, windows, progress=False, context=context)
         n = layers_worth(units, big.kv_heads)
+        local = config.sinks + w if w else 0
+        method = ("IAM" if r else "LLM alone") + (f", exact window {w}" if w else "") + (f" + {policy}" if policy else "")
         rows.append(
             {
-                "method": ("IAM" if r else "LLM alone") + (f" + {policy}" if policy else ""),
+                "method": method,
                 "ratio": r,
+                "local_window": w,
                 "eviction": policy,
                 "budget": budget,
                 "ppl": ppl,
                 "llm_kv_dropped": 1 - kv["llm"] / kv["baseline"],
                 "total_kv": kv["total"] / kv["baseline"],
-                "prefill_flops": prefill_flops(big, small, n, context) / prefill_flops(big, small, 0, context),
+                "prefill_flops": prefill_flops(big, small, n, context, local) / prefill_flops(big, small, 0, context),
                 "mapped_layers": units,
             }
         )
     for row in rows:
         row["ppl_increase"] = row["ppl"] / rows[0]["ppl"] - 1
+    for row in rows:
+        row["on_frontier"] = not any(
+            o["llm_kv_dropped"] >= row["llm_kv_dropped"] and o["ppl_increase"] < row["ppl_increase"] for o in rows
+        )
     return {"rows": rows, "context": context, "tokens": windows[0].shape[1]}
 
 
