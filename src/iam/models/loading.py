@@ -26,7 +26,6 @@ from safetensors.torch import save_model
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
-from ..reporting import write_atomic
 from . import store
 from .store import cache_root
 
@@ -160,9 +159,9 @@ def gguf_digest(path: Path) -> str:
     except (OSError, ValueError, KeyError, TypeError):
         pass
     digest = store.file_sha256(path)
-    try:
+    try:  # one small write, no temporary file to leave behind: a reader sees all of it, or invalid JSON and hashes again
         memo.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(memo, json.dumps({"path": str(path), "version": version, "sha256": digest}))
+        memo.write_text(json.dumps({"path": str(path), "version": version, "sha256": digest}))
     except OSError:  # a cache we may read but not write: hashed again next time
         pass
     return digest

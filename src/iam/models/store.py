@@ -67,7 +67,7 @@ def problem(folder: Path, source: str | None = None) -> str | None:
         manifest = json.loads((folder / MANIFEST).read_text())
         files = manifest["files"]
         built_from = manifest["source"]
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return f"{folder} has no {MANIFEST} (unfinished, or written before caches had manifests)"
     except (ValueError, KeyError, TypeError):
         return f"{folder / MANIFEST} is corrupt"
@@ -120,22 +120,25 @@ def temporaries(dest: Path) -> list[Path]:
     return sorted({Path(p) for pattern in patterns for p in glob.glob(str(dest.parent / pattern))})
 
 
-def remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
+def discard(folder: Path) -> None:
+    """Remove ``folder``, finishing the job if one interrupt cuts it short (and raising that interrupt after)."""
+    try:
+        shutil.rmtree(folder, ignore_errors=True)
+    except KeyboardInterrupt:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
 
 
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """While the block runs (in the main thread), SIGTERM raises ``KeyboardInterrupt`` as Ctrl-C would, so that
-    cleanup runs; the previous handler is restored after."""
+    """While the block runs (in the main thread), a first SIGTERM raises ``KeyboardInterrupt`` as Ctrl-C would, so
+    that cleanup runs, and later ones are ignored; the previous handler is restored after."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def interrupt(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the cleanup that follows must run to its end
         raise KeyboardInterrupt(f"terminated by signal {signum}")
 
     previous = signal.signal(signal.SIGTERM, interrupt)
@@ -179,7 +182,7 @@ def ensure(dest: Path, source: str, origin: str, build: Callable[[Path], None], 
     dest.parent.mkdir(parents=True, exist_ok=True)
     with locked(dest, progress), sigterm_as_interrupt():
         for path in temporaries(dest):
-            remove(path)
+            discard(path)
         found = problem(dest, source) if dest.exists() else None
         if dest.exists() and found is None:  # published by another process while we waited
             return dest
@@ -192,13 +195,16 @@ def ensure(dest: Path, source: str, origin: str, build: Callable[[Path], None], 
             except (ValueError, FileNotFoundError) as err:
                 if found is None:
                     raise
-                raise type(err)(f"{found}; rebuilding it from {origin} failed: {err}. Delete {dest} to clear it.") from err
+                raise type(err)(
+                    f"{found}: it is not loaded, and rebuilding it from {origin} failed: {err} Delete {dest}; the next "
+                    "load rebuilds it once its source is at hand."
+                ) from err
             write_manifest(out, source, origin)
             if dest.exists():
                 os.rename(dest, scratch / "invalid")
             os.rename(out, dest)  # nothing is there now, and no other build runs
         finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+            discard(scratch)
     return dest
 
 
@@ -211,7 +217,7 @@ def sweep(dest: Path) -> None:
         return
     try:
         for path in temporaries(dest):
-            remove(path)
+            discard(path)
     finally:
         lock.release()
 
