@@ -146,10 +146,11 @@ def child_build(cache: str, path: str) -> None:
 
 
 def child_read(cache: str, path: str, expected: str, stop, failures) -> None:
-    """Load in a loop until ``stop`` is set (and at least a few times), counting loads that fail or differ."""
+    """Load in a loop until ``stop`` is set (and at least a few times, for a minute at most), counting loads that fail
+    or differ."""
     os.environ["IAM_CACHE"] = cache
-    loads = 0
-    while not stop.is_set() or loads < 3:
+    loads, deadline = 0, time.monotonic() + 60
+    while (not stop.is_set() or loads < 3) and time.monotonic() < deadline:
         try:
             ok = load_fingerprint(Path(path)) == expected
         except Exception as err:  # any failure to load counts
@@ -164,7 +165,7 @@ def child_read(cache: str, path: str, expected: str, stop, failures) -> None:
 def timed_build(context, cache: Path, path: Path) -> float:
     """Seconds a child takes to build the entry from scratch."""
     start = time.perf_counter()
-    child = context.Process(target=child_build, args=(str(cache), str(path)))
+    child = context.Process(target=child_build, args=(str(cache), str(path)), daemon=True)
     child.start()
     child.join(60)
     assert child.exitcode == 0
@@ -180,7 +181,7 @@ def test_a_build_killed_at_a_random_point_leaves_a_correct_cache_after_the_next_
     interrupted = 0  # rounds killed in the middle of a build
     for round_ in range(8):
         cache = tmp_path / f"cache{round_}"
-        child = context.Process(target=child_build, args=(str(cache), str(path)))
+        child = context.Process(target=child_build, args=(str(cache), str(path)), daemon=True)
         child.start()
         time.sleep(rng.uniform(0, span))
         child.kill() if sig == signal.SIGKILL else child.terminate()
@@ -202,15 +203,19 @@ def test_concurrent_builders_never_show_a_reader_a_partial_or_wrong_folder(sourc
     for round_ in range(3):
         cache = str(tmp_path / f"cache{round_}")
         stop, failures = context.Event(), context.Value("i", 0)
-        reader = context.Process(target=child_read, args=(cache, str(path), expected, stop, failures))
-        builders = [context.Process(target=child_build, args=(cache, str(path))) for _ in range(3)]
-        for child in [reader, *builders]:
-            child.start()
-        for child in builders:
-            child.join(60)
-            assert child.exitcode == 0
-        stop.set()
-        reader.join(60)
+        reader = context.Process(target=child_read, args=(cache, str(path), expected, stop, failures), daemon=True)
+        builders = [context.Process(target=child_build, args=(cache, str(path)), daemon=True) for _ in range(3)]
+        try:
+            for child in [reader, *builders]:
+                child.start()
+            for child in builders:
+                child.join(60)
+        finally:
+            stop.set()
+            reader.join(90)
+            for child in [reader, *builders]:
+                child.kill()
+        assert [child.exitcode for child in builders] == [0, 0, 0]
         assert reader.exitcode == 0 and failures.value == 0
         assert leftovers(Path(cache)) == []
 
