@@ -286,9 +286,10 @@ def test_a_damaged_entry_whose_source_is_gone_is_refused_naming_the_file(source,
         raise FileNotFoundError("missing model chunk package tiny-part1==1.0")
 
     monkeypatch.setattr(loading, "chunk_files", uninstalled)
-    with pytest.raises(FileNotFoundError, match=rf"{folder}/model.safetensors does not match its sha256.*it is not loaded.*missing model chunk package.*Delete {folder}"):
+    corrupt = rf"{folder}/model.safetensors does not match its sha256.*it is not loaded"
+    with pytest.raises(FileNotFoundError, match=rf"{corrupt}.*missing model chunk package.*Delete {folder}"):
         loading.load_model("tiny", progress=False)
-    with pytest.raises(ValueError, match=rf"{folder}/model.safetensors does not match its sha256.*it is not loaded\. Delete {folder}"):
+    with pytest.raises(ValueError, match=rf"{corrupt}\. Delete {folder}"):
         loading.load_model(folder, progress=False)
     assert sorted(p.name for p in cache.iterdir()) == ["tiny", "tiny.lock"]  # kept for the user to delete
 
@@ -375,3 +376,18 @@ def test_an_empty_iam_cache_means_the_default(monkeypatch, tmp_path):
     monkeypatch.setenv("IAM_CACHE", str(tmp_path / "elsewhere"))
     assert loading.cache_root() == tmp_path / "elsewhere"
 
+
+def test_recording_new_stamps_never_shows_a_concurrent_verifier_an_extra_file(source, cache, monkeypatch):
+    path, expected = source
+    folder = loading.resolve(path, progress=False)
+    os.utime(folder / "tokenizer.json")  # hashed on the next load, then restamped
+    listings = []
+    real = os.replace
+
+    def replace(src, dst):  # what another process verifying at this moment lists: the new manifest is not in place yet
+        listings.append(sorted(p.name for p in folder.iterdir()))
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    assert load_fingerprint(path) == expected
+    assert listings == [sorted([*json.loads((folder / store.MANIFEST).read_text())["files"], store.MANIFEST])]

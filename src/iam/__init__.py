@@ -1,7 +1,5 @@
 """iam-llm: efficient inference through attention mapping between different-scale LLMs (arXiv 2507.11953)."""
 
-__version__ = "0.2.0"  # before the imports: iam.reporting reads it while they run
-
 from .core.cache import IAMCache
 from .core.config import MappingConfig
 from .core.mapping import Mapping
@@ -10,3 +8,4 @@ from .core.selection import STRATEGIES
 from .core.similarity import METRICS
 
 __all__ = ["IAMCache", "IAMForCausalLM", "METRICS", "Mapping", "MappingConfig", "STRATEGIES"]
+__version__ = "0.2.0"

@@ -36,8 +36,6 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from ..reporting import write_atomic
-
 MANIFEST = "iam-manifest.json"
 FORMAT = 1
 BLOCK = 1 << 24
@@ -92,10 +90,23 @@ def problem(folder: Path, source: str | None = None) -> str | None:
         return f"{err.filename} is missing"
     if restamped:  # verified by hashing: record the new stamps, so the next load needs only a stat
         try:
-            write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1))
-        except OSError:  # a cache we may read but not write: hashed again next time
+            replace_manifest(folder, manifest)
+        except OSError:  # a cache we may read but not write (or a sweep took the temporary file): hashed next time
             pass
     return None
+
+
+def replace_manifest(folder: Path, manifest: dict) -> None:
+    """Replace a published folder's manifest atomically, through a temporary file beside the folder (one inside it
+    would be an extra file to a concurrent verifier) named as a build's, so that a sweep removes a leftover."""
+    fd, tmp = tempfile.mkstemp(prefix=f"{folder.name}.partial-", dir=folder.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(manifest, indent=1))
+        os.chmod(tmp, folder.stat().st_mode & 0o666)  # mkstemp's files are 0600
+        os.replace(tmp, folder / MANIFEST)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def write_manifest(folder: Path, source: str, origin: str) -> None:
@@ -120,12 +131,14 @@ def temporaries(dest: Path) -> list[Path]:
     return sorted({Path(p) for pattern in patterns for p in glob.glob(str(dest.parent / pattern))})
 
 
-def discard(folder: Path) -> None:
-    """Remove ``folder``, finishing the job if one interrupt cuts it short (and raising that interrupt after)."""
+def discard(path: Path) -> None:
+    """Remove a temporary folder or file, finishing the job if one interrupt cuts it short (and raising that
+    interrupt after)."""
+    remove = (lambda: shutil.rmtree(path, ignore_errors=True)) if path.is_dir() else (lambda: path.unlink(missing_ok=True))
     try:
-        shutil.rmtree(folder, ignore_errors=True)
+        remove()
     except KeyboardInterrupt:
-        shutil.rmtree(folder, ignore_errors=True)
+        remove()
         raise
 
 
