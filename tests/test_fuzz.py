@@ -15,7 +15,6 @@ from iam.core.similarity import METRICS
 PAIRS = {family: (tiny(family, 4, 64, 4, 2, seed=0), tiny(family, 2, 32, 2, 1, seed=1)) for family in sorted(FAMILIES)}
 
 
-
 def mostly(valid: st.SearchStrategy, invalid: st.SearchStrategy) -> st.SearchStrategy:
     """``valid`` about five times in six, so that most draws run to the end."""
     return st.sampled_from([False] * 5 + [True]).flatmap(lambda bad: invalid if bad else valid)
