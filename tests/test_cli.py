@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+from pathlib import Path
 
 import pytest
+import torch
 
-from conftest import kv_groups_mapped
+from conftest import char_tokenizer, kv_groups_mapped, tiny
 from iam.cli import build_parser, main
 
 PAIR = ["--llm", "qwen2.5-coder-1.5b", "--slm", "qwen2.5-coder-0.5b"]
@@ -78,3 +82,86 @@ def test_eval_harness_side_by_side(tmp_path, capsys):
     ]
     assert result["provenance"]["argv"].startswith("iam eval harness")
     assert (tmp_path / "harness.md").read_text().startswith("| ratio | task | metric |")
+
+
+# every user error is one line and exit code 2; an internal error keeps its traceback -------------------------------
+
+
+@pytest.fixture
+def pair_folders(tmp_path) -> tuple[str, str]:
+    """The tiny qwen2 pair of ``conftest`` saved as transformers folders, each with the character tokenizer."""
+    folders = []
+    for name, model in [("llm", tiny("qwen2", 4, 64, 4, 2, seed=0)), ("slm", tiny("qwen2", 2, 32, 2, 1, seed=1))]:
+        model.save_pretrained(tmp_path / name)
+        char_tokenizer().save_pretrained(tmp_path / name)
+        folders.append(str(tmp_path / name))
+    return folders[0], folders[1]
+
+
+def generate(llm: str, slm: str, *extra: str) -> list[str]:
+    return ["generate", "--llm", llm, "--slm", slm, "--prompt", "hello there", "--max-new-tokens", "2", *extra]
+
+
+def user_error(capsys, argv: list[str]) -> str:
+    """Run ``iam argv``, expecting a user error: exit code 2, no traceback, and a last line ``iam: error: ...`` on
+    stderr (after any progress bars); return that line."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("iam: error: "), err
+    return err.strip().splitlines()[-1]
+
+
+def test_the_tiny_pair_folders_generate(pair_folders, capsys):
+    assert main(generate(*pair_folders, "--json", "--device", "cpu")) == 0
+    assert json.loads(capsys.readouterr().out)["timings"]["new_tokens"] == 2
+
+
+def test_a_truncated_safetensors_file_is_named(pair_folders, capsys):
+    weights = Path(pair_folders[1]) / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size - 100)
+    assert f"{weights} is not a readable safetensors file, truncated or corrupt" in user_error(capsys, generate(*pair_folders))
+
+
+def test_a_folder_without_a_tokenizer_is_named(pair_folders, capsys):
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (Path(pair_folders[1]) / name).unlink()
+    assert f"{pair_folders[1]} has no tokenizer" in user_error(capsys, generate(*pair_folders))
+
+
+def test_a_file_that_is_not_gguf(pair_folders, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("IAM_CACHE", str(tmp_path / "cache"))
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + bytes(96))
+    assert f"{bad} is not a readable GGUF file" in user_error(capsys, generate(pair_folders[0], str(bad)))
+    assert [p.name for p in (tmp_path / "cache").iterdir() if "partial" in p.name] == []
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        ("bogus", r"unknown device 'bogus'"),
+        pytest.param(
+            "cuda",
+            r"device 'cuda' is not available here",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU"),
+        ),
+        ("cpu:x", r"unknown device 'cpu:x'"),
+    ],
+)
+def test_a_device_that_is_not_there(pair_folders, capsys, device, message):
+    assert re.search(message, user_error(capsys, generate(*pair_folders, "--device", device)))
+
+
+def test_a_blend_above_the_slm_head_count(pair_folders, capsys):
+    assert "blend 8 exceeds the SLM's 4 heads" in user_error(capsys, generate(*pair_folders, "--blend", "8"))
+
+
+def test_an_internal_error_keeps_its_traceback_and_asks_for_a_report(pair_folders, capsys, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("iam.cli.run_generation", broken)
+    assert main(generate(*pair_folders)) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "RuntimeError: a bug" in err
+    assert err.rstrip().endswith("iam: internal error; please report it with the traceback above")

@@ -1,11 +1,16 @@
 """The ``iam`` command line: ``generate``, ``demo``, ``eval ...``, ``similarity``, ``calibrate`` and ``bench``. Each
-command parses, checks its mapping configs against the pair's configs, loads, and hands over to the library."""
+command parses, checks its mapping configs against the pair's configs, loads, and hands over to the library.
+
+Exit codes: 0 done; 2 a user error (``USER_ERRORS``: one line ``iam: error: ...``, as argparse's own errors exit);
+130 interrupted (Ctrl-C or SIGTERM while a model is being converted); 1 an internal error (its traceback, then a
+one-line request to report it)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import traceback
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -22,9 +27,13 @@ from .core.model import IAMForCausalLM, check_pair_configs
 from .core.selection import STRATEGIES, Unit, parse_unit, unit_label, units_for_ratio
 from .core.similarity import METRICS
 from .eval import data, evaluation
-from .models.loading import load_pair, read_configs
+from .models.loading import check_device, load_pair, read_configs
 from .models.presets import PRESETS, load_arch
 from .reporting import heatmap_plot, markdown_table, provenance, sweep_plot, tradeoff_plot, write_atomic, write_report
+
+# What a user can act on: the library raises ValueError for every bad input or setting, FileNotFoundError for a
+# missing file, package or model. Anything else escaping a command is a bug in iam-llm.
+USER_ERRORS = (ValueError, FileNotFoundError)
 
 DEMO_PROMPTS = [
     "Write a Python function that checks whether a string is a palindrome.",
@@ -117,7 +126,9 @@ def mapping_config(args: argparse.Namespace, ratio: float) -> MappingConfig:
 
 
 def load(args: argparse.Namespace, configs: Sequence[MappingConfig] = ()):
-    """Check ``configs`` against the pair's configs (no weights loaded yet), then load ``(llm, slm, tokenizer)``."""
+    """Check the device and ``configs`` against the pair's configs (no weights loaded yet), then load ``(llm, slm,
+    tokenizer)``."""
+    check_device(args.device)
     llm_config, slm_config = read_configs(args.llm, args.slm)
     check_pair_configs(llm_config, slm_config)
     for config in configs:
@@ -658,9 +669,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = argv
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
+    except USER_ERRORS as err:
         print(f"iam: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("iam: interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        traceback.print_exc()
+        print("iam: internal error; please report it with the traceback above", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -171,6 +171,9 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         implementation = kwargs.get("cache_implementation", getattr(generation_config, "cache_implementation", None))
         if implementation not in (None, "dynamic"):
             raise ValueError(f"IAMForCausalLM keeps its own IAMCache; cache_implementation={implementation!r} is not supported.")
+        ids = kwargs.get("input_ids", inputs)
+        if isinstance(ids, torch.Tensor) and ids.dim() != 2:  # transformers would fail on its shape with an IndexError
+            raise ValueError("input_ids must be a [batch, length] LongTensor.")
         return super().generate(inputs, generation_config, **kwargs)
 
     # ---- forward ---------------------------------------------------------------------------------------------

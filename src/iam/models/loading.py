@@ -1,9 +1,13 @@
 """Loading models: local transformers folders, GGUF files, and the shipped Qwen2.5-Coder aliases.
 
 GGUF files (and the aliases, which are GGUF files shipped as byte chunks in PyPI wheels) are dequantized once
-with transformers' GGUF loader and cached as safetensors under ``$IAM_CACHE`` (default ``~/.cache/iam``).
-Every cache write goes to a temporary folder that is renamed into place only when complete, so an interrupted
-conversion is redone, never half-used. Only safetensors are ever loaded from the cache (no pickle).
+with transformers' GGUF loader and cached as safetensors under ``$IAM_CACHE`` (default ``~/.cache/iam``), through
+:mod:`iam.models.store`: built under a lock, published atomically, verified by sha256 on every load (see there).
+An alias is cached as ``<alias>`` and built from the GGUF file with the shipped sha256. A ``.gguf`` file is cached
+as ``gguf-<stem>-<sha256 prefix>``, keyed by the sha256 of its whole content: another file at the same path, even
+with the same size and mtime, is another key. That digest is computed once per version of the file (its device,
+inode, size, mtime and ctime) and remembered under ``$IAM_CACHE/sources``. Only safetensors are ever loaded (no
+pickle).
 """
 
 from __future__ import annotations
@@ -12,17 +16,21 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_model
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
+from . import store
+from .store import cache_root
+
 CHUNK = 1 << 24
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 @dataclass(frozen=True)
@@ -71,10 +79,6 @@ ALIASES: dict[str, ShippedModel] = {
 }
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("IAM_CACHE", Path.home() / ".cache" / "iam"))
-
-
 def chunk_files(model: ShippedModel) -> list[Path]:
     """The chunk files of a shipped model, in order; raises ``FileNotFoundError`` naming any missing package."""
     files = []
@@ -116,48 +120,70 @@ def assemble(model: ShippedModel, dest: Path, progress: bool = True) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def convert_gguf(gguf: Path, dest: Path, progress: bool = True) -> None:
-    """Dequantize ``gguf`` with transformers and write an fp32 safetensors folder at ``dest``, atomically."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=dest.name + ".", suffix=".partial", dir=dest.parent))
+def convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantize ``gguf`` with transformers and write an fp32 safetensors folder into the empty folder ``out``."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        model.config.quantization_config = None
-        del model.config.quantization_config
-        save_model(model, str(work / "model.safetensors"), metadata={"format": "pt"})
-        model.config.save_pretrained(work)
-        model.generation_config.save_pretrained(work)
-        tokenizer.save_pretrained(work)
-        (work / "iam-source.json").write_text(json.dumps({"gguf": gguf.name}))
-        shutil.rmtree(dest, ignore_errors=True)
-        os.replace(work, dest)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        from gguf import GGUFReader
+    except ImportError:
+        raise FileNotFoundError("reading .gguf files needs the gguf package: pip install 'iam-llm[qwen-coder]'") from None
+    try:
+        GGUFReader(gguf)
+    except Exception as err:  # the reader fails in many ways on a damaged file; each means "not a GGUF file"
+        raise ValueError(f"{gguf} is not a readable GGUF file ({type(err).__name__}: {err}).") from None
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model.config.quantization_config = None
+    del model.config.quantization_config
+    save_model(model, str(out / "model.safetensors"), metadata={"format": "pt"})
+    model.config.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def convert_shipped(model: ShippedModel, name: str, progress: bool, out: Path) -> None:
+    """Assemble a shipped model's GGUF file beside ``out`` (in the build's scratch folder) and convert it into ``out``."""
+    gguf = out.parent / f"{name}.gguf"
+    assemble(model, gguf, progress)
+    convert_gguf(gguf, out)
+
+
+def gguf_digest(path: Path) -> str:
+    """The sha256 of ``path``'s content, computed once per version of the file and remembered in the cache."""
+    st = path.stat()
+    version = [st.st_dev, *store.stamp(st), st.st_size]
+    memo = cache_root() / "sources" / f"{hashlib.sha256(str(path).encode()).hexdigest()[:16]}.json"
+    try:
+        known = json.loads(memo.read_text())
+        if known["version"] == version:
+            return known["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    digest = store.file_sha256(path)
+    try:  # one small write, no temporary file to leave behind: a reader sees all of it, or invalid JSON and hashes again
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        memo.write_text(json.dumps({"path": str(path), "version": version, "sha256": digest}))
+    except OSError:  # a cache we may read but not write: hashed again next time
+        pass
+    return digest
 
 
 def resolve(name_or_path: str | os.PathLike, progress: bool = True) -> Path:
     """The local transformers folder for an alias, a GGUF file or a folder (converting once if needed)."""
     name = str(name_or_path)
     if name in ALIASES:
-        dest = cache_root() / name
-        if not (dest / "config.json").is_file():
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=dest.parent, prefix=name + ".gguf.") as tmp:
-                gguf = Path(tmp) / f"{name}.gguf"
-                assemble(ALIASES[name], gguf, progress)
-                convert_gguf(gguf, dest, progress)
-        return dest
+        model = ALIASES[name]
+        build = partial(convert_shipped, model, name, progress)
+        return store.ensure(cache_root() / name, f"sha256:{model.sha256}", name, build, progress)
     path = Path(name).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        digest = hashlib.sha256(f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode()).hexdigest()
-        dest = cache_root() / f"gguf-{path.stem}-{digest[:12]}"
-        if not (dest / "config.json").is_file():
-            convert_gguf(path.resolve(), dest, progress)
-        return dest
+        path = path.resolve()
+        digest = gguf_digest(path)
+        dest = cache_root() / f"gguf-{path.stem}-{digest[:16]}"
+        return store.ensure(dest, f"sha256:{digest}", str(path), partial(convert_gguf, path), progress)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} is a folder without config.json: not a transformers model folder.")
+        store.check_folder(path)
         return path
     raise FileNotFoundError(
         f"{name!r} is neither a model alias ({', '.join(ALIASES)}), a .gguf file, nor a transformers model folder."
@@ -173,19 +199,55 @@ def read_configs(
 
 def load_tokenizer(name_or_path: str | os.PathLike, progress: bool = True) -> PreTrainedTokenizerBase:
     """The tokenizer of an alias, GGUF file or local folder, left-padding (as IAM's batches must)."""
-    tokenizer = AutoTokenizer.from_pretrained(resolve(name_or_path, progress))
+    folder = resolve(name_or_path, progress)
+    check_tokenizer_files(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
     tokenizer.padding_side = "left"
     return tokenizer
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device``; ``ValueError`` if torch does not know it or it is not available here."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {str(device)!r}: use cpu, cuda, cuda:N or another torch device type.") from None
+    backend = getattr(torch, dev.type, None)
+    if dev.type != "cpu" and backend is not None and hasattr(backend, "is_available") and not backend.is_available():
+        raise ValueError(f"device {str(device)!r} is not available here (torch.{dev.type}.is_available() is False): use cpu.")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r} does not exist: this machine has {torch.cuda.device_count()} CUDA devices.")
+    return dev
+
+
+def check_tokenizer_files(folder: Path) -> None:
+    """Raise ``FileNotFoundError`` if ``folder`` has no tokenizer files (transformers would build an empty tokenizer)."""
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"{folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): copy the model's tokenizer files into it."
+        )
+
+
+def check_weights(folder: Path) -> None:
+    """Raise naming the file if ``folder`` holds no safetensors weights or an unreadable (truncated, corrupt) one."""
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        raise FileNotFoundError(f"{folder} holds no .safetensors weights (pickled weights are not loaded).")
+    for path in weights:
+        try:
+            safe_open(str(path), "pt")
+        except SafetensorError as err:
+            raise ValueError(f"{path} is not a readable safetensors file, truncated or corrupt ({err}).") from None
 
 
 def load_model(
     name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", progress: bool = True
 ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` from an alias, a GGUF file or a local folder, with SDPA attention."""
+    device = check_device(device)
     folder = resolve(name_or_path, progress)
-    weights = list(folder.glob("*.safetensors"))
-    if not weights:
-        raise FileNotFoundError(f"{folder} holds no .safetensors weights (pickled weights are not loaded).")
+    check_tokenizer_files(folder)
+    check_weights(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa", use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return model.to(device).eval(), tokenizer

@@ -1,0 +1,133 @@
+"""Fuzzing ``MappingConfig`` and the inputs of ``forward``/``generate`` on the tiny pairs: every draw either runs and
+matches its references (each row of a batch as run alone; ratio 0 as the LLM alone) or raises ``ValueError``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, event, example, given, settings
+from hypothesis import strategies as st
+
+from conftest import FAMILIES, VOCAB, forward, left_pad, tiny
+from iam import STRATEGIES, IAMForCausalLM, MappingConfig
+from iam.core.similarity import METRICS
+
+PAIRS = {family: (tiny(family, 4, 64, 4, 2, seed=0), tiny(family, 2, 32, 2, 1, seed=1)) for family in sorted(FAMILIES)}
+
+
+def mostly(valid: st.SearchStrategy, invalid: st.SearchStrategy) -> st.SearchStrategy:
+    """``valid`` about five times in six, so that most draws run to the end."""
+    return st.sampled_from([False] * 5 + [True]).flatmap(lambda bad: invalid if bad else valid)
+
+
+units = st.one_of(st.integers(0, 3), st.tuples(st.integers(0, 3), st.integers(0, 1)))  # the tiny LLMs: 4 layers x 2 KV
+config_kwargs = st.fixed_dictionaries(
+    {},
+    optional={
+        "ratio": mostly(st.floats(0, 1), st.sampled_from([-0.1, 1.5, float("nan"), "half", None])),
+        "strategy": mostly(st.sampled_from(sorted(STRATEGIES)), st.just("middle")),
+        "layers": mostly(
+            st.none() | st.lists(units, max_size=4, unique_by=lambda u: u if isinstance(u, int) else u[0]),
+            st.lists(st.one_of(st.integers(-1, 5), st.tuples(st.integers(-1, 5), st.integers(-1, 2))), max_size=4),
+        ),
+        "metric": mostly(st.sampled_from(sorted(METRICS)), st.just("dot")),
+        "blend": mostly(st.none() | st.integers(1, 4), st.sampled_from([-1, 0, 5, 9, True])),
+        "establish_threshold": mostly(st.integers(2, 40), st.integers(0, 1)),
+        "truncation_threshold": mostly(st.integers(2, 60), st.integers(0, 1)),
+        "slm_cache": mostly(st.sampled_from(["native", "int8"]), st.just("fp8")),
+    },
+)
+
+
+@st.composite
+def batches(draw) -> tuple[list[torch.Tensor], str | None]:
+    """Prompts of a left-padded batch (rarely an empty one, or one beyond the 256 positions), and rarely a flaw."""
+    lengths = draw(st.lists(mostly(st.integers(1, 120), st.sampled_from([0, 257])), min_size=1, max_size=3))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    prompts = [torch.randint(1, VOCAB, (n,), generator=g) for n in lengths]
+    return prompts, draw(mostly(st.none(), st.sampled_from(sorted(FLAWS))))
+
+
+FLAWS = {  # what a caller gets wrong, applied to (ids, mask)
+    "token id -1": lambda ids, mask: (ids.index_fill(1, torch.tensor([ids.shape[1] - 1]), -1), mask),
+    "token id = vocab size": lambda ids, mask: (ids.index_fill(1, torch.tensor([ids.shape[1] - 1]), VOCAB), mask),
+    "1-D input": lambda ids, mask: (ids[0], mask[0]),
+    "int32 ids": lambda ids, mask: (ids.int(), mask),
+    "hole in the mask": lambda ids, mask: (ids, mask.index_fill(1, torch.tensor([ids.shape[1] - 1]), 0)),
+    "mask of 2s": lambda ids, mask: (ids, mask * 2),
+}
+
+
+def greedy(model, ids: torch.Tensor, mask: torch.Tensor, new: int) -> torch.Tensor:
+    return model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+
+
+def mapped_from(length: int, threshold: float, forwards: int) -> int:
+    """The forward (0: the prefill, k: the k-th decode step) from which a sequence of ``length`` tokens is mapped:
+    the one where its context reaches ``threshold``; ``forwards`` if none of them does."""
+    return int(min(max(0, threshold - length), forwards))
+
+
+def run(family: str, kwargs: dict, prompts: list[torch.Tensor], flaw: str | None, new: int) -> None:
+    """Forward and greedy generate on the left-padded batch, then the references. A batch is mapped from the forward
+    where its shortest context reaches ``establish_threshold``, so a row equals its solo run when that is the
+    forward its solo run is mapped from too (always, when nothing is mapped)."""
+    llm, slm = PAIRS[family]
+    model = IAMForCausalLM(llm, slm, MappingConfig(**kwargs))
+    ids, mask = left_pad(prompts)
+    if flaw is not None:
+        ids, mask = FLAWS[flaw](ids, mask)
+    results = []
+    for call in (lambda: forward(model, ids, mask).logits, lambda: greedy(model, ids, mask, new)):
+        try:
+            results.append(call())
+        except ValueError as err:
+            results.append(err)
+    assert len({isinstance(r, ValueError) for r in results}) == 1, f"forward and generate disagree: {results}"
+    if isinstance(results[0], ValueError):
+        raise results[0]
+    logits, tokens = results
+    nothing_mapped = model.resolved.n_mapped == 0
+    threshold = float("inf") if nothing_mapped else model.mapping_config.establish_threshold
+    shortest = min(len(p) for p in prompts)
+    for i, p in enumerate(prompts):
+        ones = torch.ones(1, len(p), dtype=torch.long)
+        if mapped_from(len(p), threshold, 1) == mapped_from(shortest, threshold, 1):
+            alone = forward(model, p[None], ones).logits[0]
+            torch.testing.assert_close(logits[i, ids.shape[1] - len(p) :], alone, atol=1e-4, rtol=1e-4)
+        if mapped_from(len(p), threshold, new) == mapped_from(shortest, threshold, new):
+            assert torch.equal(tokens[i, ids.shape[1] :], greedy(model, p[None], ones, new)[0, len(p) :]), f"row {i}"
+    if nothing_mapped:  # ratio 0 (or no units): the LLM alone
+        torch.testing.assert_close(logits, forward(llm, ids, mask).logits, atol=1e-5, rtol=1e-5)
+        assert torch.equal(tokens, greedy(llm, ids, mask, new))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine the thread pool's waits dominate."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+@given(
+    family=st.sampled_from(sorted(PAIRS)),
+    kwargs=config_kwargs,
+    batch=batches(),
+    new=st.integers(1, 4),
+)
+@example(family="qwen2", kwargs={}, batch=([torch.arange(1, 30)], "1-D input"), new=2)  # was an IndexError
+def test_every_config_and_input_runs_as_its_references_or_raises_value_error(family, kwargs, batch, new):
+    try:
+        run(family, kwargs, *batch, new)
+        event("ran, matching its references")
+    except ValueError as err:
+        event(f"ValueError: {str(err)[:40]}")
+
+
+@pytest.mark.parametrize("kwargs", [{"ratio": 0.5, "blend": 2}, {"ratio": 0}, {"layers": [1, (2, 0)], "establish_threshold": 24}])
+def test_valid_draws_run_to_their_references(kwargs):
+    """The fuzzed test accepts a ValueError; these draws must not raise one."""
+    run("llama", kwargs, [torch.arange(1, 30), torch.arange(5, 27), torch.arange(40, 62)], None, 3)
