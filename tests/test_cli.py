@@ -33,6 +33,13 @@ def test_bad_ratio_is_a_clean_error(capsys):
     assert "ratio must be a number in [0, 1]" in capsys.readouterr().err
 
 
+def test_local_window_flags_are_checked_before_loading(capsys):
+    assert main(["generate", *PAIR, "--prompt", "hi", "--local-sinks", "4"]) == 2
+    assert "needs local_window > 0" in capsys.readouterr().err
+    assert main(["bench", "--analytic", "--local-window", "64"]) == 2
+    assert "--analytic does not model --local-window" in capsys.readouterr().err
+
+
 def test_missing_model_is_a_clean_error(tmp_path, capsys):
     assert main(["generate", "--llm", str(tmp_path / "none"), "--slm", "qwen2.5-coder-0.5b", "--prompt", "hi"]) == 2
     assert "neither a model alias" in capsys.readouterr().err
