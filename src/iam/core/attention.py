@@ -5,6 +5,10 @@ no K, and computes ``softmax(q_slm k_slm^T) V_llm`` with FlexAttention or SDPA (
 so no T x T matrix is formed. LLM heads of one KV group that borrow the same SLM head would compute the same thing,
 so prefill computes it once. An LLM head can borrow a weighted mix of several SLM heads (``MappingConfig.blend``),
 and a layer can be mapped in part, one KV group at a time (see ``MappedAttention``).
+
+With ``MappingConfig.local_window`` a mapped head instead attends exactly, with its own Q and K, to the first
+tokens and a window of the latest ones, and borrows from the SLM only the attention on older tokens (see
+``MappedAttention._local``): it projects Q and K again and caches K for the window (``cache.LocalKeys``).
 """
 
 from __future__ import annotations
