@@ -51,6 +51,24 @@ def test_calibrated_order(pair, tmp_path, monkeypatch):
         assert list(IAMForCausalLM(llm, slm, MappingConfig(ratio=0.75, strategy=strategy)).planned) == [0, 2, 3]
 
 
+def test_an_order_measured_with_a_local_window_serves_that_window(pair, tmp_path, monkeypatch):
+    from iam import IAMForCausalLM, MappingConfig
+    from iam.core.calibration import write_order
+
+    monkeypatch.setenv("IAM_CACHE", str(tmp_path))
+    llm, slm = pair
+    write_order(llm.config, slm.config, [2, 0, 3, 1], {}, {"dataset": "test"})
+    path = write_order(llm.config, slm.config, [1, 3, 0, 2], {}, {"dataset": "test"}, local_window=16)
+    assert path.name.endswith("__local16.json")
+
+    def planned(**kwargs) -> list:
+        return list(IAMForCausalLM(llm, slm, MappingConfig(ratio=0.5, **kwargs)).planned)
+
+    assert planned() == [0, 2]
+    assert planned(local_window=16) == [1, 3]
+    assert planned(local_window=32) == [0, 2]  # no order for that window: the plain one
+
+
 def test_the_stored_blend_goes_with_the_stored_order(pair, tmp_path, monkeypatch):
     from iam import IAMForCausalLM, MappingConfig
     from iam.core.calibration import write_order

@@ -467,7 +467,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         result = {"rows": rows}
         damage = {str(r["layer"]): r["damage"] for r in rows}
         columns = ["step", "layer", "damage", "measured"]
-    path = calibration.write_order(llm.config, slm.config, order, damage, source, Path(args.to) if args.to else None, base.blend)
+    folder = Path(args.to) if args.to else None
+    path = calibration.write_order(llm.config, slm.config, order, damage, source, folder, base.blend, base.local_window)
     result.update(order=order, calibration_file=str(path), method=args.method)
     return finish(args, "calibrate", result, columns)
 

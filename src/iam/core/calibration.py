@@ -74,12 +74,19 @@ def user_folder() -> Path:
     return cache_root() / "calibration"
 
 
-def find_calibration(llm: PretrainedConfig, slm: PretrainedConfig) -> Calibration | None:
-    """The stored calibration for this pair (user calibrations first), or ``None``."""
-    name = pair_key(llm, slm) + ".json"
-    for folder in (user_folder(), SHIPPED):
-        if (folder / name).is_file():
-            return read_calibration(folder / name, llm, slm)
+def file_name(llm: PretrainedConfig, slm: PretrainedConfig, local_window: int = 0) -> str:
+    """The stored order's file name: per pair, and per ``MappingConfig.local_window`` where one was measured with it."""
+    return pair_key(llm, slm) + (f"__local{local_window}" if local_window else "") + ".json"
+
+
+def find_calibration(llm: PretrainedConfig, slm: PretrainedConfig, local_window: int = 0) -> Calibration | None:
+    """The stored calibration for this pair (user calibrations first), or ``None``. With ``local_window`` an order
+    measured with that window comes first, then the pair's plain one."""
+    names = dict.fromkeys([file_name(llm, slm, local_window), file_name(llm, slm)])
+    for name in names:
+        for folder in (user_folder(), SHIPPED):
+            if (folder / name).is_file():
+                return read_calibration(folder / name, llm, slm)
     return None
 
 
@@ -142,12 +149,14 @@ def write_order(
     source: dict,
     folder: Path | None = None,
     blend: int = 1,
+    local_window: int = 0,
 ) -> Path:
     """Write the calibration atomically; returns its path. ``damage`` and ``source`` document how the order was
-    measured, ``blend`` the setting it was measured under."""
+    measured, ``blend`` and ``local_window`` the settings it was measured under (an order measured with a local
+    window is stored apart, for that window)."""
     folder = folder or user_folder()
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{pair_key(llm, slm)}.json"
+    path = folder / file_name(llm, slm, local_window)
     record = {"llm": arch_key(llm), "slm": arch_key(slm), "order": order, "blend": blend, "damage": damage, "source": source}
     fd, tmp = tempfile.mkstemp(dir=folder, suffix=".partial")
     with os.fdopen(fd, "w") as f:
