@@ -157,7 +157,8 @@ def write_order(
     folder = folder or user_folder()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / file_name(llm, slm, local_window)
-    record = {"llm": arch_key(llm), "slm": arch_key(slm), "order": order, "blend": blend, "damage": damage, "source": source}
+    record = {"llm": arch_key(llm), "slm": arch_key(slm), "order": order, "blend": blend, "local_window": local_window}
+    record.update(damage=damage, source=source)
     fd, tmp = tempfile.mkstemp(dir=folder, suffix=".partial")
     with os.fdopen(fd, "w") as f:
         json.dump(record, f, indent=2)
