@@ -38,6 +38,12 @@ def test_local_window_flags_are_checked_before_loading(capsys):
     assert "needs local_window > 0" in capsys.readouterr().err
     assert main(["bench", "--analytic", "--local-window", "64"]) == 2
     assert "--analytic does not model --local-window" in capsys.readouterr().err
+    assert main(["eval", "kv-tradeoff", *PAIR, "--local-windows", "64,-8"]) == 2
+    assert "local_window must be an integer >= 0" in capsys.readouterr().err
+    assert main(["eval", "kv-tradeoff", *PAIR, "--local-window", "8"]) == 2
+    assert "takes --local-windows" in capsys.readouterr().err
+    assert main(["eval", "perplexity", *PAIR, "--local-window", "8", "--eviction", "h2o"]) == 2
+    assert "cannot be combined with eviction" in capsys.readouterr().err
 
 
 def test_missing_model_is_a_clean_error(tmp_path, capsys):

@@ -70,8 +70,11 @@ def test_prefill_chunks_continuations_and_decode_agree(pair, monkeypatch):
     assert (torch.cat(steps, 1) - whole[:, 40:]).abs().max() < 1e-4
     solo = forward(model, ids[1:, 15:], mask[1:, 15:]).logits
     assert (solo - whole[1:, 15:]).abs().max() < 1e-4
-    monkeypatch.setattr(attention, "LOCAL_CHUNK_ELEMENTS", 1000)  # many chunks
+    monkeypatch.setattr(attention, "LOCAL_CHUNK_ELEMENTS", 1000)  # many chunks, in a prefill and a continuation
+    monkeypatch.setattr(attention, "LOCAL_MIN_CHUNK", 3)
     assert (forward(model, ids, mask).logits - whole).abs().max() < 1e-4
+    first = forward(model, ids[:, :40], mask[:, :40])
+    assert (forward(model, ids[:, 40:], mask, cache=first.cache).logits - whole[:, 40:]).abs().max() < 1e-4
 
 
 def test_keys_are_the_sinks_and_window_only_and_leave_as_decode_slides(pair):
@@ -83,7 +86,8 @@ def test_keys_are_the_sinks_and_window_only_and_leave_as_decode_slides(pair):
     cache = out.cache
     d = llm.model.layers[0].self_attn.head_dim
     local = {i: layer for i, layer in enumerate(cache.local.layers) if layer.is_initialized}
-    assert {i: tuple(layer.keys.shape) for i, layer in local.items()} == {1: (2, 2, sinks + window, d), 2: (2, 1, sinks + window, d)}
+    shapes = {i: tuple(layer.keys.shape) for i, layer in local.items()}
+    assert shapes == {1: (2, 2, sinks + window, d), 2: (2, 1, sinks + window, d)}
     # the LLM's own cache: V everywhere, K of the unmapped groups; plus the local keys
     tokens = ids.shape[1] + 10 - 1  # the last new token is never fed back
     elem = 4
@@ -106,12 +110,31 @@ def test_the_sinks_stay_each_sequences_first_real_tokens(pair):
         assert torch.allclose(cache.local.layers[1].keys[row, :, :2], alone.local.layers[1].keys[0, :, :2], atol=1e-5)
 
 
-def test_beam_search_moves_the_local_keys(pair):
-    llm, slm = pair
+@pytest.mark.parametrize("window, sinks", [(8, 3), (1, 0)])
+def test_beam_search_moves_the_sliding_local_keys(twin, window, sinks):
+    """The identity twin is the LLM alone for any window, so its beams must be too, with the window sliding."""
+    llm, slm = twin
     ids, mask = batch()
-    model = iam(llm, slm, layers=UNITS, local_window=100)
-    tokens = dict(attention_mask=mask, max_new_tokens=6, num_beams=3, do_sample=False)
+    model = iam(llm, slm, ratio=0.5, blend=1, local_window=window, local_sinks=sinks)
+    tokens = dict(attention_mask=mask, max_new_tokens=6, num_beams=3, num_return_sequences=2, do_sample=False)
     assert torch.equal(model.generate(ids, **tokens), llm.generate(ids, **tokens))
+
+
+def test_int8_slm_cache_and_a_late_establishment(pair):
+    """A prompt below establish_threshold maps from the decode step that reaches it; an int8 SLM cache serves the
+    borrowed rows."""
+    llm, slm = pair
+    ids = prompt(12, 3)
+    model = iam(llm, slm, layers=UNITS, local_window=6, slm_cache="int8")
+    out = model.generate(ids, max_new_tokens=14, do_sample=False, return_dict_in_generate=True)
+    assert out.cache.established and out.cache.local.layers[1].keys.shape[2] == 4 + 6
+
+
+def test_a_cache_made_for_another_window_is_refused(pair):
+    llm, slm = pair
+    cache = iam(llm, slm, layers=UNITS, local_window=8).new_cache()
+    with pytest.raises(ValueError, match="this cache was made for local window"):
+        forward(iam(llm, slm, layers=UNITS, local_window=16), prompt(30), cache=cache)
 
 
 @pytest.mark.parametrize(

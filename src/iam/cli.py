@@ -23,7 +23,7 @@ from .bench.timing import GenerationTimer, allocator_note, timing_environment
 from .core import calibration
 from .core.config import MappingConfig, resolve
 from .core.eviction import POLICIES, EvictionPolicy, make_policy, parse_budget
-from .core.model import IAMForCausalLM, check_pair_configs
+from .core.model import IAMForCausalLM, check_eviction, check_pair_configs
 from .core.selection import STRATEGIES, Unit, parse_unit, unit_label, units_for_ratio
 from .core.similarity import METRICS
 from .eval import data, evaluation
@@ -126,9 +126,12 @@ def mapping_config(args: argparse.Namespace, ratio: float) -> MappingConfig:
 
 
 def load(args: argparse.Namespace, configs: Sequence[MappingConfig] = ()):
-    """Check the device and ``configs`` against the pair's configs (no weights loaded yet), then load ``(llm, slm,
-    tokenizer)``."""
+    """Check the device, ``configs`` with the eviction flags, and ``configs`` against the pair's configs (no weights
+    loaded yet), then load ``(llm, slm, tokenizer)``."""
     check_device(args.device)
+    policy = eviction(args)
+    for config in configs:
+        check_eviction(config, policy)
     llm_config, slm_config = read_configs(args.llm, args.slm)
     check_pair_configs(llm_config, slm_config)
     for config in configs:
@@ -248,10 +251,13 @@ def eval_windows(args: argparse.Namespace, tok) -> list[torch.Tensor]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    kind = args.eval_command
+    if kind == "kv-tradeoff" and (args.local_window or args.local_sinks is not None):
+        raise ValueError("iam eval kv-tradeoff takes --local-windows (a list; 4 sinks), not --local-window/--local-sinks.")
     base = mapping_config(args, 0.0)
     ratios = getattr(args, "ratios", None) or [getattr(args, "ratio", 0.0)]
-    llm, slm, tok = load(args, [replace(base, ratio=r) for r in ratios])
-    kind = args.eval_command
+    windows = [0, *getattr(args, "local_windows", ())]
+    llm, slm, tok = load(args, [replace(base, ratio=r, local_window=w) for r in ratios for w in windows])
     if kind == "perplexity":
         windows = eval_windows(args, tok)
         result = evaluation.eval_perplexity(llm, slm, windows, args.ratios, base, context=args.context, eviction=eviction(args))

@@ -73,7 +73,8 @@ def layer_prefill_flops(llm: Arch, slm: Arch, tokens: int, mapped: bool = False,
     # No Q/K projections and no own QK^T; PV stays, and SDPA redoes the SLM head's QK^T per LLM head.
     borrowed = llm.heads * (llm.head_dim + slm.head_dim) * t * t
     if local:
-        return 2 * llm.layer_params * t + borrowed + 4 * llm.heads * llm.head_dim * t * min(local, t)
+        n = min(local, t)  # keys per query: up to n, fewer for the first n queries
+        return 2 * llm.layer_params * t + borrowed + 4 * llm.heads * llm.head_dim * (t * n - n * n / 2)
     return 2 * (llm.layer_params - llm.qk_params) * t + borrowed
 
 

@@ -1,7 +1,7 @@
 """The attention of a mapped LLM layer, and the SLM's part of a forward that it reads.
 
-A mapped layer never calls ``q_proj``/``k_proj`` once the mapping exists (only on the establishing window), stores
-no K, and computes ``softmax(q_slm k_slm^T) V_llm`` with FlexAttention or SDPA (see ``MappedAttention._prefill``),
+A mapped layer (without ``local_window``) never calls ``q_proj``/``k_proj`` once the mapping exists (only on the
+establishing window), stores no K, and computes ``softmax(q_slm k_slm^T) V_llm`` with FlexAttention or SDPA (see ``MappedAttention._prefill``),
 so no T x T matrix is formed. LLM heads of one KV group that borrow the same SLM head would compute the same thing,
 so prefill computes it once. An LLM head can borrow a weighted mix of several SLM heads (``MappingConfig.blend``),
 and a layer can be mapped in part, one KV group at a time (see ``MappedAttention``).
@@ -133,7 +133,9 @@ class MappedAttention:
     its ``v_proj``/``o_proj`` (and ``q_proj``/``k_proj`` on the establishing window, and their unmapped rows) are
     used. A layer can be mapped in part: its ``groups`` of query heads (one group per KV head) borrow SLM attention
     and keep no K, while the other groups attend as usual, with Q and K projected by row slices of
-    ``q_proj``/``k_proj`` (views, no copy) and attention by the model's own attention function.
+    ``q_proj``/``k_proj`` (views, no copy) and attention by the model's own attention function. Where the cache
+    keeps local keys (``MappingConfig.local_window``), the mapped groups project Q and K too and attend exactly to
+    their local window (``_local``).
 
     Parameters
     ----------
@@ -182,7 +184,8 @@ class MappedAttention:
         mapped_v = take_groups(v, self.groups)
         if cache.local is not None:
             local = cache.local.layers[self.layer_idx]
-            out = self._local(hidden_states, position_embeddings, routes, mapped_v, local, mapping.window.starts, attention_mask, slm)
+            starts = mapping.window.starts
+            out = self._local(hidden_states, position_embeddings, routes, mapped_v, local, starts, attention_mask, slm)
         elif t == 1:
             out = self._decode(routes, mapped_v, attention_mask, slm)
         else:
@@ -283,10 +286,10 @@ class MappedAttention:
         sink_v = v.gather(2, sink_slots[:, None, :, None].expand(b, g, sinks, d))
         first_recent = total - recent_k.shape[2]  # the slot of recent_k[:, :, 0]
         items = None if t == 1 else slm_items(routes, slm)
-        q, v32 = q.float().view(b, g, per, t, d), v.float()[:, :, None]
+        q = q.float().view(b, g, per, t, d)
         out = q.new_empty(b, g, per, t, d)
         columns = max(routes.item_of_column.shape[1], routes.item_kv.shape[1])
-        chunk = max(1, min(t, LOCAL_CHUNK_ELEMENTS // (b * columns * total)))
+        chunk = min(t, max(LOCAL_MIN_CHUNK, LOCAL_CHUNK_ELEMENTS // (b * columns * total)))
         for a in range(0, t, chunk):
             e = min(a + chunk, t)
             seen = slots[past + a : past + e, None]  # [c, 1] the chunk's query slots
@@ -306,7 +309,8 @@ class MappedAttention:
             rows = routes.mix(self._slm_rows(routes, slm, items, a, e, seen, first_real, attention_mask))  # [B, H_m, c, S]
             far = (slots >= first_real + sinks) & (slots <= seen - window)  # [B, c, S]
             rows = (rows * far[:, None]).view(b, g, per, e - a, total)
-            out[:, :, :, a:e] = rows @ v32 + (1 - rows.sum(-1, keepdim=True)) * exact
+            borrowed = (rows.to(v.dtype) @ v[:, :, None]).float()  # V in its own dtype: decode reads all of it
+            out[:, :, :, a:e] = borrowed + (1 - rows.sum(-1, keepdim=True)) * exact
         return out.view(b, h, t, d).to(v.dtype)
 
     @staticmethod
@@ -331,18 +335,18 @@ class MappedAttention:
             return rows[:, :, None]
         q, k = items
         slots = torch.arange(k.shape[2], device=k.device)
-        scores = (q[:, :, a:e].float() @ k.float().transpose(-1, -2)) * slm.scaling  # [B, U, c, S]
+        scores = (q[:, :, a:e] @ k.transpose(-1, -2)) * slm.scaling  # [B, U, c, S]
         visible = (slots <= seen) & (slots >= first_real)  # [B, c, S]
         probs = scores.masked_fill(~visible[:, None], -math.inf).softmax(-1).nan_to_num(0.0)
         return probs[torch.arange(q.shape[0], device=q.device)[:, None], routes.item_of_column]
 
 
 def slm_items(routes: Routes, slm: SLMStep) -> tuple[torch.Tensor, torch.Tensor]:
-    """Queries ``[B, U, t, d_s]`` and keys ``[B, U, S, d_s]`` of each prefill item (see ``Routes``)."""
+    """Queries ``[B, U, t, d_s]`` and keys ``[B, U, S, d_s]`` of each prefill item (see ``Routes``), in float32."""
     some_q = slm.queries[routes.items[0][0]]
     some_k = slm.keys(routes.items[0][0])
-    q = some_q.new_empty(*routes.item_kv.shape, *some_q.shape[2:])
-    k = some_k.new_empty(*routes.item_kv.shape, *some_k.shape[2:])
+    q = some_q.new_empty(*routes.item_kv.shape, *some_q.shape[2:], dtype=torch.float32)
+    k = some_k.new_empty(*routes.item_kv.shape, *some_k.shape[2:], dtype=torch.float32)
     for layer, bi, ui, hs in routes.items:
         q[bi, ui] = slm.queries[layer][bi, hs]
         k[bi, ui] = slm.keys(layer, bi, hs // slm.kv_groups)
@@ -350,7 +354,11 @@ def slm_items(routes: Routes, slm: SLMStep) -> tuple[torch.Tensor, torch.Tensor]
 
 
 LOCAL_CHUNK_ELEMENTS = 1 << 23
-"""Elements of the largest probability block ``[B, columns, chunk, S]`` one chunk of a local-window prefill holds."""
+"""Elements of the largest probability block ``[B, columns, chunk, S]`` one chunk of a local-window prefill holds
+(above ``LOCAL_MIN_CHUNK`` queries)."""
+
+LOCAL_MIN_CHUNK = 16
+"""Fewest queries per chunk of a local-window prefill, however long the context (bounds the Python loop)."""
 
 FLEX_MIN_TOKENS = 256
 """Prefill length from which mapped attention runs FlexAttention. With 64 SLM heads on a CPU it took 0.4 of padded

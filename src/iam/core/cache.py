@@ -188,6 +188,7 @@ class IAMCache(Cache):
         super().__init__(layers=[DynamicLayer() for _ in range(n_layers)])
         self.n_kv = llm_config.num_key_value_heads
         self.slm = slm_cache(slm_config, slm_cache_kind)
+        # a container of LocalKeys, moved with the batch; the mapped layers update them (``LocalKeys.update``)
         self.local = Cache(layers=[LocalKeys(*local) for _ in range(n_layers)]) if local else None
         self.eviction = eviction
         self.mapping: Mapping | None = None
@@ -312,7 +313,7 @@ class IAMCache(Cache):
         return self.layers[layer_idx].get_seq_length()
 
     def kv_bytes(self) -> dict[str, int]:
-        """Bytes in the real caches: ``llm`` (the local keys included), ``slm``, ``total``, and ``baseline``, what the LLM alone would hold for
+        """Bytes in the real caches: ``llm`` (local keys included), ``slm``, ``total``, and ``baseline``, what the LLM alone would hold for
         every token seen, without eviction (K and V in every layer: twice the V bytes per token)."""
         llm, slm = cache_bytes(self) + cache_bytes(self.local), cache_bytes(self.slm)
         baseline = sum(

@@ -46,8 +46,9 @@ class MappingConfig:
         own Q and K, to the first ``local_sinks`` tokens and the ``w`` most recent ones, and takes only the mass on
         older tokens, and its spread over them, from the borrowed SLM row (see ``iam.core.attention``). The layer
         then caches K for those ``local_sinks + w`` tokens instead of none, and projects Q and K again.
-    local_sinks : first tokens of each sequence attended exactly when ``local_window > 0`` (default 4); at most
-        ``establish_threshold``, so that every sequence has them when the mapping is set.
+    local_sinks : first tokens of each sequence attended exactly when ``local_window > 0`` (``None``: 4, or
+        ``establish_threshold`` if smaller); at most ``establish_threshold``, so that every sequence has them when the
+        mapping is set.
     """
 
     ratio: float = 0.3

@@ -73,6 +73,15 @@ def check_pair(llm: nn.Module, slm: nn.Module) -> None:
         raise ValueError(f"LLM is on {llm.device} but SLM on {slm.device}; put both on one device.")
 
 
+def check_eviction(config: MappingConfig, eviction: EvictionPolicy | None) -> None:
+    """Raise ``ValueError`` where ``eviction`` cannot serve ``config``."""
+    if eviction is not None and config.local_window:
+        raise ValueError(
+            "local_window cannot be combined with eviction yet: the local keys follow slots that eviction compacts. "
+            "Use one or the other."
+        )
+
+
 class IAMForCausalLM(PreTrainedModel, GenerationMixin):
     """An LLM whose mapped layers take their attention from an SLM of the same family (IAM, arXiv 2507.11953).
 
@@ -108,11 +117,7 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         self.mapping_config: MappingConfig = resolved.config
         self.n_layers: int = llm.config.num_hidden_layers
         self.n_kv: int = llm.config.num_key_value_heads
-        if eviction is not None and self.mapping_config.local_window:
-            raise ValueError(
-                "local_window cannot be combined with eviction yet: the local keys follow slots that eviction compacts. "
-                "Use one or the other."
-            )
+        check_eviction(self.mapping_config, eviction)
         self.eviction = eviction
 
     @classmethod
@@ -218,6 +223,13 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _cache(self, cache: Cache | None) -> IAMCache:
         if isinstance(cache, IAMCache):
+            ours = self.new_cache().local
+            local, expected = (None if c is None else (c.layers[0].sinks, c.layers[0].window) for c in (cache.local, ours))
+            if local != expected:
+                raise ValueError(
+                    f"this cache was made for local window (sinks, window) {local}, not this model's {expected}: "
+                    "use model.new_cache()."
+                )
             return cache
         if cache is None or cache.get_seq_length() == 0:  # e.g. the empty DynamicCache that generate() makes
             return self.new_cache()

@@ -170,10 +170,15 @@ def eval_kv_tradeoff(
     for row in rows:
         row["ppl_increase"] = row["ppl"] / rows[0]["ppl"] - 1
     for row in rows:
-        row["on_frontier"] = not any(
-            o["llm_kv_dropped"] >= row["llm_kv_dropped"] and o["ppl_increase"] < row["ppl_increase"] for o in rows
-        )
+        row["on_frontier"] = not any(dominates(other, row) for other in rows)
     return {"rows": rows, "context": context, "tokens": windows[0].shape[1]}
+
+
+def dominates(a: dict, b: dict) -> bool:
+    """Whether point ``a`` drops at least as much of the LLM's KV as ``b`` for at most its increase, and is
+    strictly better in one."""
+    more, less = a["llm_kv_dropped"] >= b["llm_kv_dropped"], a["ppl_increase"] <= b["ppl_increase"]
+    return more and less and (a["llm_kv_dropped"], a["ppl_increase"]) != (b["llm_kv_dropped"], b["ppl_increase"])
 
 
 def eval_metrics(llm, slm, windows, ratio: float, base: MappingConfig, metrics: Sequence[str], progress: bool = True) -> dict:
