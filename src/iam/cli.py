@@ -225,7 +225,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         )
         print(f"TTFT {t['ttft_s']:.2f} s, TPOT {t['tpot_s']:.3f} s", flush=True)
     if args.json:
-        result = {"llm": args.llm, "slm": args.slm, "provenance": provenance(args.argv), "prompts": DEMO_PROMPTS, "runs": runs}
+        result = {"llm": args.llm, "slm": args.slm, "provenance": args.provenance, "prompts": DEMO_PROMPTS, "runs": runs}
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, json.dumps(result, indent=2))
@@ -234,7 +234,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def finish(args: argparse.Namespace, name: str, result: dict, columns: list[str], plot=None) -> int:
-    result.update(command=name, llm=args.llm, slm=args.slm, provenance=provenance(args.argv))
+    result.update(command=name, llm=args.llm, slm=args.slm, provenance=args.provenance)
     paths = write_report(args.out, name, result, columns, plot)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -673,7 +673,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    args.argv = argv
+    args.provenance = provenance(argv)  # the code as it was when the command started, which is what it ran
     try:
         return args.func(args)
     except USER_ERRORS as err:

@@ -36,7 +36,7 @@ def write_atomic(path: Path, text: str) -> None:
 
 def provenance(argv: Sequence[str]) -> dict:
     """What a result came from: the command line, the package versions, the time, and, when the package runs
-    from a git checkout, its commit (``git_dirty``: tracked files differ from it)."""
+    from a git checkout, its commit (``git_dirty``: tracked files differ from it). Taken when a command starts."""
 
     def git(*cmd: str) -> str | None:
         try:
