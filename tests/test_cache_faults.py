@@ -272,13 +272,18 @@ def test_a_folder_that_does_not_match_its_manifest_is_rebuilt(source, cache, dam
     assert store.problem(folder) is None and not (folder / "pytorch_model.bin").exists()
 
 
-def test_a_damaged_entry_whose_source_is_gone_is_refused_naming_the_file(source, cache, monkeypatch):
-    """A shipped model whose chunk packages are uninstalled cannot be rebuilt; loaded as a folder, no entry can."""
-    path, _ = source
+def ship_as_tiny(path: Path, monkeypatch) -> None:
+    """Serve the GGUF file ``path`` as the shipped model alias ``tiny``, one chunk package."""
     data = path.read_bytes()
     shipped = loading.ShippedModel("tiny-part{i}", "1.0", 1, len(data), hashlib.sha256(data).hexdigest())
     monkeypatch.setitem(loading.ALIASES, "tiny", shipped)
     monkeypatch.setattr(loading, "chunk_files", lambda model: [path])
+
+
+def test_a_damaged_entry_whose_source_is_gone_is_refused_naming_the_file(source, cache, monkeypatch):
+    """A shipped model whose chunk packages are uninstalled cannot be rebuilt; loaded as a folder, no entry can."""
+    path, _ = source
+    ship_as_tiny(path, monkeypatch)
     folder = loading.resolve("tiny", progress=False)
     flip(folder / "model.safetensors")
 
@@ -322,10 +327,7 @@ def test_another_gguf_at_the_same_path_with_the_same_size_and_mtime_is_another_e
 
 def test_an_interrupted_shipped_model_build_leaves_no_assembled_gguf(source, cache, monkeypatch):
     path, _ = source
-    data = path.read_bytes()
-    shipped = loading.ShippedModel("tiny-part{i}", "1.0", 1, len(data), hashlib.sha256(data).hexdigest())
-    monkeypatch.setitem(loading.ALIASES, "tiny", shipped)
-    monkeypatch.setattr(loading, "chunk_files", lambda model: [path])
+    ship_as_tiny(path, monkeypatch)
     assembled = []
 
     def interrupted(gguf_file, out):
@@ -335,7 +337,7 @@ def test_an_interrupted_shipped_model_build_leaves_no_assembled_gguf(source, cac
     monkeypatch.setattr(loading, "convert_gguf", interrupted)
     with pytest.raises(KeyboardInterrupt):
         loading.resolve("tiny", progress=False)
-    assert assembled == [len(data)] and sorted(p.name for p in cache.iterdir()) == ["tiny.lock"]
+    assert assembled == [path.stat().st_size] and sorted(p.name for p in cache.iterdir()) == ["tiny.lock"]
 
 
 def test_leftovers_of_dead_builds_are_swept_by_the_next_load(source, cache):

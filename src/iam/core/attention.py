@@ -1,10 +1,11 @@
 """The attention of a mapped LLM layer, and the SLM's part of a forward that it reads.
 
 A mapped layer (without ``local_window``) never calls ``q_proj``/``k_proj`` once the mapping exists (only on the
-establishing window), stores no K, and computes ``softmax(q_slm k_slm^T) V_llm`` with FlexAttention or SDPA (see ``MappedAttention._prefill``),
-so no T x T matrix is formed. LLM heads of one KV group that borrow the same SLM head would compute the same thing,
-so prefill computes it once. An LLM head can borrow a weighted mix of several SLM heads (``MappingConfig.blend``),
-and a layer can be mapped in part, one KV group at a time (see ``MappedAttention``).
+establishing window), stores no K, and computes ``softmax(q_slm k_slm^T) V_llm`` with FlexAttention or SDPA (see
+``MappedAttention._prefill``), so no T x T matrix is formed. LLM heads of one KV group that borrow the same SLM
+head would compute the same thing, so prefill computes it once. An LLM head can borrow a weighted mix of several
+SLM heads (``MappingConfig.blend``), and a layer can be mapped in part, one KV group at a time (see
+``MappedAttention``).
 
 With ``MappingConfig.local_window`` a mapped head instead attends exactly, with its own Q and K, to the first
 tokens and a window of the latest ones, and borrows from the SLM only the attention on older tokens (see
@@ -125,6 +126,15 @@ class SLMStep:
             self._rows[layer] = scores.softmax(-1)
         return self._rows[layer]
 
+    def column_rows(self, routes: Routes, attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """The new token's borrowed attention row of each column of ``routes``, ``[B, H_m * k, T]`` in ``dtype``."""
+        b, columns = routes.item_of_column.shape
+        first = self.decode_rows(routes.columns[0][0], attention_mask)
+        rows = first.new_empty(b, columns, first.shape[-1], dtype=dtype)
+        for layer, bi, ci, hs in routes.columns:
+            rows[bi, ci] = self.decode_rows(layer, attention_mask)[bi, hs].to(dtype)
+        return rows
+
 
 class MappedAttention:
     """A mapped layer's attention for one call: the SLM's attention probabilities times this layer's own V.
@@ -211,11 +221,8 @@ class MappedAttention:
     def _decode(self, routes: Routes, v: torch.Tensor, attention_mask: torch.Tensor | None, slm: SLMStep) -> torch.Tensor:
         """One new token: gather the SLM's attention rows, mix them per LLM head, and multiply by the mapped groups'
         V without expanding it; returns ``[B, H_m, 1, d]``."""
-        b, columns = routes.item_of_column.shape
-        rows = v.new_empty(b, columns, v.shape[2])
-        for layer, bi, ci, hs in routes.columns:
-            rows[bi, ci] = slm.decode_rows(layer, attention_mask)[bi, hs].to(v.dtype)
-        rows = routes.mix(rows)  # [B, H_m, T]
+        b = v.shape[0]
+        rows = routes.mix(slm.column_rows(routes, attention_mask, v.dtype))  # [B, H_m, T]
         h, kv_heads = rows.shape[1], v.shape[1]
         return (rows.view(b, kv_heads, h // kv_heads, -1) @ v).view(b, h, 1, -1)
 
@@ -327,12 +334,7 @@ class MappedAttention:
         """Borrowed SLM attention probabilities ``[B, H_m * k, e - a, S]`` of the queries ``a:e``, one row per
         column: in decode the SLM layer's shared rows, in prefill per item from ``items`` (queries, keys)."""
         if items is None:
-            b, columns = routes.item_of_column.shape
-            first = slm.decode_rows(routes.columns[0][0], attention_mask)
-            rows = first.new_empty(b, columns, first.shape[-1])
-            for layer, bi, ci, hs in routes.columns:
-                rows[bi, ci] = slm.decode_rows(layer, attention_mask)[bi, hs]
-            return rows[:, :, None]
+            return slm.column_rows(routes, attention_mask, torch.float32)[:, :, None]
         q, k = items
         slots = torch.arange(k.shape[2], device=k.device)
         scores = (q[:, :, a:e] @ k.transpose(-1, -2)) * slm.scaling  # [B, U, c, S]

@@ -313,8 +313,9 @@ class IAMCache(Cache):
         return self.layers[layer_idx].get_seq_length()
 
     def kv_bytes(self) -> dict[str, int]:
-        """Bytes in the real caches: ``llm`` (local keys included), ``slm``, ``total``, and ``baseline``, what the LLM alone would hold for
-        every token seen, without eviction (K and V in every layer: twice the V bytes per token)."""
+        """Bytes in the real caches: ``llm`` (local keys included), ``slm``, ``total``, and ``baseline``, what the LLM
+        alone would hold for every token seen, without eviction (K and V in every layer: twice the V bytes per
+        token)."""
         llm, slm = cache_bytes(self) + cache_bytes(self.local), cache_bytes(self.slm)
         baseline = sum(
             2 * tensor_bytes(layer.values) // layer.values.shape[-2] * self.columns
