@@ -162,8 +162,13 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
     def new_cache(self) -> IAMCache:
         """An empty cache for this pair; pass it to ``forward`` or ``generate`` and read the results off it."""
         config = self.mapping_config
-        local = (config.sinks, config.local_window) if config.local_window and self.resolved.n_mapped else None
-        return IAMCache(self.llm.config, self.slm.config, config.slm_cache, self.eviction, local)
+        return IAMCache(self.llm.config, self.slm.config, config.slm_cache, self.eviction, self._local)
+
+    @property
+    def _local(self) -> tuple[int, int] | None:
+        """``(sinks, window)`` of the exact local window where mapped layers use one (see ``IAMCache``)."""
+        config = self.mapping_config
+        return (config.sinks, config.local_window) if config.local_window and self.resolved.n_mapped else None
 
     # ---- generate --------------------------------------------------------------------------------------------
     def generate(self, inputs: torch.Tensor | None = None, generation_config=None, **kwargs):
@@ -223,11 +228,10 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _cache(self, cache: Cache | None) -> IAMCache:
         if isinstance(cache, IAMCache):
-            ours = self.new_cache().local
-            local, expected = (None if c is None else (c.layers[0].sinks, c.layers[0].window) for c in (cache.local, ours))
-            if local != expected:
+            local = None if cache.local is None else (cache.local.layers[0].sinks, cache.local.layers[0].window)
+            if local != self._local:
                 raise ValueError(
-                    f"this cache was made for local window (sinks, window) {local}, not this model's {expected}: "
+                    f"this cache was made for local window (sinks, window) {local}, not this model's {self._local}: "
                     "use model.new_cache()."
                 )
             return cache
