@@ -1,4 +1,4 @@
-"""The ``iam`` command line: ``generate``, ``demo``, ``eval ...``, ``similarity``, ``calibrate`` and ``bench``. Each
+"""The ``iam`` command line: ``generate``, ``demo``, ``eval ...``, ``similarity``, ``calibrate``, ``bench`` and ``tune``. Each
 command parses, checks its mapping configs against the pair's configs, loads, and hands over to the library.
 
 Exit codes: 0 done; 2 a user error (``USER_ERRORS``: one line ``iam: error: ...``, as argparse's own errors exit);
@@ -27,7 +27,7 @@ from .core.model import IAMForCausalLM, check_eviction, check_pair_configs
 from .core.selection import STRATEGIES, Unit, parse_unit, unit_label, units_for_ratio
 from .core.similarity import METRICS
 from .eval import data, evaluation
-from .models.loading import check_device, load_pair, read_configs
+from .models.loading import check_device, load_pair, load_tokenizer, read_configs
 from .models.presets import PRESETS, load_arch
 from .reporting import heatmap_plot, markdown_table, provenance, sweep_plot, tradeoff_plot, write_atomic, write_report
 
@@ -65,6 +65,7 @@ def add_pair_args(
     p.add_argument("--slm", default=slm, help="alias, .gguf file or transformers folder of the small model")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--force", action="store_true", help="pair an SLM tuned through another LLM (iam tune) anyway")
 
 
 def add_eviction_args(p: argparse.ArgumentParser) -> None:
@@ -132,11 +133,11 @@ def load(args: argparse.Namespace, configs: Sequence[MappingConfig] = ()):
     policy = eviction(args)
     for config in configs:
         check_eviction(config, policy)
-    llm_config, slm_config = read_configs(args.llm, args.slm)
+    llm_config, slm_config = read_configs(args.llm, args.slm, force=args.force)
     check_pair_configs(llm_config, slm_config)
     for config in configs:
         resolve(config, llm_config, slm_config)
-    return load_pair(args.llm, args.slm, dtype=getattr(torch, args.dtype), device=args.device)
+    return load_pair(args.llm, args.slm, dtype=getattr(torch, args.dtype), device=args.device, force=args.force)
 
 
 def prompt_batch(tokenizer, prompts: Sequence[str], chat: bool) -> dict[str, torch.Tensor]:
@@ -314,6 +315,45 @@ def cmd_similarity(args: argparse.Namespace) -> int:
     result = evaluation.eval_similarity(llm, slm, eval_windows(args, tok), config)
     plot = heatmap_plot(result["heatmap"], f"mean best {result['metric']} similarity")
     return finish(args, "similarity", result, ["llm_layer", "mean_best_similarity", "best_slm_layer"], plot)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from . import tuning
+
+    config = tuning.TuneConfig(
+        ratio=args.ratio,
+        method=args.method,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        max_minutes=args.max_minutes,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps,
+        lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        seed=args.seed,
+        save_every=args.save_every,
+        gradient_checkpointing=args.gradient_checkpointing,
+    )
+    mapping = mapping_config(args, args.ratio)
+    if mapping.slm_cache != "native":
+        raise ValueError("iam tune keeps the SLM cache in the model's dtype: int8 would cut the gradient (drop --slm-cache).")
+    llm_config, slm_config = read_configs(args.llm, args.slm, force=args.force)
+    positions = min(llm_config.max_position_embeddings, slm_config.max_position_embeddings)
+    examples = tuning.load_tuning_data(load_tokenizer(args.llm), args.data, args.objective, args.seq_len, positions, args.limit)
+    llm, slm, tok = load(args, [mapping])
+    result = tuning.tune_slm(
+        llm, slm, tok, examples, args.out, args.llm, config, mapping, resume=args.resume, provenance=args.provenance
+    )
+    last = result["rows"][-1] if result["rows"] else {}
+    print(
+        f"tuned {result['steps']} steps ({result['train_seconds'] / 60:.1f} min, peak RSS {result['peak_rss_gib']:.1f} GiB), "
+        f"last loss {last.get('loss', float('nan')):.4f}\nwrote {result['model']} (use it with --slm) and {args.out}/tune.json"
+    )
+    return 0
 
 
 BREAK_EVEN_PAIRS = [
@@ -598,6 +638,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-budget", type=float, default=None, metavar="GB", help="analytic: memory for weights + KV")
     add_eviction_args(p)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("tune", help="tune the SLM through the mapped LLM's loss (paper Appendix A)")
+    add_pair_args(p)
+    add_mapping_args(p)
+    p.add_argument("--ratio", type=float, default=0.5, help="mapping ratio to tune at")
+    p.add_argument(
+        "--data",
+        type=lambda t: [x for x in t.split(",") if x],
+        default=["chatterbot"],
+        help="comma-separated sources: an Alpaca JSON/JSONL file, chatterbot, alpaca (online) for --objective instruct; "
+        "python-stdlib-train, another --dataset name or a text file for --objective lm",
+    )
+    p.add_argument("--objective", choices=["instruct", "lm"], default="instruct", help="loss on the response, or on every token")
+    p.add_argument("--method", choices=["lora", "full"], default="lora", help="peft LoRA on the SLM's q/k, or every weight")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--grad-accum", type=int, default=4)
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop after this much training time, model written")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-5 full, 2e-4 lora)")
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--warmup-steps", type=int, default=5)
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--lora-alpha", type=float, default=32.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=25, help="optimizer steps between checkpoints")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute the LLM's unmapped layers in backward")
+    p.add_argument("--limit", type=int, default=None, help="use at most this many examples")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--out", required=True, help="the run's folder: checkpoints/, slm/ (the tuned model), tune.json/.md/.png")
+    p.set_defaults(func=cmd_tune)
 
     ev = sub.add_parser("eval", help="quality evaluations, LLM alone vs IAM side by side").add_subparsers(
         dest="eval_command", required=True

@@ -207,11 +207,12 @@ class MappedAttention:
             out = full
         return attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
+    @torch.no_grad()
     def _establish(
         self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor], establishing: SLMWindow
     ) -> HeadMap:
         """Q/K projections of the mapped groups on the window rows only, then best-match search against every SLM
-        head."""
+        head (outside autograd: the map is a constant of the forward)."""
         window = establishing.window
         b = hidden_states.shape[0]
         cos, sin = (window.take(x.expand(b, -1, -1), 1) for x in position_embeddings)
@@ -237,8 +238,16 @@ class MappedAttention:
         b, total, d = v.shape[0], v.shape[2], v.shape[-1]  # total: cached and new tokens
         some_q = slm.queries[routes.items[0][0]]
         t, d_s = some_q.shape[2], some_q.shape[-1]
-        # Compiled code cannot run under a Python dispatch mode (TensorPeak, FlopCounterMode): SDPA there.
-        use_flex = attention_mask is None and d_s != d and total == t >= FLEX_MIN_TOKENS and not is_in_torch_dispatch_mode()
+        # Compiled code cannot run under a Python dispatch mode (TensorPeak, FlopCounterMode), and FlexAttention has
+        # no backward on a CPU (tuning, ``iam.tuning``): SDPA there.
+        backward = torch.is_grad_enabled() and (some_q.requires_grad or v.requires_grad)
+        use_flex = (
+            attention_mask is None
+            and d_s != d
+            and total == t >= FLEX_MIN_TOKENS
+            and not is_in_torch_dispatch_mode()
+            and not (backward and v.device.type == "cpu")
+        )
         flex = flex_kernel(v.device, v.dtype, d_s, d) if use_flex else None
         width = d_s if flex else max(d_s, d)
         alloc = some_q.new_empty if width == d_s else some_q.new_zeros  # every item is written; pad columns are zeros

@@ -88,10 +88,12 @@ class HeadMap:
         return replace(self, slm_layer=self.slm_layer[i], slm_head=self.slm_head[i], weight=self.weight[i], score=self.score[i])
 
 
+@torch.no_grad()
 def slm_window_flats(
     queries: dict[int, torch.Tensor], keys: list[torch.Tensor], scaling: float, window: Window
 ) -> list[torch.Tensor]:
-    """Flattened window attention of every SLM (layer, head): one ``[L_s * H_s, N_b]`` tensor per sequence."""
+    """Flattened window attention of every SLM (layer, head): one ``[L_s * H_s, N_b]`` tensor per sequence. Outside
+    autograd: the mapping it sets (argmax and blend weights) is a constant of the forward, also when tuning."""
     probs = torch.stack(
         [window_attention(window.take(queries[i], 2), window.take(keys[i], 2), scaling) for i in range(len(keys))],
         dim=1,

@@ -137,15 +137,17 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         device: str | torch.device = "cpu",
         progress: bool = True,
         eviction: EvictionPolicy | None = None,
+        force: bool = False,
         **mapping,
     ) -> IAMForCausalLM:
         """Load a pair by alias, GGUF file or local folder (see ``iam.models.loading``) and wrap it; ``mapping`` holds
-        ``MappingConfig`` fields. The config is checked against the pair's configs before any weights load."""
+        ``MappingConfig`` fields. The config is checked against the pair's configs before any weights load, and an
+        SLM tuned through another LLM (``iam tune``) is refused unless ``force``."""
         config = MappingConfig(**mapping)
-        llm_config, slm_config = read_configs(llm, slm, progress)
+        llm_config, slm_config = read_configs(llm, slm, progress, force)
         check_pair_configs(llm_config, slm_config)
         resolve(config, llm_config, slm_config)
-        big, small, _ = load_pair(llm, slm, dtype=dtype, device=device, progress=progress)
+        big, small, _ = load_pair(llm, slm, dtype=dtype, device=device, progress=progress, force=force)
         return cls(big, small, config, eviction)
 
     @property
@@ -394,6 +396,7 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         scores = probe.amax(-1).mean((1, 2))
         return self.resolved.strategy.plan(self.n_layers, self.n_kv, self.mapping_config.ratio, scores)
 
+    @torch.no_grad()
     def _probe(self, ids: torch.Tensor, establishing: SLMWindow) -> torch.Tensor:
         """Similarity ``[L, B, H, L_s * H_s]`` of every LLM head to every SLM head, from an unmapped LLM pass over
         the window only."""

@@ -58,13 +58,28 @@ def wikipedia_text() -> str:
     return "\n\n".join(wikipedia_articles())
 
 
-def trivia() -> list[tuple[str, str]]:
-    """chatterbot-corpus's English trivia as ``(question, answer)`` pairs."""
+def chatterbot_pairs(names: Sequence[str] = ("trivia",)) -> list[tuple[str, str]]:
+    """``(prompt, reply)`` pairs of chatterbot-corpus's English conversation files ``names`` (``trivia``, ...): the
+    first two turns of each conversation."""
     import yaml
 
-    path = _package_file("chatterbot_corpus", "data/english/trivia.yml", "eval")
-    pairs = yaml.safe_load(path.read_text())["conversations"]
-    return [(str(q).strip(), str(a).strip()) for q, a, *_ in pairs]
+    pairs = []
+    for name in names:
+        path = _package_file("chatterbot_corpus", f"data/english/{name}.yml", "eval")
+        conversations = yaml.safe_load(path.read_text())["conversations"]
+        pairs += [(str(q).strip(), str(a).strip()) for q, a, *_ in (c for c in conversations if len(c) >= 2)]
+    return pairs
+
+
+def chatterbot_topics() -> list[str]:
+    """The English chatterbot-corpus files other than ``trivia`` (the QA evaluation's): data for ``iam tune``."""
+    folder = _package_file("chatterbot_corpus", "data/english/trivia.yml", "eval").parent
+    return sorted(p.stem for p in folder.glob("*.yml") if p.stem != "trivia")
+
+
+def trivia() -> list[tuple[str, str]]:
+    """chatterbot-corpus's English trivia as ``(question, answer)`` pairs."""
+    return chatterbot_pairs(["trivia"])
 
 
 STDLIB_MODULES = {
@@ -72,11 +87,19 @@ STDLIB_MODULES = {
     "python-stdlib": ("argparse", "json.decoder", "collections", "dataclasses", "pathlib", "textwrap", "difflib", "heapq"),
     # a disjoint set, for calibration
     "python-stdlib-calib": ("logging", "subprocess", "tarfile", "email.message", "http.client", "configparser"),
+    # a third disjoint set, for tuning the SLM (``iam tune``)
+    "python-stdlib-train": (
+        *("typing", "inspect", "functools", "enum", "ast", "tokenize", "pickle", "zipfile", "shutil", "threading"),
+        *("csv", "datetime", "fractions", "statistics", "string", "calendar", "optparse", "gettext", "unittest.case"),
+        *("queue", "smtplib", "urllib.parse", "pprint", "copy", "shlex", "glob", "fnmatch", "tempfile", "bisect"),
+        *("random", "uuid", "base64", "contextlib", "traceback", "warnings", "weakref"),
+    ),
 }
 
 
 def python_stdlib_text(name: str = "python-stdlib") -> str:
-    """Real Python source of a fixed list of standard-library modules: a second, different kind of text."""
+    """Real Python source of a fixed list of standard-library modules (``STDLIB_MODULES``, disjoint sets for
+    evaluation, calibration and tuning): a second, different kind of text."""
     import importlib
     import inspect
 

@@ -190,10 +190,57 @@ def resolve(name_or_path: str | os.PathLike, progress: bool = True) -> Path:
     )
 
 
+TUNING_RECORD = "iam_tuning.json"
+"""The file ``iam tune`` writes into a tuned SLM's folder: the LLM it was tuned through, the ratio, data and steps."""
+
+
+def fingerprint(name_or_path: str | os.PathLike, progress: bool = True) -> str:
+    """A digest of a model's weights that reads a few KB instead of hashing gigabytes: every tensor's name, dtype and
+    shape, all of each 1-D tensor (norms, biases) and the first row of every other one. Any fine-tune, a merged LoRA
+    included, changes it; the same weights give it from an alias, a GGUF file or the converted folder."""
+    digest = hashlib.sha256()
+    for path in sorted(resolve(name_or_path, progress).glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            for name in sorted(f.keys()):
+                part = f.get_slice(name)
+                shape = part.get_shape()
+                digest.update(f"{name}:{part.get_dtype()}:{shape}".encode())
+                if shape:
+                    digest.update((part[:] if len(shape) == 1 else part[:1]).contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def tuning_record(slm: str | os.PathLike, progress: bool = True) -> dict | None:
+    """What ``iam tune`` recorded in a tuned SLM's folder, or ``None`` for an untuned model."""
+    path = resolve(slm, progress) / TUNING_RECORD
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        record["llm"]["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not a tuning record written by `iam tune` ({type(err).__name__}: {err}).") from None
+    return record
+
+
+def check_tuned_pair(llm: str | os.PathLike, slm: str | os.PathLike, force: bool = False, progress: bool = True) -> None:
+    """Raise ``ValueError`` if ``slm`` was tuned (``iam tune``) through another LLM than ``llm``, unless ``force``:
+    its attention was fitted to that LLM's mapped layers."""
+    record = tuning_record(slm, progress)
+    if record is None or force or record["llm"]["fingerprint"] == fingerprint(llm, progress):
+        return
+    raise ValueError(
+        f"the SLM {slm} was tuned through the LLM {record['llm'].get('name')!r}, whose weights differ from {str(llm)!r}: "
+        "its attention was fitted to that LLM's mapped layers. Use that LLM, or pass --force (force=True) to pair them anyway."
+    )
+
+
 def read_configs(
-    llm: str | os.PathLike, slm: str | os.PathLike, progress: bool = True
+    llm: str | os.PathLike, slm: str | os.PathLike, progress: bool = True, force: bool = False
 ) -> tuple[PretrainedConfig, PretrainedConfig]:
-    """The two models' configs, without loading weights (an alias or GGUF file is converted once first)."""
+    """The two models' configs, without loading weights (an alias or GGUF file is converted once first); a tuned SLM
+    must have been tuned through this LLM (``check_tuned_pair``)."""
+    check_tuned_pair(llm, slm, force, progress)
     return AutoConfig.from_pretrained(resolve(llm, progress)), AutoConfig.from_pretrained(resolve(slm, progress))
 
 
@@ -270,8 +317,11 @@ def load_pair(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    force: bool = False,
 ) -> tuple[torch.nn.Module, torch.nn.Module, PreTrainedTokenizerBase]:
-    """Load ``(llm, slm, tokenizer)``, checking that both models share one tokenizer."""
+    """Load ``(llm, slm, tokenizer)``, checking that both models share one tokenizer and that a tuned SLM was tuned
+    through this LLM (``check_tuned_pair``; ``force`` skips that check)."""
+    check_tuned_pair(llm, slm, force, progress)
     big, big_tok = load_model(llm, dtype, device, progress)
     small, small_tok = load_model(slm, dtype, device, progress)
     check_tokenizers(big_tok, small_tok)

@@ -1,0 +1,242 @@
+"""Data for tuning the SLM (``iam tune``): instruction records in Alpaca format, scored on the response, and plain
+text, scored on every token; both tokenized into examples of at most ``seq_len`` tokens.
+
+Sources, by name:
+
+- Instruction data (``objective="instruct"``): a JSON (one array) or JSONL file of ``{"instruction", "input",
+  "output"}`` records (``input`` may be missing or empty); ``chatterbot`` (offline: chatterbot-corpus's English
+  conversations as prompt/reply pairs, without the trivia the QA evaluation uses); ``alpaca`` (online:
+  ``tatsu-lab/alpaca`` through ``datasets``).
+- Plain text (``objective="lm"``): ``python-stdlib-train`` (standard-library modules disjoint from every evaluation
+  and calibration set), any other name ``iam.eval.data.load_text`` knows, or a text file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..eval import data
+
+OBJECTIVES = ("instruct", "lm")
+IGNORE = -100
+"""Label of a token that is not scored."""
+
+ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n{input}### Response:\n"
+"""The prompt for a tokenizer without a chat template (Alpaca's own format)."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training sequence: ``ids`` ``[T]`` and ``labels`` ``[T]`` (``IGNORE`` where not scored)."""
+
+    ids: torch.Tensor
+    labels: torch.Tensor
+
+
+@dataclass
+class TuningData:
+    """Examples ready to train on, and what became of the records.
+
+    Parameters
+    ----------
+    examples : the examples, in source order.
+    sources : the source names they came from.
+    objective : ``instruct`` or ``lm``.
+    truncated : records cut to ``seq_len`` tokens (their response shortened).
+    skipped : records whose prompt alone fills ``seq_len`` (no response token would be scored).
+    """
+
+    examples: list[Example]
+    sources: list[str]
+    objective: str
+    truncated: int = 0
+    skipped: int = 0
+    digest: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        h = hashlib.sha256()
+        for e in self.examples:
+            h.update(e.ids.numpy().tobytes() + b"|" + e.labels.numpy().tobytes() + b"#")
+        self.digest = h.hexdigest()
+
+    @property
+    def tokens(self) -> int:
+        """Scored tokens in all examples."""
+        return sum(int((e.labels != IGNORE).sum()) for e in self.examples)
+
+    def summary(self) -> dict:
+        return {
+            "sources": self.sources,
+            "objective": self.objective,
+            "examples": len(self.examples),
+            "scored_tokens": self.tokens,
+            "truncated": self.truncated,
+            "skipped": self.skipped,
+            "sha256": self.digest,
+        }
+
+
+def json_records(path: Path) -> Iterator[tuple[int, object]]:
+    """``(line, record)`` of a JSONL file, or of a JSON file holding one array (the line where each record starts)."""
+    text = path.read_text(encoding="utf-8")
+    decoder = json.JSONDecoder()
+    start = len(text) - len(text.lstrip())
+    if text[start : start + 1] != "[":  # JSONL
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                yield number, _decode(path, number, lambda line=line: json.loads(line))
+        return
+    i = start + 1
+    while True:
+        i += len(text[i:]) - len(text[i:].lstrip())
+        if text[i : i + 1] == "]":
+            return
+        number = text.count("\n", 0, i) + 1
+        record, i = _decode(path, number, lambda i=i: decoder.raw_decode(text, i))
+        yield number, record
+        i += len(text[i:]) - len(text[i:].lstrip())
+        if text[i : i + 1] == ",":
+            i += 1
+        elif text[i : i + 1] != "]":
+            raise ValueError(f"{path}:{text.count(chr(10), 0, i) + 1}: expected ',' or ']' between the records of the array.")
+
+
+def _decode(path: Path, line: int, decode):
+    try:
+        return decode()
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{line}: not valid JSON ({err.msg}).") from None
+
+
+def check_record(where: str, record: object) -> dict:
+    """An Alpaca record with ``instruction`` and ``output`` strings (``input`` optional), or ``ValueError`` naming
+    ``where`` (file and line) and what is wrong."""
+    if not isinstance(record, dict):
+        raise ValueError(
+            f"{where}: a record must be a JSON object with instruction, input and output, got {type(record).__name__}."
+        )
+    missing = [k for k in ("instruction", "output") if k not in record]
+    if missing:
+        raise ValueError(
+            f"{where}: the record has no {' and no '.join(missing)} field (Alpaca format: instruction, input, output)."
+        )
+    for key in ("instruction", "input", "output"):
+        if key in record and not isinstance(record[key], str):
+            raise ValueError(f"{where}: field {key!r} must be a string, got {type(record[key]).__name__}.")
+    if not record["output"].strip():
+        raise ValueError(f"{where}: the response (output) is empty: there is nothing to learn from this record.")
+    if not record["instruction"].strip():
+        raise ValueError(f"{where}: the instruction is empty.")
+    return record
+
+
+def instruction_records(source: str) -> Iterator[tuple[str, dict]]:
+    """``(where, record)`` of an instruction source: a JSON/JSONL file, ``chatterbot`` or ``alpaca``."""
+    if source == "chatterbot":
+        for i, (prompt, reply) in enumerate(data.chatterbot_pairs(data.chatterbot_topics()), 1):
+            yield f"chatterbot #{i}", {"instruction": prompt, "input": "", "output": reply}
+        return
+    if source == "alpaca":
+        path, config, split, *_ = data.ONLINE_QA["alpaca"]
+        for i, row in enumerate(data._online(source, path, config, split), 1):
+            yield f"alpaca #{i}", dict(row)
+        return
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"instruction data {source!r} not found: give a JSON/JSONL file, chatterbot or alpaca.")
+    for line, record in json_records(path):
+        yield f"{path}:{line}", record
+
+
+def encode_instruction(tokenizer, record: dict) -> tuple[list[int], list[int]]:
+    """``(prompt ids, response ids)`` of a record: the model's chat template where it has one (the response closed
+    as the template closes a turn), else Alpaca's prompt and the response followed by EOS."""
+    user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input", "").strip() else "")
+    if tokenizer.chat_template:
+        messages = [{"role": "user", "content": user}]
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        whole = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": record["output"]}], tokenize=False)
+        if whole.startswith(prompt):
+            response = whole[len(prompt) :]
+        else:  # a template that rewrites earlier turns: score the reply and the end of turn as generated after the prompt
+            response = record["output"] + (tokenizer.eos_token or "")
+    else:
+        given = f"### Input:\n{record['input']}\n\n" if record.get("input", "").strip() else ""
+        prompt = ALPACA_PROMPT.format(instruction=record["instruction"], input=given)
+        response = record["output"] + (tokenizer.eos_token or "")
+    encode = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+    return encode(prompt), encode(response)
+
+
+def load_tuning_data(
+    tokenizer, sources: Sequence[str], objective: str, seq_len: int, max_positions: int, limit: int | None = None
+) -> TuningData:
+    """Examples from ``sources`` for ``objective`` (see the module's docstring).
+
+    Parameters
+    ----------
+    tokenizer : the pair's tokenizer.
+    sources : source names or files.
+    objective : ``instruct`` (loss on the response, with the chat template) or ``lm`` (loss on every token).
+    seq_len : tokens per example (plain text is cut into non-overlapping blocks of this length; longer records
+        are truncated, and counted).
+    max_positions : the models' position limit: a record longer than that is an error naming its file and line.
+    limit : at most this many examples.
+
+    Returns
+    -------
+    ``TuningData``; ``ValueError`` for a bad record or source, naming the file and line.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}.")
+    examples: list[Example] = []
+    truncated = skipped = 0
+    for source in sources:
+        if objective == "lm":
+            if source in ("chatterbot", "alpaca") or Path(source).suffix in (".json", ".jsonl"):
+                raise ValueError(f"{source!r} is instruction data: use objective 'instruct' (--objective instruct).")
+            ids = torch.tensor(tokenizer(data.load_text(source), add_special_tokens=False).input_ids)
+            if ids.numel() < seq_len:
+                raise ValueError(f"{source!r} has {ids.numel()} tokens, fewer than one example of {seq_len}.")
+            examples += [Example(b, b.clone()) for b in ids[: ids.numel() // seq_len * seq_len].view(-1, seq_len)]
+            continue
+        if source in data.STDLIB_MODULES or source in data.GENSIM_TEXTS or source in ("wikipedia", "python-docs"):
+            raise ValueError(f"{source!r} is plain text: use objective 'lm' (--objective lm).")
+        for where, record in instruction_records(source):
+            prompt, response = encode_instruction(tokenizer, check_record(where, record))
+            if len(prompt) + len(response) > max_positions:
+                raise ValueError(
+                    f"{where}: the record has {len(prompt) + len(response)} tokens, more than the models' "
+                    f"{max_positions} positions."
+                )
+            if len(prompt) >= seq_len:
+                skipped += 1
+                continue
+            truncated += len(prompt) + len(response) > seq_len
+            ids = torch.tensor(prompt + response)[:seq_len]
+            labels = ids.clone()
+            labels[: len(prompt)] = IGNORE
+            examples.append(Example(ids, labels))
+    if limit is not None:
+        examples = examples[:limit]
+    if not examples:
+        raise ValueError(f"no examples in {', '.join(sources)}: every record's prompt fills --seq-len {seq_len}.")
+    return TuningData(examples, list(sources), objective, truncated, skipped)
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """A left-padded batch: ``input_ids``, ``attention_mask`` and ``labels`` (padding not scored)."""
+    width = max(len(e.ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full_like(ids, IGNORE)
+    mask = torch.zeros_like(ids)
+    for row, e in enumerate(examples):
+        n = len(e.ids)
+        ids[row, width - n :], labels[row, width - n :], mask[row, width - n :] = e.ids, e.labels, 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -1,0 +1,237 @@
+"""``iam tune``: the SLM learns through the mapped LLM's loss; the LLM never changes; checkpoints resume exactly; the
+tuned model loads as an SLM and is refused with another LLM; bad data is named by file and line."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+
+import pytest
+import torch
+from conftest import char_tokenizer, tiny
+from test_cli import user_error
+
+from iam import IAMForCausalLM, MappingConfig
+from iam.cli import main
+from iam.tuning import TuneConfig, load_tuning_data, tune_slm
+from iam.tuning import train as train_module
+from iam.tuning.data import IGNORE, collate, encode_instruction, json_records
+
+TEXT = "the quick brown fox jumps over the lazy dog. " * 40
+MAPPING = MappingConfig(strategy="back")
+
+
+@pytest.fixture
+def folders(tmp_path) -> dict[str, str]:
+    """The tiny qwen2 pair (and a second LLM) saved as folders with the character tokenizer, and a text file."""
+    out = {}
+    for name, model in [
+        ("llm", tiny("qwen2", 4, 64, 4, 2, seed=0)),
+        ("slm", tiny("qwen2", 2, 32, 2, 1, seed=1)),
+        ("other", tiny("qwen2", 4, 64, 4, 2, seed=5)),
+    ]:
+        model.save_pretrained(tmp_path / name)
+        char_tokenizer().save_pretrained(tmp_path / name)
+        out[name] = str(tmp_path / name)
+    (tmp_path / "text.txt").write_text(TEXT)
+    out["text"] = str(tmp_path / "text.txt")
+    return out
+
+
+@pytest.fixture
+def data(tmp_path):
+    path = tmp_path / "train.txt"
+    path.write_text(TEXT)
+    return load_tuning_data(char_tokenizer(), [str(path)], "lm", 32, 256)
+
+
+def mapped_loss(llm, slm, batch) -> float:
+    with torch.no_grad():
+        return IAMForCausalLM.from_pair(llm, slm, MappingConfig(ratio=1.0, strategy="back"))(**batch).loss.item()
+
+
+@pytest.mark.parametrize("method, lr", [("lora", 1e-1), ("full", 1e-2)])
+def test_tuning_lowers_the_mapped_loss_and_leaves_the_llm_as_it_was(tmp_path, folders, data, method, lr):
+    llm, slm = tiny("qwen2", 4, 64, 4, 2, seed=0), tiny("qwen2", 2, 32, 2, 1, seed=1)
+    before_llm = copy.deepcopy(llm.state_dict())
+    flags = [p.requires_grad for p in llm.parameters()]
+    batch = collate(data.examples[:4], 0)
+    before = mapped_loss(llm, slm, batch)
+    config = TuneConfig(ratio=1.0, method=method, batch_size=4, grad_accum=1, max_steps=6, lr=lr, warmup_steps=0, save_every=3)
+    data.examples = data.examples[:4]
+    result = tune_slm(llm, slm, char_tokenizer(), data, tmp_path / "run", folders["llm"], config, MAPPING, progress=False)
+    assert mapped_loss(llm, slm, batch) < before - 0.02  # a random LLM's loss hardly depends on attention: 0.04 here
+    assert all(torch.equal(before_llm[k], v) for k, v in llm.state_dict().items())  # bit for bit
+    assert [p.requires_grad for p in llm.parameters()] == flags
+    assert result["steps"] == 6 and len(result["rows"]) == 6
+    assert (tmp_path / "run" / "tune.png").is_file() and json.loads((tmp_path / "run" / "tune.json").read_text())["steps"] == 6
+
+
+def test_lora_adapts_only_q_and_k_and_is_merged_into_a_plain_model(tmp_path, folders, data):
+    llm, slm = tiny("qwen2", 4, 64, 4, 2, seed=0), tiny("qwen2", 2, 32, 2, 1, seed=1)
+    original = copy.deepcopy(slm.state_dict())
+    config = TuneConfig(method="lora", batch_size=2, grad_accum=1, max_steps=2, lr=1e-2, warmup_steps=0)
+    result = tune_slm(llm, slm, char_tokenizer(), data, tmp_path / "run", folders["llm"], config, MAPPING, progress=False)
+    tuned = type(slm).from_pretrained(result["model"])
+    changed = {k for k, v in tuned.state_dict().items() if not torch.equal(v, original[k])}
+    assert changed and all(".q_proj." in k or ".k_proj." in k for k in changed), changed
+    assert not any("lora" in k for k in tuned.state_dict())
+
+
+def test_gradient_checkpointing_gives_the_same_step(tmp_path, folders, data):
+    losses = []
+    for checkpointing in (False, True):
+        llm, slm = tiny("qwen2", 4, 64, 4, 2, seed=0), tiny("qwen2", 2, 32, 2, 1, seed=1)
+        config = TuneConfig(batch_size=2, grad_accum=1, max_steps=3, lr=1e-2, gradient_checkpointing=checkpointing)
+        out = tmp_path / f"run{checkpointing}"
+        result = tune_slm(llm, slm, char_tokenizer(), data, out, folders["llm"], config, MAPPING, progress=False)
+        losses.append([r["loss"] for r in result["rows"]])
+        assert not llm.training and not any(getattr(m, "gradient_checkpointing", False) for m in llm.modules())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_an_interrupted_run_resumes_with_the_next_step_of_an_uninterrupted_one(tmp_path, folders, data, monkeypatch):
+    config = TuneConfig(batch_size=2, grad_accum=2, max_steps=5, lr=1e-2, save_every=2)
+
+    def run(out, resume=False):
+        llm, slm = tiny("qwen2", 4, 64, 4, 2, seed=0), tiny("qwen2", 2, 32, 2, 1, seed=1)
+        return tune_slm(llm, slm, char_tokenizer(), data, out, folders["llm"], config, MAPPING, resume=resume, progress=False)
+
+    whole = [r["loss"] for r in run(tmp_path / "whole")["rows"]]
+    calls = {"n": 0}
+    real = train_module.collate
+
+    def interrupted(*args):
+        calls["n"] += 1
+        if calls["n"] == 7:  # the second forward of step 4: step 2's checkpoint is the last
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(train_module, "collate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut")
+    assert [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()] == ["step-000002"]  # intact, no partial left
+    monkeypatch.setattr(train_module, "collate", real)
+    with pytest.raises(ValueError, match="--resume"):
+        run(tmp_path / "cut")
+    resumed = [r["loss"] for r in run(tmp_path / "cut", resume=True)["rows"]]
+    assert resumed == pytest.approx(whole, rel=1e-6)
+
+
+def test_resume_refuses_other_settings(tmp_path, folders, data):
+    llm, slm = tiny("qwen2", 4, 64, 4, 2, seed=0), tiny("qwen2", 2, 32, 2, 1, seed=1)
+    tune_slm(llm, slm, char_tokenizer(), data, tmp_path, folders["llm"], TuneConfig(max_steps=1), MAPPING, progress=False)
+    llm, slm = tiny("qwen2", 4, 64, 4, 2, seed=0), tiny("qwen2", 2, 32, 2, 1, seed=1)
+    with pytest.raises(ValueError, match="other settings"):
+        tune_slm(llm, slm, char_tokenizer(), data, tmp_path, folders["llm"], TuneConfig(max_steps=2), MAPPING, resume=True)
+
+
+def test_the_tuned_slm_serves_its_llm_and_is_refused_with_another(tmp_path, folders, capsys):
+    run = tmp_path / "run"
+    argv = ["tune", "--llm", folders["llm"], "--slm", folders["slm"], "--data", folders["text"], "--objective", "lm"]
+    argv += ["--seq-len", "32", "--max-steps", "2", "--batch-size", "2", "--grad-accum", "1", "--strategy", "back"]
+    assert main([*argv, "--out", str(run), "--device", "cpu"]) == 0
+    record = json.loads((run / "slm" / "iam_tuning.json").read_text())
+    assert record["llm"]["name"] == folders["llm"] and record["ratio"] == 0.5 and record["steps"] == 2
+    assert record["settings"]["data"]["sources"] == [folders["text"]] and record["provenance"]["argv"].startswith("iam tune")
+    capsys.readouterr()
+    generate = ["generate", "--prompt", "hello", "--max-new-tokens", "2", "--device", "cpu", "--json"]
+    assert main([*generate, "--llm", folders["llm"], "--slm", str(run / "slm")]) == 0
+    capsys.readouterr()
+    error = user_error(capsys, [*generate, "--llm", folders["other"], "--slm", str(run / "slm")])
+    assert "tuned through the LLM" in error and "--force" in error
+    assert main([*generate, "--llm", folders["other"], "--slm", str(run / "slm"), "--force"]) == 0
+    with pytest.raises(ValueError, match="tuned through"):
+        IAMForCausalLM.from_pretrained(llm=folders["other"], slm=str(run / "slm"), progress=False)
+
+
+# ---- data --------------------------------------------------------------------------------------------------------
+
+
+def write_jsonl(path, records: list) -> str:
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in records) + "\n")
+    return str(path)
+
+
+GOOD = {"instruction": "say hi", "input": "", "output": "hi there"}
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"instruction": "say hi"}, "no output field"),
+        ({"output": "hi"}, "no instruction field"),
+        ({"instruction": "say hi", "output": "  "}, "response (output) is empty"),
+        ({"instruction": "say hi", "output": 3}, "'output' must be a string"),
+        ("{not json", "not valid JSON"),
+        ([1, 2], "must be a JSON object"),
+        ({"instruction": "x" * 300, "output": "y"}, "more than the models' 256 positions"),
+    ],
+)
+def test_bad_records_are_named_by_file_and_line(tmp_path, bad, message):
+    path = write_jsonl(tmp_path / "data.jsonl", [GOOD, GOOD, bad])
+    with pytest.raises(ValueError, match=re.escape(message)) as err:
+        load_tuning_data(char_tokenizer(), [path], "instruct", 64, 256)
+    assert f"{path}:3:" in str(err.value)
+
+
+def test_a_json_array_names_the_line_where_the_record_starts(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([GOOD, GOOD, {"instruction": "x"}], indent=1))
+    assert [line for line, _ in json_records(path)] == [2, 7, 12]
+    with pytest.raises(ValueError, match=f"{path}:12: the record has no output"):
+        load_tuning_data(char_tokenizer(), [str(path)], "instruct", 64, 256)
+
+
+def test_instruction_examples_score_only_the_response(tmp_path):
+    tok = char_tokenizer()
+    prompt, response = encode_instruction(tok, GOOD)
+    assert tok.decode(prompt) == "user: say hi\nassistant: " and tok.decode(response) == "hi there\n"
+    data = load_tuning_data(tok, [write_jsonl(tmp_path / "d.jsonl", [GOOD])], "instruct", 64, 256)
+    (example,) = data.examples
+    assert tok.decode(example.ids[example.labels != IGNORE]) == "hi there\n"
+    assert (example.labels[: len(prompt)] == IGNORE).all()
+
+
+def test_long_records_are_truncated_and_prompts_that_fill_the_sequence_skipped(tmp_path):
+    long = {"instruction": "a", "output": "b" * 100}
+    wordy = {"instruction": "c" * 80, "output": "d"}
+    data = load_tuning_data(char_tokenizer(), [write_jsonl(tmp_path / "d.jsonl", [GOOD, long, wordy])], "instruct", 64, 256)
+    assert (len(data.examples), data.truncated, data.skipped) == (2, 1, 1)
+    assert max(len(e.ids) for e in data.examples) == 64
+
+
+def test_the_objective_must_match_the_data(tmp_path):
+    with pytest.raises(ValueError, match="plain text: use objective 'lm'"):
+        load_tuning_data(char_tokenizer(), ["python-stdlib-train"], "instruct", 64, 256)
+    with pytest.raises(ValueError, match="instruction data: use objective 'instruct'"):
+        load_tuning_data(char_tokenizer(), [write_jsonl(tmp_path / "d.jsonl", [GOOD])], "lm", 64, 256)
+
+
+def test_the_tuning_modules_are_disjoint_from_evaluation_and_calibration():
+    from iam.eval.data import STDLIB_MODULES
+
+    train = set(STDLIB_MODULES["python-stdlib-train"])
+    assert not train & set(STDLIB_MODULES["python-stdlib"]) and not train & set(STDLIB_MODULES["python-stdlib-calib"])
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--ratio", "0"], "ratio must be in"),
+        (["--method", "full", "--lr", "-1"], "lr must be a positive number"),
+        (["--seq-len", "0"], "seq_len must be an integer >= 1"),
+        (["--slm-cache", "int8"], "int8 would cut the gradient"),
+    ],
+)
+def test_bad_tuning_settings_fail_before_anything_loads(tmp_path, capsys, flags, message):
+    argv = ["tune", "--llm", str(tmp_path / "absent"), "--slm", str(tmp_path / "absent"), "--out", str(tmp_path / "o")]
+    assert message in user_error(capsys, [*argv, *flags])
+
+
+def test_bad_data_fails_before_the_weights_load(folders, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("iam.cli.load_pair", lambda *a, **k: pytest.fail("weights loaded before the data was checked"))
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD, {"instruction": "x"}])
+    argv = ["tune", "--llm", folders["llm"], "--slm", folders["slm"], "--data", path, "--out", str(tmp_path / "o")]
+    assert f"{path}:2: the record has no output" in user_error(capsys, argv)
