@@ -9,9 +9,9 @@ import re
 
 import pytest
 import torch
-from conftest import char_tokenizer, tiny
 from test_cli import user_error
 
+from conftest import char_tokenizer, tiny
 from iam import IAMForCausalLM, MappingConfig
 from iam.cli import main
 from iam.tuning import TuneConfig, load_tuning_data, tune_slm
