@@ -235,3 +235,15 @@ def test_bad_data_fails_before_the_weights_load(folders, tmp_path, capsys, monke
     path = write_jsonl(tmp_path / "d.jsonl", [GOOD, {"instruction": "x"}])
     argv = ["tune", "--llm", folders["llm"], "--slm", folders["slm"], "--data", path, "--out", str(tmp_path / "o")]
     assert f"{path}:2: the record has no output" in user_error(capsys, argv)
+
+
+def test_records_too_short_to_establish_a_mapping_are_skipped_or_refused(tmp_path, folders):
+    short = {"instruction": "hi", "output": "yo"}
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD, short])
+    data = load_tuning_data(char_tokenizer(), [path], "instruct", 64, 256, min_tokens=30)  # 33 and 23 tokens
+    assert (len(data.examples), data.skipped) == (1, 1)
+    data = load_tuning_data(char_tokenizer(), [path], "instruct", 64, 256)
+    llm, slm = tiny("qwen2", 4, 64, 4, 2, seed=0), tiny("qwen2", 2, 32, 2, 1, seed=1)
+    mapping = MappingConfig(strategy="back", establish_threshold=30)
+    with pytest.raises(ValueError, match="1 examples are shorter than establish_threshold 30"):
+        tune_slm(llm, slm, char_tokenizer(), data, tmp_path / "o", folders["llm"], TuneConfig(max_steps=1), mapping)

@@ -343,7 +343,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
         raise ValueError("iam tune keeps the SLM cache in the model's dtype: int8 would cut the gradient (drop --slm-cache).")
     llm_config, slm_config = read_configs(args.llm, args.slm, force=args.force)
     positions = min(llm_config.max_position_embeddings, slm_config.max_position_embeddings)
-    examples = tuning.load_tuning_data(load_tokenizer(args.llm), args.data, args.objective, args.seq_len, positions, args.limit)
+    tokenizer = load_tokenizer(args.llm)
+    examples = tuning.load_tuning_data(
+        tokenizer, args.data, args.objective, args.seq_len, positions, args.limit, mapping.establish_threshold
+    )
     llm, slm, tok = load(args, [mapping])
     result = tuning.tune_slm(
         llm, slm, tok, examples, args.out, args.llm, config, mapping, resume=args.resume, provenance=args.provenance

@@ -49,7 +49,8 @@ class TuningData:
     sources : the source names they came from.
     objective : ``instruct`` or ``lm``.
     truncated : records cut to ``seq_len`` tokens (their response shortened).
-    skipped : records whose prompt alone fills ``seq_len`` (no response token would be scored).
+    skipped : records whose prompt alone fills ``seq_len`` (no response token would be scored), or shorter than
+        ``min_tokens`` (too short to establish a mapping: the SLM would get no gradient from them).
     """
 
     examples: list[Example]
@@ -175,7 +176,13 @@ def encode_instruction(tokenizer, record: dict) -> tuple[list[int], list[int]]:
 
 
 def load_tuning_data(
-    tokenizer, sources: Sequence[str], objective: str, seq_len: int, max_positions: int, limit: int | None = None
+    tokenizer,
+    sources: Sequence[str],
+    objective: str,
+    seq_len: int,
+    max_positions: int,
+    limit: int | None = None,
+    min_tokens: int = 1,
 ) -> TuningData:
     """Examples from ``sources`` for ``objective`` (see the module's docstring).
 
@@ -188,6 +195,7 @@ def load_tuning_data(
         are truncated, and counted).
     max_positions : the models' position limit: a record longer than that is an error naming its file and line.
     limit : at most this many examples.
+    min_tokens : records shorter than this are skipped, and counted (the mapping's ``establish_threshold``).
 
     Returns
     -------
@@ -215,7 +223,7 @@ def load_tuning_data(
                     f"{where}: the record has {len(prompt) + len(response)} tokens, more than the models' "
                     f"{max_positions} positions."
                 )
-            if len(prompt) >= seq_len:
+            if len(prompt) >= seq_len or len(prompt) + len(response) < min_tokens:
                 skipped += 1
                 continue
             truncated += len(prompt) + len(response) > seq_len

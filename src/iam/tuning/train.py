@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from ..core.config import MappingConfig
 from ..core.model import IAMForCausalLM
+from ..core.selection import format_plan
 from ..models.loading import TUNING_RECORD, fingerprint
 from ..reporting import write_report
 from .data import TuningData, collate
@@ -225,6 +226,12 @@ def write_model(out: Path, slm: nn.Module, tokenizer, record: dict) -> Path:
     return final
 
 
+def planned_units(iam: IAMForCausalLM) -> list[int | str] | None:
+    """The mapped units at the tuning ratio (``layer`` or ``"layer:kv_group"``), where the config fixes them."""
+    plan = iam.planned
+    return None if plan is None else format_plan(plan, iam.n_kv)
+
+
 def peak_rss_gib() -> float:
     """Peak resident memory of this process so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -270,6 +277,12 @@ def tune_slm(
     tuned_for = {"name": str(llm_source), "fingerprint": fingerprint(llm_source, progress)}
     mapping = replace(mapping or MappingConfig(), ratio=config.ratio, slm_cache="native")
     iam = IAMForCausalLM.from_pair(llm, slm, mapping)
+    short = sum(len(e.ids) < mapping.establish_threshold for e in data.examples)
+    if short:
+        raise ValueError(
+            f"{short} examples are shorter than establish_threshold {mapping.establish_threshold}: no mapping would be "
+            "set on them, so the SLM would get no gradient. Load the data with min_tokens=establish_threshold."
+        )
     found = last_checkpoint(out)
     if found is not None and not resume:
         raise ValueError(
@@ -333,7 +346,8 @@ def tune_slm(
         tuned = model.merge_and_unload() if config.method == "lora" else model
     for p in tuned.parameters():
         p.requires_grad_(False)
-    record = {"llm": tuned_for, "ratio": config.ratio, "method": config.method, "steps": step, "settings": settings}
+    record = {"llm": tuned_for, "slm": {"base": str(slm.name_or_path)}, "ratio": config.ratio, "method": config.method}
+    record.update(steps=step, planned_units=planned_units(iam), settings=settings)
     record["provenance"] = provenance
     folder = write_model(out, tuned, tokenizer, record)
     seconds = sum(r["seconds"] for r in rows)
