@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -46,9 +47,9 @@ def data(tmp_path):
     return load_tuning_data(char_tokenizer(), [str(path)], "lm", 32, 256)
 
 
-def mapped_loss(llm, slm, batch) -> float:
+def mapped_loss(llm, slm, batch, ratio: float = 1.0) -> float:
     with torch.no_grad():
-        return IAMForCausalLM.from_pair(llm, slm, MappingConfig(ratio=1.0, strategy="back"))(**batch).loss.item()
+        return IAMForCausalLM.from_pair(llm, slm, MappingConfig(ratio=ratio, strategy="back"))(**batch).loss.item()
 
 
 @pytest.mark.parametrize("method, lr", [("lora", 1e-1), ("full", 1e-2)])
@@ -247,3 +248,16 @@ def test_records_too_short_to_establish_a_mapping_are_skipped_or_refused(tmp_pat
     mapping = MappingConfig(strategy="back", establish_threshold=30)
     with pytest.raises(ValueError, match="1 examples are shorter than establish_threshold 30"):
         tune_slm(llm, slm, char_tokenizer(), data, tmp_path / "o", folders["llm"], TuneConfig(max_steps=1), mapping)
+
+
+def test_held_out_examples_are_not_trained_on_and_their_loss_is_measured_at_each_checkpoint(tmp_path, folders, data):
+    llm, slm = tiny("qwen2", 4, 64, 4, 2, seed=0), tiny("qwen2", 2, 32, 2, 1, seed=1)
+    held = collate(data.examples[-2:], 0)
+    before = mapped_loss(llm, slm, held, ratio=0.5)
+    config = TuneConfig(batch_size=2, grad_accum=1, max_steps=4, lr=1e-2, save_every=2, eval_examples=2)
+    rows = tune_slm(llm, slm, char_tokenizer(), data, tmp_path, folders["llm"], config, MAPPING, progress=False)["rows"]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [0, 2, 4]
+    assert rows[0]["eval_loss"] == pytest.approx(before, rel=1e-5)
+    assert rows[-1]["eval_loss"] == pytest.approx(mapped_loss(llm, slm, held, ratio=0.5), rel=1e-5)
+    with pytest.raises(ValueError, match="leaves none"):
+        tune_slm(llm, slm, char_tokenizer(), data, tmp_path / "x", folders["llm"], replace(config, eval_examples=99), MAPPING)

@@ -336,6 +336,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         lora_alpha=args.lora_alpha,
         seed=args.seed,
         save_every=args.save_every,
+        eval_examples=args.eval_examples,
         gradient_checkpointing=args.gradient_checkpointing,
     )
     mapping = mapping_config(args, args.ratio)
@@ -668,6 +669,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-alpha", type=float, default=32.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=25, help="optimizer steps between checkpoints")
+    p.add_argument(
+        "--eval-examples", type=int, default=4, help="examples held out; their mapped loss is measured at every checkpoint"
+    )
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute the LLM's unmapped layers in backward")
     p.add_argument("--limit", type=int, default=None, help="use at most this many examples")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")

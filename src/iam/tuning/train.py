@@ -65,6 +65,8 @@ class TuneConfig:
     max_grad_norm : gradient clipping.
     seed : seeds the data order (one permutation per epoch) and the LoRA initialisation.
     save_every : optimizer steps between checkpoints (the last step always writes one).
+    eval_examples : examples held out of training (the last ones of the data) whose mapped loss is measured before
+        the first step and at every checkpoint: the curve to judge the run by (0: none).
     gradient_checkpointing : recompute the LLM's unmapped layers in the backward instead of storing their
         activations (transformers' own checkpointing; their cache is not needed in a single prefill).
     """
@@ -85,6 +87,7 @@ class TuneConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     save_every: int = 25
+    eval_examples: int = 0
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
@@ -105,6 +108,8 @@ class TuneConfig:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number, got {value!r}.")
+        if self.eval_examples < 0:
+            raise ValueError(f"eval_examples must be >= 0, got {self.eval_examples}.")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0) or self.warmup_steps < 0:
             raise ValueError(f"weight_decay and warmup_steps must be >= 0, got {self.weight_decay}, {self.warmup_steps}.")
 
@@ -232,6 +237,13 @@ def planned_units(iam: IAMForCausalLM) -> list[int | str] | None:
     return None if plan is None else format_plan(plan, iam.n_kv)
 
 
+def held_out_loss(iam: IAMForCausalLM, examples: list, pad: int) -> float:
+    """The mapped LLM's mean loss on held-out examples, one sequence at a time, without gradients."""
+    with torch.no_grad():
+        losses = [iam(**{k: v.to(iam.llm.device) for k, v in collate([e], pad).items()}).loss.item() for e in examples]
+    return sum(losses) / len(losses)
+
+
 def peak_rss_gib() -> float:
     """Peak resident memory of this process so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -291,13 +303,18 @@ def tune_slm(
     if resume and found is None:
         raise ValueError(f"--resume: {out} holds no checkpoint to continue.")
     settings = {"tune": asdict(config), "mapping": asdict(mapping), "data": data.summary()}
-    total = config.total_steps(len(data.examples))
+    split = len(data.examples) - config.eval_examples
+    examples, held = data.examples[:split], data.examples[split:]
+    if split < 1:
+        raise ValueError(f"eval_examples {config.eval_examples} leaves none of the {len(data.examples)} examples to train on.")
+    total = config.total_steps(len(examples))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     with frozen(llm, config.gradient_checkpointing):
         model = trainable(slm, config)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=config.peak_lr, weight_decay=config.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(config, total))
-        rows, step, elapsed = [], 0, 0.0
+        rows, step, elapsed = [{"step": 0, "eval_loss": held_out_loss(iam, held, pad)}] if held else [], 0, 0.0
         if found is not None:
             state = json.loads((found / "state.json").read_text())
             if state["settings"] != json.loads(json.dumps(settings)):
@@ -309,7 +326,6 @@ def tune_slm(
             optimizer.load_state_dict(saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
             rows, step, elapsed = state["rows"], state["step"], state["seconds"]
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         per_step = config.batch_size * config.grad_accum
         bar = tqdm(total=total, initial=step, desc="tune", unit="step", disable=not progress)
         start = time.perf_counter() - elapsed
@@ -319,7 +335,7 @@ def tune_slm(
                 for micro in range(config.grad_accum):
                     first = step * per_step + micro * config.batch_size
                     batch = collate(
-                        [data.examples[order(len(data.examples), config.seed, first + i)] for i in range(config.batch_size)], pad
+                        [examples[order(len(examples), config.seed, first + i)] for i in range(config.batch_size)], pad
                     )
                     loss = iam(**{k: v.to(llm.device) for k, v in batch.items()}).loss
                     (loss / config.grad_accum).backward()
@@ -337,6 +353,8 @@ def tune_slm(
                 bar.update()
                 out_of_time = config.max_minutes is not None and time.perf_counter() - start > 60 * config.max_minutes
                 if step % config.save_every == 0 or step == total or out_of_time:
+                    if held:
+                        rows[-1]["eval_loss"] = held_out_loss(iam, held, pad)
                     state = {"step": step, "seconds": time.perf_counter() - start, "rows": rows, "settings": settings}
                     save_checkpoint(out, step, model, optimizer, scheduler, state)
                 if out_of_time:
@@ -350,35 +368,40 @@ def tune_slm(
     record.update(steps=step, planned_units=planned_units(iam), settings=settings)
     record["provenance"] = provenance
     folder = write_model(out, tuned, tokenizer, record)
-    seconds = sum(r["seconds"] for r in rows)
+    trained = [r for r in rows if "loss" in r]
+    seconds = sum(r["seconds"] for r in trained)
     result = {
         "rows": rows,
         "steps": step,
         "planned_steps": total,
         "stopped_early": step < total,
         "train_seconds": seconds,
-        "tokens_per_second": sum(r["tokens"] for r in rows) / seconds if seconds else None,
+        "tokens_per_second": sum(r["tokens"] for r in trained) / seconds if seconds else None,
         "peak_rss_gib": peak_rss_gib(),
         "model": str(folder),
         "command": "tune",
         **record,
     }
-    write_report(out, "tune", result, ["step", "loss", "lr", "tokens", "seconds"], loss_plot(rows))
+    write_report(out, "tune", result, ["step", "loss", "eval_loss", "lr", "tokens", "seconds"], loss_plot(rows))
     return result
 
 
 def loss_plot(rows: list[dict]):
-    """The mapped LLM's training loss per step, with a moving average."""
+    """The mapped LLM's training loss per step, with a moving average, and its loss on the held-out examples."""
 
     def plot(plt) -> None:
-        steps, losses = [r["step"] for r in rows], [r["loss"] for r in rows]
-        window = max(1, len(rows) // 10)
+        trained = [r for r in rows if "loss" in r]
+        steps, losses = [r["step"] for r in trained], [r["loss"] for r in trained]
+        window = max(1, len(trained) // 10)
         smooth = [
             sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1]) for i in range(len(losses))
         ]
         plt.figure(figsize=(7, 3.5))
         plt.plot(steps, losses, alpha=0.35, label="per step")
         plt.plot(steps, smooth, label=f"mean of {window}")
+        held = [r for r in rows if "eval_loss" in r]
+        if held:
+            plt.plot([r["step"] for r in held], [r["eval_loss"] for r in held], "o-", label="held-out examples")
         plt.xlabel("optimizer step")
         plt.ylabel("mapped LLM loss")
         plt.legend()
