@@ -4,7 +4,7 @@ VENV := .venv
 # This machine keeps the CPU wheel of torch 2.13.0 on disk; elsewhere pick the wheel for your platform,
 # e.g. make TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= qwen-coder,eval,harness,test
+EXTRAS ?= qwen-coder,smollm2,eval,harness,test
 
 .PHONY: demo test bench install clean
 
