@@ -238,7 +238,9 @@ def test_eval_commands_on_the_tiny_pair(tiny_pair, tmp_path, capsys):
         capsys, "eval", "sweep", *tiny_pair, *text, "--windows", "1", "--tokens", "40", "--block", "2",
         "--tasks", "perplexity,choice,qa,summarize", "--limit", "2", "--max-new-tokens", "2",
     )  # fmt: skip
-    assert [r["block"] for r in sweep["rows"]] == ["none", "0-1", "2-3"] and sweep["correlation"]["perplexity"] == pytest.approx(1.0)
+    assert [r["block"] for r in sweep["rows"]] == ["none", "0-1", "2-3"] and sweep["correlation"]["perplexity"] == pytest.approx(
+        1.0
+    )
     assert set(sweep["rows"][0]) >= {"perplexity", "choice", "qa", "summarize"} and "png" in sweep["files"]
 
 
@@ -246,7 +248,7 @@ def test_eval_commands_on_the_tiny_pair(tiny_pair, tmp_path, capsys):
     "argv, message",
     [
         (["eval", "summarize", "--dataset", "nope"], "unknown summarization data set 'nope'"),
-        (["eval", "summarize", "--min-tokens", "0"], "need 0 < --min-tokens 0 <= --context 1024"),
+        (["eval", "summarize", "--min-tokens", "2000"], "need 0 < --min-tokens 2000 <= --context 1024"),
         (["eval", "mapping-stats", "--tokens", "10"], "use --tokens >= establish_threshold 20"),
         (["eval", "mapping-stats", "--windows", "50", "--tokens", "40"], "fewer than --windows 50 x --tokens 40"),
         (["eval", "attention-maps", "--ratio", "0"], "nothing is mapped on a window of 64 tokens at ratio 0.0"),
@@ -258,8 +260,22 @@ def test_bad_input_is_a_clear_error(tiny_pair, tmp_path, capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("tasks", ["perplexity,bleu", "qa,qa", ""])
-def test_bad_task_list_is_explained(capsys, tasks):
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["sweep", "--tasks", "perplexity,bleu"],
+            "--tasks takes distinct comma-separated tasks of perplexity,choice,qa,summarize",
+        ),
+        (["sweep", "--tasks", "qa,qa"], "--tasks takes distinct comma-separated tasks"),
+        (["sweep", "--tasks", ""], "--tasks takes distinct comma-separated tasks"),
+        (["sweep", "--limit", "0"], "--limit: takes a whole number of at least 1; got '0'"),
+        (["summarize", "--limit", "0"], "--limit: takes a whole number of at least 1; got '0'"),
+        (["summarize", "--max-new-tokens", "x"], "--max-new-tokens: takes a whole number of at least 1; got 'x'"),
+        (["summarize", "--min-tokens", "0"], "--min-tokens: takes a whole number of at least 1"),
+    ],
+)
+def test_bad_flags_are_explained(capsys, argv, message):
     with pytest.raises(SystemExit):
-        main(["eval", "sweep", "--tasks", tasks])
-    assert "--tasks takes distinct comma-separated tasks of perplexity,choice,qa,summarize" in capsys.readouterr().err
+        main(["eval", *argv])
+    assert message in capsys.readouterr().err

@@ -71,6 +71,16 @@ def task_list(text: str) -> list[str]:
     return tasks
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"takes a whole number of at least 1; got {text!r}")
+    return value
+
+
 def ratio_list(text: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
@@ -750,16 +760,20 @@ def build_parser() -> argparse.ArgumentParser:
                 help="comma-separated tasks scored per block, e.g. perplexity,choice,qa,summarize; each is correlated with "
                 "the first (paper Table 3)",
             )
-            p.add_argument("--limit", type=int, default=8, help="items per task for choice, qa and summarize")
-            p.add_argument("--max-new-tokens", type=int, default=48, help="qa and summarize")
+            p.add_argument("--limit", type=positive_int, default=8, help="items per task for choice, qa and summarize")
+            p.add_argument("--max-new-tokens", type=positive_int, default=48, help="qa and summarize")
         if name == "summarize":
             p.add_argument(
                 "--dataset", default="wikipedia", help="wikipedia (offline: article body -> lead) or govreport (online)"
             )
-            p.add_argument("--limit", type=int, default=20, help="number of documents")
-            p.add_argument("--max-new-tokens", type=int, default=512, help="the paper's 512; less for CPU runs")
-            p.add_argument("--context", type=int, default=1024, help="document tokens given to the model (the rest is cut)")
-            p.add_argument("--min-tokens", type=int, default=64, help="documents with fewer tokens are skipped (counted)")
+            p.add_argument("--limit", type=positive_int, default=20, help="number of documents")
+            p.add_argument("--max-new-tokens", type=positive_int, default=512, help="the paper's 512; less for CPU runs")
+            p.add_argument(
+                "--context", type=positive_int, default=1024, help="document tokens given to the model (the rest is cut)"
+            )
+            p.add_argument(
+                "--min-tokens", type=positive_int, default=64, help="documents with fewer tokens are skipped (counted)"
+            )
         if name == "consistency":
             p.add_argument("--steps", type=int, default=16)
         if name in ("qa", "choice"):

@@ -505,7 +505,7 @@ def eval_summarize(
     in ``skipped``)."""
     prompts, kept, short = summary_prompts(tokenizer, docs, context, min_tokens)
     if not kept:
-        raise ValueError(f"no document left to summarize: all {len(docs)} are shorter than --min-tokens {min_tokens}.")
+        raise ValueError(f"no document left to summarize: {short} of {len(docs)} are shorter than --min-tokens {min_tokens}.")
     references = [d["summary"] for d in kept]
     rows, examples = [], {}
     for r in with_baseline(ratios):
