@@ -279,3 +279,22 @@ def test_bad_flags_are_explained(capsys, argv, message):
     with pytest.raises(SystemExit):
         main(["eval", *argv])
     assert message in capsys.readouterr().err
+
+
+def test_govreport_summaries_skip_blank_pairs_offline(monkeypatch):
+    from iam.eval import data
+
+    rows = {"report": ["A report.", "  ", "Another report."], "summary": ["Its summary.", "x", ""]}
+    monkeypatch.setattr(data, "_online", lambda name, path, config, split: rows)
+    docs, skipped = data.load_summaries("govreport")
+    assert docs == [{"title": "govreport-0", "document": "A report.", "summary": "Its summary."}]
+    assert skipped == {"blank report or summary": 2}
+
+
+def test_similarity_refuses_a_family_the_decoder_cannot_run(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    pair = save_cross_pair(tmp_path, "llama")
+    GPT2LMHeadModel(GPT2Config(vocab_size=WORD_VOCAB, n_layer=1, n_embd=16, n_head=2)).save_pretrained(tmp_path / "slm")
+    assert main(["similarity", *pair, "--windows", "1", "--tokens", "40", "--out", str(tmp_path)]) == 2
+    assert "SLM has model_type 'gpt2'; supported families: ['qwen2', 'llama']" in capsys.readouterr().err
