@@ -78,7 +78,7 @@ def eval_mapping_stats(
         flat = heads[0, ..., 0] * h_slm + heads[0, ..., 1]  # [M, H, k]
         valid = flat[..., 0] >= 0  # heads of mapped KV groups
         usage.index_add_(0, flat[valid].flatten().cpu(), weights[0][valid].flatten().double().cpu())
-        for j, layer in enumerate(mapping.mapped_layers):
+        for j, layer in enumerate(mapping.layers):  # the order of mixture's rows
             for h in valid[j].nonzero().flatten().tolist():
                 best.setdefault((layer, h), Counter())[int(flat[j, h, 0])] += 1
         used = mapping.slm_layers
@@ -131,7 +131,7 @@ def eval_attention_maps(llm, slm, window: torch.Tensor, ratio: float, base: Mapp
     maps = {
         "SLM": small.flatten(0, 1),
         "LLM": own.flatten(0, 1),
-        "LLM, mapped layers": own[mapping.mapped_layers][valid],
+        "LLM, mapped layers": own[list(mapping.layers)][valid],  # the order of mixture's rows
         "IAM, mapped layers": mixed,
     }
     means = {name: m.mean(0) for name, m in maps.items()}
