@@ -242,6 +242,11 @@ def test_eval_commands_on_the_tiny_pair(tiny_pair, tmp_path, capsys):
         1.0
     )
     assert set(sweep["rows"][0]) >= {"perplexity", "choice", "qa", "summarize"} and "png" in sweep["files"]
+    # qa and choice share their scoring with the sweep's tasks
+    qa = run(capsys, "eval", "qa", *tiny_pair, "--limit", "3", "--max-new-tokens", "2", "--ratios", "0.5")
+    assert [r["ratio"] for r in qa["rows"]] == [0.0, 0.5] and qa["rows"][0]["n"] == 3 and len(qa["examples"]["0.0"]) == 3
+    choice = run(capsys, "eval", "choice", *tiny_pair, "--limit", "3", "--ratios", "0.5")
+    assert [r["ratio"] for r in choice["rows"]] == [0.0, 0.5] and all(0 <= r["accuracy"] <= 1 for r in choice["rows"])
 
 
 @pytest.mark.parametrize(
