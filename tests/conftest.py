@@ -15,11 +15,11 @@ FAMILIES = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, Lla
 VOCAB = 97
 
 
-def tiny(family: str, layers: int, hidden: int, heads: int, kv_heads: int, seed: int) -> torch.nn.Module:
+def tiny(family: str, layers: int, hidden: int, heads: int, kv_heads: int, seed: int, vocab: int = VOCAB) -> torch.nn.Module:
     """A tiny random causal LM whose attention is peaked enough that heads are told apart."""
     config_cls, model_cls = FAMILIES[family]
     config = config_cls(
-        vocab_size=VOCAB,
+        vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,
@@ -99,6 +99,24 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
         "{% if add_generation_prompt %}assistant: {% endif %}"
     )
     return tok
+
+
+WORDS = "the of and to in is was for on as with by he at from his an were are which this be or had it".split()
+WORD_VOCAB = 3 + len(WORDS) + len(CHARS)
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    """Another tokenizer for the same text (``WORD_VOCAB`` ids): a few common English words whole, everything else
+    one character at a time, so it shares some tokens' character spans with ``char_tokenizer`` and not others."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    vocab.update({c: len(vocab) + i for i, c in enumerate(CHARS)})
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    words = "|".join(sorted(WORDS, key=len, reverse=True))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(rf"\b(?:{words})\b|[\s\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
 @pytest.fixture

@@ -54,6 +54,16 @@ def test_similarity(tmp_path, capsys):
     assert "png" in result["files"]
 
 
+def test_similarity_across_families(tmp_path, capsys):
+    args = ["similarity", "--llm", "qwen2.5-coder-1.5b", "--slm", "smollm2-135m", "--windows", "1", "--tokens", "60"]
+    assert main([*args, "--out", str(tmp_path), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert len(result["rows"]) == 28 and len(result["heatmap"][0]) == 30  # SmolLM2-135M has 30 layers
+    assert result["alignment"]["aligned_share_of_llm_tokens"] > 0.7 and 0.5 < result["mean"] < 1
+    assert main(["generate", *args[1:5], "--prompt", "hi", "--max-new-tokens", "1"]) == 2  # mapping still refuses
+    assert "LLM and SLM are of different families ('qwen2' vs 'llama')" in capsys.readouterr().err
+
+
 def test_consistency(tmp_path, capsys):
     result = run(
         tmp_path,

@@ -23,13 +23,24 @@ from .bench.timing import GenerationTimer, allocator_note, timing_environment
 from .core import calibration
 from .core.config import MappingConfig, resolve
 from .core.eviction import POLICIES, EvictionPolicy, make_policy, parse_budget
-from .core.model import IAMForCausalLM, check_eviction, check_pair_configs
+from .core.model import IAMForCausalLM, check_eviction, check_family, check_pair_configs
 from .core.selection import STRATEGIES, Unit, parse_unit, unit_label, units_for_ratio
 from .core.similarity import METRICS
-from .eval import data, evaluation
-from .models.loading import check_device, load_pair, load_tokenizer, read_configs
+from .eval import analysis, data, evaluation
+from .models.loading import check_device, load_model, load_pair, load_tokenizer, read_configs
 from .models.presets import PRESETS, load_arch
-from .reporting import heatmap_plot, markdown_table, provenance, sweep_plot, tradeoff_plot, write_atomic, write_report
+from .reporting import (
+    attention_maps_plot,
+    heatmap_plot,
+    markdown_table,
+    provenance,
+    sweep_plot,
+    task_sweep_plot,
+    tradeoff_plot,
+    usage_plot,
+    write_atomic,
+    write_report,
+)
 
 # What a user can act on: the library raises ValueError for every bad input or setting, FileNotFoundError for a
 # missing file, package or model. Anything else escaping a command is a bug in iam-llm.
@@ -49,6 +60,25 @@ def layer_list(text: str) -> list[Unit]:
         raise argparse.ArgumentTypeError(
             f"--layers takes comma-separated layers or layer:kv_group units, e.g. 20,21,22:1; got {text!r}"
         ) from None
+
+
+def task_list(text: str) -> list[str]:
+    tasks = [x.strip() for x in text.split(",") if x.strip()]
+    if not tasks or set(tasks) - set(evaluation.TASKS) or len(set(tasks)) < len(tasks):
+        raise argparse.ArgumentTypeError(
+            f"--tasks takes distinct comma-separated tasks of {','.join(evaluation.TASKS)}; got {text!r}"
+        )
+    return tasks
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"takes a whole number of at least 1; got {text!r}")
+    return value
 
 
 def ratio_list(text: str) -> list[float]:
@@ -245,10 +275,39 @@ def finish(args: argparse.Namespace, name: str, result: dict, columns: list[str]
     return 0
 
 
-def eval_windows(args: argparse.Namespace, tok) -> list[torch.Tensor]:
-    """``--windows`` windows from each of the comma-separated ``--dataset`` names (or from ``--text``)."""
+def named_windows(args: argparse.Namespace, tok, cut=evaluation.text_windows) -> list[tuple[str, torch.Tensor]]:
+    """``--windows`` windows of ``--tokens`` tokens from each of the comma-separated ``--dataset`` names (or from
+    ``--text``), each with its text's name; ``cut`` makes them (token ids, or with ``window_texts`` the text)."""
     names = [args.text] if args.text else args.dataset.split(",")
-    return [w for name in names for w in evaluation.text_windows(tok, data.load_text(name), args.windows, args.tokens)]
+    return [(name, w) for name in names for w in cut(tok, data.load_text(name), args.windows, args.tokens)]
+
+
+def eval_windows(args: argparse.Namespace, tok) -> list[torch.Tensor]:
+    """The windows of ``named_windows``, without names."""
+    return [w for _, w in named_windows(args, tok)]
+
+
+def sweep_tasks(args: argparse.Namespace, tok) -> dict:
+    """Each of ``--tasks`` as a score of an ``IAMForCausalLM``, on its data: perplexity on the ``--dataset`` windows;
+    choice (trivia with distractors), qa (trivia, token F1) and summarize (Wikipedia body -> lead, ROUGE-L, the body cut
+    to ``--tokens`` tokens) on their first ``--limit`` items; generation up to ``--max-new-tokens``."""
+    tasks = {}
+    for name in args.tasks:
+        if name == "perplexity":
+            windows = eval_windows(args, tok)
+            tasks[name] = lambda iam, windows=windows: evaluation.perplexity(iam, windows, progress=False)[0]
+        elif name == "choice":
+            items = data.load_items(None, args.limit)
+            tasks[name] = lambda iam, items=items: evaluation.choice_accuracy(iam, tok, items)
+        elif name == "qa":
+            pairs = data.trivia()[: args.limit]
+            tasks[name] = lambda iam, pairs=pairs: evaluation.qa_scores(iam, tok, pairs, args.max_new_tokens)["f1"]
+        else:
+            docs, _ = data.load_summaries("wikipedia")
+            prompts, kept, _ = evaluation.summary_prompts(tok, docs[: args.limit], args.tokens, min(64, args.tokens))
+            refs = [d["summary"] for d in kept]
+            tasks[name] = lambda iam, p=prompts, r=refs: evaluation.summary_scores(iam, tok, p, r, args.max_new_tokens)["rougeL"]
+    return tasks
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -270,9 +329,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return finish(args, "metrics", result, ["metric", "ratio", "ppl", "ppl_increase"])
     if kind == "sweep":
         per_group = args.granularity == "kv-group"
+        if args.tasks != ["perplexity"]:
+            result = evaluation.eval_task_sweep(llm, slm, sweep_tasks(args, tok), args.block, base, per_group)
+            plot = task_sweep_plot(result["rows"], args.tasks, args.block)
+            return finish(args, "sweep-tasks", result, ["block", *args.tasks], plot)
         result = evaluation.eval_sweep(llm, slm, eval_windows(args, tok), args.block, base, per_group)
         plot = sweep_plot(result["rows"][1:], args.block, per_group)
         return finish(args, "sweep", result, ["block", "ppl", "ppl_increase"], plot)
+    if kind == "mapping-stats":
+        result = analysis.eval_mapping_stats(llm, slm, named_windows(args, tok), args.ratio, base)
+        columns = ["text", "window", "slm_layers_used", "deepest_slm_layer", "never_needed"]
+        return finish(args, "mapping-stats", result, columns, usage_plot(result["usage"]))
+    if kind == "attention-maps":
+        result = analysis.eval_attention_maps(llm, slm, eval_windows(args, tok)[0], args.ratio, base)
+        result["text"] = args.text or args.dataset
+        columns = ["map", "matrices", "cosine_to_llm_mapped", "first_token_share", "diagonal_share"]
+        return finish(args, "attention-maps", result, columns, attention_maps_plot(result["maps"]))
+    if kind == "summarize":
+        docs, skipped = data.load_summaries(args.dataset)
+        docs = docs[: args.limit]
+        result = evaluation.eval_summarize(
+            llm, slm, tok, docs, args.ratios, base, args.max_new_tokens, args.context, args.min_tokens
+        )
+        result.update(dataset=args.dataset, skipped={**skipped, **result["skipped"]})
+        return finish(args, "summarize", result, ["ratio", "strategy", "rouge1", "rouge2", "rougeL", "n"])
     if kind == "consistency":
         result = evaluation.eval_consistency(llm, slm, tok, eval_windows(args, tok), args.ratio, args.steps, base)
         return finish(args, "consistency", result, ["llm_layer", "consistency"])
@@ -309,10 +389,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return finish(args, "choice", result, ["ratio", "strategy", "accuracy", "n"])
 
 
+def load_each(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Load ``--llm`` and ``--slm`` each on its own, of any supported families and tokenizers (for analysis only)."""
+    check_device(args.device)
+    for role, config in zip(("LLM", "SLM"), read_configs(args.llm, args.slm)):
+        check_family(role, config)
+    dtype = getattr(torch, args.dtype)
+    return load_model(args.llm, dtype, args.device)[0], load_model(args.slm, dtype, args.device)[0]
+
+
 def cmd_similarity(args: argparse.Namespace) -> int:
     config = mapping_config(args, 0.0)
-    llm, slm, tok = load(args, [config])
-    result = evaluation.eval_similarity(llm, slm, eval_windows(args, tok), config)
+    llm_tok, slm_tok = load_tokenizer(args.llm), load_tokenizer(args.slm)
+    if llm_tok.get_vocab() == slm_tok.get_vocab():
+        llm, slm, tok = load(args, [config])
+        result = evaluation.eval_similarity(llm, slm, eval_windows(args, tok), config)
+    else:  # another tokenizer: analysis only (mapping refuses the pair), on the tokens the two align
+        llm, slm = load_each(args)
+        texts = [text for _, text in named_windows(args, llm_tok, evaluation.window_texts)]
+        result = analysis.eval_cross_similarity(llm, slm, llm_tok, slm_tok, texts, config)
     plot = heatmap_plot(result["heatmap"], f"mean best {result['metric']} similarity")
     return finish(args, "similarity", result, ["llm_layer", "mean_best_similarity", "best_slm_layer"], plot)
 
@@ -690,6 +785,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("choice", "multiple-choice accuracy by length-normalised log-likelihood"),
         ("harness", "lm-evaluation-harness tasks (local ones offline, any lm-eval task online)"),
         ("kv-tradeoff", "continuation perplexity against KV kept: token eviction, IAM, and both"),
+        ("mapping-stats", "which SLM heads the mapping borrows, how concentrated, SLM layers never needed (paper Fig. 12)"),
+        ("attention-maps", "mean attention of the SLM, the LLM and IAM's mapped layers on one context (paper Fig. 9)"),
+        ("summarize", "summaries scored by ROUGE: Wikipedia body -> lead (offline) or GovReport (online)"),
     ]:
         p = ev.add_parser(name, help=help_text)
         add_pair_args(p)
@@ -711,9 +809,14 @@ def build_parser() -> argparse.ArgumentParser:
             )
         if name in ("perplexity", "metrics", "sweep", "consistency"):
             add_text_args(p, windows=2 if name == "consistency" else 3, tokens=64 if name == "consistency" else 512)
-        if name in ("perplexity", "qa", "choice", "harness"):
+        if name == "mapping-stats":
+            add_text_args(p, windows=6, tokens=128)
+            p.set_defaults(dataset="wikipedia,python-stdlib")
+        if name == "attention-maps":
+            add_text_args(p, windows=1, tokens=64)
+        if name in ("perplexity", "qa", "choice", "harness", "summarize"):
             p.add_argument("--ratios", type=ratio_list, default=[0.0, 0.3, 0.5])
-        if name in ("metrics", "consistency"):
+        if name in ("metrics", "consistency", "mapping-stats", "attention-maps"):
             p.add_argument("--ratio", type=float, default=0.5)
         if name == "perplexity":
             add_eviction_args(p)
@@ -729,6 +832,27 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "sweep":
             p.add_argument("--block", type=int, default=4)
             add_granularity_arg(p)
+            p.add_argument(
+                "--tasks",
+                type=task_list,
+                default=["perplexity"],
+                help="comma-separated tasks scored per block, e.g. perplexity,choice,qa,summarize; each is correlated with "
+                "the first (paper Table 3)",
+            )
+            p.add_argument("--limit", type=positive_int, default=8, help="items per task for choice, qa and summarize")
+            p.add_argument("--max-new-tokens", type=positive_int, default=48, help="qa and summarize")
+        if name == "summarize":
+            p.add_argument(
+                "--dataset", default="wikipedia", help="wikipedia (offline: article body -> lead) or govreport (online)"
+            )
+            p.add_argument("--limit", type=positive_int, default=20, help="number of documents")
+            p.add_argument("--max-new-tokens", type=positive_int, default=512, help="the paper's 512; less for CPU runs")
+            p.add_argument(
+                "--context", type=positive_int, default=1024, help="document tokens given to the model (the rest is cut)"
+            )
+            p.add_argument(
+                "--min-tokens", type=positive_int, default=64, help="documents with fewer tokens are skipped (counted)"
+            )
         if name == "consistency":
             p.add_argument("--steps", type=int, default=16)
         if name in ("qa", "choice"):

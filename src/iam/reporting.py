@@ -149,3 +149,56 @@ def tradeoff_plot(rows: Sequence[dict]) -> Callable:
             ax.grid(alpha=0.3)
 
     return plot
+
+
+def usage_plot(usage: Sequence[Sequence[float]]) -> Callable:
+    """How often each SLM (layer, head) is borrowed (paper Fig. 12): a layer x head heatmap of the share of use, and
+    every head's share, largest first (how concentrated the use is)."""
+
+    def plot(plt) -> None:
+        shares = torch.tensor(usage, dtype=torch.float64)
+        shares = shares / shares.sum()
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        image = axes[0].imshow(100 * shares.T.numpy(), aspect="auto", origin="lower", cmap="viridis")
+        fig.colorbar(image, ax=axes[0], label="share of use (%)")
+        axes[0].set_xlabel("SLM layer")
+        axes[0].set_ylabel("SLM head")
+        ranked = 100 * shares.flatten().sort(descending=True).values.numpy()
+        axes[1].bar(range(len(ranked)), ranked, width=1.0)
+        axes[1].set_xlabel("SLM (layer, head), most used first")
+        axes[1].set_ylabel("share of use (%)")
+
+    return plot
+
+
+def attention_maps_plot(maps: dict[str, Sequence[Sequence[float]]]) -> Callable:
+    """Mean attention matrices side by side, on one logarithmic colour scale (paper Fig. 9)."""
+
+    def plot(plt) -> None:
+        from matplotlib.colors import LogNorm
+
+        fig, axes = plt.subplots(1, len(maps), figsize=(4 * len(maps), 4))
+        norm = LogNorm(vmin=1e-4, vmax=1.0)
+        for ax, (name, matrix) in zip(axes, maps.items()):
+            image = ax.imshow(torch.tensor(matrix).clamp_min(1e-4).numpy(), cmap="viridis", norm=norm)
+            ax.set_title(name)
+            ax.set_xlabel("key token")
+        axes[0].set_ylabel("query token")
+        fig.colorbar(image, ax=axes[-1], label="mean attention")
+
+    return plot
+
+
+def task_sweep_plot(rows: Sequence[dict], tasks: Sequence[str], block: int) -> Callable:
+    """One bar chart per task of its score with each block mapped, the LLM alone as a line (paper Table 3)."""
+
+    def plot(plt) -> None:
+        fig, axes = plt.subplots(len(tasks), 1, figsize=(7, 2.2 * len(tasks)), sharex=True, squeeze=False)
+        for ax, task in zip(axes[:, 0], tasks):
+            ax.bar([r["block"] for r in rows[1:]], [r[task] for r in rows[1:]])
+            ax.axhline(rows[0][task], color="black", linestyle="--", label="LLM alone")
+            ax.set_ylabel(task)
+        axes[0, 0].legend(fontsize=8)
+        axes[-1, 0].set_xlabel(f"mapped LLM layers (blocks of {block})")
+
+    return plot

@@ -40,12 +40,17 @@ UNSUPPORTED_GENERATION = {
 """``generate()`` arguments that IAM refuses, with the mode each one selects."""
 
 
+def check_family(role: str, config: PretrainedConfig) -> None:
+    """Raise ``ValueError`` unless ``config`` is of a supported family (what the layer-by-layer decoder runs)."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_FAMILIES:
+        raise ValueError(f"{role} has model_type {model_type!r}; supported families: {list(SUPPORTED_FAMILIES)}.")
+
+
 def check_pair_configs(llm: PretrainedConfig, slm: PretrainedConfig) -> None:
     """Raise ``ValueError`` unless the two configs are causal LMs of one supported family with one vocabulary."""
-    for role, config in (("LLM", llm), ("SLM", slm)):
-        model_type = getattr(config, "model_type", None)
-        if model_type not in SUPPORTED_FAMILIES:
-            raise ValueError(f"{role} has model_type {model_type!r}; supported families: {list(SUPPORTED_FAMILIES)}.")
+    check_family("LLM", llm)
+    check_family("SLM", slm)
     if llm.model_type != slm.model_type:
         raise ValueError(
             f"LLM and SLM are of different families ({llm.model_type!r} vs {slm.model_type!r}); "

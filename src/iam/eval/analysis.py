@@ -1,0 +1,156 @@
+"""Analyses of attention across models (paper Appendix B, D and Fig. 9): similarity across tokenizers, which SLM
+heads a mapping uses, and the mean attention maps of the SLM, the LLM and IAM's mapped result."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import replace
+
+import torch
+from tqdm.auto import tqdm
+
+from ..core.alignment import align_spans, attention_probs, restrict, token_spans
+from ..core.config import MappingConfig
+from ..core.mapping import Mapping, tril_flat
+from ..core.model import IAMForCausalLM
+from ..core.similarity import METRICS
+from .evaluation import similarity_summary
+
+ALIGNMENT = "character spans: LCS of the two tokenizations' offset spans (tokens covering the same characters)"
+
+
+def eval_cross_similarity(
+    llm, slm, llm_tokenizer, slm_tokenizer, texts: Sequence[str], base: MappingConfig, progress: bool = True
+) -> dict:
+    """``eval_similarity`` for two models with different tokenizers (and families): each text, cut after its first
+    ``truncation_threshold`` LLM tokens, is tokenized by both; each model attends over its own tokens, both attention
+    matrices are restricted to the aligned tokens (``iam.core.alignment``), and every LLM head is matched against
+    every SLM (layer, head) there. ``alignment`` reports the tokens each side had and how many aligned."""
+    metric = METRICS[base.metric]
+    sims, counts = [], []
+    for text in tqdm(texts, desc="similarity", disable=not progress):
+        spans = token_spans(llm_tokenizer, text)[1][: base.truncation_threshold]
+        text = text[: spans[-1][1]] if spans else ""
+        (a_ids, a_spans), (b_ids, b_spans) = token_spans(llm_tokenizer, text), token_spans(slm_tokenizer, text)
+        ia, ib = align_spans(a_spans, b_spans)
+        counts.append({"llm_tokens": len(a_spans), "slm_tokens": len(b_spans), "aligned": len(ia)})
+        if len(ia) < 2:
+            raise ValueError(f"the two tokenizers share {len(ia)} token spans on the text {text[:40]!r}: nothing to compare.")
+        a = tril_flat(restrict(attention_probs(llm, a_ids), ia), len(ia))  # [L, H, N]
+        b = tril_flat(restrict(attention_probs(slm, b_ids), ib), len(ib)).flatten(0, 1)  # [L_s * H_s, N]
+        sims.append(torch.stack([metric.score(layer, b) for layer in a])[:, None])  # [L, 1, H, S]
+    result = similarity_summary(torch.cat(sims, 1), slm.config.num_attention_heads, base.metric)
+    aligned = sum(c["aligned"] for c in counts) / sum(c["llm_tokens"] for c in counts)
+    result["alignment"] = {"method": ALIGNMENT, "windows": counts, "aligned_share_of_llm_tokens": aligned}
+    return result
+
+
+@torch.inference_mode()
+def establish(iam: IAMForCausalLM, window: torch.Tensor) -> Mapping:
+    """The mapping ``iam`` establishes on one window ``[1, T]``; ``ValueError`` if the window is too short to map."""
+    threshold = iam.mapping_config.establish_threshold
+    if window.shape[1] < threshold or not iam.resolved.n_mapped:
+        raise ValueError(
+            f"nothing is mapped on a window of {window.shape[1]} tokens at ratio {iam.mapping_config.ratio}: "
+            f"map some layers (--ratio > 0) and use --tokens >= establish_threshold {threshold}."
+        )
+    return iam(window, logits_to_keep=1).cache.mapping
+
+
+def eval_mapping_stats(
+    llm, slm, windows: Sequence[tuple[str, torch.Tensor]], ratio: float, base: MappingConfig, progress: bool = True
+) -> dict:
+    """Which SLM heads a mapping borrows, over many contexts (paper Appendix D, Fig. 12).
+
+    Per window (``(text name, ids)``), each mapped LLM head's borrowed SLM heads and their blend weights. Returned:
+    ``usage`` ``[L_s][H_s]``, how much each SLM (layer, head) is used (each borrowed head counted by its weight); per
+    LLM head its mode (the best match chosen most often) and how often; how concentrated the use is; and, as
+    ``rows``, per window the SLM layers it never needs (the SLM could stop after ``deepest_slm_layer``)."""
+    iam = IAMForCausalLM(llm, slm, replace(base, ratio=ratio))
+    n_slm, h_slm = slm.config.num_hidden_layers, slm.config.num_attention_heads
+    usage = torch.zeros(n_slm * h_slm, dtype=torch.float64)
+    best: dict[tuple[int, int], Counter] = {}
+    rows = []
+    for i, (name, w) in enumerate(tqdm(windows, desc="mapping-stats", disable=not progress)):
+        mapping = establish(iam, w)
+        heads, weights = mapping.mixture  # [1, M, H, k, 2], [1, M, H, k]
+        flat = heads[0, ..., 0] * h_slm + heads[0, ..., 1]  # [M, H, k]
+        valid = flat[..., 0] >= 0  # heads of mapped KV groups
+        usage.index_add_(0, flat[valid].flatten().cpu(), weights[0][valid].flatten().double().cpu())
+        for j, layer in enumerate(mapping.layers):  # the order of mixture's rows
+            for h in valid[j].nonzero().flatten().tolist():
+                best.setdefault((layer, h), Counter())[int(flat[j, h, 0])] += 1
+        used = mapping.slm_layers
+        never = sorted(set(range(n_slm)) - set(used))
+        rows.append(
+            {"text": name, "window": i, "slm_layers_used": len(used), "deepest_slm_layer": used[-1], "never_needed": never}
+        )
+    share = usage / usage.sum()
+    order = share.argsort(descending=True)
+    modes = []
+    for (layer, h), counter in sorted(best.items()):
+        pick, n = counter.most_common(1)[0]
+        modes.append(
+            {"llm_layer": layer, "llm_head": h, "slm_layer": pick // h_slm, "slm_head": pick % h_slm, "share": n / len(rows)}
+        )
+    top = int(order[0])
+    concentration = {
+        "top1_head": [top // h_slm, top % h_slm],
+        "top1_share": share[top].item(),
+        "top5_share": share[order[:5]].sum().item(),
+        "heads_for_half_of_use": int((share[order].cumsum(0) < 0.5).sum()) + 1,
+        "heads_never_used": int((usage == 0).sum()),
+        "slm_heads": n_slm * h_slm,
+        "mode_agreement": sum(m["share"] for m in modes) / len(modes),
+    }
+    never_any = sorted(set.intersection(*(set(r["never_needed"]) for r in rows)))
+    return {
+        "rows": rows,
+        "ratio": ratio,
+        "blend": iam.mapping_config.blend,
+        "usage": usage.view(n_slm, h_slm).tolist(),
+        "concentration": concentration,
+        "modes": modes,
+        "slm_layers_never_needed_on_any_window": never_any,
+    }
+
+
+def eval_attention_maps(llm, slm, window: torch.Tensor, ratio: float, base: MappingConfig) -> dict:
+    """The mean attention matrix over all layers and heads of the SLM and of the LLM on one context ``[1, T]``, and,
+    over IAM's mapped layers at ``ratio``, the LLM's own mean beside the mean of what IAM borrows there (each mapped
+    head's SLM heads mixed by their blend weights) (paper Fig. 9). ``rows`` score each map: its cosine to the LLM's
+    own mean on the same layers, the attention on the first token and on the token itself."""
+    iam = IAMForCausalLM(llm, slm, replace(base, ratio=ratio))
+    mapping = establish(iam, window)
+    own, small = attention_probs(llm, window), attention_probs(slm, window)  # [L, H, T, T], [L_s, H_s, T, T]
+    heads, weights = (x[0].to(small.device) for x in mapping.mixture)  # [M, H, k, 2], [M, H, k]
+    valid = heads[..., 0, 0] >= 0
+    borrowed = small[heads[..., 0].clamp_min(0), heads[..., 1].clamp_min(0)]  # [M, H, k, T, T]
+    mixed = (weights.nan_to_num(0)[..., None, None] * borrowed).sum(2)[valid]
+    maps = {
+        "SLM": small.flatten(0, 1),
+        "LLM": own.flatten(0, 1),
+        "LLM, mapped layers": own[list(mapping.layers)][valid],  # the order of mixture's rows
+        "IAM, mapped layers": mixed,
+    }
+    means = {name: m.mean(0) for name, m in maps.items()}
+    n = window.shape[1]
+    reference = tril_flat(means["LLM, mapped layers"], n)
+    rows = [
+        {
+            "map": name,
+            "matrices": len(maps[name]),
+            "cosine_to_llm_mapped": torch.nn.functional.cosine_similarity(tril_flat(m, n), reference, 0).item(),
+            "first_token_share": m[:, 0].mean().item(),
+            "diagonal_share": m.diagonal().mean().item(),
+        }
+        for name, m in means.items()
+    ]
+    return {
+        "rows": rows,
+        "tokens": n,
+        "ratio": ratio,
+        "mapped_layers": mapping.units,
+        "maps": {name: m.tolist() for name, m in means.items()},
+    }
