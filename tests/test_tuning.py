@@ -80,16 +80,24 @@ def test_lora_adapts_only_q_and_k_and_is_merged_into_a_plain_model(tmp_path, fol
     assert not any("lora" in k for k in tuned.state_dict())
 
 
-def test_gradient_checkpointing_gives_the_same_step(tmp_path, folders, data):
-    losses = []
+def test_gradient_checkpointing_wraps_the_unmapped_layers_and_gives_the_same_step(tmp_path, folders, data, monkeypatch):
+    import transformers.modeling_utils
+
+    checkpoint = transformers.modeling_utils.checkpoint
+    losses, runs = [], []
     for checkpointing in (False, True):
         llm, slm = tiny("qwen2", 4, 64, 4, 2, seed=0), tiny("qwen2", 2, 32, 2, 1, seed=1)
+        calls = []
+        monkeypatch.setattr(transformers.modeling_utils, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
         config = TuneConfig(batch_size=2, grad_accum=1, max_steps=3, lr=1e-2, gradient_checkpointing=checkpointing)
         out = tmp_path / f"run{checkpointing}"
-        result = tune_slm(llm, slm, char_tokenizer(), data, out, folders["llm"], config, MAPPING, progress=False)
+        mapping = MappingConfig(layers=[0])
+        result = tune_slm(llm, slm, char_tokenizer(), data, out, folders["llm"], config, mapping, progress=False)
         losses.append([r["loss"] for r in result["rows"]])
+        runs.append(len(calls))
         assert not llm.training and not any(getattr(m, "gradient_checkpointing", False) for m in llm.modules())
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert runs == [0, 9]  # 3 steps x the 3 unmapped layers
 
 
 def test_an_interrupted_run_resumes_with_the_next_step_of_an_uninterrupted_one(tmp_path, folders, data, monkeypatch):
@@ -105,7 +113,7 @@ def test_an_interrupted_run_resumes_with_the_next_step_of_an_uninterrupted_one(t
 
     def interrupted(*args):
         calls["n"] += 1
-        if calls["n"] == 7:  # the second forward of step 4: step 2's checkpoint is the last
+        if calls["n"] == 7:  # the first forward of step 4: step 2's checkpoint is the last
             raise KeyboardInterrupt
         return real(*args)
 
@@ -120,12 +128,18 @@ def test_an_interrupted_run_resumes_with_the_next_step_of_an_uninterrupted_one(t
     assert resumed == pytest.approx(whole, rel=1e-6)
 
 
-def test_resume_refuses_other_settings(tmp_path, folders, data):
-    llm, slm = tiny("qwen2", 4, 64, 4, 2, seed=0), tiny("qwen2", 2, 32, 2, 1, seed=1)
-    tune_slm(llm, slm, char_tokenizer(), data, tmp_path, folders["llm"], TuneConfig(max_steps=1), MAPPING, progress=False)
-    llm, slm = tiny("qwen2", 4, 64, 4, 2, seed=0), tiny("qwen2", 2, 32, 2, 1, seed=1)
+def test_resume_refuses_other_settings_but_takes_another_time_limit(tmp_path, folders, data):
+    def run(config, resume=False):
+        llm, slm = tiny("qwen2", 4, 64, 4, 2, seed=0), tiny("qwen2", 2, 32, 2, 1, seed=1)
+        return tune_slm(
+            llm, slm, char_tokenizer(), data, tmp_path, folders["llm"], config, MAPPING, resume=resume, progress=False
+        )
+
+    run(TuneConfig(max_steps=2, max_minutes=1e-9))  # stops after its first step, out of time
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000001"]
     with pytest.raises(ValueError, match="other settings"):
-        tune_slm(llm, slm, char_tokenizer(), data, tmp_path, folders["llm"], TuneConfig(max_steps=2), MAPPING, resume=True)
+        run(TuneConfig(max_steps=3), resume=True)
+    assert run(TuneConfig(max_steps=2, save_every=7), resume=True)["steps"] == 2  # a new session, no time limit
 
 
 def test_the_tuned_slm_serves_its_llm_and_is_refused_with_another(tmp_path, folders, capsys):
@@ -250,14 +264,41 @@ def test_records_too_short_to_establish_a_mapping_are_skipped_or_refused(tmp_pat
         tune_slm(llm, slm, char_tokenizer(), data, tmp_path / "o", folders["llm"], TuneConfig(max_steps=1), mapping)
 
 
-def test_held_out_examples_are_not_trained_on_and_their_loss_is_measured_at_each_checkpoint(tmp_path, folders, data):
+def test_held_out_examples_are_not_trained_on_and_their_loss_is_measured_at_each_checkpoint(tmp_path, folders, data, monkeypatch):
     llm, slm = tiny("qwen2", 4, 64, 4, 2, seed=0), tiny("qwen2", 2, 32, 2, 1, seed=1)
     held = collate(data.examples[-2:], 0)
     before = mapped_loss(llm, slm, held, ratio=0.5)
     config = TuneConfig(batch_size=2, grad_accum=1, max_steps=4, lr=1e-2, save_every=2, eval_examples=2)
+    held_ids = {id(e) for e in data.examples[-2:]}
+    trained: list[int] = []
+    real = train_module.collate
+    monkeypatch.setattr(
+        train_module, "collate", lambda batch, pad: trained.extend(id(e) for e in batch if len(batch) == 2) or real(batch, pad)
+    )
     rows = tune_slm(llm, slm, char_tokenizer(), data, tmp_path, folders["llm"], config, MAPPING, progress=False)["rows"]
+    assert len(trained) == 8 and not held_ids & set(trained)
     assert [r["step"] for r in rows if "eval_loss" in r] == [0, 2, 4]
     assert rows[0]["eval_loss"] == pytest.approx(before, rel=1e-5)
     assert rows[-1]["eval_loss"] == pytest.approx(mapped_loss(llm, slm, held, ratio=0.5), rel=1e-5)
     with pytest.raises(ValueError, match="leaves none"):
         tune_slm(llm, slm, char_tokenizer(), data, tmp_path / "x", folders["llm"], replace(config, eval_examples=99), MAPPING)
+
+
+def test_evaluation_texts_and_empty_limits_are_refused():
+    for name in ("wikipedia", "python-docs", "python-stdlib"):
+        with pytest.raises(ValueError, match=f"{name} is evaluation text"):
+            load_tuning_data(char_tokenizer(), [name], "lm", 64, 256)
+    with pytest.raises(ValueError, match="limit must be >= 1"):
+        load_tuning_data(char_tokenizer(), ["python-stdlib-train"], "lm", 64, 256, limit=0)
+
+
+def test_jsonl_records_may_hold_unicode_line_separators(tmp_path):
+    record = {"instruction": "say\u2028hi", "output": "hi\u2029there"}
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert [r for _, r in json_records(path)] == [record]
+
+
+def test_a_sequence_too_short_to_map_is_refused_before_loading(folders, tmp_path, capsys):
+    argv = ["tune", "--llm", folders["llm"], "--slm", folders["slm"], "--out", str(tmp_path / "o"), "--seq-len", "10"]
+    assert "--seq-len 10 must lie between --establish-threshold 20" in user_error(capsys, argv)

@@ -439,6 +439,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
         raise ValueError("iam tune keeps the SLM cache in the model's dtype: int8 would cut the gradient (drop --slm-cache).")
     llm_config, slm_config = read_configs(args.llm, args.slm, force=args.force)
     positions = min(llm_config.max_position_embeddings, slm_config.max_position_embeddings)
+    if not mapping.establish_threshold <= args.seq_len <= positions:
+        raise ValueError(
+            f"--seq-len {args.seq_len} must lie between --establish-threshold {mapping.establish_threshold} (shorter "
+            f"sequences set no mapping) and the models' {positions} positions."
+        )
     tokenizer = load_tokenizer(args.llm)
     examples = tuning.load_tuning_data(
         tokenizer, args.data, args.objective, args.seq_len, positions, args.limit, mapping.establish_threshold

@@ -213,10 +213,15 @@ TUNING_RECORD = "iam_tuning.json"
 
 def fingerprint(name_or_path: str | os.PathLike, progress: bool = True) -> str:
     """A digest of a model's weights that reads a few KB instead of hashing gigabytes: every tensor's name, dtype and
-    shape, all of each 1-D tensor (norms, biases) and the first row of every other one. Any fine-tune, a merged LoRA
-    included, changes it; the same weights give it from an alias, a GGUF file or the converted folder."""
+    shape, all of each 1-D tensor (norms, biases) and the first row of every other one. A fine-tune that leaves all
+    of these unchanged would go unnoticed; the same weights give it from an alias, a GGUF file or the converted
+    folder."""
+    folder = resolve(name_or_path, progress)
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        raise FileNotFoundError(f"{folder} holds no .safetensors weights (pickled weights are not loaded).")
     digest = hashlib.sha256()
-    for path in sorted(resolve(name_or_path, progress).glob("*.safetensors")):
+    for path in weights:
         with safe_open(str(path), "pt") as f:
             for name in sorted(f.keys()):
                 part = f.get_slice(name)

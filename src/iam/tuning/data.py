@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,6 +25,8 @@ import torch
 from ..eval import data
 
 OBJECTIVES = ("instruct", "lm")
+EVALUATION_TEXTS = ("wikipedia", "python-docs", "python-stdlib")
+"""The texts the quality evaluations read (``iam eval perplexity``'s defaults, Table 4): never tuned on."""
 IGNORE = -100
 """Label of a token that is not scored."""
 
@@ -58,13 +61,14 @@ class TuningData:
     objective: str
     truncated: int = 0
     skipped: int = 0
-    digest: str = field(init=False)
 
-    def __post_init__(self) -> None:
+    @property
+    def digest(self) -> str:
+        """sha256 of every example's ids and labels, in order: what a resumed run must train on again."""
         h = hashlib.sha256()
         for e in self.examples:
             h.update(e.ids.numpy().tobytes() + b"|" + e.labels.numpy().tobytes() + b"#")
-        self.digest = h.hexdigest()
+        return h.hexdigest()
 
     @property
     def tokens(self) -> int:
@@ -86,26 +90,34 @@ class TuningData:
 def json_records(path: Path) -> Iterator[tuple[int, object]]:
     """``(line, record)`` of a JSONL file, or of a JSON file holding one array (the line where each record starts)."""
     text = path.read_text(encoding="utf-8")
-    decoder = json.JSONDecoder()
-    start = len(text) - len(text.lstrip())
-    if text[start : start + 1] != "[":  # JSONL
-        for number, line in enumerate(text.splitlines(), 1):
+    space = re.compile(r"\s*")
+    start = space.match(text).end()
+    if text[start : start + 1] != "[":  # JSONL (lines split on "\n" only: JSON strings may hold U+2028 unescaped)
+        for number, line in enumerate(text.split("\n"), 1):
             if line.strip():
                 yield number, _decode(path, number, lambda line=line: json.loads(line))
         return
-    i = start + 1
+    decoder = json.JSONDecoder()
+    i, number, counted = start + 1, 1, 0  # ``number`` is the line of position ``counted``
+
+    def line_of(position: int) -> int:
+        nonlocal number, counted
+        number += text.count("\n", counted, position)
+        counted = position
+        return number
+
     while True:
-        i += len(text[i:]) - len(text[i:].lstrip())
+        i = space.match(text, i).end()
         if text[i : i + 1] == "]":
             return
-        number = text.count("\n", 0, i) + 1
-        record, i = _decode(path, number, lambda i=i: decoder.raw_decode(text, i))
-        yield number, record
-        i += len(text[i:]) - len(text[i:].lstrip())
+        line = line_of(i)
+        record, i = _decode(path, line, lambda i=i: decoder.raw_decode(text, i))
+        yield line, record
+        i = space.match(text, i).end()
         if text[i : i + 1] == ",":
             i += 1
         elif text[i : i + 1] != "]":
-            raise ValueError(f"{path}:{text.count(chr(10), 0, i) + 1}: expected ',' or ']' between the records of the array.")
+            raise ValueError(f"{path}:{line_of(i)}: expected ',' or ']' between the records of the array.")
 
 
 def _decode(path: Path, line: int, decode):
@@ -203,6 +215,16 @@ def load_tuning_data(
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}.")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}.")
+    if not sources:
+        raise ValueError("no tuning data given: name at least one source.")
+    evaluated = [s for s in sources if s in EVALUATION_TEXTS]
+    if evaluated:
+        raise ValueError(
+            f"{', '.join(evaluated)} is evaluation text (iam eval perplexity reads it): tune on python-stdlib-train, "
+            "another text, or a file, so that no text used in tuning is evaluated on."
+        )
     examples: list[Example] = []
     truncated = skipped = 0
     for source in sources:
@@ -234,7 +256,10 @@ def load_tuning_data(
     if limit is not None:
         examples = examples[:limit]
     if not examples:
-        raise ValueError(f"no examples in {', '.join(sources)}: every record's prompt fills --seq-len {seq_len}.")
+        raise ValueError(
+            f"no examples in {', '.join(sources)}: every record's prompt fills --seq-len {seq_len}, or the whole record is "
+            f"shorter than {min_tokens} tokens (too short to establish a mapping)."
+        )
     return TuningData(examples, list(sources), objective, truncated, skipped)
 
 

@@ -57,7 +57,8 @@ class TuneConfig:
     grad_accum : forwards per optimizer step.
     epochs : passes over the data (fractions allowed).
     max_steps : this many optimizer steps instead (as many passes as they take).
-    max_minutes : stop (with a checkpoint and the model written) once a step ends past this many minutes of training.
+    max_minutes : stop (with a checkpoint and the model written) once a step ends past this many minutes of this
+        session; ``--resume`` continues, with any limit.
     lr : peak learning rate; default 2e-5 for ``full`` (the paper's), 2e-4 for ``lora``.
     weight_decay : AdamW weight decay (the paper's 0.01).
     warmup_steps : linear warm-up steps, then cosine decay to 10% of ``lr``.
@@ -100,18 +101,20 @@ class TuneConfig:
         positive = {"seq_len": self.seq_len, "batch_size": self.batch_size, "grad_accum": self.grad_accum}
         positive |= {"save_every": self.save_every, "lora_rank": self.lora_rank}
         for name, value in positive.items():
-            if not (isinstance(value, int) and value >= 1):
+            if isinstance(value, bool) or not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
         if self.max_steps is not None and not (isinstance(self.max_steps, int) and self.max_steps >= 1):
             raise ValueError(f"max_steps must be an integer >= 1, got {self.max_steps!r}.")
         for name in ("epochs", "max_minutes", "lr", "lora_alpha", "max_grad_norm"):
             value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and value > 0):
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number, got {value!r}.")
-        if self.eval_examples < 0:
-            raise ValueError(f"eval_examples must be >= 0, got {self.eval_examples}.")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0) or self.warmup_steps < 0:
-            raise ValueError(f"weight_decay and warmup_steps must be >= 0, got {self.weight_decay}, {self.warmup_steps}.")
+        for name in ("warmup_steps", "eval_examples", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}.")
+        if not (isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a number >= 0, got {self.weight_decay!r}.")
 
     @property
     def peak_lr(self) -> float:
@@ -302,7 +305,12 @@ def tune_slm(
         )
     if resume and found is None:
         raise ValueError(f"--resume: {out} holds no checkpoint to continue.")
-    settings = {"tune": asdict(config), "mapping": asdict(mapping), "data": data.summary()}
+    # what a resumed run must share with the first (the time limit and the checkpoint period may change)
+    tune = {k: v for k, v in asdict(config).items() if k not in ("max_minutes", "save_every")}
+    settings = json.loads(json.dumps({"tune": tune, "mapping": asdict(mapping), "data": data.summary()}))
+    state = json.loads((found / "state.json").read_text()) if found is not None else None
+    if state is not None and state["settings"] != settings:
+        raise ValueError(f"{found} was written with other settings or data; resume with the same ones, or choose another --out.")
     split = len(data.examples) - config.eval_examples
     examples, held = data.examples[:split], data.examples[split:]
     if split < 1:
@@ -314,21 +322,21 @@ def tune_slm(
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=config.peak_lr, weight_decay=config.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(config, total))
-        rows, step, elapsed = [{"step": 0, "eval_loss": held_out_loss(iam, held, pad)}] if held else [], 0, 0.0
-        if found is not None:
-            state = json.loads((found / "state.json").read_text())
-            if state["settings"] != json.loads(json.dumps(settings)):
-                raise ValueError(
-                    f"{found} was written with other settings or data; resume with the same ones, or choose another --out."
-                )
-            model.load_state_dict(load_file(str(found / "trainable.safetensors")), strict=False)
+        if state is None:
+            rows, step, elapsed = [{"step": 0, "eval_loss": held_out_loss(iam, held, pad)}] if held else [], 0, 0.0
+        else:
+            saved_params = load_file(str(found / "trainable.safetensors"))
+            if saved_params.keys() != trainable_state(model).keys():
+                raise ValueError(f"{found} holds other trainable weights than this run's {config.method} model.")
+            model.load_state_dict(saved_params, strict=False)
             saved = torch.load(found / "optimizer.pt", weights_only=True)
             optimizer.load_state_dict(saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
             rows, step, elapsed = state["rows"], state["step"], state["seconds"]
         per_step = config.batch_size * config.grad_accum
         bar = tqdm(total=total, initial=step, desc="tune", unit="step", disable=not progress)
-        start = time.perf_counter() - elapsed
+        start = time.perf_counter() - elapsed  # the whole run's training time, across resumes
+        deadline = None if config.max_minutes is None else time.perf_counter() + 60 * config.max_minutes  # this session
         try:
             while step < total:
                 losses, tokens, began = [], 0, time.perf_counter()
@@ -351,7 +359,7 @@ def tune_slm(
                 rows.append({"step": step, "loss": sum(losses) / len(losses), "lr": lr, "tokens": tokens, "seconds": seconds})
                 bar.set_postfix(loss=f"{rows[-1]['loss']:.4f}", tok_s=f"{tokens / seconds:.0f}")
                 bar.update()
-                out_of_time = config.max_minutes is not None and time.perf_counter() - start > 60 * config.max_minutes
+                out_of_time = deadline is not None and time.perf_counter() > deadline
                 if step % config.save_every == 0 or step == total or out_of_time:
                     if held:
                         rows[-1]["eval_loss"] = held_out_loss(iam, held, pad)
