@@ -135,3 +135,10 @@ def test_trivia_choices_hold_the_answer():
     items = trivia_choices([("q1", "a"), ("q2", "b"), ("q3", "c"), ("q4", "d"), ("q5", "e")])
     assert all(item["choices"][item["answer"]] == a for item, a in zip(items, "abcde"))
     assert all(len(set(item["choices"])) == 4 for item in items)
+
+
+@pytest.mark.parametrize("command", ["qa", "choice", "harness"])
+def test_an_empty_limit_is_refused_by_the_parser(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", command, "--limit", "0"])
+    assert exit_.value.code == 2 and "whole number of at least 1" in capsys.readouterr().err

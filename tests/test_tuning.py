@@ -88,7 +88,9 @@ def test_gradient_checkpointing_wraps_the_unmapped_layers_and_gives_the_same_ste
     for checkpointing in (False, True):
         llm, slm = tiny("qwen2", 4, 64, 4, 2, seed=0), tiny("qwen2", 2, 32, 2, 1, seed=1)
         calls = []
-        monkeypatch.setattr(transformers.modeling_utils, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
+        monkeypatch.setattr(
+            transformers.modeling_utils, "checkpoint", lambda *a, _calls=calls, **k: _calls.append(1) or checkpoint(*a, **k)
+        )
         config = TuneConfig(batch_size=2, grad_accum=1, max_steps=3, lr=1e-2, gradient_checkpointing=checkpointing)
         out = tmp_path / f"run{checkpointing}"
         mapping = MappingConfig(layers=[0])
@@ -236,7 +238,7 @@ def test_the_tuning_modules_are_disjoint_from_evaluation_and_calibration():
     [
         (["--ratio", "0"], "ratio must be in"),
         (["--method", "full", "--lr", "-1"], "lr must be a positive number"),
-        (["--seq-len", "0"], "seq_len must be an integer >= 1"),
+        (["--warmup-steps", "-1"], "warmup_steps must be an integer >= 0"),
         (["--slm-cache", "int8"], "int8 would cut the gradient"),
     ],
 )

@@ -756,24 +756,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--objective", choices=["instruct", "lm"], default="instruct", help="loss on the response, or on every token")
     p.add_argument("--method", choices=["lora", "full"], default="lora", help="peft LoRA on the SLM's q/k, or every weight")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--grad-accum", type=int, default=4)
+    p.add_argument("--seq-len", type=positive_int, default=256)
+    p.add_argument("--batch-size", type=positive_int, default=1)
+    p.add_argument("--grad-accum", type=positive_int, default=4)
     p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--max-steps", type=positive_int, default=None, help="optimizer steps (overrides --epochs)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop after this much training time, model written")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-5 full, 2e-4 lora)")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--warmup-steps", type=int, default=5)
-    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--lora-rank", type=positive_int, default=16)
     p.add_argument("--lora-alpha", type=float, default=32.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=25, help="optimizer steps between checkpoints")
+    p.add_argument("--save-every", type=positive_int, default=25, help="optimizer steps between checkpoints")
     p.add_argument(
         "--eval-examples", type=int, default=4, help="examples held out; their mapped loss is measured at every checkpoint"
     )
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute the LLM's unmapped layers in backward")
-    p.add_argument("--limit", type=int, default=None, help="use at most this many examples")
+    p.add_argument("--limit", type=positive_int, default=None, help="use at most this many examples")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     p.add_argument("--out", required=True, help="the run's folder: checkpoints/, slm/ (the tuned model), tune.json/.md/.png")
     p.set_defaults(func=cmd_tune)
@@ -861,7 +861,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "consistency":
             p.add_argument("--steps", type=int, default=16)
         if name in ("qa", "choice"):
-            p.add_argument("--limit", type=int, default=40, help="number of questions")
+            p.add_argument("--limit", type=positive_int, default=40, help="number of questions")
         if name == "qa":
             p.add_argument("--max-new-tokens", type=int, default=24)
             p.add_argument("--dataset", default="trivia", help="trivia (offline), hotpotqa or alpaca (online)")
@@ -874,7 +874,7 @@ def build_parser() -> argparse.ArgumentParser:
                 default=["iam_trivia_mc", "iam_wikipedia_ppl", "iam_trivia_qa"],
                 help="lm-eval task names: the local iam_trivia_mc, iam_wikipedia_ppl, iam_trivia_qa, or any lm-eval task",
             )
-            p.add_argument("--limit", type=int, default=None, help="documents per task (default: all)")
+            p.add_argument("--limit", type=positive_int, default=None, help="documents per task (default: all)")
     return parser
 
 
