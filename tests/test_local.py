@@ -157,3 +157,18 @@ def test_local_window_with_eviction_is_refused(pair):
     llm, slm = pair
     with pytest.raises(ValueError, match="local_window cannot be combined with eviction"):
         IAMForCausalLM.from_pair(llm, slm, MappingConfig(layers=[1], local_window=8), H2O(0.5))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_window_runs_in_half_precision(twin, dtype):
+    """Half precision is what GPUs run: the window's prefill and decode work there and, on the identity twin, give the
+    LLM alone's logits within the dtype's tolerance (the SLM's items once failed to be written into a float32 buffer)."""
+    llm, slm = (m.to(dtype) for m in twin)
+    ids, mask = batch()
+    model = iam(llm, slm, ratio=0.5, blend=1, local_window=4, local_sinks=2)
+    out = forward(model, ids, mask)
+    reference = forward(llm, ids, mask).logits
+    assert out.logits.dtype == dtype
+    assert (out.logits - reference)[mask.bool()].float().abs().max() < 0.1
+    tokens = dict(attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert model.generate(ids, **tokens).shape == (2, ids.shape[1] + 6)

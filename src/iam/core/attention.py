@@ -359,8 +359,8 @@ def slm_items(routes: Routes, slm: SLMStep) -> tuple[torch.Tensor, torch.Tensor]
     q = some_q.new_empty(*routes.item_kv.shape, *some_q.shape[2:], dtype=torch.float32)
     k = some_k.new_empty(*routes.item_kv.shape, *some_k.shape[2:], dtype=torch.float32)
     for layer, bi, ui, hs in routes.items:
-        q[bi, ui] = slm.queries[layer][bi, hs]
-        k[bi, ui] = slm.keys(layer, bi, hs // slm.kv_groups)
+        q[bi, ui] = slm.queries[layer][bi, hs].float()
+        k[bi, ui] = slm.keys(layer, bi, hs // slm.kv_groups).float()
     return q, k
 
 
