@@ -26,14 +26,17 @@ from .core.eviction import POLICIES, EvictionPolicy, make_policy, parse_budget
 from .core.model import IAMForCausalLM, check_eviction, check_family, check_pair_configs
 from .core.selection import STRATEGIES, Unit, parse_unit, unit_label, units_for_ratio
 from .core.similarity import METRICS
-from .eval import analysis, data, evaluation
+from .eval import analysis, data, evaluation, retrieval
 from .models.loading import check_device, load_model, load_pair, load_tokenizer, read_configs
 from .models.presets import PRESETS, load_arch
 from .reporting import (
     attention_maps_plot,
+    depth_plot,
     heatmap_plot,
     markdown_table,
     provenance,
+    retrieval_plot,
+    save_figure,
     sweep_plot,
     task_sweep_plot,
     tradeoff_plot,
@@ -69,6 +72,24 @@ def task_list(text: str) -> list[str]:
             f"--tasks takes distinct comma-separated tasks of {','.join(evaluation.TASKS)}; got {text!r}"
         )
     return tasks
+
+
+def retrieval_tasks(text: str) -> list[str]:
+    tasks = list(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
+    if not tasks or set(tasks) - set(retrieval.TASKS):
+        raise argparse.ArgumentTypeError(f"--tasks takes comma-separated tasks of {','.join(retrieval.TASKS)}; got {text!r}")
+    return tasks
+
+
+RETRIEVAL_CONFIGS = (
+    "llm,streaming@0.7,snapkv@0.7,h2o@0.7,streaming@0.5,snapkv@0.5,h2o@0.5,iam0.5+w64,iam1.0+w64,"
+    "iam0.5+w64+streaming@0.5:unmapped"
+)
+"""``iam eval retrieval``'s default configurations."""
+
+
+def positive_int_list(text: str) -> list[int]:
+    return [positive_int(t) for t in text.split(",") if t.strip()] or [positive_int("")]
 
 
 def positive_int(text: str) -> int:
@@ -387,6 +408,45 @@ def cmd_eval(args: argparse.Namespace) -> int:
     items = data.load_items(args.dataset, args.limit)
     result = evaluation.eval_choice(llm, slm, tok, items, args.ratios, base)
     return finish(args, "choice", result, ["ratio", "strategy", "accuracy", "n"])
+
+
+def cmd_retrieval(args: argparse.Namespace) -> int:
+    setups = retrieval.parse_setups(args.configs)
+    base = mapping_config(args, 0.0)
+    configs = [replace(base, ratio=s.ratio, local_window=s.local_window) for s in setups]
+    for setup, config in zip(setups, configs):
+        check_eviction(config, make_policy(setup.policy, setup.budget, setup.scope))
+    llm_config, slm_config = read_configs(args.llm, args.slm, force=args.force)
+    limit = min(llm_config.max_position_embeddings, slm_config.max_position_embeddings)
+    retrieval.check_lengths(args.tokens, max(retrieval.TASKS[t].max_new_tokens for t in args.tasks), limit)
+    settings = {
+        k: getattr(args, k)
+        for k in ("llm", "slm", "dtype", "tasks", "tokens", "n", "seed", "protocol", "depths", "filler", "strategy", "blend")
+    }
+    settings["base"] = repr(base)
+    progress_path = retrieval.progress_file(args.out, settings)
+    llm, slm, tok = load(args, configs)
+    result = retrieval.eval_retrieval(
+        llm,
+        slm,
+        tok,
+        base,
+        setups,
+        args.tasks,
+        args.tokens,
+        args.n,
+        args.protocol,
+        args.seed,
+        args.depths,
+        args.filler,
+        done=retrieval.read_progress(progress_path),
+        record=retrieval.recorder(progress_path),
+    )
+    result.update(settings, progress_file=str(progress_path))
+    columns = ["method", "task", "tokens", "n", "accuracy", "ci_low", "ci_high", "llm_kv_dropped", "total_kv"]
+    columns += ["seconds_per_question", "on_frontier"]
+    save_figure(Path(args.out) / "retrieval-depth.png", depth_plot(result["rows"], result["depth_bins"]))
+    return finish(args, "retrieval", result, columns, retrieval_plot(result["rows"]))
 
 
 def load_each(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -875,6 +935,25 @@ def build_parser() -> argparse.ArgumentParser:
                 help="lm-eval task names: the local iam_trivia_mc, iam_wikipedia_ppl, iam_trivia_qa, or any lm-eval task",
             )
             p.add_argument("--limit", type=positive_int, default=None, help="documents per task (default: all)")
+    p = ev.add_parser("retrieval", help="long-context retrieval (RULER family) with the context compressed before the question")
+    add_pair_args(p)
+    add_mapping_args(p)
+    add_output_args(p)
+    p.add_argument("--tasks", type=retrieval_tasks, default=["multikey"], help=f"comma-separated: {', '.join(retrieval.TASKS)}")
+    p.add_argument("--tokens", type=positive_int_list, default=[1024], help="context lengths, e.g. 1024,2048,4096")
+    p.add_argument("--n", type=positive_int, default=13, help="contexts per task and length (multikey asks 4 questions each)")
+    p.add_argument(
+        "--protocol", choices=retrieval.PROTOCOLS, default="agnostic", help="question after (agnostic) or in the prefill"
+    )
+    p.add_argument("--depths", choices=["even", "random"], default="even", help="needle depths: spread evenly, or at random")
+    p.add_argument("--filler", choices=retrieval.FILLERS, default="prose", help="offline Wikipedia prose or Python source")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--configs",
+        default=RETRIEVAL_CONFIGS,
+        help="comma-separated configurations: llm or iam<ratio>, then +w<window>, +<policy>@<budget>[:unmapped]",
+    )
+    p.set_defaults(func=cmd_retrieval)
     return parser
 
 

@@ -85,24 +85,78 @@ def write_report(
     paths = {"json": str(out / f"{name}.json"), "markdown": str(out / f"{name}.md")}
     write_atomic(Path(paths["markdown"]), markdown_table(result["rows"], columns))
     if plot is not None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        paths["png"] = str(out / f"{name}.png")
-        tmp = out / f".{name}.{os.getpid()}.partial.png"
-        try:
-            plot(plt)
-            plt.tight_layout()
-            plt.savefig(tmp, dpi=120)
-            plt.close("all")
-            os.replace(tmp, paths["png"])
-        finally:
-            tmp.unlink(missing_ok=True)
+        paths["png"] = str(save_figure(out / f"{name}.png", plot))
     result["files"] = paths
     write_atomic(Path(paths["json"]), json.dumps(result, indent=2))
     return paths
+
+
+def save_figure(path: Path, plot: Callable) -> Path:
+    """Draw one figure with ``plot`` (called with ``matplotlib.pyplot``) and write it to ``path`` atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.partial.png")
+    try:
+        plot(plt)
+        plt.tight_layout()
+        plt.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    finally:
+        plt.close("all")
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def retrieval_plot(rows: Sequence[dict]) -> Callable:
+    """Accuracy (with its 95% interval) against the LLM's KV dropped, one panel per task and length: eviction alone,
+    IAM alone and IAM composed with eviction in their own markers, the LLM alone as a line."""
+
+    def plot(plt) -> None:
+        panels = list(dict.fromkeys((r["task"], r.get("tokens")) for r in rows))
+        fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), squeeze=False)
+        for ax, (task, tokens) in zip(axes[0], panels):
+            for r in (r for r in rows if (r["task"], r.get("tokens")) == (task, tokens)):
+                kind = "IAM" if r["ratio"] else "eviction" if r["eviction"] else "LLM alone"
+                style = {"IAM": ("o", "tab:blue"), "eviction": ("s", "tab:red"), "LLM alone": ("*", "black")}[kind]
+                if r["ratio"] and r["eviction"]:
+                    style = ("D", "tab:purple")
+                x, y = 100 * r["llm_kv_dropped"], 100 * r["accuracy"]
+                err = [[y - 100 * r["ci_low"]], [100 * r["ci_high"] - y]]
+                ax.errorbar(x, y, yerr=err, fmt=style[0], color=style[1], ms=8 if r["on_frontier"] else 5, capsize=3, alpha=0.8)
+                ax.annotate(r["method"], (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+                if kind == "LLM alone":
+                    ax.axhline(y, color="black", lw=0.8, ls=":")
+            ax.set_title(f"{task}, {tokens} tokens (n = {rows[0]['n']} per point; large marker: on the frontier)", fontsize=9)
+            ax.set_xlabel("LLM's own KV dropped (%)")
+            ax.set_ylabel("exact match (%), 95% Wilson interval")
+            ax.set_ylim(-5, 105)
+            ax.grid(alpha=0.3)
+
+    return plot
+
+
+def depth_plot(rows: Sequence[dict], bins: int) -> Callable:
+    """Accuracy per needle-depth bin (columns) for each configuration (rows), one panel per task and length."""
+
+    def plot(plt) -> None:
+        panels = list(dict.fromkeys((r["task"], r.get("tokens")) for r in rows))
+        fig, axes = plt.subplots(1, len(panels), figsize=(5 + 4 * len(panels), 0.4 * len(rows) / len(panels) + 2), squeeze=False)
+        for ax, (task, tokens) in zip(axes[0], panels):
+            mine = [r for r in rows if (r["task"], r.get("tokens")) == (task, tokens)]
+            grid = torch.tensor([[float("nan") if a is None else a for a in r["accuracy_by_depth"]] for r in mine])
+            image = ax.imshow(100 * grid, vmin=0, vmax=100, cmap="viridis", aspect="auto")
+            ax.set_yticks(
+                range(len(mine)), [f"{r['method']} ({100 * r['llm_kv_dropped']:.0f}% dropped)" for r in mine], fontsize=7
+            )
+            ax.set_xticks(range(bins), [f"{i / bins:.1f}-{(i + 1) / bins:.1f}" for i in range(bins)], fontsize=7)
+            ax.set_xlabel("needle depth (fraction of the context)")
+            ax.set_title(f"{task}, {tokens} tokens: exact match (%) by depth", fontsize=9)
+            plt.colorbar(image, ax=ax)
+
+    return plot
 
 
 def sweep_plot(rows: Sequence[dict], block: int, per_group: bool) -> Callable:

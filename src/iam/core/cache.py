@@ -163,9 +163,9 @@ class IAMCache(Cache):
     the whole context. From then on a wholly mapped layer holds a ``ValueOnlyLayer`` and a partly mapped one keeps K
     for its unmapped KV groups only. Beam search's reorder, repeat and select apply to both models and the mapping.
 
-    With an ``eviction`` policy the cache keeps one set of tokens per sequence for every layer of both models
-    (``self.kept``, see ``iam.core.eviction``): evicted slots are compacted away, and the slots a shorter row lacks
-    are masked like left padding.
+    With an ``eviction`` policy the cache keeps one set of tokens per sequence (``self.kept``, see
+    ``iam.core.eviction``) for every layer of both models, or, with ``scope="unmapped"``, for the LLM's layers that keep
+    K and V only: evicted slots are compacted away, and the slots a shorter row lacks are masked like left padding.
 
     Parameters
     ----------
@@ -220,16 +220,28 @@ class IAMCache(Cache):
         for layer in self.slm.layers[depth:]:
             layer.reset()
 
+    @property
+    def partial(self) -> bool:
+        """Whether the policy evicts from some layers only (``scope="unmapped"``): the mapped layers and the SLM keep
+        every token, and their mask is the caller's."""
+        return self.eviction is not None and self.eviction.scope == "unmapped"
+
+    def evicts(self, layer: int) -> bool:
+        """Whether LLM layer ``layer`` follows the kept set."""
+        if self.eviction is None:
+            return False
+        return not (self.partial and self.mapping is not None and layer in self.mapping.plan)
+
     def slot_mask(self, attention_mask: torch.Tensor, new: int) -> torch.Tensor:
-        """The 2D mask over this forward's cache slots and ``new`` tokens: the caller's, or, once tokens are evicted,
-        the kept slots' validity and the new tokens' part of the caller's."""
+        """The 2D mask over this forward's cache slots and ``new`` tokens in the layers that follow the kept set: the
+        caller's, or, once tokens are evicted, the kept slots' validity and the new tokens' part of the caller's."""
         if self.kept is None:
             return attention_mask
         return torch.cat([self.kept.valid.long(), attention_mask[:, -new:]], -1)
 
     def track(self, attention_mask: torch.Tensor, positions: torch.Tensor) -> None:
-        """Record the slots just written (``[B, t]`` mask and true positions), where a policy evicts."""
-        if self.eviction is not None:
+        """Record the slots just written (``[B, t]`` mask and true positions), where a policy evicts from any layer."""
+        if any(self.evicts(i) for i in range(len(self.layers))):
             if self.kept is None:
                 self.kept = Kept.empty(attention_mask.shape[0], attention_mask.device)
             self.kept.append(attention_mask, positions)
@@ -247,7 +259,8 @@ class IAMCache(Cache):
         index = kept.select(policy)
         if index is None:
             return
-        for layer in [*self.layers, *self.slm.layers]:
+        layers = [layer for i, layer in enumerate(self.layers) if self.evicts(i)]
+        for layer in layers if self.partial else [*layers, *self.slm.layers]:
             for name in ("keys", "values", "key_scales", "value_scales"):
                 x = getattr(layer, name, None)
                 if x is not None and x.shape[-2] > 0:

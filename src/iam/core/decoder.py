@@ -104,17 +104,33 @@ class Pass:
     attention_mask : ``[B, past + t]`` 2D mask of 0/1 (left padding).
     position_ids : ``[B, t]``.
     cache : the cache the layers update (its length is the past).
+    mask_layer : the cache layer whose length the mask spans (default: the first).
     """
 
     def __init__(
-        self, model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache: Cache
+        self,
+        model: nn.Module,
+        ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: Cache,
+        mask_layer: int | None = None,
     ) -> None:
         base = model.model
-        self.base, self.cache, self.position_ids = base, cache, position_ids
+        self.config, self.base, self.cache, self.position_ids = model.config, base, cache, position_ids
         self.hidden = base.embed_tokens(ids)
         self.rope = base.rotary_emb(self.hidden, position_ids)
-        self.mask = create_causal_mask(
-            config=model.config, inputs_embeds=self.hidden, attention_mask=attention_mask, cache=cache, position_ids=position_ids
+        self.mask = self.causal_mask(attention_mask, mask_layer)
+
+    def causal_mask(self, attention_mask: torch.Tensor, layer: int | None = None):
+        """The model's own attention mask from a 2D ``attention_mask`` over the slots of cache layer ``layer``."""
+        return create_causal_mask(
+            config=self.config,
+            inputs_embeds=self.hidden,
+            attention_mask=attention_mask,
+            cache=self.cache,
+            position_ids=self.position_ids,
+            layer_idx=layer,
         )
 
     def layer(self, idx: int, attention: Attention | None = None) -> None:

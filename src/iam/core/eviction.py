@@ -1,15 +1,20 @@
 """Token eviction from the KV cache, one small dataclass per policy and a registry (after kvpress).
 
-Every policy keeps one set of tokens per sequence, shared by all cache layers of both models: the LLM's own
-layers, its mapped (V-only) layers, and the SLM's layers that the mapped ones borrow attention from. So a borrowed
-SLM row never reads a token whose V is gone, and the rule is simple to state: a token is in the cache of every
-layer, or of none. Evicted slots are compacted away (their bytes are freed); a sequence that keeps fewer tokens
-than its neighbours is padded at the front, and those slots are masked like left padding, so attention over the
-kept tokens renormalises by itself. Positions stay true: cached keys carry their RoPE, and new tokens take the
+Every policy keeps one set of tokens per sequence. With ``scope="all"`` (the default) it is shared by all cache layers
+of both models: the LLM's own layers, its mapped (V-only) layers, and the SLM's layers that the mapped ones borrow
+attention from. So a borrowed SLM row never reads a token whose V is gone, and the rule is simple to state: a token
+is in the cache of every layer, or of none. With ``scope="unmapped"`` the kept set applies only to the LLM's layers
+that keep K and V; the mapped layers and the SLM keep every token, so the rule still holds for every mapped head:
+its borrowed row and its V cover the same tokens, all of them.
+
+Evicted slots are compacted away (their bytes are freed); a sequence that keeps fewer tokens than its neighbours is
+padded at the front, and those slots are masked like left padding, so attention over the kept tokens renormalises
+by itself. Positions stay true: cached keys carry their RoPE, and new tokens take the
 positions the caller gives.
 
 Scores are attention mass on each cached token, summed over heads and layers: the LLM's unmapped layers score
-with their own attention, and mapped layers with the SLM attention they borrow, which the SLM computes anyway.
+with their own attention, and mapped layers with the SLM attention they borrow, which the SLM computes anyway
+(with ``scope="unmapped"``, the evicted layers' own attention only).
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
+SCOPES = ("all", "unmapped")
+"""Which layers a policy evicts from (``EvictionPolicy.scope``)."""
+
 
 @dataclass(frozen=True)
 class EvictionPolicy(ABC):
@@ -29,9 +37,13 @@ class EvictionPolicy(ABC):
     ----------
     budget : tokens kept per sequence: a fraction in ``(0, 1]`` of its tokens so far (a ``float``), or a count (a
         positive ``int``).
+    scope : the layers it evicts from. ``"all"``: every cache layer of both models, one kept set (see the module's
+        rule). ``"unmapped"``: only the LLM's layers that keep K and V (no mapped KV group); its mapped layers and the
+        SLM keep every token, so a mapped head still reaches the whole context through the SLM.
     """
 
     budget: float | int = 0.8
+    scope: str = "all"
     needs_scores = False  # whether the policy reads attention scores
     decode = True  # whether it evicts during decode as well as after prefill
 
@@ -41,6 +53,8 @@ class EvictionPolicy(ABC):
         count = isinstance(b, int) and not isinstance(b, bool) and b >= 1
         if not (fraction or count):
             raise ValueError(f"budget must be a fraction in (0, 1] or a token count (a positive integer), got {b!r}.")
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}.")
         if count and b < self.reserved:
             raise ValueError(f"budget {b} is smaller than the {self.reserved} tokens {type(self).__name__} always keeps.")
 
@@ -147,15 +161,15 @@ POLICIES: dict[str, type[EvictionPolicy]] = {"h2o": H2O, "snapkv": SnapKV, "stre
 """Eviction policies by name (``--eviction``)."""
 
 
-def make_policy(name: str | None, budget: float | int | None = None) -> EvictionPolicy | None:
-    """The policy ``name`` with ``budget`` (its default where ``None``); ``None`` for no eviction."""
+def make_policy(name: str | None, budget: float | int | None = None, scope: str = "all") -> EvictionPolicy | None:
+    """The policy ``name`` with ``budget`` (its default where ``None``) over ``scope``; ``None`` for no eviction."""
     if name is None:
         if budget is not None:
             raise ValueError("a budget needs an eviction policy: give --eviction h2o, snapkv or streaming.")
         return None
     if name not in POLICIES:
         raise ValueError(f"eviction policy must be one of {sorted(POLICIES)}, got {name!r}.")
-    return POLICIES[name]() if budget is None else POLICIES[name](budget=budget)
+    return POLICIES[name](scope=scope) if budget is None else POLICIES[name](budget=budget, scope=scope)
 
 
 def parse_budget(text: str) -> float | int:

@@ -80,10 +80,10 @@ def check_pair(llm: nn.Module, slm: nn.Module) -> None:
 
 def check_eviction(config: MappingConfig, eviction: EvictionPolicy | None) -> None:
     """Raise ``ValueError`` where ``eviction`` cannot serve ``config``."""
-    if eviction is not None and config.local_window:
+    if eviction is not None and config.local_window and eviction.scope != "unmapped":
         raise ValueError(
-            "local_window cannot be combined with eviction yet: the local keys follow slots that eviction compacts. "
-            "Use one or the other."
+            "local_window combines with eviction only where the mapped layers keep every token: give the policy "
+            "scope='unmapped' (CLI: --eviction-scope unmapped)."
         )
 
 
@@ -340,7 +340,8 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _slm_step(self, cache: IAMCache, ids, mask, position_ids, depth: int) -> SLMStep:
         """The SLM's base model (never its LM head) through ``depth`` layers, recording their queries."""
-        queries = Pass(self.slm, ids, cache.slot_mask(mask, ids.shape[1]), position_ids, cache.slm).queries(depth)
+        slots = mask if cache.partial else cache.slot_mask(mask, ids.shape[1])
+        queries = Pass(self.slm, ids, slots, position_ids, cache.slm).queries(depth)
         attn = decoder_layers(self.slm)[0].self_attn
         return SLMStep(queries, cache.slm.layers, attn.num_key_value_groups, attn.scaling)
 
@@ -358,8 +359,12 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         a policy."""
         t = ids.shape[1]
         slots = cache.slot_mask(mask, t)
-        run = Pass(self.llm, ids, slots, position_ids, cache)
         mapping = cache.mapping
+        # with scope "unmapped", once tokens are evicted the mapped layers span more slots than the evicted ones
+        partial = cache.partial and cache.kept is not None
+        evicted = [i for i in range(self.n_layers) if cache.evicts(i)]
+        run = Pass(self.llm, ids, slots, position_ids, cache, evicted[0] if partial else None)
+        mapped_mask = run.causal_mask(mask, min(mapping.plan)) if partial else run.mask
         layers = decoder_layers(self.llm)
         policy = cache.eviction
         scoring = policy is not None and policy.needs_scores and (cache.kept is None or policy.decode)
@@ -367,13 +372,13 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         for i in range(self.n_layers):
             if mapping is not None and i in mapping.plan:
                 mapped = MappedAttention(layers[i].self_attn, mapping.plan[i])
-                run.layer(i, lambda x, mapped=mapped: mapped(x, run.rope, run.mask, cache, mapping, step, establishing))
+                run.layer(i, lambda x, mapped=mapped: mapped(x, run.rope, mapped_mask, cache, mapping, step, establishing))
             elif scoring:
                 run.query_capture(i, queries)
             else:
                 run.layer(i)
         logits = self._logits(run, logits_to_keep)
-        if policy is not None:
+        if policy is not None and evicted:
             first = cache.kept is None
             cache.track(mask[:, -t:], position_ids)
             cache.evict(self._attention_mass(cache, queries, step, slots) if scoring else None, prefill=first)
@@ -385,7 +390,7 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         last = getattr(cache.eviction, "window", None)
         llm_scaling = decoder_layers(self.llm)[0].self_attn.scaling
         mass = sum(attention_mass(q, cache.layers[i].keys, llm_scaling, slots, last) for i, q in queries.items())
-        if cache.mapping is not None:
+        if cache.mapping is not None and not cache.partial:  # partial: the SLM's slots are not the kept ones
             for layer in cache.mapping.slm_layers:
                 mass = mass + attention_mass(step.queries[layer], step.keys(layer), step.scaling, slots, last)
         return mass

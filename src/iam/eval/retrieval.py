@@ -1,0 +1,653 @@
+"""Long-context retrieval in the RULER family, generated offline and deterministically from a seed, and its two
+protocols: ``agnostic`` (the context is prefilled, and compressed, before the question arrives, as for a cached
+document or a long chat) and ``aware`` (the question ends the prefill, as RULER does).
+
+A ``Sample`` is one context (filler text with needles at chosen depths) and its questions. Under ``agnostic`` the
+context is prefilled once into a cache and every question is asked over its own copy of that cache: the context is
+cached once and asked many times. Tasks (``TASKS``), one small dataclass each:
+
+- ``passkey``: one pass key in the filler.
+- ``multikey``: ``needles`` keyed access codes, each asked, among ``distractors`` codes of other keys never asked.
+- ``multivalue``: one key with ``values`` codes; the answer must name them all.
+- ``kv``: a JSON object of UUID pairs (no filler); ``queries`` keys asked.
+- ``vartrack``: a chain of ``hops`` variable assignments from one value; the answer must name every variable.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import random
+import re
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from . import data
+
+PROTOCOLS = ("agnostic", "aware")
+FILLERS = ("prose", "code")
+INSTRUCTION = "Some facts are hidden in the text below. Memorize them: questions about them follow the text.\n\n"
+
+WORDS_A = (
+    "amber azure brave calm crimson dusty eager fancy gentle golden hidden icy jolly lucky misty noble olive "
+    "proud quiet rapid silver sunny tidy velvet wild young"
+).split()
+WORDS_B = (
+    "anchor badger canyon dragon engine falcon garden harbor island jungle kettle lantern meadow needle orchard "
+    "pepper quarry river saddle tower valley walrus yacht zebra"
+).split()
+
+
+@dataclass(frozen=True)
+class Question:
+    """One question about a sample's context.
+
+    Parameters
+    ----------
+    text : the question, appended after the context.
+    prefix : the start of the answer, put in the assistant's mouth.
+    answers : strings that must all appear in the generated answer.
+    depth : where the asked needle sits in the context, as a fraction of its tokens (0: first token).
+    """
+
+    text: str
+    prefix: str
+    answers: tuple[str, ...]
+    depth: float
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A context and its questions (see ``Question``); ``tokens``: the context's length in tokens, instruction included."""
+
+    task: str
+    context: str
+    questions: tuple[Question, ...]
+    tokens: int
+
+
+@lru_cache(maxsize=2)
+def filler_units(kind: str) -> tuple[str, ...]:
+    """The filler's pieces, in order: sentences of the offline Wikipedia articles (``prose``) or lines of Python
+    standard-library source (``code``). Digits are removed so that no filler number looks like an answer."""
+    if kind == "prose":
+        text = " ".join(data.wikipedia_articles())
+        units = re.split(r"(?<=[.!?])\s+", re.sub(r"\s+", " ", text))
+    elif kind == "code":
+        units = data.python_stdlib_text().splitlines()
+    else:
+        raise ValueError(f"filler must be one of {FILLERS}, got {kind!r}.")
+    return tuple(u for u in (re.sub(r"\d", "", u).rstrip() for u in units) if u.strip())
+
+
+def _digits(rng: random.Random, n: int) -> str:
+    return str(rng.randrange(10 ** (n - 1), 10**n))
+
+
+def _keys(rng: random.Random, n: int) -> list[str]:
+    pairs = rng.sample([(a, b) for a in WORDS_A for b in WORDS_B], n)
+    return [f"{a} {b}" for a, b in pairs]
+
+
+def depths_for(n: int, spread: str, rng: random.Random, low: float = 0.05, high: float = 0.95) -> list[float]:
+    """``n`` needle depths in ``[low, high]``: evenly spaced (``even``, jittered within their slot) or uniform at random
+    (``random``), in increasing order."""
+    if spread == "even":
+        width = (high - low) / n
+        return [low + width * (i + rng.random()) for i in range(n)]
+    if spread == "random":
+        return sorted(rng.uniform(low, high) for _ in range(n))
+    raise ValueError(f"depths must be 'even' or 'random', got {spread!r}.")
+
+
+def build_context(
+    tokenizer, units: Sequence[str], needles: Sequence[str], depths: Sequence[float], tokens: int, rng: random.Random, sep: str
+) -> tuple[str, list[float], int]:
+    """Filler pieces from a random start, joined by ``sep``, with ``needles`` inserted at ``depths`` (fractions of the
+    context's tokens), the whole at most ``tokens`` tokens with the instruction. Returns the context, each needle's
+    actual depth, and the context's token count."""
+    count = lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)
+    budget = tokens - count(INSTRUCTION) - sum(count(n + sep) for n in needles)
+    start = rng.randrange(len(units))
+    pieces, used = [], 0
+    for i in range(len(units)):
+        piece = units[(start + i) % len(units)]
+        cost = count(piece + sep)
+        if used + cost > budget:
+            break
+        pieces.append(piece)
+        used += cost
+    if not pieces:
+        raise ValueError(f"tokens {tokens} leaves no room for filler around {len(needles)} needles.")
+    cumulative = [0]
+    for piece in pieces:
+        cumulative.append(cumulative[-1] + count(piece + sep))
+    slots = [min(range(len(cumulative)), key=lambda i: abs(cumulative[i] - d * used)) for d in depths]
+    order = sorted(range(len(needles)), key=lambda j: (slots[j], j))
+    parts: list[str] = []
+    placed = {}
+    for i in range(len(pieces) + 1):
+        for j in order:
+            if slots[j] == i:
+                placed[j] = count(INSTRUCTION + sep.join(parts) + (sep if parts else ""))
+                parts.append(needles[j])
+        if i < len(pieces):
+            parts.append(pieces[i])
+    context = INSTRUCTION + sep.join(parts)
+    n = count(context)
+    return context, [placed[j] / n for j in range(len(needles))], n
+
+
+@dataclass(frozen=True)
+class RetrievalTask(ABC):
+    """One task of the family: makes a ``Sample`` from a seeded ``random.Random``."""
+
+    name = ""
+    max_new_tokens = 16
+
+    @abstractmethod
+    def sample(self, tokenizer, rng: random.Random, tokens: int, spread: str, filler: str) -> Sample: ...
+
+
+@dataclass(frozen=True)
+class Passkey(RetrievalTask):
+    """A single pass key (``digits`` digits) hidden once in the filler."""
+
+    digits: int = 5
+    name = "passkey"
+    max_new_tokens = 10
+
+    def sample(self, tokenizer, rng, tokens, spread, filler):
+        key = _digits(rng, self.digits)
+        needle = f"The pass key is {key}. Remember it. {key} is the pass key."
+        (depth,) = depths_for(1, spread, rng)
+        context, (at,), n = build_context(tokenizer, filler_units(filler), [needle], [depth], tokens, rng, _sep(filler))
+        question = Question("What is the pass key?", "The pass key is ", (key,), at)
+        return Sample(self.name, context, (question,), n)
+
+
+@dataclass(frozen=True)
+class MultiKey(RetrievalTask):
+    """``needles`` access codes of ``digits`` digits for distinct keys, each asked once, among ``distractors`` codes
+    of other keys that are never asked."""
+
+    needles: int = 4
+    distractors: int = 4
+    digits: int = 7
+    name = "multikey"
+    max_new_tokens = 12
+
+    def sample(self, tokenizer, rng, tokens, spread, filler):
+        n = self.needles + self.distractors
+        keys, codes = _keys(rng, n), [_digits(rng, self.digits) for _ in range(n)]
+        needles = [f"The access code for the {k} is {c}." for k, c in zip(keys, codes)]
+        order = rng.sample(range(n), n)  # asked and distractor needles interleaved at the depths
+        depths = depths_for(n, spread, rng)
+        placed = [depths[order.index(i)] for i in range(n)]
+        context, at, length = build_context(tokenizer, filler_units(filler), needles, placed, tokens, rng, _sep(filler))
+        questions = tuple(
+            Question(
+                f"What is the access code for the {keys[i]}? Answer with the number only.",
+                f"The access code for the {keys[i]} is ",
+                (codes[i],),
+                at[i],
+            )
+            for i in range(self.needles)
+        )
+        return Sample(self.name, context, questions, length)
+
+
+@dataclass(frozen=True)
+class MultiValue(RetrievalTask):
+    """One key with ``values`` access codes at different depths; the answer must name them all."""
+
+    values: int = 4
+    digits: int = 7
+    name = "multivalue"
+    max_new_tokens = 40
+
+    def sample(self, tokenizer, rng, tokens, spread, filler):
+        (key,), codes = _keys(rng, 1), [_digits(rng, self.digits) for _ in range(self.values)]
+        needles = [f"One of the access codes for the {key} is {c}." for c in codes]
+        depths = depths_for(self.values, spread, rng)
+        context, at, n = build_context(tokenizer, filler_units(filler), needles, depths, tokens, rng, _sep(filler))
+        question = Question(
+            f"What are all the access codes for the {key}? List the numbers only.",
+            f"The access codes for the {key} are ",
+            tuple(codes),
+            sum(at) / len(at),
+        )
+        return Sample(self.name, context, (question,), n)
+
+
+@dataclass(frozen=True)
+class KeyValue(RetrievalTask):
+    """A JSON object of random UUID keys and values filling the context; ``queries`` keys asked."""
+
+    queries: int = 4
+    name = "kv"
+    max_new_tokens = 40
+
+    def sample(self, tokenizer, rng, tokens, spread, filler):
+        new_id = lambda: str(uuid.UUID(int=rng.getrandbits(128), version=4))
+        pairs = [(new_id(), new_id())]
+        line = lambda k, v: f'"{k}": "{v}"'
+        per = len(tokenizer(line(*pairs[0]) + ",\n", add_special_tokens=False).input_ids)
+        head = INSTRUCTION + "JSON data:\n{"
+        room = tokens - len(tokenizer(head + "}", add_special_tokens=False).input_ids)
+        while len(pairs) * per < room - per:
+            pairs.append(
+                (str(uuid.UUID(int=rng.getrandbits(128), version=4)), str(uuid.UUID(int=rng.getrandbits(128), version=4)))
+            )
+        while True:
+            context = head + ",\n".join(line(k, v) for k, v in pairs) + "}"
+            n = len(tokenizer(context, add_special_tokens=False).input_ids)
+            if n <= tokens or len(pairs) <= self.queries:
+                break
+            pairs.pop()
+        depths = depths_for(self.queries, spread, rng)
+        asked = [min(int(d * len(pairs)), len(pairs) - 1) for d in depths]
+        asked = list(dict.fromkeys(asked))
+        questions = tuple(
+            Question(
+                f'What is the value of the key "{pairs[i][0]}" in the JSON data? Answer with the value only.',
+                f'The value of "{pairs[i][0]}" is "',
+                (pairs[i][1],),
+                (i + 0.5) / len(pairs),
+            )
+            for i in asked
+        )
+        return Sample(self.name, context, questions, n)
+
+
+@dataclass(frozen=True)
+class VariableTracking(RetrievalTask):
+    """A chain of ``hops`` assignments, ``VAR A = 12345.`` then ``VAR B = VAR A.`` and so on, at increasing depths;
+    the answer must name every variable that holds the value."""
+
+    hops: int = 4
+    name = "vartrack"
+    max_new_tokens = 40
+
+    def sample(self, tokenizer, rng, tokens, spread, filler):
+        names = rng.sample(["".join(rng.choices("ABCDEFGHJKLMNPQRSTUVWXYZ", k=5)) for _ in range(4 * self.hops)], self.hops)
+        value = _digits(rng, 5)
+        needles = [f"VAR {names[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in zip(names, names[1:])]
+        depths = depths_for(self.hops, spread, rng)
+        context, at, n = build_context(tokenizer, filler_units(filler), needles, depths, tokens, rng, _sep(filler))
+        question = Question(
+            f"Which variables are assigned the value {value}, directly or through other variables? List their names only.",
+            f"The variables assigned the value {value} are: ",
+            tuple(names),
+            at[0],
+        )
+        return Sample(self.name, context, (question,), n)
+
+
+def _sep(filler: str) -> str:
+    return " " if filler == "prose" else "\n"
+
+
+TASKS: dict[str, type[RetrievalTask]] = {t.name: t for t in (Passkey, MultiKey, MultiValue, KeyValue, VariableTracking)}
+"""Retrieval tasks by name (``--tasks``)."""
+
+
+def make_samples(
+    tokenizer, task: str, n: int, tokens: int, seed: int = 0, spread: str = "even", filler: str = "prose"
+) -> list[Sample]:
+    """``n`` samples of ``task`` with contexts of at most ``tokens`` tokens, the same for the same arguments."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}.")
+    rng = random.Random(f"{task}/{tokens}/{seed}/{spread}/{filler}")
+    return [TASKS[task]().sample(tokenizer, rng, tokens, spread, filler) for _ in range(n)]
+
+
+# ---- running ---------------------------------------------------------------------------------------------------
+
+
+def prompt_parts(tokenizer) -> tuple[str, str]:
+    """The chat template around one user message: what comes before it and what comes after it, the assistant's
+    turn opened."""
+    marker = "\x00MESSAGE\x00"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False, add_generation_prompt=True)
+    head, tail = text.split(marker)
+    return head, tail
+
+
+def encode(tokenizer, sample: Sample, question: Question) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids ``[1, c]`` of the context (the template's head first) and ``[1, q]`` of the question, the template's
+    tail and the answer's prefix; the context ids are the same for every question of a sample."""
+    head, tail = prompt_parts(tokenizer)
+    ids = lambda text: torch.tensor([tokenizer(text, add_special_tokens=False).input_ids])
+    return ids(head + sample.context), ids("\n\n" + question.text + tail + question.prefix)
+
+
+def correct(prediction: str, answers: Sequence[str]) -> bool:
+    """Whether every expected string appears in the prediction (RULER's string match, all of them required)."""
+    return all(a.lower() in prediction.lower() for a in answers)
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of ``k`` successes in ``n`` trials."""
+    if n == 0:
+        return math.nan, math.nan
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@dataclass
+class Answer:
+    """One question answered by one configuration."""
+
+    task: str
+    sample: int
+    question: int
+    depth: float
+    correct: bool
+    prediction: str
+    llm_kv_dropped: float
+    total_kv: float
+    seconds: float
+    context_tokens: int
+    extra: dict = field(default_factory=dict)
+
+
+@torch.no_grad()
+def answer(iam, tokenizer, sample: Sample, protocol: str, max_new_tokens: int | None = None) -> list[tuple[str, dict, float]]:
+    """Each question of ``sample`` answered greedily by ``iam`` (an ``IAMForCausalLM``) under ``protocol``; returns
+    ``(prediction, kv_bytes, seconds)`` per question. Under ``agnostic`` the context is prefilled once (and, with an
+    eviction policy, compressed) and every question continues a copy of that cache through ``generate()``."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}.")
+    task = TASKS[sample.task]
+    limit = max_new_tokens or task.max_new_tokens
+    out = []
+    context_cache, prefill_s = None, 0.0
+    for question in sample.questions:
+        context, asked = encode(tokenizer, sample, question)
+        ids = torch.cat([context, asked], -1).to(iam.llm.device)
+        start = time.perf_counter()
+        if protocol == "agnostic":
+            if context_cache is None:
+                context_cache = iam.new_cache()
+                iam(context.to(iam.llm.device), cache=context_cache, logits_to_keep=1)
+                prefill_s = time.perf_counter() - start
+                start = time.perf_counter()
+            cache = copy.deepcopy(context_cache)
+        else:
+            cache = iam.new_cache()
+        generated = iam.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            cache=cache,
+            max_new_tokens=limit,
+            do_sample=False,
+            stop_strings=["\n"],
+            tokenizer=tokenizer,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        )
+        seconds = time.perf_counter() - start + prefill_s / len(sample.questions)
+        text = tokenizer.decode(generated[0, ids.shape[1] :], skip_special_tokens=True)
+        out.append((text.strip(), cache.kv_bytes(), seconds))
+    return out
+
+
+# ---- configurations and the side-by-side run --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One configuration of a side-by-side run: a mapping (ratio 0: the LLM alone) and an eviction policy.
+
+    Parameters
+    ----------
+    label : its name in reports, as written in ``--configs`` (see ``parse_setups``).
+    ratio, local_window : ``MappingConfig`` fields over the run's base config.
+    policy, budget : the eviction policy's name and budget, if any.
+    scope : which layers the policy evicts from (``EvictionPolicy.scope``).
+    """
+
+    label: str
+    ratio: float = 0.0
+    local_window: int = 0
+    policy: str | None = None
+    budget: float | int | None = None
+    scope: str = "all"
+
+
+def parse_setup(text: str) -> Setup:
+    """One configuration from ``+``-joined parts: ``llm`` (the LLM alone, also implied) or ``iam<ratio>``; ``w<window>``, the exact
+    local window of the mapped layers; ``<policy>@<budget>``, eviction, ``:unmapped`` after it to evict only from the
+    layers that keep K. E.g. ``llm+snapkv@0.7``, ``iam0.5+w64``, ``iam0.5+w64+streaming@0.5:unmapped``."""
+    from ..core.eviction import POLICIES, parse_budget
+
+    label = text.strip()
+    fields: dict = {}
+    for part in label.split("+"):
+        try:
+            if part == "llm":
+                fields["ratio"] = 0.0
+            elif part.startswith("iam"):
+                fields["ratio"] = float(part[3:])
+            elif re.fullmatch(r"w\d+", part):
+                fields["local_window"] = int(part[1:])
+            elif "@" in part:
+                name, _, rest = part.partition("@")
+                budget, _, scope = rest.partition(":")
+                if name not in POLICIES:
+                    raise ValueError(f"eviction policy must be one of {sorted(POLICIES)}, got {name!r}")
+                fields.update(policy=name, budget=parse_budget(budget), scope=scope or "all")
+            else:
+                raise ValueError(f"unknown part {part!r}")
+        except ValueError as e:
+            raise ValueError(
+                f"configuration {label!r}: {e}. Write llm or iam<ratio>, then +w<window>, +<policy>@<budget>[:unmapped]."
+            ) from None
+    if fields.get("local_window") and not fields.get("ratio"):
+        raise ValueError(f"configuration {label!r}: a local window needs mapped layers (iam<ratio> with ratio > 0).")
+    return Setup(label, **fields)
+
+
+def parse_setups(text: str) -> list[Setup]:
+    """Comma-separated configurations (``parse_setup``), the LLM alone first (added if missing)."""
+    setups = [parse_setup(t) for t in text.split(",") if t.strip()]
+    if not setups:
+        raise ValueError("give at least one configuration.")
+    if not any(s.ratio == 0 and s.policy is None for s in setups):
+        setups.insert(0, Setup("llm"))
+    return sorted(setups, key=lambda s: not (s.ratio == 0 and s.policy is None))
+
+
+def build(llm, slm, base, setup: Setup):
+    """The ``IAMForCausalLM`` of ``setup`` over ``base`` (a ``MappingConfig``)."""
+    from dataclasses import replace
+
+    from ..core.eviction import make_policy
+    from ..core.model import IAMForCausalLM
+
+    config = replace(base, ratio=setup.ratio, local_window=setup.local_window)
+    policy = make_policy(setup.policy, setup.budget, setup.scope)
+    return IAMForCausalLM(llm, slm, config, policy)
+
+
+def check_lengths(tokens: Sequence[int], max_new_tokens: int, limit: int) -> None:
+    """Raise unless every context, its question and its answer fit in the models' ``limit`` positions."""
+    worst = max(tokens) + QUESTION_ROOM + max_new_tokens
+    if worst > limit:
+        raise ValueError(
+            f"tokens {max(tokens)} with its question and answer ({worst} tokens) exceed the models' {limit} positions."
+        )
+
+
+QUESTION_ROOM = 96
+"""Tokens kept free for a question, the template's tail and the answer's prefix."""
+
+
+def summarize(setup: Setup, task: str, answers: Sequence[dict], bins: int) -> dict:
+    """One report row: accuracy with its 95% Wilson interval, KV and time, and accuracy per depth bin."""
+    n, k = len(answers), sum(a["correct"] for a in answers)
+    low, high = wilson(k, n)
+    per_bin: list[float | None] = []
+    for b in range(bins):
+        inside = [a["correct"] for a in answers if min(int(a["depth"] * bins), bins - 1) == b]
+        per_bin.append(sum(inside) / len(inside) if inside else None)
+    mean = lambda key: sum(a[key] for a in answers) / n
+    return {
+        "method": setup.label,
+        "task": task,
+        "ratio": setup.ratio,
+        "local_window": setup.local_window,
+        "eviction": setup.policy,
+        "budget": setup.budget,
+        "scope": setup.scope if setup.policy else None,
+        "n": n,
+        "correct": k,
+        "accuracy": k / n,
+        "ci_low": low,
+        "ci_high": high,
+        "llm_kv_dropped": mean("llm_kv_dropped"),
+        "total_kv": mean("total_kv"),
+        "seconds_per_question": mean("seconds"),
+        "context_tokens": mean("context_tokens"),
+        "accuracy_by_depth": per_bin,
+    }
+
+
+def frontier(rows: list[dict]) -> None:
+    """Mark ``on_frontier`` per task and length: no other configuration of the task drops at least as much of the LLM's KV with at
+    least its accuracy, and is strictly better in one."""
+    for row in rows:
+        rivals = [r for r in rows if (r["task"], r.get("tokens")) == (row["task"], row.get("tokens")) and r is not row]
+        row["on_frontier"] = not any(
+            r["llm_kv_dropped"] >= row["llm_kv_dropped"]
+            and r["accuracy"] >= row["accuracy"]
+            and (r["llm_kv_dropped"], r["accuracy"]) != (row["llm_kv_dropped"], row["accuracy"])
+            for r in rivals
+        )
+
+
+def eval_retrieval(
+    llm,
+    slm,
+    tokenizer,
+    base,
+    setups: Sequence[Setup],
+    tasks: Sequence[str],
+    tokens: Sequence[int],
+    n: int,
+    protocol: str = "agnostic",
+    seed: int = 0,
+    spread: str = "even",
+    filler: str = "prose",
+    bins: int = 5,
+    done: dict | None = None,
+    record=None,
+    progress: bool = True,
+) -> dict:
+    """Every configuration of ``setups`` on the same ``n`` samples of each task at each context length, side by side.
+
+    Parameters
+    ----------
+    base : the ``MappingConfig`` every setup varies (ratio and local window).
+    done : answers already measured, by ``(label, task, tokens, sample)``: reused, not run again (resuming).
+    record : called with ``(key, answers)`` after each sample is measured (e.g. to append it to a file).
+
+    Returns
+    -------
+    A dict with ``rows`` (one per configuration, task and length; see ``summarize``) and ``examples``.
+    """
+    from tqdm.auto import tqdm
+
+    done = dict(done or {})
+    samples = {(task, t): make_samples(tokenizer, task, n, t, seed, spread, filler) for task in tasks for t in tokens}
+    total = len(setups) * sum(len(s.questions) for ss in samples.values() for s in ss)
+    bar = tqdm(total=total, desc="retrieval", unit="question", disable=not progress)
+    rows, examples = [], {}
+    for setup in setups:
+        iam = None
+        for (task, t), sample_list in samples.items():
+            answers = []
+            for i, sample in enumerate(sample_list):
+                key = (setup.label, task, t, i)
+                if key not in done:
+                    iam = iam or build(llm, slm, base, setup)
+                    result = []
+                    for j, (question, (text, kv, seconds)) in enumerate(
+                        zip(sample.questions, answer(iam, tokenizer, sample, protocol))
+                    ):
+                        result.append(
+                            {
+                                "question": j,
+                                "depth": question.depth,
+                                "correct": correct(text, question.answers),
+                                "prediction": text,
+                                "expected": list(question.answers),
+                                "llm_kv_dropped": 1 - kv["llm"] / kv["baseline"],
+                                "total_kv": kv["total"] / kv["baseline"],
+                                "seconds": seconds,
+                                "context_tokens": sample.tokens,
+                            }
+                        )
+                    done[key] = result
+                    if record is not None:
+                        record(key, result)
+                bar.update(len(sample.questions))
+                bar.set_postfix_str(setup.label)
+                answers += done[key]
+            row = summarize(setup, task, answers, bins)
+            row["tokens"] = t
+            rows.append(row)
+            examples.setdefault(setup.label, {})[f"{task}/{t}"] = answers[:4]
+    bar.close()
+    frontier(rows)
+    return {"rows": rows, "examples": examples, "protocol": protocol, "depth_bins": bins}
+
+
+# ---- resuming ---------------------------------------------------------------------------------------------------
+
+
+def progress_file(out: str | Path, settings: dict) -> Path:
+    """The file in ``out`` where answers are appended as they are measured, one per settings (a digest of them names
+    it); created here, so an unwritable ``out`` fails before any work."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"retrieval-{digest}.jsonl"
+    with path.open("a+b") as f:  # a line an interrupt cut short is ended, so the next one starts on its own
+        if f.tell() and (f.seek(-1, 2) or f.read(1) != b"\n"):
+            f.write(b"\n")
+    return path
+
+
+def read_progress(path: Path) -> dict:
+    """Answers recorded in ``path`` by ``(label, task, tokens, sample)``; a line cut short by an interrupt is ignored."""
+    done = {}
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        done[tuple(entry["key"])] = entry["answers"]
+    return done
+
+
+def recorder(path: Path):
+    """A ``record`` callback for ``eval_retrieval`` that appends each measured sample to ``path`` and flushes it."""
+
+    def record(key: tuple, answers: list[dict]) -> None:
+        with path.open("a") as f:
+            f.write(json.dumps({"key": list(key), "answers": answers}) + "\n")
+            f.flush()
+
+    return record
