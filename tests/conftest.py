@@ -120,6 +120,17 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
 
 
 @pytest.fixture
+def pair_folders(tmp_path) -> tuple[str, str]:
+    """The tiny qwen2 pair saved as transformers folders, each with the character tokenizer."""
+    folders = []
+    for name, model in [("llm", tiny("qwen2", 4, 64, 4, 2, seed=0)), ("slm", tiny("qwen2", 2, 32, 2, 1, seed=1))]:
+        model.save_pretrained(tmp_path / name)
+        char_tokenizer().save_pretrained(tmp_path / name)
+        folders.append(str(tmp_path / name))
+    return folders[0], folders[1]
+
+
+@pytest.fixture
 def tokenizer() -> PreTrainedTokenizerFast:
     return char_tokenizer()
 

@@ -147,7 +147,7 @@ def depth_plot(rows: Sequence[dict], bins: int) -> Callable:
         for ax, (task, tokens) in zip(axes[0], panels):
             mine = [r for r in rows if (r["task"], r.get("tokens")) == (task, tokens)]
             grid = torch.tensor([[float("nan") if a is None else a for a in r["accuracy_by_depth"]] for r in mine])
-            image = ax.imshow(100 * grid, vmin=0, vmax=100, cmap="viridis", aspect="auto")
+            image = ax.imshow(100 * grid.numpy(), vmin=0, vmax=100, cmap="viridis", aspect="auto")
             ax.set_yticks(
                 range(len(mine)), [f"{r['method']} ({100 * r['llm_kv_dropped']:.0f}% dropped)" for r in mine], fontsize=7
             )

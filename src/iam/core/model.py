@@ -361,7 +361,7 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         slots = cache.slot_mask(mask, t)
         mapping = cache.mapping
         # with scope "unmapped", once tokens are evicted the mapped layers span more slots than the evicted ones
-        partial = cache.partial and cache.kept is not None
+        partial = cache.partial and cache.kept is not None and mapping is not None
         evicted = [i for i in range(self.n_layers) if cache.evicts(i)]
         run = Pass(self.llm, ids, slots, position_ids, cache, evicted[0] if partial else None)
         mapped_mask = run.causal_mask(mask, min(mapping.plan)) if partial else run.mask

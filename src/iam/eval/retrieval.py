@@ -122,10 +122,11 @@ def build_context(
     for i in range(len(units)):
         piece = units[(start + i) % len(units)]
         cost = count(piece + sep)
-        if used + cost > budget:
+        if used + cost <= budget:  # a piece too long for what is left is skipped
+            pieces.append(piece)
+            used += cost
+        if budget - used < 8:
             break
-        pieces.append(piece)
-        used += cost
     if not pieces:
         raise ValueError(f"tokens {tokens} leaves no room for filler around {len(needles)} needles.")
     cumulative = [0]
@@ -366,8 +367,9 @@ class Answer:
 @torch.no_grad()
 def answer(iam, tokenizer, sample: Sample, protocol: str, max_new_tokens: int | None = None) -> list[tuple[str, dict, float]]:
     """Each question of ``sample`` answered greedily by ``iam`` (an ``IAMForCausalLM``) under ``protocol``; returns
-    ``(prediction, kv_bytes, seconds)`` per question. Under ``agnostic`` the context is prefilled once (and, with an
-    eviction policy, compressed) and every question continues a copy of that cache through ``generate()``."""
+    ``(prediction, kv_bytes, seconds)`` per question, the prediction being the answer's first line. Under
+    ``agnostic`` the context is prefilled once (and, with an eviction policy, compressed) and every question
+    continues a copy of that cache through ``generate()``."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}.")
     task = TASKS[sample.task]
@@ -393,13 +395,11 @@ def answer(iam, tokenizer, sample: Sample, protocol: str, max_new_tokens: int | 
             cache=cache,
             max_new_tokens=limit,
             do_sample=False,
-            stop_strings=["\n"],
-            tokenizer=tokenizer,
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         )
         seconds = time.perf_counter() - start + prefill_s / len(sample.questions)
         text = tokenizer.decode(generated[0, ids.shape[1] :], skip_special_tokens=True)
-        out.append((text.strip(), cache.kv_bytes(), seconds))
+        out.append((text.strip().split("\n")[0], cache.kv_bytes(), seconds))  # the answer's first line
     return out
 
 
@@ -427,9 +427,9 @@ class Setup:
 
 
 def parse_setup(text: str) -> Setup:
-    """One configuration from ``+``-joined parts: ``llm`` (the LLM alone, also implied) or ``iam<ratio>``; ``w<window>``, the exact
-    local window of the mapped layers; ``<policy>@<budget>``, eviction, ``:unmapped`` after it to evict only from the
-    layers that keep K. E.g. ``llm+snapkv@0.7``, ``iam0.5+w64``, ``iam0.5+w64+streaming@0.5:unmapped``."""
+    """One configuration from ``+``-joined parts: ``llm`` (the LLM alone, also implied) or ``iam<ratio>``;
+    ``w<window>``, the exact local window of the mapped layers; ``<policy>@<budget>``, eviction, ``:unmapped`` after it
+    to evict only from the layers that keep K. E.g. ``llm+snapkv@0.7``, ``iam0.5+w64``, ``iam0.5+w64+streaming@0.5:unmapped``."""
     from ..core.eviction import POLICIES, parse_budget
 
     label = text.strip()

@@ -1,0 +1,272 @@
+"""Long-context retrieval (``iam eval retrieval``), ``generate()`` over a prefilled cache, and eviction that spares
+the mapped layers (``scope="unmapped"``), on tiny random pairs."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from conftest import char_tokenizer, forward, left_pad, prompt, tiny
+from iam import IAMForCausalLM, MappingConfig
+from iam.cli import main
+from iam.core.eviction import H2O, POLICIES, SnapKV, StreamingLLM
+from iam.eval import retrieval
+
+UNITS = [1, 3]  # whole layers mapped; 0 and 2 keep K and V
+
+
+# ---- the generator ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", sorted(retrieval.TASKS))
+def test_samples_are_deterministic_and_hold_each_answer_once(task):
+    tok = char_tokenizer()
+    samples = retrieval.make_samples(tok, task, 3, 700, seed=4, filler="prose")
+    assert samples == retrieval.make_samples(tok, task, 3, 700, seed=4, filler="prose")
+    assert samples != retrieval.make_samples(tok, task, 3, 700, seed=5, filler="prose")
+    for sample in samples:
+        assert 500 < sample.tokens <= 700 and sample.tokens == len(tok(sample.context).input_ids)
+        for question in sample.questions:
+            for answer in question.answers:
+                # in its needle only: the pass key's needle says it twice, and a variable's name recurs in the next
+                # link of the chain (VAR B = VAR A)
+                count = sample.context.count(answer)
+                once = 2 if task == "passkey" else 1
+                assert count == once or (task == "vartrack" and count == 2 and answer != question.answers[-1])
+
+
+def test_needles_sit_at_the_asked_depths():
+    tok = char_tokenizer()
+    for spread in ("even", "random"):
+        for sample in retrieval.make_samples(tok, "multikey", 4, 900, seed=1, spread=spread, filler="code"):
+            for question in sample.questions:
+                code = question.answers[0]
+                at = len(tok(sample.context[: sample.context.index(code)]).input_ids) / sample.tokens
+                assert abs(at - question.depth) < 0.1  # the depth is the needle's start, the code ends it
+    even = [q.depth for s in retrieval.make_samples(tok, "passkey", 20, 600, spread="even") for q in s.questions]
+    assert min(even) < 0.3 and max(even) > 0.7
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("iam0.5+q3", "unknown part 'q3'"),
+        ("llm+lru@0.5", "eviction policy must be one of"),
+        ("llm+w64", "a local window needs mapped layers"),
+        ("iamx", "could not convert"),
+    ],
+)
+def test_bad_configurations_are_named(text, message):
+    with pytest.raises(ValueError, match=message):
+        retrieval.parse_setup(text)
+
+
+def test_configurations_parse_and_the_llm_alone_comes_first():
+    setups = retrieval.parse_setups("iam0.5+w64+h2o@0.5:unmapped,snapkv@0.7")
+    assert [s.label for s in setups] == ["llm", "iam0.5+w64+h2o@0.5:unmapped", "snapkv@0.7"]
+    assert setups[1] == retrieval.Setup("iam0.5+w64+h2o@0.5:unmapped", 0.5, 64, "h2o", 0.5, "unmapped")
+    assert setups[2].ratio == 0 and setups[2].budget == 0.7
+
+
+def test_wilson_interval():
+    low, high = retrieval.wilson(45, 50)
+    assert 0.78 < low < 0.79 and 0.95 < high < 0.96  # the textbook values for 90% of 50
+    assert retrieval.wilson(0, 10)[0] == 0 and retrieval.wilson(10, 10)[1] == 1
+
+
+# ---- protocols and generate() over a prefilled cache --------------------------------------------------------------
+
+
+def test_the_agnostic_protocol_compresses_before_the_question(pair):
+    """SnapKV evicts once, after the first prefill: under ``agnostic`` that is the context alone, so the slots kept are
+    those a prefill of the context alone keeps; under ``aware`` the question's tokens decide them."""
+    llm, slm = pair
+    for model in pair:
+        model.config.max_position_embeddings = 1024
+    tok = char_tokenizer()
+    sample = retrieval.make_samples(tok, "passkey", 1, 400, seed=2, filler="code")[0]
+    model = IAMForCausalLM.from_pair(llm, slm, MappingConfig(ratio=0.0), SnapKV(budget=0.5, window=4))
+    context, question = retrieval.encode(tok, sample, sample.questions[0])
+    alone = model.new_cache()
+    forward(model, context, cache=alone)
+    kept_alone = alone.kept.positions
+
+    caches = {}
+    original = model.generate
+
+    def spy(*args, **kwargs):
+        caches[protocol] = kwargs["cache"]
+        return original(*args, **kwargs)
+
+    model.generate = spy
+    for protocol in retrieval.PROTOCOLS:
+        retrieval.answer(model, tok, sample, protocol, max_new_tokens=3)
+    n = context.shape[1]
+    agnostic, aware = (caches[p].kept.positions for p in retrieval.PROTOCOLS)
+    assert torch.equal(agnostic[:, : kept_alone.shape[1]], kept_alone)  # then the question and answer, appended
+    assert int(agnostic[:, : kept_alone.shape[1]].max()) < n  # no question token took part
+    assert int((aware >= n).sum()) >= 4  # the observation window is the question's end
+    assert not torch.equal(aware[aware < n], kept_alone[0])
+
+
+@pytest.mark.parametrize("policy", [None, H2O(budget=0.7, recent=4), StreamingLLM(budget=0.6, sinks=2)])
+@pytest.mark.parametrize("window", [0, 8])
+def test_generate_continues_a_prefilled_cache(pair, policy, window):
+    """``generate(full_ids, cache=prefilled)`` feeds only the new tokens: without eviction it is the unsplit run; with
+    eviction it is the same split stepped by hand (the prefix evicted before the rest arrives)."""
+    llm, slm = pair
+    if window and policy is not None:
+        policy = type(policy)(**{**policy.__dict__, "scope": "unmapped"})
+    model = IAMForCausalLM.from_pair(llm, slm, MappingConfig(layers=UNITS, local_window=window), policy)
+    ids = prompt(70, seed=3)
+    cache = model.new_cache()
+    forward(model, ids[:, :50], cache=cache)
+    kept = copy.deepcopy(cache)
+    split = model.generate(ids, cache=cache, max_new_tokens=8, do_sample=False)
+    assert torch.equal(split, model.generate(ids, cache=kept, max_new_tokens=8, do_sample=False))  # a copy serves again
+    if policy is None:
+        assert torch.equal(split, model.generate(ids, max_new_tokens=8, do_sample=False))
+    by_hand = model.new_cache()
+    forward(model, ids[:, :50], cache=by_hand)
+    tokens = ids
+    logits = forward(model, ids[:, 50:], cache=by_hand).logits
+    for _ in range(8):
+        tokens = torch.cat([tokens, logits[:, -1:].argmax(-1)], -1)
+        logits = forward(model, tokens[:, -1:], cache=by_hand).logits
+    assert torch.equal(split, tokens)
+
+
+# ---- eviction that spares the mapped layers -----------------------------------------------------------------------
+
+
+def unmapped(policy: type, budget: float = 0.5):
+    return policy(budget=budget, scope="unmapped")
+
+
+@pytest.mark.parametrize("policy", [H2O, StreamingLLM, SnapKV])
+def test_unmapped_scope_evicts_only_where_k_and_v_are_kept(pair, policy):
+    """Exact bytes: the evicted layers hold the budget, the mapped layers' V and the SLM hold every token, so no
+    mapped head reads a V that is gone."""
+    llm, slm = pair
+    model = IAMForCausalLM.from_pair(llm, slm, MappingConfig(layers=UNITS), unmapped(policy))
+    ids = prompt(64, seed=1)
+    cache = model.generate(ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True).cache
+    seen = 64 + 3  # the last token is not fed back
+    keep = 32 + 3 if policy is SnapKV else -(-seen * 5 // 10)  # SnapKV evicts once, after the prefill
+    for i, layer in enumerate(cache.layers):
+        assert layer.values.shape[2] == (seen if i in UNITS else keep)
+        assert layer.keys.shape[2] == (0 if i in UNITS else keep)
+    assert all(layer.keys.shape[2] == seen for layer in cache.slm.layers if layer.keys is not None)
+    per_token = 2 * 16 * 4  # K or V of one layer: 2 KV heads x head size 16 x 4 bytes
+    assert cache.kv_bytes()["llm"] == per_token * (2 * seen + 2 * 2 * keep)
+    assert cache.kv_bytes()["baseline"] == per_token * 2 * 4 * seen
+
+
+@pytest.mark.parametrize("policy", [H2O, StreamingLLM])
+@pytest.mark.parametrize("window", [0, 8])
+def test_unmapped_scope_batch_equals_solo(pair, policy, window):
+    llm, slm = pair
+    model = IAMForCausalLM.from_pair(llm, slm, MappingConfig(layers=UNITS, local_window=window), unmapped(policy))
+    rows = [prompt(60, 1)[0], prompt(38, 2)[0]]
+    ids, mask = left_pad(rows)
+    batch = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    for i, row in enumerate(rows):
+        solo = model.generate(row[None], max_new_tokens=6, do_sample=False)
+        assert torch.equal(batch[i, -6:], solo[0, -6:])
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_unmapped_scope_at_ratio_zero_is_plain_eviction(pair, policy):
+    llm, slm = pair
+    ids = prompt(60, 5)
+    runs = [
+        IAMForCausalLM.from_pair(llm, slm, MappingConfig(ratio=0.0), POLICIES[policy](budget=0.5, scope=scope)).generate(
+            ids, max_new_tokens=6, do_sample=False
+        )
+        for scope in ("all", "unmapped")
+    ]
+    assert torch.equal(*runs)
+
+
+def test_unmapped_scope_on_the_identity_twin_keeps_the_mapped_layers_exact(twin):
+    """On the identity twin a mapped layer with every token is the LLM's own layer: evicting only the other layers
+    gives what a budget of 1 in those layers gives, once nothing is evicted, and differs from evicting everywhere."""
+    llm, slm = twin
+    ids = prompt(60, 6)
+    make = lambda scope, budget: IAMForCausalLM.from_pair(
+        llm, slm, MappingConfig(layers=[0, 1, 2, 3], blend=1), StreamingLLM(budget=budget, scope=scope)
+    )
+    reference = llm.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(make("unmapped", 0.3).generate(ids, max_new_tokens=6, do_sample=False), reference)  # nothing evicts
+    assert not torch.equal(make("all", 0.3).generate(ids, max_new_tokens=6, do_sample=False), reference)
+
+
+def test_a_policy_scope_is_checked():
+    with pytest.raises(ValueError, match="scope must be one of"):
+        H2O(scope="mapped")
+
+
+def test_the_local_window_refuses_eviction_over_every_layer(pair):
+    llm, slm = pair
+    with pytest.raises(ValueError, match="scope='unmapped'"):
+        IAMForCausalLM.from_pair(llm, slm, MappingConfig(layers=UNITS, local_window=8), H2O(budget=0.5))
+
+
+# ---- the command --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def long_folders(tmp_path) -> tuple[str, str]:
+    """The tiny qwen2 pair as folders with the character tokenizer, for contexts of a few hundred characters."""
+    folders = []
+    for name, model in [("llm", tiny("qwen2", 4, 64, 4, 2, seed=0)), ("slm", tiny("qwen2", 2, 32, 2, 1, seed=1))]:
+        model.config.max_position_embeddings = 1024
+        model.save_pretrained(tmp_path / name)
+        char_tokenizer().save_pretrained(tmp_path / name)
+        folders.append(str(tmp_path / name))
+    return folders[0], folders[1]
+
+
+def test_the_command_runs_side_by_side_resumes_and_reports(long_folders, tmp_path, capsys, monkeypatch):
+    llm, slm = long_folders
+    argv = ["eval", "retrieval", "--llm", llm, "--slm", slm, "--tokens", "600", "--n", "2", "--out", str(tmp_path / "out")]
+    argv += ["--tasks", "passkey,multikey", "--configs", "streaming@0.5,iam0.5+w8,iam0.5+w8+h2o@0.5:unmapped", "--json"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    rows = result["rows"]
+    assert [(r["method"], r["task"]) for r in rows[:2]] == [("llm", "passkey"), ("llm", "multikey")]
+    assert [r["n"] for r in rows] == [2, 8] * 4  # multikey asks each of its 4 needles
+    assert rows[0]["llm_kv_dropped"] == 0 and all(0 < r["llm_kv_dropped"] < 1 for r in rows[2:])
+    assert all(r["ci_low"] <= r["accuracy"] <= r["ci_high"] for r in rows)
+    for name in ("retrieval.json", "retrieval.md", "retrieval.png", "retrieval-depth.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+
+    # a second run with the same settings measures nothing again
+    monkeypatch.setattr(retrieval, "answer", lambda *a, **k: pytest.fail("measured again"))
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["rows"] == rows
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--tokens", "250"], "exceed the models' 256 positions"),
+        (["--configs", "iam0.5+w8+h2o@0.5"], "scope='unmapped'"),
+        (["--configs", "iam0.5+zz"], "unknown part"),
+        (["--protocol", "blind"], "invalid choice"),
+        (["--tasks", "needle"], "takes comma-separated tasks"),
+    ],
+)
+def test_bad_settings_fail_before_loading(pair_folders, tmp_path, capsys, monkeypatch, extra, message):
+    from iam import cli
+
+    monkeypatch.setattr(cli, "load_pair", lambda *a, **k: pytest.fail("weights were loaded"))
+    llm, slm = pair_folders
+    try:
+        code = main(["eval", "retrieval", "--llm", llm, "--slm", slm, "--out", str(tmp_path), *extra])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    assert code == 2 and message in capsys.readouterr().err
