@@ -150,6 +150,9 @@ def add_mapping_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--truncation-threshold", type=int, default=100)
     p.add_argument("--slm-cache", default="native", choices=["native", "int8"], help="SLM cache precision")
     p.add_argument(
+        "--llm-cache", default="native", choices=["native", "int8"], help="LLM cache precision (K and V, or V where mapped)"
+    )
+    p.add_argument(
         "--calibration", default=None, metavar="FILE", help="order for --strategy auto/calibrated, instead of the stored one"
     )
     p.add_argument(
@@ -171,6 +174,7 @@ def mapping_config(args: argparse.Namespace, ratio: float) -> MappingConfig:
         establish_threshold=args.establish_threshold,
         truncation_threshold=args.truncation_threshold,
         slm_cache=args.slm_cache,
+        llm_cache=args.llm_cache,
         calibration=args.calibration,
         local_window=args.local_window,
         local_sinks=args.local_sinks,
@@ -413,7 +417,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_retrieval(args: argparse.Namespace) -> int:
     setups = retrieval.parse_setups(args.configs)
     base = mapping_config(args, 0.0)
-    configs = [replace(base, ratio=s.ratio, local_window=s.local_window) for s in setups]
+    configs = [replace(base, ratio=s.ratio, local_window=s.local_window, llm_cache=s.llm_cache) for s in setups]
     for setup, config in zip(setups, configs):
         check_eviction(config, make_policy(setup.policy, setup.budget, setup.scope))
     llm_config, slm_config = read_configs(args.llm, args.slm, force=args.force)
@@ -951,7 +955,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--configs",
         default=RETRIEVAL_CONFIGS,
-        help="comma-separated configurations: llm or iam<ratio>, then +w<window>, +<policy>@<budget>[:unmapped]",
+        help="comma-separated configurations: llm or iam<ratio>, then +w<window>, +<policy>@<budget>[:unmapped], +int8 "
+        "(the LLM's cache as int8)",
     )
     p.set_defaults(func=cmd_retrieval)
     return parser

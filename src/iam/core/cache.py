@@ -11,7 +11,8 @@ from .eviction import EvictionPolicy, Kept
 from .mapping import Mapping
 
 SLM_CACHES = ("native", "int8")
-"""How the SLM's cache is kept: in the model's own dtype, or as int8 with one scale per head and token."""
+"""How a model's cache is kept (``MappingConfig.slm_cache``/``llm_cache``): in the model's own dtype, or as int8 with
+one scale per head and token."""
 
 
 class ValueOnlyLayer(DynamicLayer):
@@ -43,11 +44,10 @@ class Int8Layer(DynamicLayer):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
         self.dtype = key_states.dtype  # the compute dtype (transformers 5.24 dropped the layers' own ``dtype``)
-        shape = (*key_states.shape[:2], 0)
-        self.keys = key_states.new_empty(*shape, key_states.shape[-1], dtype=torch.int8)
-        self.values = value_states.new_empty(*shape, value_states.shape[-1], dtype=torch.int8)
-        self.key_scales = key_states.new_empty(*shape, 1)
-        self.value_scales = value_states.new_empty(*shape, 1)
+        # K and V may hold different heads: a partly mapped layer keeps K of its unmapped groups only
+        empty = lambda x, d, **kw: x.new_empty(*x.shape[:2], 0, d, **kw)
+        self.keys, self.values = (empty(x, x.shape[-1], dtype=torch.int8) for x in (key_states, value_states))
+        self.key_scales, self.value_scales = (empty(x, 1) for x in (key_states, value_states))
 
     @staticmethod
     def _quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,6 +95,37 @@ class Int8Layer(DynamicLayer):
     def reset(self) -> None:
         super().reset()
         self.key_scales = self.value_scales = None
+
+
+class Int8ValueOnlyLayer(Int8Layer):
+    """A ``ValueOnlyLayer`` whose V is int8 with one scale per (head, token) (``MappingConfig.llm_cache="int8"``)."""
+
+    def update(self, key_states: torch.Tensor | None, value_states: torch.Tensor, *args, **kwargs):
+        if key_states is not None:
+            raise RuntimeError("a mapped layer must not cache keys")
+        if not self.is_initialized:
+            self.lazy_initialization(value_states[..., :0, :], value_states)
+        qv, sv = self._quantize(value_states)
+        self.values = torch.cat([self.values, qv], dim=-2)
+        self.value_scales = torch.cat([self.value_scales, sv], dim=-2)
+        return None, self.values.to(self.dtype) * self.value_scales
+
+    def get_seq_length(self) -> int:
+        return self.values.shape[-2] if self.is_initialized else 0
+
+
+def layer_for(kind: str, value_only: bool = False) -> DynamicLayer:
+    """A new LLM cache layer: K and V, or V only (a wholly mapped layer), in the model's dtype or int8."""
+    if kind == "int8":
+        return Int8ValueOnlyLayer() if value_only else Int8Layer()
+    return ValueOnlyLayer() if value_only else DynamicLayer()
+
+
+def native_bytes(layer: DynamicLayer) -> int:
+    """Bytes per slot of ``layer``'s V in the model's own dtype, whatever the layer stores."""
+    v = layer.values
+    itemsize = layer.dtype.itemsize if isinstance(layer, Int8Layer) else v.element_size()
+    return v.shape[0] * v.shape[1] * v.shape[-1] * itemsize
 
 
 class LocalKeys(DynamicLayer):
@@ -171,6 +202,7 @@ class IAMCache(Cache):
     ----------
     llm_config, slm_config : the two models' configs.
     slm_cache_kind : ``"native"`` or ``"int8"`` (see ``MappingConfig.slm_cache``).
+    llm_cache_kind : the same for the LLM's layers (see ``MappingConfig.llm_cache``).
     eviction : the token eviction policy, if any.
     local : ``(sinks, window)`` where mapped layers attend exactly to a local window (``MappingConfig.local_window``):
         their mapped groups' K for those tokens is in ``self.local``, one ``LocalKeys`` per LLM layer.
@@ -183,9 +215,11 @@ class IAMCache(Cache):
         slm_cache_kind: str = "native",
         eviction: EvictionPolicy | None = None,
         local: tuple[int, int] | None = None,
+        llm_cache_kind: str = "native",
     ) -> None:
         n_layers = llm_config.num_hidden_layers
-        super().__init__(layers=[DynamicLayer() for _ in range(n_layers)])
+        self.llm_cache_kind = llm_cache_kind
+        super().__init__(layers=[layer_for(llm_cache_kind) for _ in range(n_layers)])
         self.n_kv = llm_config.num_key_value_heads
         self.slm = slm_cache(slm_config, slm_cache_kind)
         # a container of LocalKeys, moved with the batch; the mapped layers update them (``LocalKeys.update``)
@@ -207,9 +241,8 @@ class IAMCache(Cache):
     def establish(self, mapping: Mapping) -> None:
         """Start over with ``mapping``: every LLM layer emptied (the establishing forward prefills the whole context
         again), a ``ValueOnlyLayer`` at each wholly mapped one."""
-        self.layers = [
-            ValueOnlyLayer() if len(mapping.plan.get(i, ())) == self.n_kv else DynamicLayer() for i in range(len(self.layers))
-        ]
+        kind = self.llm_cache_kind
+        self.layers = [layer_for(kind, len(mapping.plan.get(i, ())) == self.n_kv) for i in range(len(self.layers))]
         self.mapping = mapping
         self.tokens = None
         if self.local is not None:
@@ -310,7 +343,7 @@ class IAMCache(Cache):
         raise ValueError("an IAMCache cannot be cropped: the SLM's cache and the mapping follow the LLM's tokens.")
 
     def reset(self) -> None:
-        self.layers = [DynamicLayer() for _ in self.layers]  # mapped layers were V-only
+        self.layers = [layer_for(self.llm_cache_kind) for _ in self.layers]  # mapped layers were V-only
         for cache in self._others():
             cache.reset()
         self.mapping = self.tokens = self.kept = None
@@ -327,12 +360,10 @@ class IAMCache(Cache):
 
     def kv_bytes(self) -> dict[str, int]:
         """Bytes in the real caches: ``llm`` (local keys included), ``slm``, ``total``, and ``baseline``, what the LLM
-        alone would hold for every token seen, without eviction (K and V in every layer: twice the V bytes per
-        token)."""
+        alone would hold for every token seen, without eviction, in its own dtype (K and V in every layer: twice the
+        V bytes per token)."""
         llm, slm = cache_bytes(self) + cache_bytes(self.local), cache_bytes(self.slm)
         baseline = sum(
-            2 * tensor_bytes(layer.values) // layer.values.shape[-2] * self.columns
-            for layer in self.layers
-            if layer.values is not None and layer.values.shape[-2]
+            2 * native_bytes(layer) * self.columns for layer in self.layers if layer.values is not None and layer.values.shape[-2]
         )
         return {"llm": llm, "slm": slm, "total": llm + slm, "baseline": baseline}

@@ -42,6 +42,9 @@ class MappingConfig:
         instead of the one stored for the pair (an error with any other strategy, or when the file is missing).
     slm_cache : ``"native"`` (the SLM's own dtype) or ``"int8"`` (K and V as int8 with per-token scales, about
         half the SLM cache bytes in fp16).
+    llm_cache : the same for the LLM's own cache: K and V of its unmapped KV groups, V of its mapped ones. ``"int8"``
+        composes with mapping (a mapped layer's V, which its far tokens need, costs about half as much in fp16) and
+        applies to the LLM alone too (ratio 0).
     local_window : 0 (default) for the paper's mapped layer. ``w > 0``: each mapped head attends exactly, with its
         own Q and K, to the first ``local_sinks`` tokens and the ``w`` most recent ones, and takes only the mass on
         older tokens, and its spread over them, from the borrowed SLM row (see ``iam.core.attention``). The layer
@@ -59,6 +62,7 @@ class MappingConfig:
     establish_threshold: int = 20
     truncation_threshold: int = 100
     slm_cache: str = "native"
+    llm_cache: str = "native"
     calibration: str | None = None
     local_window: int = 0
     local_sinks: int | None = None
@@ -71,8 +75,9 @@ class MappingConfig:
             raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {self.strategy!r}.")
         if self.metric not in METRICS:
             raise ValueError(f"metric must be one of {sorted(METRICS)}, got {self.metric!r}.")
-        if self.slm_cache not in SLM_CACHES:
-            raise ValueError(f"slm_cache must be one of {list(SLM_CACHES)}, got {self.slm_cache!r}.")
+        for name in ("slm_cache", "llm_cache"):
+            if getattr(self, name) not in SLM_CACHES:
+                raise ValueError(f"{name} must be one of {list(SLM_CACHES)}, got {getattr(self, name)!r}.")
         if self.layers is not None:
             self.layers = _check_layer_list(self.layers)
         if self.calibration is not None:

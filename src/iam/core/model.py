@@ -169,7 +169,7 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
     def new_cache(self) -> IAMCache:
         """An empty cache for this pair; pass it to ``forward`` or ``generate`` and read the results off it."""
         config = self.mapping_config
-        return IAMCache(self.llm.config, self.slm.config, config.slm_cache, self.eviction, self._local)
+        return IAMCache(self.llm.config, self.slm.config, config.slm_cache, self.eviction, self._local, config.llm_cache)
 
     @property
     def _local(self) -> tuple[int, int] | None:
@@ -389,7 +389,7 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         layers' that the mapped layers borrow from (their heads stand in for the mapped heads)."""
         last = getattr(cache.eviction, "window", None)
         llm_scaling = decoder_layers(self.llm)[0].self_attn.scaling
-        mass = sum(attention_mass(q, cache.layers[i].keys, llm_scaling, slots, last) for i, q in queries.items())
+        mass = sum(attention_mass(q, read_keys(cache.layers[i]), llm_scaling, slots, last) for i, q in queries.items())
         if cache.mapping is not None and not cache.partial:  # partial: the SLM's slots are not the kept ones
             for layer in cache.mapping.slm_layers:
                 mass = mass + attention_mass(step.queries[layer], step.keys(layer), step.scaling, slots, last)

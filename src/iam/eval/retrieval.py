@@ -416,6 +416,7 @@ class Setup:
     ratio, local_window : ``MappingConfig`` fields over the run's base config.
     policy, budget : the eviction policy's name and budget, if any.
     scope : which layers the policy evicts from (``EvictionPolicy.scope``).
+    llm_cache : ``MappingConfig.llm_cache``: the LLM's cache in its dtype or as int8.
     """
 
     label: str
@@ -424,12 +425,14 @@ class Setup:
     policy: str | None = None
     budget: float | int | None = None
     scope: str = "all"
+    llm_cache: str = "native"
 
 
 def parse_setup(text: str) -> Setup:
     """One configuration from ``+``-joined parts: ``llm`` (the LLM alone, also implied) or ``iam<ratio>``;
     ``w<window>``, the exact local window of the mapped layers; ``<policy>@<budget>``, eviction, ``:unmapped`` after it
-    to evict only from the layers that keep K. E.g. ``llm+snapkv@0.7``, ``iam0.5+w64``, ``iam0.5+w64+streaming@0.5:unmapped``."""
+    to evict only from the layers that keep K; ``int8``, the LLM's cache as int8. E.g. ``llm+snapkv@0.7``,
+    ``iam0.5+w64``, ``iam0.5+w64+streaming@0.5:unmapped``, ``iam1.0+w64+int8``."""
     from ..core.eviction import POLICIES, parse_budget
 
     label = text.strip()
@@ -440,6 +443,8 @@ def parse_setup(text: str) -> Setup:
                 fields["ratio"] = 0.0
             elif part.startswith("iam"):
                 fields["ratio"] = float(part[3:])
+            elif part == "int8":
+                fields["llm_cache"] = "int8"
             elif re.fullmatch(r"w\d+", part):
                 fields["local_window"] = int(part[1:])
             elif "@" in part:
@@ -452,7 +457,7 @@ def parse_setup(text: str) -> Setup:
                 raise ValueError(f"unknown part {part!r}")
         except ValueError as e:
             raise ValueError(
-                f"configuration {label!r}: {e}. Write llm or iam<ratio>, then +w<window>, +<policy>@<budget>[:unmapped]."
+                f"configuration {label!r}: {e}. Write llm or iam<ratio>, then +w<window>, +<policy>@<budget>[:unmapped], +int8."
             ) from None
     if fields.get("local_window") and not fields.get("ratio"):
         raise ValueError(f"configuration {label!r}: a local window needs mapped layers (iam<ratio> with ratio > 0).")
@@ -476,7 +481,7 @@ def build(llm, slm, base, setup: Setup):
     from ..core.eviction import make_policy
     from ..core.model import IAMForCausalLM
 
-    config = replace(base, ratio=setup.ratio, local_window=setup.local_window)
+    config = replace(base, ratio=setup.ratio, local_window=setup.local_window, llm_cache=setup.llm_cache)
     policy = make_policy(setup.policy, setup.budget, setup.scope)
     return IAMForCausalLM(llm, slm, config, policy)
 
@@ -511,6 +516,7 @@ def summarize(setup: Setup, task: str, answers: Sequence[dict], bins: int) -> di
         "eviction": setup.policy,
         "budget": setup.budget,
         "scope": setup.scope if setup.policy else None,
+        "llm_cache": setup.llm_cache,
         "n": n,
         "correct": k,
         "accuracy": k / n,
