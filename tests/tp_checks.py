@@ -8,6 +8,8 @@ checks that need the sharded models themselves.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import sys
 from pathlib import Path
@@ -16,7 +18,7 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
-from iam import IAMForCausalLM, MappingConfig
+from iam import IAMForCausalLM, MappingConfig, cli
 from iam.core import parallel
 from iam.core.eviction import H2O
 
@@ -109,7 +111,26 @@ def main(folder: Path, out: Path) -> None:
         report["sharded_slm_refused"] = None
     except ValueError as e:
         report["sharded_slm_refused"] = str(e)
+    report["cli"] = {name: run_cli(argv, out / f"{name}-rank{rank}") for name, argv in cli_commands(folder).items()}
     (out / f"rank{rank}.json").write_text(json.dumps(report, indent=1))
+
+
+def cli_commands(folder: Path) -> dict[str, list[str]]:
+    """``iam`` commands run tensor parallel here and in one process by the test (``--out`` is added)."""
+    pair = ["--llm", str(folder / "llm"), "--slm", str(folder / "slm"), "--establish-threshold", "8", "--json"]
+    text = ["--text", str(folder / "text.txt"), "--windows", "1", "--tokens", "40"]
+    return {
+        "perplexity": ["eval", "perplexity", *pair, *text, "--ratios", "0,0.5"],
+        "bench": ["bench", *pair, "--ratios", "0.5", "--prompt", "16", "--batch", "1", "--new-tokens", "3", "--repeats", "1"],
+    }
+
+
+def run_cli(argv: list[str], out: Path) -> dict:
+    """Exit code, what was printed, and the report folder's files of ``iam ARGV --tp --out OUT``."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = cli.main([*argv, "--tp", "--out", str(out)])
+    return {"code": code, "stdout": printed.getvalue(), "files": sorted(p.name for p in out.glob("*")) if out.exists() else []}
 
 
 if __name__ == "__main__":
