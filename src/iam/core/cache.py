@@ -367,3 +367,15 @@ class IAMCache(Cache):
             2 * native_bytes(layer) * self.columns for layer in self.layers if layer.values is not None and layer.values.shape[-2]
         )
         return {"llm": llm, "slm": slm, "total": llm + slm, "baseline": baseline}
+
+    def kv_bytes_by_device(self) -> dict[str, int]:
+        """``kv_bytes()["total"]`` split by the device each tensor is on (an LLM dispatched over several devices keeps
+        each layer's cache on its layer's device). Under tensor parallelism these are this rank's bytes."""
+        out: dict[str, int] = {}
+        names = ("keys", "values", "key_scales", "value_scales")
+        for cache in (self, self.local, self.slm):
+            for layer in [] if cache is None else cache.layers:
+                for t in (getattr(layer, n, None) for n in names):
+                    if t is not None:
+                        out[str(t.device)] = out.get(str(t.device), 0) + tensor_bytes(t)
+        return out

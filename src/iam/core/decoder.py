@@ -15,6 +15,8 @@ from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .parallel import shard_of
+
 Attention = Callable[[torch.Tensor], torch.Tensor]
 """A layer's attention for one call: normed hidden states ``[B, t, D]`` in, ``o_proj`` output ``[B, t, D]`` out."""
 
@@ -62,16 +64,38 @@ def project_groups(proj: nn.Linear, x: torch.Tensor, groups: tuple[int, ...], wi
     return parts[0] if len(parts) == 1 else torch.cat(parts, -1)
 
 
+def take_columns(x: torch.Tensor, groups: tuple[int, ...], width: int) -> torch.Tensor:
+    """The last-axis columns of ``groups`` (``width`` each) of ``x``."""
+    parts = [x[..., a * width : b * width] for a, b in runs(groups)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, -1)
+
+
 def project_qk(
-    attn: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, groups: tuple[int, ...] | None = None
+    attn: nn.Module,
+    hidden: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    groups: tuple[int, ...] | None = None,
+    gather: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Post-RoPE Q ``[B, H_g, t, d]`` and K ``[B, KV_g, t, d]`` of an attention module, of its KV ``groups`` only
-    (default: every group)."""
+    (default: every group).
+
+    Under tensor parallelism (``iam.core.parallel``) the modules give the rank's heads, and ``groups`` index them;
+    with ``gather`` every rank's heads are gathered first, and ``groups`` index all of them."""
     b, t, _ = hidden.shape
     d = attn.head_dim
-    groups = tuple(range(attn.config.num_key_value_heads)) if groups is None else groups
-    q = project_groups(attn.q_proj, hidden, groups, attn.num_key_value_groups * d)
-    k = project_groups(attn.k_proj, hidden, groups, d)
+    shard = shard_of(attn)
+    if shard is None:
+        groups = tuple(range(attn.config.num_key_value_heads)) if groups is None else groups
+        q = project_groups(attn.q_proj, hidden, groups, attn.num_key_value_groups * d)
+        k = project_groups(attn.k_proj, hidden, groups, d)
+    else:  # the modules themselves (their sharded weights are DTensors), then the groups' columns
+        q, k = attn.q_proj(hidden), attn.k_proj(hidden)
+        if gather:
+            q, k = shard.gather(q, -1), shard.gather(k, -1)
+        if groups is not None:
+            q, k = take_columns(q, groups, attn.num_key_value_groups * d), take_columns(k, groups, d)
     q, k = (x.view(b, t, -1, d).transpose(1, 2) for x in (q, k))
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
@@ -89,9 +113,14 @@ def attend(
 
 
 def layer_forward(layer: nn.Module, hidden: torch.Tensor, attention: Attention) -> torch.Tensor:
-    """One Qwen2/Llama decoder layer with ``attention`` in place of its ``self_attn``."""
+    """One Qwen2/Llama decoder layer with ``attention`` in place of its ``self_attn``, through accelerate's hook where the
+    model was dispatched (``device_map``): it moves ``hidden`` to the layer's device and loads offloaded weights."""
+    hook = getattr(layer, "_hf_hook", None)
+    if hook is not None:
+        (hidden,), _ = hook.pre_forward(layer, hidden)
     hidden = hidden + attention(layer.input_layernorm(hidden))
-    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    return hidden if hook is None else hook.post_forward(layer, hidden)
 
 
 class Pass:

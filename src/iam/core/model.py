@@ -18,12 +18,14 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..models.loading import load_pair, read_configs
+from ..models.placement import Placement
 from .attention import MappedAttention, SLMStep
 from .cache import IAMCache, read_keys
 from .config import MappingConfig, Resolved, resolve
 from .decoder import Pass, decoder_layers, positions
 from .eviction import EvictionPolicy, attention_mass
 from .mapping import Mapping, SLMWindow, Window, slm_window_flats, window_attention
+from .parallel import gather_heads, shard_of, sum_heads
 from .selection import Plan, plan_of
 from .similarity import METRICS
 
@@ -65,7 +67,8 @@ def check_pair_configs(llm: PretrainedConfig, slm: PretrainedConfig) -> None:
 
 def check_pair(llm: nn.Module, slm: nn.Module) -> None:
     """Raise ``ValueError`` unless ``llm`` and ``slm`` are causal LMs of one supported family with one vocabulary,
-    loaded with a supported attention implementation, on one device."""
+    loaded with a supported attention implementation, on one device (unless the LLM is dispatched over several), the
+    SLM whole (not sharded by tensor parallelism)."""
     for role, model in (("LLM", llm), ("SLM", slm)):
         if not isinstance(getattr(model, "config", None), PretrainedConfig):
             raise ValueError(f"{role} is not a transformers model (it has no config).")
@@ -74,8 +77,16 @@ def check_pair(llm: nn.Module, slm: nn.Module) -> None:
         impl = model.config._attn_implementation
         if impl not in SUPPORTED_ATTENTION:
             raise ValueError(f"{role} uses attn_implementation {impl!r}; load it with one of {list(SUPPORTED_ATTENTION)}.")
-    if llm.device != slm.device:
-        raise ValueError(f"LLM is on {llm.device} but SLM on {slm.device}; put both on one device.")
+    if shard_of(decoder_layers(slm)[0].self_attn) is not None:
+        raise ValueError(
+            "the SLM is sharded (loaded with tp_plan): load it whole on every rank. Sharding a small model fails once "
+            "the tensor-parallel size exceeds its KV heads, and IAM reads every SLM head on every rank."
+        )
+    if llm.device != slm.device and getattr(llm, "hf_device_map", None) is None:
+        raise ValueError(
+            f"LLM is on {llm.device} but SLM on {slm.device}; put both on one device (or dispatch the LLM with a "
+            "device_map: from_pretrained(..., device_map=...))."
+        )
 
 
 def check_eviction(config: MappingConfig, eviction: EvictionPolicy | None) -> None:
@@ -143,16 +154,28 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         progress: bool = True,
         eviction: EvictionPolicy | None = None,
         force: bool = False,
+        tp_plan: str | dict | None = None,
+        distributed_config=None,
+        device_map: str | dict | None = None,
+        max_memory: dict | None = None,
+        offload_folder: str | os.PathLike | None = None,
+        slm_device: str | torch.device | None = None,
         **mapping,
     ) -> IAMForCausalLM:
         """Load a pair by alias, GGUF file or local folder (see ``iam.models.loading``) and wrap it; ``mapping`` holds
         ``MappingConfig`` fields. The config is checked against the pair's configs before any weights load, and an
-        SLM tuned through another LLM (``iam tune``) is refused unless ``force``."""
+        SLM tuned through another LLM (``iam tune``) is refused unless ``force``.
+
+        ``tp_plan``/``distributed_config`` (tensor parallelism, under ``torchrun``) or ``device_map``/``max_memory``/
+        ``offload_folder`` (accelerate dispatch) go to transformers' ``from_pretrained`` for the LLM; the SLM is
+        loaded whole, on each rank's device or on ``slm_device`` (see ``iam.models.placement``)."""
         config = MappingConfig(**mapping)
+        placement = Placement(tp_plan, distributed_config, device_map, max_memory, offload_folder, slm_device)
         llm_config, slm_config = read_configs(llm, slm, progress, force)
         check_pair_configs(llm_config, slm_config)
+        placement.check(llm_config, device)
         resolve(config, llm_config, slm_config)
-        big, small, _ = load_pair(llm, slm, dtype=dtype, device=device, progress=progress, force=force)
+        big, small, _ = load_pair(llm, slm, dtype=dtype, device=device, progress=progress, force=force, placement=placement)
         return cls(big, small, config, eviction)
 
     @property
@@ -340,8 +363,9 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _slm_step(self, cache: IAMCache, ids, mask, position_ids, depth: int) -> SLMStep:
         """The SLM's base model (never its LM head) through ``depth`` layers, recording their queries."""
-        slots = mask if cache.partial else cache.slot_mask(mask, ids.shape[1])
-        queries = Pass(self.slm, ids, slots, position_ids, cache.slm).queries(depth)
+        device = self.slm.device  # the SLM may sit apart from a dispatched LLM's first layer
+        slots = (mask if cache.partial else cache.slot_mask(mask, ids.shape[1])).to(device)
+        queries = Pass(self.slm, ids.to(device), slots, position_ids.to(device), cache.slm).queries(depth)
         attn = decoder_layers(self.slm)[0].self_attn
         return SLMStep(queries, cache.slm.layers, attn.num_key_value_groups, attn.scaling)
 
@@ -390,6 +414,7 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         last = getattr(cache.eviction, "window", None)
         llm_scaling = decoder_layers(self.llm)[0].self_attn.scaling
         mass = sum(attention_mass(q, read_keys(cache.layers[i]), llm_scaling, slots, last) for i, q in queries.items())
+        mass = sum_heads(mass, decoder_layers(self.llm)[0].self_attn)  # tensor parallel: every rank's heads
         if cache.mapping is not None and not cache.partial:  # partial: the SLM's slots are not the kept ones
             for layer in cache.mapping.slm_layers:
                 mass = mass + attention_mass(step.queries[layer], step.keys(layer), step.scaling, slots, last)
@@ -414,10 +439,14 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         cache = IAMCache(self.llm.config, self.slm.config)
         pos = torch.arange(window_ids.shape[1], device=ids.device).expand_as(window_ids)
         queries = Pass(self.llm, window_ids, torch.ones_like(window_ids), pos, cache).queries(self.n_layers)
-        scaling = decoder_layers(self.llm)[0].self_attn.scaling
-        return torch.stack(
-            [establishing.similarity(window_attention(queries[i], cache.layers[i].keys, scaling)) for i in range(self.n_layers)]
-        )
+        attn = decoder_layers(self.llm)[0].self_attn
+        similarity = [
+            establishing.similarity(
+                window_attention(queries[i], cache.layers[i].keys, attn.scaling).to(establishing.flats[0].device)
+            )
+            for i in range(self.n_layers)
+        ]
+        return gather_heads(torch.stack(similarity), attn, dim=2)  # tensor parallel: every rank's heads
 
     @torch.inference_mode()
     def head_similarity(self, input_ids: torch.Tensor, truncation_threshold: int | None = None) -> torch.Tensor:

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from . import store
+from .placement import Placement, first_layer_device
 from .store import cache_root
 
 CHUNK = 1 << 24
@@ -310,16 +311,23 @@ def check_weights(folder: Path) -> None:
 
 
 def load_model(
-    name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", progress: bool = True
+    name_or_path: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    placed: dict | None = None,
 ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
-    """Load ``(model, tokenizer)`` from an alias, a GGUF file or a local folder, with SDPA attention."""
+    """Load ``(model, tokenizer)`` from an alias, a GGUF file or a local folder, with SDPA attention; ``placed`` holds
+    ``from_pretrained``'s placement arguments (``Placement.llm_kwargs``), which replace ``device``."""
     device = check_device(device)
     folder = resolve(name_or_path, progress)
     check_tokenizer_files(folder)
     check_weights(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa", use_safetensors=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=dtype, attn_implementation="sdpa", use_safetensors=True, **(placed or {})
+    )
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    return model.to(device).eval(), tokenizer
+    return (model if placed else model.to(device)).eval(), tokenizer
 
 
 def check_tokenizers(llm_tok: PreTrainedTokenizerBase, slm_tok: PreTrainedTokenizerBase) -> None:
@@ -340,11 +348,16 @@ def load_pair(
     device: str | torch.device = "cpu",
     progress: bool = True,
     force: bool = False,
+    placement: Placement | None = None,
 ) -> tuple[torch.nn.Module, torch.nn.Module, PreTrainedTokenizerBase]:
     """Load ``(llm, slm, tokenizer)``, checking that both models share one tokenizer and that a tuned SLM was tuned
-    through this LLM (``check_tuned_pair``; ``force`` skips that check)."""
+    through this LLM (``check_tuned_pair``; ``force`` skips that check). With a ``placement`` the LLM is spread as it
+    says and the SLM loaded whole beside its first layer (or on ``placement.slm_device``)."""
     check_tuned_pair(llm, slm, force, progress)
-    big, big_tok = load_model(llm, dtype, device, progress)
+    placed = placement.llm_kwargs() if placement is not None and placement.placed else None
+    big, big_tok = load_model(llm, dtype, device, progress, placed)
+    if placed:
+        device = placement.slm_device or first_layer_device(big)
     small, small_tok = load_model(slm, dtype, device, progress)
     check_tokenizers(big_tok, small_tok)
     big_tok.padding_side = "left"
