@@ -64,8 +64,11 @@ def test_generate_json(capsys):
 @pytest.mark.slow
 def test_demo_writes_json(tmp_path, capsys):
     path = tmp_path / "sub" / "demo.json"
-    assert main(["demo", *PAIR, "--ratios", "0,0.5", "--max-new-tokens", "2", "--json", str(path)]) == 0
+    argv = ["demo", *PAIR, "--ratios", "0,0.5", "--max-new-tokens", "2", "--json", str(path)]
+    assert main([*argv, "--retrieval", "llm,iam0.5+w16", "--retrieval-tokens", "300"]) == 0
     result = json.loads(path.read_text())
+    assert [r["method"] for r in result["retrieval"]] == ["llm", "iam0.5+w16"]
+    assert result["retrieval"][0]["llm_kv_dropped"] == 0 < result["retrieval"][1]["llm_kv_dropped"]
     assert result["provenance"]["argv"].startswith("iam demo --llm ")
     runs = result["runs"]
     assert [kv_groups_mapped(r["mapped_layers"]) for r in runs] == [0, 28]

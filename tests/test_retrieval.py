@@ -270,3 +270,15 @@ def test_bad_settings_fail_before_loading(pair_folders, tmp_path, capsys, monkey
     except SystemExit as e:  # argparse's own errors
         code = e.code
     assert code == 2 and message in capsys.readouterr().err
+
+
+def test_the_demo_shows_a_cached_document(long_folders, tmp_path, capsys):
+    llm, slm = long_folders
+    path = tmp_path / "demo.json"
+    argv = ["demo", "--llm", llm, "--slm", slm, "--ratios", "0", "--max-new-tokens", "2", "--json", str(path)]
+    assert main([*argv, "--retrieval", "snapkv@0.5,iam0.5+w8", "--retrieval-tokens", "600"]) == 0
+    cached = json.loads(path.read_text())["retrieval"]
+    assert [r["method"] for r in cached] == ["llm", "snapkv@0.5", "iam0.5+w8"]
+    assert all(len(r["answers"]) == len(r["expected"]) == 4 for r in cached)
+    assert cached[0]["llm_kv_dropped"] == 0 < cached[1]["llm_kv_dropped"]
+    assert "four questions about it" in capsys.readouterr().out

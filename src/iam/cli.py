@@ -91,6 +91,9 @@ RETRIEVAL_CONFIGS = (
 )
 """``iam eval retrieval``'s default configurations."""
 
+DEMO_RETRIEVAL = "llm,streaming@0.7,iam0.7+w64"
+"""``iam demo``'s cached-document example: the LLM alone, eviction and IAM at a similar share of the KV dropped."""
+
 
 def positive_int_list(text: str) -> list[int]:
     return [positive_int(t) for t in text.split(",") if t.strip()] or [positive_int("")]
@@ -317,7 +320,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     configs = [mapping_config(args, r) for r in args.ratios]
-    llm, slm, tok = load(args, configs)
+    base = mapping_config(args, 0.0)
+    setups = retrieval.parse_setups(args.retrieval) if args.retrieval else []
+    for setup in setups:
+        check_eviction(retrieval.configured(base, setup), make_policy(setup.policy, setup.budget, setup.scope))
+    llm, slm, tok = load(args, configs + [retrieval.configured(base, s) for s in setups])
     batch = prompt_batch(tok, DEMO_PROMPTS, chat=True)
     kwargs = {"do_sample": False, "pad_token_id": tok.pad_token_id}
     # The first pass pages the weights in from disk (seconds per GB); keep that out of the timings below.
@@ -337,8 +344,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"KV bytes: LLM {kv['llm']:,} + SLM {kv['slm']:,} = {kv['total']:,} ({kv['total'] / kv['baseline']:.1%} of LLM alone)"
         )
         print(f"TTFT {t['ttft_s']:.2f} s, TPOT {t['tpot_s']:.3f} s", flush=True)
+    cached = []
+    if setups:
+        print(
+            f"\n=== A {args.retrieval_tokens}-token document cached (and compressed) first, then four questions about it ===",
+            flush=True,
+        )
+        cached = retrieval.demo(llm, slm, tok, base, setups, args.retrieval_tokens)
+        for run in cached:
+            print(f"\n{run['method']}: {run['correct']}/4 right, {run['llm_kv_dropped']:.0%} of the LLM's KV dropped")
+            for got, want in zip(run["answers"], run["expected"]):
+                print(f"  {'ok  ' if want in got else 'MISS'} expected {want}, answered {got!r}")
     if args.json:
         result = {"llm": args.llm, "slm": args.slm, "provenance": args.provenance, "prompts": DEMO_PROMPTS, "runs": runs}
+        result["retrieval"] = cached
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, json.dumps(result, indent=2))
@@ -476,7 +495,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_retrieval(args: argparse.Namespace) -> int:
     setups = retrieval.parse_setups(args.configs)
     base = mapping_config(args, 0.0)
-    configs = [replace(base, ratio=s.ratio, local_window=s.local_window, llm_cache=s.llm_cache) for s in setups]
+    configs = [retrieval.configured(base, s) for s in setups]
     for setup, config in zip(setups, configs):
         check_eviction(config, make_policy(setup.policy, setup.budget, setup.scope))
     llm_config, slm_config = read_configs(args.llm, args.slm, force=args.force)
@@ -813,6 +832,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratios", type=ratio_list, default=[0.0, 0.3, 0.5])
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+    p.add_argument(
+        "--retrieval",
+        default=DEMO_RETRIEVAL,
+        help="configurations for the cached-document example (as iam eval retrieval --configs; '' skips it)",
+    )
+    p.add_argument("--retrieval-tokens", type=positive_int, default=1024, help="the cached document's length")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("similarity", help="per LLM layer mean best-match similarity, and an LLM x SLM layer heatmap")

@@ -474,16 +474,19 @@ def parse_setups(text: str) -> list[Setup]:
     return sorted(setups, key=lambda s: not (s.ratio == 0 and s.policy is None))
 
 
-def build(llm, slm, base, setup: Setup):
-    """The ``IAMForCausalLM`` of ``setup`` over ``base`` (a ``MappingConfig``)."""
+def configured(base, setup: Setup):
+    """``base`` (a ``MappingConfig``) with ``setup``'s ratio, local window and LLM cache."""
     from dataclasses import replace
 
+    return replace(base, ratio=setup.ratio, local_window=setup.local_window, llm_cache=setup.llm_cache)
+
+
+def build(llm, slm, base, setup: Setup):
+    """The ``IAMForCausalLM`` of ``setup`` over ``base`` (a ``MappingConfig``)."""
     from ..core.eviction import make_policy
     from ..core.model import IAMForCausalLM
 
-    config = replace(base, ratio=setup.ratio, local_window=setup.local_window, llm_cache=setup.llm_cache)
-    policy = make_policy(setup.policy, setup.budget, setup.scope)
-    return IAMForCausalLM(llm, slm, config, policy)
+    return IAMForCausalLM(llm, slm, configured(base, setup), make_policy(setup.policy, setup.budget, setup.scope))
 
 
 def check_lengths(tokens: Sequence[int], max_new_tokens: int, limit: int) -> None:
@@ -618,6 +621,27 @@ def eval_retrieval(
     bar.close()
     frontier(rows)
     return {"rows": rows, "examples": examples, "protocol": protocol, "depth_bins": bins}
+
+
+def demo(llm, slm, tokenizer, base, setups: Sequence[Setup], tokens: int = 1024, seed: int = 0) -> list[dict]:
+    """One multikey context of about ``tokens`` tokens, cached and then asked about each of its needles, by each of
+    ``setups``: per setup its answers, how many are right, and the LLM KV it dropped."""
+    sample = make_samples(tokenizer, "multikey", 1, tokens, seed)[0]
+    out = []
+    for setup in setups:
+        answers = answer(build(llm, slm, base, setup), tokenizer, sample, "agnostic")
+        kv = answers[-1][1]
+        out.append(
+            {
+                "method": setup.label,
+                "answers": [text for text, _, _ in answers],
+                "expected": [q.answers[0] for q in sample.questions],
+                "correct": sum(correct(text, q.answers) for (text, _, _), q in zip(answers, sample.questions)),
+                "llm_kv_dropped": 1 - kv["llm"] / kv["baseline"],
+                "seconds": sum(sec for _, _, sec in answers),
+            }
+        )
+    return out
 
 
 # ---- resuming ---------------------------------------------------------------------------------------------------
