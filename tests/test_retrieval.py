@@ -147,11 +147,12 @@ def unmapped(policy: type, budget: float = 0.5):
 
 
 @pytest.mark.parametrize("policy", [H2O, StreamingLLM, SnapKV])
-def test_unmapped_scope_evicts_only_where_k_and_v_are_kept(pair, policy):
-    """Exact bytes: the evicted layers hold the budget, the mapped layers' V and the SLM hold every token, so no
-    mapped head reads a V that is gone."""
+@pytest.mark.parametrize("window", [0, 8])
+def test_unmapped_scope_evicts_only_where_k_and_v_are_kept(pair, policy, window):
+    """Exact bytes: the evicted layers hold the budget, the mapped layers' V and the SLM hold every token (so no
+    mapped head reads a V that is gone), and a local window's keys are the sinks and the window."""
     llm, slm = pair
-    model = IAMForCausalLM.from_pair(llm, slm, MappingConfig(layers=UNITS), unmapped(policy))
+    model = IAMForCausalLM.from_pair(llm, slm, MappingConfig(layers=UNITS, local_window=window), unmapped(policy))
     ids = prompt(64, seed=1)
     cache = model.generate(ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True).cache
     seen = 64 + 3  # the last token is not fed back
@@ -161,7 +162,8 @@ def test_unmapped_scope_evicts_only_where_k_and_v_are_kept(pair, policy):
         assert layer.keys.shape[2] == (0 if i in UNITS else keep)
     assert all(layer.keys.shape[2] == seen for layer in cache.slm.layers if layer.keys is not None)
     per_token = 2 * 16 * 4  # K or V of one layer: 2 KV heads x head size 16 x 4 bytes
-    assert cache.kv_bytes()["llm"] == per_token * (2 * seen + 2 * 2 * keep)
+    local = 2 * (4 + window) * per_token if window else 0  # 4 sinks and the window, in each mapped layer
+    assert cache.kv_bytes()["llm"] == per_token * (2 * seen + 2 * 2 * keep) + local
     assert cache.kv_bytes()["baseline"] == per_token * 2 * 4 * seen
 
 
