@@ -71,6 +71,13 @@ def test_configurations_parse_and_the_llm_alone_comes_first():
     assert setups[2].ratio == 0 and setups[2].budget == 0.7
 
 
+def test_a_near_miss_is_one_character_off():
+    assert retrieval.near_miss("The code is 9448229.", ["9438429"]) is False  # two places
+    assert retrieval.near_miss("The code is 9438420.", ["9438429"]) is True
+    assert retrieval.near_miss("88559", ["8850189"]) is False  # shorter: digits lost, not one wrong
+    assert retrieval.near_miss("AB CD", ["AB", "CD"]) is False  # several answers: not a single copy
+
+
 def test_wilson_interval():
     low, high = retrieval.wilson(45, 50)
     assert 0.78 < low < 0.79 and 0.95 < high < 0.96  # the textbook values for 90% of 50

@@ -502,8 +502,20 @@ QUESTION_ROOM = 96
 """Tokens kept free for a question, the template's tail and the answer's prefix."""
 
 
+def near_miss(prediction: str, expected: Sequence[str]) -> bool:
+    """Whether a wrong answer is one character off a single expected answer: a token of the same length that differs
+    in one place (a copy gone slightly wrong, not a forgotten fact)."""
+    if len(expected) != 1:
+        return False
+    want = expected[0]
+    return any(
+        len(word) == len(want) and sum(a != b for a, b in zip(word, want)) == 1 for word in re.findall(r"[\w-]+", prediction)
+    )
+
+
 def summarize(setup: Setup, task: str, answers: Sequence[dict], bins: int) -> dict:
-    """One report row: accuracy with its 95% Wilson interval, KV and time, and accuracy per depth bin."""
+    """One report row: accuracy with its 95% Wilson interval, KV and time, accuracy per depth bin, and how many
+    wrong answers were near misses (``near_miss``)."""
     n, k = len(answers), sum(a["correct"] for a in answers)
     low, high = wilson(k, n)
     per_bin: list[float | None] = []
@@ -530,6 +542,7 @@ def summarize(setup: Setup, task: str, answers: Sequence[dict], bins: int) -> di
         "seconds_per_question": mean("seconds"),
         "context_tokens": mean("context_tokens"),
         "accuracy_by_depth": per_bin,
+        "near_misses": sum(not a["correct"] and near_miss(a["prediction"], a["expected"]) for a in answers),
     }
 
 
