@@ -291,3 +291,12 @@ def test_the_demo_shows_a_cached_document(long_folders, tmp_path, capsys):
     assert all(len(r["answers"]) == len(r["expected"]) == 4 for r in cached)
     assert cached[0]["llm_kv_dropped"] == 0 < cached[1]["llm_kv_dropped"]
     assert "four questions about it" in capsys.readouterr().out
+
+
+def test_the_cli_takes_an_eviction_scope(pair_folders, capsys):
+    llm, slm = pair_folders
+    argv = ["generate", "--llm", llm, "--slm", slm, "--prompt", "a prompt long enough to map", "--max-new-tokens", "2"]
+    argv += ["--layers", "1,3", "--local-window", "8", "--eviction", "h2o", "--budget", "0.5", "--json"]
+    assert main([*argv, "--eviction-scope", "unmapped"]) == 0
+    assert json.loads(capsys.readouterr().out)["timings"]["new_tokens"] == 2
+    assert main(argv) == 2 and "scope='unmapped'" in capsys.readouterr().err

@@ -25,7 +25,7 @@ from .bench import costs, measure, projection
 from .bench.timing import GenerationTimer, allocator_note, timing_environment
 from .core import calibration
 from .core.config import MappingConfig, resolve
-from .core.eviction import POLICIES, EvictionPolicy, make_policy, parse_budget
+from .core.eviction import POLICIES, SCOPES, EvictionPolicy, make_policy, parse_budget
 from .core.model import IAMForCausalLM, check_eviction, check_family, check_pair_configs
 from .core.selection import STRATEGIES, Unit, parse_unit, unit_label, units_for_ratio
 from .core.similarity import METRICS
@@ -131,10 +131,16 @@ def add_eviction_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--budget", type=parse_budget, default=None, help="tokens kept per sequence: a fraction (0.8) or a count (256)"
     )
+    p.add_argument(
+        "--eviction-scope",
+        default="all",
+        choices=SCOPES,
+        help="evict from every layer of both models, or only from the LLM's layers that keep K and V (unmapped)",
+    )
 
 
 def eviction(args: argparse.Namespace) -> EvictionPolicy | None:
-    return make_policy(getattr(args, "eviction", None), getattr(args, "budget", None))
+    return make_policy(getattr(args, "eviction", None), getattr(args, "budget", None), getattr(args, "eviction_scope", "all"))
 
 
 def memory_map(text: str) -> dict:
