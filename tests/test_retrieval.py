@@ -78,6 +78,13 @@ def test_a_near_miss_is_one_character_off():
     assert retrieval.near_miss("AB CD", ["AB", "CD"]) is False  # several answers: not a single copy
 
 
+def test_a_wrong_needle_is_another_value_of_the_context():
+    context = "The access code for the red door is 1234567. The access code for the blue door is 7654321."
+    assert retrieval.copied_wrong("7654321.", ["1234567"], context) is True
+    assert retrieval.copied_wrong("7654320.", ["1234567"], context) is False  # not in the context
+    assert retrieval.copied_wrong("1234567", ["1234567", "7654321"], context) is False  # several answers
+
+
 def test_wilson_interval():
     low, high = retrieval.wilson(45, 50)
     assert 0.78 < low < 0.79 and 0.95 < high < 0.96  # the textbook values for 90% of 50

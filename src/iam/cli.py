@@ -532,7 +532,7 @@ def cmd_retrieval(args: argparse.Namespace) -> int:
     )
     result.update(settings, progress_file=str(progress_path))
     columns = ["method", "task", "tokens", "n", "accuracy", "ci_low", "ci_high", "llm_kv_dropped", "total_kv"]
-    columns += ["near_misses", "seconds_per_question", "on_frontier"]
+    columns += ["near_misses", "wrong_needle", "seconds_per_question", "on_frontier"]
     save_figure(Path(args.out) / "retrieval-depth.png", depth_plot(result["rows"], result["depth_bins"]))
     return finish(args, "retrieval", result, columns, retrieval_plot(result["rows"]))
 

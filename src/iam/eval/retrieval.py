@@ -513,9 +513,18 @@ def near_miss(prediction: str, expected: Sequence[str]) -> bool:
     )
 
 
-def summarize(setup: Setup, task: str, answers: Sequence[dict], bins: int) -> dict:
-    """One report row: accuracy with its 95% Wilson interval, KV and time, accuracy per depth bin, and how many
-    wrong answers were near misses (``near_miss``)."""
+def copied_wrong(prediction: str, expected: Sequence[str], context: str) -> bool:
+    """Whether a wrong answer to a single-answer question is another value of the context: a word as long as the
+    expected answer that the context holds (the right kind of fact, from the wrong needle)."""
+    if len(expected) != 1:
+        return False
+    return any(len(word) == len(expected[0]) and word in context for word in re.findall(r"[\w-]+", prediction))
+
+
+def summarize(setup: Setup, task: str, answers: Sequence[dict], bins: int, contexts: Sequence[str]) -> dict:
+    """One report row: accuracy with its 95% Wilson interval, KV and time, accuracy per depth bin, and how the wrong
+    answers went wrong: one character off (``near_miss``), or another value of the context (``copied_wrong``);
+    ``answers`` carry their ``sample``, the index into ``contexts``."""
     n, k = len(answers), sum(a["correct"] for a in answers)
     low, high = wilson(k, n)
     per_bin: list[float | None] = []
@@ -543,6 +552,9 @@ def summarize(setup: Setup, task: str, answers: Sequence[dict], bins: int) -> di
         "context_tokens": mean("context_tokens"),
         "accuracy_by_depth": per_bin,
         "near_misses": sum(not a["correct"] and near_miss(a["prediction"], a["expected"]) for a in answers),
+        "wrong_needle": sum(
+            not a["correct"] and copied_wrong(a["prediction"], a["expected"], contexts[a["sample"]]) for a in answers
+        ),
     }
 
 
@@ -626,8 +638,8 @@ def eval_retrieval(
                         record(key, result)
                 bar.update(len(sample.questions))
                 bar.set_postfix_str(setup.label)
-                answers += done[key]
-            row = summarize(setup, task, answers, bins)
+                answers += [dict(a, sample=i) for a in done[key]]
+            row = summarize(setup, task, answers, bins, [s.context for s in sample_list])
             row["tokens"] = t
             rows.append(row)
             examples.setdefault(setup.label, {})[f"{task}/{t}"] = answers[:4]
