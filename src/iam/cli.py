@@ -507,11 +507,9 @@ def cmd_retrieval(args: argparse.Namespace) -> int:
     llm_config, slm_config = read_configs(args.llm, args.slm, force=args.force)
     limit = min(llm_config.max_position_embeddings, slm_config.max_position_embeddings)
     retrieval.check_lengths(args.tokens, max(retrieval.TASKS[t].max_new_tokens for t in args.tasks), limit)
-    settings = {
-        k: getattr(args, k)
-        for k in ("llm", "slm", "dtype", "tasks", "tokens", "n", "seed", "protocol", "depths", "filler", "strategy", "blend")
-    }
-    settings["base"] = repr(base)
+    names = ["llm", "slm", "dtype", "tasks", "tokens", "n", "seed", "protocol", "depths", "filler", "strategy", "blend"]
+    names += ["metric", "layers", "establish_threshold", "truncation_threshold", "slm_cache", "calibration", "local_sinks"]
+    settings = {k: getattr(args, k) for k in names}
     progress_path = retrieval.progress_file(args.out, settings)
     llm, slm, tok = load(args, configs)
     result = retrieval.eval_retrieval(
