@@ -135,6 +135,19 @@ def test_a_blend_above_the_slm_head_count_is_refused_before_any_call(pair):
         iam(*pair, blend=5)
 
 
+def test_a_config_shared_between_wrappers_cannot_change_their_plans(pair):
+    """The config is frozen, and a wrapper keeps its own copy (its layer list included)."""
+    import dataclasses
+
+    config = MappingConfig(layers=[1, 2], blend=1)
+    model = IAMForCausalLM(*pair, config)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.layers = [0]
+    config.layers.append(3)
+    assert model.mapping_config.layers == [1, 2] and model.planned == {1: (0, 1), 2: (0, 1)}
+    assert dataclasses.replace(config, layers=[0]).layers == [0]
+
+
 def test_similar_strategy_refuses_a_batch(pair):
     """'similar' chooses layers from the input: a batch would let a row's neighbours change its result."""
     with pytest.raises(ValueError, match="strategy 'similar' chooses layers per input: run one sequence at a time"):

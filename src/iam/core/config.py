@@ -15,9 +15,9 @@ from .similarity import METRICS
 MAX_BLEND = 8  # the exact blend fit solves 2^blend - 1 small systems per head
 
 
-@dataclass
+@dataclass(frozen=True)
 class MappingConfig:
-    """How IAM maps LLM attention onto SLM attention.
+    """How IAM maps LLM attention onto SLM attention. Immutable: vary one with ``dataclasses.replace``.
 
     Parameters
     ----------
@@ -66,7 +66,7 @@ class MappingConfig:
     def __post_init__(self) -> None:
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 <= self.ratio <= 1:
             raise ValueError(f"ratio must be a number in [0, 1] (fraction of LLM layers mapped), got {self.ratio!r}.")
-        self.ratio = float(self.ratio)
+        object.__setattr__(self, "ratio", float(self.ratio))
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {self.strategy!r}.")
         if self.metric not in METRICS:
@@ -74,7 +74,7 @@ class MappingConfig:
         if self.slm_cache not in SLM_CACHES:
             raise ValueError(f"slm_cache must be one of {list(SLM_CACHES)}, got {self.slm_cache!r}.")
         if self.layers is not None:
-            self.layers = _check_layer_list(self.layers)
+            object.__setattr__(self, "layers", _check_layer_list(self.layers))  # a copy: the caller's list stays theirs
         if self.calibration is not None:
             if not isinstance(STRATEGIES[self.strategy], CalibratedSelection) or self.layers is not None:
                 raise ValueError(
@@ -175,8 +175,8 @@ def resolve(config: MappingConfig, llm: PretrainedConfig, slm: PretrainedConfig)
         if stored is None and strategy.fallback is None:
             raise ValueError("no calibrated layer order is stored for this LLM: run `iam calibrate --llm ... --slm ...` first.")
         strategy = replace(strategy, order=stored.order if stored else ())
-    if config.blend is None:  # the pair's stored blend goes with its stored order
-        config = replace(config, blend=stored.blend if stored else 1)
+    # a copy in any case (the pair's stored blend goes with its stored order), sharing no list with the caller's
+    config = replace(config, blend=(stored.blend if stored else 1) if config.blend is None else config.blend)
     slm_heads = slm.num_hidden_layers * slm.num_attention_heads
     if config.blend > slm_heads:
         raise ValueError(
