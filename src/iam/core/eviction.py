@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -36,6 +36,10 @@ class EvictionPolicy(ABC):
     decode = True  # whether it evicts during decode as well as after prefill
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # a policy's own fields are token counts, each with its least value
+            value, least = getattr(self, f.name), f.metadata.get("least")
+            if least is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+                raise ValueError(f"{type(self).__name__}.{f.name} must be an integer >= {least} (tokens), got {value!r}.")
         b = self.budget
         fraction = isinstance(b, float) and 0 < b <= 1
         count = isinstance(b, int) and not isinstance(b, bool) and b >= 1
@@ -84,7 +88,7 @@ class StreamingLLM(EvictionPolicy):
     sinks : first tokens always kept.
     """
 
-    sinks: int = 4
+    sinks: int = field(default=4, metadata={"least": 0})
 
     @property
     def reserved(self) -> int:
@@ -106,7 +110,7 @@ class H2O(EvictionPolicy):
     recent : latest tokens always kept.
     """
 
-    recent: int = 8
+    recent: int = field(default=8, metadata={"least": 0})
     needs_scores = True
 
     @property
@@ -129,10 +133,15 @@ class SnapKV(EvictionPolicy):
     kernel : max-pooling width over neighbouring tokens' scores (odd).
     """
 
-    window: int = 16
-    kernel: int = 5
+    window: int = field(default=16, metadata={"least": 1})
+    kernel: int = field(default=5, metadata={"least": 1})
     needs_scores = True
     decode = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.kernel % 2 == 0:
+            raise ValueError(f"SnapKV.kernel must be odd (pooling centred on each token), got {self.kernel}.")
 
     @property
     def reserved(self) -> int:
