@@ -43,6 +43,23 @@ def test_each_policy_keeps_its_budget_per_sequence_and_never_padding(pair, polic
             assert real[-4:] == list(range(int(seen[b]) - 4, int(seen[b])))  # the recent window
 
 
+@pytest.mark.parametrize("policy", [H2O(budget=10, recent=3), SnapKV(budget=10, window=3, kernel=7), StreamingLLM(budget=10)], ids=str)
+@pytest.mark.parametrize("ratio", [0.0, 0.5])
+def test_a_row_keeps_and_generates_as_it_does_alone(pair, policy, ratio):
+    """Exact ties in the priority (SnapKV's max-pooling makes them) go to the newer token, whatever the batch width:
+    each row of a batch of very different lengths keeps the tokens, and generates those, of its solo run."""
+    llm, slm = pair
+    prompts = [prompt(n, seed=n)[0] for n in (60, 24, 41)]
+    ids, mask = left_pad(prompts)
+    m = model(llm, slm, policy, ratio=ratio)
+    batch = greedy(m, ids, mask, new=5)
+    for i, p in enumerate(prompts):
+        solo = greedy(m, p[None], torch.ones(1, len(p), dtype=torch.long), new=5)
+        row = batch.cache.kept
+        assert row.positions[i][row.valid[i]].tolist() == solo.cache.kept.positions[0][solo.cache.kept.valid[0]].tolist()
+        assert torch.equal(batch.sequences[i, ids.shape[1] :], solo.sequences[0, len(p) :]), f"row {i}"
+
+
 def test_fraction_budgets_keep_a_share_of_each_sequence(pair):
     llm, slm = pair
     ids, mask = left_pad([prompt(n, seed=n)[0] for n in (30, 20)])

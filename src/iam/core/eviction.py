@@ -212,7 +212,9 @@ class Kept:
         age = (self.seen[:, None] - 1 - self.positions).masked_fill(~self.valid, -1)
         priority = policy.priority(self.scores, self.valid, age).masked_fill(~self.valid, -math.inf)
         width = int(keep.max())
-        best = priority.topk(width, -1).indices  # most deserving first
+        # most deserving first; exact ties go to the newer slot, so a row keeps the same tokens in any batch
+        s = priority.shape[-1]
+        best = s - 1 - priority.flip(-1).argsort(dim=-1, descending=True, stable=True)[:, :width]
         chosen = torch.arange(width, device=best.device)[None] < keep[:, None]
         index = best.masked_fill(~chosen, -1).sort(-1).values  # time order, a shorter row's padding first
         pad = index < 0
