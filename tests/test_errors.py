@@ -53,6 +53,27 @@ def test_a_config_invalid_for_the_pair_fails_before_weights_load(tmp_path, monke
         IAMForCausalLM.from_pretrained(tmp_path / "big", tmp_path / "small", ratio=3)
 
 
+@pytest.mark.parametrize("role", ["LLM", "SLM"])
+def test_a_sliding_window_config_is_refused_before_weights_load(tmp_path, monkeypatch, role):
+    """IAM's decoder builds the full causal mask only: a Qwen2 config with sliding-window layers gave other logits
+    than the LLM's even at ratio 0, and a shape mismatch in a mapped layer."""
+    from iam.models import loading
+
+    big, small = tiny("qwen2", 4, 64, 4, 2, 0), tiny("qwen2", 2, 32, 2, 1, 1)
+    sliding = big if role == "LLM" else small
+    sliding.config.use_sliding_window, sliding.config.sliding_window = True, 8
+    sliding.config.max_window_layers = 1
+    sliding.config.layer_types = ["full_attention"] + ["sliding_attention"] * (sliding.config.num_hidden_layers - 1)
+    big.config.save_pretrained(tmp_path / "big")
+    small.config.save_pretrained(tmp_path / "small")
+    monkeypatch.setattr(loading, "load_pair", lambda *a, **k: pytest.fail("weights were loaded"))
+    message = rf"{role} has sliding-window attention in layers \[1.*use_sliding_window=True"
+    with pytest.raises(ValueError, match=message):
+        IAMForCausalLM.from_pretrained(tmp_path / "big", tmp_path / "small", ratio=0.0)
+    with pytest.raises(ValueError, match=message):
+        IAMForCausalLM(big, small, MappingConfig(ratio=0.0))
+
+
 def test_layers_out_of_range(pair):
     with pytest.raises(ValueError, match=r"layers \[4, 9\] out of range: the LLM has 4 layers \(0..3\)"):
         IAMForCausalLM(*pair, MappingConfig(layers=[1, 4, 9]))

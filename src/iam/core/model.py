@@ -47,10 +47,24 @@ def check_family(role: str, config: PretrainedConfig) -> None:
         raise ValueError(f"{role} has model_type {model_type!r}; supported families: {list(SUPPORTED_FAMILIES)}.")
 
 
+def check_full_attention(role: str, config: PretrainedConfig) -> None:
+    """Raise ``ValueError`` where ``config`` has sliding-window layers: the layer-by-layer decoder builds the full
+    causal mask only."""
+    sliding = [i for i, kind in enumerate(getattr(config, "layer_types", None) or ()) if kind != "full_attention"]
+    if sliding:
+        raise ValueError(
+            f"{role} has sliding-window attention in layers {sliding} (use_sliding_window=True); IAM supports full "
+            "attention only: set use_sliding_window=False in its config.json (as its own default) or use another model."
+        )
+
+
 def check_pair_configs(llm: PretrainedConfig, slm: PretrainedConfig) -> None:
-    """Raise ``ValueError`` unless the two configs are causal LMs of one supported family with one vocabulary."""
+    """Raise ``ValueError`` unless the two configs are causal LMs of one supported family with one vocabulary, with
+    full attention in every layer."""
     check_family("LLM", llm)
     check_family("SLM", slm)
+    check_full_attention("LLM", llm)
+    check_full_attention("SLM", slm)
     if llm.model_type != slm.model_type:
         raise ValueError(
             f"LLM and SLM are of different families ({llm.model_type!r} vs {slm.model_type!r}); "
