@@ -182,6 +182,7 @@ def test_similar_strategy_refuses_a_batch(pair):
         ({"output_attentions": True, "return_dict_in_generate": True}, "output_attentions"),
         ({"output_hidden_states": True, "return_dict_in_generate": True}, "output_hidden_states"),
         ({"cache_implementation": "static"}, r"cache_implementation='static' is not supported"),
+        ({"use_cache": False}, r"does not support use_cache=False"),
     ],
 )
 def test_unsupported_generation_modes_are_named(pair, kwargs, mode):

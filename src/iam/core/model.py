@@ -193,12 +193,17 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
 
     # ---- generate --------------------------------------------------------------------------------------------
     def generate(self, inputs: torch.Tensor | None = None, generation_config=None, **kwargs):
-        """transformers' ``generate()``, refusing the modes IAM cannot serve (``UNSUPPORTED_GENERATION``) and a
-        static cache with a ``ValueError`` that names them."""
+        """transformers' ``generate()``, refusing the modes IAM cannot serve (``UNSUPPORTED_GENERATION``),
+        ``use_cache=False`` and a static cache with a ``ValueError`` that names them."""
         for name, mode in UNSUPPORTED_GENERATION.items():
             value = kwargs.get(name, getattr(generation_config, name, None))
             if value not in (None, False):
                 raise ValueError(f"IAMForCausalLM does not support {mode} (got {name}={value!r}).")
+        config = generation_config if generation_config is not None else self.generation_config
+        if kwargs.get("use_cache", getattr(config, "use_cache", True)) is False:
+            raise ValueError(
+                "IAMForCausalLM does not support use_cache=False: the SLM's cache and the mapping live in the cache."
+            )
         implementation = kwargs.get("cache_implementation", getattr(generation_config, "cache_implementation", None))
         if implementation not in (None, "dynamic"):
             raise ValueError(f"IAMForCausalLM keeps its own IAMCache; cache_implementation={implementation!r} is not supported.")
