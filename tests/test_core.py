@@ -48,6 +48,22 @@ def test_identity_twin_decode_matches_llm_logits(twin, ratio):
     assert (forward(model, out).logits - llm_logits(llm, out)).abs().max() < 1e-3
 
 
+def test_the_establishing_forward_uses_the_callers_position_ids(twin):
+    """Positions with a gap: the identity twin gives the LLM's logits whether the mapping is set in the first forward
+    or in a later one (which prefills the earlier tokens again, at their given positions)."""
+    llm, slm = twin
+    model = iam(llm, slm, ratio=0.5)
+    ids = prompt(30)
+    pos = torch.arange(30)[None] + 7 * (torch.arange(30)[None] >= 10)
+    reference = forward(llm, ids, position_ids=pos).logits
+    out = forward(model, ids, position_ids=pos)
+    assert out.cache.established and (out.logits - reference).abs().max() < 1e-3
+    first = forward(model, ids[:, :12], position_ids=pos[:, :12])
+    assert not first.cache.established
+    rest = forward(model, ids[:, 12:], cache=first.cache, position_ids=pos[:, 12:])
+    assert rest.cache.established and (rest.logits - reference[:, 12:]).abs().max() < 1e-3
+
+
 def test_mapping_is_actually_used(pair):
     """A different SLM must change the LLM's logits in mapped layers, and leave them alone at ratio 0."""
     llm, slm = pair

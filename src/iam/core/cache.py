@@ -159,7 +159,7 @@ class IAMCache(Cache):
     and, once the context has reached ``establish_threshold``, the ``Mapping`` (``self.mapping``).
 
     Until the mapping is established the LLM runs alone, its layers are plain ``DynamicLayer`` and the cache keeps
-    the tokens seen (``self.tokens``), so that the forward which reaches the threshold can prefill both models over
+    the tokens seen (``self.tokens``, at ``self.token_positions``), so that the forward which reaches the threshold can prefill both models over
     the whole context. From then on a wholly mapped layer holds a ``ValueOnlyLayer`` and a partly mapped one keeps K
     for its unmapped KV groups only. Beam search's reorder, repeat and select apply to both models and the mapping.
 
@@ -193,6 +193,7 @@ class IAMCache(Cache):
         self.eviction = eviction
         self.mapping: Mapping | None = None
         self.tokens: torch.Tensor | None = None
+        self.token_positions: torch.Tensor | None = None  # the caller's position ids of ``tokens``
         self.kept: Kept | None = None
         self.columns = 0  # tokens (padding included) seen so far: the width of the caller's attention mask
 
@@ -211,7 +212,7 @@ class IAMCache(Cache):
             ValueOnlyLayer() if len(mapping.plan.get(i, ())) == self.n_kv else DynamicLayer() for i in range(len(self.layers))
         ]
         self.mapping = mapping
-        self.tokens = None
+        self.tokens = self.token_positions = None
         if self.local is not None:
             self.local.reset()
 
@@ -262,6 +263,7 @@ class IAMCache(Cache):
             self.mapping = self.mapping.rows(index)
         if self.tokens is not None:
             self.tokens = self.tokens[index.to(self.tokens.device)]
+            self.token_positions = self.token_positions[index.to(self.tokens.device)]
         if self.kept is not None:
             i = index.to(self.kept.valid.device)
             self.kept = Kept(self.kept.valid[i], self.kept.positions[i], self.kept.scores[i], self.kept.seen[i])
@@ -300,7 +302,7 @@ class IAMCache(Cache):
         self.layers = [DynamicLayer() for _ in self.layers]  # mapped layers were V-only
         for cache in self._others():
             cache.reset()
-        self.mapping = self.tokens = self.kept = None
+        self.mapping = self.tokens = self.token_positions = self.kept = None
         self.columns = 0
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

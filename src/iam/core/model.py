@@ -243,7 +243,7 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         if cache.established:
             logits = self._paired(cache, ids, mask, position_ids, logits_to_keep)
         elif self._ready(mask):
-            logits = self._establish(cache, ids, mask, logits_to_keep)
+            logits = self._establish(cache, ids, mask, position_ids, logits_to_keep)
         else:
             logits = self._alone(cache, ids, mask, position_ids, logits_to_keep)
         cache.columns = mask.shape[1]
@@ -308,26 +308,27 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         """The LLM alone, before the mapping exists; the tokens are kept for the forward that establishes it."""
         if self.resolved.n_mapped > 0:  # eviction waits for the mapping, whose forward prefills the whole context
             cache.tokens = ids if cache.tokens is None else torch.cat([cache.tokens, ids], -1)
+            cache.token_positions = position_ids if cache.tokens is ids else torch.cat([cache.token_positions, position_ids], -1)
             run = Pass(self.llm, ids, mask, position_ids, cache)
             for i in range(self.n_layers):
                 run.layer(i)
             return self._logits(run, logits_to_keep)
         return self._llm_step(cache, ids, mask, position_ids, logits_to_keep, None)
 
-    def _establish(self, cache: IAMCache, ids, mask, logits_to_keep: int) -> torch.Tensor:
+    def _establish(self, cache: IAMCache, ids, mask, position_ids, logits_to_keep: int) -> torch.Tensor:
         """Both models over the whole context (earlier tokens and these): the SLM first, with every layer's queries;
         then the plan and the LLM, whose mapped layers match their heads on the window as they are reached. Returns
         the logits of this forward's tokens only."""
         t = ids.shape[1]
         if cache.tokens is not None:
             ids = torch.cat([cache.tokens, ids], -1)
+            position_ids = torch.cat([cache.token_positions, position_ids], -1)
         needs_scores = self.resolved.strategy.needs_scores
         if needs_scores and ids.shape[0] > 1:
             raise ValueError(
                 "strategy 'similar' chooses layers per input: run one sequence at a time (a batch would choose for all "
                 "rows at once)."
             )
-        position_ids = positions(mask, ids.shape[1])
         config = self.mapping_config
         cache.slm.reset()
         step, establishing = self._slm_window(cache, ids, mask, position_ids, config.truncation_threshold)
