@@ -7,6 +7,7 @@ import torch
 
 from conftest import forward, iam, left_pad, prompt, tiny
 from iam import IAMForCausalLM, MappingConfig
+from iam.core.eviction import H2O
 
 
 @pytest.mark.parametrize(
@@ -201,6 +202,31 @@ def test_a_foreign_filled_cache_is_refused(pair):
     filled = forward(llm, prompt(5), use_cache=True).cache
     with pytest.raises(ValueError, match="continues only its own IAMCache, got a filled DynamicCache"):
         forward(iam(llm, slm, ratio=0.5), prompt(1), cache=filled)
+
+
+@pytest.mark.parametrize(
+    "other, message",
+    [
+        (lambda llm, slm: iam(llm, slm, ratio=1.0), r"another mapping config"),
+        (lambda llm, slm: iam(llm, slm, ratio=0.5, slm_cache="int8"), r"SLM cache kind native, not this model's int8"),
+        (lambda llm, slm: IAMForCausalLM(llm, slm, MappingConfig(ratio=0.5), H2O(budget=12)), r"eviction policy None, not"),
+        (lambda llm, slm: iam(tiny(llm.config.model_type, 6, 64, 4, 2, 0), slm, ratio=0.5), r"another LLM config"),
+        (lambda llm, slm: iam(llm, tiny(llm.config.model_type, 3, 32, 2, 1, 3), ratio=0.5), r"another SLM config"),
+    ],
+)
+def test_another_models_cache_is_refused(pair, other, message):
+    """A cache records what made it: another model (plan, eviction, SLM cache kind, LLM shape) refuses it by name,
+    where it used to continue with the first model's plan, or fail with an IndexError."""
+    import copy
+
+    model = iam(*pair, ratio=0.5)
+    cache = forward(model, prompt(30)).cache
+    with pytest.raises(ValueError, match=rf"this cache was made for .*{message}.*use model.new_cache\(\)"):
+        forward(other(*pair), prompt(1), torch.ones(1, 31, dtype=torch.long), cache=cache)
+    # a deep copy, and a cache of another wrapper of the same pair and settings, continue alike
+    again = iam(*pair, ratio=0.5)
+    step = forward(again, prompt(1), torch.ones(1, 31, dtype=torch.long), cache=copy.deepcopy(cache)).logits
+    assert torch.equal(step, forward(model, prompt(1), torch.ones(1, 31, dtype=torch.long), cache=cache).logits)
 
 
 def test_unsupported_attention_implementation(pair):

@@ -3,6 +3,8 @@ mapped), the SLM's cache and the ``Mapping``; bytes are read off the real tensor
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+
 import torch
 from transformers import DynamicCache, PretrainedConfig
 from transformers.cache_utils import Cache, DynamicLayer
@@ -154,6 +156,44 @@ def cache_bytes(cache: Cache | None) -> int:
     return sum(tensor_bytes(getattr(layer, n, None)) for layer in cache.layers for n in names)
 
 
+@dataclass(frozen=True)
+class Signature:
+    """What made an ``IAMCache``, compared by value: a model continues only a cache whose signature equals its own
+    (so a deep copy, or a cache of another wrapper of the same pair and settings, serves).
+
+    Parameters
+    ----------
+    llm, slm : the two models' configs, as JSON.
+    mapping : the resolved mapping config and layer selection (what sets the plan), as text.
+    eviction : the eviction policy, as text (``"None"`` without one).
+    slm_cache : as ``MappingConfig.slm_cache``.
+    local : ``(sinks, window)`` of the exact local window, if any.
+    """
+
+    llm: str
+    slm: str
+    mapping: str
+    eviction: str
+    slm_cache: str
+    local: tuple[int, int] | None
+
+    def refuse(self, other: Signature | None) -> None:
+        """Raise ``ValueError``, naming what differs, unless ``other`` (a cache's signature) equals this one."""
+        if other == self:
+            return
+        if other is None:
+            raise ValueError("this cache was not made by an IAMForCausalLM: use model.new_cache().")
+        names = {"llm": "LLM config", "slm": "SLM config", "mapping": "mapping config", "eviction": "eviction policy"}
+        names.update(slm_cache="SLM cache kind", local="local window (sinks, window)")
+        differ = [f.name for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+        what = "; ".join(
+            f"another {names[n]}" if n in ("llm", "slm", "mapping") else f"{names[n]} {getattr(other, n)}, not this model's "
+            f"{getattr(self, n)}"
+            for n in differ
+        )
+        raise ValueError(f"this cache was made for {what}: use model.new_cache().")
+
+
 class IAMCache(Cache):
     """The cache of an ``IAMForCausalLM`` call: the LLM's layers (``self.layers``), the SLM's cache (``self.slm``)
     and, once the context has reached ``establish_threshold``, the ``Mapping`` (``self.mapping``).
@@ -174,6 +214,7 @@ class IAMCache(Cache):
     eviction : the token eviction policy, if any.
     local : ``(sinks, window)`` where mapped layers attend exactly to a local window (``MappingConfig.local_window``):
         their mapped groups' K for those tokens is in ``self.local``, one ``LocalKeys`` per LLM layer.
+    signature : what made the cache (``None`` for an internal one); only a model of an equal signature continues it.
     """
 
     def __init__(
@@ -183,6 +224,7 @@ class IAMCache(Cache):
         slm_cache_kind: str = "native",
         eviction: EvictionPolicy | None = None,
         local: tuple[int, int] | None = None,
+        signature: Signature | None = None,
     ) -> None:
         n_layers = llm_config.num_hidden_layers
         super().__init__(layers=[DynamicLayer() for _ in range(n_layers)])
@@ -191,6 +233,7 @@ class IAMCache(Cache):
         # a container of LocalKeys, moved with the batch; the mapped layers update them (``LocalKeys.update``)
         self.local = Cache(layers=[LocalKeys(*local) for _ in range(n_layers)]) if local else None
         self.eviction = eviction
+        self.signature = signature
         self.mapping: Mapping | None = None
         self.tokens: torch.Tensor | None = None
         self.token_positions: torch.Tensor | None = None  # the caller's position ids of ``tokens``

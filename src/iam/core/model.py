@@ -19,7 +19,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..models.loading import load_pair, read_configs
 from .attention import MappedAttention, SLMStep
-from .cache import IAMCache, read_keys
+from .cache import IAMCache, Signature, read_keys
 from .config import MappingConfig, Resolved, resolve
 from .decoder import Pass, decoder_layers, positions
 from .eviction import EvictionPolicy, attention_mass
@@ -138,6 +138,10 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         self.n_kv: int = llm.config.num_key_value_heads
         check_eviction(self.mapping_config, eviction)
         self.eviction = eviction
+        mapping = f"{self.mapping_config!r} {resolved.strategy!r}"
+        self.signature = Signature(
+            llm.config.to_json_string(), slm.config.to_json_string(), mapping, repr(eviction), self.mapping_config.slm_cache, self._local
+        )
 
     @classmethod
     def from_pair(
@@ -183,7 +187,7 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
     def new_cache(self) -> IAMCache:
         """An empty cache for this pair; pass it to ``forward`` or ``generate`` and read the results off it."""
         config = self.mapping_config
-        return IAMCache(self.llm.config, self.slm.config, config.slm_cache, self.eviction, self._local)
+        return IAMCache(self.llm.config, self.slm.config, config.slm_cache, self.eviction, self._local, self.signature)
 
     @property
     def _local(self) -> tuple[int, int] | None:
@@ -254,12 +258,7 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _cache(self, cache: Cache | None) -> IAMCache:
         if isinstance(cache, IAMCache):
-            local = None if cache.local is None else (cache.local.layers[0].sinks, cache.local.layers[0].window)
-            if local != self._local:
-                raise ValueError(
-                    f"this cache was made for local window (sinks, window) {local}, not this model's {self._local}: "
-                    "use model.new_cache()."
-                )
+            self.signature.refuse(cache.signature)
             return cache
         if cache is None or cache.get_seq_length() == 0:  # e.g. the empty DynamicCache that generate() makes
             return self.new_cache()
