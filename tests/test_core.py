@@ -242,6 +242,17 @@ def test_slm_runs_no_lm_head_and_only_as_deep_as_needed(twin):
     assert layers[1].values.shape[-2] == 34 and layers[2].values is None and layers[3].values is None
 
 
+def test_zero_weight_candidates_keep_no_slm_layer_running(twin):
+    """With blend 2 the twin's second candidate gets weight 0: it names the weighted head, so the SLM runs only as
+    deep as the weighted heads need (layer 0 here), where a zero-weight candidate in a deeper layer kept it running."""
+    llm, slm = twin
+    cache = greedy(iam(llm, slm, layers=[0], blend=2), prompt(30), new=4).cache
+    layer, weight = cache.mapping.mixture
+    assert cache.mapping.slm_layers == [0] and torch.equal(layer[..., 0], torch.zeros_like(layer[..., 0]))
+    assert weight[..., 0].eq(1.0).all() and weight[..., 1].eq(0.0).all()
+    assert cache.slm.layers[0].values.shape[-2] == 33 and all(x.values is None for x in cache.slm.layers[1:])
+
+
 def test_eager_llm_with_padding_identity_twin(twin):
     """An LLM loaded with eager attention (additive float masks) maps as well as an SDPA one."""
     llm, slm = twin

@@ -43,7 +43,9 @@ def test_each_policy_keeps_its_budget_per_sequence_and_never_padding(pair, polic
             assert real[-4:] == list(range(int(seen[b]) - 4, int(seen[b])))  # the recent window
 
 
-@pytest.mark.parametrize("policy", [H2O(budget=10, recent=3), SnapKV(budget=10, window=3, kernel=7), StreamingLLM(budget=10)], ids=str)
+@pytest.mark.parametrize(
+    "policy", [H2O(budget=10, recent=3), SnapKV(budget=10, window=3, kernel=7), StreamingLLM(budget=10)], ids=str
+)
 @pytest.mark.parametrize("ratio", [0.0, 0.5])
 def test_a_row_keeps_and_generates_as_it_does_alone(pair, policy, ratio):
     """Exact ties in the priority (SnapKV's max-pooling makes them) go to the newer token, whatever the batch width:
@@ -105,6 +107,20 @@ def test_no_borrowed_row_reads_a_dropped_value(twin):
     assert torch.equal(mapped.sequences, alone.sequences)
     assert torch.equal(mapped.cache.kept.positions, alone.cache.kept.positions)
     assert mapped.cache.kept.valid.sum(-1).tolist() == [14, 14]
+
+
+@pytest.mark.parametrize("policy", [H2O(budget=14, recent=3), SnapKV(budget=14, window=3)], ids=str)
+def test_scores_count_only_the_borrowed_heads_that_carry_weight(twin, policy):
+    """The identity twin with blend 2 borrows each head's own attention with weight 1: scored by the weighted
+    borrowed heads it keeps and generates as the LLM alone under the same policy. Zero-weight candidates (other SLM
+    layers) used to add their attention to the scores."""
+    llm, slm = twin
+    ids, mask = left_pad([prompt(n, seed=n)[0] for n in (34, 28)])
+    alone = greedy(model(llm, slm, policy, ratio=0.0), ids, mask, new=8)
+    mapped = greedy(model(llm, slm, policy, layers=[1, 3], blend=2), ids, mask, new=8)
+    assert mapped.cache.mapping.mixture[1].nan_to_num(1.0).amax(-1).eq(1.0).all()  # the twin's own head, weight 1
+    assert torch.equal(mapped.cache.kept.positions, alone.cache.kept.positions)
+    assert torch.equal(mapped.sequences, alone.sequences)
 
 
 def test_iam_with_h2o_bytes_equal_the_arithmetic(pair):

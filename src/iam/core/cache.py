@@ -187,8 +187,9 @@ class Signature:
         names.update(slm_cache="SLM cache kind", local="local window (sinks, window)")
         differ = [f.name for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]
         what = "; ".join(
-            f"another {names[n]}" if n in ("llm", "slm", "mapping") else f"{names[n]} {getattr(other, n)}, not this model's "
-            f"{getattr(self, n)}"
+            f"another {names[n]}"
+            if n in ("llm", "slm", "mapping")
+            else f"{names[n]} {getattr(other, n)}, not this model's {getattr(self, n)}"
             for n in differ
         )
         raise ValueError(f"this cache was made for {what}: use model.new_cache().")
@@ -199,8 +200,8 @@ class IAMCache(Cache):
     and, once the context has reached ``establish_threshold``, the ``Mapping`` (``self.mapping``).
 
     Until the mapping is established the LLM runs alone, its layers are plain ``DynamicLayer`` and the cache keeps
-    the tokens seen (``self.tokens``, at ``self.token_positions``), so that the forward which reaches the threshold can prefill both models over
-    the whole context. From then on a wholly mapped layer holds a ``ValueOnlyLayer`` and a partly mapped one keeps K
+    the tokens seen (``self.tokens``, at ``self.token_positions``), so that the forward which reaches the threshold
+    can prefill both models over the whole context. From then on a wholly mapped layer holds a ``ValueOnlyLayer`` and a partly mapped one keeps K
     for its unmapped KV groups only. Beam search's reorder, repeat and select apply to both models and the mapping.
 
     With an ``eviction`` policy the cache keeps one set of tokens per sequence for every layer of both models

@@ -225,7 +225,13 @@ class Kept:
 
 
 def attention_mass(
-    q: torch.Tensor, k: torch.Tensor, scaling: float, valid: torch.Tensor, last: int | None = None, chunk: int = 128
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scaling: float,
+    valid: torch.Tensor,
+    last: int | None = None,
+    chunk: int = 128,
+    head_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention mass ``[B, S]`` each cache slot receives, summed over heads and queries, in float32 and in chunks of
     queries (no T x T matrix).
@@ -237,6 +243,7 @@ def attention_mass(
     scaling : the attention scaling.
     valid : ``[B, S]`` slots holding real tokens (padding neither attends nor is attended to).
     last : only the last ``last`` queries (SnapKV's observation window).
+    head_weight : ``[B, H]`` weight of each head's mass (default: 1 each).
     """
     b, h, t, _ = q.shape
     s = k.shape[2]
@@ -248,5 +255,5 @@ def attention_mass(
         rows = torch.arange(i, i + scores.shape[2], device=q.device) + (s - t)
         allowed = (cols[None] <= rows[:, None])[None, None] & valid.bool()[:, None, None, :]
         probs = scores.masked_fill(~allowed, -math.inf).softmax(-1).nan_to_num(0.0)  # a padding query sees nothing
-        mass += probs.sum((1, 2))
+        mass += probs.sum((1, 2)) if head_weight is None else (probs.sum(2) * head_weight[..., None]).sum(1)
     return mass

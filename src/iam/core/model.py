@@ -140,7 +140,12 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         self.eviction = eviction
         mapping = f"{self.mapping_config!r} {resolved.strategy!r}"
         self.signature = Signature(
-            llm.config.to_json_string(), slm.config.to_json_string(), mapping, repr(eviction), self.mapping_config.slm_cache, self._local
+            llm.config.to_json_string(),
+            slm.config.to_json_string(),
+            mapping,
+            repr(eviction),
+            self.mapping_config.slm_cache,
+            self._local,
         )
 
     @classmethod
@@ -400,13 +405,13 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _attention_mass(self, cache: IAMCache, queries: dict[int, torch.Tensor], step: SLMStep | None, slots) -> torch.Tensor:
         """Attention mass on each cache slot from this forward's queries: the LLM's unmapped layers' own, and the SLM
-        layers' that the mapped layers borrow from (their heads stand in for the mapped heads)."""
+        heads' that the mapped layers borrow, each by the weight the mapped heads put on it (they stand in for them)."""
         last = getattr(cache.eviction, "window", None)
         llm_scaling = decoder_layers(self.llm)[0].self_attn.scaling
         mass = sum(attention_mass(q, cache.layers[i].keys, llm_scaling, slots, last) for i, q in queries.items())
         if cache.mapping is not None:
-            for layer in cache.mapping.slm_layers:
-                mass = mass + attention_mass(step.queries[layer], step.keys(layer), step.scaling, slots, last)
+            for layer, weight in cache.mapping.borrowed_weight(self.slm.config.num_attention_heads).items():
+                mass = mass + attention_mass(step.queries[layer], step.keys(layer), step.scaling, slots, last, head_weight=weight)
         return mass
 
     def _logits(self, run: Pass, logits_to_keep: int) -> torch.Tensor:
