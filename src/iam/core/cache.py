@@ -201,8 +201,9 @@ class IAMCache(Cache):
 
     Until the mapping is established the LLM runs alone, its layers are plain ``DynamicLayer`` and the cache keeps
     the tokens seen (``self.tokens``, at ``self.token_positions``), so that the forward which reaches the threshold
-    can prefill both models over the whole context. From then on a wholly mapped layer holds a ``ValueOnlyLayer`` and a partly mapped one keeps K
-    for its unmapped KV groups only. Beam search's reorder, repeat and select apply to both models and the mapping.
+    can prefill both models over the whole context. From then on a wholly mapped layer holds a ``ValueOnlyLayer``
+    and a partly mapped one keeps K for its unmapped KV groups only. Beam search's reorder, repeat and select apply
+    to both models and the mapping.
 
     With an ``eviction`` policy the cache keeps one set of tokens per sequence for every layer of both models
     (``self.kept``, see ``iam.core.eviction``): evicted slots are compacted away, and the slots a shorter row lacks
