@@ -135,6 +135,23 @@ def test_a_truncated_safetensors_file_is_named(pair_folders, capsys):
     assert f"{weights} is not a readable safetensors file, truncated or corrupt" in user_error(capsys, generate(*pair_folders))
 
 
+def test_saving_the_wrapper_is_refused_and_a_folder_of_other_weights_is_refused(pair_folders, tmp_path, capsys):
+    """``save_pretrained`` wrote ``llm.*``/``slm.*`` weights under the LLM's config: a folder that loaded as a random
+    LLM. Saving is refused, and a folder whose weights do not cover its model is refused on load."""
+    from safetensors.torch import save_file
+
+    from iam import IAMForCausalLM
+
+    llm, slm = tiny("qwen2", 4, 64, 4, 2, seed=0), tiny("qwen2", 2, 32, 2, 1, seed=1)
+    with pytest.raises(ValueError, match=r"cannot be saved as one folder .*save model.llm and model.slm"):
+        IAMForCausalLM(llm, slm).save_pretrained(tmp_path / "iam")
+    assert not (tmp_path / "iam").exists()
+    weights = {f"llm.{k}": v.contiguous() for k, v in llm.state_dict().items()}
+    save_file(weights, str(Path(pair_folders[0]) / "model.safetensors"), metadata={"format": "pt"})
+    line = user_error(capsys, generate(*pair_folders))
+    assert f"the weights in {pair_folders[0]} do not cover its model: " in line and "tensors are missing (lm_head.weight" in line
+
+
 def test_a_folder_without_a_tokenizer_is_named(pair_folders, capsys):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (Path(pair_folders[1]) / name).unlink()

@@ -178,6 +178,15 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         big, small, _ = load_pair(llm, slm, dtype=dtype, device=device, progress=progress, force=force)
         return cls(big, small, config, eviction)
 
+    def save_pretrained(self, *args, **kwargs) -> None:
+        """Refused with a ``ValueError``: one folder would hold both models' weights under the LLM's config, which
+        loads as a randomly initialised LLM. Save ``model.llm`` and ``model.slm`` each with its own
+        ``save_pretrained`` and keep the ``MappingConfig`` (and eviction policy) to wrap them again."""
+        raise ValueError(
+            "IAMForCausalLM cannot be saved as one folder (it would load as a random LLM): save model.llm and model.slm "
+            "each with save_pretrained, and wrap them again with their MappingConfig."
+        )
+
     @property
     def planned(self) -> Plan | None:
         """The plan the config fixes before any input (``{}`` at ratio 0); ``None`` where the strategy chooses per

@@ -312,12 +312,21 @@ def check_weights(folder: Path) -> None:
 def load_model(
     name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", progress: bool = True
 ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
-    """Load ``(model, tokenizer)`` from an alias, a GGUF file or a local folder, with SDPA attention."""
+    """Load ``(model, tokenizer)`` from an alias, a GGUF file or a local folder, with SDPA attention; ``ValueError``
+    where the folder's weights lack some of the model's tensors."""
     device = check_device(device)
     folder = resolve(name_or_path, progress)
     check_tokenizer_files(folder)
     check_weights(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa", use_safetensors=True)
+    model, info = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=dtype, attn_implementation="sdpa", use_safetensors=True, output_loading_info=True
+    )
+    missing = sorted(info["missing_keys"])
+    if missing:  # transformers would initialise them at random, and only log it
+        raise ValueError(
+            f"the weights in {folder} do not cover its model: {len(missing)} tensors are missing ({', '.join(missing[:3])}"
+            f"{', ...' if len(missing) > 3 else ''}), which would be random."
+        )
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return model.to(device).eval(), tokenizer
 
