@@ -46,6 +46,73 @@ def test_local_window_flags_are_checked_before_loading(capsys):
     assert "cannot be combined with eviction" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["eval", "perplexity", "--tokens", "15", "--ratios", "0.5"],
+            "a --tokens window of 15 tokens is below establish_threshold 20",
+        ),
+        (["eval", "perplexity", "--tokens", "1", "--ratios", "0"], "--tokens 1: a window needs at least 2 tokens"),
+        (["eval", "sweep", "--tokens", "12"], "a --tokens window of 12 tokens is below establish_threshold 20"),
+        (["eval", "metrics", "--ratio", "0"], "--ratio 0.0 maps nothing: iam eval metrics measures mapped layers"),
+        (["eval", "consistency", "--ratio", "0"], "--ratio 0.0 maps nothing: iam eval consistency"),
+        (["similarity", "--tokens", "1"], "a --tokens window of 1 tokens is below establish_threshold 20"),
+        (["calibrate", "--tokens", "8"], "a --tokens window of 8 tokens is below establish_threshold 20"),
+    ],
+)
+def test_an_evaluation_that_would_label_the_llm_alone_as_iam_is_refused_before_loading(argv, message, capsys, monkeypatch):
+    import iam.cli
+
+    monkeypatch.setattr(iam.cli, "load", lambda *a, **k: pytest.fail("models were loaded"))
+    assert main([*argv, *PAIR]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_evaluations_refuse_inputs_below_the_threshold_in_python(pair):
+    """Every evaluation refuses inputs on which IAM would map nothing, before running any model."""
+    from iam import MappingConfig
+    from iam.eval import evaluation
+
+    llm, slm = pair
+    tok = char_tokenizer()
+    base = MappingConfig(establish_threshold=200)
+    message = r"below establish_threshold 200: IAM would map nothing on it"
+    windows = [torch.randint(1, 97, (1, 40))]
+    with pytest.raises(ValueError, match=rf"a window of 40 tokens is {message}"):
+        evaluation.eval_perplexity(llm, slm, windows, [0.5], base, progress=False)
+    with pytest.raises(ValueError, match=rf"a window of 40 tokens is {message}"):
+        evaluation.eval_sweep(llm, slm, windows, 2, base, progress=False)
+    with pytest.raises(ValueError, match=r"a window of 1 token has nothing to score"):
+        evaluation.eval_perplexity(llm, slm, [windows[0][:, :1]], [0.0], base, progress=False)
+    items = [{"question": "2 + 2?", "choices": ["4", "5"], "answer": 0}]
+    with pytest.raises(ValueError, match=rf"a question with an option of \d+ tokens is {message}"):
+        evaluation.eval_choice(llm, slm, tok, items, [0.5], base, progress=False)
+    with pytest.raises(ValueError, match=rf"a prompt of \d+ tokens is {message}"):
+        evaluation.eval_qa(llm, slm, tok, [("2 + 2?", "4")], [0.5], base, progress=False)
+    with pytest.raises(ValueError, match=r"--ratio 0 maps nothing"):
+        evaluation.eval_consistency(llm, slm, tok, windows, 0, 4, base, progress=False)
+    assert evaluation.eval_perplexity(llm, slm, windows, [0.0], base, progress=False)["rows"][0]["mapped_layers"] == []
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["eval", "perplexity", "--windows", "0"],
+        ["eval", "perplexity", "--windows", "-1"],
+        ["eval", "perplexity", "--tokens", "-5"],
+        ["demo", "--ratios", ","],
+        ["eval", "sweep", "--block", "0"],
+        ["eval", "sweep", "--block", "-2"],
+        ["eval", "consistency", "--steps", "0"],
+    ],
+)
+def test_counts_below_one_are_refused_by_the_parser(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(argv)
+    assert exit_.value.code == 2 and "takes" in capsys.readouterr().err
+
+
 def test_missing_model_is_a_clean_error(tmp_path, capsys):
     assert main(["generate", "--llm", str(tmp_path / "none"), "--slm", "qwen2.5-coder-0.5b", "--prompt", "hi"]) == 2
     assert "neither a model alias" in capsys.readouterr().err

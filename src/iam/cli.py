@@ -83,9 +83,12 @@ def positive_int(text: str) -> int:
 
 def ratio_list(text: str) -> list[float]:
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--ratios takes comma-separated numbers, e.g. 0,0.3,0.5; got {text!r}") from None
+        values = []
+    if not values:
+        raise argparse.ArgumentTypeError(f"takes comma-separated numbers, e.g. 0,0.3,0.5; got {text!r}")
+    return values
 
 
 def add_pair_args(
@@ -292,22 +295,42 @@ def sweep_tasks(args: argparse.Namespace, tok) -> dict:
     choice (trivia with distractors), qa (trivia, token F1) and summarize (Wikipedia body -> lead, ROUGE-L, the body cut
     to ``--tokens`` tokens) on their first ``--limit`` items; generation up to ``--max-new-tokens``."""
     tasks = {}
+    mapped = [replace(mapping_config(args, 0.0), ratio=1.0)]  # every block of the sweep maps
     for name in args.tasks:
         if name == "perplexity":
             windows = eval_windows(args, tok)
+            evaluation.check_mapped([w.shape[1] for w in windows], mapped)
             tasks[name] = lambda iam, windows=windows: evaluation.perplexity(iam, windows, progress=False)[0]
         elif name == "choice":
             items = data.load_items(None, args.limit)
+            evaluation.check_mapped(evaluation.choice_lengths(tok, items), mapped, "a question with an option")
             tasks[name] = lambda iam, items=items: evaluation.choice_accuracy(iam, tok, items)
         elif name == "qa":
             pairs = data.trivia()[: args.limit]
+            evaluation.check_mapped(evaluation.lengths(tok, evaluation.qa_prompts(tok, pairs)), mapped, "a prompt")
             tasks[name] = lambda iam, pairs=pairs: evaluation.qa_scores(iam, tok, pairs, args.max_new_tokens)["f1"]
         else:
             docs, _ = data.load_summaries("wikipedia")
             prompts, kept, _ = evaluation.summary_prompts(tok, docs[: args.limit], args.tokens, min(64, args.tokens))
             refs = [d["summary"] for d in kept]
+            evaluation.check_mapped(evaluation.lengths(tok, prompts), mapped, "a document prompt")
             tasks[name] = lambda iam, p=prompts, r=refs: evaluation.summary_scores(iam, tok, p, r, args.max_new_tokens)["rougeL"]
     return tasks
+
+
+def check_eval_inputs(args: argparse.Namespace, base: MappingConfig) -> None:
+    """Before loading: refuse a ratio that maps nothing where an evaluation measures the mapped layers, and windows
+    that cannot be scored or, where IAM maps, stay below establish_threshold (rows labelled IAM would be the LLM
+    alone)."""
+    kind = args.eval_command
+    if kind in ("metrics", "consistency", "mapping-stats", "attention-maps") and not (args.ratio > 0 or base.layers):
+        raise ValueError(f"--ratio {args.ratio} maps nothing: iam eval {kind} measures mapped layers (use --ratio > 0).")
+    if not hasattr(args, "tokens") or kind == "kv-tradeoff" or getattr(args, "context", None) is not None:
+        return
+    if kind in ("perplexity", "metrics", "sweep") and args.tokens < 2:
+        raise ValueError(f"--tokens {args.tokens}: a window needs at least 2 tokens to score one.")
+    ratios = [1.0] if kind == "sweep" else getattr(args, "ratios", None) or [args.ratio]
+    evaluation.check_mapped([args.tokens], [replace(base, ratio=r) for r in ratios], "a --tokens window")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -315,6 +338,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if kind == "kv-tradeoff" and (args.local_window or args.local_sinks is not None):
         raise ValueError("iam eval kv-tradeoff takes --local-windows (a list; 4 sinks), not --local-window/--local-sinks.")
     base = mapping_config(args, 0.0)
+    check_eval_inputs(args, base)
     ratios = getattr(args, "ratios", None) or [getattr(args, "ratio", 0.0)]
     windows = [0, *getattr(args, "local_windows", ())]
     llm, slm, tok = load(args, [replace(base, ratio=r, local_window=w) for r in ratios for w in windows])
@@ -400,6 +424,7 @@ def load_each(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.Modul
 
 def cmd_similarity(args: argparse.Namespace) -> int:
     config = mapping_config(args, 0.0)
+    evaluation.check_mapped([args.tokens], [replace(config, ratio=1.0)], "a --tokens window")  # a mapping's window
     llm_tok, slm_tok = load_tokenizer(args.llm), load_tokenizer(args.slm)
     if llm_tok.get_vocab() == slm_tok.get_vocab():
         llm, slm, tok = load(args, [config])
@@ -595,6 +620,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     base = mapping_config(args, 0.0)
+    evaluation.check_mapped([args.tokens], [replace(base, ratio=1.0)], "a --tokens window")
     llm, slm, tok = load(args, [base])
     windows = eval_windows(args, tok)
     base = IAMForCausalLM(llm, slm, base).mapping_config  # blend resolved (the pair's stored one): measured under, stored with
@@ -645,8 +671,8 @@ def add_text_args(p: argparse.ArgumentParser, windows: int = 3, tokens: int = 51
         "comma-separate to mix",
     )
     p.add_argument("--text", default=None, metavar="FILE", help="any text file instead of --dataset")
-    p.add_argument("--windows", type=int, default=windows)
-    p.add_argument("--tokens", type=int, default=tokens)
+    p.add_argument("--windows", type=positive_int, default=windows)
+    p.add_argument("--tokens", type=positive_int, default=tokens)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -835,7 +861,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "metrics":
             p.add_argument("--metrics", type=lambda t: t.split(","), default=sorted(METRICS))
         if name == "sweep":
-            p.add_argument("--block", type=int, default=4)
+            p.add_argument("--block", type=positive_int, default=4)
             add_granularity_arg(p)
             p.add_argument(
                 "--tasks",
@@ -859,7 +885,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "--min-tokens", type=positive_int, default=64, help="documents with fewer tokens are skipped (counted)"
             )
         if name == "consistency":
-            p.add_argument("--steps", type=int, default=16)
+            p.add_argument("--steps", type=positive_int, default=16)
         if name in ("qa", "choice"):
             p.add_argument("--limit", type=positive_int, default=40, help="number of questions")
         if name == "qa":
