@@ -113,6 +113,43 @@ def test_counts_below_one_are_refused_by_the_parser(argv, capsys):
     assert exit_.value.code == 2 and "takes" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--ratios", "0,2"], r"--ratios must lie in \[0, 1\] \(fractions of the LLM's layers mapped\), got \[2.0\]"),
+        (["--ratios", "-0.5"], r"--ratios must lie in \[0, 1\]"),
+        (["--bytes", "0"], r"argument --bytes: takes a whole number of at least 1; got '0'"),
+        (["--bytes", "-2"], r"argument --bytes: takes a whole number of at least 1"),
+        (["--memory-budget", "-1"], r"argument --memory-budget: takes a number above 0; got '-1'"),
+        (["--memory-budget", "nan"], r"argument --memory-budget: takes a number above 0"),
+        (["--prompt", "-3"], r"argument --prompt: takes a whole number of at least 1"),
+        (["--eviction", "h2o", "--budget", "-0.5"], r"budget must be a fraction in \(0, 1\]"),
+        (["--projection", "--tokens", "0"], r"argument --tokens: takes comma-separated whole numbers of at least 1"),
+        (["--projection", "--repeats", "0"], r"argument --repeats: takes a whole number of at least 1"),
+    ],
+)
+def test_bench_checks_every_numeric_flag(argv, message, capsys):
+    """--analytic and --projection validated nothing: 160 mapped layers of an 80-layer model, negative or NaN
+    figures, internal errors for --bytes 0 and --tokens 0."""
+    argv = ["bench", "--analytic", *argv] if "--projection" not in argv else ["bench", *argv]
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # a flag argparse refuses
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2 and re.search(message, err), err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("iam: error: ")
+
+
+def test_a_parser_error_is_one_line_with_a_hint_to_help(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "perplexity", "--windows", "0"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == (
+        "iam: error: argument --windows: takes a whole number of at least 1; got '0' (see 'iam eval perplexity --help')\n"
+    )
+
+
 def test_missing_model_is_a_clean_error(tmp_path, capsys):
     assert main(["generate", "--llm", str(tmp_path / "none"), "--slm", "qwen2.5-coder-0.5b", "--prompt", "hi"]) == 2
     assert "neither a model alias" in capsys.readouterr().err

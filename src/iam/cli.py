@@ -81,6 +81,26 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"takes a number above 0; got {text!r}")
+    return value
+
+
+def count_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"takes comma-separated whole numbers of at least 1, e.g. 512,8192; got {text!r}")
+    return values
+
+
 def ratio_list(text: str) -> list[float]:
     try:
         values = [float(x) for x in text.split(",") if x.strip()]
@@ -500,6 +520,9 @@ def warn_allocator(device: torch.device) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    bad = [r for r in args.ratios if not 0 <= r <= 1]
+    if bad:
+        raise ValueError(f"--ratios must lie in [0, 1] (fractions of the LLM's layers mapped), got {bad}.")
     full, cpu = costs.SCENARIOS[args.scenario]
     scenario = full if args.full_size or args.analytic else cpu
     scenario = costs.Scenario(
@@ -675,8 +698,16 @@ def add_text_args(p: argparse.ArgumentParser, windows: int = 3, tokens: int = 51
     p.add_argument("--tokens", type=positive_int, default=tokens)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, its errors in the one-line form of every other user error (no usage block), with a hint to
+    ``--help``; its subcommands' parsers are of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"iam: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="iam", description=__doc__)
+    parser = Parser(prog="iam", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="generate text with IAM")
@@ -750,22 +781,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--tokens",
-        type=lambda t: [int(x) for x in t.split(",")],
+        type=count_list,
         default=None,
         help="projection and memory scaling: context lengths, e.g. 512,8192",
     )
     p.add_argument("--scenario", default="concurrency", choices=sorted(costs.SCENARIOS))
     p.add_argument("--full-size", action="store_true", help="the paper's sizes instead of the CPU-sized defaults")
-    p.add_argument("--prompt", type=int, default=None, help="prompt tokens (overrides the scenario)")
-    p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--new-tokens", type=int, default=None)
+    p.add_argument("--prompt", type=positive_int, default=None, help="prompt tokens (overrides the scenario)")
+    p.add_argument("--batch", type=positive_int, default=None)
+    p.add_argument("--new-tokens", type=positive_int, default=None)
     p.add_argument("--ratios", type=ratio_list, default=[0.0, 0.3, 0.5])
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=positive_int, default=3)
     p.add_argument(
-        "--decode-repeats", type=int, default=20, help="projection: rounds of the decode-step timings (short and noisy)"
+        "--decode-repeats", type=positive_int, default=20, help="projection: rounds of the decode-step timings (short and noisy)"
     )
-    p.add_argument("--bytes", type=int, default=2, help="bytes per cached element (analytic; 2 = fp16/bf16)")
-    p.add_argument("--memory-budget", type=float, default=None, metavar="GB", help="analytic: memory for weights + KV")
+    p.add_argument("--bytes", type=positive_int, default=2, help="bytes per cached element (analytic; 2 = fp16/bf16)")
+    p.add_argument("--memory-budget", type=positive_float, default=None, metavar="GB", help="analytic: memory for weights + KV")
     add_eviction_args(p)
     p.set_defaults(func=cmd_bench)
 
