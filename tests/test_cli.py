@@ -150,6 +150,30 @@ def test_a_parser_error_is_one_line_with_a_hint_to_help(capsys):
     )
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["eval", "perplexity", "--out", "{file}"],
+        ["similarity", "--out", "{file}/sub"],
+        ["tune", "--out", "{file}"],
+        ["calibrate", "--to", "{file}"],
+        ["demo", "--json", "{file}/demo.json"],
+    ],
+)
+def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(argv, tmp_path, capsys, monkeypatch):
+    """It failed only after the whole evaluation (or the first tuning checkpoint), losing the results."""
+    import iam.cli
+
+    monkeypatch.setattr(iam.cli, "load", lambda *a, **k: pytest.fail("models were loaded"))
+    monkeypatch.setattr(iam.cli, "read_configs", lambda *a, **k: pytest.fail("configs were read"))
+    file = tmp_path / "a-file"
+    file.write_text("")
+    argv = [a.format(file=file) for a in argv]
+    assert main([*argv, *PAIR]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"iam: error: --(out|to|json) .*a-file.* is not a writable folder \(.*\); nothing was run", err), err
+
+
 def test_missing_model_is_a_clean_error(tmp_path, capsys):
     assert main(["generate", "--llm", str(tmp_path / "none"), "--slm", "qwen2.5-coder-0.5b", "--prompt", "hi"]) == 2
     assert "neither a model alias" in capsys.readouterr().err

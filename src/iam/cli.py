@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import traceback
 from collections.abc import Sequence
 from dataclasses import replace
@@ -935,11 +936,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_outputs(args: argparse.Namespace) -> None:
+    """Before any work: every folder a command will write into (``--out``, ``--to``, the folder of ``--json FILE``)
+    must be a folder we may write in, or one we may create; else ``ValueError`` naming it."""
+    folders = [("--out", getattr(args, "out", None)), ("--to", getattr(args, "to", None))]
+    if isinstance(getattr(args, "json", None), str):
+        folders.append(("--json", str(Path(args.json).parent)))
+    for flag, folder in folders:
+        if folder is None:
+            continue
+        existing = Path(folder).absolute()
+        while not existing.exists() and existing != existing.parent:  # created later: its first existing ancestor
+            existing = existing.parent
+        try:
+            with tempfile.TemporaryFile(dir=existing):
+                pass
+        except OSError as err:
+            raise ValueError(f"{flag} {folder} is not a writable folder ({err.strerror or err}); nothing was run.") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.provenance = provenance(argv)  # the code as it was when the command started, which is what it ran
     try:
+        check_outputs(args)
         return args.func(args)
     except USER_ERRORS as err:
         print(f"iam: error: {err}", file=sys.stderr)
