@@ -174,6 +174,33 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(argv
     assert re.search(r"iam: error: --(out|to|json) .*a-file.* is not a writable folder \(.*\); nothing was run", err), err
 
 
+def test_files_that_are_not_utf8_or_not_json_are_named(tmp_path, pair_folders, capsys):
+    from iam.eval import data
+    from iam.tuning.data import json_records
+
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("caf\xe9 au lait".encode("latin-1"))
+    with pytest.raises(ValueError, match=rf"{latin} is not UTF-8 text \(byte 3: invalid continuation byte\)"):
+        data.load_text(str(latin))
+    with pytest.raises(ValueError, match=rf"{latin} is not UTF-8 text"):
+        list(json_records(latin))
+    items = tmp_path / "items.jsonl"
+    items.write_text('{"question": "q", "choices": ["a"], "answer": 0}\n\n{not json\n')
+    with pytest.raises(ValueError, match=rf"{items} line 3: not valid JSON"):
+        data.load_items(str(items), 5)
+    items.write_text("[1, 2]\n")
+    with pytest.raises(ValueError, match=rf"{items} line 1: an item needs question, choices and answer"):
+        data.load_items(str(items), 5)
+    garbage = tmp_path / "config.json"
+    garbage.write_text("{garbage")
+    assert re.search(
+        rf"{garbage} is not a model's config.json", user_error(capsys, ["bench", "--analytic", "--llm", str(garbage)])
+    )
+    (Path(pair_folders[0]) / "config.json").write_text("{garbage")
+    line = user_error(capsys, generate(*pair_folders))
+    assert f"{Path(pair_folders[0]) / 'config.json'} is not a readable model config" in line
+
+
 def test_missing_model_is_a_clean_error(tmp_path, capsys):
     assert main(["generate", "--llm", str(tmp_path / "none"), "--slm", "qwen2.5-coder-0.5b", "--prompt", "hi"]) == 2
     assert "neither a model alias" in capsys.readouterr().err

@@ -263,7 +263,15 @@ def read_configs(
     """The two models' configs, without loading weights (an alias or GGUF file is converted once first); a tuned SLM
     must have been tuned through this LLM (``check_tuned_pair``)."""
     check_tuned_pair(llm, slm, force, progress)
-    return AutoConfig.from_pretrained(resolve(llm, progress)), AutoConfig.from_pretrained(resolve(slm, progress))
+    return read_config(resolve(llm, progress)), read_config(resolve(slm, progress))
+
+
+def read_config(folder: Path) -> PretrainedConfig:
+    """The config of a model folder; ``ValueError`` naming its ``config.json`` where transformers cannot read it."""
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError, KeyError) as err:  # transformers reports a garbage config.json as an OSError
+        raise ValueError(f"{folder / 'config.json'} is not a readable model config: {err}") from None
 
 
 def load_tokenizer(name_or_path: str | os.PathLike, progress: bool = True) -> PreTrainedTokenizerBase:
