@@ -176,6 +176,29 @@ def test_similar_strategy_refuses_a_batch(pair):
         forward(iam(*pair, ratio=0.5, strategy="similar"), prompt(30, batch=2))
 
 
+def test_generation_past_the_position_limit_is_refused_before_it_starts(pair):
+    """It raised midway, losing the tokens generated so far."""
+    model = iam(*pair, ratio=0.5)
+    steps = []
+    with pytest.raises(ValueError, match=r"a prompt of 250 tokens generating up to 10 more needs 259 positions, beyond the "):
+        model.generate(prompt(250), max_new_tokens=10, do_sample=False, streamer=Counter(steps))
+    assert steps == []  # refused before the prefill
+    assert model.generate(prompt(250), max_new_tokens=7, min_new_tokens=7, do_sample=False).shape == (1, 257)
+
+
+class Counter:
+    """A streamer that counts what it is given."""
+
+    def __init__(self, seen: list) -> None:
+        self.seen = seen
+
+    def put(self, value) -> None:
+        self.seen.append(value)
+
+    def end(self) -> None:
+        pass
+
+
 @pytest.mark.parametrize(
     "kwargs, mode",
     [

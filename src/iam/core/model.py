@@ -228,6 +228,15 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         ids = kwargs.get("input_ids", inputs)
         if isinstance(ids, torch.Tensor) and ids.dim() != 2:  # transformers would fail on its shape with an IndexError
             raise ValueError("input_ids must be a [batch, length] LongTensor.")
+        if isinstance(ids, torch.Tensor):  # refused before generating, not midway with the tokens so far lost
+            new = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
+            total = ids.shape[1] + new if new is not None else kwargs.get("max_length", getattr(config, "max_length", None))
+            limit = min(self.llm.config.max_position_embeddings, self.slm.config.max_position_embeddings)
+            if total is not None and total - 1 > limit:  # the last token generated is never fed back
+                raise ValueError(
+                    f"a prompt of {ids.shape[1]} tokens generating up to {total - ids.shape[1]} more needs {total - 1} "
+                    f"positions, beyond the models' {limit}: generate at most {max(limit + 1 - ids.shape[1], 0)} new tokens."
+                )
         return super().generate(inputs, generation_config, **kwargs)
 
     # ---- forward ---------------------------------------------------------------------------------------------
