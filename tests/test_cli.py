@@ -59,6 +59,8 @@ def test_local_window_flags_are_checked_before_loading(capsys):
         (["eval", "consistency", "--ratio", "0"], "--ratio 0.0 maps nothing: iam eval consistency"),
         (["similarity", "--tokens", "1"], "a --tokens window of 1 tokens is below establish_threshold 20"),
         (["calibrate", "--tokens", "8"], "a --tokens window of 8 tokens is below establish_threshold 20"),
+        (["bench", "--prompt", "12", "--ratios", "0.5"], "a --prompt of 12 tokens is below establish_threshold 20"),
+        (["bench", "--memory-scaling", "--tokens", "64,16"], "a --tokens length of 16 tokens is below establish_threshold 20"),
     ],
 )
 def test_an_evaluation_that_would_label_the_llm_alone_as_iam_is_refused_before_loading(argv, message, capsys, monkeypatch):

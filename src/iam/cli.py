@@ -22,7 +22,7 @@ from transformers import TextStreamer
 from .bench import costs, measure, projection
 from .bench.timing import GenerationTimer, allocator_note, timing_environment
 from .core import calibration
-from .core.config import MappingConfig, resolve
+from .core.config import MappingConfig, check_mapped, resolve
 from .core.eviction import POLICIES, EvictionPolicy, make_policy, parse_budget
 from .core.model import IAMForCausalLM, check_eviction, check_family, check_pair_configs
 from .core.selection import STRATEGIES, Unit, parse_unit, unit_label, units_for_ratio
@@ -320,21 +320,21 @@ def sweep_tasks(args: argparse.Namespace, tok) -> dict:
     for name in args.tasks:
         if name == "perplexity":
             windows = eval_windows(args, tok)
-            evaluation.check_mapped([w.shape[1] for w in windows], mapped)
+            check_mapped([w.shape[1] for w in windows], mapped)
             tasks[name] = lambda iam, windows=windows: evaluation.perplexity(iam, windows, progress=False)[0]
         elif name == "choice":
             items = data.load_items(None, args.limit)
-            evaluation.check_mapped(evaluation.choice_lengths(tok, items), mapped, "a question with an option")
+            check_mapped(evaluation.choice_lengths(tok, items), mapped, "a question with an option")
             tasks[name] = lambda iam, items=items: evaluation.choice_accuracy(iam, tok, items)
         elif name == "qa":
             pairs = data.trivia()[: args.limit]
-            evaluation.check_mapped(evaluation.lengths(tok, evaluation.qa_prompts(tok, pairs)), mapped, "a prompt")
+            check_mapped(evaluation.lengths(tok, evaluation.qa_prompts(tok, pairs)), mapped, "a prompt")
             tasks[name] = lambda iam, pairs=pairs: evaluation.qa_scores(iam, tok, pairs, args.max_new_tokens)["f1"]
         else:
             docs, _ = data.load_summaries("wikipedia")
             prompts, kept, _ = evaluation.summary_prompts(tok, docs[: args.limit], args.tokens, min(64, args.tokens))
             refs = [d["summary"] for d in kept]
-            evaluation.check_mapped(evaluation.lengths(tok, prompts), mapped, "a document prompt")
+            check_mapped(evaluation.lengths(tok, prompts), mapped, "a document prompt")
             tasks[name] = lambda iam, p=prompts, r=refs: evaluation.summary_scores(iam, tok, p, r, args.max_new_tokens)["rougeL"]
     return tasks
 
@@ -351,7 +351,7 @@ def check_eval_inputs(args: argparse.Namespace, base: MappingConfig) -> None:
     if kind in ("perplexity", "metrics", "sweep") and args.tokens < 2:
         raise ValueError(f"--tokens {args.tokens}: a window needs at least 2 tokens to score one.")
     ratios = [1.0] if kind == "sweep" else getattr(args, "ratios", None) or [args.ratio]
-    evaluation.check_mapped([args.tokens], [replace(base, ratio=r) for r in ratios], "a --tokens window")
+    check_mapped([args.tokens], [replace(base, ratio=r) for r in ratios], "a --tokens window")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -445,7 +445,7 @@ def load_each(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.Modul
 
 def cmd_similarity(args: argparse.Namespace) -> int:
     config = mapping_config(args, 0.0)
-    evaluation.check_mapped([args.tokens], [replace(config, ratio=1.0)], "a --tokens window")  # a mapping's window
+    check_mapped([args.tokens], [replace(config, ratio=1.0)], "a --tokens window")  # a mapping's window
     llm_tok, slm_tok = load_tokenizer(args.llm), load_tokenizer(args.slm)
     if llm_tok.get_vocab() == slm_tok.get_vocab():
         llm, slm, tok = load(args, [config])
@@ -575,8 +575,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.memory_scaling:
         args.llm, args.slm = args.llm or "qwen2.5-coder-1.5b", args.slm or "qwen2.5-coder-0.5b"
         base = mapping_config(args, 0.0)
-        llm, slm, _ = load(args, [replace(base, ratio=r) for r in args.ratios])
         tokens = args.tokens or [1024, 2048, 4096, 8192]
+        check_mapped(tokens, [replace(base, ratio=r) for r in args.ratios], "a --tokens length")
+        llm, slm, _ = load(args, [replace(base, ratio=r) for r in args.ratios])
         rows = measure.memory_scaling(llm, slm, tokens, args.ratios, base)
         result = {"mode": "memory-scaling", "device": str(llm.device), "dtype": str(llm.dtype), "rows": rows}
         columns = ["tokens", "ratio", "peak_tensor_bytes", "peak_growth", "largest_tensor_bytes", "tt_matrix_bytes", "kv_bytes"]
@@ -617,6 +618,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return finish(args, "bench-analytic", result, columns)
     args.llm, args.slm = args.llm or "qwen2.5-coder-1.5b", args.slm or "qwen2.5-coder-0.5b"
     base = mapping_config(args, 0.0)
+    check_mapped([scenario.prompt], [replace(base, ratio=r) for r in args.ratios], "a --prompt")
     llm, slm, _ = load(args, [replace(base, ratio=r) for r in args.ratios])
     warn_allocator(llm.device)
     rows = measure.measure(llm, slm, args.ratios, scenario, args.repeats, base, eviction=eviction(args))
@@ -644,7 +646,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     base = mapping_config(args, 0.0)
-    evaluation.check_mapped([args.tokens], [replace(base, ratio=1.0)], "a --tokens window")
+    check_mapped([args.tokens], [replace(base, ratio=1.0)], "a --tokens window")
     llm, slm, tok = load(args, [base])
     windows = eval_windows(args, tok)
     base = IAMForCausalLM(llm, slm, base).mapping_config  # blend resolved (the pair's stored one): measured under, stored with

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -143,6 +144,18 @@ def check_layers_in_range(layers: list[Unit], n_layers: int, n_kv: int) -> None:
     bad = [u for u in layers if isinstance(u, tuple) and u[1] >= n_kv]
     if bad:
         raise ValueError(f"KV groups {bad} out of range: the LLM has {n_kv} KV heads per layer (0..{n_kv - 1}).")
+
+
+def check_mapped(lengths: Sequence[int], configs: Sequence[MappingConfig], what: str = "a window") -> None:
+    """Raise unless each of ``configs`` that maps anything would map on inputs of ``lengths`` tokens: every input
+    (and so every batch's shortest row) reaches ``establish_threshold``. Else a row labelled IAM would be the LLM
+    alone."""
+    threshold = min((c.establish_threshold for c in configs if c.ratio > 0 or c.layers), default=None)
+    if threshold is not None and min(lengths) < threshold:
+        raise ValueError(
+            f"{what} of {min(lengths)} tokens is below establish_threshold {threshold}: IAM would map nothing on it, and "
+            "its row would report the LLM alone as IAM. Use longer inputs or a lower --establish-threshold."
+        )
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..core.alignment import token_spans
-from ..core.config import MappingConfig
+from ..core.config import MappingConfig, check_mapped
 from ..core.eviction import EvictionPolicy
 from ..core.model import IAMForCausalLM
 from ..core.selection import layers_worth
@@ -48,18 +48,6 @@ def window_texts(tokenizer, text: str, windows: int, tokens: int) -> list[str]:
 def lengths(tokenizer, texts: Sequence[str]) -> list[int]:
     """Tokens of each of ``texts``."""
     return [len(ids) for ids in tokenizer(list(texts)).input_ids]
-
-
-def check_mapped(lengths: Sequence[int], configs: Sequence[MappingConfig], what: str = "a window") -> None:
-    """Raise unless each of ``configs`` that maps anything would map on inputs of ``lengths`` tokens: every input
-    (and so every batch's shortest row) reaches ``establish_threshold``. Else a row labelled IAM would be the LLM
-    alone."""
-    threshold = min((c.establish_threshold for c in configs if c.ratio > 0 or c.layers), default=None)
-    if threshold is not None and min(lengths) < threshold:
-        raise ValueError(
-            f"{what} of {min(lengths)} tokens is below establish_threshold {threshold}: IAM would map nothing on it, and "
-            "its row would report the LLM alone as IAM. Use longer inputs or a lower --establish-threshold."
-        )
 
 
 @torch.inference_mode()
