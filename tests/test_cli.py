@@ -94,6 +94,10 @@ def test_evaluations_refuse_inputs_below_the_threshold_in_python(pair):
         evaluation.eval_qa(llm, slm, tok, [("2 + 2?", "4")], [0.5], base, progress=False)
     with pytest.raises(ValueError, match=r"--ratio 0 maps nothing"):
         evaluation.eval_consistency(llm, slm, tok, windows, 0, 4, base, progress=False)
+    # a question too short to set a mapping is skipped, for every row alike, and counted
+    items.append({"question": "What is the sum of two and two, in words?", "choices": ["four", "five"], "answer": 0})
+    result = evaluation.eval_choice(llm, slm, tok, items, [0.5], MappingConfig(establish_threshold=40), progress=False)
+    assert [r["n"] for r in result["rows"]] == [1, 1] and result["skipped"] == {"shorter than establish_threshold": 1}
     assert evaluation.eval_perplexity(llm, slm, windows, [0.0], base, progress=False)["rows"][0]["mapped_layers"] == []
 
 

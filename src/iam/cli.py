@@ -323,8 +323,7 @@ def sweep_tasks(args: argparse.Namespace, tok) -> dict:
             check_mapped([w.shape[1] for w in windows], mapped)
             tasks[name] = lambda iam, windows=windows: evaluation.perplexity(iam, windows, progress=False)[0]
         elif name == "choice":
-            items = data.load_items(None, args.limit)
-            check_mapped(evaluation.choice_lengths(tok, items), mapped, "a question with an option")
+            items = evaluation.mappable_choices(tok, data.load_items(None, None), mapped)[0][: args.limit]
             tasks[name] = lambda iam, items=items: evaluation.choice_accuracy(iam, tok, items)
         elif name == "qa":
             pairs = data.trivia()[: args.limit]
@@ -429,8 +428,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         result = harness.evaluate(llm, slm, tok, args.tasks, args.ratios, base, args.limit)
         return finish(args, "harness", result, ["ratio", "task", "metric", "value", "change"])
-    items = data.load_items(args.dataset, args.limit)
-    result = evaluation.eval_choice(llm, slm, tok, items, args.ratios, base)
+    items = data.load_items(args.dataset, None)
+    result = evaluation.eval_choice(llm, slm, tok, items, args.ratios, base, limit=args.limit)
     return finish(args, "choice", result, ["ratio", "strategy", "accuracy", "n"])
 
 

@@ -146,12 +146,17 @@ def check_layers_in_range(layers: list[Unit], n_layers: int, n_kv: int) -> None:
         raise ValueError(f"KV groups {bad} out of range: the LLM has {n_kv} KV heads per layer (0..{n_kv - 1}).")
 
 
+def mapping_threshold(configs: Sequence[MappingConfig]) -> int:
+    """Tokens from which each of ``configs`` that maps anything sets its mapping (0 where none maps)."""
+    return max((c.establish_threshold for c in configs if c.ratio > 0 or c.layers), default=0)
+
+
 def check_mapped(lengths: Sequence[int], configs: Sequence[MappingConfig], what: str = "a window") -> None:
     """Raise unless each of ``configs`` that maps anything would map on inputs of ``lengths`` tokens: every input
     (and so every batch's shortest row) reaches ``establish_threshold``. Else a row labelled IAM would be the LLM
     alone."""
-    threshold = min((c.establish_threshold for c in configs if c.ratio > 0 or c.layers), default=None)
-    if threshold is not None and min(lengths) < threshold:
+    threshold = mapping_threshold(configs)
+    if min(lengths) < threshold:
         raise ValueError(
             f"{what} of {min(lengths)} tokens is below establish_threshold {threshold}: IAM would map nothing on it, and "
             "its row would report the LLM alone as IAM. Use longer inputs or a lower --establish-threshold."

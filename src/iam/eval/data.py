@@ -235,7 +235,7 @@ def trivia_choices(pairs: Sequence[tuple[str, str]], n_choices: int = 4, seed: i
     return items
 
 
-def load_items(path: str | None, limit: int) -> list[dict]:
+def load_items(path: str | None, limit: int | None) -> list[dict]:
     """MMLU-format JSONL (question, choices, answer index); default: trivia with distractors from other answers."""
     if path == "mmlu":
         items = [dict(r) for r in _online("mmlu", "cais/mmlu", "all", "test")]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..core.alignment import token_spans
-from ..core.config import MappingConfig, check_mapped
+from ..core.config import MappingConfig, check_mapped, mapping_threshold
 from ..core.eviction import EvictionPolicy
 from ..core.model import IAMForCausalLM
 from ..core.selection import layers_worth
@@ -456,17 +456,36 @@ def choice_accuracy(iam: IAMForCausalLM, tokenizer, items: Sequence[dict], progr
     return correct / len(items)
 
 
+def mappable_choices(tokenizer, items: Sequence[dict], configs: Sequence[MappingConfig]) -> tuple[list[dict], int]:
+    """The items on which each of ``configs`` that maps anything sets its mapping (the question with every option
+    reaches ``establish_threshold``), and how many others were skipped; ``ValueError`` where none is left."""
+    threshold = mapping_threshold(configs)
+    kept = [item for item in items if min(choice_lengths(tokenizer, [item])) >= threshold]
+    if not kept:
+        check_mapped(choice_lengths(tokenizer, items), configs, "a question with an option")
+    return kept, len(items) - len(kept)
+
+
 def eval_choice(
-    llm, slm, tokenizer, items: Sequence[dict], ratios: Sequence[float], base: MappingConfig, progress: bool = True
+    llm,
+    slm,
+    tokenizer,
+    items: Sequence[dict],
+    ratios: Sequence[float],
+    base: MappingConfig,
+    progress: bool = True,
+    limit: int | None = None,
 ) -> dict:
-    """Multiple-choice accuracy at each ratio."""
-    check_mapped(choice_lengths(tokenizer, items), [replace(base, ratio=r) for r in ratios], "a question with an option")
+    """Multiple-choice accuracy at each ratio, on the first ``limit`` items where IAM sets a mapping (the LLM alone
+    scores the same ones; the others are counted in ``skipped``)."""
+    items, short = mappable_choices(tokenizer, items, [replace(base, ratio=r) for r in ratios])
+    items = items[:limit]
     rows = []
     for r in with_baseline(ratios):
         iam = IAMForCausalLM(llm, slm, replace(base, ratio=r))
         accuracy = choice_accuracy(iam, tokenizer, items, progress, f"choice ratio {r}")
         rows.append({"ratio": r, "strategy": base.strategy, "accuracy": accuracy, "n": len(items)})
-    return {"rows": rows}
+    return {"rows": rows, "skipped": {"shorter than establish_threshold": short}}
 
 
 # ---- summarization -------------------------------------------------------------------------------------------------
