@@ -254,9 +254,9 @@ def test_eval_commands_on_the_tiny_pair(tiny_pair, tmp_path, capsys):
     [
         (["eval", "summarize", "--dataset", "nope"], "unknown summarization data set 'nope'"),
         (["eval", "summarize", "--min-tokens", "2000"], "need 0 < --min-tokens 2000 <= --context 1024"),
-        (["eval", "mapping-stats", "--tokens", "10"], "use --tokens >= establish_threshold 20"),
+        (["eval", "mapping-stats", "--tokens", "10"], "a --tokens window of 10 tokens is below establish_threshold 20"),
         (["eval", "mapping-stats", "--windows", "50", "--tokens", "40"], "fewer than --windows 50 x --tokens 40"),
-        (["eval", "attention-maps", "--ratio", "0"], "nothing is mapped on a window of 64 tokens at ratio 0.0"),
+        (["eval", "attention-maps", "--ratio", "0"], "--ratio 0.0 maps nothing: iam eval attention-maps measures mapped layers"),
     ],
 )
 def test_bad_input_is_a_clear_error(tiny_pair, tmp_path, capsys, argv, message):

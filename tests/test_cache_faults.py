@@ -393,3 +393,35 @@ def test_recording_new_stamps_never_shows_a_concurrent_verifier_an_extra_file(so
     monkeypatch.setattr(os, "replace", replace)
     assert load_fingerprint(path) == expected
     assert listings == [sorted([*json.loads((folder / store.MANIFEST).read_text())["files"], store.MANIFEST])]
+
+
+def write_one(out: Path) -> None:
+    (out / "weights.bin").write_bytes(b"w" * 64)
+
+
+def test_a_dangling_symlink_at_a_key_is_replaced_by_the_build(tmp_path):
+    """It made every later load fail until someone deleted it."""
+    dest = tmp_path / "key"
+    dest.symlink_to(tmp_path / "gone")
+    assert store.ensure(dest, "src", "origin", write_one, progress=False) == dest
+    assert not dest.is_symlink() and (dest / "weights.bin").read_bytes() == b"w" * 64 and not store.temporaries(dest)
+
+
+def test_a_full_disk_during_a_build_is_a_user_error_naming_the_cache(tmp_path):
+    import errno
+
+    def full(out: Path) -> None:
+        (out / "part").write_bytes(b"x")
+        raise OSError(errno.ENOSPC, "No space left on device", str(out / "model.safetensors"))
+
+    dest = tmp_path / "key"
+    with pytest.raises(ValueError, match=rf"building {dest} from origin failed: No space left on device .*IAM_CACHE"):
+        store.ensure(dest, "src", "origin", full, progress=False)
+    assert not dest.exists() and not store.temporaries(dest)
+
+
+def test_an_iam_cache_that_is_a_file_is_a_user_error(tmp_path):
+    root = tmp_path / "cache"
+    root.write_text("not a folder")
+    with pytest.raises(ValueError, match=rf"the model cache {root} is not a writable folder .*set IAM_CACHE to one"):
+        store.ensure(root / "key", "src", "origin", write_one, progress=False)

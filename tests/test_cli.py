@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import kv_groups_mapped
+from conftest import char_tokenizer, kv_groups_mapped, tiny
 from iam.cli import build_parser, main
 
 PAIR = ["--llm", "qwen2.5-coder-1.5b", "--slm", "qwen2.5-coder-0.5b"]
@@ -44,6 +44,167 @@ def test_local_window_flags_are_checked_before_loading(capsys):
     assert "takes --local-windows" in capsys.readouterr().err
     assert main(["eval", "perplexity", *PAIR, "--local-window", "8", "--eviction", "h2o"]) == 2
     assert "local_window combines with eviction only where the mapped layers keep every token" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["eval", "perplexity", "--tokens", "15", "--ratios", "0.5"],
+            "a --tokens window of 15 tokens is below establish_threshold 20",
+        ),
+        (["eval", "perplexity", "--tokens", "1", "--ratios", "0"], "--tokens 1: a window needs at least 2 tokens"),
+        (["eval", "sweep", "--tokens", "12"], "a --tokens window of 12 tokens is below establish_threshold 20"),
+        (["eval", "metrics", "--ratio", "0"], "--ratio 0.0 maps nothing: iam eval metrics measures mapped layers"),
+        (["eval", "consistency", "--ratio", "0"], "--ratio 0.0 maps nothing: iam eval consistency"),
+        (["similarity", "--tokens", "1"], "a --tokens window of 1 tokens is below establish_threshold 20"),
+        (["calibrate", "--tokens", "8"], "a --tokens window of 8 tokens is below establish_threshold 20"),
+        (["bench", "--prompt", "12", "--ratios", "0.5"], "a --prompt of 12 tokens is below establish_threshold 20"),
+        (["bench", "--memory-scaling", "--tokens", "64,16"], "a --tokens length of 16 tokens is below establish_threshold 20"),
+    ],
+)
+def test_an_evaluation_that_would_label_the_llm_alone_as_iam_is_refused_before_loading(argv, message, capsys, monkeypatch):
+    import iam.cli
+
+    monkeypatch.setattr(iam.cli, "load", lambda *a, **k: pytest.fail("models were loaded"))
+    assert main([*argv, *PAIR]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_evaluations_refuse_inputs_below_the_threshold_in_python(pair):
+    """Every evaluation refuses inputs on which IAM would map nothing, before running any model."""
+    from iam import MappingConfig
+    from iam.eval import evaluation
+
+    llm, slm = pair
+    tok = char_tokenizer()
+    base = MappingConfig(establish_threshold=200)
+    message = r"below establish_threshold 200: IAM would map nothing on it"
+    windows = [torch.randint(1, 97, (1, 40))]
+    with pytest.raises(ValueError, match=rf"a window of 40 tokens is {message}"):
+        evaluation.eval_perplexity(llm, slm, windows, [0.5], base, progress=False)
+    with pytest.raises(ValueError, match=rf"a window of 40 tokens is {message}"):
+        evaluation.eval_sweep(llm, slm, windows, 2, base, progress=False)
+    with pytest.raises(ValueError, match=r"a window of 1 token has nothing to score"):
+        evaluation.eval_perplexity(llm, slm, [windows[0][:, :1]], [0.0], base, progress=False)
+    items = [{"question": "2 + 2?", "choices": ["4", "5"], "answer": 0}]
+    with pytest.raises(ValueError, match=rf"a question with an option of \d+ tokens is {message}"):
+        evaluation.eval_choice(llm, slm, tok, items, [0.5], base, progress=False)
+    with pytest.raises(ValueError, match=rf"a prompt of \d+ tokens is {message}"):
+        evaluation.eval_qa(llm, slm, tok, [("2 + 2?", "4")], [0.5], base, progress=False)
+    with pytest.raises(ValueError, match=r"--ratio 0 maps nothing"):
+        evaluation.eval_consistency(llm, slm, tok, windows, 0, 4, base, progress=False)
+    # a question too short to set a mapping is skipped, for every row alike, and counted
+    items.append({"question": "What is the sum of two and two, in words?", "choices": ["four", "five"], "answer": 0})
+    result = evaluation.eval_choice(llm, slm, tok, items, [0.5], MappingConfig(establish_threshold=40), progress=False)
+    assert [r["n"] for r in result["rows"]] == [1, 1] and result["skipped"] == {"shorter than establish_threshold": 1}
+    assert evaluation.eval_perplexity(llm, slm, windows, [0.0], base, progress=False)["rows"][0]["mapped_layers"] == []
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["eval", "perplexity", "--windows", "0"],
+        ["eval", "perplexity", "--windows", "-1"],
+        ["eval", "perplexity", "--tokens", "-5"],
+        ["demo", "--ratios", ","],
+        ["eval", "sweep", "--block", "0"],
+        ["eval", "sweep", "--block", "-2"],
+        ["eval", "consistency", "--steps", "0"],
+    ],
+)
+def test_counts_below_one_are_refused_by_the_parser(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(argv)
+    assert exit_.value.code == 2 and "takes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--ratios", "0,2"], r"--ratios must lie in \[0, 1\] \(fractions of the LLM's layers mapped\), got \[2.0\]"),
+        (["--ratios", "-0.5"], r"--ratios must lie in \[0, 1\]"),
+        (["--bytes", "0"], r"argument --bytes: takes a whole number of at least 1; got '0'"),
+        (["--bytes", "-2"], r"argument --bytes: takes a whole number of at least 1"),
+        (["--memory-budget", "-1"], r"argument --memory-budget: takes a number above 0; got '-1'"),
+        (["--memory-budget", "nan"], r"argument --memory-budget: takes a number above 0"),
+        (["--prompt", "-3"], r"argument --prompt: takes a whole number of at least 1"),
+        (["--eviction", "h2o", "--budget", "-0.5"], r"budget must be a fraction in \(0, 1\]"),
+        (["--projection", "--tokens", "0"], r"argument --tokens: takes comma-separated whole numbers of at least 1"),
+        (["--projection", "--repeats", "0"], r"argument --repeats: takes a whole number of at least 1"),
+    ],
+)
+def test_bench_checks_every_numeric_flag(argv, message, capsys):
+    """--analytic and --projection validated nothing: 160 mapped layers of an 80-layer model, negative or NaN
+    figures, internal errors for --bytes 0 and --tokens 0."""
+    argv = ["bench", "--analytic", *argv] if "--projection" not in argv else ["bench", *argv]
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # a flag argparse refuses
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2 and re.search(message, err), err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("iam: error: ")
+
+
+def test_a_parser_error_is_one_line_with_a_hint_to_help(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "perplexity", "--windows", "0"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == (
+        "iam: error: argument --windows: takes a whole number of at least 1; got '0' (see 'iam eval perplexity --help')\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["eval", "perplexity", "--out", "{file}"],
+        ["similarity", "--out", "{file}/sub"],
+        ["tune", "--out", "{file}"],
+        ["calibrate", "--to", "{file}"],
+        ["demo", "--json", "{file}/demo.json"],
+    ],
+)
+def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(argv, tmp_path, capsys, monkeypatch):
+    """It failed only after the whole evaluation (or the first tuning checkpoint), losing the results."""
+    import iam.cli
+
+    monkeypatch.setattr(iam.cli, "load", lambda *a, **k: pytest.fail("models were loaded"))
+    monkeypatch.setattr(iam.cli, "read_configs", lambda *a, **k: pytest.fail("configs were read"))
+    file = tmp_path / "a-file"
+    file.write_text("")
+    argv = [a.format(file=file) for a in argv]
+    assert main([*argv, *PAIR]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"iam: error: --(out|to|json) .*a-file.* is not a writable folder \(.*\); nothing was run", err), err
+
+
+def test_files_that_are_not_utf8_or_not_json_are_named(tmp_path, pair_folders, capsys):
+    from iam.eval import data
+    from iam.tuning.data import json_records
+
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("caf\xe9 au lait".encode("latin-1"))
+    with pytest.raises(ValueError, match=rf"{latin} is not UTF-8 text \(byte 3: invalid continuation byte\)"):
+        data.load_text(str(latin))
+    with pytest.raises(ValueError, match=rf"{latin} is not UTF-8 text"):
+        list(json_records(latin))
+    items = tmp_path / "items.jsonl"
+    items.write_text('{"question": "q", "choices": ["a"], "answer": 0}\n\n{not json\n')
+    with pytest.raises(ValueError, match=rf"{items} line 3: not valid JSON"):
+        data.load_items(str(items), 5)
+    items.write_text("[1, 2]\n")
+    with pytest.raises(ValueError, match=rf"{items} line 1: an item needs question, choices and answer"):
+        data.load_items(str(items), 5)
+    garbage = tmp_path / "config.json"
+    garbage.write_text("{garbage")
+    assert re.search(
+        rf"{garbage} is not a model's config.json", user_error(capsys, ["bench", "--analytic", "--llm", str(garbage)])
+    )
+    (Path(pair_folders[0]) / "config.json").write_text("{garbage")
+    line = user_error(capsys, generate(*pair_folders))
+    assert f"{Path(pair_folders[0]) / 'config.json'} is not a readable model config" in line
 
 
 def test_missing_model_is_a_clean_error(tmp_path, capsys):
@@ -125,6 +286,23 @@ def test_a_truncated_safetensors_file_is_named(pair_folders, capsys):
     weights = Path(pair_folders[1]) / "model.safetensors"
     os.truncate(weights, weights.stat().st_size - 100)
     assert f"{weights} is not a readable safetensors file, truncated or corrupt" in user_error(capsys, generate(*pair_folders))
+
+
+def test_saving_the_wrapper_is_refused_and_a_folder_of_other_weights_is_refused(pair_folders, tmp_path, capsys):
+    """``save_pretrained`` wrote ``llm.*``/``slm.*`` weights under the LLM's config: a folder that loaded as a random
+    LLM. Saving is refused, and a folder whose weights do not cover its model is refused on load."""
+    from safetensors.torch import save_file
+
+    from iam import IAMForCausalLM
+
+    llm, slm = tiny("qwen2", 4, 64, 4, 2, seed=0), tiny("qwen2", 2, 32, 2, 1, seed=1)
+    with pytest.raises(ValueError, match=r"cannot be saved as one folder .*save model.llm and model.slm"):
+        IAMForCausalLM(llm, slm).save_pretrained(tmp_path / "iam")
+    assert not (tmp_path / "iam").exists()
+    weights = {f"llm.{k}": v.contiguous() for k, v in llm.state_dict().items()}
+    save_file(weights, str(Path(pair_folders[0]) / "model.safetensors"), metadata={"format": "pt"})
+    line = user_error(capsys, generate(*pair_folders))
+    assert f"the weights in {pair_folders[0]} do not cover its model: " in line and "tensors are missing (lm_head.weight" in line
 
 
 def test_a_folder_without_a_tokenizer_is_named(pair_folders, capsys):

@@ -48,6 +48,22 @@ def test_identity_twin_decode_matches_llm_logits(twin, ratio):
     assert (forward(model, out).logits - llm_logits(llm, out)).abs().max() < 1e-3
 
 
+def test_the_establishing_forward_uses_the_callers_position_ids(twin):
+    """Positions with a gap: the identity twin gives the LLM's logits whether the mapping is set in the first forward
+    or in a later one (which prefills the earlier tokens again, at their given positions)."""
+    llm, slm = twin
+    model = iam(llm, slm, ratio=0.5)
+    ids = prompt(30)
+    pos = torch.arange(30)[None] + 7 * (torch.arange(30)[None] >= 10)
+    reference = forward(llm, ids, position_ids=pos).logits
+    out = forward(model, ids, position_ids=pos)
+    assert out.cache.established and (out.logits - reference).abs().max() < 1e-3
+    first = forward(model, ids[:, :12], position_ids=pos[:, :12])
+    assert not first.cache.established
+    rest = forward(model, ids[:, 12:], cache=first.cache, position_ids=pos[:, 12:])
+    assert rest.cache.established and (rest.logits - reference[:, 12:]).abs().max() < 1e-3
+
+
 def test_mapping_is_actually_used(pair):
     """A different SLM must change the LLM's logits in mapped layers, and leave them alone at ratio 0."""
     llm, slm = pair
@@ -224,6 +240,17 @@ def test_slm_runs_no_lm_head_and_only_as_deep_as_needed(twin):
     assert calls == {"head": 0, "deep": 2}  # layers 2 and 3 ran once, at prefill (to search all SLM heads)
     layers = cache.slm.layers
     assert layers[1].values.shape[-2] == 34 and layers[2].values is None and layers[3].values is None
+
+
+def test_zero_weight_candidates_keep_no_slm_layer_running(twin):
+    """With blend 2 the twin's second candidate gets weight 0: it names the weighted head, so the SLM runs only as
+    deep as the weighted heads need (layer 0 here), where a zero-weight candidate in a deeper layer kept it running."""
+    llm, slm = twin
+    cache = greedy(iam(llm, slm, layers=[0], blend=2), prompt(30), new=4).cache
+    layer, weight = cache.mapping.mixture
+    assert cache.mapping.slm_layers == [0] and torch.equal(layer[..., 0], torch.zeros_like(layer[..., 0]))
+    assert weight[..., 0].eq(1.0).all() and weight[..., 1].eq(0.0).all()
+    assert cache.slm.layers[0].values.shape[-2] == 33 and all(x.values is None for x in cache.slm.layers[1:])
 
 
 def test_eager_llm_with_padding_identity_twin(twin):

@@ -7,6 +7,7 @@ import torch
 
 from conftest import forward, iam, left_pad, prompt, tiny
 from iam import IAMForCausalLM, MappingConfig
+from iam.core.eviction import H2O
 
 
 @pytest.mark.parametrize(
@@ -51,6 +52,27 @@ def test_a_config_invalid_for_the_pair_fails_before_weights_load(tmp_path, monke
         IAMForCausalLM.from_pretrained(tmp_path / "big", tmp_path / "small", blend=5)
     with pytest.raises(ValueError, match=r"ratio must be a number in \[0, 1\]"):
         IAMForCausalLM.from_pretrained(tmp_path / "big", tmp_path / "small", ratio=3)
+
+
+@pytest.mark.parametrize("role", ["LLM", "SLM"])
+def test_a_sliding_window_config_is_refused_before_weights_load(tmp_path, monkeypatch, role):
+    """IAM's decoder builds the full causal mask only: a Qwen2 config with sliding-window layers gave other logits
+    than the LLM's even at ratio 0, and a shape mismatch in a mapped layer."""
+    from iam.models import loading
+
+    big, small = tiny("qwen2", 4, 64, 4, 2, 0), tiny("qwen2", 2, 32, 2, 1, 1)
+    sliding = big if role == "LLM" else small
+    sliding.config.use_sliding_window, sliding.config.sliding_window = True, 8
+    sliding.config.max_window_layers = 1
+    sliding.config.layer_types = ["full_attention"] + ["sliding_attention"] * (sliding.config.num_hidden_layers - 1)
+    big.config.save_pretrained(tmp_path / "big")
+    small.config.save_pretrained(tmp_path / "small")
+    monkeypatch.setattr(loading, "load_pair", lambda *a, **k: pytest.fail("weights were loaded"))
+    message = rf"{role} has sliding-window attention in layers \[1.*use_sliding_window=True"
+    with pytest.raises(ValueError, match=message):
+        IAMForCausalLM.from_pretrained(tmp_path / "big", tmp_path / "small", ratio=0.0)
+    with pytest.raises(ValueError, match=message):
+        IAMForCausalLM(big, small, MappingConfig(ratio=0.0))
 
 
 def test_layers_out_of_range(pair):
@@ -135,10 +157,46 @@ def test_a_blend_above_the_slm_head_count_is_refused_before_any_call(pair):
         iam(*pair, blend=5)
 
 
+def test_a_config_shared_between_wrappers_cannot_change_their_plans(pair):
+    """The config is frozen, and a wrapper keeps its own copy (its layer list included)."""
+    import dataclasses
+
+    config = MappingConfig(layers=[1, 2], blend=1)
+    model = IAMForCausalLM(*pair, config)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.layers = [0]
+    config.layers.append(3)
+    assert model.mapping_config.layers == [1, 2] and model.planned == {1: (0, 1), 2: (0, 1)}
+    assert dataclasses.replace(config, layers=[0]).layers == [0]
+
+
 def test_similar_strategy_refuses_a_batch(pair):
     """'similar' chooses layers from the input: a batch would let a row's neighbours change its result."""
     with pytest.raises(ValueError, match="strategy 'similar' chooses layers per input: run one sequence at a time"):
         forward(iam(*pair, ratio=0.5, strategy="similar"), prompt(30, batch=2))
+
+
+def test_generation_past_the_position_limit_is_refused_before_it_starts(pair):
+    """It raised midway, losing the tokens generated so far."""
+    model = iam(*pair, ratio=0.5)
+    steps = []
+    with pytest.raises(ValueError, match=r"a prompt of 250 tokens generating up to 10 more needs 259 positions, beyond the "):
+        model.generate(prompt(250), max_new_tokens=10, do_sample=False, streamer=Counter(steps))
+    assert steps == []  # refused before the prefill
+    assert model.generate(prompt(250), max_new_tokens=7, min_new_tokens=7, do_sample=False).shape == (1, 257)
+
+
+class Counter:
+    """A streamer that counts what it is given."""
+
+    def __init__(self, seen: list) -> None:
+        self.seen = seen
+
+    def put(self, value) -> None:
+        self.seen.append(value)
+
+    def end(self) -> None:
+        pass
 
 
 @pytest.mark.parametrize(
@@ -148,6 +206,7 @@ def test_similar_strategy_refuses_a_batch(pair):
         ({"output_attentions": True, "return_dict_in_generate": True}, "output_attentions"),
         ({"output_hidden_states": True, "return_dict_in_generate": True}, "output_hidden_states"),
         ({"cache_implementation": "static"}, r"cache_implementation='static' is not supported"),
+        ({"use_cache": False}, r"does not support use_cache=False"),
     ],
 )
 def test_unsupported_generation_modes_are_named(pair, kwargs, mode):
@@ -166,6 +225,31 @@ def test_a_foreign_filled_cache_is_refused(pair):
     filled = forward(llm, prompt(5), use_cache=True).cache
     with pytest.raises(ValueError, match="continues only its own IAMCache, got a filled DynamicCache"):
         forward(iam(llm, slm, ratio=0.5), prompt(1), cache=filled)
+
+
+@pytest.mark.parametrize(
+    "other, message",
+    [
+        (lambda llm, slm: iam(llm, slm, ratio=1.0), r"another mapping config"),
+        (lambda llm, slm: iam(llm, slm, ratio=0.5, slm_cache="int8"), r"SLM cache kind native, not this model's int8"),
+        (lambda llm, slm: IAMForCausalLM(llm, slm, MappingConfig(ratio=0.5), H2O(budget=12)), r"eviction policy None, not"),
+        (lambda llm, slm: iam(tiny(llm.config.model_type, 6, 64, 4, 2, 0), slm, ratio=0.5), r"another LLM config"),
+        (lambda llm, slm: iam(llm, tiny(llm.config.model_type, 3, 32, 2, 1, 3), ratio=0.5), r"another SLM config"),
+    ],
+)
+def test_another_models_cache_is_refused(pair, other, message):
+    """A cache records what made it: another model (plan, eviction, SLM cache kind, LLM shape) refuses it by name,
+    where it used to continue with the first model's plan, or fail with an IndexError."""
+    import copy
+
+    model = iam(*pair, ratio=0.5)
+    cache = forward(model, prompt(30)).cache
+    with pytest.raises(ValueError, match=rf"this cache was made for .*{message}.*use model.new_cache\(\)"):
+        forward(other(*pair), prompt(1), torch.ones(1, 31, dtype=torch.long), cache=cache)
+    # a deep copy, and a cache of another wrapper of the same pair and settings, continue alike
+    again = iam(*pair, ratio=0.5)
+    step = forward(again, prompt(1), torch.ones(1, 31, dtype=torch.long), cache=copy.deepcopy(cache)).logits
+    assert torch.equal(step, forward(model, prompt(1), torch.ones(1, 31, dtype=torch.long), cache=cache).logits)
 
 
 def test_unsupported_attention_implementation(pair):

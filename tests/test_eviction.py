@@ -43,6 +43,25 @@ def test_each_policy_keeps_its_budget_per_sequence_and_never_padding(pair, polic
             assert real[-4:] == list(range(int(seen[b]) - 4, int(seen[b])))  # the recent window
 
 
+@pytest.mark.parametrize(
+    "policy", [H2O(budget=10, recent=3), SnapKV(budget=10, window=3, kernel=7), StreamingLLM(budget=10)], ids=str
+)
+@pytest.mark.parametrize("ratio", [0.0, 0.5])
+def test_a_row_keeps_and_generates_as_it_does_alone(pair, policy, ratio):
+    """Exact ties in the priority (SnapKV's max-pooling makes them) go to the newer token, whatever the batch width:
+    each row of a batch of very different lengths keeps the tokens, and generates those, of its solo run."""
+    llm, slm = pair
+    prompts = [prompt(n, seed=n)[0] for n in (60, 24, 41)]
+    ids, mask = left_pad(prompts)
+    m = model(llm, slm, policy, ratio=ratio)
+    batch = greedy(m, ids, mask, new=5)
+    for i, p in enumerate(prompts):
+        solo = greedy(m, p[None], torch.ones(1, len(p), dtype=torch.long), new=5)
+        row = batch.cache.kept
+        assert row.positions[i][row.valid[i]].tolist() == solo.cache.kept.positions[0][solo.cache.kept.valid[0]].tolist()
+        assert torch.equal(batch.sequences[i, ids.shape[1] :], solo.sequences[0, len(p) :]), f"row {i}"
+
+
 def test_fraction_budgets_keep_a_share_of_each_sequence(pair):
     llm, slm = pair
     ids, mask = left_pad([prompt(n, seed=n)[0] for n in (30, 20)])
@@ -88,6 +107,20 @@ def test_no_borrowed_row_reads_a_dropped_value(twin):
     assert torch.equal(mapped.sequences, alone.sequences)
     assert torch.equal(mapped.cache.kept.positions, alone.cache.kept.positions)
     assert mapped.cache.kept.valid.sum(-1).tolist() == [14, 14]
+
+
+@pytest.mark.parametrize("policy", [H2O(budget=14, recent=3), SnapKV(budget=14, window=3)], ids=str)
+def test_scores_count_only_the_borrowed_heads_that_carry_weight(twin, policy):
+    """The identity twin with blend 2 borrows each head's own attention with weight 1: scored by the weighted
+    borrowed heads it keeps and generates as the LLM alone under the same policy. Zero-weight candidates (other SLM
+    layers) used to add their attention to the scores."""
+    llm, slm = twin
+    ids, mask = left_pad([prompt(n, seed=n)[0] for n in (34, 28)])
+    alone = greedy(model(llm, slm, policy, ratio=0.0), ids, mask, new=8)
+    mapped = greedy(model(llm, slm, policy, layers=[1, 3], blend=2), ids, mask, new=8)
+    assert mapped.cache.mapping.mixture[1].nan_to_num(1.0).amax(-1).eq(1.0).all()  # the twin's own head, weight 1
+    assert torch.equal(mapped.cache.kept.positions, alone.cache.kept.positions)
+    assert torch.equal(mapped.sequences, alone.sequences)
 
 
 def test_iam_with_h2o_bytes_equal_the_arithmetic(pair):
@@ -168,6 +201,13 @@ def test_continuation_reads_the_evicted_cache(pair):
         (lambda: H2O(budget=0), r"budget must be a fraction in \(0, 1\] or a token count"),
         (lambda: H2O(budget=4, recent=8), r"budget 4 is smaller than the 8 tokens H2O always keeps"),
         (lambda: StreamingLLM(budget=3, sinks=4), r"budget 3 is smaller than the 4 tokens StreamingLLM always keeps"),
+        (lambda: SnapKV(kernel=4), r"SnapKV.kernel must be odd"),
+        (lambda: SnapKV(kernel=0), r"SnapKV.kernel must be an integer >= 1 \(tokens\), got 0"),
+        (lambda: SnapKV(kernel=2.5), r"SnapKV.kernel must be an integer >= 1 \(tokens\), got 2.5"),
+        (lambda: SnapKV(window=0), r"SnapKV.window must be an integer >= 1"),
+        (lambda: H2O(recent=-5), r"H2O.recent must be an integer >= 0 \(tokens\), got -5"),
+        (lambda: H2O(recent=True), r"H2O.recent must be an integer >= 0"),
+        (lambda: StreamingLLM(sinks=-2), r"StreamingLLM.sinks must be an integer >= 0 \(tokens\), got -2"),
         (lambda: make_policy("lru", 0.5), r"eviction policy must be one of \['h2o', 'snapkv', 'streaming'\], got 'lru'"),
         (lambda: make_policy(None, 0.5), r"a budget needs an eviction policy"),
     ],

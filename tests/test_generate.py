@@ -135,6 +135,16 @@ def test_pipeline_and_chat_messages(pair, tokenizer):
     assert chat[0]["generated_text"][-1]["role"] == "assistant"
 
 
+def test_a_pipeline_of_iam_logs_no_error(pair, tokenizer, monkeypatch):
+    """It logged "The model 'IAMForCausalLM' is not supported for text-generation" with 200 names."""
+    from transformers.pipelines import base
+
+    errors = []
+    monkeypatch.setattr(base.logger, "error", lambda message, *args, **kwargs: errors.append(message))
+    pipeline("text-generation", model=iam(*pair, ratio=0.5), tokenizer=tokenizer)
+    assert errors == []
+
+
 class Inspector(BaseStreamer):
     """A streamer that looks at the LLM's modules on every step, mid-call."""
 

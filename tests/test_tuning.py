@@ -144,6 +144,38 @@ def test_resume_refuses_other_settings_but_takes_another_time_limit(tmp_path, fo
     assert run(TuneConfig(max_steps=2, save_every=7), resume=True)["steps"] == 2  # a new session, no time limit
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda c: (c / "trainable.safetensors").write_bytes((c / "trainable.safetensors").read_bytes()[:-40]),
+        lambda c: (c / "optimizer.pt").write_bytes(b"garbage"),
+        lambda c: (c / "state.json").write_text(json.dumps({"step": 1, "rows": [], "seconds": 0.0})),
+        lambda c: (c / "state.json").write_text("{not json"),
+    ],
+    ids=["truncated weights", "garbage optimizer", "state without settings", "state not json"],
+)
+def test_a_corrupt_checkpoint_is_refused_naming_it(tmp_path, folders, data, damage):
+    def run(config, resume=False):
+        llm, slm = tiny("qwen2", 4, 64, 4, 2, seed=0), tiny("qwen2", 2, 32, 2, 1, seed=1)
+        return tune_slm(
+            llm, slm, char_tokenizer(), data, tmp_path, folders["llm"], config, MAPPING, resume=resume, progress=False
+        )
+
+    run(TuneConfig(max_steps=2, max_minutes=1e-9))
+    checkpoint = tmp_path / "checkpoints" / "step-000001"
+    damage(checkpoint)
+    with pytest.raises(ValueError, match=rf"{checkpoint} is not a complete tuning checkpoint .*delete it"):
+        run(TuneConfig(max_steps=2), resume=True)
+
+
+def test_a_file_named_like_a_checkpoint_is_refused_naming_it(tmp_path, folders, data):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "step-000003").write_text("")
+    llm, slm = tiny("qwen2", 4, 64, 4, 2, seed=0), tiny("qwen2", 2, 32, 2, 1, seed=1)
+    with pytest.raises(ValueError, match=r"step-000003 is not a complete tuning checkpoint \(NotADirectoryError"):
+        tune_slm(llm, slm, char_tokenizer(), data, tmp_path, folders["llm"], TuneConfig(max_steps=2), MAPPING, resume=True)
+
+
 def test_the_tuned_slm_serves_its_llm_and_is_refused_with_another(tmp_path, folders, capsys):
     run = tmp_path / "run"
     argv = ["tune", "--llm", folders["llm"], "--slm", folders["slm"], "--data", folders["text"], "--objective", "lm"]

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import sys
+import tempfile
 import traceback
 from collections.abc import Sequence
 from dataclasses import replace
@@ -24,7 +25,7 @@ from transformers import TextStreamer
 from .bench import costs, measure, projection
 from .bench.timing import GenerationTimer, allocator_note, timing_environment
 from .core import calibration
-from .core.config import MappingConfig, resolve
+from .core.config import MappingConfig, check_mapped, resolve
 from .core.eviction import POLICIES, SCOPES, EvictionPolicy, make_policy, parse_budget
 from .core.model import IAMForCausalLM, check_eviction, check_family, check_pair_configs
 from .core.selection import STRATEGIES, Unit, parse_unit, unit_label, units_for_ratio
@@ -109,11 +110,34 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"takes a number above 0; got {text!r}")
+    return value
+
+
+def count_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"takes comma-separated whole numbers of at least 1, e.g. 512,8192; got {text!r}")
+    return values
+
+
 def ratio_list(text: str) -> list[float]:
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--ratios takes comma-separated numbers, e.g. 0,0.3,0.5; got {text!r}") from None
+        values = []
+    if not values:
+        raise argparse.ArgumentTypeError(f"takes comma-separated numbers, e.g. 0,0.3,0.5; got {text!r}")
+    return values
 
 
 def add_pair_args(
@@ -401,22 +425,41 @@ def sweep_tasks(args: argparse.Namespace, tok) -> dict:
     choice (trivia with distractors), qa (trivia, token F1) and summarize (Wikipedia body -> lead, ROUGE-L, the body cut
     to ``--tokens`` tokens) on their first ``--limit`` items; generation up to ``--max-new-tokens``."""
     tasks = {}
+    mapped = [replace(mapping_config(args, 0.0), ratio=1.0)]  # every block of the sweep maps
     for name in args.tasks:
         if name == "perplexity":
             windows = eval_windows(args, tok)
+            check_mapped([w.shape[1] for w in windows], mapped)
             tasks[name] = lambda iam, windows=windows: evaluation.perplexity(iam, windows, progress=False)[0]
         elif name == "choice":
-            items = data.load_items(None, args.limit)
+            items = evaluation.mappable_choices(tok, data.load_items(None, None), mapped)[0][: args.limit]
             tasks[name] = lambda iam, items=items: evaluation.choice_accuracy(iam, tok, items)
         elif name == "qa":
             pairs = data.trivia()[: args.limit]
+            check_mapped(evaluation.lengths(tok, evaluation.qa_prompts(tok, pairs)), mapped, "a prompt")
             tasks[name] = lambda iam, pairs=pairs: evaluation.qa_scores(iam, tok, pairs, args.max_new_tokens)["f1"]
         else:
             docs, _ = data.load_summaries("wikipedia")
             prompts, kept, _ = evaluation.summary_prompts(tok, docs[: args.limit], args.tokens, min(64, args.tokens))
             refs = [d["summary"] for d in kept]
+            check_mapped(evaluation.lengths(tok, prompts), mapped, "a document prompt")
             tasks[name] = lambda iam, p=prompts, r=refs: evaluation.summary_scores(iam, tok, p, r, args.max_new_tokens)["rougeL"]
     return tasks
+
+
+def check_eval_inputs(args: argparse.Namespace, base: MappingConfig) -> None:
+    """Before loading: refuse a ratio that maps nothing where an evaluation measures the mapped layers, and windows
+    that cannot be scored or, where IAM maps, stay below establish_threshold (rows labelled IAM would be the LLM
+    alone)."""
+    kind = args.eval_command
+    if kind in ("metrics", "consistency", "mapping-stats", "attention-maps") and not (args.ratio > 0 or base.layers):
+        raise ValueError(f"--ratio {args.ratio} maps nothing: iam eval {kind} measures mapped layers (use --ratio > 0).")
+    if not hasattr(args, "tokens") or kind == "kv-tradeoff" or getattr(args, "context", None) is not None:
+        return
+    if kind in ("perplexity", "metrics", "sweep") and args.tokens < 2:
+        raise ValueError(f"--tokens {args.tokens}: a window needs at least 2 tokens to score one.")
+    ratios = [1.0] if kind == "sweep" else getattr(args, "ratios", None) or [args.ratio]
+    check_mapped([args.tokens], [replace(base, ratio=r) for r in ratios], "a --tokens window")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -424,6 +467,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if kind == "kv-tradeoff" and (args.local_window or args.local_sinks is not None):
         raise ValueError("iam eval kv-tradeoff takes --local-windows (a list; 4 sinks), not --local-window/--local-sinks.")
     base = mapping_config(args, 0.0)
+    check_eval_inputs(args, base)
     ratios = getattr(args, "ratios", None) or [getattr(args, "ratio", 0.0)]
     windows = [0, *getattr(args, "local_windows", ())]
     llm, slm, tok = load(args, [replace(base, ratio=r, local_window=w) for r in ratios for w in windows])
@@ -493,8 +537,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         result = harness.evaluate(llm, slm, tok, args.tasks, args.ratios, base, args.limit)
         return finish(args, "harness", result, ["ratio", "task", "metric", "value", "change"])
-    items = data.load_items(args.dataset, args.limit)
-    result = evaluation.eval_choice(llm, slm, tok, items, args.ratios, base)
+    items = data.load_items(args.dataset, None)
+    result = evaluation.eval_choice(llm, slm, tok, items, args.ratios, base, limit=args.limit)
     return finish(args, "choice", result, ["ratio", "strategy", "accuracy", "n"])
 
 
@@ -546,6 +590,7 @@ def load_each(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.Modul
 
 def cmd_similarity(args: argparse.Namespace) -> int:
     config = mapping_config(args, 0.0)
+    check_mapped([args.tokens], [replace(config, ratio=1.0)], "a --tokens window")  # a mapping's window
     llm_tok, slm_tok = load_tokenizer(args.llm), load_tokenizer(args.slm)
     if llm_tok.get_vocab() == slm_tok.get_vocab():
         llm, slm, tok = load(args, [config])
@@ -621,6 +666,9 @@ def warn_allocator(device: torch.device) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    bad = [r for r in args.ratios if not 0 <= r <= 1]
+    if bad:
+        raise ValueError(f"--ratios must lie in [0, 1] (fractions of the LLM's layers mapped), got {bad}.")
     full, cpu = costs.SCENARIOS[args.scenario]
     scenario = full if args.full_size or args.analytic else cpu
     scenario = costs.Scenario(
@@ -678,8 +726,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.memory_scaling:
         args.llm, args.slm = args.llm or "qwen2.5-coder-1.5b", args.slm or "qwen2.5-coder-0.5b"
         base = mapping_config(args, 0.0)
-        llm, slm, _ = load(args, [replace(base, ratio=r) for r in args.ratios])
         tokens = args.tokens or [1024, 2048, 4096, 8192]
+        check_mapped(tokens, [replace(base, ratio=r) for r in args.ratios], "a --tokens length")
+        llm, slm, _ = load(args, [replace(base, ratio=r) for r in args.ratios])
         rows = measure.memory_scaling(llm, slm, tokens, args.ratios, base)
         result = {"mode": "memory-scaling", "device": str(llm.device), "dtype": str(llm.dtype), "rows": rows}
         columns = ["tokens", "ratio", "peak_tensor_bytes", "peak_growth", "largest_tensor_bytes", "tt_matrix_bytes", "kv_bytes"]
@@ -725,6 +774,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return finish(args, "bench-analytic", result, columns)
     args.llm, args.slm = args.llm or "qwen2.5-coder-1.5b", args.slm or "qwen2.5-coder-0.5b"
     base = mapping_config(args, 0.0)
+    check_mapped([scenario.prompt], [replace(base, ratio=r) for r in args.ratios], "a --prompt")
     llm, slm, _ = load(args, [replace(base, ratio=r) for r in args.ratios])
     warn_allocator(llm.device)
     rows = measure.measure(llm, slm, args.ratios, scenario, args.repeats, base, eviction=eviction(args))
@@ -752,6 +802,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     base = mapping_config(args, 0.0)
+    check_mapped([args.tokens], [replace(base, ratio=1.0)], "a --tokens window")
     llm, slm, tok = load(args, [base])
     windows = eval_windows(args, tok)
     base = IAMForCausalLM(llm, slm, base).mapping_config  # blend resolved (the pair's stored one): measured under, stored with
@@ -802,12 +853,20 @@ def add_text_args(p: argparse.ArgumentParser, windows: int = 3, tokens: int = 51
         "comma-separate to mix",
     )
     p.add_argument("--text", default=None, metavar="FILE", help="any text file instead of --dataset")
-    p.add_argument("--windows", type=int, default=windows)
-    p.add_argument("--tokens", type=int, default=tokens)
+    p.add_argument("--windows", type=positive_int, default=windows)
+    p.add_argument("--tokens", type=positive_int, default=tokens)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, its errors in the one-line form of every other user error (no usage block), with a hint to
+    ``--help``; its subcommands' parsers are of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"iam: error: {message} (see '{self.prog} --help')\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="iam", description=__doc__)
+    parser = Parser(prog="iam", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="generate text with IAM")
@@ -889,22 +948,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--tokens",
-        type=lambda t: [int(x) for x in t.split(",")],
+        type=count_list,
         default=None,
         help="projection and memory scaling: context lengths, e.g. 512,8192",
     )
     p.add_argument("--scenario", default="concurrency", choices=sorted(costs.SCENARIOS))
     p.add_argument("--full-size", action="store_true", help="the paper's sizes instead of the CPU-sized defaults")
-    p.add_argument("--prompt", type=int, default=None, help="prompt tokens (overrides the scenario)")
-    p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--new-tokens", type=int, default=None)
+    p.add_argument("--prompt", type=positive_int, default=None, help="prompt tokens (overrides the scenario)")
+    p.add_argument("--batch", type=positive_int, default=None)
+    p.add_argument("--new-tokens", type=positive_int, default=None)
     p.add_argument("--ratios", type=ratio_list, default=[0.0, 0.3, 0.5])
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=positive_int, default=3)
     p.add_argument(
-        "--decode-repeats", type=int, default=20, help="projection: rounds of the decode-step timings (short and noisy)"
+        "--decode-repeats", type=positive_int, default=20, help="projection: rounds of the decode-step timings (short and noisy)"
     )
-    p.add_argument("--bytes", type=int, default=2, help="bytes per cached element (analytic; 2 = fp16/bf16)")
-    p.add_argument("--memory-budget", type=float, default=None, metavar="GB", help="analytic: memory for weights + KV")
+    p.add_argument("--bytes", type=positive_int, default=2, help="bytes per cached element (analytic; 2 = fp16/bf16)")
+    p.add_argument("--memory-budget", type=positive_float, default=None, metavar="GB", help="analytic: memory for weights + KV")
     add_eviction_args(p)
     p.set_defaults(func=cmd_bench)
 
@@ -1001,7 +1060,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "metrics":
             p.add_argument("--metrics", type=lambda t: t.split(","), default=sorted(METRICS))
         if name == "sweep":
-            p.add_argument("--block", type=int, default=4)
+            p.add_argument("--block", type=positive_int, default=4)
             add_granularity_arg(p)
             p.add_argument(
                 "--tasks",
@@ -1025,7 +1084,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "--min-tokens", type=positive_int, default=64, help="documents with fewer tokens are skipped (counted)"
             )
         if name == "consistency":
-            p.add_argument("--steps", type=int, default=16)
+            p.add_argument("--steps", type=positive_int, default=16)
         if name in ("qa", "choice"):
             p.add_argument("--limit", type=positive_int, default=40, help="number of questions")
         if name == "qa":
@@ -1064,11 +1123,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_outputs(args: argparse.Namespace) -> None:
+    """Before any work: every folder a command will write into (``--out``, ``--to``, the folder of ``--json FILE``)
+    must be a folder we may write in, or one we may create; else ``ValueError`` naming it."""
+    folders = [("--out", getattr(args, "out", None)), ("--to", getattr(args, "to", None))]
+    if isinstance(getattr(args, "json", None), str):
+        folders.append(("--json", str(Path(args.json).parent)))
+    for flag, folder in folders:
+        if folder is None:
+            continue
+        existing = Path(folder).absolute()
+        while not existing.exists() and existing != existing.parent:  # created later: its first existing ancestor
+            existing = existing.parent
+        try:
+            with tempfile.TemporaryFile(dir=existing):
+                pass
+        except OSError as err:
+            raise ValueError(f"{flag} {folder} is not a writable folder ({err.strerror or err}); nothing was run.") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.provenance = provenance(argv)  # the code as it was when the command started, which is what it ran
     try:
+        check_outputs(args)
         if secondary_rank():  # under torchrun only rank 0 prints
             with contextlib.redirect_stdout(io.StringIO()):
                 return args.func(args)

@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.cache import cache_bytes, slm_cache
-from ..core.config import MappingConfig
+from ..core.config import MappingConfig, check_mapped
 from ..core.eviction import EvictionPolicy
 from ..core.model import IAMForCausalLM
 from ..core.selection import layers_worth
@@ -81,6 +81,7 @@ def measure(
     (prefill FLOPs, decode bytes), plus the SLM's time. ``ttft_vs_budget``/``tpot_vs_budget`` are medians of IAM
     over its budget, round by round (1 = IAM costs exactly its parts; above 1, overhead).
     """
+    check_mapped([scenario.prompt], [replace(base_config, ratio=r) for r in ratios], "a --prompt")
     device = llm.device
     ids = random_prompt(llm, scenario.batch, scenario.prompt, torch.Generator().manual_seed(0))
     ratios = with_baseline(ratios)
@@ -158,6 +159,7 @@ def memory_scaling(
     and ``peak_growth`` (peak over the previous length's peak; about the length growth when memory is linear,
     its square when it is quadratic).
     """
+    check_mapped(lengths, [replace(base_config, ratio=r) for r in ratios], "a --tokens length")
     g = torch.Generator().manual_seed(0)
     rows: list[dict] = []
     runs = [(n, r) for n in sorted(lengths) for r in with_baseline(ratios)]

@@ -3,6 +3,8 @@ mapped), the SLM's cache and the ``Mapping``; bytes are read off the real tensor
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+
 import torch
 from transformers import DynamicCache, PretrainedConfig
 from transformers.cache_utils import Cache, DynamicLayer
@@ -185,14 +187,54 @@ def cache_bytes(cache: Cache | None) -> int:
     return sum(tensor_bytes(getattr(layer, n, None)) for layer in cache.layers for n in names)
 
 
+@dataclass(frozen=True)
+class Signature:
+    """What made an ``IAMCache``, compared by value: a model continues only a cache whose signature equals its own
+    (so a deep copy, or a cache of another wrapper of the same pair and settings, serves).
+
+    Parameters
+    ----------
+    llm, slm : the two models' configs, as JSON.
+    mapping : the resolved mapping config and layer selection (what sets the plan), as text.
+    eviction : the eviction policy, as text (``"None"`` without one).
+    slm_cache : as ``MappingConfig.slm_cache``.
+    local : ``(sinks, window)`` of the exact local window, if any.
+    """
+
+    llm: str
+    slm: str
+    mapping: str
+    eviction: str
+    slm_cache: str
+    local: tuple[int, int] | None
+
+    def refuse(self, other: Signature | None) -> None:
+        """Raise ``ValueError``, naming what differs, unless ``other`` (a cache's signature) equals this one."""
+        if other == self:
+            return
+        if other is None:
+            raise ValueError("this cache was not made by an IAMForCausalLM: use model.new_cache().")
+        names = {"llm": "LLM config", "slm": "SLM config", "mapping": "mapping config", "eviction": "eviction policy"}
+        names.update(slm_cache="SLM cache kind", local="local window (sinks, window)")
+        differ = [f.name for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+        what = "; ".join(
+            f"another {names[n]}"
+            if n in ("llm", "slm", "mapping")
+            else f"{names[n]} {getattr(other, n)}, not this model's {getattr(self, n)}"
+            for n in differ
+        )
+        raise ValueError(f"this cache was made for {what}: use model.new_cache().")
+
+
 class IAMCache(Cache):
     """The cache of an ``IAMForCausalLM`` call: the LLM's layers (``self.layers``), the SLM's cache (``self.slm``)
     and, once the context has reached ``establish_threshold``, the ``Mapping`` (``self.mapping``).
 
     Until the mapping is established the LLM runs alone, its layers are plain ``DynamicLayer`` and the cache keeps
-    the tokens seen (``self.tokens``), so that the forward which reaches the threshold can prefill both models over
-    the whole context. From then on a wholly mapped layer holds a ``ValueOnlyLayer`` and a partly mapped one keeps K
-    for its unmapped KV groups only. Beam search's reorder, repeat and select apply to both models and the mapping.
+    the tokens seen (``self.tokens``, at ``self.token_positions``), so that the forward which reaches the threshold
+    can prefill both models over the whole context. From then on a wholly mapped layer holds a ``ValueOnlyLayer``
+    and a partly mapped one keeps K for its unmapped KV groups only. Beam search's reorder, repeat and select apply
+    to both models and the mapping.
 
     With an ``eviction`` policy the cache keeps one set of tokens per sequence (``self.kept``, see
     ``iam.core.eviction``) for every layer of both models, or, with ``scope="unmapped"``, for the LLM's layers that keep
@@ -206,6 +248,7 @@ class IAMCache(Cache):
     eviction : the token eviction policy, if any.
     local : ``(sinks, window)`` where mapped layers attend exactly to a local window (``MappingConfig.local_window``):
         their mapped groups' K for those tokens is in ``self.local``, one ``LocalKeys`` per LLM layer.
+    signature : what made the cache (``None`` for an internal one); only a model of an equal signature continues it.
     """
 
     def __init__(
@@ -216,6 +259,7 @@ class IAMCache(Cache):
         eviction: EvictionPolicy | None = None,
         local: tuple[int, int] | None = None,
         llm_cache_kind: str = "native",
+        signature: Signature | None = None,
     ) -> None:
         n_layers = llm_config.num_hidden_layers
         self.llm_cache_kind = llm_cache_kind
@@ -225,8 +269,10 @@ class IAMCache(Cache):
         # a container of LocalKeys, moved with the batch; the mapped layers update them (``LocalKeys.update``)
         self.local = Cache(layers=[LocalKeys(*local) for _ in range(n_layers)]) if local else None
         self.eviction = eviction
+        self.signature = signature
         self.mapping: Mapping | None = None
         self.tokens: torch.Tensor | None = None
+        self.token_positions: torch.Tensor | None = None  # the caller's position ids of ``tokens``
         self.kept: Kept | None = None
         self.columns = 0  # tokens (padding included) seen so far: the width of the caller's attention mask
 
@@ -244,7 +290,7 @@ class IAMCache(Cache):
         kind = self.llm_cache_kind
         self.layers = [layer_for(kind, len(mapping.plan.get(i, ())) == self.n_kv) for i in range(len(self.layers))]
         self.mapping = mapping
-        self.tokens = None
+        self.tokens = self.token_positions = None
         if self.local is not None:
             self.local.reset()
 
@@ -308,6 +354,7 @@ class IAMCache(Cache):
             self.mapping = self.mapping.rows(index)
         if self.tokens is not None:
             self.tokens = self.tokens[index.to(self.tokens.device)]
+            self.token_positions = self.token_positions[index.to(self.tokens.device)]
         if self.kept is not None:
             i = index.to(self.kept.valid.device)
             self.kept = Kept(self.kept.valid[i], self.kept.positions[i], self.kept.scores[i], self.kept.seen[i])
@@ -346,7 +393,7 @@ class IAMCache(Cache):
         self.layers = [layer_for(self.llm_cache_kind) for _ in self.layers]  # mapped layers were V-only
         for cache in self._others():
             cache.reset()
-        self.mapping = self.tokens = self.kept = None
+        self.mapping = self.tokens = self.token_positions = self.kept = None
         self.columns = 0
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

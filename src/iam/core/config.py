@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -15,9 +16,9 @@ from .similarity import METRICS
 MAX_BLEND = 8  # the exact blend fit solves 2^blend - 1 small systems per head
 
 
-@dataclass
+@dataclass(frozen=True)
 class MappingConfig:
-    """How IAM maps LLM attention onto SLM attention.
+    """How IAM maps LLM attention onto SLM attention. Immutable: vary one with ``dataclasses.replace``.
 
     Parameters
     ----------
@@ -70,7 +71,7 @@ class MappingConfig:
     def __post_init__(self) -> None:
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 <= self.ratio <= 1:
             raise ValueError(f"ratio must be a number in [0, 1] (fraction of LLM layers mapped), got {self.ratio!r}.")
-        self.ratio = float(self.ratio)
+        object.__setattr__(self, "ratio", float(self.ratio))
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {self.strategy!r}.")
         if self.metric not in METRICS:
@@ -79,7 +80,7 @@ class MappingConfig:
             if getattr(self, name) not in SLM_CACHES:
                 raise ValueError(f"{name} must be one of {list(SLM_CACHES)}, got {getattr(self, name)!r}.")
         if self.layers is not None:
-            self.layers = _check_layer_list(self.layers)
+            object.__setattr__(self, "layers", _check_layer_list(self.layers))  # a copy: the caller's list stays theirs
         if self.calibration is not None:
             if not isinstance(STRATEGIES[self.strategy], CalibratedSelection) or self.layers is not None:
                 raise ValueError(
@@ -150,6 +151,23 @@ def check_layers_in_range(layers: list[Unit], n_layers: int, n_kv: int) -> None:
         raise ValueError(f"KV groups {bad} out of range: the LLM has {n_kv} KV heads per layer (0..{n_kv - 1}).")
 
 
+def mapping_threshold(configs: Sequence[MappingConfig]) -> int:
+    """Tokens from which each of ``configs`` that maps anything sets its mapping (0 where none maps)."""
+    return max((c.establish_threshold for c in configs if c.ratio > 0 or c.layers), default=0)
+
+
+def check_mapped(lengths: Sequence[int], configs: Sequence[MappingConfig], what: str = "a window") -> None:
+    """Raise unless each of ``configs`` that maps anything would map on inputs of ``lengths`` tokens: every input
+    (and so every batch's shortest row) reaches ``establish_threshold``. Else a row labelled IAM would be the LLM
+    alone."""
+    threshold = mapping_threshold(configs)
+    if min(lengths) < threshold:
+        raise ValueError(
+            f"{what} of {min(lengths)} tokens is below establish_threshold {threshold}: IAM would map nothing on it, and "
+            "its row would report the LLM alone as IAM. Use longer inputs or a lower --establish-threshold."
+        )
+
+
 @dataclass(frozen=True)
 class Resolved:
     """A ``MappingConfig`` resolved for one LLM/SLM pair.
@@ -180,8 +198,8 @@ def resolve(config: MappingConfig, llm: PretrainedConfig, slm: PretrainedConfig)
         if stored is None and strategy.fallback is None:
             raise ValueError("no calibrated layer order is stored for this LLM: run `iam calibrate --llm ... --slm ...` first.")
         strategy = replace(strategy, order=stored.order if stored else ())
-    if config.blend is None:  # the pair's stored blend goes with its stored order
-        config = replace(config, blend=stored.blend if stored else 1)
+    # a copy in any case (the pair's stored blend goes with its stored order), sharing no list with the caller's
+    config = replace(config, blend=(stored.blend if stored else 1) if config.blend is None else config.blend)
     slm_heads = slm.num_hidden_layers * slm.num_attention_heads
     if config.blend > slm_heads:
         raise ValueError(

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -48,6 +48,10 @@ class EvictionPolicy(ABC):
     decode = True  # whether it evicts during decode as well as after prefill
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # a policy's own fields are token counts, each with its least value
+            value, least = getattr(self, f.name), f.metadata.get("least")
+            if least is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+                raise ValueError(f"{type(self).__name__}.{f.name} must be an integer >= {least} (tokens), got {value!r}.")
         b = self.budget
         fraction = isinstance(b, float) and 0 < b <= 1
         count = isinstance(b, int) and not isinstance(b, bool) and b >= 1
@@ -98,7 +102,7 @@ class StreamingLLM(EvictionPolicy):
     sinks : first tokens always kept.
     """
 
-    sinks: int = 4
+    sinks: int = field(default=4, metadata={"least": 0})
 
     @property
     def reserved(self) -> int:
@@ -120,7 +124,7 @@ class H2O(EvictionPolicy):
     recent : latest tokens always kept.
     """
 
-    recent: int = 8
+    recent: int = field(default=8, metadata={"least": 0})
     needs_scores = True
 
     @property
@@ -143,10 +147,15 @@ class SnapKV(EvictionPolicy):
     kernel : max-pooling width over neighbouring tokens' scores (odd).
     """
 
-    window: int = 16
-    kernel: int = 5
+    window: int = field(default=16, metadata={"least": 1})
+    kernel: int = field(default=5, metadata={"least": 1})
     needs_scores = True
     decode = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.kernel % 2 == 0:
+            raise ValueError(f"SnapKV.kernel must be odd (pooling centred on each token), got {self.kernel}.")
 
     @property
     def reserved(self) -> int:
@@ -217,7 +226,9 @@ class Kept:
         age = (self.seen[:, None] - 1 - self.positions).masked_fill(~self.valid, -1)
         priority = policy.priority(self.scores, self.valid, age).masked_fill(~self.valid, -math.inf)
         width = int(keep.max())
-        best = priority.topk(width, -1).indices  # most deserving first
+        # most deserving first; exact ties go to the newer slot, so a row keeps the same tokens in any batch
+        s = priority.shape[-1]
+        best = s - 1 - priority.flip(-1).argsort(dim=-1, descending=True, stable=True)[:, :width]
         chosen = torch.arange(width, device=best.device)[None] < keep[:, None]
         index = best.masked_fill(~chosen, -1).sort(-1).values  # time order, a shorter row's padding first
         pad = index < 0
@@ -228,7 +239,13 @@ class Kept:
 
 
 def attention_mass(
-    q: torch.Tensor, k: torch.Tensor, scaling: float, valid: torch.Tensor, last: int | None = None, chunk: int = 128
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scaling: float,
+    valid: torch.Tensor,
+    last: int | None = None,
+    chunk: int = 128,
+    head_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention mass ``[B, S]`` each cache slot receives, summed over heads and queries, in float32 and in chunks of
     queries (no T x T matrix).
@@ -240,6 +257,7 @@ def attention_mass(
     scaling : the attention scaling.
     valid : ``[B, S]`` slots holding real tokens (padding neither attends nor is attended to).
     last : only the last ``last`` queries (SnapKV's observation window).
+    head_weight : ``[B, H]`` weight of each head's mass (default: 1 each).
     """
     b, h, t, _ = q.shape
     s = k.shape[2]
@@ -251,5 +269,5 @@ def attention_mass(
         rows = torch.arange(i, i + scores.shape[2], device=q.device) + (s - t)
         allowed = (cols[None] <= rows[:, None])[None, None] & valid.bool()[:, None, None, :]
         probs = scores.masked_fill(~allowed, -math.inf).softmax(-1).nan_to_num(0.0)  # a padding query sees nothing
-        mass += probs.sum((1, 2))
+        mass += probs.sum((1, 2)) if head_weight is None else (probs.sum(2) * head_weight[..., None]).sum(1)
     return mass

@@ -71,7 +71,8 @@ class HeadMap:
     ----------
     heads : ``[H_m]`` the mapped LLM head indices.
     slm_layer, slm_head : ``[B, H_m, k]`` the SLM heads each LLM head borrows, most similar first (``k = 1``: the
-        paper's single best match).
+        paper's single best match); a candidate the fit gives weight 0 names the head of the largest weight instead,
+        so that no SLM layer is read (or run) for nothing.
     weight : ``[B, H_m, k]`` their mixing weights (non-negative, summing to one).
     score : ``[B, H_m]`` the similarity of the borrowed (mixed) attention to the LLM head's own, on the window.
     """
@@ -143,7 +144,7 @@ class SLMWindow:
             best = self.metric.score(llm, self.flats[b]).topk(self.blend, -1).indices  # [H_m, k], most similar first
             candidates = self.flats[b][best]  # [H_m, k, N]
             w = simplex_weights(llm, candidates)
-            picks.append(best)
+            picks.append(torch.where(w > 0, best, best.gather(-1, w.argmax(-1, keepdim=True))))
             weights.append(w)
             scores.append(self.metric.score(llm, (w[..., None] * candidates).sum(1)).diagonal())
         best = torch.stack(picks)
@@ -216,6 +217,20 @@ class Mapping:
     def slm_layers(self) -> list[int]:
         """The SLM layers some mapped head borrows from (the SLM runs as deep as the last one)."""
         return sorted(set(torch.cat([m.slm_layer.flatten() for m in self.layers.values()]).tolist()))
+
+    def borrowed_weight(self, slm_heads: int) -> dict[int, torch.Tensor]:
+        """Per SLM layer borrowed from, ``[B, slm_heads]`` the weight the mapped LLM heads put on each of its heads
+        (summed over them): how much each SLM head stands in for the mapped heads."""
+        depth = self.slm_layers[-1] + 1
+        total = None
+        for m in self.layers.values():
+            w = m.weight.flatten(1).float()
+            total = w.new_zeros(w.shape[0], depth * slm_heads) if total is None else total
+            total = total.index_put(
+                (torch.arange(w.shape[0], device=w.device)[:, None], (m.slm_layer * slm_heads + m.slm_head).flatten(1)), w, True
+            )
+        total = total.view(-1, depth, slm_heads)
+        return {layer: total[:, layer] for layer in self.slm_layers}
 
     def _per_head(self, values: Callable[[HeadMap], torch.Tensor], fill: float) -> torch.Tensor:
         """``values(map)`` ``[B, H_mapped, ...]`` of each mapped layer, placed at its heads of a ``[B, n_mapped_layers,

@@ -20,7 +20,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from ..models.loading import load_pair, read_configs
 from ..models.placement import Placement
 from .attention import MappedAttention, SLMStep
-from .cache import IAMCache, read_keys
+from .cache import IAMCache, Signature, read_keys
 from .config import MappingConfig, Resolved, resolve
 from .decoder import Pass, decoder_layers, positions
 from .eviction import EvictionPolicy, attention_mass
@@ -49,10 +49,24 @@ def check_family(role: str, config: PretrainedConfig) -> None:
         raise ValueError(f"{role} has model_type {model_type!r}; supported families: {list(SUPPORTED_FAMILIES)}.")
 
 
+def check_full_attention(role: str, config: PretrainedConfig) -> None:
+    """Raise ``ValueError`` where ``config`` has sliding-window layers: the layer-by-layer decoder builds the full
+    causal mask only."""
+    sliding = [i for i, kind in enumerate(getattr(config, "layer_types", None) or ()) if kind != "full_attention"]
+    if sliding:
+        raise ValueError(
+            f"{role} has sliding-window attention in layers {sliding} (use_sliding_window=True); IAM supports full "
+            "attention only: set use_sliding_window=False in its config.json (as its own default) or use another model."
+        )
+
+
 def check_pair_configs(llm: PretrainedConfig, slm: PretrainedConfig) -> None:
-    """Raise ``ValueError`` unless the two configs are causal LMs of one supported family with one vocabulary."""
+    """Raise ``ValueError`` unless the two configs are causal LMs of one supported family with one vocabulary, with
+    full attention in every layer."""
     check_family("LLM", llm)
     check_family("SLM", slm)
+    check_full_attention("LLM", llm)
+    check_full_attention("SLM", slm)
     if llm.model_type != slm.model_type:
         raise ValueError(
             f"LLM and SLM are of different families ({llm.model_type!r} vs {slm.model_type!r}); "
@@ -135,6 +149,15 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         self.n_kv: int = llm.config.num_key_value_heads
         check_eviction(self.mapping_config, eviction)
         self.eviction = eviction
+        mapping = f"{self.mapping_config!r} {resolved.strategy!r}"
+        self.signature = Signature(
+            llm.config.to_json_string(),
+            slm.config.to_json_string(),
+            mapping,
+            repr(eviction),
+            self.mapping_config.slm_cache,
+            self._local,
+        )
 
     @classmethod
     def from_pair(
@@ -178,6 +201,15 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         big, small, _ = load_pair(llm, slm, dtype=dtype, device=device, progress=progress, force=force, placement=placement)
         return cls(big, small, config, eviction)
 
+    def save_pretrained(self, *args, **kwargs) -> None:
+        """Refused with a ``ValueError``: one folder would hold both models' weights under the LLM's config, which
+        loads as a randomly initialised LLM. Save ``model.llm`` and ``model.slm`` each with its own
+        ``save_pretrained`` and keep the ``MappingConfig`` (and eviction policy) to wrap them again."""
+        raise ValueError(
+            "IAMForCausalLM cannot be saved as one folder (it would load as a random LLM): save model.llm and model.slm "
+            "each with save_pretrained, and wrap them again with their MappingConfig."
+        )
+
     @property
     def planned(self) -> Plan | None:
         """The plan the config fixes before any input (``{}`` at ratio 0); ``None`` where the strategy chooses per
@@ -192,7 +224,9 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
     def new_cache(self) -> IAMCache:
         """An empty cache for this pair; pass it to ``forward`` or ``generate`` and read the results off it."""
         config = self.mapping_config
-        return IAMCache(self.llm.config, self.slm.config, config.slm_cache, self.eviction, self._local, config.llm_cache)
+        return IAMCache(
+            self.llm.config, self.slm.config, config.slm_cache, self.eviction, self._local, config.llm_cache, self.signature
+        )
 
     @property
     def _local(self) -> tuple[int, int] | None:
@@ -202,18 +236,32 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
 
     # ---- generate --------------------------------------------------------------------------------------------
     def generate(self, inputs: torch.Tensor | None = None, generation_config=None, **kwargs):
-        """transformers' ``generate()``, refusing the modes IAM cannot serve (``UNSUPPORTED_GENERATION``) and a
-        static cache with a ``ValueError`` that names them."""
+        """transformers' ``generate()``, refusing the modes IAM cannot serve (``UNSUPPORTED_GENERATION``),
+        ``use_cache=False`` and a static cache with a ``ValueError`` that names them."""
         for name, mode in UNSUPPORTED_GENERATION.items():
             value = kwargs.get(name, getattr(generation_config, name, None))
             if value not in (None, False):
                 raise ValueError(f"IAMForCausalLM does not support {mode} (got {name}={value!r}).")
+        config = generation_config if generation_config is not None else self.generation_config
+        if kwargs.get("use_cache", getattr(config, "use_cache", True)) is False:
+            raise ValueError(
+                "IAMForCausalLM does not support use_cache=False: the SLM's cache and the mapping live in the cache."
+            )
         implementation = kwargs.get("cache_implementation", getattr(generation_config, "cache_implementation", None))
         if implementation not in (None, "dynamic"):
             raise ValueError(f"IAMForCausalLM keeps its own IAMCache; cache_implementation={implementation!r} is not supported.")
         ids = kwargs.get("input_ids", inputs)
         if isinstance(ids, torch.Tensor) and ids.dim() != 2:  # transformers would fail on its shape with an IndexError
             raise ValueError("input_ids must be a [batch, length] LongTensor.")
+        if isinstance(ids, torch.Tensor):  # refused before generating, not midway with the tokens so far lost
+            new = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
+            total = ids.shape[1] + new if new is not None else kwargs.get("max_length", getattr(config, "max_length", None))
+            limit = min(self.llm.config.max_position_embeddings, self.slm.config.max_position_embeddings)
+            if total is not None and total - 1 > limit:  # the last token generated is never fed back
+                raise ValueError(
+                    f"a prompt of {ids.shape[1]} tokens generating up to {total - ids.shape[1]} more needs {total - 1} "
+                    f"positions, beyond the models' {limit}: generate at most {max(limit + 1 - ids.shape[1], 0)} new tokens."
+                )
         return super().generate(inputs, generation_config, **kwargs)
 
     # ---- forward ---------------------------------------------------------------------------------------------
@@ -247,7 +295,7 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         if cache.established:
             logits = self._paired(cache, ids, mask, position_ids, logits_to_keep)
         elif self._ready(mask):
-            logits = self._establish(cache, ids, mask, logits_to_keep)
+            logits = self._establish(cache, ids, mask, position_ids, logits_to_keep)
         else:
             logits = self._alone(cache, ids, mask, position_ids, logits_to_keep)
         cache.columns = mask.shape[1]
@@ -258,12 +306,7 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _cache(self, cache: Cache | None) -> IAMCache:
         if isinstance(cache, IAMCache):
-            local = None if cache.local is None else (cache.local.layers[0].sinks, cache.local.layers[0].window)
-            if local != self._local:
-                raise ValueError(
-                    f"this cache was made for local window (sinks, window) {local}, not this model's {self._local}: "
-                    "use model.new_cache()."
-                )
+            self.signature.refuse(cache.signature)
             return cache
         if cache is None or cache.get_seq_length() == 0:  # e.g. the empty DynamicCache that generate() makes
             return self.new_cache()
@@ -312,26 +355,27 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         """The LLM alone, before the mapping exists; the tokens are kept for the forward that establishes it."""
         if self.resolved.n_mapped > 0:  # eviction waits for the mapping, whose forward prefills the whole context
             cache.tokens = ids if cache.tokens is None else torch.cat([cache.tokens, ids], -1)
+            cache.token_positions = position_ids if cache.tokens is ids else torch.cat([cache.token_positions, position_ids], -1)
             run = Pass(self.llm, ids, mask, position_ids, cache)
             for i in range(self.n_layers):
                 run.layer(i)
             return self._logits(run, logits_to_keep)
         return self._llm_step(cache, ids, mask, position_ids, logits_to_keep, None)
 
-    def _establish(self, cache: IAMCache, ids, mask, logits_to_keep: int) -> torch.Tensor:
+    def _establish(self, cache: IAMCache, ids, mask, position_ids, logits_to_keep: int) -> torch.Tensor:
         """Both models over the whole context (earlier tokens and these): the SLM first, with every layer's queries;
         then the plan and the LLM, whose mapped layers match their heads on the window as they are reached. Returns
         the logits of this forward's tokens only."""
         t = ids.shape[1]
         if cache.tokens is not None:
             ids = torch.cat([cache.tokens, ids], -1)
+            position_ids = torch.cat([cache.token_positions, position_ids], -1)
         needs_scores = self.resolved.strategy.needs_scores
         if needs_scores and ids.shape[0] > 1:
             raise ValueError(
                 "strategy 'similar' chooses layers per input: run one sequence at a time (a batch would choose for all "
                 "rows at once)."
             )
-        position_ids = positions(mask, ids.shape[1])
         config = self.mapping_config
         cache.slm.reset()
         step, establishing = self._slm_window(cache, ids, mask, position_ids, config.truncation_threshold)
@@ -410,14 +454,14 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _attention_mass(self, cache: IAMCache, queries: dict[int, torch.Tensor], step: SLMStep | None, slots) -> torch.Tensor:
         """Attention mass on each cache slot from this forward's queries: the LLM's unmapped layers' own, and the SLM
-        layers' that the mapped layers borrow from (their heads stand in for the mapped heads)."""
+        heads' that the mapped layers borrow, each by the weight the mapped heads put on it (they stand in for them)."""
         last = getattr(cache.eviction, "window", None)
         llm_scaling = decoder_layers(self.llm)[0].self_attn.scaling
         mass = sum(attention_mass(q, read_keys(cache.layers[i]), llm_scaling, slots, last) for i, q in queries.items())
         mass = sum_heads(mass, decoder_layers(self.llm)[0].self_attn)  # tensor parallel: every rank's heads
         if cache.mapping is not None and not cache.partial:  # partial: the SLM's slots are not the kept ones
-            for layer in cache.mapping.slm_layers:
-                mass = mass + attention_mass(step.queries[layer], step.keys(layer), step.scaling, slots, last)
+            for layer, weight in cache.mapping.borrowed_weight(self.slm.config.num_attention_heads).items():
+                mass = mass + attention_mass(step.queries[layer], step.keys(layer), step.scaling, slots, last, head_weight=weight)
         return mass
 
     def _logits(self, run: Pass, logits_to_keep: int) -> torch.Tensor:

@@ -183,6 +183,14 @@ def python_docs_text() -> str:
     return "\n\n".join(topics[k] for k in sorted(topics))
 
 
+def read_text_file(path: str | Path) -> str:
+    """The text of the file ``path``, read as UTF-8; ``ValueError`` naming the file where it is not UTF-8."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); convert it to UTF-8 first.") from None
+
+
 def load_text(name: str) -> str:
     """Text for perplexity: ``wikipedia``, ``lee-news``, ``python-docs``, ``python-stdlib``, ``python-stdlib-calib``
     (offline), ``wikitext2``, ``govreport`` (online, via ``datasets``) or a file path."""
@@ -201,7 +209,7 @@ def load_text(name: str) -> str:
     if not path.is_file():
         names = ", ".join(["wikipedia", "python-docs", *GENSIM_TEXTS, *STDLIB_MODULES, *ONLINE_TEXTS])
         raise FileNotFoundError(f"text file {name!r} not found (or use one of {names}).")
-    return path.read_text()
+    return read_text_file(path)
 
 
 def load_qa(name: str) -> list[tuple[str, str]]:
@@ -227,16 +235,22 @@ def trivia_choices(pairs: Sequence[tuple[str, str]], n_choices: int = 4, seed: i
     return items
 
 
-def load_items(path: str | None, limit: int) -> list[dict]:
+def load_items(path: str | None, limit: int | None) -> list[dict]:
     """MMLU-format JSONL (question, choices, answer index); default: trivia with distractors from other answers."""
     if path == "mmlu":
         items = [dict(r) for r in _online("mmlu", "cais/mmlu", "all", "test")]
     elif path:
-        with open(path) as f:
-            items = [json.loads(line) for line in f if line.strip()]
-        for i, item in enumerate(items):
-            if not {"question", "choices", "answer"} <= item.keys():
-                raise ValueError(f"{path} line {i + 1}: an item needs question, choices and answer (index).")
+        items = []
+        for number, line in enumerate(read_text_file(path).split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except ValueError as err:
+                raise ValueError(f"{path} line {number}: not valid JSON ({err}).") from None
+            if not isinstance(item, dict) or not {"question", "choices", "answer"} <= item.keys():
+                raise ValueError(f"{path} line {number}: an item needs question, choices and answer (index).")
+            items.append(item)
     else:
         items = trivia_choices(trivia())
     return items[:limit]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..core.alignment import token_spans
-from ..core.config import MappingConfig
+from ..core.config import MappingConfig, check_mapped, mapping_threshold
 from ..core.eviction import EvictionPolicy
 from ..core.model import IAMForCausalLM
 from ..core.selection import layers_worth
@@ -45,6 +45,11 @@ def window_texts(tokenizer, text: str, windows: int, tokens: int) -> list[str]:
     return [text[spans[s][0] : spans[s + tokens - 1][1]] for s in window_starts(len(spans), windows, tokens)]
 
 
+def lengths(tokenizer, texts: Sequence[str]) -> list[int]:
+    """Tokens of each of ``texts``."""
+    return [len(ids) for ids in tokenizer(list(texts)).input_ids]
+
+
 @torch.inference_mode()
 def perplexity(
     iam: IAMForCausalLM, windows: Sequence[torch.Tensor], progress: bool = True, desc: str = "", context: int | None = None
@@ -54,6 +59,8 @@ def perplexity(
     Without ``context`` each window is scored in one mapped prefill. With it, the continuation protocol: the first
     ``context`` tokens are prefilled (the mapping is set on them), then the rest is scored teacher-forced in one
     forward over that cache, so what the cache kept is what the continuation reads."""
+    if min(w.shape[1] for w in windows) < 2:
+        raise ValueError(f"a window of {min(w.shape[1] for w in windows)} token has nothing to score: use --tokens >= 2.")
     losses, units, kv = [], None, {}
     for w in tqdm(windows, desc=desc, disable=not progress, leave=False):
         if context is None:
@@ -80,6 +87,8 @@ def _rows_over(
     eviction: EvictionPolicy | None = None,
 ) -> list[dict]:
     """Perplexity per config; the first config is the reference for ``ppl_increase``."""
+    if context is None:
+        check_mapped([w.shape[1] for w in windows], [c for _, c in configs])
     rows = []
     for label, cfg in tqdm(configs, desc="configs", disable=not progress):
         iam = IAMForCausalLM(llm, slm, cfg, eviction)
@@ -196,6 +205,8 @@ def dominates(a: dict, b: dict) -> bool:
 
 def eval_metrics(llm, slm, windows, ratio: float, base: MappingConfig, metrics: Sequence[str], progress: bool = True) -> dict:
     """Perplexity under each similarity metric at one ratio (paper Table 1)."""
+    if not (ratio > 0 or base.layers):
+        raise ValueError(f"--ratio {ratio} maps nothing: every metric's row would be the LLM alone (use --ratio > 0).")
     configs = [({"metric": "none (LLM alone)", "ratio": 0.0}, MappingConfig(ratio=0.0))]
     configs += [({"metric": m, "ratio": ratio}, replace(base, ratio=ratio, metric=m)) for m in metrics]
     return {"rows": _rows_over(configs, llm, slm, windows, progress)}
@@ -221,6 +232,8 @@ def sweep_configs(llm, block: int, base: MappingConfig, per_group: bool = False)
 def eval_sweep(llm, slm, windows, block: int, base: MappingConfig, per_group: bool = False, progress: bool = True) -> dict:
     """Map each block of ``block`` consecutive LLM layers in turn (paper §3.2, Fig. 2); with ``per_group``, each KV
     group of each block in turn (rows then carry ``kv_group``)."""
+    if block < 1:
+        raise ValueError(f"--block must be a whole number >= 1 (layers per block), got {block}.")
     rows = _rows_over(sweep_configs(llm, block, base, per_group), llm, slm, windows, progress)
     return {"rows": rows, "block": block, "per_group": per_group}
 
@@ -268,6 +281,7 @@ def kl_damage(llm, slm, windows: Sequence[torch.Tensor], base: MappingConfig) ->
     over ``windows``. Unlike a perplexity difference it is never negative, so single-window noise does not cancel.
     The LLM-alone reference is computed on the first call."""
     reference: list[torch.Tensor] = []
+    check_mapped([w.shape[1] for w in windows], [replace(base, layers=[0])])
 
     def damage(layers: list[int]) -> float:
         if not reference:
@@ -287,6 +301,7 @@ def kl_damage(llm, slm, windows: Sequence[torch.Tensor], base: MappingConfig) ->
 def eval_similarity(llm, slm, windows, base: MappingConfig, progress: bool = True) -> dict:
     """Per LLM layer, the mean best-match similarity, and the LLM-layer x SLM-layer heatmap (mean over heads of
     the best head in that SLM layer)."""
+    check_mapped([w.shape[1] for w in windows], [replace(base, ratio=1.0)])  # a mapping's window: no fewer tokens
     iam = IAMForCausalLM(llm, slm, replace(base, ratio=0.0))
     sim = torch.cat([iam.head_similarity(w) for w in tqdm(windows, desc="similarity", disable=not progress)], 1)  # [L, B, H, S]
     return similarity_summary(sim, slm.config.num_attention_heads, base.metric)
@@ -307,6 +322,11 @@ def similarity_summary(sim: torch.Tensor, slm_heads: int, metric: str) -> dict:
 def eval_consistency(llm, slm, tokenizer, windows, ratio: float, steps: int, base: MappingConfig, progress: bool = True) -> dict:
     """Paper §3.3: as decoding proceeds, does each mapped head's best match (recomputed on the whole growing
     context) stay the one chosen at prefill? Per mapped layer, the fraction of steps where it does."""
+    if not (ratio > 0 or base.layers):
+        raise ValueError(f"--ratio {ratio} maps nothing: consistency follows the mapped layers' matches (use --ratio > 0).")
+    if steps < 1:
+        raise ValueError(f"--steps must be a whole number >= 1 (decode steps followed), got {steps}.")
+    check_mapped([w.shape[1] for w in windows], [replace(base, ratio=ratio)])
     iam = IAMForCausalLM(llm, slm, replace(base, ratio=ratio))
     probe = IAMForCausalLM(llm, slm, replace(base, ratio=0.0))
     agree: dict[int, list[float]] = {}
@@ -393,6 +413,7 @@ def eval_qa(
     progress: bool = True,
 ) -> dict:
     """Generated answers scored by token F1 and exact match, at each ratio."""
+    check_mapped(lengths(tokenizer, qa_prompts(tokenizer, pairs)), [replace(base, ratio=r) for r in ratios], "a prompt")
     rows, examples = [], {}
     for r in with_baseline(ratios):
         iam = IAMForCausalLM(llm, slm, replace(base, ratio=r))
@@ -417,25 +438,54 @@ def choice_logprob(iam: IAMForCausalLM, tokenizer, prompt: str, options: Sequenc
     return ((token_logp * scored).sum(-1) / scored.sum(-1).clamp_min(1)).tolist()
 
 
+def choice_prompt(item: dict) -> str:
+    return f"Question: {item['question']}\nAnswer:"
+
+
+def choice_lengths(tokenizer, items: Sequence[dict]) -> list[int]:
+    """Tokens of each item's prompt with each of its options (what ``choice_logprob`` reads)."""
+    return lengths(tokenizer, [choice_prompt(item) + " " + o for item in items for o in item["choices"]])
+
+
 def choice_accuracy(iam: IAMForCausalLM, tokenizer, items: Sequence[dict], progress: bool = False, desc: str = "choice") -> float:
     """Multiple-choice accuracy by length-normalised log-likelihood (MMLU-style items)."""
     correct = 0
     for item in tqdm(items, desc=desc, disable=not progress):
-        scores = choice_logprob(iam, tokenizer, f"Question: {item['question']}\nAnswer:", item["choices"])
+        scores = choice_logprob(iam, tokenizer, choice_prompt(item), item["choices"])
         correct += int(max(range(len(scores)), key=scores.__getitem__) == item["answer"])
     return correct / len(items)
 
 
+def mappable_choices(tokenizer, items: Sequence[dict], configs: Sequence[MappingConfig]) -> tuple[list[dict], int]:
+    """The items on which each of ``configs`` that maps anything sets its mapping (the question with every option
+    reaches ``establish_threshold``), and how many others were skipped; ``ValueError`` where none is left."""
+    threshold = mapping_threshold(configs)
+    kept = [item for item in items if min(choice_lengths(tokenizer, [item])) >= threshold]
+    if not kept:
+        check_mapped(choice_lengths(tokenizer, items), configs, "a question with an option")
+    return kept, len(items) - len(kept)
+
+
 def eval_choice(
-    llm, slm, tokenizer, items: Sequence[dict], ratios: Sequence[float], base: MappingConfig, progress: bool = True
+    llm,
+    slm,
+    tokenizer,
+    items: Sequence[dict],
+    ratios: Sequence[float],
+    base: MappingConfig,
+    progress: bool = True,
+    limit: int | None = None,
 ) -> dict:
-    """Multiple-choice accuracy at each ratio."""
+    """Multiple-choice accuracy at each ratio, on the first ``limit`` items where IAM sets a mapping (the LLM alone
+    scores the same ones; the others are counted in ``skipped``)."""
+    items, short = mappable_choices(tokenizer, items, [replace(base, ratio=r) for r in ratios])
+    items = items[:limit]
     rows = []
     for r in with_baseline(ratios):
         iam = IAMForCausalLM(llm, slm, replace(base, ratio=r))
         accuracy = choice_accuracy(iam, tokenizer, items, progress, f"choice ratio {r}")
         rows.append({"ratio": r, "strategy": base.strategy, "accuracy": accuracy, "n": len(items)})
-    return {"rows": rows}
+    return {"rows": rows, "skipped": {"shorter than establish_threshold": short}}
 
 
 # ---- summarization -------------------------------------------------------------------------------------------------
@@ -506,6 +556,7 @@ def eval_summarize(
     prompts, kept, short = summary_prompts(tokenizer, docs, context, min_tokens)
     if not kept:
         raise ValueError(f"no document left to summarize: {short} of {len(docs)} are shorter than --min-tokens {min_tokens}.")
+    check_mapped(lengths(tokenizer, prompts), [replace(base, ratio=r) for r in ratios], "a document prompt")
     references = [d["summary"] for d in kept]
     rows, examples = [], {}
     for r in with_baseline(ratios):

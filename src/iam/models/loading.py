@@ -264,7 +264,15 @@ def read_configs(
     """The two models' configs, without loading weights (an alias or GGUF file is converted once first); a tuned SLM
     must have been tuned through this LLM (``check_tuned_pair``)."""
     check_tuned_pair(llm, slm, force, progress)
-    return AutoConfig.from_pretrained(resolve(llm, progress)), AutoConfig.from_pretrained(resolve(slm, progress))
+    return read_config(resolve(llm, progress)), read_config(resolve(slm, progress))
+
+
+def read_config(folder: Path) -> PretrainedConfig:
+    """The config of a model folder; ``ValueError`` naming its ``config.json`` where transformers cannot read it."""
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError, KeyError) as err:  # transformers reports a garbage config.json as an OSError
+        raise ValueError(f"{folder / 'config.json'} is not a readable model config: {err}") from None
 
 
 def load_tokenizer(name_or_path: str | os.PathLike, progress: bool = True) -> PreTrainedTokenizerBase:
@@ -318,14 +326,21 @@ def load_model(
     placed: dict | None = None,
 ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` from an alias, a GGUF file or a local folder, with SDPA attention; ``placed`` holds
-    ``from_pretrained``'s placement arguments (``Placement.llm_kwargs``), which replace ``device``."""
+    ``from_pretrained``'s placement arguments (``Placement.llm_kwargs``), which replace ``device``. ``ValueError``
+    where the folder's weights lack some of the model's tensors."""
     device = check_device(device)
     folder = resolve(name_or_path, progress)
     check_tokenizer_files(folder)
     check_weights(folder)
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=dtype, attn_implementation="sdpa", use_safetensors=True, **(placed or {})
+    model, info = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=dtype, attn_implementation="sdpa", use_safetensors=True, output_loading_info=True, **(placed or {})
     )
+    missing = sorted(info["missing_keys"])
+    if missing:  # transformers would initialise them at random, and only log it
+        raise ValueError(
+            f"the weights in {folder} do not cover its model: {len(missing)} tensors are missing ({', '.join(missing[:3])}"
+            f"{', ...' if len(missing) > 3 else ''}), which would be random."
+        )
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return (model if placed else model.to(device)).eval(), tokenizer
 

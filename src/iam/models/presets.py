@@ -91,4 +91,7 @@ def load_arch(name_or_path: str) -> Arch:
         path = path / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json / model folder.")
-    return Arch.from_config(json.loads(path.read_text()))
+    try:
+        return Arch.from_config(json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, KeyError, TypeError) as err:  # not JSON, not UTF-8, or a JSON without a model's fields
+        raise ValueError(f"{path} is not a model's config.json ({type(err).__name__}: {err}).") from None

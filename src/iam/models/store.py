@@ -192,7 +192,17 @@ def ensure(dest: Path, source: str, origin: str, build: Callable[[Path], None], 
         if temporaries(dest):
             sweep(dest)
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        build_lock(dest).acquire(timeout=0)  # the lock file: whether we may write here at all
+    except Timeout:
+        pass
+    except OSError as err:
+        raise ValueError(
+            f"the model cache {dest.parent} is not a writable folder ({err.strerror or err}): set IAM_CACHE to one."
+        ) from None
+    else:
+        build_lock(dest).release()
     with locked(dest, progress), sigterm_as_interrupt():
         for path in temporaries(dest):
             discard(path)
@@ -213,9 +223,16 @@ def ensure(dest: Path, source: str, origin: str, build: Callable[[Path], None], 
                     "load rebuilds it once its source is at hand."
                 ) from err
             write_manifest(out, source, origin)
-            if dest.exists():
+            if os.path.lexists(dest):  # an invalid folder, or a dangling symlink
                 os.rename(dest, scratch / "invalid")
             os.rename(out, dest)  # nothing is there now, and no other build runs
+        except OSError as err:
+            if isinstance(err, FileNotFoundError):
+                raise
+            raise ValueError(
+                f"building {dest} from {origin} failed: {err.strerror or err} ({err.filename or dest.parent}); its "
+                "partial data is removed. Free space there, or set IAM_CACHE to a folder with room."
+            ) from None
         finally:
             discard(scratch)
     return dest

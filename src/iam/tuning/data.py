@@ -89,7 +89,7 @@ class TuningData:
 
 def json_records(path: Path) -> Iterator[tuple[int, object]]:
     """``(line, record)`` of a JSONL file, or of a JSON file holding one array (the line where each record starts)."""
-    text = path.read_text(encoding="utf-8")
+    text = data.read_text_file(path)
     space = re.compile(r"\s*")
     start = space.match(text).end()
     if text[start : start + 1] != "[":  # JSONL (lines split on "\n" only: JSON strings may hold U+2028 unescaped)

@@ -16,6 +16,7 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import resource
 import shutil
 import time
@@ -24,6 +25,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -219,6 +221,25 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer, scheduler
     return final
 
 
+def read_state(found: Path) -> dict:
+    """``state.json`` of checkpoint ``found``; ``ValueError`` naming it where it is not a complete checkpoint."""
+    try:
+        state = json.loads((found / "state.json").read_text())
+        state["settings"], state["rows"], state["step"], state["seconds"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+        raise corrupt(found, err) from None
+    return state
+
+
+def corrupt(found: Path, err: BaseException) -> ValueError:
+    """The error for a damaged checkpoint, with the first sentence of what failed (torch's run on for lines)."""
+    what = (str(err).strip().splitlines() or [""])[0].split(". ")[0]
+    return ValueError(
+        f"{found} is not a complete tuning checkpoint ({type(err).__name__}: {what}): delete it to start over, or choose "
+        "another --out."
+    )
+
+
 def last_checkpoint(out: Path) -> Path | None:
     found = sorted((out / CHECKPOINTS).glob("step-*"))
     return found[-1] if found else None
@@ -309,7 +330,7 @@ def tune_slm(
     # what a resumed run must share with the first (the time limit and the checkpoint period may change)
     tune = {k: v for k, v in asdict(config).items() if k not in ("max_minutes", "save_every")}
     settings = json.loads(json.dumps({"tune": tune, "mapping": asdict(mapping), "data": data.summary()}))
-    state = json.loads((found / "state.json").read_text()) if found is not None else None
+    state = read_state(found) if found is not None else None
     if state is not None and state["settings"] != settings:
         raise ValueError(f"{found} was written with other settings or data; resume with the same ones, or choose another --out.")
     split = len(data.examples) - config.eval_examples
@@ -326,13 +347,19 @@ def tune_slm(
         if state is None:
             rows, step, elapsed = [{"step": 0, "eval_loss": held_out_loss(iam, held, pad)}] if held else [], 0, 0.0
         else:
-            saved_params = load_file(str(found / "trainable.safetensors"))
+            try:  # both files read before anything changes
+                saved_params = load_file(str(found / "trainable.safetensors"))
+                saved = torch.load(found / "optimizer.pt", weights_only=True)
+            except (OSError, EOFError, RuntimeError, SafetensorError, pickle.UnpicklingError) as err:
+                raise corrupt(found, err) from None
             if saved_params.keys() != trainable_state(model).keys():
                 raise ValueError(f"{found} holds other trainable weights than this run's {config.method} model.")
             model.load_state_dict(saved_params, strict=False)
-            saved = torch.load(found / "optimizer.pt", weights_only=True)
-            optimizer.load_state_dict(saved["optimizer"])
-            scheduler.load_state_dict(saved["scheduler"])
+            try:
+                optimizer.load_state_dict(saved["optimizer"])
+                scheduler.load_state_dict(saved["scheduler"])
+            except (RuntimeError, ValueError, KeyError, TypeError) as err:
+                raise corrupt(found, err) from None
             rows, step, elapsed = state["rows"], state["step"], state["seconds"]
         per_step = config.batch_size * config.grad_accum
         bar = tqdm(total=total, initial=step, desc="tune", unit="step", disable=not progress)
