@@ -37,7 +37,8 @@ def test_the_summary_on_a_cpu_has_every_check_and_setting(saved_pair, tmp_path, 
     assert printed["checks"]["ratio0_equals_generate"] == {"same_tokens": True, "ok": True}
     assert [(r["setting"], r["tokens"]) for r in printed["timings"]] == [(s, 24) for s in gpucheck.SETTINGS]
     for row in printed["timings"]:
-        assert row["ttft_s"] > 0 and row["tpot_s"] > 0 and row["peak_bytes"] > 0
+        # on a CPU the peak is sampled every 5 ms, which a tiny model's run can finish inside: a count, maybe 0
+        assert row["ttft_s"] > 0 and row["tpot_s"] > 0 and isinstance(row["peak_bytes"], int)
         assert (row["kv_bytes"] is None) == (row["setting"] == "llm")
     assert printed["timings"][0]["ttft_ratio"] == 1.0
 
