@@ -207,17 +207,25 @@ def test_unmapped_scope_at_ratio_zero_is_plain_eviction(pair, policy):
     assert torch.equal(*runs)
 
 
-def test_unmapped_scope_on_the_identity_twin_keeps_the_mapped_layers_exact(twin):
-    """On the identity twin a mapped layer with every token is the LLM's own layer: evicting only the other layers
-    gives what a budget of 1 in those layers gives, once nothing is evicted, and differs from evicting everywhere."""
+def test_unmapped_scope_on_the_identity_twin_lies_between_the_extremes(twin):
+    """On the identity twin, evicting layer 0 only (layers 1-3 mapped, keeping every token) is neither the LLM with
+    every token nor the LLM evicting everywhere: both the eviction and the sparing took effect."""
     llm, slm = twin
     ids = prompt(60, 6)
-    make = lambda scope, budget: IAMForCausalLM.from_pair(
-        llm, slm, MappingConfig(layers=[0, 1, 2, 3], blend=1), StreamingLLM(budget=budget, scope=scope)
-    )
-    reference = llm.generate(ids, max_new_tokens=6, do_sample=False)
-    assert torch.equal(make("unmapped", 0.3).generate(ids, max_new_tokens=6, do_sample=False), reference)  # nothing evicts
-    assert not torch.equal(make("all", 0.3).generate(ids, max_new_tokens=6, do_sample=False), reference)
+    run = lambda scope: IAMForCausalLM.from_pair(
+        llm, slm, MappingConfig(layers=[1, 2, 3], blend=1), StreamingLLM(budget=0.3, scope=scope)
+    ).generate(ids, max_new_tokens=6, do_sample=False)
+    spared, everywhere = run("unmapped"), run("all")
+    assert not torch.equal(spared, llm.generate(ids, max_new_tokens=6, do_sample=False))
+    assert not torch.equal(spared, everywhere)
+
+
+def test_unmapped_scope_with_nothing_unmapped_is_refused(pair):
+    """Every layer has a mapped KV group: nothing could be evicted, so the budget could not be honoured."""
+    llm, slm = pair
+    with pytest.raises(ValueError, match="this mapping leaves none"):
+        IAMForCausalLM.from_pair(llm, slm, MappingConfig(layers=[0, 1, 2, (3, 1)]), H2O(budget=0.5, scope="unmapped"))
+    IAMForCausalLM.from_pair(llm, slm, MappingConfig(layers=[0, 1, 2, (3, 1)]), H2O(budget=0.5))  # every layer: fine
 
 
 def test_a_policy_scope_is_checked():
@@ -272,6 +280,7 @@ def test_the_command_runs_side_by_side_resumes_and_reports(long_folders, tmp_pat
         (["--tokens", "250"], "exceed the models' 256 positions"),
         (["--configs", "iam0.5+w8+h2o@0.5"], "scope='unmapped'"),
         (["--configs", "iam0.5+zz"], "unknown part"),
+        (["--configs", "iam1.0+streaming@0.5:unmapped", "--strategy", "back"], "this mapping leaves none"),
         (["--protocol", "blind"], "invalid choice"),
         (["--tasks", "needle"], "takes comma-separated tasks"),
     ],

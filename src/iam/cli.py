@@ -27,7 +27,7 @@ from .bench.timing import GenerationTimer, allocator_note, timing_environment
 from .core import calibration
 from .core.config import MappingConfig, check_mapped, resolve
 from .core.eviction import POLICIES, SCOPES, EvictionPolicy, make_policy, parse_budget
-from .core.model import IAMForCausalLM, check_eviction, check_family, check_pair_configs
+from .core.model import IAMForCausalLM, check_eviction, check_family, check_pair_configs, check_scope
 from .core.selection import STRATEGIES, Unit, parse_unit, unit_label, units_for_ratio
 from .core.similarity import METRICS
 from .eval import analysis, data, evaluation, retrieval
@@ -280,7 +280,7 @@ def load(args: argparse.Namespace, configs: Sequence[MappingConfig] = ()):
     placed = placement(args)
     placed.check(llm_config)
     for config in configs:
-        resolve(config, llm_config, slm_config)
+        check_scope(resolve(config, llm_config, slm_config), llm_config, policy)
     dtype = getattr(torch, args.dtype)
     return load_pair(args.llm, args.slm, dtype=dtype, device=args.device, force=args.force, placement=placed)
 
@@ -549,6 +549,9 @@ def cmd_retrieval(args: argparse.Namespace) -> int:
     for setup, config in zip(setups, configs):
         check_eviction(config, make_policy(setup.policy, setup.budget, setup.scope))
     llm_config, slm_config = read_configs(args.llm, args.slm, force=args.force)
+    for setup, config in zip(setups, configs):
+        policy = make_policy(setup.policy, setup.budget, setup.scope)
+        check_scope(resolve(config, llm_config, slm_config), llm_config, policy)
     limit = min(llm_config.max_position_embeddings, slm_config.max_position_embeddings)
     retrieval.check_lengths(args.tokens, max(retrieval.TASKS[t].max_new_tokens for t in args.tasks), limit)
     names = ["llm", "slm", "dtype", "tasks", "tokens", "n", "seed", "protocol", "depths", "filler", "strategy", "blend"]

@@ -112,6 +112,28 @@ def check_eviction(config: MappingConfig, eviction: EvictionPolicy | None) -> No
         )
 
 
+def planned(resolved: Resolved, llm: PretrainedConfig) -> Plan | None:
+    """The plan a resolved config fixes for an LLM of config ``llm`` before any input; ``None`` where the strategy
+    chooses per input (``"similar"``)."""
+    config, strategy, n_kv = resolved.config, resolved.strategy, llm.num_key_value_heads
+    if config.layers is not None:
+        return plan_of(config.layers, n_kv)
+    if strategy.needs_scores:
+        return None
+    return strategy.plan(llm.num_hidden_layers, n_kv, config.ratio)
+
+
+def check_scope(resolved: Resolved, llm: PretrainedConfig, eviction: EvictionPolicy | None) -> None:
+    """Raise ``ValueError`` where eviction over the unmapped layers only would have no layer to evict from (every layer
+    has a mapped KV group): its budget could not be honoured."""
+    plan = planned(resolved, llm) if eviction is not None and eviction.scope == "unmapped" else None
+    if plan is not None and len(plan) == llm.num_hidden_layers:
+        raise ValueError(
+            f"{eviction!r} evicts only from layers without a mapped KV group, and this mapping leaves none: lower the "
+            "ratio, or evict with scope='all'."
+        )
+
+
 class IAMForCausalLM(PreTrainedModel, GenerationMixin):
     """An LLM whose mapped layers take their attention from an SLM of the same family (IAM, arXiv 2507.11953).
 
@@ -148,6 +170,7 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         self.n_layers: int = llm.config.num_hidden_layers
         self.n_kv: int = llm.config.num_key_value_heads
         check_eviction(self.mapping_config, eviction)
+        check_scope(resolved, llm.config, eviction)
         self.eviction = eviction
         mapping = f"{self.mapping_config!r} {resolved.strategy!r}"
         self.signature = Signature(
@@ -214,12 +237,7 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
     def planned(self) -> Plan | None:
         """The plan the config fixes before any input (``{}`` at ratio 0); ``None`` where the strategy chooses per
         input (``"similar"``)."""
-        config, strategy = self.mapping_config, self.resolved.strategy
-        if config.layers is not None:
-            return plan_of(config.layers, self.n_kv)
-        if strategy.needs_scores:
-            return None
-        return strategy.plan(self.n_layers, self.n_kv, config.ratio)
+        return planned(self.resolved, self.llm.config)
 
     def new_cache(self) -> IAMCache:
         """An empty cache for this pair; pass it to ``forward`` or ``generate`` and read the results off it."""
