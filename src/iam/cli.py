@@ -92,8 +92,9 @@ RETRIEVAL_CONFIGS = (
 )
 """``iam eval retrieval``'s default configurations."""
 
-DEMO_RETRIEVAL = "llm,streaming@0.7,iam0.7+w64"
-"""``iam demo``'s cached-document example: the LLM alone, eviction and IAM at a similar share of the KV dropped."""
+DEMO_RETRIEVAL = "llm,snapkv@0.7,streaming@0.7,iam0.5+w64"
+"""``iam demo``'s cached-document example: the LLM alone, score-based and positional eviction, and IAM with its exact
+window, at similar shares of the LLM's KV dropped."""
 
 
 def positive_int_list(text: str) -> list[int]:
