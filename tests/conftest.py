@@ -119,15 +119,23 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
-@pytest.fixture
-def pair_folders(tmp_path) -> tuple[str, str]:
-    """The tiny qwen2 pair saved as transformers folders, each with the character tokenizer."""
+def save_tiny_pair(folder, max_positions: int | None = None) -> tuple[str, str]:
+    """The tiny qwen2 pair (4-layer LLM, 2-layer SLM) saved as ``folder/llm`` and ``folder/slm``, each with the
+    character tokenizer; ``max_positions`` raises their position limit for longer texts."""
     folders = []
     for name, model in [("llm", tiny("qwen2", 4, 64, 4, 2, seed=0)), ("slm", tiny("qwen2", 2, 32, 2, 1, seed=1))]:
-        model.save_pretrained(tmp_path / name)
-        char_tokenizer().save_pretrained(tmp_path / name)
-        folders.append(str(tmp_path / name))
+        if max_positions is not None:
+            model.config.max_position_embeddings = max_positions
+        model.save_pretrained(folder / name)
+        char_tokenizer().save_pretrained(folder / name)
+        folders.append(str(folder / name))
     return folders[0], folders[1]
+
+
+@pytest.fixture
+def pair_folders(tmp_path) -> tuple[str, str]:
+    """The tiny qwen2 pair saved as transformers folders (``save_tiny_pair``)."""
+    return save_tiny_pair(tmp_path)
 
 
 @pytest.fixture

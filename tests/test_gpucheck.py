@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import char_tokenizer, tiny
+from conftest import save_tiny_pair, tiny
 from iam.bench import gpucheck
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -19,9 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def saved_pair(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("pair")
-    for name, model in (("llm", tiny("qwen2", 4, 64, 4, 2, seed=0)), ("slm", tiny("qwen2", 2, 32, 2, 1, seed=1))):
-        model.save_pretrained(folder / name)
-        char_tokenizer().save_pretrained(folder / name)
+    save_tiny_pair(folder)
     return folder
 
 

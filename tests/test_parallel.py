@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import char_tokenizer, forward, prompt, tiny
+from conftest import forward, prompt, save_tiny_pair
 from iam import IAMForCausalLM, cli
 from iam.core.cache import IAMCache
 from iam.models import loading
@@ -27,9 +27,7 @@ CASES = ["plain", "kv-groups", "blend", "local-window", "similar", "int8-slm", "
 def saved_pair(tmp_path_factory) -> Path:
     """The tiny Qwen2 pair (4 heads, 2 KV heads: one KV group per rank at 2 processes), saved with a tokenizer."""
     folder = tmp_path_factory.mktemp("pair")
-    for name, model in (("llm", tiny("qwen2", 4, 64, 4, 2, seed=0)), ("slm", tiny("qwen2", 2, 32, 2, 1, seed=1))):
-        model.save_pretrained(folder / name)
-        char_tokenizer().save_pretrained(folder / name)
+    save_tiny_pair(folder)
     words = "the of and to in is was for on as with by he at from his an were are which this be or had it".split()
     (folder / "text.txt").write_text(" ".join(words[(7 * i) % len(words)] for i in range(200)))
     return folder

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from conftest import char_tokenizer, forward, left_pad, prompt, tiny
+from conftest import char_tokenizer, forward, left_pad, prompt, save_tiny_pair
 from iam import IAMForCausalLM, MappingConfig
 from iam.cli import main
 from iam.core.eviction import H2O, POLICIES, SnapKV, StreamingLLM
@@ -244,14 +244,8 @@ def test_the_local_window_refuses_eviction_over_every_layer(pair):
 
 @pytest.fixture
 def long_folders(tmp_path) -> tuple[str, str]:
-    """The tiny qwen2 pair as folders with the character tokenizer, for contexts of a few hundred characters."""
-    folders = []
-    for name, model in [("llm", tiny("qwen2", 4, 64, 4, 2, seed=0)), ("slm", tiny("qwen2", 2, 32, 2, 1, seed=1))]:
-        model.config.max_position_embeddings = 1024
-        model.save_pretrained(tmp_path / name)
-        char_tokenizer().save_pretrained(tmp_path / name)
-        folders.append(str(tmp_path / name))
-    return folders[0], folders[1]
+    """The tiny qwen2 pair as folders, for contexts of a few hundred characters."""
+    return save_tiny_pair(tmp_path, max_positions=1024)
 
 
 def test_the_command_runs_side_by_side_resumes_and_reports(long_folders, tmp_path, capsys, monkeypatch):
