@@ -42,8 +42,8 @@ def test_local_window_flags_are_checked_before_loading(capsys):
     assert "local_window must be an integer >= 0" in capsys.readouterr().err
     assert main(["eval", "kv-tradeoff", *PAIR, "--local-window", "8"]) == 2
     assert "takes --local-windows" in capsys.readouterr().err
-    assert main(["eval", "perplexity", *PAIR, "--local-window", "8", "--eviction", "h2o"]) == 2
-    assert "local_window combines with eviction only where the mapped layers keep every token" in capsys.readouterr().err
+    assert main(["eval", "perplexity", *PAIR, "--local-window", "8", "--eviction", "h2o", "--budget", "19"]) == 2
+    assert "smaller than the 20 tokens the policy and the exact local window" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -233,10 +233,43 @@ def test_a_policy_scope_is_checked():
         H2O(scope="mapped")
 
 
-def test_the_local_window_refuses_eviction_over_every_layer(pair):
+def test_a_token_budget_below_the_local_window_is_refused(pair):
     llm, slm = pair
-    with pytest.raises(ValueError, match="scope='unmapped'"):
-        IAMForCausalLM.from_pair(llm, slm, MappingConfig(layers=UNITS, local_window=8), H2O(budget=0.5))
+    with pytest.raises(ValueError, match="smaller than the 20 tokens the policy and the exact local window"):
+        IAMForCausalLM.from_pair(llm, slm, MappingConfig(layers=UNITS, local_window=8), H2O(budget=10))
+    IAMForCausalLM.from_pair(llm, slm, MappingConfig(layers=UNITS, local_window=8), H2O(budget=20))
+
+
+# ---- the local window with eviction over every layer --------------------------------------------------------------
+
+
+def test_the_window_with_eviction_everywhere_is_the_llm_alone_with_that_eviction_on_the_twin(twin):
+    """The identity twin borrows each head's own attention over the kept slots, and the window's exact part is its
+    own too, so with StreamingLLM (whose sinks and recent tokens hold the window's) it is the LLM alone evicting."""
+    llm, slm = twin
+    ids = prompt(60, 6)
+    reference = IAMForCausalLM.from_pair(llm, slm, MappingConfig(ratio=0.0), StreamingLLM(budget=0.5))
+    model = IAMForCausalLM.from_pair(llm, slm, MappingConfig(layers=[1, 2, 3], blend=1, local_window=8), StreamingLLM(0.5))
+    tokens = dict(max_new_tokens=8, do_sample=False)
+    assert torch.equal(model.generate(ids, **tokens), reference.generate(ids, **tokens))
+
+
+@pytest.mark.parametrize("policy", [H2O, StreamingLLM, SnapKV])
+def test_the_window_with_eviction_everywhere_keeps_its_tokens_and_batches(pair, policy):
+    """The sinks and the window are always kept, so the local keys and the kept set agree after compaction; left
+    padding that compaction moves is found again (batch = solo)."""
+    llm, slm = pair
+    model = IAMForCausalLM.from_pair(llm, slm, MappingConfig(layers=[1, (2, 0)], local_window=8), policy(budget=0.2))
+    rows = [prompt(60, 1)[0], prompt(38, 2)[0]]
+    ids, mask = left_pad(rows)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    for i, row in enumerate(rows):
+        solo = model.generate(row[None], max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+        assert torch.equal(out.sequences[i, -6:], solo.sequences[0, -6:])
+        positions = solo.cache.kept.positions[0].tolist()
+        seen = len(row) + 5
+        assert set(range(4)) | set(range(seen - 8, seen)) <= set(positions)  # 4 sinks and the 8 latest tokens
+    assert [layer.keys.shape[2] for layer in out.cache.local.layers if layer.keys is not None] == [12, 12]
 
 
 # ---- the command --------------------------------------------------------------------------------------------------
@@ -272,7 +305,7 @@ def test_the_command_runs_side_by_side_resumes_and_reports(long_folders, tmp_pat
     "extra, message",
     [
         (["--tokens", "250"], "exceed the models' 256 positions"),
-        (["--configs", "iam0.5+w8+h2o@0.5"], "scope='unmapped'"),
+        (["--configs", "iam0.5+w8+h2o@10"], "smaller than the 20 tokens"),
         (["--configs", "iam0.5+zz"], "unknown part"),
         (["--configs", "iam1.0+streaming@0.5:unmapped", "--strategy", "back"], "this mapping leaves none"),
         (["--protocol", "blind"], "invalid choice"),
@@ -309,4 +342,6 @@ def test_the_cli_takes_an_eviction_scope(pair_folders, capsys):
     argv += ["--layers", "1,3", "--local-window", "8", "--eviction", "h2o", "--budget", "0.5", "--json"]
     assert main([*argv, "--eviction-scope", "unmapped"]) == 0
     assert json.loads(capsys.readouterr().out)["timings"]["new_tokens"] == 2
-    assert main(argv) == 2 and "scope='unmapped'" in capsys.readouterr().err
+    assert main([*argv, "--eviction-scope", "all"]) == 0
+    capsys.readouterr()
+    assert main([*argv[:-2], "10", "--json"]) == 2 and "smaller than the 20 tokens" in capsys.readouterr().err

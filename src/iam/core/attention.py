@@ -224,7 +224,7 @@ class MappedAttention:
             out = v.new_empty(b, 0, t, attn.head_dim)
         elif cache.local is not None:
             local = cache.local.layers[self.layer_idx]
-            starts = mapping.window.starts
+            starts = cache.first_slots()
             out = self._local(hidden_states, position_embeddings, routes, mapped_v, local, starts, attention_mask, slm)
         elif t == 1:
             out = self._decode(routes, mapped_v, attention_mask, slm)

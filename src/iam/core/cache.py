@@ -311,6 +311,13 @@ class IAMCache(Cache):
             return False
         return not (self.partial and self.mapping is not None and layer in self.mapping.plan)
 
+    def first_slots(self) -> torch.Tensor:
+        """``[B]`` each sequence's first real slot in the mapped layers: where the mapping's window starts, or, once
+        tokens are evicted from them, past the front padding that compaction leaves."""
+        if self.kept is None or self.partial:
+            return self.mapping.window.starts
+        return (~self.kept.valid).sum(-1)
+
     def slot_mask(self, attention_mask: torch.Tensor, new: int) -> torch.Tensor:
         """The 2D mask over this forward's cache slots and ``new`` tokens in the layers that follow the kept set: the
         caller's, or, once tokens are evicted, the kept slots' validity and the new tokens' part of the caller's."""
@@ -335,7 +342,8 @@ class IAMCache(Cache):
             kept.scores = kept.scores + mass if policy.decode else mass
         if not (prefill or policy.decode):
             return
-        index = kept.select(policy)
+        local = self.local.layers[0] if self.local is not None and not self.partial else None
+        index = kept.select(policy, None if local is None else (local.sinks, local.window))
         if index is None:
             return
         layers = [layer for i, layer in enumerate(self.layers) if self.evicts(i)]

@@ -216,15 +216,24 @@ class Kept:
         self.scores = torch.cat([self.scores, self.scores.new_zeros(mask.shape)], -1)
         self.seen = self.seen + mask.sum(-1)
 
-    def select(self, policy: EvictionPolicy) -> torch.Tensor | None:
+    def select(self, policy: EvictionPolicy, protect: tuple[int, int] | None = None) -> torch.Tensor | None:
         """The slots to keep, ``[B, S']`` indices in time order, front-padded (the pad slots become invalid); ``None``
-        where nothing need go. Updates the bookkeeping to the kept slots."""
+        where nothing need go. Updates the bookkeeping to the kept slots. ``protect`` ``(sinks, window)``: each
+        sequence's first ``sinks`` kept tokens and latest ``window`` ones are always kept (the exact local window's),
+        on top of those the policy itself always keeps."""
         n_real = self.valid.sum(-1)
-        keep = policy.kept(self.seen).clamp(max=n_real)
+        keep = policy.kept(self.seen)
+        if protect is not None:
+            keep = torch.maximum(keep, self.seen.clamp(max=policy.reserved + sum(protect)))
+        keep = keep.clamp(max=n_real)
         if bool((keep >= n_real).all()):
             return None
         age = (self.seen[:, None] - 1 - self.positions).masked_fill(~self.valid, -1)
-        priority = policy.priority(self.scores, self.valid, age).masked_fill(~self.valid, -math.inf)
+        priority = policy.priority(self.scores, self.valid, age)
+        if protect is not None:
+            first = age.amax(-1, keepdim=True)  # the oldest kept token's age: the sinks are always the oldest
+            priority = _protect(priority, (age < protect[1]) | (age > first - protect[0]))
+        priority = priority.masked_fill(~self.valid, -math.inf)
         width = int(keep.max())
         # most deserving first; exact ties go to the newer slot, so a row keeps the same tokens in any batch
         s = priority.shape[-1]

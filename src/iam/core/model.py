@@ -105,10 +105,13 @@ def check_pair(llm: nn.Module, slm: nn.Module) -> None:
 
 def check_eviction(config: MappingConfig, eviction: EvictionPolicy | None) -> None:
     """Raise ``ValueError`` where ``eviction`` cannot serve ``config``."""
-    if eviction is not None and config.local_window and eviction.scope != "unmapped":
+    if eviction is None or not config.local_window or not isinstance(eviction.budget, int):
+        return
+    protected = eviction.reserved + config.sinks + config.local_window
+    if eviction.budget < protected:
         raise ValueError(
-            "local_window combines with eviction only where the mapped layers keep every token: give the policy "
-            "scope='unmapped' (CLI: --eviction-scope unmapped)."
+            f"budget {eviction.budget} is smaller than the {protected} tokens the policy and the exact local window "
+            f"always keep ({eviction.reserved} + local_sinks {config.sinks} + local_window {config.local_window})."
         )
 
 
