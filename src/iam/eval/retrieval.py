@@ -25,7 +25,7 @@ import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -345,23 +345,6 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return max(0.0, centre - half), min(1.0, centre + half)
-
-
-@dataclass
-class Answer:
-    """One question answered by one configuration."""
-
-    task: str
-    sample: int
-    question: int
-    depth: float
-    correct: bool
-    prediction: str
-    llm_kv_dropped: float
-    total_kv: float
-    seconds: float
-    context_tokens: int
-    extra: dict = field(default_factory=dict)
 
 
 @torch.no_grad()
