@@ -85,6 +85,13 @@ def test_a_wrong_needle_is_another_value_of_the_context():
     assert retrieval.copied_wrong("1234567", ["1234567", "7654321"], context) is False  # several answers
 
 
+def test_the_frontier_is_by_kv_dropped_and_accuracy_per_task_and_length():
+    row = lambda task, dropped, accuracy: {"task": task, "tokens": 1024, "llm_kv_dropped": dropped, "accuracy": accuracy}
+    rows = [row("a", 0.0, 1.0), row("a", 0.5, 1.0), row("a", 0.3, 0.7), row("a", 0.7, 0.2), row("b", 0.3, 0.7)]
+    retrieval.frontier(rows)
+    assert [r["on_frontier"] for r in rows] == [False, True, False, True, True]
+
+
 def test_wilson_interval():
     low, high = retrieval.wilson(45, 50)
     assert 0.78 < low < 0.79 and 0.95 < high < 0.96  # the textbook values for 90% of 50

@@ -97,10 +97,6 @@ DEMO_RETRIEVAL = "llm,snapkv@0.7,streaming@0.7,iam0.5+w64"
 window, at similar shares of the LLM's KV dropped."""
 
 
-def positive_int_list(text: str) -> list[int]:
-    return [positive_int(t) for t in text.split(",") if t.strip()] or [positive_int("")]
-
-
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -1109,7 +1105,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_mapping_args(p)
     add_output_args(p)
     p.add_argument("--tasks", type=retrieval_tasks, default=["multikey"], help=f"comma-separated: {', '.join(retrieval.TASKS)}")
-    p.add_argument("--tokens", type=positive_int_list, default=[1024], help="context lengths, e.g. 1024,2048,4096")
+    p.add_argument("--tokens", type=count_list, default=[1024], help="context lengths, e.g. 1024,2048,4096")
     p.add_argument("--n", type=positive_int, default=13, help="contexts per task and length (multikey asks 4 questions each)")
     p.add_argument(
         "--protocol", choices=retrieval.PROTOCOLS, default="agnostic", help="question after (agnostic) or in the prefill"

@@ -326,8 +326,8 @@ class IAMCache(Cache):
         return torch.cat([self.kept.valid.long(), attention_mask[:, -new:]], -1)
 
     def track(self, attention_mask: torch.Tensor, positions: torch.Tensor) -> None:
-        """Record the slots just written (``[B, t]`` mask and true positions), where a policy evicts from any layer."""
-        if any(self.evicts(i) for i in range(len(self.layers))):
+        """Record the slots just written (``[B, t]`` mask and true positions), where a policy evicts."""
+        if self.eviction is not None:
             if self.kept is None:
                 self.kept = Kept.empty(attention_mask.shape[0], attention_mask.device)
             self.kept.append(attention_mask, positions)

@@ -196,11 +196,11 @@ def eval_kv_tradeoff(
     return {"rows": rows, "context": context, "tokens": windows[0].shape[1]}
 
 
-def dominates(a: dict, b: dict) -> bool:
-    """Whether point ``a`` drops at least as much of the LLM's KV as ``b`` for at most its increase, and is
-    strictly better in one."""
-    more, less = a["llm_kv_dropped"] >= b["llm_kv_dropped"], a["ppl_increase"] <= b["ppl_increase"]
-    return more and less and (a["llm_kv_dropped"], a["ppl_increase"]) != (b["llm_kv_dropped"], b["ppl_increase"])
+def dominates(a: dict, b: dict, quality: Callable[[dict], float] = lambda r: -r["ppl_increase"]) -> bool:
+    """Whether point ``a`` drops at least as much of the LLM's KV as ``b`` with at least its ``quality`` (higher is
+    better; default: a smaller perplexity increase), and is strictly better in one."""
+    more, better = a["llm_kv_dropped"] >= b["llm_kv_dropped"], quality(a) >= quality(b)
+    return more and better and (a["llm_kv_dropped"], quality(a)) != (b["llm_kv_dropped"], quality(b))
 
 
 def eval_metrics(llm, slm, windows, ratio: float, base: MappingConfig, metrics: Sequence[str], progress: bool = True) -> dict:

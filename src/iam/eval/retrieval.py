@@ -25,13 +25,16 @@ import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
+from ..core.eviction import POLICIES, make_policy, parse_budget
+from ..core.model import IAMForCausalLM
 from . import data
+from .evaluation import dominates
 
 PROTOCOLS = ("agnostic", "aware")
 FILLERS = ("prose", "code")
@@ -416,8 +419,6 @@ def parse_setup(text: str) -> Setup:
     ``w<window>``, the exact local window of the mapped layers; ``<policy>@<budget>``, eviction, ``:unmapped`` after it
     to evict only from the layers that keep K; ``int8``, the LLM's cache as int8. E.g. ``llm+snapkv@0.7``,
     ``iam0.5+w64``, ``iam0.5+w64+streaming@0.5:unmapped``, ``iam1.0+w64+int8``."""
-    from ..core.eviction import POLICIES, parse_budget
-
     label = text.strip()
     fields: dict = {}
     for part in label.split("+"):
@@ -459,16 +460,11 @@ def parse_setups(text: str) -> list[Setup]:
 
 def configured(base, setup: Setup):
     """``base`` (a ``MappingConfig``) with ``setup``'s ratio, local window and LLM cache."""
-    from dataclasses import replace
-
     return replace(base, ratio=setup.ratio, local_window=setup.local_window, llm_cache=setup.llm_cache)
 
 
 def build(llm, slm, base, setup: Setup):
     """The ``IAMForCausalLM`` of ``setup`` over ``base`` (a ``MappingConfig``)."""
-    from ..core.eviction import make_policy
-    from ..core.model import IAMForCausalLM
-
     return IAMForCausalLM(llm, slm, configured(base, setup), make_policy(setup.policy, setup.budget, setup.scope))
 
 
@@ -485,23 +481,23 @@ QUESTION_ROOM = 96
 """Tokens kept free for a question, the template's tail and the answer's prefix."""
 
 
+def _like(prediction: str, expected: Sequence[str]) -> list[str]:
+    """The words of ``prediction`` as long as the single expected answer (none where several are expected)."""
+    if len(expected) != 1:
+        return []
+    return [word for word in re.findall(r"[\w-]+", prediction) if len(word) == len(expected[0])]
+
+
 def near_miss(prediction: str, expected: Sequence[str]) -> bool:
     """Whether a wrong answer is one character off a single expected answer: a token of the same length that differs
     in one place (a copy gone slightly wrong, not a forgotten fact)."""
-    if len(expected) != 1:
-        return False
-    want = expected[0]
-    return any(
-        len(word) == len(want) and sum(a != b for a, b in zip(word, want)) == 1 for word in re.findall(r"[\w-]+", prediction)
-    )
+    return any(sum(a != b for a, b in zip(word, expected[0])) == 1 for word in _like(prediction, expected))
 
 
 def copied_wrong(prediction: str, expected: Sequence[str], context: str) -> bool:
     """Whether a wrong answer to a single-answer question is another value of the context: a word as long as the
     expected answer that the context holds (the right kind of fact, from the wrong needle)."""
-    if len(expected) != 1:
-        return False
-    return any(len(word) == len(expected[0]) and word in context for word in re.findall(r"[\w-]+", prediction))
+    return any(word in context for word in _like(prediction, expected))
 
 
 def summarize(setup: Setup, task: str, answers: Sequence[dict], bins: int, contexts: Sequence[str]) -> dict:
@@ -545,13 +541,8 @@ def frontier(rows: list[dict]) -> None:
     """Mark ``on_frontier`` per task and length: no other configuration of the task drops at least as much of the LLM's KV with at
     least its accuracy, and is strictly better in one."""
     for row in rows:
-        rivals = [r for r in rows if (r["task"], r.get("tokens")) == (row["task"], row.get("tokens")) and r is not row]
-        row["on_frontier"] = not any(
-            r["llm_kv_dropped"] >= row["llm_kv_dropped"]
-            and r["accuracy"] >= row["accuracy"]
-            and (r["llm_kv_dropped"], r["accuracy"]) != (row["llm_kv_dropped"], row["accuracy"])
-            for r in rivals
-        )
+        rivals = [r for r in rows if (r["task"], r.get("tokens")) == (row["task"], row.get("tokens"))]
+        row["on_frontier"] = not any(dominates(r, row, lambda x: x["accuracy"]) for r in rivals)
 
 
 def eval_retrieval(
