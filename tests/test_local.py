@@ -155,9 +155,12 @@ def test_bad_local_settings(kwargs, message):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_the_window_runs_in_half_precision(twin, dtype):
-    """Half precision is what GPUs run: the window's prefill and decode work there and, on the identity twin, give the
-    LLM alone's logits within the dtype's tolerance (the SLM's items once failed to be written into a float32 buffer)."""
+@pytest.mark.parametrize("flex_from", [10**9, 20])
+def test_the_window_runs_in_half_precision(twin, dtype, flex_from, monkeypatch):
+    """Half precision is what GPUs run: the window's prefill (chunked, and on FlexAttention) and decode work there
+    and, on the identity twin, give the LLM alone's logits within the dtype's tolerance (the SLM's items once failed
+    to be written into a float32 buffer)."""
+    monkeypatch.setattr(attention, "FLEX_MIN_TOKENS", flex_from)
     llm, slm = (m.to(dtype) for m in twin)
     ids, mask = batch()
     model = iam(llm, slm, ratio=0.5, blend=1, local_window=4, local_sinks=2)
@@ -167,3 +170,39 @@ def test_the_window_runs_in_half_precision(twin, dtype):
     assert (out.logits - reference)[mask.bool()].float().abs().max() < 0.1
     tokens = dict(attention_mask=mask, max_new_tokens=6, do_sample=False)
     assert model.generate(ids, **tokens).shape == (2, ids.shape[1] + 6)
+
+
+@pytest.mark.parametrize("blend", [1, 2])
+def test_flex_prefill_equals_the_reference(pair, blend, monkeypatch):
+    """From FLEX_MIN_TOKENS on, the local window's prefill runs on FlexAttention (``iam.core.local``); it agrees
+    with the chunked reference on a padded batch, per KV group, with blend, in a continuation, and the cache it
+    leaves decodes and beam-searches alike."""
+    import iam.core.local as local
+
+    llm, slm = pair
+    ids, mask = batch()
+    model = iam(llm, slm, layers=UNITS, blend=blend, local_window=8, local_sinks=2, truncation_threshold=20)
+    tokens = dict(attention_mask=mask, max_new_tokens=6, num_beams=2, do_sample=False)
+    tokens.update(output_scores=True, return_dict_in_generate=True)
+
+    def run() -> tuple:
+        whole = forward(model, ids, mask).logits
+        first = forward(model, ids[:, :40], mask[:, :40]).cache
+        rest = forward(model, ids[:, 40:], mask, cache=first).logits
+        step = forward(model, ids[:, 40:41], mask[:, :41], cache=forward(model, ids[:, :40], mask[:, :40]).cache).logits
+        return whole, rest, step, model.generate(ids, **tokens)
+
+    monkeypatch.setattr(attention, "FLEX_MIN_TOKENS", 10**9)
+    reference = run()
+    calls = []
+    real = local.local_flex
+    monkeypatch.setattr(attention, "local_flex", lambda *a: calls.append(a[0].shape[2]) or real(*a))
+    monkeypatch.setattr(attention, "FLEX_MIN_TOKENS", 20)
+    flex = run()
+    assert 60 in calls and 20 in calls and 40 in calls  # the prefill, the continuation and the first part ran flex
+    real_rows = mask.bool()
+    assert (flex[0] - reference[0])[real_rows].abs().max() < 1e-4
+    assert (flex[1] - reference[1])[real_rows[:, 40:]].abs().max() < 1e-4
+    assert (flex[2] - reference[2]).abs().max() < 1e-4
+    assert torch.equal(flex[3].sequences, reference[3].sequences)
+    assert all((a - b).abs().max() < 1e-4 for a, b in zip(flex[3].scores, reference[3].scores))

@@ -14,10 +14,7 @@ tokens and a window of the latest ones, and borrows from the SLM only the attent
 
 from __future__ import annotations
 
-import functools
 import math
-import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +25,8 @@ from transformers.cache_utils import Cache
 
 from .cache import LocalKeys, read_keys
 from .decoder import attend, project_qk, runs
+from .flex import FLEX_MIN_TOKENS, flex_kernel
+from .local import local_flex
 from .mapping import HeadMap, Mapping, SLMWindow, window_attention
 from .parallel import rank_map, shard_of
 
@@ -269,16 +268,7 @@ class MappedAttention:
         b, total, d = v.shape[0], v.shape[2], v.shape[-1]  # total: cached and new tokens
         some_q = slm.queries[routes.items[0][0]]
         t, d_s = some_q.shape[2], some_q.shape[-1]
-        # Compiled code cannot run under a Python dispatch mode (TensorPeak, FlopCounterMode), and FlexAttention has
-        # no backward on a CPU (tuning, ``iam.tuning``): SDPA there.
-        backward = torch.is_grad_enabled() and (some_q.requires_grad or v.requires_grad)
-        use_flex = (
-            attention_mask is None
-            and d_s != d
-            and total == t >= FLEX_MIN_TOKENS
-            and not is_in_torch_dispatch_mode()
-            and not (backward and v.device.type == "cpu")
-        )
+        use_flex = attention_mask is None and d_s != d and total == t >= FLEX_MIN_TOKENS and flex_serves(some_q, v)
         flex = flex_kernel(v.device, v.dtype, d_s, d) if use_flex else None
         width = d_s if flex else max(d_s, d)
         alloc = some_q.new_empty if width == d_s else some_q.new_zeros  # every item is written; pad columns are zeros
@@ -320,11 +310,21 @@ class MappedAttention:
             out = sum_far a_j v_j + (1 - m) * softmax_window(q k^T) v
 
         so where the window covers every slot the head is exactly the LLM's own. ``v`` ``[B, G, S, d]`` holds the
-        mapped groups' V of every slot; ``starts`` ``[B]`` each sequence's first real slot. Queries run in chunks,
-        and the exact part reads only the chunk's sinks and window. Returns ``[B, H_m, t, d]``."""
+        mapped groups' V of every slot; ``starts`` ``[B]`` each sequence's first real slot. Prefills from
+        ``FLEX_MIN_TOKENS`` on run on FlexAttention (``iam.core.local``); otherwise, and in decode, queries run in
+        chunks, and the exact part reads only the chunk's sinks and window. Returns ``[B, H_m, t, d]``."""
         q, k = project_qk(self.original, hidden_states, *position_embeddings, self.groups)
         sink_k, recent_k = keys.update(k, starts)
         b, h, t, d = q.shape
+        d_s = slm.queries[routes.items[0][0]].shape[-1]
+        if t >= FLEX_MIN_TOKENS and flex_serves(q, v) and flex_kernel(v.device, v.dtype, d_s, d) is not None:
+            item_q, item_k = slm_items(routes, slm, v.dtype)
+            exact, borrowed = local_flex(
+                q, sink_k, recent_k, v, item_q, item_k, routes.item_kv, starts.to(v.device), keys.sinks, keys.window,
+                self.original.scaling, slm.scaling,
+            )  # fmt: skip
+            mixed = routes.mix(borrowed[torch.arange(b, device=v.device)[:, None], routes.item_of_column])
+            return mixed[..., :d] + mixed[..., d:] * exact
         g, total = v.shape[1], v.shape[2]
         past, per, sinks, window = total - t, h // g, keys.sinks, keys.window
         slots = torch.arange(total, device=v.device)
@@ -383,16 +383,23 @@ class MappedAttention:
         return probs[torch.arange(q.shape[0], device=q.device)[:, None], routes.item_of_column]
 
 
-def slm_items(routes: Routes, slm: SLMStep) -> tuple[torch.Tensor, torch.Tensor]:
-    """Queries ``[B, U, t, d_s]`` and keys ``[B, U, S, d_s]`` of each prefill item (see ``Routes``), in float32."""
+def slm_items(routes: Routes, slm: SLMStep, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries ``[B, U, t, d_s]`` and keys ``[B, U, S, d_s]`` of each prefill item (see ``Routes``), in ``dtype``."""
     some_q = slm.queries[routes.items[0][0]]
     some_k = slm.keys(routes.items[0][0])
-    q = some_q.new_empty(*routes.item_kv.shape, *some_q.shape[2:], dtype=torch.float32)
-    k = some_k.new_empty(*routes.item_kv.shape, *some_k.shape[2:], dtype=torch.float32)
+    q = some_q.new_empty(*routes.item_kv.shape, *some_q.shape[2:], dtype=dtype)
+    k = some_k.new_empty(*routes.item_kv.shape, *some_k.shape[2:], dtype=dtype)
     for layer, bi, ui, hs in routes.items:
-        q[bi, ui] = slm.queries[layer][bi, hs].float()
-        k[bi, ui] = slm.keys(layer, bi, hs // slm.kv_groups).float()
+        q[bi, ui] = slm.queries[layer][bi, hs].to(dtype)
+        k[bi, ui] = slm.keys(layer, bi, hs // slm.kv_groups).to(dtype)
     return q, k
+
+
+def flex_serves(q: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether FlexAttention can run this prefill: compiled code cannot run under a Python dispatch mode (TensorPeak,
+    FlopCounterMode), and FlexAttention has no backward on a CPU (tuning, ``iam.tuning``)."""
+    backward = torch.is_grad_enabled() and (q.requires_grad or v.requires_grad)
+    return not is_in_torch_dispatch_mode() and not (backward and v.device.type == "cpu")
 
 
 LOCAL_CHUNK_ELEMENTS = 1 << 23
@@ -401,52 +408,6 @@ LOCAL_CHUNK_ELEMENTS = 1 << 23
 
 LOCAL_MIN_CHUNK = 16
 """Fewest queries per chunk of a local-window prefill, however long the context (bounds the Python loop)."""
-
-FLEX_MIN_TOKENS = 256
-"""Prefill length from which mapped attention runs FlexAttention. With 64 SLM heads on a CPU it took 0.4 of padded
-SDPA's time at 512 tokens, 0.64 at 8192, and 0.5-1 at 256. Up to 128 tokens (one flex block) flex would need a
-second compilation, for an attention cost that is negligible there."""
-
-FLEX_HEADS = 8
-"""Heads per FlexAttention call. The compiled kernel is specialised to the batch and head counts (only the length
-is dynamic) and falls back to an unfused version, which builds the T x T scores, after 8 recompilations. Every
-call therefore has the shape ``[1, FLEX_HEADS, T, d]``: one compilation serves every batch, mapping and length."""
-
-
-@functools.cache
-def flex_kernel(device: torch.device, dtype: torch.dtype, qk_dim: int, v_dim: int) -> Callable | None:
-    """FlexAttention for this device, dtype and head sizes, any batch, item count and length above 128 tokens, as
-    ``kernel(q [B, U, T, qk_dim], k [B, U, T, qk_dim], v [B, U, T, v_dim], scale) -> [B, U, T, v_dim]``, causal.
-    Compiled on first use (a few seconds); ``None`` where it cannot be compiled here (SDPA is used instead)."""
-    try:
-        from torch.nn.attention.flex_attention import flex_attention
-
-        compiled = torch.compile(flex_attention, dynamic=True)
-
-        def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-            b, u, t = q.shape[:3]
-            pad = -(b * u) % FLEX_HEADS
-            q, k, v = (F.pad(x.flatten(0, 1), (0, 0, 0, 0, 0, pad)).view(-1, 1, FLEX_HEADS, t, x.shape[-1]) for x in (q, k, v))
-            mask = causal_block_mask(t, device)
-            q.mul_(scale)  # (the padded copy) one compiled kernel for every scale: a float argument is specialised on
-            out = torch.cat([compiled(*c, block_mask=mask, scale=1.0) for c in zip(q, k, v)])
-            return out.flatten(0, 1)[: b * u].view(b, u, t, v_dim)
-
-        for t in (FLEX_MIN_TOKENS, FLEX_MIN_TOKENS + 128):  # two lengths: the second compiles the length-dynamic kernel
-            x = torch.zeros(1, 1, t, max(qk_dim, v_dim), device=device, dtype=dtype)
-            kernel(x[..., :qk_dim], x[..., :qk_dim], x[..., :v_dim], 1.0)
-    except Exception as e:  # no compiler, or a backend without flex support
-        warnings.warn(f"FlexAttention is unavailable ({type(e).__name__}: {e}); mapped prefill uses SDPA.", stacklevel=2)
-        return None
-    return kernel
-
-
-@functools.lru_cache(maxsize=8)
-def causal_block_mask(t: int, device: torch.device):
-    """Causal FlexAttention mask over ``t`` tokens."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    return create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, t, t, device=device)
 
 
 def take_groups(x: torch.Tensor, groups: tuple[int, ...]) -> torch.Tensor:
