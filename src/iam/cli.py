@@ -666,7 +666,8 @@ def warn_allocator(device: torch.device) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    bad = [r for r in args.ratios if not 0 <= r <= 1]
+    ratios = [0.3, 0.5] if args.ratios is None else args.ratios
+    bad = [r for r in ratios if not 0 <= r <= 1]
     if bad:
         raise ValueError(f"--ratios must lie in [0, 1] (fractions of the LLM's layers mapped), got {bad}.")
     full, cpu = costs.SCENARIOS[args.scenario]
@@ -679,6 +680,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.device_map or args.max_memory or args.offload_folder or (args.tp is not None and not args.analytic)
     ):
         raise ValueError("--tp and --device-map spread measured runs; of the other modes only --analytic takes --tp N.")
+    if args.configs and (args.analytic or args.projection or args.memory_scaling):
+        raise ValueError("--configs sets measured runs; --analytic, --projection and --memory-scaling take --ratios.")
     if args.analytic and args.tp == 0:
         raise ValueError("bench --analytic --tp takes the number of devices, e.g. --tp 8.")
     if args.projection:
@@ -689,7 +692,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         result = projection.project(
             load_arch(args.llm),
             load_arch(args.slm),
-            args.ratios,
+            ratios,
             tokens,
             device,
             getattr(torch, args.dtype),
@@ -727,9 +730,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.llm, args.slm = args.llm or "qwen2.5-coder-1.5b", args.slm or "qwen2.5-coder-0.5b"
         base = mapping_config(args, 0.0)
         tokens = args.tokens or [1024, 2048, 4096, 8192]
-        check_mapped(tokens, [replace(base, ratio=r) for r in args.ratios], "a --tokens length")
-        llm, slm, _ = load(args, [replace(base, ratio=r) for r in args.ratios])
-        rows = measure.memory_scaling(llm, slm, tokens, args.ratios, base)
+        check_mapped(tokens, [replace(base, ratio=r) for r in ratios], "a --tokens length")
+        llm, slm, _ = load(args, [replace(base, ratio=r) for r in ratios])
+        rows = measure.memory_scaling(llm, slm, tokens, ratios, base)
         result = {"mode": "memory-scaling", "device": str(llm.device), "dtype": str(llm.dtype), "rows": rows}
         columns = ["tokens", "ratio", "peak_tensor_bytes", "peak_growth", "largest_tensor_bytes", "tt_matrix_bytes", "kv_bytes"]
         return finish(args, "bench-memory", result, columns)
@@ -740,8 +743,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         llm, slm = load_arch(args.llm), load_arch(args.slm)
         policy = eviction(args)
         kept = costs.kept_share(policy and policy.budget, scenario.prompt + scenario.new_tokens)
-        rows = costs.analytic_rows(llm, slm, args.ratios, scenario, args.bytes, args.memory_budget, kept)
-        per_device = None if args.tp is None else costs.per_device_rows(llm, slm, args.ratios, scenario, args.bytes, args.tp)
+        rows = costs.analytic_rows(llm, slm, ratios, scenario, args.bytes, args.memory_budget, kept)
+        per_device = None if args.tp is None else costs.per_device_rows(llm, slm, ratios, scenario, args.bytes, args.tp)
         even = []
         for big, small in BREAK_EVEN_PAIRS:
             a, b = PRESETS[big], PRESETS[small]
@@ -774,30 +777,40 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return finish(args, "bench-analytic", result, columns)
     args.llm, args.slm = args.llm or "qwen2.5-coder-1.5b", args.slm or "qwen2.5-coder-0.5b"
     base = mapping_config(args, 0.0)
-    check_mapped([scenario.prompt], [replace(base, ratio=r) for r in args.ratios], "a --prompt")
-    llm, slm, _ = load(args, [replace(base, ratio=r) for r in args.ratios])
+    setups = bench_setups(args)
+    prompts = args.tokens or ([1024, 4096] if args.scenario == "long" and not args.prompt else [scenario.prompt])
+    configs = [retrieval.configured(base, s) for s in setups if s.ratio]
+    check_mapped(prompts, configs, "a --prompt")
+    for s in setups:
+        check_eviction(retrieval.configured(base, s), s.eviction())
+    llm, slm, _ = load(args, configs)
     warn_allocator(llm.device)
-    rows = measure.measure(llm, slm, args.ratios, scenario, args.repeats, base, eviction=eviction(args))
+    rows = []
+    for prompt in prompts:
+        at = costs.Scenario(prompt, scenario.batch, scenario.new_tokens)
+        rows += [{"prompt": prompt, **row} for row in measure.measure(llm, slm, setups, at, args.repeats, base)]
     environment = timing_environment()
-    result = {"mode": "measured", **meta, "repeats": args.repeats, "device": str(llm.device), **environment, "rows": rows}
-    return finish(
-        args,
-        f"bench-{args.scenario}",
-        result,
-        [
-            "ratio",
-            "kv_bytes",
-            "kv_ratio",
-            "ttft_s",
-            "tpot_s",
-            "throughput_tok_s",
-            "peak_mem_bytes",
-            "ttft_speedup",
-            "tpot_speedup",
-            "ttft_vs_budget",
-            "tpot_vs_budget",
-        ],
-    )
+    result = {"mode": "measured", **meta, "prompts": prompts, "repeats": args.repeats, "device": str(llm.device)}
+    result.update(dtype=str(llm.dtype), configs=[s.label for s in setups], **environment, rows=rows)
+    columns = ["prompt", "config", "kv_ratio", "ttft_s", "ttft_min_s", "ttft_max_s", "tpot_s", "tpot_min_s", "tpot_max_s"]
+    columns += ["ttft_speedup", "tpot_speedup", "ttft_vs_budget", "ttft_vs_budget_min", "ttft_vs_budget_max"]
+    columns += ["tpot_vs_budget", "tpot_vs_budget_min", "tpot_vs_budget_max", "peak_mem_bytes"]
+    return finish(args, f"bench-{args.scenario}", result, columns)
+
+
+def bench_setups(args: argparse.Namespace) -> list[retrieval.Setup]:
+    """The measured bench's configurations: ``--configs``, or the LLM alone and IAM at each of ``--ratios`` with
+    ``--local-window`` and eviction (then also the LLM alone with it)."""
+    if args.configs:
+        if args.ratios or args.local_window or args.eviction:
+            raise ValueError("give either --configs, or --ratios with --local-window/--eviction, not both.")
+        return retrieval.parse_setups(args.configs)
+    window = f"+w{args.local_window}" if args.local_window else ""
+    scope = ":unmapped" if args.eviction_scope == "unmapped" else ""
+    evict = f"+{args.eviction}@{args.budget}{scope}" if args.eviction else ""
+    ratios = args.ratios if args.ratios is not None else [0.3, 0.5]
+    labels = ["llm"] + ([f"llm{evict}"] if evict and args.eviction_scope == "all" else [])
+    return retrieval.parse_setups(",".join(labels + [f"iam{r}{window}{evict}" for r in ratios if r]))
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -950,14 +963,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokens",
         type=count_list,
         default=None,
-        help="projection and memory scaling: context lengths, e.g. 512,8192",
+        help="context lengths, e.g. 512,8192: of projection and memory scaling; measured runs take each as a prompt length",
     )
     p.add_argument("--scenario", default="concurrency", choices=sorted(costs.SCENARIOS))
     p.add_argument("--full-size", action="store_true", help="the paper's sizes instead of the CPU-sized defaults")
     p.add_argument("--prompt", type=positive_int, default=None, help="prompt tokens (overrides the scenario)")
     p.add_argument("--batch", type=positive_int, default=None)
     p.add_argument("--new-tokens", type=positive_int, default=None)
-    p.add_argument("--ratios", type=ratio_list, default=[0.0, 0.3, 0.5])
+    p.add_argument("--ratios", type=ratio_list, default=None, help="mapping ratios (default 0.3,0.5; the LLM alone always runs)")
+    p.add_argument(
+        "--configs",
+        default=None,
+        help="measured: configurations side by side instead of --ratios, e.g. iam0.5,iam0.5+w64,iam0.5+streaming@0.8 "
+        "(llm|iam<ratio>, then +w<window>, +<policy>@<budget>[:unmapped], +int8)",
+    )
     p.add_argument("--repeats", type=positive_int, default=3)
     p.add_argument(
         "--decode-repeats", type=positive_int, default=20, help="projection: rounds of the decode-step timings (short and noisy)"

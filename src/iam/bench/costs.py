@@ -90,9 +90,25 @@ def prefill_flops(llm: Arch, slm: Arch, n_mapped: int, tokens: int, local: int =
     return own + slm.layers * layer_prefill_flops(slm, slm, tokens) if n_mapped else own
 
 
-def llm_decode_bytes(llm: Arch, n_mapped: float, batch: int, context: float, elem: int) -> float:
-    """Bytes the LLM's own part of a decode step reads: its weights less the mapped Q/K, and its KV."""
-    return (llm.params - n_mapped * llm.qk_params) * elem + batch * context * llm_kv_bytes_per_token(llm, n_mapped, elem)
+def llm_decode_bytes(llm: Arch, n_mapped: float, batch: int, context: float, elem: int, local: int = 0) -> float:
+    """Bytes the LLM's own part of a decode step reads: its weights less the mapped Q/K, and its KV. With an exact
+    local window of ``local`` tokens (sinks + window) mapped layers read their Q/K weights and the window's K."""
+    weights = llm.params - (0 if local else n_mapped * llm.qk_params)
+    window_k = n_mapped * min(local, context) * llm.kv_heads * llm.head_dim * elem
+    return weights * elem + batch * (context * llm_kv_bytes_per_token(llm, n_mapped, elem) + window_k)
+
+
+def llm_shares(
+    llm: Arch, slm: Arch, n_mapped: float, scenario: Scenario, elem: int, local: int = 0, kept: float = 1.0
+) -> tuple[float, float]:
+    """The shares of the LLM alone's prefill FLOPs and decode-step bytes that the LLM's own part of a setup costs:
+    ``n_mapped`` layers' worth mapped, an exact local window of ``local`` tokens (sinks + window; a window over
+    short prompts can cost more than the layer it maps), and eviction keeping ``kept`` of each sequence's tokens
+    (a decode step reads only the kept KV; prefill is unchanged)."""
+    context = scenario.prompt + scenario.new_tokens
+    prefill = llm_prefill_flops(llm, slm, n_mapped, scenario.prompt, local) / llm_prefill_flops(llm, slm, 0, scenario.prompt)
+    step = llm_decode_bytes(llm, n_mapped, scenario.batch, context * kept, elem, local)
+    return prefill, step / llm_decode_bytes(llm, 0, scenario.batch, context, elem)
 
 
 def decode_bytes(llm: Arch, slm: Arch, n_mapped: int, batch: int, context: float, elem: int, slm_cache: str = "native") -> float:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 
 import torch
@@ -13,12 +14,11 @@ from tqdm.auto import tqdm
 
 from ..core.cache import cache_bytes, slm_cache
 from ..core.config import MappingConfig, check_mapped
-from ..core.eviction import EvictionPolicy
 from ..core.model import IAMForCausalLM
-from ..core.selection import layers_worth
+from ..core.setup import Setup, build, configured
 from ..models.presets import Arch
 from ..reporting import with_baseline
-from .costs import Scenario, llm_decode_bytes, llm_prefill_flops
+from .costs import Scenario, kept_share, llm_shares
 from .memory import PeakMemory, TensorPeak
 from .timing import GenerationTimer, synchronize
 
@@ -62,86 +62,94 @@ def time_slm(slm, ids: torch.Tensor, new_tokens: int, cache_kind: str = "native"
     return {"ttft_s": ttft, "tpot_s": (time.perf_counter() - start) / steps}
 
 
+def spread(values: Sequence[float]) -> tuple[float, float, float]:
+    """Median, min and max."""
+    return statistics.median(values), min(values), max(values)
+
+
 def measure(
     llm,
     slm,
-    ratios: list[float],
+    setups: Sequence[Setup],
     scenario: Scenario,
     repeats: int,
     base_config: MappingConfig,
     progress: bool = True,
-    eviction: EvictionPolicy | None = None,
 ) -> list[dict]:
-    """Run the LLM alone (its own ``generate()``), IAM at each ratio (``IAMForCausalLM.generate()``) and the SLM
-    alone, in turns, ``repeats`` times after a warm-up round; report medians. With ``eviction`` every row evicts,
-    the LLM alone (then through ``IAMForCausalLM`` at ratio 0) included.
+    """Run every setup (``iam.core.setup``; the first is the LLM alone, through its own ``generate()``) and the SLM
+    alone, in turns, ``repeats`` times after a warm-up round; report medians with min and max.
 
-    ``peak_mem_bytes`` comes from the warm-up round (see below). IAM rows also carry its budget, what the parts
-    cost measured alone in the same round: the LLM's time scaled by the share of its arithmetic that mapping leaves
-    (prefill FLOPs, decode bytes), plus the SLM's time. ``ttft_vs_budget``/``tpot_vs_budget`` are medians of IAM
-    over its budget, round by round (1 = IAM costs exactly its parts; above 1, overhead).
+    ``peak_mem_bytes`` comes from the warm-up round (see below). Every other row also carries its budget, what its
+    parts cost measured alone in the same round: the LLM alone's time scaled by the share of its arithmetic that
+    the setup leaves (prefill FLOPs, decode bytes; ``costs.llm_shares``), plus the SLM alone's time where layers are
+    mapped. ``ttft_vs_budget``/``tpot_vs_budget`` are medians of the setup over its budget, round by round (1 = it
+    costs exactly its parts; above 1, overhead).
     """
-    check_mapped([scenario.prompt], [replace(base_config, ratio=r) for r in ratios], "a --prompt")
+    if not setups or not setups[0].plain:
+        raise ValueError("setups must start with the LLM alone (Setup('llm')): every budget is set against it.")
+    configs = [configured(base_config, s) for s in setups]
+    check_mapped([scenario.prompt], [c for c in configs if c.ratio], "a prompt")
     device = llm.device
     ids = random_prompt(llm, scenario.batch, scenario.prompt, torch.Generator().manual_seed(0))
-    ratios = with_baseline(ratios)
-    models = {r: IAMForCausalLM(llm, slm, replace(base_config, ratio=r), eviction) for r in ratios}
-    if eviction is None:
-        models[0.0] = llm  # the LLM alone through its own generate()
-    samples: dict[float | None, list[dict]] = {r: [] for r in [*ratios, None]}  # None: the SLM alone
-    peaks: dict[float, int] = {}
+    models = [llm if s.plain else build(llm, slm, base_config, s) for s in setups]
+    samples: list[list[dict]] = [[] for _ in [*setups, None]]  # the last: the SLM alone
+    peaks: list[int] = [0] * len(setups)
     # Round 0 is a warm-up, dropped from the timings: it compiles FlexAttention and lets the allocator reach its
     # steady state, which on CPU otherwise keeps faulting fresh pages in for the first runs (see
     # ``timing_environment``). It is also the only round whose peak memory is taken: on CPU a sampler thread does
-    # that, and glibc's mallinfo2 takes malloc's lock, which slowed IAM's decode steps by 15-20%.
-    runs = [(rep, r) for rep in range(repeats + 1) for r in [*ratios, None]]
-    for rep, r in tqdm(runs, desc="bench runs", disable=not progress):
-        if r is None:
+    # that, and glibc's mallinfo2 takes malloc's lock, which slows decode steps (docs/results.md, "Allocator").
+    runs = [(rep, i) for rep in range(repeats + 1) for i in range(len(setups) + 1)]
+    for rep, i in tqdm(runs, desc="bench runs", disable=not progress):
+        if i == len(setups):
             sample = time_slm(slm, ids, scenario.new_tokens, base_config.slm_cache)
         else:
             memory = PeakMemory(device)
             with memory if rep == 0 else contextlib.nullcontext():
-                timings, cache = run_generate(models[r], ids, scenario.new_tokens)
+                timings, cache = run_generate(models[i], ids, scenario.new_tokens)
             if rep == 0:
-                peaks[r] = memory.bytes
-            if isinstance(models[r], IAMForCausalLM):
-                kv, units = cache.kv_bytes(), cache.mapping.units if cache.mapping else []
+                peaks[i] = memory.bytes
+            if isinstance(models[i], IAMForCausalLM):
+                kv, worth = cache.kv_bytes(), cache.mapping.layers_worth if cache.mapping else 0.0
+                units = cache.mapping.units if cache.mapping else []
             else:
-                kv, units = {"llm": cache_bytes(cache), "slm": 0, "total": cache_bytes(cache)}, []
-            sample = {**timings, "kv": kv, "units": units}
+                kv, worth, units = {"llm": cache_bytes(cache), "slm": 0, "total": cache_bytes(cache)}, 0.0, []
+            sample = {**timings, "kv": kv, "layers_worth": worth, "units": units}
         if rep:
-            samples[r].append(sample)
+            samples[i].append(sample)
     big, small = (Arch.from_config(m.config.to_dict()) for m in (llm, slm))
-    elem, context = llm.dtype.itemsize, scenario.prompt + scenario.new_tokens
-    alone, slm_alone = samples[0.0], samples[None]
+    alone, slm_alone = samples[0], samples[-1]
     rows = []
-    for r in ratios:
-        s = samples[r]
+    for setup, config, s, peak in zip(setups, configs, samples, peaks):
         kv = s[-1]["kv"]
         row = {
-            "ratio": r,
+            "config": setup.label,
+            "ratio": setup.ratio,
+            "local_window": config.local_window,
+            "eviction": None if setup.policy is None else f"{setup.policy}@{setup.budget}",
             "mapped_layers": s[-1]["units"],
             "kv_bytes": kv["total"],
             "kv_llm_bytes": kv["llm"],
             "kv_slm_bytes": kv["slm"],
             "kv_ratio": kv["total"] / alone[-1]["kv"]["total"],
-            "ttft_s": statistics.median(x["ttft_s"] for x in s),
-            "tpot_s": statistics.median(x["tpot_s"] for x in s),
-            "peak_mem_bytes": peaks[r],
+            "peak_mem_bytes": peak,
         }
+        for key in ("ttft_s", "tpot_s"):
+            row[key], row[key.replace("_s", "_min_s")], row[key.replace("_s", "_max_s")] = spread([x[key] for x in s])
         row["throughput_tok_s"] = scenario.batch / row["tpot_s"]
-        if r:
-            n = layers_worth(s[-1]["units"], big.kv_heads)
-            share = {
-                "ttft_s": llm_prefill_flops(big, small, n, scenario.prompt) / llm_prefill_flops(big, small, 0, scenario.prompt),
-                "tpot_s": llm_decode_bytes(big, n, scenario.batch, context, elem)
-                / llm_decode_bytes(big, 0, scenario.batch, context, elem),
-            }
-            for key, name in (("ttft_s", "ttft"), ("tpot_s", "tpot")):
-                budget = [a[key] * share[key] + b[key] for a, b in zip(alone, slm_alone)]
-                row[f"slm_{key}"] = statistics.median(b[key] for b in slm_alone)
+        if not setup.plain:
+            local = config.sinks + config.local_window if config.local_window else 0
+            kept = kept_share(setup.budget, scenario.prompt + scenario.new_tokens)
+            shares = llm_shares(big, small, s[-1]["layers_worth"], scenario, llm.dtype.itemsize, local, kept)
+            for key, share in zip(("ttft_s", "tpot_s"), shares):
+                name = key[:4]
+                paired = [b[key] if setup.ratio else 0.0 for b in slm_alone]
+                budget = [a[key] * share + b for a, b in zip(alone, paired)]
+                row[f"slm_{key}"] = statistics.median(paired)
+                row[f"{name}_llm_share"] = share
                 row[f"{name}_budget_s"] = statistics.median(budget)
-                row[f"{name}_vs_budget"] = statistics.median(x[key] / b for x, b in zip(s, budget))
+                row[f"{name}_vs_budget"], row[f"{name}_vs_budget_min"], row[f"{name}_vs_budget_max"] = spread(
+                    [x[key] / b for x, b in zip(s, budget)]
+                )
         rows.append(row)
     for row in rows:
         row["ttft_speedup"] = rows[0]["ttft_s"] / row["ttft_s"]

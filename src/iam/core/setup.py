@@ -1,0 +1,96 @@
+"""Configurations of a side-by-side run, written as text: ``llm|iam<ratio>``, then ``+w<window>``,
+``+<policy>@<budget>[:unmapped]``, ``+int8`` (``parse_setup``). Evaluations and benchmarks share them."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+
+from .config import MappingConfig
+from .eviction import POLICIES, EvictionPolicy, make_policy, parse_budget
+from .model import IAMForCausalLM
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One configuration of a side-by-side run: a mapping (ratio 0: the LLM alone) and an eviction policy.
+
+    Parameters
+    ----------
+    label : its name in reports, as written in ``--configs`` (see ``parse_setups``).
+    ratio, local_window : ``MappingConfig`` fields over the run's base config.
+    policy, budget : the eviction policy's name and budget, if any.
+    scope : which layers the policy evicts from (``EvictionPolicy.scope``).
+    llm_cache : ``MappingConfig.llm_cache``: the LLM's cache in its dtype or as int8.
+    """
+
+    label: str
+    ratio: float = 0.0
+    local_window: int = 0
+    policy: str | None = None
+    budget: float | int | None = None
+    scope: str = "all"
+    llm_cache: str = "native"
+
+    @property
+    def plain(self) -> bool:
+        """Whether this is the LLM alone, as it runs without IAM (no mapping, eviction or int8 cache)."""
+        return self.ratio == 0 and self.policy is None and self.llm_cache == "native"
+
+    def eviction(self) -> EvictionPolicy | None:
+        """The eviction policy, if any."""
+        return make_policy(self.policy, self.budget, self.scope)
+
+
+def parse_setup(text: str) -> Setup:
+    """One configuration from ``+``-joined parts: ``llm`` (the LLM alone, also implied) or ``iam<ratio>``;
+    ``w<window>``, the exact local window of the mapped layers; ``<policy>@<budget>``, eviction, ``:unmapped`` after it
+    to evict only from the layers that keep K; ``int8``, the LLM's cache as int8. E.g. ``llm+snapkv@0.7``,
+    ``iam0.5+w64``, ``iam0.5+w64+streaming@0.5:unmapped``, ``iam1.0+w64+int8``."""
+    label = text.strip()
+    fields: dict = {}
+    for part in label.split("+"):
+        try:
+            if part == "llm":
+                fields["ratio"] = 0.0
+            elif part.startswith("iam"):
+                fields["ratio"] = float(part[3:])
+            elif part == "int8":
+                fields["llm_cache"] = "int8"
+            elif re.fullmatch(r"w\d+", part):
+                fields["local_window"] = int(part[1:])
+            elif "@" in part:
+                name, _, rest = part.partition("@")
+                budget, _, scope = rest.partition(":")
+                if name not in POLICIES:
+                    raise ValueError(f"eviction policy must be one of {sorted(POLICIES)}, got {name!r}")
+                fields.update(policy=name, budget=parse_budget(budget), scope=scope or "all")
+            else:
+                raise ValueError(f"unknown part {part!r}")
+        except ValueError as e:
+            raise ValueError(
+                f"configuration {label!r}: {e}. Write llm or iam<ratio>, then +w<window>, +<policy>@<budget>[:unmapped], +int8."
+            ) from None
+    if fields.get("local_window") and not fields.get("ratio"):
+        raise ValueError(f"configuration {label!r}: a local window needs mapped layers (iam<ratio> with ratio > 0).")
+    return Setup(label, **fields)
+
+
+def parse_setups(text: str) -> list[Setup]:
+    """Comma-separated configurations (``parse_setup``), the LLM alone first (added if missing)."""
+    setups = [parse_setup(t) for t in text.split(",") if t.strip()]
+    if not setups:
+        raise ValueError("give at least one configuration.")
+    if not any(s.ratio == 0 and s.policy is None for s in setups):
+        setups.insert(0, Setup("llm"))
+    return sorted(setups, key=lambda s: not (s.ratio == 0 and s.policy is None))
+
+
+def configured(base: MappingConfig, setup: Setup) -> MappingConfig:
+    """``base`` (a ``MappingConfig``) with ``setup``'s ratio, local window and LLM cache."""
+    return replace(base, ratio=setup.ratio, local_window=setup.local_window, llm_cache=setup.llm_cache)
+
+
+def build(llm, slm, base: MappingConfig, setup: Setup) -> IAMForCausalLM:
+    """The ``IAMForCausalLM`` of ``setup`` over ``base``."""
+    return IAMForCausalLM(llm, slm, configured(base, setup), setup.eviction())
