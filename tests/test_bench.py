@@ -131,6 +131,20 @@ def test_every_measured_mode_runs_side_by_side_with_its_budget(pair_folders, tmp
     assert (tmp_path / "bench-concurrency.md").read_text().startswith("| prompt | config |")
 
 
+def test_profile_splits_each_prefill_into_its_parts(pair_folders, tmp_path, capsys):
+    llm, slm = pair_folders
+    argv = ["bench", "--profile", "--llm", llm, "--slm", slm, "--configs", "iam0.5,iam0.5+w4+streaming@0.8", "--prompt", "64"]
+    assert main([*argv, "--batch", "2", "--repeats", "1", "--blend", "2", "--out", str(tmp_path), "--json"]) == 0
+    alone, plain, window = json.loads(capsys.readouterr().out)["rows"]
+    assert alone["slm_s"] == alone["establish_s"] == alone["mapped_attention_s"] == 0 and alone["llm_own_share"] == 1
+    for row in (plain, window):
+        for part in ("slm", "slm_window", "establish", "match", "blend_fit", "routes", "mapped_attention"):
+            assert row[f"{part}_s"] > 0, part
+        assert row["blend_fit_s"] <= row["match_s"] <= row["establish_s"] < row["profiled_ttft_s"]
+        assert 0 < row["llm_own_share"] < 1
+    assert plain["evict_s"] == 0 < window["evict_s"]
+
+
 def test_budget_shares_count_the_window_and_eviction():
     """A window's mapped layer projects Q/K again and attends to its window, so it costs more of the LLM's arithmetic
     than plain mapping, and more than the LLM alone where the window is long against the prompt; eviction leaves

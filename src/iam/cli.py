@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from transformers import TextStreamer
 
-from .bench import costs, measure, projection
+from .bench import costs, measure, profile, projection
 from .bench.timing import GenerationTimer, allocator_note, timing_environment
 from .core import calibration
 from .core.config import MappingConfig, check_mapped, resolve
@@ -785,6 +785,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         check_eviction(retrieval.configured(base, s), s.eviction())
     llm, slm, _ = load(args, configs)
     warn_allocator(llm.device)
+    if args.profile:
+        rows = profile.profile_prefill(llm, slm, setups, scenario, args.repeats, base)
+        result = {"mode": "profile", **meta, "parts": profile.PARTS, "device": str(llm.device), "dtype": str(llm.dtype)}
+        result.update(repeats=args.repeats, **timing_environment(), rows=rows)
+        shares = [f"{name}_share" for name in ["llm_own", *(n[4:] for n in profile.PARTS)]]
+        return finish(args, "bench-profile", result, ["config", "ttft_s", "profiled_ttft_s", *shares])
     rows = []
     for prompt in prompts:
         at = costs.Scenario(prompt, scenario.batch, scenario.new_tokens)
@@ -953,6 +959,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--projection",
         action="store_true",
         help="time one real-size layer of --llm (a preset or config.json) and project the full model",
+    )
+    mode.add_argument(
+        "--profile",
+        action="store_true",
+        help="where each configuration's prefill time goes: one profiled generate() per --configs entry, part by part",
     )
     mode.add_argument(
         "--memory-scaling",

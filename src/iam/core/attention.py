@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 from transformers.cache_utils import Cache
 
@@ -204,11 +205,13 @@ class MappedAttention:
         if self.layer_idx not in mapping.layers:
             if establishing is None:
                 raise RuntimeError(f"LLM layer {self.layer_idx} is mapped but has no head map.")
-            mapping.layers[self.layer_idx] = self._establish(hidden_states, position_embeddings, establishing)
+            with record_function("iam.establish"):
+                mapping.layers[self.layer_idx] = self._establish(hidden_states, position_embeddings, establishing)
         routes = mapping.routes.get(self.layer_idx)
         if routes is None and self.groups:
-            hmap = rank_map(mapping.layers[self.layer_idx], self.shard_positions, hidden_states.device)
-            routes = mapping.routes[self.layer_idx] = Routes.of(hmap, attn.num_key_value_groups)
+            with record_function("iam.routes"):
+                hmap = rank_map(mapping.layers[self.layer_idx], self.shard_positions, hidden_states.device)
+                routes = mapping.routes[self.layer_idx] = Routes.of(hmap, attn.num_key_value_groups)
 
         b, t, _ = hidden_states.shape
         v = attn.v_proj(hidden_states).view(b, t, -1, attn.head_dim).transpose(1, 2)
@@ -219,16 +222,17 @@ class MappedAttention:
             k = v[:, :0]
         k, v = cache.update(k, v, self.layer_idx)
         mapped_v = take_groups(v, self.groups) if self.groups else None
-        if mapped_v is None:  # this rank holds none of the layer's mapped groups
-            out = v.new_empty(b, 0, t, attn.head_dim)
-        elif cache.local is not None:
-            local = cache.local.layers[self.layer_idx]
-            starts = cache.first_slots()
-            out = self._local(hidden_states, position_embeddings, routes, mapped_v, local, starts, attention_mask, slm)
-        elif t == 1:
-            out = self._decode(routes, mapped_v, attention_mask, slm)
-        else:
-            out = self._prefill(routes, mapped_v, attention_mask, slm)
+        with record_function("iam.mapped_attention"):
+            if mapped_v is None:  # this rank holds none of the layer's mapped groups
+                out = v.new_empty(b, 0, t, attn.head_dim)
+            elif cache.local is not None:
+                local = cache.local.layers[self.layer_idx]
+                starts = cache.first_slots()
+                out = self._local(hidden_states, position_embeddings, routes, mapped_v, local, starts, attention_mask, slm)
+            elif t == 1:
+                out = self._decode(routes, mapped_v, attention_mask, slm)
+            else:
+                out = self._prefill(routes, mapped_v, attention_mask, slm)
         if self.own:
             full = out.new_empty(b, len(self.heads) + len(self.own_heads), t, attn.head_dim)
             full[:, self.heads] = out
@@ -247,7 +251,8 @@ class MappedAttention:
         cos, sin = (window.take(x.expand(b, -1, -1), 1) for x in position_embeddings)
         q, k = project_qk(self.original, window.take(hidden_states, 1), cos, sin, self.planned, gather=True)
         probs = window_attention(q, k, self.original.scaling).to(establishing.flats[0].device)
-        return establishing.match(self.mapped, probs)
+        with record_function("iam.match"):
+            return establishing.match(self.mapped, probs)
 
     def _decode(self, routes: Routes, v: torch.Tensor, attention_mask: torch.Tensor | None, slm: SLMStep) -> torch.Tensor:
         """One new token: gather the SLM's attention rows, mix them per LLM head, and multiply by the mapped groups'

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
+from torch.profiler import record_function
 
 from .selection import Plan, format_plan
 from .similarity import SimilarityMetric
@@ -143,7 +144,8 @@ class SLMWindow:
             llm = tril_flat(probs[b], n)
             best = self.metric.score(llm, self.flats[b]).topk(self.blend, -1).indices  # [H_m, k], most similar first
             candidates = self.flats[b][best]  # [H_m, k, N]
-            w = simplex_weights(llm, candidates)
+            with record_function("iam.blend_fit"):
+                w = simplex_weights(llm, candidates)
             picks.append(torch.where(w > 0, best, best.gather(-1, w.argmax(-1, keepdim=True))))
             weights.append(w)
             scores.append(self.metric.score(llm, (w[..., None] * candidates).sum(1)).diagonal())

@@ -13,6 +13,7 @@ import os
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -412,17 +413,20 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _paired(self, cache: IAMCache, ids, mask, position_ids, logits_to_keep: int) -> torch.Tensor:
         """The SLM over the new tokens, as deep as the mapping reads, then the LLM with its mapped layers."""
-        step = self._slm_step(cache, ids, mask, position_ids, cache.mapping.slm_layers[-1] + 1)
+        with record_function("iam.slm"):
+            step = self._slm_step(cache, ids, mask, position_ids, cache.mapping.slm_layers[-1] + 1)
         return self._llm_step(cache, ids, mask, position_ids, logits_to_keep, step)
 
     # ---- parts -----------------------------------------------------------------------------------------------
     def _slm_window(self, cache: IAMCache, ids, mask, position_ids, truncation: int) -> tuple[SLMStep, SLMWindow]:
         """The SLM over the whole context, every layer (its queries recorded), and what it provides to establish a
         mapping: its attention on the window of the first ``truncation`` real tokens."""
-        step = self._slm_step(cache, ids, mask, position_ids, self.slm.config.num_hidden_layers)
-        window = Window.from_mask(mask, truncation)
-        keys = [read_keys(layer) for layer in cache.slm.layers]
-        flats = slm_window_flats(step.queries, keys, step.scaling, window)
+        with record_function("iam.slm"):
+            step = self._slm_step(cache, ids, mask, position_ids, self.slm.config.num_hidden_layers)
+        with record_function("iam.slm_window"):
+            window = Window.from_mask(mask, truncation)
+            keys = [read_keys(layer) for layer in cache.slm.layers]
+            flats = slm_window_flats(step.queries, keys, step.scaling, window)
         config = self.mapping_config
         return step, SLMWindow(window, flats, self.slm.config.num_attention_heads, METRICS[config.metric], config.blend)
 
@@ -469,8 +473,9 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         logits = self._logits(run, logits_to_keep)
         if policy is not None and evicted:
             first = cache.kept is None
-            cache.track(mask[:, -t:], position_ids)
-            cache.evict(self._attention_mass(cache, queries, step, slots) if scoring else None, prefill=first)
+            with record_function("iam.evict"):
+                cache.track(mask[:, -t:], position_ids)
+                cache.evict(self._attention_mass(cache, queries, step, slots) if scoring else None, prefill=first)
         return logits
 
     def _attention_mass(self, cache: IAMCache, queries: dict[int, torch.Tensor], step: SLMStep | None, slots) -> torch.Tensor:
