@@ -193,6 +193,15 @@ def test_every_metric_runs_and_identity_still_holds(twin, metric):
     assert (out.logits - llm_logits(llm, ids)).abs().max() < 1e-3
 
 
+@pytest.mark.parametrize("metric", ["cosine", "pearson", "minkowski1", "minkowski2", "cosine-norm"])
+def test_a_metric_prepared_against_its_candidates_scores_alike(metric):
+    from iam.core.similarity import METRICS
+
+    g = torch.Generator().manual_seed(0)
+    llm, slm = torch.rand(3, 50, generator=g), torch.rand(7, 50, generator=g)
+    assert torch.allclose(METRICS[metric].against(slm)(llm), METRICS[metric].score(llm, slm), atol=1e-6)
+
+
 def test_similar_strategy_picks_the_best_scoring_layers(pair):
     llm, slm = pair
     mapping = forward(iam(llm, slm, ratio=0.5, strategy="similar"), prompt(30)).cache.mapping
@@ -300,7 +309,7 @@ def test_long_prefill_runs_flex_attention_with_both_head_sizes(family, monkeypat
     monkeypatch.setattr(attention, "FLEX_MIN_TOKENS", 32)
     monkeypatch.setattr("iam.core.attention.F.scaled_dot_product_attention", spy)
     flex = forward(iam(llm, slm, ratio=0.5), ids).logits
-    assert attention.flex_kernel(ids.device, torch.float32, 8, 16) is not None
+    assert attention.flex_ready(ids.device, torch.float32, 8, 16)
     assert len(calls) == 2 + 2  # the SLM's and the unmapped LLM layers' own; the mapped layers ran flex
     assert torch.allclose(flex, padded, atol=1e-4)
     calls.clear()

@@ -26,22 +26,10 @@ from transformers.cache_utils import Cache
 
 from .cache import LocalKeys, read_keys
 from .decoder import attend, project_qk, runs
-from .flex import FLEX_MIN_TOKENS, flex_kernel
+from .flex import FLEX_MIN_TOKENS, causal_block_mask, flex_heads, flex_ready
 from .local import local_flex
 from .mapping import HeadMap, Mapping, SLMWindow, window_attention
 from .parallel import rank_map, shard_of
-
-Route = tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]
-"""``(slm_layer, batch idx, column idx, slm head idx)``: the columns that read one SLM layer."""
-
-
-def by_slm_layer(slm_layer: torch.Tensor, slm_head: torch.Tensor) -> list[Route]:
-    """One route per SLM layer borrowed from, for ``[B, N]`` columns (LLM heads, or prefill items)."""
-    out = []
-    for layer in slm_layer.unique().tolist():
-        bi, ni = (slm_layer == layer).nonzero(as_tuple=True)
-        out.append((layer, bi, ni, slm_head[bi, ni]))
-    return out
 
 
 @dataclass(frozen=True)
@@ -53,16 +41,19 @@ class Routes:
 
     Parameters
     ----------
-    columns : per SLM layer, the columns reading it (decode: one attention row per column).
-    items : per SLM layer, the prefill items reading it. An item is a distinct ``(slm_layer, slm_head, kv group)``
-        of a sequence: columns of one KV group borrowing one SLM head compute the same thing, so they share one.
-    item_kv : ``[B, U]`` the KV group (among the mapped ones) of each item; rows are padded by repeating the first.
+    column_layer, column_head : ``[B, H_m * k]`` the SLM layer and head each column reads (decode: one attention row
+        per column).
+    item_layer, item_head, item_kv : ``[B, U]`` the SLM layer and head, and the KV group (among the mapped ones), of
+        each prefill item; rows are padded by repeating the first. An item is a distinct ``(slm_layer, slm_head, kv
+        group)`` of a sequence: columns of one KV group borrowing one SLM head compute the same thing, so they share one.
     item_of_column : ``[B, H_m * k]`` the item of each column.
     weight : ``[B, H_m, k]`` the mixing weights of each LLM head's columns.
     """
 
-    columns: list[Route]
-    items: list[Route]
+    column_layer: torch.Tensor
+    column_head: torch.Tensor
+    item_layer: torch.Tensor
+    item_head: torch.Tensor
     item_kv: torch.Tensor
     item_of_column: torch.Tensor
     weight: torch.Tensor
@@ -77,8 +68,10 @@ class Routes:
         width = max(len(u) for u, _ in found)
         items = torch.stack([torch.cat([u, u[:1].expand(width - len(u), 3)]) for u, _ in found])  # [B, U, 3]
         return cls(
-            columns=by_slm_layer(slm_layer, slm_head),
-            items=by_slm_layer(items[..., 0], items[..., 1]),
+            column_layer=slm_layer,
+            column_head=slm_head,
+            item_layer=items[..., 0],
+            item_head=items[..., 1],
             item_kv=items[..., 2],
             item_of_column=torch.stack([inv for _, inv in found]),
             weight=hmap.weight,
@@ -109,6 +102,32 @@ class SLMStep:
         self._rows: dict[int, torch.Tensor] = {}
         self.device = next(iter(queries.values())).device
         self._seen_from: dict[torch.device, SLMStep] = {}
+        self._stacked: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._every_row: torch.Tensor | None = None
+
+    def stack(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every run layer's queries ``[B, L * H_s, t, d_s]`` and cached keys ``[B, L * H_kv_s, S, d_s]`` in one
+        tensor each (layers ``0 .. L - 1``), so that the items of a mapped layer are gathered with one index."""
+        if self._stacked is None:
+            layers = range(len(self.queries))
+            if sorted(self.queries) != list(layers):
+                raise RuntimeError(f"the SLM step holds the queries of layers {sorted(self.queries)}, not the first ones.")
+            queries, h = torch.cat([self.queries[i] for i in layers], 1), self.queries[0].shape[1]
+            self.queries = {i: queries[:, i * h : (i + 1) * h] for i in layers}  # views: the copies are freed
+            self._stacked = (queries, torch.cat([self.keys(i) for i in layers], 1))
+        return self._stacked
+
+    def item_heads(self, routes: Routes) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, U]`` each: where each prefill item of ``routes`` reads its queries and its keys in ``stack()``."""
+        heads, kv_heads = self.queries[0].shape[1], self.stack()[1].shape[1] // len(self.queries)
+        layer, head = routes.item_layer.to(self.device), routes.item_head.to(self.device)
+        return layer * heads + head, layer * kv_heads + head // self.kv_groups
+
+    def items(self, routes: Routes, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries ``[B, U, t, d_s]`` and keys ``[B, U, S, d_s]`` of each prefill item of ``routes``, in ``dtype``."""
+        (q, k), (q_at, k_at) = self.stack(), self.item_heads(routes)
+        rows = torch.arange(q.shape[0], device=q.device)[:, None]
+        return q[rows, q_at].to(dtype), k[rows, k_at].to(dtype)
 
     def keys(self, layer: int, *index: torch.Tensor) -> torch.Tensor:
         """Cached keys of SLM ``layer`` (``[B, H_kv_s, T, d_s]``, or ``keys[index]``) in the model's dtype, on this
@@ -142,13 +161,13 @@ class SLMStep:
         return self._rows[layer]
 
     def column_rows(self, routes: Routes, attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-        """The new token's borrowed attention row of each column of ``routes``, ``[B, H_m * k, T]`` in ``dtype``."""
-        b, columns = routes.item_of_column.shape
-        first = self.decode_rows(routes.columns[0][0], attention_mask)
-        rows = first.new_empty(b, columns, first.shape[-1], dtype=dtype)
-        for layer, bi, ci, hs in routes.columns:
-            rows[bi, ci] = self.decode_rows(layer, attention_mask)[bi, hs].to(dtype)
-        return rows
+        """The new token's borrowed attention row of each column of ``routes``, ``[B, H_m * k, T]`` in ``dtype``: one
+        gather from the rows of every SLM layer run, computed once a step for all mapped layers."""
+        if self._every_row is None:
+            self._every_row = torch.cat([self.decode_rows(i, attention_mask) for i in range(len(self.queries))], 1)
+        rows, heads = self._every_row, self.queries[0].shape[1]
+        flat = routes.column_layer.to(rows.device) * heads + routes.column_head.to(rows.device)
+        return rows[torch.arange(rows.shape[0], device=rows.device)[:, None], flat].to(dtype)
 
 
 class MappedAttention:
@@ -271,30 +290,31 @@ class MappedAttention:
         kernels need one head size: zero-padding q and k keeps q.k exact and avoids the fallback that would build
         the T x T matrix."""
         b, total, d = v.shape[0], v.shape[2], v.shape[-1]  # total: cached and new tokens
-        some_q = slm.queries[routes.items[0][0]]
+        some_q = slm.queries[0]
         t, d_s = some_q.shape[2], some_q.shape[-1]
-        use_flex = attention_mask is None and d_s != d and total == t >= FLEX_MIN_TOKENS and flex_serves(some_q, v)
-        flex = flex_kernel(v.device, v.dtype, d_s, d) if use_flex else None
-        width = d_s if flex else max(d_s, d)
-        alloc = some_q.new_empty if width == d_s else some_q.new_zeros  # every item is written; pad columns are zeros
-        q = alloc(*routes.item_kv.shape, t, width)
-        k = alloc(*routes.item_kv.shape, total, width)
-        for layer, bi, ui, hs in routes.items:
-            q[bi, ui, :, :d_s] = slm.queries[layer][bi, hs]
-            k[bi, ui, :, :d_s] = slm.keys(layer, bi, hs // slm.kv_groups)
         rows = torch.arange(b, device=v.device)[:, None]
-        q, k, v = q.to(v.dtype), k.to(v.dtype), v[rows, routes.item_kv]
-        if flex:
-            out = flex(q, k, v, slm.scaling)
-        else:
-            out = F.scaled_dot_product_attention(
-                q,
-                k,
-                F.pad(v, (0, width - d)),
-                attn_mask=attention_mask,
-                is_causal=attention_mask is None,
-                scale=slm.scaling,
-            )[..., :d]
+        if attention_mask is None and d_s != d and total == t >= FLEX_MIN_TOKENS and flex_serves(some_q, v):
+            if flex_ready(v.device, v.dtype, d_s, d):
+                q_at, k_at = slm.item_heads(routes)  # [B, U] each: (sequence, stacked SLM head) of every item
+                (qs, ks), seq = slm.stack(), rows.expand_as(q_at).flatten()
+                q_at, k_at, kv = q_at.flatten(), k_at.flatten(), routes.item_kv.flatten()
+
+                def chunk(i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    q = qs[seq[i], q_at[i]].to(v.dtype).mul_(slm.scaling)
+                    return q, ks[seq[i], k_at[i]].to(v.dtype), v[seq[i], kv[i]]
+
+                out = flex_heads(len(seq), chunk, causal_block_mask(t, v.device)).view(*routes.item_kv.shape, t, d)
+                return routes.mix(out[rows, routes.item_of_column])
+        width = max(d_s, d)
+        q, k = (F.pad(x, (0, width - d_s)) for x in slm.items(routes, v.dtype))
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            F.pad(v[rows, routes.item_kv], (0, width - d)),
+            attn_mask=attention_mask,
+            is_causal=attention_mask is None,
+            scale=slm.scaling,
+        )[..., :d]
         return routes.mix(out[rows, routes.item_of_column])
 
     def _local(
@@ -321,13 +341,11 @@ class MappedAttention:
         q, k = project_qk(self.original, hidden_states, *position_embeddings, self.groups)
         sink_k, recent_k = keys.update(k, starts)
         b, h, t, d = q.shape
-        d_s = slm.queries[routes.items[0][0]].shape[-1]
-        if t >= FLEX_MIN_TOKENS and flex_serves(q, v) and flex_kernel(v.device, v.dtype, d_s, d) is not None:
-            item_q, item_k = slm_items(routes, slm, v.dtype)
+        d_s = slm.queries[0].shape[-1]
+        if t >= FLEX_MIN_TOKENS and flex_serves(q, v) and flex_ready(v.device, v.dtype, d_s, d):
             exact, borrowed = local_flex(
-                q, sink_k, recent_k, v, item_q, item_k, routes.item_kv, starts.to(v.device), keys.sinks, keys.window,
-                self.original.scaling, slm.scaling,
-            )  # fmt: skip
+                q, sink_k, recent_k, v, slm, routes, starts.to(v.device), keys.sinks, keys.window, self.original.scaling
+            )
             mixed = routes.mix(borrowed[torch.arange(b, device=v.device)[:, None], routes.item_of_column])
             return mixed[..., :d] + mixed[..., d:] * exact
         g, total = v.shape[1], v.shape[2]
@@ -337,7 +355,7 @@ class MappedAttention:
         sink_slots = first_real[:, 0] + slots[:sinks]  # [B, sinks]
         sink_v = v.gather(2, sink_slots[:, None, :, None].expand(b, g, sinks, d))
         first_recent = total - recent_k.shape[2]  # the slot of recent_k[:, :, 0]
-        items = None if t == 1 else slm_items(routes, slm)
+        items = None if t == 1 else slm.items(routes, torch.float32)
         q = q.float().view(b, g, per, t, d)
         out = q.new_empty(b, g, per, t, d)
         columns = max(routes.item_of_column.shape[1], routes.item_kv.shape[1])
@@ -386,18 +404,6 @@ class MappedAttention:
         visible = (slots <= seen) & (slots >= first_real)  # [B, c, S]
         probs = scores.masked_fill(~visible[:, None], -math.inf).softmax(-1).nan_to_num(0.0)
         return probs[torch.arange(q.shape[0], device=q.device)[:, None], routes.item_of_column]
-
-
-def slm_items(routes: Routes, slm: SLMStep, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Queries ``[B, U, t, d_s]`` and keys ``[B, U, S, d_s]`` of each prefill item (see ``Routes``), in ``dtype``."""
-    some_q = slm.queries[routes.items[0][0]]
-    some_k = slm.keys(routes.items[0][0])
-    q = some_q.new_empty(*routes.item_kv.shape, *some_q.shape[2:], dtype=dtype)
-    k = some_k.new_empty(*routes.item_kv.shape, *some_k.shape[2:], dtype=dtype)
-    for layer, bi, ui, hs in routes.items:
-        q[bi, ui] = slm.queries[layer][bi, hs].to(dtype)
-        k[bi, ui] = slm.keys(layer, bi, hs // slm.kv_groups).to(dtype)
-    return q, k
 
 
 def flex_serves(q: torch.Tensor, v: torch.Tensor) -> bool:

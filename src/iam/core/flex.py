@@ -1,5 +1,5 @@
-"""FlexAttention for mapped layers: one compiled kernel, called on fixed-size head chunks, with the block masks of
-causal mapped prefill (``MappedAttention._prefill``) and of the exact local window (``iam.core.local``)."""
+"""FlexAttention for mapped layers: one compiled kernel, called on fixed-size head chunks gathered per call, with the
+block masks of causal mapped prefill (``MappedAttention._prefill``) and of the exact local window (``iam.core.local``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import warnings
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 FLEX_MIN_TOKENS = 256
 """Prefill length from which mapped attention runs FlexAttention (docs/results.md, "FlexAttention"). Up to 128 tokens
@@ -27,38 +26,37 @@ def compiled_flex() -> Callable:
     return torch.compile(flex_attention, dynamic=True)
 
 
-def flex_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torch.Tensor:
-    """FlexAttention of independent heads: ``q [N, t, dq]`` (already scaled), ``k [N, n, dq]``, ``v [N, n, dv]``
-    -> ``[N, t, dv]``, every head under ``block_mask`` (built for one head), in calls of ``FLEX_HEADS`` heads."""
-    n, t = q.shape[:2]
-    pad = -n % FLEX_HEADS
-    q, k, v = (F.pad(x, (0, 0, 0, 0, 0, pad)).view(-1, 1, FLEX_HEADS, *x.shape[1:]) for x in (q, k, v))
+Chunk = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+"""``chunk(index)``: the q (already scaled), k and v of the heads ``index`` (``[FLEX_HEADS]``), as new tensors
+``[FLEX_HEADS, t, dq]``, ``[FLEX_HEADS, n, dq]`` and ``[FLEX_HEADS, n, dv]`` (gathered for the call, not views)."""
+
+
+def flex_heads(heads: int, chunk: Chunk, block_mask) -> torch.Tensor:
+    """FlexAttention of ``heads`` independent heads, every one under ``block_mask`` (built for one head), in calls of
+    ``FLEX_HEADS`` heads whose inputs ``chunk`` gathers (the last call's index repeats the last head). Each input
+    is its own tensor: a view would make the compiled kernel guard on its base's size. Returns ``[heads, t, dv]``."""
     kernel = compiled_flex()
-    # each chunk a tensor of its own: a view would make the compiled kernel guard on its base's size (the chunk count)
-    out = torch.cat([kernel(*(x.clone() for x in c), block_mask=block_mask, scale=1.0) for c in zip(q, k, v)])
-    return out.flatten(0, 1)[:n]
+    out = []
+    for a in range(0, heads, FLEX_HEADS):
+        index = torch.arange(a, a + FLEX_HEADS).clamp_max(heads - 1)
+        q, k, v = chunk(index)
+        out.append(kernel(q[None], k[None], v[None], block_mask=block_mask, scale=1.0)[0])
+    return torch.cat(out)[:heads]
 
 
 @functools.cache
-def flex_kernel(device: torch.device, dtype: torch.dtype, qk_dim: int, v_dim: int) -> Callable | None:
-    """Causal FlexAttention for this device, dtype and head sizes, any batch, item count and length above 128
-    tokens, as ``kernel(q [B, U, T, qk_dim], k [B, U, T, qk_dim], v [B, U, T, v_dim], scale) -> [B, U, T, v_dim]``.
-    Compiled on first use (a few seconds); ``None`` where it cannot be compiled here (SDPA is used instead)."""
-
-    def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        b, u, t = q.shape[:3]
-        # q scaled in a copy: one compiled kernel for every scale (a float argument is specialised on)
-        out = flex_heads((q * scale).flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), causal_block_mask(t, device))
-        return out.view(b, u, t, v_dim)
-
+def flex_ready(device: torch.device, dtype: torch.dtype, qk_dim: int, v_dim: int) -> bool:
+    """Whether FlexAttention compiles here for this dtype and head sizes (any head count, and lengths above 128
+    tokens). It compiles on first use (a few seconds); where it cannot, a warning says so, and mapped attention
+    runs SDPA or the chunked local window instead."""
     try:
         for t in (FLEX_MIN_TOKENS, FLEX_MIN_TOKENS + 128):  # two lengths: the second compiles the length-dynamic kernel
-            x = torch.zeros(1, 1, t, max(qk_dim, v_dim), device=device, dtype=dtype)
-            kernel(x[..., :qk_dim], x[..., :qk_dim], x[..., :v_dim], 1.0)
+            qk, v = (torch.zeros(FLEX_HEADS, t, n, device=device, dtype=dtype) for n in (qk_dim, v_dim))
+            flex_heads(1, lambda i, qk=qk, v=v: (qk.clone(), qk.clone(), v), causal_block_mask(t, device))
     except Exception as e:  # no compiler, or a backend without flex support
         warnings.warn(f"FlexAttention is unavailable ({type(e).__name__}: {e}); mapped prefill uses SDPA.", stacklevel=2)
-        return None
-    return kernel
+        return False
+    return True
 
 
 @functools.lru_cache(maxsize=8)

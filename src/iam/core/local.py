@@ -15,11 +15,16 @@ SLM row over every visible slot, ``far`` the slots past the sinks and older than
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from .flex import flex_heads
+from .flex import FLEX_HEADS, flex_heads
+
+if TYPE_CHECKING:
+    from .attention import Routes, SLMStep
 
 
 @functools.lru_cache(maxsize=16)
@@ -60,14 +65,12 @@ def local_flex(
     sink_k: torch.Tensor,
     recent_k: torch.Tensor,
     v: torch.Tensor,
-    item_q: torch.Tensor,
-    item_k: torch.Tensor,
-    item_kv: torch.Tensor,
+    slm: SLMStep,
+    routes: Routes,
     starts: torch.Tensor,
     sinks: int,
     window: int,
     scaling: float,
-    slm_scaling: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Both parts of a local-window prefill.
 
@@ -76,11 +79,10 @@ def local_flex(
     q : ``[B, H_m, t, d]`` the mapped heads' own queries of the new slots (the last ``t`` of ``S``).
     sink_k, recent_k : ``[B, G, sinks, d]`` and ``[B, G, R, d]`` their own keys: the sinks, and the latest ``R`` slots.
     v : ``[B, G, S, d]`` the mapped groups' V of every slot.
-    item_q, item_k : ``[B, U, t, d_s]`` and ``[B, U, S, d_s]`` the SLM queries and keys of each prefill item.
-    item_kv : ``[B, U]`` each item's KV group (of ``G``).
+    slm, routes : the SLM's step and the layer's routes: the SLM queries and keys of each prefill item.
     starts : ``[B]`` each sequence's first real slot; queries before it give zeros.
     sinks, window : as ``MappingConfig.sinks`` and ``MappingConfig.local_window``.
-    scaling, slm_scaling : the LLM's and the SLM's attention scaling.
+    scaling : the LLM's attention scaling.
 
     Returns
     -------
@@ -88,30 +90,74 @@ def local_flex(
     borrowed : ``[B, U, t, d + 1]`` per item ``sum_far a_j v_j``, then the borrowed mass ``1 - m`` left to the exact part.
     """
     b, h, t, d = q.shape
-    g, total = v.shape[1], v.shape[2]
-    per, past, first_recent = h // g, total - t, total - recent_k.shape[2]
+    total = v.shape[2]
+    past, units = total - t, routes.item_kv.shape[1]
     exact = q.new_zeros(b, h, t, d)
-    borrowed = q.new_zeros(b, item_q.shape[1], t, d + 1)
-    group_of_head = torch.arange(h, device=q.device) // per
+    borrowed = q.new_zeros(b, units, t, d + 1)
     for start in starts.unique().tolist():  # one set of masks per first real slot (one, unpadded)
         rows = (starts == start).nonzero()[:, 0].to(q.device)
         skip = max(start - past, 0)  # new slots that are padding
-        n, offset = total - start, past + skip - start  # real slots; the first real query's slot
-        if skip == t:
-            continue
-        # borrowed: each item's SLM queries over [far copy | near copy] of its real slots
-        iv = v[rows[:, None], item_kv[rows], start:]  # [r, U, n, d]
-        values = torch.cat([F.pad(iv, (0, 1)), F.pad(torch.zeros_like(iv), (0, 1), value=1.0)], 2)
-        ik = item_k[rows, :, start:]
-        keys = torch.cat([ik, ik], 2)
-        mask = items_mask(t - skip, n, offset, sinks, window, q.device)
-        out = flex_heads((item_q[rows, :, skip:] * slm_scaling).flatten(0, 1), keys.flatten(0, 1), values.flatten(0, 1), mask)
-        borrowed[rows, :, skip:] = out.view(len(rows), -1, t - skip, d + 1)
-        # exact: each head's own queries over its group's sinks and recent slots
-        sink_v = v[rows, :, start : start + sinks]
-        ek = torch.cat([sink_k[rows], recent_k[rows]], 2)[:, group_of_head]  # [r, H_m, sinks + R, d]
-        ev = torch.cat([sink_v, v[rows, :, first_recent:]], 2)[:, group_of_head]
-        mask = exact_mask(t - skip, ek.shape[2], offset, first_recent - start, sinks, window, q.device)
-        out = flex_heads((q[rows, :, skip:] * scaling).flatten(0, 1), ek.flatten(0, 1), ev.flatten(0, 1), mask)
-        exact[rows, :, skip:] = out.view(len(rows), h, t - skip, d)
+        if skip < t:
+            part = Rows(rows, start, skip, past + skip - start)
+            borrowed[rows, :, skip:] = part.borrowed(v, slm, routes, sinks, window)
+            exact[rows, :, skip:] = part.exact(q, sink_k, recent_k, v, sinks, window, scaling)
     return exact, borrowed
+
+
+@dataclass(frozen=True)
+class Rows:
+    """The sequences of a batch that share their first real slot ``start``, which one set of masks serves: their
+    first ``skip`` new slots are padding, and their first real query sits at slot ``offset`` (from ``start``)."""
+
+    rows: torch.Tensor
+    start: int
+    skip: int
+    offset: int
+
+    def borrowed(self, v: torch.Tensor, slm: SLMStep, routes: Routes, sinks: int, window: int) -> torch.Tensor:
+        """``[r, U, t - skip, d + 1]``: each item's SLM queries over [far copy | near copy] of the real slots, with
+        values ``[v, 0]`` and ``[0, 1]``."""
+        (qs, ks), (q_at, k_at) = slm.stack(), slm.item_heads(routes)
+        units, d, n = q_at.shape[1], v.shape[-1], v.shape[2] - self.start
+        seq = self.rows.repeat_interleave(units)
+        item = torch.arange(units, device=v.device).repeat(len(self.rows))
+        near_value = v.new_zeros(FLEX_HEADS, n, d + 1)
+        near_value[..., d] = 1.0
+
+        def chunk(i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            r, u = seq[i], item[i]
+            iq = qs[r, q_at[r, u], self.skip :].to(v.dtype).mul_(slm.scaling)
+            ik = ks[r, k_at[r, u], self.start :].to(v.dtype)
+            iv = F.pad(v[r, routes.item_kv[r, u], self.start :], (0, 1))
+            return iq, torch.cat([ik, ik], 1), torch.cat([iv, near_value], 1)
+
+        t = qs.shape[2] - self.skip
+        out = flex_heads(len(seq), chunk, items_mask(t, n, self.offset, sinks, window, v.device))
+        return out.view(len(self.rows), units, t, d + 1)
+
+    def exact(
+        self,
+        q: torch.Tensor,
+        sink_k: torch.Tensor,
+        recent_k: torch.Tensor,
+        v: torch.Tensor,
+        sinks: int,
+        window: int,
+        scaling: float,
+    ) -> torch.Tensor:
+        """``[r, H_m, t - skip, d]``: each head's own queries over its group's sinks and recent slots."""
+        h, t, d = q.shape[1], q.shape[2] - self.skip, q.shape[-1]
+        per, first_recent = h // v.shape[1], v.shape[2] - recent_k.shape[2]
+        seq = self.rows.repeat_interleave(h)
+        head = torch.arange(h, device=q.device).repeat(len(self.rows))
+
+        def chunk(i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            r, hq = seq[i], head[i]
+            g = hq // per
+            ek = torch.cat([sink_k[r, g], recent_k[r, g]], 1)
+            ev = torch.cat([v[r, g, self.start : self.start + sinks], v[r, g, first_recent:]], 1)
+            return q[r, hq, self.skip :] * scaling, ek, ev
+
+        keys = sinks + recent_k.shape[2]
+        mask = exact_mask(t, keys, self.offset, first_recent - self.start, sinks, window, q.device)
+        return flex_heads(len(seq), chunk, mask).view(len(self.rows), h, t, d)

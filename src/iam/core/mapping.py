@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -122,10 +123,15 @@ class SLMWindow:
     metric: SimilarityMetric
     blend: int = 1
 
+    @functools.cached_property
+    def scorers(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        """Per sequence, the metric against its SLM candidates (``SimilarityMetric.against``), prepared once."""
+        return [self.metric.against(flat) for flat in self.flats]
+
     def similarity(self, probs: torch.Tensor) -> torch.Tensor:
         """Similarity ``[B, H, L_s * H_s]`` of LLM heads (window attention ``probs`` ``[B, H, W, W]``) to every SLM head."""
         n = self.window.lengths.tolist()
-        return torch.stack([self.metric.score(tril_flat(probs[b], n[b]), self.flats[b]) for b in range(len(n))])
+        return torch.stack([self.scorers[b](tril_flat(probs[b], n[b])) for b in range(len(n))])
 
     def match(self, heads: torch.Tensor, probs: torch.Tensor) -> HeadMap:
         """Map each LLM head to its ``blend`` most similar SLM (layer, head)s, mixed by ``simplex_weights``.
@@ -142,7 +148,7 @@ class SLMWindow:
         picks, weights, scores = [], [], []
         for b, n in enumerate(self.window.lengths.tolist()):
             llm = tril_flat(probs[b], n)
-            best = self.metric.score(llm, self.flats[b]).topk(self.blend, -1).indices  # [H_m, k], most similar first
+            best = self.scorers[b](llm).topk(self.blend, -1).indices  # [H_m, k], most similar first
             candidates = self.flats[b][best]  # [H_m, k, N]
             with record_function("iam.blend_fit"):
                 w = simplex_weights(llm, candidates)

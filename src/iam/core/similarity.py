@@ -7,6 +7,7 @@ query head), ``slm`` is ``[S, N]`` (one row per SLM (layer, head) candidate). Hi
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,11 @@ class SimilarityMetric(ABC):
         ``[H, S]`` scores, higher meaning more similar.
         """
 
+    def against(self, slm: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``score(llm, slm)`` as a function of ``llm``, with what depends on ``slm`` alone computed once (every
+        mapped layer matches against the same SLM candidates)."""
+        return lambda llm: self.score(llm, slm)
+
 
 @dataclass(frozen=True)
 class CosineSimilarity(SimilarityMetric):
@@ -37,6 +43,10 @@ class CosineSimilarity(SimilarityMetric):
 
     def score(self, llm: torch.Tensor, slm: torch.Tensor) -> torch.Tensor:
         return F.normalize(llm, dim=-1) @ F.normalize(slm, dim=-1).T
+
+    def against(self, slm: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        unit = F.normalize(slm, dim=-1).T
+        return lambda llm: F.normalize(llm, dim=-1) @ unit
 
 
 @dataclass(frozen=True)
