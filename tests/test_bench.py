@@ -255,6 +255,27 @@ def test_cli_projection_smoke(tmp_path, capsys, monkeypatch):
     assert result["rows"][1]["ttft_speedup"] > 0
 
 
+def test_projection_with_the_local_window(tmp_path, capsys):
+    """The projected layer can map with an exact local window, on FlexAttention from 256 tokens: its arithmetic
+    counts the re-projected Q/K and the window, and every row reports how near its TTFT speedup runs to its limit."""
+    cfg = {"hidden_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 256}
+    for name, layers in (("big", 4), ("small", 2)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": layers, "vocab_size": 512}))
+    argv = ["bench", "--projection", "--llm", str(tmp_path / "big"), "--slm", str(tmp_path / "small"), "--tokens", "300"]
+    argv += ["--repeats", "1", "--decode-repeats", "2", "--ratios", "0.5", "--device", "cpu", "--json"]
+    results = []
+    for window in ([], ["--local-window", "16"]):
+        assert main([*argv, *window, "--out", str(tmp_path / str(len(window)))]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    plain, local = results
+    assert local["local_window"] == 16 and plain["local_window"] == 0
+    arithmetic = "mapped_over_unmapped_prefill_arithmetic"
+    assert plain["parts"][0][arithmetic] < local["parts"][0][arithmetic]
+    assert local["rows"][1]["ttft_limit"] < plain["rows"][1]["ttft_limit"]
+    assert local["rows"][1]["ttft_of_limit"] == pytest.approx(local["rows"][1]["ttft_speedup"] / local["rows"][1]["ttft_limit"])
+
+
 def test_projection_eager_baseline_runs_eager_attention_in_the_same_rounds(monkeypatch):
     from transformers.models.qwen2 import modeling_qwen2
 

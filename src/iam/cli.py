@@ -698,9 +698,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
             getattr(torch, args.dtype),
             args.repeats,
             args.decode_repeats,
+            (mapping_config(args, 0.0).sinks, args.local_window) if args.local_window else None,
         )
         result.update(
             mode="projection",
+            local_window=args.local_window,
             device=str(device),
             dtype=args.dtype,
             repeats=args.repeats,
@@ -721,6 +723,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 "tpot_s",
                 "ttft_speedup",
                 "ttft_limit",
+                "ttft_of_limit",
                 "tpot_speedup",
                 "tpot_limit",
                 "ttft_speedup_vs_eager",

@@ -111,9 +111,12 @@ def llm_shares(
     return prefill, step / llm_decode_bytes(llm, 0, scenario.batch, context, elem)
 
 
-def decode_bytes(llm: Arch, slm: Arch, n_mapped: int, batch: int, context: float, elem: int, slm_cache: str = "native") -> float:
-    """Bytes read by one decode step: weights once (the SLM without its LM head), plus the KV of every sequence."""
-    own = llm_decode_bytes(llm, n_mapped, batch, context, elem)
+def decode_bytes(
+    llm: Arch, slm: Arch, n_mapped: int, batch: int, context: float, elem: int, slm_cache: str = "native", local: int = 0
+) -> float:
+    """Bytes read by one decode step: weights once (the SLM without its LM head), plus the KV of every sequence;
+    ``local`` as for ``llm_decode_bytes``."""
+    own = llm_decode_bytes(llm, n_mapped, batch, context, elem, local)
     if not n_mapped:
         return own
     slm_weights = (slm.params - slm.vocab * slm.hidden * (0 if slm.tied else 1)) * elem

@@ -28,9 +28,12 @@ Mapped = tuple[MappedAttention, Mapping, SLMStep]
 
 class LayerBench:
     """One decoder layer of ``arch`` with random weights, and what it needs to run at ``tokens`` of context,
-    unmapped and wholly mapped (the mapping already established)."""
+    unmapped and wholly mapped (the mapping already established), with an exact local window of ``local``
+    ``(sinks, window)`` if given."""
 
-    def __init__(self, arch: Arch, slm: Arch, tokens: int, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self, arch: Arch, slm: Arch, tokens: int, device: torch.device, dtype: torch.dtype, local: tuple[int, int] | None = None
+    ) -> None:
         from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
         from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RotaryEmbedding
 
@@ -42,7 +45,7 @@ class LayerBench:
         self.layer = layer_cls(self.config, 0).to(device=device, dtype=dtype).eval()
         self.attn = self.layer.self_attn
         self.rope = rope_cls(self.config).to(device)
-        self.arch, self.slm, self.tokens, self.device, self.dtype = arch, slm, tokens, device, dtype
+        self.arch, self.slm, self.tokens, self.device, self.dtype, self.local = arch, slm, tokens, device, dtype, local
         self.every = tuple(range(arch.kv_heads))
         g = torch.Generator(device="cpu").manual_seed(0)
         self.hidden = torch.randn(1, tokens + 1, arch.hidden, generator=g).to(device, dtype)
@@ -89,8 +92,8 @@ class LayerBench:
         return MappedAttention(self.attn, self.every), mapping, step
 
     def _paired_cache(self) -> IAMCache:
-        """An LLM cache with the layer wholly mapped (a ``ValueOnlyLayer``)."""
-        cache = IAMCache(self.config, self.config)
+        """An LLM cache with the layer wholly mapped (a ``ValueOnlyLayer``), and its ``LocalKeys`` with a window."""
+        cache = IAMCache(self.config, self.config, local=self.local)
         cache.establish(
             Mapping(
                 {0: self.every},
@@ -133,8 +136,11 @@ class LayerBench:
             plain.crop(-1)
 
         def mapped_step() -> None:
+            window_keys = paired.local.layers[0].keys if paired.local else None
             self._run(mapped, paired, self.tokens, 1)
             paired.layers[0].values = paired.layers[0].values[..., :-1, :]
+            if window_keys is not None:  # the window slid by one: put it back
+                paired.local.layers[0].keys = window_keys
 
         def slm_rows(step: SLMStep = step) -> None:
             for layer in range(self.slm.layers):
@@ -186,15 +192,18 @@ def project(
     dtype: torch.dtype,
     repeats: int,
     decode_repeats: int,
+    local: tuple[int, int] | None = None,
 ) -> dict:
-    """Measured parts and the projected full-model TTFT/TPOT per context length and ratio.
+    """Measured parts and the projected full-model TTFT/TPOT per context length and ratio; with ``local``
+    ``(sinks, window)`` the mapped layers attend exactly to an exact local window (``MappingConfig.local_window``).
 
     Prefills are timed over ``repeats`` rounds and decode steps, which are short and noisy, over ``decode_repeats``;
     the unmapped and mapped layer take turns within each round."""
     head = head_time(llm, device, dtype, decode_repeats)
+    extent = sum(local) if local else 0  # tokens a window's query attends to exactly
     parts, rows = [], []
     for tokens in tokens_list:
-        bench = LayerBench(llm, slm, tokens, device, dtype)
+        bench = LayerBench(llm, slm, tokens, device, dtype, local)
         eager = llm.heads * tokens**2 * dtype.itemsize <= eager_budget(device)  # eager holds heads x T x T probabilities
         layer_prefill, mapped_prefill, *eager_prefill = timed(bench.prefill_steps(eager), repeats, device)
         decode_steps, rows_step = bench.decode_steps()
@@ -215,7 +224,7 @@ def project(
                 "slm_rows_decode_s": slm_rows,
                 "lm_head_decode_s": head,
                 "mapped_over_unmapped_prefill": mapped_prefill / layer_prefill,
-                "mapped_over_unmapped_prefill_arithmetic": layer_prefill_flops(llm, slm, tokens, True)
+                "mapped_over_unmapped_prefill_arithmetic": layer_prefill_flops(llm, slm, tokens, True, extent)
                 / layer_prefill_flops(llm, slm, tokens),
             }
         )
@@ -244,6 +253,8 @@ def project(
             row["ttft_speedup"] = base["ttft_s"] / row["ttft_s"]
             row["tpot_speedup"] = base["tpot_s"] / row["tpot_s"]
             row["ttft_speedup_vs_eager"] = base["ttft_eager_s"] / row["ttft_s"] if base["ttft_eager_s"] else None
-            row["ttft_limit"] = prefill_flops(llm, slm, 0, tokens) / prefill_flops(llm, slm, n, tokens)
-            row["tpot_limit"] = decode_bytes(llm, slm, 0, 1, tokens, 2) / decode_bytes(llm, slm, n, 1, tokens, 2, "int8")
+            row["ttft_limit"] = prefill_flops(llm, slm, 0, tokens) / prefill_flops(llm, slm, n, tokens, extent)
+            step = decode_bytes(llm, slm, n, 1, tokens, 2, "int8", extent)
+            row["tpot_limit"] = decode_bytes(llm, slm, 0, 1, tokens, 2) / step
+            row["ttft_of_limit"] = row["ttft_speedup"] / row["ttft_limit"]
     return {"parts": parts, "rows": rows}
