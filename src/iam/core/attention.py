@@ -77,6 +77,13 @@ class Routes:
             weight=hmap.weight,
         )
 
+    def from_items(self, x: torch.Tensor) -> torch.Tensor:
+        """Per LLM head, the weighted sum of its columns' items: ``[B, U, ...]`` -> ``[B, H_m, ...]`` in one batched
+        matrix product (no per-column copy of ``x``)."""
+        b, h, k = self.weight.shape
+        weights = self.weight.new_zeros(b, h, x.shape[1]).scatter_add_(2, self.item_of_column.view(b, h, k), self.weight)
+        return (weights.to(x.dtype) @ x.flatten(2)).view(b, h, *x.shape[2:])
+
     def mix(self, x: torch.Tensor) -> torch.Tensor:
         """Per LLM head, the weighted sum of its columns: ``[B, H_m * k, ...]`` -> ``[B, H_m, ...]``."""
         b, h, k = self.weight.shape
@@ -304,7 +311,7 @@ class MappedAttention:
                     return q, ks[seq[i], k_at[i]].to(v.dtype), v[seq[i], kv[i]]
 
                 out = flex_heads(len(seq), chunk, causal_block_mask(t, v.device)).view(*routes.item_kv.shape, t, d)
-                return routes.mix(out[rows, routes.item_of_column])
+                return routes.from_items(out)
         width = max(d_s, d)
         q, k = (F.pad(x, (0, width - d_s)) for x in slm.items(routes, v.dtype))
         out = F.scaled_dot_product_attention(
@@ -315,7 +322,7 @@ class MappedAttention:
             is_causal=attention_mask is None,
             scale=slm.scaling,
         )[..., :d]
-        return routes.mix(out[rows, routes.item_of_column])
+        return routes.from_items(out)
 
     def _local(
         self,
@@ -346,7 +353,7 @@ class MappedAttention:
             exact, borrowed = local_flex(
                 q, sink_k, recent_k, v, slm, routes, starts.to(v.device), keys.sinks, keys.window, self.original.scaling
             )
-            mixed = routes.mix(borrowed[torch.arange(b, device=v.device)[:, None], routes.item_of_column])
+            mixed = routes.from_items(borrowed)
             return mixed[..., :d] + mixed[..., d:] * exact
         g, total = v.shape[1], v.shape[2]
         past, per, sinks, window = total - t, h // g, keys.sinks, keys.window
