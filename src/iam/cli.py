@@ -31,6 +31,7 @@ from .core.model import IAMForCausalLM, check_eviction, check_family, check_pair
 from .core.selection import STRATEGIES, Unit, parse_unit, unit_label, units_for_ratio
 from .core.similarity import METRICS
 from .eval import analysis, data, evaluation, retrieval
+from .io import write_atomic
 from .models.loading import check_device, load_model, load_pair, load_tokenizer, read_configs
 from .models.placement import Placement
 from .models.presets import PRESETS, load_arch
@@ -46,7 +47,6 @@ from .reporting import (
     task_sweep_plot,
     tradeoff_plot,
     usage_plot,
-    write_atomic,
     write_report,
 )
 

@@ -28,8 +28,9 @@ from lm_eval.tasks import TaskManager
 from ..core.config import MappingConfig
 from ..core.model import IAMForCausalLM
 from ..core.selection import parse_unit
+from ..io import write_atomic
 from ..models.loading import cache_root, load_tokenizer
-from ..reporting import with_baseline, write_atomic
+from ..reporting import with_baseline
 from .data import trivia, trivia_choices, wikipedia_articles
 
 MAPPING_FIELDS = tuple(MappingConfig.__dataclass_fields__)

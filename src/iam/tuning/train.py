@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from ..core.config import MappingConfig
 from ..core.model import IAMForCausalLM
 from ..core.selection import format_plan
+from ..io import atomic_folder
 from ..models.loading import TUNING_RECORD, fingerprint
 from ..reporting import write_report
 from .data import TuningData, collate
@@ -189,29 +190,13 @@ def schedule(config: TuneConfig, total: int):
     return factor
 
 
-@contextlib.contextmanager
-def replacing(final: Path) -> Iterator[Path]:
-    """A temporary folder beside ``final`` to write into; renamed into place as ``final`` when the block ends without
-    an error, removed in any case."""
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer, scheduler, state: dict) -> Path:
     """Write ``checkpoints/step-N`` atomically (a complete temporary folder renamed into place), then drop older
     ones; an interrupted write leaves the previous checkpoint as it was."""
     folder = out / CHECKPOINTS
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{step:06d}"
-    with replacing(final) as tmp:
+    with atomic_folder(final) as tmp:
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
@@ -249,7 +234,7 @@ def write_model(out: Path, slm: nn.Module, tokenizer, record: dict) -> Path:
     """The tuned SLM as a model folder ``out/slm`` (safetensors, config, tokenizer, ``TUNING_RECORD``), written into
     a temporary folder renamed into place."""
     final = out / MODEL
-    with replacing(final) as tmp:
+    with atomic_folder(final) as tmp:
         slm.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / TUNING_RECORD).write_text(json.dumps(record, indent=2))
