@@ -222,7 +222,7 @@ def add_mapping_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="SLM heads mixed per mapped LLM head (1: the paper's best match; default: the value stored with the pair's "
-        "calibration under --strategy auto/calibrated, 3 for the shipped pair, else 1)",
+        "calibration under --strategy auto/calibrated, else 1)",
     )
     p.add_argument(
         "--layers",

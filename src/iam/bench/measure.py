@@ -93,7 +93,7 @@ def measure(
     # Round 0 is a warm-up, dropped from the timings: it compiles FlexAttention and lets the allocator reach its
     # steady state, which on CPU otherwise keeps faulting fresh pages in for the first runs (see
     # ``timing_environment``). It is also the only round whose peak memory is taken: on CPU a sampler thread does
-    # that, and glibc's mallinfo2 takes malloc's lock, which slowed IAM's decode steps by 15-20%.
+    # that, and glibc's mallinfo2 takes malloc's lock, which slows decode steps (docs/results.md).
     runs = [(rep, r) for rep in range(repeats + 1) for r in [*ratios, None]]
     for rep, r in tqdm(runs, desc="bench runs", disable=not progress):
         if r is None:

@@ -403,9 +403,8 @@ LOCAL_MIN_CHUNK = 16
 """Fewest queries per chunk of a local-window prefill, however long the context (bounds the Python loop)."""
 
 FLEX_MIN_TOKENS = 256
-"""Prefill length from which mapped attention runs FlexAttention. With 64 SLM heads on a CPU it took 0.4 of padded
-SDPA's time at 512 tokens, 0.64 at 8192, and 0.5-1 at 256. Up to 128 tokens (one flex block) flex would need a
-second compilation, for an attention cost that is negligible there."""
+"""Prefill length from which mapped attention runs FlexAttention (how it was chosen: docs/results.md). Below one
+flex block of 128 tokens flex would need a second compilation, for an attention cost that is negligible there."""
 
 FLEX_HEADS = 8
 """Heads per FlexAttention call. The compiled kernel is specialised to the batch and head counts (only the length

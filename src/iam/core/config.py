@@ -35,8 +35,8 @@ class MappingConfig:
         most similar SLM heads and mixes their attention with non-negative weights summing to one (so every row is
         still a distribution), fit by least squares to the LLM head's window attention. No K either way; the mapped
         heads' prefill attention costs up to ``k`` times as much, and decode gathers ``k`` rows per head. ``None``
-        (default): the blend stored with the pair's calibration under ``"auto"``/``"calibrated"`` (3 for the shipped
-        Qwen2.5-Coder pair), else 1. At most ``MAX_BLEND`` (8).
+        (default): the blend stored with the pair's calibration under ``"auto"``/``"calibrated"`` (docs/results.md
+        gives the shipped pair's), else 1. At most ``MAX_BLEND`` (8).
     establish_threshold : context length (tokens) at which the mapping is established.
     truncation_threshold : only the first this-many tokens' attention is compared.
     calibration : a calibration file (``iam calibrate`` writes them) whose order ``"auto"``/``"calibrated"`` use
