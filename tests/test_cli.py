@@ -92,7 +92,7 @@ def test_evaluations_refuse_inputs_below_the_threshold_in_python(pair):
         evaluation.eval_choice(llm, slm, tok, items, [0.5], base, progress=False)
     with pytest.raises(ValueError, match=rf"a prompt of \d+ tokens is {message}"):
         evaluation.eval_qa(llm, slm, tok, [("2 + 2?", "4")], [0.5], base, progress=False)
-    with pytest.raises(ValueError, match=r"--ratio 0 maps nothing"):
+    with pytest.raises(ValueError, match=r"`ratio` 0 maps nothing"):
         evaluation.eval_consistency(llm, slm, tok, windows, 0, 4, base, progress=False)
     # a question too short to set a mapping is skipped, for every row alike, and counted
     items.append({"question": "What is the sum of two and two, in words?", "choices": ["four", "five"], "answer": 0})
@@ -348,3 +348,15 @@ def test_an_internal_error_keeps_its_traceback_and_asks_for_a_report(pair_folder
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err and "RuntimeError: a bug" in err
     assert err.rstrip().endswith("iam: internal error; please report it with the traceback above")
+
+
+def test_library_errors_name_parameters_and_the_cli_names_flags(capsys, monkeypatch):
+    """The library names its parameters (`min_tokens`); a user of the command line reads the flag (--min-tokens)."""
+    import iam.cli
+
+    def refuse(*a, **k):
+        raise ValueError("need 0 < `min_tokens` 300 <= `context` 200; `nothing` else")
+
+    monkeypatch.setattr(iam.cli, "load", refuse)
+    assert main(["eval", "summarize", *PAIR, "--context", "200", "--min-tokens", "300"]) == 2
+    assert capsys.readouterr().err == "iam: error: need 0 < --min-tokens 300 <= --context 200; nothing else\n"

@@ -174,9 +174,9 @@ def test_a_context_below_the_threshold_is_refused_for_iam(pair):
     from iam.eval.evaluation import eval_perplexity
 
     llm, slm = pair
-    with pytest.raises(ValueError, match="--context 10 is below establish_threshold 20"):
+    with pytest.raises(ValueError, match="`context` 10 is below establish_threshold 20"):
         eval_perplexity(llm, slm, [prompt(40)], [0.5], MappingConfig(), progress=False, context=10)
-    with pytest.raises(ValueError, match=r"--context 40 must leave tokens to score: 0 < context < 40"):
+    with pytest.raises(ValueError, match=r"`context` 40 must leave tokens to score: 0 < `context` < 40"):
         eval_perplexity(llm, slm, [prompt(40)], [0.0], MappingConfig(), progress=False, context=40)
 
 

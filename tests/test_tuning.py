@@ -124,7 +124,7 @@ def test_an_interrupted_run_resumes_with_the_next_step_of_an_uninterrupted_one(t
         run(tmp_path / "cut")
     assert [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()] == ["step-000002"]  # intact, no partial left
     monkeypatch.setattr(train_module, "collate", real)
-    with pytest.raises(ValueError, match="--resume"):
+    with pytest.raises(ValueError, match="pass `resume` to continue it, or choose another `out`"):
         run(tmp_path / "cut")
     resumed = [r["loss"] for r in run(tmp_path / "cut", resume=True)["rows"]]
     assert resumed == pytest.approx(whole, rel=1e-6)
@@ -252,9 +252,9 @@ def test_long_records_are_truncated_and_prompts_that_fill_the_sequence_skipped(t
 
 
 def test_the_objective_must_match_the_data(tmp_path):
-    with pytest.raises(ValueError, match="plain text: use objective 'lm'"):
+    with pytest.raises(ValueError, match="plain text: use `objective` 'lm'"):
         load_tuning_data(char_tokenizer(), ["python-stdlib-train"], "instruct", 64, 256)
-    with pytest.raises(ValueError, match="instruction data: use objective 'instruct'"):
+    with pytest.raises(ValueError, match="instruction data: use `objective` 'instruct'"):
         load_tuning_data(char_tokenizer(), [write_jsonl(tmp_path / "d.jsonl", [GOOD])], "lm", 64, 256)
 
 

@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import sys
 import tempfile
 import traceback
@@ -1142,9 +1143,29 @@ def check_outputs(args: argparse.Namespace) -> None:
             raise ValueError(f"{flag} {folder} is not a writable folder ({err.strerror or err}); nothing was run.") from None
 
 
+def option_flags(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Each option's parameter name (its ``dest``) and its long flag, over ``parser`` and its subcommands."""
+    flags: dict[str, str] = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                flags = option_flags(sub) | flags
+        elif action.option_strings:
+            flags.setdefault(action.dest, max(action.option_strings, key=len))
+    return flags
+
+
+def as_flags(message: str, parser: argparse.ArgumentParser) -> str:
+    """A library error in the command line's words: each parameter it names in backticks becomes its flag
+    (`min_tokens` -> --min-tokens); any other name just loses the backticks."""
+    flags = option_flags(parser)
+    return re.sub(r"`(\w+)`", lambda m: flags.get(m.group(1), m.group(1)), message)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     args.provenance = provenance(argv)  # the code as it was when the command started, which is what it ran
     try:
         check_outputs(args)
@@ -1153,7 +1174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return args.func(args)
         return args.func(args)
     except USER_ERRORS as err:
-        print(f"iam: error: {err}", file=sys.stderr)
+        print(f"iam: error: {as_flags(str(err), parser)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("iam: interrupted", file=sys.stderr)

@@ -164,7 +164,7 @@ def check_mapped(lengths: Sequence[int], configs: Sequence[MappingConfig], what:
     if min(lengths) < threshold:
         raise ValueError(
             f"{what} of {min(lengths)} tokens is below establish_threshold {threshold}: IAM would map nothing on it, and "
-            "its row would report the LLM alone as IAM. Use longer inputs or a lower --establish-threshold."
+            "its row would report the LLM alone as IAM. Use longer inputs or a lower `establish_threshold`."
         )
 
 

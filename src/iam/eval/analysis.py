@@ -53,7 +53,7 @@ def establish(iam: IAMForCausalLM, window: torch.Tensor) -> Mapping:
     if window.shape[1] < threshold or not iam.resolved.n_mapped:
         raise ValueError(
             f"nothing is mapped on a window of {window.shape[1]} tokens at ratio {iam.mapping_config.ratio}: "
-            f"map some layers (--ratio > 0) and use --tokens >= establish_threshold {threshold}."
+            f"map some layers (`ratio` > 0) and use `tokens` >= establish_threshold {threshold}."
         )
     return iam(window, logits_to_keep=1).cache.mapping
 

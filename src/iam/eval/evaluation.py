@@ -27,7 +27,7 @@ from ..reporting import with_baseline
 def window_starts(n: int, windows: int, tokens: int) -> list[int]:
     """First token of ``windows`` non-overlapping windows of ``tokens`` tokens, evenly spread over ``n`` tokens."""
     if n < windows * tokens:
-        raise ValueError(f"text has {n} tokens, fewer than --windows {windows} x --tokens {tokens}.")
+        raise ValueError(f"text has {n} tokens, fewer than `windows` {windows} x `tokens` {tokens}.")
     stride = (n - tokens) // max(windows - 1, 1)
     return [i * stride for i in range(windows)]
 
@@ -60,7 +60,7 @@ def perplexity(
     ``context`` tokens are prefilled (the mapping is set on them), then the rest is scored teacher-forced in one
     forward over that cache, so what the cache kept is what the continuation reads."""
     if min(w.shape[1] for w in windows) < 2:
-        raise ValueError(f"a window of {min(w.shape[1] for w in windows)} token has nothing to score: use --tokens >= 2.")
+        raise ValueError(f"a window of {min(w.shape[1] for w in windows)} token has nothing to score: use `tokens` >= 2.")
     losses, units, kv = [], None, {}
     for w in tqdm(windows, desc=desc, disable=not progress, leave=False):
         if context is None:
@@ -128,10 +128,10 @@ def check_context(context: int, tokens: int, base: MappingConfig, ratios: Sequen
     and, where IAM maps, a context that reaches ``establish_threshold`` (below it the mapping, and eviction with it,
     would only start in the continuation's own forward)."""
     if not 0 < context < tokens:
-        raise ValueError(f"--context {context} must leave tokens to score: 0 < context < {tokens} (--tokens).")
+        raise ValueError(f"`context` {context} must leave tokens to score: 0 < `context` < {tokens} (`tokens`).")
     if any(r > 0 for r in ratios) and context < base.establish_threshold:
         raise ValueError(
-            f"--context {context} is below establish_threshold {base.establish_threshold}: IAM would map (and evict) only "
+            f"`context` {context} is below establish_threshold {base.establish_threshold}: IAM would map (and evict) only "
             "after the continuation is scored."
         )
 
@@ -206,7 +206,7 @@ def dominates(a: dict, b: dict, quality: Callable[[dict], float] = lambda r: -r[
 def eval_metrics(llm, slm, windows, ratio: float, base: MappingConfig, metrics: Sequence[str], progress: bool = True) -> dict:
     """Perplexity under each similarity metric at one ratio (paper Table 1)."""
     if not (ratio > 0 or base.layers):
-        raise ValueError(f"--ratio {ratio} maps nothing: every metric's row would be the LLM alone (use --ratio > 0).")
+        raise ValueError(f"`ratio` {ratio} maps nothing: every metric's row would be the LLM alone (use `ratio` > 0).")
     configs = [({"metric": "none (LLM alone)", "ratio": 0.0}, MappingConfig(ratio=0.0))]
     configs += [({"metric": m, "ratio": ratio}, replace(base, ratio=ratio, metric=m)) for m in metrics]
     return {"rows": _rows_over(configs, llm, slm, windows, progress)}
@@ -233,7 +233,7 @@ def eval_sweep(llm, slm, windows, block: int, base: MappingConfig, per_group: bo
     """Map each block of ``block`` consecutive LLM layers in turn (paper §3.2, Fig. 2); with ``per_group``, each KV
     group of each block in turn (rows then carry ``kv_group``)."""
     if block < 1:
-        raise ValueError(f"--block must be a whole number >= 1 (layers per block), got {block}.")
+        raise ValueError(f"`block` must be a whole number >= 1 (layers per block), got {block}.")
     rows = _rows_over(sweep_configs(llm, block, base, per_group), llm, slm, windows, progress)
     return {"rows": rows, "block": block, "per_group": per_group}
 
@@ -323,9 +323,9 @@ def eval_consistency(llm, slm, tokenizer, windows, ratio: float, steps: int, bas
     """Paper §3.3: as decoding proceeds, does each mapped head's best match (recomputed on the whole growing
     context) stay the one chosen at prefill? Per mapped layer, the fraction of steps where it does."""
     if not (ratio > 0 or base.layers):
-        raise ValueError(f"--ratio {ratio} maps nothing: consistency follows the mapped layers' matches (use --ratio > 0).")
+        raise ValueError(f"`ratio` {ratio} maps nothing: consistency follows the mapped layers' matches (use `ratio` > 0).")
     if steps < 1:
-        raise ValueError(f"--steps must be a whole number >= 1 (decode steps followed), got {steps}.")
+        raise ValueError(f"`steps` must be a whole number >= 1 (decode steps followed), got {steps}.")
     check_mapped([w.shape[1] for w in windows], [replace(base, ratio=ratio)])
     iam = IAMForCausalLM(llm, slm, replace(base, ratio=ratio))
     probe = IAMForCausalLM(llm, slm, replace(base, ratio=0.0))
@@ -498,7 +498,7 @@ def summary_prompts(tokenizer, docs: Sequence[dict], context: int, min_tokens: i
     """Chat prompts asking for a summary of each document, cut to its first ``context`` tokens. A document of fewer
     than ``min_tokens`` tokens is skipped. Returns the prompts, their documents and how many were skipped."""
     if not 0 < min_tokens <= context:
-        raise ValueError(f"need 0 < --min-tokens {min_tokens} <= --context {context}.")
+        raise ValueError(f"need 0 < `min_tokens` {min_tokens} <= `context` {context}.")
     prompts, kept = [], []
     for doc in docs:
         ids = tokenizer(doc["document"], add_special_tokens=False).input_ids
@@ -555,7 +555,7 @@ def eval_summarize(
     in ``skipped``)."""
     prompts, kept, short = summary_prompts(tokenizer, docs, context, min_tokens)
     if not kept:
-        raise ValueError(f"no document left to summarize: {short} of {len(docs)} are shorter than --min-tokens {min_tokens}.")
+        raise ValueError(f"no document left to summarize: {short} of {len(docs)} are shorter than `min_tokens` {min_tokens}.")
     check_mapped(lengths(tokenizer, prompts), [replace(base, ratio=r) for r in ratios], "a document prompt")
     references = [d["summary"] for d in kept]
     rows, examples = [], {}

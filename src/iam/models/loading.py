@@ -251,7 +251,7 @@ def check_tuned_pair(llm: str | os.PathLike, slm: str | os.PathLike, force: bool
         return
     raise ValueError(
         f"the SLM {slm} was tuned through the LLM {record['llm'].get('name')!r}, whose weights differ from {str(llm)!r}: "
-        "its attention was fitted to that LLM's mapped layers. Use that LLM, or pass --force (force=True) to pair them anyway."
+        "its attention was fitted to that LLM's mapped layers. Use that LLM, or pass `force` to pair them anyway."
     )
 
 

@@ -168,7 +168,7 @@ def trainable(slm: nn.Module, config: TuneConfig) -> nn.Module:
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
-        raise FileNotFoundError("--method lora needs peft: pip install 'iam-llm[tune]'") from None
+        raise FileNotFoundError("`method` lora needs peft: pip install 'iam-llm[tune]'") from None
     torch.manual_seed(config.seed)
     lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0, target_modules=list(LORA_TARGETS))
     return get_peft_model(slm, lora)
@@ -221,7 +221,7 @@ def corrupt(found: Path, err: BaseException) -> ValueError:
     what = (str(err).strip().splitlines() or [""])[0].split(". ")[0]
     return ValueError(
         f"{found} is not a complete tuning checkpoint ({type(err).__name__}: {what}): delete it to start over, or choose "
-        "another --out."
+        "another `out`."
     )
 
 
@@ -308,16 +308,16 @@ def tune_slm(
     found = last_checkpoint(out)
     if found is not None and not resume:
         raise ValueError(
-            f"{out} holds a tuning checkpoint ({found.name}): pass --resume to continue it, or choose another --out."
+            f"{out} holds a tuning checkpoint ({found.name}): pass `resume` to continue it, or choose another `out`."
         )
     if resume and found is None:
-        raise ValueError(f"--resume: {out} holds no checkpoint to continue.")
+        raise ValueError(f"`resume`: {out} holds no checkpoint to continue.")
     # what a resumed run must share with the first (the time limit and the checkpoint period may change)
     tune = {k: v for k, v in asdict(config).items() if k not in ("max_minutes", "save_every")}
     settings = json.loads(json.dumps({"tune": tune, "mapping": asdict(mapping), "data": data.summary()}))
     state = read_state(found) if found is not None else None
     if state is not None and state["settings"] != settings:
-        raise ValueError(f"{found} was written with other settings or data; resume with the same ones, or choose another --out.")
+        raise ValueError(f"{found} was written with other settings or data; resume with the same ones, or choose another `out`.")
     split = len(data.examples) - config.eval_examples
     examples, held = data.examples[:split], data.examples[split:]
     if split < 1:
