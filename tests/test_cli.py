@@ -74,7 +74,9 @@ def test_an_evaluation_that_would_label_the_llm_alone_as_iam_is_refused_before_l
 def test_evaluations_refuse_inputs_below_the_threshold_in_python(pair):
     """Every evaluation refuses inputs on which IAM would map nothing, before running any model."""
     from iam import MappingConfig
-    from iam.eval import evaluation
+    from iam.eval import analysis, generation
+    from iam.eval.perplexity import eval_perplexity
+    from iam.eval.sweep import eval_sweep
 
     llm, slm = pair
     tok = char_tokenizer()
@@ -82,23 +84,23 @@ def test_evaluations_refuse_inputs_below_the_threshold_in_python(pair):
     message = r"below establish_threshold 200: IAM would map nothing on it"
     windows = [torch.randint(1, 97, (1, 40))]
     with pytest.raises(ValueError, match=rf"a window of 40 tokens is {message}"):
-        evaluation.eval_perplexity(llm, slm, windows, [0.5], base, progress=False)
+        eval_perplexity(llm, slm, windows, [0.5], base, progress=False)
     with pytest.raises(ValueError, match=rf"a window of 40 tokens is {message}"):
-        evaluation.eval_sweep(llm, slm, windows, 2, base, progress=False)
+        eval_sweep(llm, slm, windows, 2, base, progress=False)
     with pytest.raises(ValueError, match=r"a window of 1 token has nothing to score"):
-        evaluation.eval_perplexity(llm, slm, [windows[0][:, :1]], [0.0], base, progress=False)
+        eval_perplexity(llm, slm, [windows[0][:, :1]], [0.0], base, progress=False)
     items = [{"question": "2 + 2?", "choices": ["4", "5"], "answer": 0}]
     with pytest.raises(ValueError, match=rf"a question with an option of \d+ tokens is {message}"):
-        evaluation.eval_choice(llm, slm, tok, items, [0.5], base, progress=False)
+        generation.eval_choice(llm, slm, tok, items, [0.5], base, progress=False)
     with pytest.raises(ValueError, match=rf"a prompt of \d+ tokens is {message}"):
-        evaluation.eval_qa(llm, slm, tok, [("2 + 2?", "4")], [0.5], base, progress=False)
+        generation.eval_qa(llm, slm, tok, [("2 + 2?", "4")], [0.5], base, progress=False)
     with pytest.raises(ValueError, match=r"`ratio` 0 maps nothing"):
-        evaluation.eval_consistency(llm, slm, tok, windows, 0, 4, base, progress=False)
+        analysis.eval_consistency(llm, slm, tok, windows, 0, 4, base, progress=False)
     # a question too short to set a mapping is skipped, for every row alike, and counted
     items.append({"question": "What is the sum of two and two, in words?", "choices": ["four", "five"], "answer": 0})
-    result = evaluation.eval_choice(llm, slm, tok, items, [0.5], MappingConfig(establish_threshold=40), progress=False)
+    result = generation.eval_choice(llm, slm, tok, items, [0.5], MappingConfig(establish_threshold=40), progress=False)
     assert [r["n"] for r in result["rows"]] == [1, 1] and result["skipped"] == {"shorter than establish_threshold": 1}
-    assert evaluation.eval_perplexity(llm, slm, windows, [0.0], base, progress=False)["rows"][0]["mapped_layers"] == []
+    assert eval_perplexity(llm, slm, windows, [0.0], base, progress=False)["rows"][0]["mapped_layers"] == []
 
 
 @pytest.mark.parametrize(

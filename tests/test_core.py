@@ -374,7 +374,7 @@ def test_continuation_over_the_cache_equals_one_prefill(pair):
 def test_continuation_perplexity_scores_only_the_continuation(pair):
     import math
 
-    from iam.eval.evaluation import perplexity
+    from iam.eval.perplexity import perplexity
 
     llm, slm = pair
     windows = [prompt(40, seed=s) for s in (1, 2)]

@@ -103,7 +103,7 @@ def test_calibrated_kv_group_order(pair, tmp_path, monkeypatch):
 
 
 def test_sweep_per_kv_group_maps_one_group_at_a_time(pair):
-    from iam.eval.evaluation import eval_sweep
+    from iam.eval.sweep import eval_sweep
 
     llm, slm = pair
     result = eval_sweep(llm, slm, [prompt(30, seed=2)], 2, MappingConfig(), per_group=True, progress=False)

@@ -118,7 +118,7 @@ def test_greedy_order_accounts_for_interactions():
 
 def test_kl_damage_is_zero_unmapped_and_positive_mapped(pair):
     from iam import MappingConfig
-    from iam.eval.evaluation import kl_damage
+    from iam.eval.calibrate import kl_damage
 
     llm, slm = pair
     damage = kl_damage(llm, slm, [prompt(24)], MappingConfig(ratio=0.0))

@@ -25,13 +25,15 @@ from transformers import TextStreamer
 
 from .bench import costs, measure, projection
 from .bench.timing import GenerationTimer, allocator_note, timing_environment
-from .core import calibration
 from .core.config import MappingConfig, check_mapped, resolve
 from .core.eviction import POLICIES, SCOPES, EvictionPolicy, make_policy, parse_budget
 from .core.model import IAMForCausalLM, check_eviction, check_family, check_pair_configs, check_scope
-from .core.selection import STRATEGIES, Unit, parse_unit, unit_label, units_for_ratio
+from .core.selection import STRATEGIES, Unit, parse_unit, units_for_ratio
 from .core.similarity import METRICS
-from .eval import analysis, data, evaluation, retrieval
+from .eval import analysis, calibrate, data, generation, retrieval, sweep, tradeoff
+from .eval.perplexity import eval_metrics, eval_perplexity
+from .eval.tasks import TASKS
+from .eval.windows import text_windows, window_texts
 from .io import write_atomic
 from .models.loading import check_device, load_model, load_pair, load_tokenizer, read_configs
 from .models.placement import Placement
@@ -73,10 +75,8 @@ def layer_list(text: str) -> list[Unit]:
 
 def task_list(text: str) -> list[str]:
     tasks = [x.strip() for x in text.split(",") if x.strip()]
-    if not tasks or set(tasks) - set(evaluation.TASKS) or len(set(tasks)) < len(tasks):
-        raise argparse.ArgumentTypeError(
-            f"--tasks takes distinct comma-separated tasks of {','.join(evaluation.TASKS)}; got {text!r}"
-        )
+    if not tasks or set(tasks) - set(TASKS) or len(set(tasks)) < len(tasks):
+        raise argparse.ArgumentTypeError(f"--tasks takes distinct comma-separated tasks of {','.join(TASKS)}; got {text!r}")
     return tasks
 
 
@@ -406,7 +406,7 @@ def finish(args: argparse.Namespace, name: str, result: dict, columns: list[str]
     return 0
 
 
-def named_windows(args: argparse.Namespace, tok, cut=evaluation.text_windows) -> list[tuple[str, torch.Tensor]]:
+def named_windows(args: argparse.Namespace, tok, cut=text_windows) -> list[tuple[str, torch.Tensor]]:
     """``--windows`` windows of ``--tokens`` tokens from each of the comma-separated ``--dataset`` names (or from
     ``--text``), each with its text's name; ``cut`` makes them (token ids, or with ``window_texts`` the text)."""
     names = [args.text] if args.text else args.dataset.split(",")
@@ -416,33 +416,6 @@ def named_windows(args: argparse.Namespace, tok, cut=evaluation.text_windows) ->
 def eval_windows(args: argparse.Namespace, tok) -> list[torch.Tensor]:
     """The windows of ``named_windows``, without names."""
     return [w for _, w in named_windows(args, tok)]
-
-
-def sweep_tasks(args: argparse.Namespace, tok) -> dict:
-    """Each of ``--tasks`` as a score of an ``IAMForCausalLM``, on its data: perplexity on the ``--dataset`` windows;
-    choice (trivia with distractors), qa (trivia, token F1) and summarize (Wikipedia body -> lead, ROUGE-L, the body cut
-    to ``--tokens`` tokens) on their first ``--limit`` items; generation up to ``--max-new-tokens``."""
-    tasks = {}
-    mapped = [replace(mapping_config(args, 0.0), ratio=1.0)]  # every block of the sweep maps
-    for name in args.tasks:
-        if name == "perplexity":
-            windows = eval_windows(args, tok)
-            check_mapped([w.shape[1] for w in windows], mapped)
-            tasks[name] = lambda iam, windows=windows: evaluation.perplexity(iam, windows, progress=False)[0]
-        elif name == "choice":
-            items = evaluation.mappable_choices(tok, data.load_items(None, None), mapped)[0][: args.limit]
-            tasks[name] = lambda iam, items=items: evaluation.choice_accuracy(iam, tok, items)
-        elif name == "qa":
-            pairs = data.trivia()[: args.limit]
-            check_mapped(evaluation.lengths(tok, evaluation.qa_prompts(tok, pairs)), mapped, "a prompt")
-            tasks[name] = lambda iam, pairs=pairs: evaluation.qa_scores(iam, tok, pairs, args.max_new_tokens)["f1"]
-        else:
-            docs, _ = data.load_summaries("wikipedia")
-            prompts, kept, _ = evaluation.summary_prompts(tok, docs[: args.limit], args.tokens, min(64, args.tokens))
-            refs = [d["summary"] for d in kept]
-            check_mapped(evaluation.lengths(tok, prompts), mapped, "a document prompt")
-            tasks[name] = lambda iam, p=prompts, r=refs: evaluation.summary_scores(iam, tok, p, r, args.max_new_tokens)["rougeL"]
-    return tasks
 
 
 def check_eval_inputs(args: argparse.Namespace, base: MappingConfig) -> None:
@@ -471,20 +444,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     llm, slm, tok = load(args, [replace(base, ratio=r, local_window=w) for r in ratios for w in windows])
     if kind == "perplexity":
         windows = eval_windows(args, tok)
-        result = evaluation.eval_perplexity(llm, slm, windows, args.ratios, base, context=args.context, eviction=eviction(args))
+        result = eval_perplexity(llm, slm, windows, args.ratios, base, context=args.context, eviction=eviction(args))
         result["text"] = args.text or args.dataset
         columns = ["ratio", "strategy", "metric", "blend", "ppl", "ppl_increase", "mapped_layers"]
         return finish(args, "perplexity", result, columns)
     if kind == "metrics":
-        result = evaluation.eval_metrics(llm, slm, eval_windows(args, tok), args.ratio, base, args.metrics)
+        result = eval_metrics(llm, slm, eval_windows(args, tok), args.ratio, base, args.metrics)
         return finish(args, "metrics", result, ["metric", "ratio", "ppl", "ppl_increase"])
     if kind == "sweep":
         per_group = args.granularity == "kv-group"
         if args.tasks != ["perplexity"]:
-            result = evaluation.eval_task_sweep(llm, slm, sweep_tasks(args, tok), args.block, base, per_group)
+            windows = eval_windows(args, tok) if "perplexity" in args.tasks else []
+            tasks = sweep.sweep_scorers(tok, args.tasks, base, windows, args.limit, args.tokens, args.max_new_tokens)
+            result = sweep.eval_task_sweep(llm, slm, tasks, args.block, base, per_group)
             plot = task_sweep_plot(result["rows"], args.tasks, args.block)
             return finish(args, "sweep-tasks", result, ["block", *args.tasks], plot)
-        result = evaluation.eval_sweep(llm, slm, eval_windows(args, tok), args.block, base, per_group)
+        result = sweep.eval_sweep(llm, slm, eval_windows(args, tok), args.block, base, per_group)
         plot = sweep_plot(result["rows"][1:], args.block, per_group)
         return finish(args, "sweep", result, ["block", "ppl", "ppl_increase"], plot)
     if kind == "mapping-stats":
@@ -499,20 +474,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if kind == "summarize":
         docs, skipped = data.load_summaries(args.dataset)
         docs = docs[: args.limit]
-        result = evaluation.eval_summarize(
+        result = generation.eval_summarize(
             llm, slm, tok, docs, args.ratios, base, args.max_new_tokens, args.context, args.min_tokens
         )
         result.update(dataset=args.dataset, skipped={**skipped, **result["skipped"]})
         return finish(args, "summarize", result, ["ratio", "strategy", "rouge1", "rouge2", "rougeL", "n"])
     if kind == "consistency":
-        result = evaluation.eval_consistency(llm, slm, tok, eval_windows(args, tok), args.ratio, args.steps, base)
+        result = analysis.eval_consistency(llm, slm, tok, eval_windows(args, tok), args.ratio, args.steps, base)
         return finish(args, "consistency", result, ["llm_layer", "consistency"])
     if kind == "qa":
         pairs = data.load_qa(args.dataset)[: args.limit]
-        result = evaluation.eval_qa(llm, slm, tok, pairs, args.ratios, base, args.max_new_tokens)
+        result = generation.eval_qa(llm, slm, tok, pairs, args.ratios, base, args.max_new_tokens)
         return finish(args, "qa", result, ["ratio", "strategy", "f1", "exact_match", "n"])
     if kind == "kv-tradeoff":
-        result = evaluation.eval_kv_tradeoff(
+        result = tradeoff.eval_kv_tradeoff(
             llm,
             slm,
             eval_windows(args, tok),
@@ -536,7 +511,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result = harness.evaluate(llm, slm, tok, args.tasks, args.ratios, base, args.limit)
         return finish(args, "harness", result, ["ratio", "task", "metric", "value", "change"])
     items = data.load_items(args.dataset, None)
-    result = evaluation.eval_choice(llm, slm, tok, items, args.ratios, base, limit=args.limit)
+    result = generation.eval_choice(llm, slm, tok, items, args.ratios, base, limit=args.limit)
     return finish(args, "choice", result, ["ratio", "strategy", "accuracy", "n"])
 
 
@@ -595,10 +570,10 @@ def cmd_similarity(args: argparse.Namespace) -> int:
     llm_tok, slm_tok = load_tokenizer(args.llm), load_tokenizer(args.slm)
     if llm_tok.get_vocab() == slm_tok.get_vocab():
         llm, slm, tok = load(args, [config])
-        result = evaluation.eval_similarity(llm, slm, eval_windows(args, tok), config)
+        result = analysis.eval_similarity(llm, slm, eval_windows(args, tok), config)
     else:  # another tokenizer: analysis only (mapping refuses the pair), on the tokens the two align
         llm, slm = load_each(args)
-        texts = [text for _, text in named_windows(args, llm_tok, evaluation.window_texts)]
+        texts = [text for _, text in named_windows(args, llm_tok, window_texts)]
         result = analysis.eval_cross_similarity(llm, slm, llm_tok, slm_tok, texts, config)
     plot = heatmap_plot(result["heatmap"], f"mean best {result['metric']} similarity")
     return finish(args, "similarity", result, ["llm_layer", "mean_best_similarity", "best_slm_layer"], plot)
@@ -805,31 +780,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     base = mapping_config(args, 0.0)
     check_mapped([args.tokens], [replace(base, ratio=1.0)], "a --tokens window")
     llm, slm, tok = load(args, [base])
-    windows = eval_windows(args, tok)
-    base = IAMForCausalLM(llm, slm, base).mapping_config  # blend resolved (the pair's stored one): measured under, stored with
     source = {k: getattr(args, k) for k in ("method", "granularity", "windows", "tokens", "llm", "slm")}
     source["dataset"] = args.text or args.dataset
     per_group = args.granularity == "kv-group"
-    if args.method == "single":
-        result = evaluation.eval_sweep(llm, slm, windows, 1, base, per_group)
-        order = calibration.order_from_sweep(result["rows"])
-        damage = {r["block"]: r["ppl_increase"] for r in result["rows"][1:]}
-        columns = ["block", "ppl", "ppl_increase"]
-    else:
-        n, n_kv = llm.config.num_hidden_layers, llm.config.num_key_value_heads
-        units = [(i, g) for i in range(n) for g in range(n_kv)] if per_group else list(range(n))
-        steps = len(units) // 2 if args.steps is None else args.steps
-        source.update(steps=steps, shortlist=args.shortlist, damage="mean token KL(LLM || IAM), nats")
-        order, rows = calibration.greedy_order(evaluation.kl_damage(llm, slm, windows, base), units, steps, args.shortlist)
-        for row in rows:  # named as in mapped_layers
-            row["layer"] = unit_label(row["layer"])
-        result = {"rows": rows}
-        damage = {str(r["layer"]): r["damage"] for r in rows}
-        columns = ["step", "layer", "damage", "measured"]
-    folder = Path(args.to) if args.to else None
-    path = calibration.write_order(llm.config, slm.config, order, damage, source, folder, base.blend, base.local_window)
-    result.update(order=order, calibration_file=str(path), method=args.method)
-    return finish(args, "calibrate", result, columns)
+    windows = eval_windows(args, tok)
+    result = calibrate.calibrate(llm, slm, windows, base, args.method, per_group, args.steps, args.shortlist, source, args.to)
+    return finish(args, "calibrate", result, calibrate.COLUMNS[args.method])
 
 
 def add_granularity_arg(p: argparse.ArgumentParser) -> None:
