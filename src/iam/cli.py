@@ -25,9 +25,10 @@ from transformers import TextStreamer
 
 from .bench import costs, measure, projection
 from .bench.timing import GenerationTimer, allocator_note, timing_environment
-from .core.config import MappingConfig, check_mapped, resolve
+from .core.config import MappingConfig, check_mapped
 from .core.eviction import POLICIES, SCOPES, EvictionPolicy, make_policy, parse_budget
 from .core.model import IAMForCausalLM, check_eviction, check_family, check_pair_configs, check_scope
+from .core.resolution import resolve
 from .core.selection import STRATEGIES, Unit, parse_unit, units_for_ratio
 from .core.similarity import METRICS
 from .eval import analysis, calibrate, data, generation, retrieval, sweep, tradeoff
@@ -582,8 +583,9 @@ def cmd_similarity(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     from . import tuning
 
+    mapping = mapping_config(args, args.ratio)
     config = tuning.TuneConfig(
-        ratio=args.ratio,
+        mapping=mapping,
         method=args.method,
         seq_len=args.seq_len,
         batch_size=args.batch_size,
@@ -601,7 +603,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
         eval_examples=args.eval_examples,
         gradient_checkpointing=args.gradient_checkpointing,
     )
-    mapping = mapping_config(args, args.ratio)
     if mapping.slm_cache != "native":
         raise ValueError("iam tune keeps the SLM cache in the model's dtype: int8 would cut the gradient (drop --slm-cache).")
     llm_config, slm_config = read_configs(args.llm, args.slm, force=args.force)
@@ -616,9 +617,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         tokenizer, args.data, args.objective, args.seq_len, positions, args.limit, mapping.establish_threshold
     )
     llm, slm, tok = load(args, [mapping])
-    result = tuning.tune_slm(
-        llm, slm, tok, examples, args.out, args.llm, config, mapping, resume=args.resume, provenance=args.provenance
-    )
+    result = tuning.tune_slm(llm, slm, tok, examples, args.out, args.llm, config, resume=args.resume, provenance=args.provenance)
     last = result["rows"][-1] if result["rows"] else {}
     print(
         f"tuned {result['steps']} steps ({result['train_seconds'] / 60:.1f} min, peak RSS {result['peak_rss_gib']:.1f} GiB), "

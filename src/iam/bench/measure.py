@@ -15,7 +15,6 @@ from ..core.cache import cache_bytes, slm_cache
 from ..core.config import MappingConfig, check_mapped
 from ..core.eviction import EvictionPolicy
 from ..core.model import IAMForCausalLM
-from ..core.selection import layers_worth
 from ..models.presets import Arch
 from ..reporting import with_baseline
 from .costs import Scenario, llm_decode_bytes, llm_prefill_flops
@@ -131,7 +130,7 @@ def measure(
         }
         row["throughput_tok_s"] = scenario.batch / row["tpot_s"]
         if r:
-            n = layers_worth(s[-1]["units"], big.kv_heads)
+            n = models[r].resolved.layers_worth
             share = {
                 "ttft_s": llm_prefill_flops(big, small, n, scenario.prompt) / llm_prefill_flops(big, small, 0, scenario.prompt),
                 "tpot_s": llm_decode_bytes(big, n, scenario.batch, context, elem)

@@ -214,6 +214,11 @@ class Mapping:
         return format_plan(self.plan, self.n_kv)
 
     @property
+    def layers_worth(self) -> float:
+        """Whole LLM layers' worth of K the mapping drops: a mapped KV group is ``1 / n_kv`` of a layer."""
+        return sum(len(groups) for groups in self.plan.values()) / self.n_kv
+
+    @property
     def slm_layers(self) -> list[int]:
         """The SLM layers some mapped head borrows from (the SLM runs as deep as the last one)."""
         return sorted(set(torch.cat([m.slm_layer.flatten() for m in self.layers.values()]).tolist()))

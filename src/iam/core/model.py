@@ -21,11 +21,12 @@ from ..models.loading import load_pair, read_configs
 from ..models.placement import Placement
 from .attention import MappedAttention, SLMStep
 from .cache import IAMCache, Signature, read_keys
-from .config import MappingConfig, Resolved, resolve
+from .config import MappingConfig
 from .decoder import Pass, decoder_layers, positions
 from .eviction import EvictionPolicy, attention_mass
 from .mapping import Mapping, SLMWindow, Window, slm_window_flats, window_attention
 from .parallel import gather_heads, shard_of, sum_heads
+from .resolution import Resolved, resolve
 from .selection import Plan, plan_of
 from .similarity import METRICS
 

@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from ..core import calibration
-from ..core.config import MappingConfig, check_mapped, resolve
+from ..core.config import MappingConfig, check_mapped
 from ..core.model import IAMForCausalLM
+from ..core.resolution import resolve
 from ..core.selection import unit_label
 from .sweep import eval_sweep
 

@@ -12,7 +12,6 @@ from ..bench.costs import prefill_flops
 from ..core.config import MappingConfig
 from ..core.eviction import make_policy
 from ..core.model import IAMForCausalLM
-from ..core.selection import layers_worth
 from ..models.presets import Arch
 from .perplexity import check_context, perplexity
 from .runs import Config, relative_to_first, side_by_side
@@ -61,7 +60,7 @@ def eval_kv_tradeoff(
 
     def score(iam: IAMForCausalLM, label: dict) -> dict:
         ppl, units, kv = perplexity(iam, windows, progress=False, context=context)
-        n = layers_worth(units, big.kv_heads)
+        n = iam.resolved.layers_worth
         w = label["local_window"]
         local = iam.mapping_config.sinks + w if w else 0
         return {
