@@ -64,9 +64,7 @@ def test_local_window_flags_are_checked_before_loading(capsys):
     ],
 )
 def test_an_evaluation_that_would_label_the_llm_alone_as_iam_is_refused_before_loading(argv, message, capsys, monkeypatch):
-    import iam.cli
-
-    monkeypatch.setattr(iam.cli, "load", lambda *a, **k: pytest.fail("models were loaded"))
+    monkeypatch.setattr("iam.cli.common.load_checked", lambda *a, **k: pytest.fail("models were loaded"))
     assert main([*argv, *PAIR]) == 2
     assert message in capsys.readouterr().err
 
@@ -170,10 +168,9 @@ def test_a_parser_error_is_one_line_with_a_hint_to_help(capsys):
 )
 def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(argv, tmp_path, capsys, monkeypatch):
     """It failed only after the whole evaluation (or the first tuning checkpoint), losing the results."""
-    import iam.cli
-
-    monkeypatch.setattr(iam.cli, "load", lambda *a, **k: pytest.fail("models were loaded"))
-    monkeypatch.setattr(iam.cli, "read_configs", lambda *a, **k: pytest.fail("configs were read"))
+    monkeypatch.setattr("iam.cli.common.load_checked", lambda *a, **k: pytest.fail("models were loaded"))
+    for module in ("iam.cli.tune", "iam.cli.evaluate"):
+        monkeypatch.setattr(f"{module}.read_configs", lambda *a, **k: pytest.fail("configs were read"))
     file = tmp_path / "a-file"
     file.write_text("")
     argv = [a.format(file=file) for a in argv]
@@ -345,7 +342,7 @@ def test_an_internal_error_keeps_its_traceback_and_asks_for_a_report(pair_folder
     def broken(*args, **kwargs):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr("iam.cli.run_generation", broken)
+    monkeypatch.setattr("iam.cli.generate.run_generation", broken)
     assert main(generate(*pair_folders)) == 1
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err and "RuntimeError: a bug" in err
@@ -354,11 +351,10 @@ def test_an_internal_error_keeps_its_traceback_and_asks_for_a_report(pair_folder
 
 def test_library_errors_name_parameters_and_the_cli_names_flags(capsys, monkeypatch):
     """The library names its parameters (`min_tokens`); a user of the command line reads the flag (--min-tokens)."""
-    import iam.cli
 
     def refuse(*a, **k):
         raise ValueError("need 0 < `min_tokens` 300 <= `context` 200; `nothing` else")
 
-    monkeypatch.setattr(iam.cli, "load", refuse)
+    monkeypatch.setattr("iam.cli.common.load_checked", refuse)
     assert main(["eval", "summarize", *PAIR, "--context", "200", "--min-tokens", "300"]) == 2
     assert capsys.readouterr().err == "iam: error: need 0 < --min-tokens 300 <= --context 200; nothing else\n"

@@ -4,18 +4,23 @@ uses, and the mean attention maps of the SLM, the LLM and IAM's mapped result.""
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
 
 from ..core.alignment import align_spans, attention_probs, restrict, token_spans
 from ..core.config import MappingConfig, check_mapped
 from ..core.mapping import Mapping, tril_flat
-from ..core.model import IAMForCausalLM
+from ..core.model import IAMForCausalLM, check_family, load_checked
 from ..core.similarity import METRICS
+from ..models.loading import check_device, load_model, load_tokenizer, read_configs
+from .windows import text_windows, window_texts
 
 ALIGNMENT = "character spans: LCS of the two tokenizations' offset spans (tokens covering the same characters)"
 
@@ -39,6 +44,39 @@ def similarity_summary(sim: torch.Tensor, slm_heads: int, metric: str) -> dict:
         for i in range(len(best))
     ]
     return {"rows": rows, "heatmap": heat.tolist(), "metric": metric, "mean": best.mean().item()}
+
+
+def load_for_similarity(
+    llm: str | os.PathLike,
+    slm: str | os.PathLike,
+    config: MappingConfig,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    force: bool = False,
+) -> tuple[nn.Module, nn.Module, PreTrainedTokenizerBase, PreTrainedTokenizerBase]:
+    """``(llm, slm, llm_tokenizer, slm_tokenizer)`` for ``eval_pair_similarity``: checked and loaded as a pair
+    (``load_checked``) where the two share a tokenizer; else each on its own, of any supported families (analysis
+    only: mapping refuses such a pair)."""
+    llm_tokenizer, slm_tokenizer = load_tokenizer(llm), load_tokenizer(slm)
+    if llm_tokenizer.get_vocab() == slm_tokenizer.get_vocab():
+        big, small, tokenizer = load_checked(llm, slm, [config], dtype=dtype, device=device, force=force)
+        return big, small, tokenizer, tokenizer
+    check_device(device)
+    for role, model_config in zip(("LLM", "SLM"), read_configs(llm, slm)):
+        check_family(role, model_config)
+    return load_model(llm, dtype, device)[0], load_model(slm, dtype, device)[0], llm_tokenizer, slm_tokenizer
+
+
+def eval_pair_similarity(
+    llm, slm, llm_tokenizer, slm_tokenizer, texts: Sequence[str], windows: int, tokens: int, base: MappingConfig
+) -> dict:
+    """The similarity report on ``windows`` windows of ``tokens`` LLM tokens from each of ``texts``: ``eval_similarity``
+    where the two models share a tokenizer, else ``eval_cross_similarity`` on the same windows' characters."""
+    if llm_tokenizer.get_vocab() == slm_tokenizer.get_vocab():
+        cut = [w for text in texts for w in text_windows(llm_tokenizer, text, windows, tokens)]
+        return eval_similarity(llm, slm, cut, base)
+    cut = [w for text in texts for w in window_texts(llm_tokenizer, text, windows, tokens)]
+    return eval_cross_similarity(llm, slm, llm_tokenizer, slm_tokenizer, cut, base)
 
 
 def eval_cross_similarity(
