@@ -12,7 +12,9 @@ from conftest import WORD_VOCAB, char_tokenizer, prompt, tiny, word_tokenizer
 from iam import MappingConfig
 from iam.cli import main
 from iam.core.alignment import align_spans, attention_probs, restrict, token_spans
-from iam.eval import analysis, evaluation
+from iam.eval import analysis, generation, sweep
+from iam.eval.perplexity import perplexity
+from iam.eval.windows import text_windows, window_texts
 
 TEXT = "the cat sat on the mat, as it was. " * 40
 
@@ -47,10 +49,10 @@ def test_restrict_renormalises_the_rows_and_is_the_identity_on_all_tokens():
 def test_cross_similarity_on_one_tokenizer_is_the_same_family_analysis(family):
     llm, slm = tiny(family, 4, 64, 4, 2, seed=0), tiny(family, 2, 32, 2, 1, seed=1)
     tok = char_tokenizer()
-    windows, texts = evaluation.text_windows(tok, TEXT, 2, 60), evaluation.window_texts(tok, TEXT, 2, 60)
+    windows, texts = text_windows(tok, TEXT, 2, 60), window_texts(tok, TEXT, 2, 60)
     assert [tok.decode(w[0]) for w in windows] == texts
     config = MappingConfig(truncation_threshold=40)
-    same = evaluation.eval_similarity(llm, slm, windows, config, progress=False)
+    same = analysis.eval_similarity(llm, slm, windows, config, progress=False)
     cross = analysis.eval_cross_similarity(llm, slm, tok, tok, texts, config, progress=False)
     assert cross["alignment"]["aligned_share_of_llm_tokens"] == 1.0
     assert cross["alignment"]["windows"][0] == {"llm_tokens": 40, "slm_tokens": 40, "aligned": 40}
@@ -158,8 +160,8 @@ def test_attention_maps_of_a_pair_differ(pair):
 
 # ---- summarization and the multi-task sweep ------------------------------------------------------------------------
 def test_rouge_scores_by_rouge_score():
-    assert evaluation.rouge(["the cat sat"], ["the cat sat"]) == {"rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0}
-    scores = evaluation.rouge(["cats sitting", "nothing"], ["the cat sat", "nothing here"])
+    assert generation.rouge(["the cat sat"], ["the cat sat"]) == {"rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0}
+    scores = generation.rouge(["cats sitting", "nothing"], ["the cat sat", "nothing here"])
     assert scores["rouge1"] == pytest.approx((0.4 + 2 / 3) / 2)  # stemmed: cats -> cat
 
 
@@ -167,12 +169,12 @@ def test_summaries_skip_short_documents_and_report_them(pair):
     llm, slm = pair
     tok = char_tokenizer()
     docs = [{"title": "a", "document": TEXT, "summary": "the cat sat"}, {"title": "b", "document": "too short", "summary": "x"}]
-    result = evaluation.eval_summarize(llm, slm, tok, docs, [0.5], MappingConfig(), 4, context=60, min_tokens=20, progress=False)
+    result = generation.eval_summarize(llm, slm, tok, docs, [0.5], MappingConfig(), 4, context=60, min_tokens=20, progress=False)
     assert [r["ratio"] for r in result["rows"]] == [0.0, 0.5] and result["rows"][0]["n"] == 1
     assert result["skipped"] == {"shorter than --min-tokens": 1}
     assert result["generation"] == {"greedy": True, "repetition_penalty": 1.2, "max_new_tokens": 4, "context": 60}
     with pytest.raises(ValueError, match="no document left to summarize"):
-        evaluation.eval_summarize(llm, slm, tok, docs[1:], [0.5], MappingConfig(), 4, context=60, min_tokens=20)
+        generation.eval_summarize(llm, slm, tok, docs[1:], [0.5], MappingConfig(), 4, context=60, min_tokens=20)
 
 
 def test_wikipedia_summaries_are_body_and_lead():
@@ -188,22 +190,22 @@ def test_wikipedia_summaries_are_body_and_lead():
 
 
 def test_pearson():
-    assert evaluation.pearson([1, 2, 3], [2, 4, 7]) == pytest.approx(0.9934, abs=1e-4)
-    assert evaluation.pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
-    assert evaluation.pearson([1, 1, 1], [1, 2, 3]) is None
+    assert sweep.pearson([1, 2, 3], [2, 4, 7]) == pytest.approx(0.9934, abs=1e-4)
+    assert sweep.pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert sweep.pearson([1, 1, 1], [1, 2, 3]) is None
 
 
 def test_task_sweep_correlates_each_task_with_the_first(pair):
     llm, slm = pair
     windows = [prompt(30, seed=s) for s in range(2)]
-    ppl = lambda iam: evaluation.perplexity(iam, windows, progress=False)[0]
+    ppl = lambda iam: perplexity(iam, windows, progress=False)[0]
     tasks = {"perplexity": ppl, "qa": lambda iam: -ppl(iam), "choice": lambda iam: ppl(iam)}
-    result = evaluation.eval_task_sweep(llm, slm, tasks, 2, MappingConfig(), progress=False)
+    result = sweep.eval_task_sweep(llm, slm, tasks, 2, MappingConfig(), progress=False)
     assert [r["block"] for r in result["rows"]] == ["none", "0-1", "2-3"]
     # qa's score is minus perplexity: the same quality ranking (+1); choice's is perplexity itself: reversed (-1)
     assert result["correlation"] == pytest.approx({"perplexity": 1.0, "qa": 1.0, "choice": -1.0})
     with pytest.raises(ValueError, match="unknown sweep tasks"):
-        evaluation.eval_task_sweep(llm, slm, {"bleu": ppl}, 2, MappingConfig())
+        sweep.eval_task_sweep(llm, slm, {"bleu": ppl}, 2, MappingConfig())
 
 
 # ---- the commands on a tiny same-family pair -----------------------------------------------------------------------

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import transformers
 
+import iam
 from conftest import tiny
 from iam.bench.costs import Scenario, analytic_rows, break_even, kv_bytes_per_token
 from iam.cli import main
@@ -65,7 +69,8 @@ def test_cli_analytic(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     made = result["provenance"]  # what reproduces it
     assert made["argv"] == "iam " + " ".join(argv) and made["transformers"] == transformers.__version__
-    assert made["git_commit"] is None or len(made["git_commit"]) == 40
+    checkout = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(iam.__file__).parent, capture_output=True, text=True)
+    assert made["git_commit"] == (checkout.stdout.strip() if checkout.returncode == 0 else None)
     rows = result["rows"]
     assert [(r["slm_cache"], r["ratio"]) for r in rows] == [(m, r) for m in ("native", "int8") for r in (0.0, 0.3, 0.5)]
     assert {"slm_cache", "ratio", "kv_bytes", "kv_ratio", "ttft_limit", "tpot_limit", "max_batch", "throughput_ratio"} <= rows[
@@ -173,14 +178,20 @@ def test_measured_bench_drops_its_warm_up_round(monkeypatch):
 
     slm_times = iter([{"ttft_s": 100.0, "tpot_s": 100.0}, {"ttft_s": 0.5, "tpot_s": 0.25}])  # the warm-up's, then a timed one
     monkeypatch.setattr("iam.bench.measure.time_slm", lambda *a: next(slm_times))
-    sampled = []
-    monkeypatch.setattr(PeakMemory, "__enter__", lambda self, enter=PeakMemory.__enter__: sampled.append(1) or enter(self))
+    sampled = []  # each sampler reports a peak of its own, so the rows show which one they took
+
+    def exit_(self, *exc, exit_=PeakMemory.__exit__):
+        exit_(self, *exc)
+        sampled.append(self)
+        self.bytes = 1000 * len(sampled)
+
+    monkeypatch.setattr(PeakMemory, "__exit__", exit_)
     llm, slm = tiny("qwen2", 4, 64, 4, 2, 0), tiny("qwen2", 2, 32, 2, 1, 1)
     rows = measure(llm, slm, parse_setups("iam0.5"), Scenario(24, 2, 3), 1, MappingConfig(), progress=False)
     assert rows[1]["slm_ttft_s"] == 0.5 and rows[1]["slm_tpot_s"] == 0.25
     assert next(slm_times, None) is None  # one warm-up round, then one timed round
     # memory is sampled in the warm-up round only (the sampler would perturb the timed runs), once per configuration
-    assert len(sampled) == 2 and all(r["peak_mem_bytes"] >= 0 for r in rows)
+    assert len(sampled) == 2 and [r["peak_mem_bytes"] for r in rows] == [1000, 2000]
 
 
 def test_slm_alone_is_timed_with_iams_kind_of_slm_cache(monkeypatch):
@@ -293,13 +304,20 @@ def test_projection_eager_baseline_runs_eager_attention_in_the_same_rounds(monke
     assert len(bench.prefill_steps(eager=False)) == 2
 
 
-def test_projection_timings_interleave_their_rounds():
+def test_projection_timings_interleave_their_rounds(monkeypatch):
     from iam.bench.timing import timed
 
-    calls = []
-    medians = timed([lambda: calls.append("a"), lambda: calls.append("b")], 3, torch.device("cpu"))
+    calls, clock = [], iter(range(100))  # a clock that ticks once a reading: each call lasts one second
+
+    def tick(name: str, extra: int) -> None:
+        calls.append(name)
+        for _ in range(extra):  # "b" lasts three seconds more: three readings it never sees
+            next(clock)
+
+    monkeypatch.setattr("iam.bench.timing.time", SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    medians = timed([lambda: tick("a", 0), lambda: tick("b", 3)], 3, torch.device("cpu"))
     assert calls == ["a", "b"] * 4  # one warm-up round, then three timed ones, taking turns
-    assert len(medians) == 2 and all(m >= 0 for m in medians)
+    assert medians == [1.0, 4.0]
 
 
 def test_cpu_peak_memory_counts_allocations_whether_or_not_pages_are_touched():

@@ -64,9 +64,7 @@ def test_local_window_flags_are_checked_before_loading(capsys):
     ],
 )
 def test_an_evaluation_that_would_label_the_llm_alone_as_iam_is_refused_before_loading(argv, message, capsys, monkeypatch):
-    import iam.cli
-
-    monkeypatch.setattr(iam.cli, "load", lambda *a, **k: pytest.fail("models were loaded"))
+    monkeypatch.setattr("iam.cli.common.load_checked", lambda *a, **k: pytest.fail("models were loaded"))
     assert main([*argv, *PAIR]) == 2
     assert message in capsys.readouterr().err
 
@@ -74,7 +72,9 @@ def test_an_evaluation_that_would_label_the_llm_alone_as_iam_is_refused_before_l
 def test_evaluations_refuse_inputs_below_the_threshold_in_python(pair):
     """Every evaluation refuses inputs on which IAM would map nothing, before running any model."""
     from iam import MappingConfig
-    from iam.eval import evaluation
+    from iam.eval import analysis, generation
+    from iam.eval.perplexity import eval_perplexity
+    from iam.eval.sweep import eval_sweep
 
     llm, slm = pair
     tok = char_tokenizer()
@@ -82,23 +82,23 @@ def test_evaluations_refuse_inputs_below_the_threshold_in_python(pair):
     message = r"below establish_threshold 200: IAM would map nothing on it"
     windows = [torch.randint(1, 97, (1, 40))]
     with pytest.raises(ValueError, match=rf"a window of 40 tokens is {message}"):
-        evaluation.eval_perplexity(llm, slm, windows, [0.5], base, progress=False)
+        eval_perplexity(llm, slm, windows, [0.5], base, progress=False)
     with pytest.raises(ValueError, match=rf"a window of 40 tokens is {message}"):
-        evaluation.eval_sweep(llm, slm, windows, 2, base, progress=False)
+        eval_sweep(llm, slm, windows, 2, base, progress=False)
     with pytest.raises(ValueError, match=r"a window of 1 token has nothing to score"):
-        evaluation.eval_perplexity(llm, slm, [windows[0][:, :1]], [0.0], base, progress=False)
+        eval_perplexity(llm, slm, [windows[0][:, :1]], [0.0], base, progress=False)
     items = [{"question": "2 + 2?", "choices": ["4", "5"], "answer": 0}]
     with pytest.raises(ValueError, match=rf"a question with an option of \d+ tokens is {message}"):
-        evaluation.eval_choice(llm, slm, tok, items, [0.5], base, progress=False)
+        generation.eval_choice(llm, slm, tok, items, [0.5], base, progress=False)
     with pytest.raises(ValueError, match=rf"a prompt of \d+ tokens is {message}"):
-        evaluation.eval_qa(llm, slm, tok, [("2 + 2?", "4")], [0.5], base, progress=False)
-    with pytest.raises(ValueError, match=r"--ratio 0 maps nothing"):
-        evaluation.eval_consistency(llm, slm, tok, windows, 0, 4, base, progress=False)
+        generation.eval_qa(llm, slm, tok, [("2 + 2?", "4")], [0.5], base, progress=False)
+    with pytest.raises(ValueError, match=r"`ratio` 0 maps nothing"):
+        analysis.eval_consistency(llm, slm, tok, windows, 0, 4, base, progress=False)
     # a question too short to set a mapping is skipped, for every row alike, and counted
     items.append({"question": "What is the sum of two and two, in words?", "choices": ["four", "five"], "answer": 0})
-    result = evaluation.eval_choice(llm, slm, tok, items, [0.5], MappingConfig(establish_threshold=40), progress=False)
+    result = generation.eval_choice(llm, slm, tok, items, [0.5], MappingConfig(establish_threshold=40), progress=False)
     assert [r["n"] for r in result["rows"]] == [1, 1] and result["skipped"] == {"shorter than establish_threshold": 1}
-    assert evaluation.eval_perplexity(llm, slm, windows, [0.0], base, progress=False)["rows"][0]["mapped_layers"] == []
+    assert eval_perplexity(llm, slm, windows, [0.0], base, progress=False)["rows"][0]["mapped_layers"] == []
 
 
 @pytest.mark.parametrize(
@@ -168,10 +168,9 @@ def test_a_parser_error_is_one_line_with_a_hint_to_help(capsys):
 )
 def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(argv, tmp_path, capsys, monkeypatch):
     """It failed only after the whole evaluation (or the first tuning checkpoint), losing the results."""
-    import iam.cli
-
-    monkeypatch.setattr(iam.cli, "load", lambda *a, **k: pytest.fail("models were loaded"))
-    monkeypatch.setattr(iam.cli, "read_configs", lambda *a, **k: pytest.fail("configs were read"))
+    monkeypatch.setattr("iam.cli.common.load_checked", lambda *a, **k: pytest.fail("models were loaded"))
+    for module in ("iam.cli.tune", "iam.cli.evaluate"):
+        monkeypatch.setattr(f"{module}.read_configs", lambda *a, **k: pytest.fail("configs were read"))
     file = tmp_path / "a-file"
     file.write_text("")
     argv = [a.format(file=file) for a in argv]
@@ -343,8 +342,19 @@ def test_an_internal_error_keeps_its_traceback_and_asks_for_a_report(pair_folder
     def broken(*args, **kwargs):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr("iam.cli.run_generation", broken)
+    monkeypatch.setattr("iam.cli.generate.run_generation", broken)
     assert main(generate(*pair_folders)) == 1
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err and "RuntimeError: a bug" in err
     assert err.rstrip().endswith("iam: internal error; please report it with the traceback above")
+
+
+def test_library_errors_name_parameters_and_the_cli_names_flags(capsys, monkeypatch):
+    """The library names its parameters (`min_tokens`); a user of the command line reads the flag (--min-tokens)."""
+
+    def refuse(*a, **k):
+        raise ValueError("need 0 < `min_tokens` 300 <= `context` 200; `nothing` else")
+
+    monkeypatch.setattr("iam.cli.common.load_checked", refuse)
+    assert main(["eval", "summarize", *PAIR, "--context", "200", "--min-tokens", "300"]) == 2
+    assert capsys.readouterr().err == "iam: error: need 0 < --min-tokens 300 <= --context 200; nothing else\n"

@@ -383,7 +383,7 @@ def test_continuation_over_the_cache_equals_one_prefill(pair):
 def test_continuation_perplexity_scores_only_the_continuation(pair):
     import math
 
-    from iam.eval.evaluation import perplexity
+    from iam.eval.perplexity import perplexity
 
     llm, slm = pair
     windows = [prompt(40, seed=s) for s in (1, 2)]
@@ -393,3 +393,33 @@ def test_continuation_perplexity_scores_only_the_continuation(pair):
     assert units == [] and ppl == pytest.approx(math.exp(sum(n.item() for n in nll) / 2), rel=1e-5)
     mapped, units, _ = perplexity(iam(llm, slm, ratio=0.5), windows, progress=False, context=25)
     assert units == [2, 3] and mapped != pytest.approx(ppl)
+
+
+def test_the_config_reaches_no_file_io_of_the_package():
+    """MappingConfig is plain values: nothing it imports, directly or not, reads the model store or calibration files
+    (resolving it against a pair is ``iam.core.resolution``)."""
+    import ast
+    from pathlib import Path
+
+    import iam
+
+    root = Path(iam.__file__).parent
+
+    def imports(module: str) -> set[str]:
+        path = root.joinpath(*module.split(".")[1:]).with_suffix(".py")
+        package = module.rsplit(".", 1)[0].split(".")
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = ".".join(package[: len(package) - node.level + 1])
+                found.add(f"{base}.{node.module}" if node.module else base)
+        return found
+
+    seen, todo = set(), ["iam.core.config"]
+    while todo:
+        module = todo.pop()
+        if module not in seen and root.joinpath(*module.split(".")[1:]).with_suffix(".py").exists():
+            seen.add(module)
+            todo += imports(module)
+    assert seen & {"iam.core.calibration", "iam.core.resolution", "iam.models.store", "iam.models.loading", "iam.io"} == set()
+    assert "iam.core.selection" in seen  # the walk does follow the package's imports

@@ -54,6 +54,21 @@ def test_a_config_invalid_for_the_pair_fails_before_weights_load(tmp_path, monke
         IAMForCausalLM.from_pretrained(tmp_path / "big", tmp_path / "small", ratio=3)
 
 
+def test_from_pretrained_checks_the_eviction_before_weights_load(tmp_path, monkeypatch):
+    """``from_pretrained`` and the command line load through one checked loader (``load_checked``): an eviction the
+    mapping leaves no layer for, or one its local window outgrows, failed only after both models had loaded."""
+    from iam.core.eviction import make_policy
+
+    tiny("qwen2", 4, 64, 4, 2, 0).config.save_pretrained(tmp_path / "big")
+    tiny("qwen2", 2, 32, 2, 1, 1).config.save_pretrained(tmp_path / "small")
+    monkeypatch.setattr("iam.core.model.load_pair", lambda *a, **k: pytest.fail("weights were loaded"))
+    unmapped = make_policy("h2o", 0.5, "unmapped")
+    with pytest.raises(ValueError, match="this mapping leaves none"):
+        IAMForCausalLM.from_pretrained(tmp_path / "big", tmp_path / "small", eviction=unmapped, ratio=1.0, strategy="back")
+    with pytest.raises(ValueError, match="smaller than the 20 tokens the policy and the exact local window"):
+        IAMForCausalLM.from_pretrained(tmp_path / "big", tmp_path / "small", eviction=make_policy("h2o", 19), local_window=8)
+
+
 @pytest.mark.parametrize("role", ["LLM", "SLM"])
 def test_a_sliding_window_config_is_refused_before_weights_load(tmp_path, monkeypatch, role):
     """IAM's decoder builds the full causal mask only: a Qwen2 config with sliding-window layers gave other logits

@@ -11,7 +11,7 @@ from conftest import kv_groups_mapped
 from iam.cli import main
 from iam.core import calibration
 from iam.eval.data import trivia_choices
-from iam.eval.evaluation import token_f1
+from iam.eval.generation import token_f1
 
 pytestmark = pytest.mark.slow
 

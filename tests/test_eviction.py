@@ -171,17 +171,17 @@ def test_generate_continues_an_evicted_cache(pair):
 
 
 def test_a_context_below_the_threshold_is_refused_for_iam(pair):
-    from iam.eval.evaluation import eval_perplexity
+    from iam.eval.perplexity import eval_perplexity
 
     llm, slm = pair
-    with pytest.raises(ValueError, match="--context 10 is below establish_threshold 20"):
+    with pytest.raises(ValueError, match="`context` 10 is below establish_threshold 20"):
         eval_perplexity(llm, slm, [prompt(40)], [0.5], MappingConfig(), progress=False, context=10)
-    with pytest.raises(ValueError, match=r"--context 40 must leave tokens to score: 0 < context < 40"):
+    with pytest.raises(ValueError, match=r"`context` 40 must leave tokens to score: 0 < `context` < 40"):
         eval_perplexity(llm, slm, [prompt(40)], [0.0], MappingConfig(), progress=False, context=40)
 
 
 def test_continuation_reads_the_evicted_cache(pair):
-    from iam.eval.evaluation import perplexity
+    from iam.eval.perplexity import perplexity
 
     llm, slm = pair
     windows = [prompt(60, seed=s) for s in (1, 2)]
@@ -223,7 +223,7 @@ def test_budgets_parse_as_fractions_or_counts():
 
 def test_kv_tradeoff_points_sit_where_their_arithmetic_puts_them(pair):
     from iam.bench.costs import prefill_flops
-    from iam.eval.evaluation import eval_kv_tradeoff
+    from iam.eval.tradeoff import eval_kv_tradeoff
     from iam.models.presets import Arch
 
     llm, slm = pair

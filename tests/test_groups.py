@@ -29,6 +29,7 @@ def test_partly_mapped_identity_twin_is_the_llm(twin, impl):
     assert torch.equal(out, greedy(llm, ids, mask, 8).sequences)
     assert found.plan == {0: (1,), 2: (0,), 3: (0, 1)}
     assert found.units == ["0:1", "2:0", 3]
+    assert found.layers_worth == model.resolved.layers_worth == 2.0  # its size as a number: two groups and a layer
     mapping = found.head_mapping[0]  # [3 layers, 4 heads, 2]
     assert (mapping[0, :2] == -1).all() and torch.equal(mapping[0, 2:], torch.tensor([[0, 2], [0, 3]]))
     assert torch.equal(mapping[1, :2], torch.tensor([[2, 0], [2, 1]])) and (mapping[1, 2:] == -1).all()
@@ -96,6 +97,7 @@ def test_calibrated_kv_group_order(pair, tmp_path, monkeypatch):
     write_order(llm.config, slm.config, order, {}, {"dataset": "test"})
     model = IAMForCausalLM(llm, slm, MappingConfig(ratio=0.375))  # round(0.375 * 8) = 3 of 8 KV groups
     assert model.planned == {2: (1,), 3: (0, 1)} and model.resolved.n_mapped == 3
+    assert model.resolved.layers_worth == 1.5  # three KV groups of two: one and a half layers' K
     assert IAMForCausalLM(llm, slm, MappingConfig(ratio=0.02)).resolved.n_mapped == 0
     write_order(llm.config, slm.config, order[:-1], {}, {"dataset": "test"})
     with pytest.raises(ValueError, match=r"does not cover the LLM's 4 layers x 2 KV groups"):
@@ -103,7 +105,7 @@ def test_calibrated_kv_group_order(pair, tmp_path, monkeypatch):
 
 
 def test_sweep_per_kv_group_maps_one_group_at_a_time(pair):
-    from iam.eval.evaluation import eval_sweep
+    from iam.eval.sweep import eval_sweep
 
     llm, slm = pair
     result = eval_sweep(llm, slm, [prompt(30, seed=2)], 2, MappingConfig(), per_group=True, progress=False)

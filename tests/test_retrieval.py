@@ -320,9 +320,7 @@ def test_the_command_runs_side_by_side_resumes_and_reports(long_folders, tmp_pat
     ],
 )
 def test_bad_settings_fail_before_loading(pair_folders, tmp_path, capsys, monkeypatch, extra, message):
-    from iam import cli
-
-    monkeypatch.setattr(cli, "load_pair", lambda *a, **k: pytest.fail("weights were loaded"))
+    monkeypatch.setattr("iam.core.model.load_pair", lambda *a, **k: pytest.fail("weights were loaded"))
     llm, slm = pair_folders
     try:
         code = main(["eval", "retrieval", "--llm", llm, "--slm", slm, "--out", str(tmp_path), *extra])

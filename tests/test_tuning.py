@@ -20,7 +20,7 @@ from iam.tuning import train as train_module
 from iam.tuning.data import IGNORE, collate, encode_instruction, json_records
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 40
-MAPPING = MappingConfig(strategy="back")
+MAPPING = MappingConfig(strategy="back", ratio=0.5)
 
 
 @pytest.fixture
@@ -59,9 +59,11 @@ def test_tuning_lowers_the_mapped_loss_and_leaves_the_llm_as_it_was(tmp_path, fo
     flags = [p.requires_grad for p in llm.parameters()]
     batch = collate(data.examples[:4], 0)
     before = mapped_loss(llm, slm, batch)
-    config = TuneConfig(ratio=1.0, method=method, batch_size=4, grad_accum=1, max_steps=6, lr=lr, warmup_steps=0, save_every=3)
+    config = TuneConfig(
+        replace(MAPPING, ratio=1.0), method=method, batch_size=4, grad_accum=1, max_steps=6, lr=lr, warmup_steps=0, save_every=3
+    )
     data.examples = data.examples[:4]
-    result = tune_slm(llm, slm, char_tokenizer(), data, tmp_path / "run", folders["llm"], config, MAPPING, progress=False)
+    result = tune_slm(llm, slm, char_tokenizer(), data, tmp_path / "run", folders["llm"], config, progress=False)
     assert mapped_loss(llm, slm, batch) < before - 0.02  # a random LLM's loss hardly depends on attention: 0.04 here
     assert all(torch.equal(before_llm[k], v) for k, v in llm.state_dict().items())  # bit for bit
     assert [p.requires_grad for p in llm.parameters()] == flags
@@ -72,8 +74,8 @@ def test_tuning_lowers_the_mapped_loss_and_leaves_the_llm_as_it_was(tmp_path, fo
 def test_lora_adapts_only_q_and_k_and_is_merged_into_a_plain_model(tmp_path, folders, data):
     llm, slm = tiny("qwen2", 4, 64, 4, 2, seed=0), tiny("qwen2", 2, 32, 2, 1, seed=1)
     original = copy.deepcopy(slm.state_dict())
-    config = TuneConfig(method="lora", batch_size=2, grad_accum=1, max_steps=2, lr=1e-2, warmup_steps=0)
-    result = tune_slm(llm, slm, char_tokenizer(), data, tmp_path / "run", folders["llm"], config, MAPPING, progress=False)
+    config = TuneConfig(MAPPING, method="lora", batch_size=2, grad_accum=1, max_steps=2, lr=1e-2, warmup_steps=0)
+    result = tune_slm(llm, slm, char_tokenizer(), data, tmp_path / "run", folders["llm"], config, progress=False)
     tuned = type(slm).from_pretrained(result["model"])
     changed = {k for k, v in tuned.state_dict().items() if not torch.equal(v, original[k])}
     assert changed and all(".q_proj." in k or ".k_proj." in k for k in changed), changed
@@ -91,10 +93,10 @@ def test_gradient_checkpointing_wraps_the_unmapped_layers_and_gives_the_same_ste
         monkeypatch.setattr(
             transformers.modeling_utils, "checkpoint", lambda *a, _calls=calls, **k: _calls.append(1) or checkpoint(*a, **k)
         )
-        config = TuneConfig(batch_size=2, grad_accum=1, max_steps=3, lr=1e-2, gradient_checkpointing=checkpointing)
+        mapping = MappingConfig(layers=[0], ratio=0.5)
+        config = TuneConfig(mapping, batch_size=2, grad_accum=1, max_steps=3, lr=1e-2, gradient_checkpointing=checkpointing)
         out = tmp_path / f"run{checkpointing}"
-        mapping = MappingConfig(layers=[0])
-        result = tune_slm(llm, slm, char_tokenizer(), data, out, folders["llm"], config, mapping, progress=False)
+        result = tune_slm(llm, slm, char_tokenizer(), data, out, folders["llm"], config, progress=False)
         losses.append([r["loss"] for r in result["rows"]])
         runs.append(len(calls))
         assert not llm.training and not any(getattr(m, "gradient_checkpointing", False) for m in llm.modules())
@@ -103,11 +105,11 @@ def test_gradient_checkpointing_wraps_the_unmapped_layers_and_gives_the_same_ste
 
 
 def test_an_interrupted_run_resumes_with_the_next_step_of_an_uninterrupted_one(tmp_path, folders, data, monkeypatch):
-    config = TuneConfig(batch_size=2, grad_accum=2, max_steps=5, lr=1e-2, save_every=2)
+    config = TuneConfig(MAPPING, batch_size=2, grad_accum=2, max_steps=5, lr=1e-2, save_every=2)
 
     def run(out, resume=False):
         llm, slm = tiny("qwen2", 4, 64, 4, 2, seed=0), tiny("qwen2", 2, 32, 2, 1, seed=1)
-        return tune_slm(llm, slm, char_tokenizer(), data, out, folders["llm"], config, MAPPING, resume=resume, progress=False)
+        return tune_slm(llm, slm, char_tokenizer(), data, out, folders["llm"], config, resume=resume, progress=False)
 
     whole = [r["loss"] for r in run(tmp_path / "whole")["rows"]]
     calls = {"n": 0}
@@ -124,7 +126,7 @@ def test_an_interrupted_run_resumes_with_the_next_step_of_an_uninterrupted_one(t
         run(tmp_path / "cut")
     assert [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()] == ["step-000002"]  # intact, no partial left
     monkeypatch.setattr(train_module, "collate", real)
-    with pytest.raises(ValueError, match="--resume"):
+    with pytest.raises(ValueError, match="pass `resume` to continue it, or choose another `out`"):
         run(tmp_path / "cut")
     resumed = [r["loss"] for r in run(tmp_path / "cut", resume=True)["rows"]]
     assert resumed == pytest.approx(whole, rel=1e-6)
@@ -133,15 +135,13 @@ def test_an_interrupted_run_resumes_with_the_next_step_of_an_uninterrupted_one(t
 def test_resume_refuses_other_settings_but_takes_another_time_limit(tmp_path, folders, data):
     def run(config, resume=False):
         llm, slm = tiny("qwen2", 4, 64, 4, 2, seed=0), tiny("qwen2", 2, 32, 2, 1, seed=1)
-        return tune_slm(
-            llm, slm, char_tokenizer(), data, tmp_path, folders["llm"], config, MAPPING, resume=resume, progress=False
-        )
+        return tune_slm(llm, slm, char_tokenizer(), data, tmp_path, folders["llm"], config, resume=resume, progress=False)
 
-    run(TuneConfig(max_steps=2, max_minutes=1e-9))  # stops after its first step, out of time
+    run(TuneConfig(MAPPING, max_steps=2, max_minutes=1e-9))  # stops after its first step, out of time
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000001"]
     with pytest.raises(ValueError, match="other settings"):
-        run(TuneConfig(max_steps=3), resume=True)
-    assert run(TuneConfig(max_steps=2, save_every=7), resume=True)["steps"] == 2  # a new session, no time limit
+        run(TuneConfig(MAPPING, max_steps=3), resume=True)
+    assert run(TuneConfig(MAPPING, max_steps=2, save_every=7), resume=True)["steps"] == 2  # a new session, no time limit
 
 
 @pytest.mark.parametrize(
@@ -157,15 +157,13 @@ def test_resume_refuses_other_settings_but_takes_another_time_limit(tmp_path, fo
 def test_a_corrupt_checkpoint_is_refused_naming_it(tmp_path, folders, data, damage):
     def run(config, resume=False):
         llm, slm = tiny("qwen2", 4, 64, 4, 2, seed=0), tiny("qwen2", 2, 32, 2, 1, seed=1)
-        return tune_slm(
-            llm, slm, char_tokenizer(), data, tmp_path, folders["llm"], config, MAPPING, resume=resume, progress=False
-        )
+        return tune_slm(llm, slm, char_tokenizer(), data, tmp_path, folders["llm"], config, resume=resume, progress=False)
 
-    run(TuneConfig(max_steps=2, max_minutes=1e-9))
+    run(TuneConfig(MAPPING, max_steps=2, max_minutes=1e-9))
     checkpoint = tmp_path / "checkpoints" / "step-000001"
     damage(checkpoint)
     with pytest.raises(ValueError, match=rf"{checkpoint} is not a complete tuning checkpoint .*delete it"):
-        run(TuneConfig(max_steps=2), resume=True)
+        run(TuneConfig(MAPPING, max_steps=2), resume=True)
 
 
 def test_a_file_named_like_a_checkpoint_is_refused_naming_it(tmp_path, folders, data):
@@ -173,7 +171,7 @@ def test_a_file_named_like_a_checkpoint_is_refused_naming_it(tmp_path, folders, 
     (tmp_path / "checkpoints" / "step-000003").write_text("")
     llm, slm = tiny("qwen2", 4, 64, 4, 2, seed=0), tiny("qwen2", 2, 32, 2, 1, seed=1)
     with pytest.raises(ValueError, match=r"step-000003 is not a complete tuning checkpoint \(NotADirectoryError"):
-        tune_slm(llm, slm, char_tokenizer(), data, tmp_path, folders["llm"], TuneConfig(max_steps=2), MAPPING, resume=True)
+        tune_slm(llm, slm, char_tokenizer(), data, tmp_path, folders["llm"], TuneConfig(MAPPING, max_steps=2), resume=True)
 
 
 def test_the_tuned_slm_serves_its_llm_and_is_refused_with_another(tmp_path, folders, capsys):
@@ -252,9 +250,9 @@ def test_long_records_are_truncated_and_prompts_that_fill_the_sequence_skipped(t
 
 
 def test_the_objective_must_match_the_data(tmp_path):
-    with pytest.raises(ValueError, match="plain text: use objective 'lm'"):
+    with pytest.raises(ValueError, match="plain text: use `objective` 'lm'"):
         load_tuning_data(char_tokenizer(), ["python-stdlib-train"], "instruct", 64, 256)
-    with pytest.raises(ValueError, match="instruction data: use objective 'instruct'"):
+    with pytest.raises(ValueError, match="instruction data: use `objective` 'instruct'"):
         load_tuning_data(char_tokenizer(), [write_jsonl(tmp_path / "d.jsonl", [GOOD])], "lm", 64, 256)
 
 
@@ -280,7 +278,7 @@ def test_bad_tuning_settings_fail_before_anything_loads(tmp_path, capsys, flags,
 
 
 def test_bad_data_fails_before_the_weights_load(folders, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("iam.cli.load_pair", lambda *a, **k: pytest.fail("weights loaded before the data was checked"))
+    monkeypatch.setattr("iam.core.model.load_pair", lambda *a, **k: pytest.fail("weights loaded before the data was checked"))
     path = write_jsonl(tmp_path / "d.jsonl", [GOOD, {"instruction": "x"}])
     argv = ["tune", "--llm", folders["llm"], "--slm", folders["slm"], "--data", path, "--out", str(tmp_path / "o")]
     assert f"{path}:2: the record has no output" in user_error(capsys, argv)
@@ -295,27 +293,29 @@ def test_records_too_short_to_establish_a_mapping_are_skipped_or_refused(tmp_pat
     llm, slm = tiny("qwen2", 4, 64, 4, 2, seed=0), tiny("qwen2", 2, 32, 2, 1, seed=1)
     mapping = MappingConfig(strategy="back", establish_threshold=30)
     with pytest.raises(ValueError, match="1 examples are shorter than establish_threshold 30"):
-        tune_slm(llm, slm, char_tokenizer(), data, tmp_path / "o", folders["llm"], TuneConfig(max_steps=1), mapping)
+        tune_slm(
+            llm, slm, char_tokenizer(), data, tmp_path / "o", folders["llm"], TuneConfig(replace(mapping, ratio=0.5), max_steps=1)
+        )
 
 
 def test_held_out_examples_are_not_trained_on_and_their_loss_is_measured_at_each_checkpoint(tmp_path, folders, data, monkeypatch):
     llm, slm = tiny("qwen2", 4, 64, 4, 2, seed=0), tiny("qwen2", 2, 32, 2, 1, seed=1)
     held = collate(data.examples[-2:], 0)
     before = mapped_loss(llm, slm, held, ratio=0.5)
-    config = TuneConfig(batch_size=2, grad_accum=1, max_steps=4, lr=1e-2, save_every=2, eval_examples=2)
+    config = TuneConfig(MAPPING, batch_size=2, grad_accum=1, max_steps=4, lr=1e-2, save_every=2, eval_examples=2)
     held_ids = {id(e) for e in data.examples[-2:]}
     trained: list[int] = []
     real = train_module.collate
     monkeypatch.setattr(
         train_module, "collate", lambda batch, pad: trained.extend(id(e) for e in batch if len(batch) == 2) or real(batch, pad)
     )
-    rows = tune_slm(llm, slm, char_tokenizer(), data, tmp_path, folders["llm"], config, MAPPING, progress=False)["rows"]
+    rows = tune_slm(llm, slm, char_tokenizer(), data, tmp_path, folders["llm"], config, progress=False)["rows"]
     assert len(trained) == 8 and not held_ids & set(trained)
     assert [r["step"] for r in rows if "eval_loss" in r] == [0, 2, 4]
     assert rows[0]["eval_loss"] == pytest.approx(before, rel=1e-5)
     assert rows[-1]["eval_loss"] == pytest.approx(mapped_loss(llm, slm, held, ratio=0.5), rel=1e-5)
     with pytest.raises(ValueError, match="leaves none"):
-        tune_slm(llm, slm, char_tokenizer(), data, tmp_path / "x", folders["llm"], replace(config, eval_examples=99), MAPPING)
+        tune_slm(llm, slm, char_tokenizer(), data, tmp_path / "x", folders["llm"], replace(config, eval_examples=99))
 
 
 def test_evaluation_texts_and_empty_limits_are_refused():

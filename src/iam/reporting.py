@@ -4,7 +4,6 @@ atomically: a temporary file renamed into place)."""
 from __future__ import annotations
 
 import json
-import os
 import platform
 import shlex
 import subprocess
@@ -16,22 +15,12 @@ import torch
 import transformers
 
 from . import __version__
+from .io import atomic_file, write_atomic
 
 
 def with_baseline(ratios: Sequence[float]) -> list[float]:
     """``ratios`` with ratio 0 (the LLM alone) first and only once: side-by-side runs compare against it."""
     return [0.0] + [r for r in ratios if r != 0]
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file renamed into place: readers see the old file or the new
-    one, never a part."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def provenance(argv: Sequence[str]) -> dict:
@@ -98,15 +87,13 @@ def save_figure(path: Path, plot: Callable) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.partial.png")
     try:
-        plot(plt)
-        plt.tight_layout()
-        plt.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            plot(plt)
+            plt.tight_layout()
+            plt.savefig(tmp, dpi=120, format="png")
     finally:
         plt.close("all")
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from ..core.cache import SLM_CACHES
 from ..core.selection import units_for_ratio
-from ..models.presets import Arch
+from ..models.presets import PRESETS, Arch
 from ..reporting import with_baseline
 
 GB = 1e9
@@ -210,3 +210,27 @@ def break_even(llm: Arch, slm: Arch, elem: int = 2, slm_cache: str = "native") -
         if kv_bytes_per_token(llm, slm, n, elem, slm_cache) < kv_bytes_per_token(llm, slm, 0, elem):
             return n / llm.layers
     return None
+
+
+BREAK_EVEN_PAIRS = [
+    ("qwen2-72b", "qwen2-0.5b"),
+    ("qwen2-7b", "qwen2-0.5b"),
+    ("qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b"),
+    ("llama-3.1-70b", "llama-3.2-1b"),
+]
+"""Preset pairs of the analytic bench's break-even table."""
+
+
+def break_even_rows(pairs: list[tuple[str, str]], elem: int = 2) -> list[dict]:
+    """Per preset pair and SLM cache kind: the break-even ratio and the KV ratio at ratio 0.5."""
+    rows = []
+    for big, small in pairs:
+        llm, slm = PRESETS[big], PRESETS[small]
+        half = units_for_ratio(0.5, llm.layers)
+        row = {"llm": big, "slm": small}
+        for kind in SLM_CACHE_NOTES:
+            row[f"break_even_ratio_{kind}"] = break_even(llm, slm, elem, kind)
+            alone = kv_bytes_per_token(llm, slm, 0, elem)
+            row[f"kv_ratio_at_0.5_{kind}"] = kv_bytes_per_token(llm, slm, half, elem, kind) / alone
+        rows.append(row)
+    return rows

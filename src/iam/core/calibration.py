@@ -13,8 +13,6 @@ the default, takes it with the order.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 from transformers import PretrainedConfig
 
+from ..io import write_atomic
 from ..models.loading import cache_root
 from .selection import Unit
 
@@ -159,8 +158,5 @@ def write_order(
     path = folder / file_name(llm, slm, local_window)
     record = {"llm": arch_key(llm), "slm": arch_key(slm), "order": order, "blend": blend, "local_window": local_window}
     record.update(damage=damage, source=source)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".partial")
-    with os.fdopen(fd, "w") as f:
-        json.dump(record, f, indent=2)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(record, indent=2))
     return path

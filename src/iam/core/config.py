@@ -1,16 +1,14 @@
-"""User-facing configuration of the mapping."""
+"""User-facing configuration of the mapping: plain, checked values that read no file of the package (resolving one
+against a pair, with its stored calibration, is ``iam.core.resolution``)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
-from transformers import PretrainedConfig
-
 from .cache import SLM_CACHES
-from .calibration import find_calibration, read_calibration
-from .selection import STRATEGIES, CalibratedSelection, LayerSelection, Unit
+from .selection import STRATEGIES, CalibratedSelection, Unit
 from .similarity import METRICS
 
 MAX_BLEND = 8  # the exact blend fit solves 2^blend - 1 small systems per head
@@ -35,8 +33,8 @@ class MappingConfig:
         most similar SLM heads and mixes their attention with non-negative weights summing to one (so every row is
         still a distribution), fit by least squares to the LLM head's window attention. No K either way; the mapped
         heads' prefill attention costs up to ``k`` times as much, and decode gathers ``k`` rows per head. ``None``
-        (default): the blend stored with the pair's calibration under ``"auto"``/``"calibrated"`` (3 for the shipped
-        Qwen2.5-Coder pair), else 1. At most ``MAX_BLEND`` (8).
+        (default): the blend stored with the pair's calibration under ``"auto"``/``"calibrated"`` (docs/results.md
+        gives the shipped pair's), else 1. At most ``MAX_BLEND`` (8).
     establish_threshold : context length (tokens) at which the mapping is established.
     truncation_threshold : only the first this-many tokens' attention is compared.
     calibration : a calibration file (``iam calibrate`` writes them) whose order ``"auto"``/``"calibrated"`` use
@@ -164,51 +162,5 @@ def check_mapped(lengths: Sequence[int], configs: Sequence[MappingConfig], what:
     if min(lengths) < threshold:
         raise ValueError(
             f"{what} of {min(lengths)} tokens is below establish_threshold {threshold}: IAM would map nothing on it, and "
-            "its row would report the LLM alone as IAM. Use longer inputs or a lower --establish-threshold."
+            "its row would report the LLM alone as IAM. Use longer inputs or a lower `establish_threshold`."
         )
-
-
-@dataclass(frozen=True)
-class Resolved:
-    """A ``MappingConfig`` resolved for one LLM/SLM pair.
-
-    Parameters
-    ----------
-    config : the config with ``blend`` resolved (the pair's stored blend where it was ``None``).
-    strategy : the layer selection, with the calibrated order filled in where the strategy uses one.
-    n_mapped : units the plan maps (whole layers, or KV groups under a per-group order).
-    """
-
-    config: MappingConfig
-    strategy: LayerSelection
-    n_mapped: int
-
-
-def resolve(config: MappingConfig, llm: PretrainedConfig, slm: PretrainedConfig) -> Resolved:
-    """Check ``config`` against the pair's configs (no weights needed) and resolve the stored order and blend.
-
-    Raises ``ValueError`` for units outside the LLM, a blend above the SLM's head count, or a calibration file
-    written for another pair."""
-    n_layers, n_kv = llm.num_hidden_layers, llm.num_key_value_heads
-    strategy = STRATEGIES[config.strategy]
-    stored = None
-    if isinstance(strategy, CalibratedSelection) and config.layers is None:
-        file = config.calibration
-        stored = read_calibration(file, llm, slm) if file else find_calibration(llm, slm, config.local_window)
-        if stored is None and strategy.fallback is None:
-            raise ValueError("no calibrated layer order is stored for this LLM: run `iam calibrate --llm ... --slm ...` first.")
-        strategy = replace(strategy, order=stored.order if stored else ())
-    # a copy in any case (the pair's stored blend goes with its stored order), sharing no list with the caller's
-    config = replace(config, blend=(stored.blend if stored else 1) if config.blend is None else config.blend)
-    slm_heads = slm.num_hidden_layers * slm.num_attention_heads
-    if config.blend > slm_heads:
-        raise ValueError(
-            f"blend {config.blend} exceeds the SLM's {slm_heads} heads ({slm.num_hidden_layers} layers x "
-            f"{slm.num_attention_heads}): each mapped head borrows that many distinct SLM heads."
-        )
-    if config.layers is not None:
-        check_layers_in_range(config.layers, n_layers, n_kv)
-        n_mapped = len(config.layers)
-    else:
-        n_mapped = strategy.count(n_layers, n_kv, config.ratio)
-    return Resolved(config, strategy, n_mapped)

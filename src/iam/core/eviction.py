@@ -174,7 +174,7 @@ def make_policy(name: str | None, budget: float | int | None = None, scope: str 
     """The policy ``name`` with ``budget`` (its default where ``None``) over ``scope``; ``None`` for no eviction."""
     if name is None:
         if budget is not None:
-            raise ValueError("a budget needs an eviction policy: give --eviction h2o, snapkv or streaming.")
+            raise ValueError("a budget needs an eviction policy: set `eviction` to h2o, snapkv or streaming.")
         return None
     if name not in POLICIES:
         raise ValueError(f"eviction policy must be one of {sorted(POLICIES)}, got {name!r}.")

@@ -10,8 +10,8 @@ from collections.abc import Callable
 import torch
 
 FLEX_MIN_TOKENS = 256
-"""Prefill length from which mapped attention runs FlexAttention (docs/results.md, "FlexAttention"). Up to 128 tokens
-(one flex block) flex would need a second compilation, for an attention cost that is negligible there."""
+"""Prefill length from which mapped attention runs FlexAttention (how it was chosen: docs/results.md). Below one
+flex block of 128 tokens flex would need a second compilation, for an attention cost that is negligible there."""
 
 FLEX_HEADS = 8
 """Heads per FlexAttention call. The compiled kernel is specialised to the batch and head counts (only the lengths

@@ -217,14 +217,14 @@ class Mapping:
         return list(self.plan)
 
     @property
-    def layers_worth(self) -> float:
-        """Whole layers' worth of mapped K (a KV group is ``1 / n_kv`` layer)."""
-        return sum(len(groups) for groups in self.plan.values()) / self.n_kv
-
-    @property
     def units(self) -> list[int | str]:
         """The mapped units as the CLI writes them: whole layers as ``int``, single KV groups as ``"layer:group"``."""
         return format_plan(self.plan, self.n_kv)
+
+    @property
+    def layers_worth(self) -> float:
+        """Whole LLM layers' worth of K the mapping drops: a mapped KV group is ``1 / n_kv`` of a layer."""
+        return sum(len(groups) for groups in self.plan.values()) / self.n_kv
 
     @property
     def slm_layers(self) -> list[int]:

@@ -10,23 +10,25 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 from torch.profiler import record_function
-from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..models.loading import load_pair, read_configs
+from ..models.loading import check_device, load_pair, read_configs
 from ..models.placement import Placement
 from .attention import MappedAttention, SLMStep
 from .cache import IAMCache, Signature, read_keys
-from .config import MappingConfig, Resolved, resolve
+from .config import MappingConfig
 from .decoder import Pass, decoder_layers, positions
 from .eviction import EvictionPolicy, attention_mass
 from .mapping import Mapping, SLMWindow, Window, slm_window_flats, window_attention
 from .parallel import gather_heads, shard_of, sum_heads
+from .resolution import Resolved, resolve
 from .selection import Plan, plan_of
 from .similarity import METRICS
 
@@ -138,6 +140,33 @@ def check_scope(resolved: Resolved, llm: PretrainedConfig, eviction: EvictionPol
         )
 
 
+def load_checked(
+    llm: str | os.PathLike,
+    slm: str | os.PathLike,
+    configs: Sequence[MappingConfig] = (),
+    eviction: EvictionPolicy | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    force: bool = False,
+    placement: Placement | None = None,
+) -> tuple[nn.Module, nn.Module, PreTrainedTokenizerBase]:
+    """Load ``(llm, slm, tokenizer)`` after every check that needs no weights: the device, each of ``configs`` with
+    ``eviction``, the pair's configs, the ``placement``, and each config resolved against the pair (its stored order
+    and blend, its units, the eviction's scope). ``from_pretrained`` and the command line load through it."""
+    placement = placement or Placement()
+    check_device(device)
+    for config in configs:
+        check_eviction(config, eviction)
+    llm_config, slm_config = read_configs(llm, slm, progress, force)
+    check_pair_configs(llm_config, slm_config)
+    placement.check(llm_config, device)
+    for config in configs:
+        check_scope(resolve(config, llm_config, slm_config), llm_config, eviction)
+    return load_pair(llm, slm, dtype=dtype, device=device, progress=progress, force=force, placement=placement)
+
+
 class IAMForCausalLM(PreTrainedModel, GenerationMixin):
     """An LLM whose mapped layers take their attention from an SLM of the same family (IAM, arXiv 2507.11953).
 
@@ -221,11 +250,9 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         loaded whole, on each rank's device or on ``slm_device`` (see ``iam.models.placement``)."""
         config = MappingConfig(**mapping)
         placement = Placement(tp_plan, distributed_config, device_map, max_memory, offload_folder, slm_device)
-        llm_config, slm_config = read_configs(llm, slm, progress, force)
-        check_pair_configs(llm_config, slm_config)
-        placement.check(llm_config, device)
-        resolve(config, llm_config, slm_config)
-        big, small, _ = load_pair(llm, slm, dtype=dtype, device=device, progress=progress, force=force, placement=placement)
+        big, small, _ = load_checked(
+            llm, slm, [config], eviction, dtype=dtype, device=device, progress=progress, force=force, placement=placement
+        )
         return cls(big, small, config, eviction)
 
     def save_pretrained(self, *args, **kwargs) -> None:

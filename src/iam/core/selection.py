@@ -15,7 +15,8 @@ Plan = dict[int, tuple[int, ...]]
 
 
 def units_for_ratio(ratio: float, n_layers: int, n_kv: int = 1) -> int:
-    """How many units ratio ``ratio`` maps: of ``n_layers`` whole layers, or (``n_kv`` > 1) of their KV groups."""
+    """How many units ratio ``ratio`` maps: of ``n_layers`` whole layers, or (``n_kv`` > 1) of their KV groups. The
+    one place a ratio becomes a count: every strategy's ``count`` and the analytic bench (whole layers) use it."""
     return round(ratio * n_layers * n_kv)
 
 
@@ -42,11 +43,6 @@ def parse_unit(text: str) -> Unit:
     """The inverse of ``unit_name``."""
     layer, _, group = text.strip().partition(":")
     return int(layer) if not group else (int(layer), int(group))
-
-
-def layers_worth(units: list[int | str], n_kv: int) -> float:
-    """Whole layers' worth of mapped K in units as ``format_plan`` writes them (a KV group is ``1 / n_kv`` layer)."""
-    return sum(1 if isinstance(u, str) else n_kv for u in units) / n_kv
 
 
 def format_plan(plan: Plan, n_kv: int) -> list[int | str]:

@@ -1,23 +1,82 @@
-"""Analyses of attention across models (paper Appendix B, D and Fig. 9): similarity across tokenizers, which SLM
-heads a mapping uses, and the mean attention maps of the SLM, the LLM and IAM's mapped result."""
+"""Analyses of attention across models (paper §3.3, Appendix B, D and Fig. 9): how similar LLM and SLM heads are
+(with one tokenizer, or across two), whether a mapping's matches hold while decoding, which SLM heads a mapping
+uses, and the mean attention maps of the SLM, the LLM and IAM's mapped result."""
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
 
 from ..core.alignment import align_spans, attention_probs, restrict, token_spans
-from ..core.config import MappingConfig
+from ..core.config import MappingConfig, check_mapped
 from ..core.mapping import Mapping, tril_flat
-from ..core.model import IAMForCausalLM
+from ..core.model import IAMForCausalLM, check_family, load_checked
 from ..core.similarity import METRICS
-from .evaluation import similarity_summary
+from ..models.loading import check_device, load_model, load_tokenizer, read_configs
+from .windows import text_windows, window_texts
 
 ALIGNMENT = "character spans: LCS of the two tokenizations' offset spans (tokens covering the same characters)"
+
+
+def eval_similarity(llm, slm, windows, base: MappingConfig, progress: bool = True) -> dict:
+    """Per LLM layer, the mean best-match similarity, and the LLM-layer x SLM-layer heatmap (mean over heads of
+    the best head in that SLM layer)."""
+    check_mapped([w.shape[1] for w in windows], [replace(base, ratio=1.0)])  # a mapping's window: no fewer tokens
+    iam = IAMForCausalLM(llm, slm, replace(base, ratio=0.0))
+    sim = torch.cat([iam.head_similarity(w) for w in tqdm(windows, desc="similarity", disable=not progress)], 1)  # [L, B, H, S]
+    return similarity_summary(sim, slm.config.num_attention_heads, base.metric)
+
+
+def similarity_summary(sim: torch.Tensor, slm_heads: int, metric: str) -> dict:
+    """The similarity report from ``sim`` ``[L, B, H, L_s * H_s]`` (every LLM head against every SLM (layer, head),
+    per window): per LLM layer the mean best-match similarity and the best SLM layer, the heatmap and the mean."""
+    heat = sim.unflatten(-1, (-1, slm_heads)).amax(-1).mean((1, 2))  # [L, L_s]
+    best = sim.amax(-1).mean((1, 2))
+    rows = [
+        {"llm_layer": i, "mean_best_similarity": best[i].item(), "best_slm_layer": int(heat[i].argmax())}
+        for i in range(len(best))
+    ]
+    return {"rows": rows, "heatmap": heat.tolist(), "metric": metric, "mean": best.mean().item()}
+
+
+def load_for_similarity(
+    llm: str | os.PathLike,
+    slm: str | os.PathLike,
+    config: MappingConfig,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    force: bool = False,
+) -> tuple[nn.Module, nn.Module, PreTrainedTokenizerBase, PreTrainedTokenizerBase]:
+    """``(llm, slm, llm_tokenizer, slm_tokenizer)`` for ``eval_pair_similarity``: checked and loaded as a pair
+    (``load_checked``) where the two share a tokenizer; else each on its own, of any supported families (analysis
+    only: mapping refuses such a pair)."""
+    llm_tokenizer, slm_tokenizer = load_tokenizer(llm), load_tokenizer(slm)
+    if llm_tokenizer.get_vocab() == slm_tokenizer.get_vocab():
+        big, small, tokenizer = load_checked(llm, slm, [config], dtype=dtype, device=device, force=force)
+        return big, small, tokenizer, tokenizer
+    check_device(device)
+    for role, model_config in zip(("LLM", "SLM"), read_configs(llm, slm)):
+        check_family(role, model_config)
+    return load_model(llm, dtype, device)[0], load_model(slm, dtype, device)[0], llm_tokenizer, slm_tokenizer
+
+
+def eval_pair_similarity(
+    llm, slm, llm_tokenizer, slm_tokenizer, texts: Sequence[str], windows: int, tokens: int, base: MappingConfig
+) -> dict:
+    """The similarity report on ``windows`` windows of ``tokens`` LLM tokens from each of ``texts``: ``eval_similarity``
+    where the two models share a tokenizer, else ``eval_cross_similarity`` on the same windows' characters."""
+    if llm_tokenizer.get_vocab() == slm_tokenizer.get_vocab():
+        cut = [w for text in texts for w in text_windows(llm_tokenizer, text, windows, tokens)]
+        return eval_similarity(llm, slm, cut, base)
+    cut = [w for text in texts for w in window_texts(llm_tokenizer, text, windows, tokens)]
+    return eval_cross_similarity(llm, slm, llm_tokenizer, slm_tokenizer, cut, base)
 
 
 def eval_cross_similarity(
@@ -46,6 +105,33 @@ def eval_cross_similarity(
     return result
 
 
+def eval_consistency(llm, slm, tokenizer, windows, ratio: float, steps: int, base: MappingConfig, progress: bool = True) -> dict:
+    """Paper §3.3: as decoding proceeds, does each mapped head's best match (recomputed on the whole growing
+    context) stay the one chosen at prefill? Per mapped layer, the fraction of steps where it does."""
+    if not (ratio > 0 or base.layers):
+        raise ValueError(f"`ratio` {ratio} maps nothing: consistency follows the mapped layers' matches (use `ratio` > 0).")
+    if steps < 1:
+        raise ValueError(f"`steps` must be a whole number >= 1 (decode steps followed), got {steps}.")
+    check_mapped([w.shape[1] for w in windows], [replace(base, ratio=ratio)])
+    iam = IAMForCausalLM(llm, slm, replace(base, ratio=ratio))
+    probe = IAMForCausalLM(llm, slm, replace(base, ratio=0.0))
+    agree: dict[int, list[float]] = {}
+    for w in tqdm(windows, desc="consistency", disable=not progress):
+        out = iam.generate(w, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, return_dict_in_generate=True)
+        mapping, seq = out.cache.mapping, out.sequences
+        layers = mapping.mapped_layers
+        best = [
+            probe.head_similarity(seq[:, :k], truncation_threshold=k)[layers].argmax(-1)
+            for k in range(w.shape[1], seq.shape[1] + 1)
+        ]
+        for j, layer in enumerate(layers):
+            heads = mapping.layers[layer].heads  # a partly mapped layer: its mapped groups' heads only
+            same = torch.stack([(b[j][:, heads] == best[0][j][:, heads]).float().mean() for b in best[1:]])
+            agree.setdefault(layer, []).append(same.mean().item())
+    rows = [{"llm_layer": layer, "consistency": sum(v) / len(v)} for layer, v in agree.items()]
+    return {"rows": rows, "steps": steps, "ratio": ratio, "mean": sum(r["consistency"] for r in rows) / len(rows)}
+
+
 @torch.inference_mode()
 def establish(iam: IAMForCausalLM, window: torch.Tensor) -> Mapping:
     """The mapping ``iam`` establishes on one window ``[1, T]``; ``ValueError`` if the window is too short to map."""
@@ -53,7 +139,7 @@ def establish(iam: IAMForCausalLM, window: torch.Tensor) -> Mapping:
     if window.shape[1] < threshold or not iam.resolved.n_mapped:
         raise ValueError(
             f"nothing is mapped on a window of {window.shape[1]} tokens at ratio {iam.mapping_config.ratio}: "
-            f"map some layers (--ratio > 0) and use --tokens >= establish_threshold {threshold}."
+            f"map some layers (`ratio` > 0) and use `tokens` >= establish_threshold {threshold}."
         )
     return iam(window, logits_to_keep=1).cache.mapping
 

@@ -15,7 +15,6 @@ three that need no network:
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -28,9 +27,10 @@ from lm_eval.tasks import TaskManager
 from ..core.config import MappingConfig
 from ..core.model import IAMForCausalLM
 from ..core.selection import parse_unit
+from ..io import write_atomic
 from ..models.loading import cache_root, load_tokenizer
-from ..reporting import with_baseline, write_atomic
 from .data import trivia, trivia_choices, wikipedia_articles
+from .runs import ratio_configs, side_by_side
 
 MAPPING_FIELDS = tuple(MappingConfig.__dataclass_fields__)
 
@@ -157,15 +157,18 @@ def evaluate(llm, slm, tokenizer, tasks: list[str], ratios: list[float], base: M
     """``lm_eval.simple_evaluate`` of the LLM alone and IAM at each ratio, side by side: one row per ratio, task
     and metric (the local tasks are written first, under ``$IAM_CACHE/harness``)."""
     manager = TaskManager(include_path=str(local_tasks()))
+
+    def score(iam: IAMForCausalLM, label: dict) -> dict:
+        model = IAMLM(pretrained=iam, tokenizer=tokenizer)
+        return {"results": simple_evaluate(model=model, tasks=tasks, task_manager=manager, limit=limit)["results"]}
+
     rows = []
-    for r in with_baseline(ratios):
-        model = IAMLM(pretrained=IAMForCausalLM(llm, slm, replace(base, ratio=r)), tokenizer=tokenizer)
-        results = simple_evaluate(model=model, tasks=tasks, task_manager=manager, limit=limit)["results"]
-        for task, metrics in results.items():
+    for run in side_by_side(llm, slm, ratio_configs(base, ratios), score, progress=False):
+        for task, metrics in run["results"].items():
             for key, value in metrics.items():
                 name, _, filtered = key.partition(",")
                 if filtered and "stderr" not in name and isinstance(value, (int, float)):
-                    rows.append({"ratio": r, "task": task, "metric": name, "filter": filtered, "value": float(value)})
+                    rows.append({"ratio": run["ratio"], "task": task, "metric": name, "filter": filtered, "value": float(value)})
     base_values = {(row["task"], row["metric"]): row["value"] for row in rows if row["ratio"] == 0}
     for row in rows:
         reference = base_values[(row["task"], row["metric"])]

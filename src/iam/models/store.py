@@ -36,6 +36,8 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from ..io import atomic_file, atomic_folder
+
 MANIFEST = "iam-manifest.json"
 FORMAT = 1
 BLOCK = 1 << 24
@@ -99,14 +101,11 @@ def problem(folder: Path, source: str | None = None) -> str | None:
 def replace_manifest(folder: Path, manifest: dict) -> None:
     """Replace a published folder's manifest atomically, through a temporary file beside the folder (one inside it
     would be an extra file to a concurrent verifier) named as a build's, so that a sweep removes a leftover."""
-    fd, tmp = tempfile.mkstemp(prefix=f"{folder.name}.partial-", dir=folder.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(manifest, indent=1))
-        os.chmod(tmp, folder.stat().st_mode & 0o666)  # mkstemp's files are 0600
-        os.replace(tmp, folder / MANIFEST)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f"{folder.name}.partial-", dir=folder.parent)  # a unique name the sweep knows
+    os.close(fd)
+    with atomic_file(folder / MANIFEST, Path(tmp)) as temp:
+        temp.write_text(json.dumps(manifest, indent=1))
+        os.chmod(temp, folder.stat().st_mode & 0o666)  # mkstemp's files are 0600
 
 
 def write_manifest(folder: Path, source: str, origin: str) -> None:
@@ -210,22 +209,18 @@ def ensure(dest: Path, source: str, origin: str, build: Callable[[Path], None], 
         if dest.exists() and found is None:  # published by another process while we waited
             return dest
         scratch = Path(tempfile.mkdtemp(prefix=f"{dest.name}.partial-", dir=dest.parent))
-        try:
-            out = scratch / "out"
-            out.mkdir()  # created under the umask (mkdtemp's folders are 0700)
-            try:
-                build(out)
-            except (ValueError, FileNotFoundError) as err:
-                if found is None:
-                    raise
-                raise type(err)(
-                    f"{found}: it is not loaded, and rebuilding it from {origin} failed: {err} Delete {dest}; the next "
-                    "load rebuilds it once its source is at hand."
-                ) from err
-            write_manifest(out, source, origin)
-            if os.path.lexists(dest):  # an invalid folder, or a dangling symlink
-                os.rename(dest, scratch / "invalid")
-            os.rename(out, dest)  # nothing is there now, and no other build runs
+        try:  # out: created under the umask (mkdtemp's folders are 0700); an invalid folder there is replaced
+            with atomic_folder(dest, scratch / "out") as out:
+                try:
+                    build(out)
+                except (ValueError, FileNotFoundError) as err:
+                    if found is None:
+                        raise
+                    raise type(err)(
+                        f"{found}: it is not loaded, and rebuilding it from {origin} failed: {err} Delete {dest}; the "
+                        "next load rebuilds it once its source is at hand."
+                    ) from err
+                write_manifest(out, source, origin)
         except OSError as err:
             if isinstance(err, FileNotFoundError):
                 raise

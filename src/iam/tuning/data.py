@@ -230,14 +230,14 @@ def load_tuning_data(
     for source in sources:
         if objective == "lm":
             if source in ("chatterbot", "alpaca") or Path(source).suffix in (".json", ".jsonl"):
-                raise ValueError(f"{source!r} is instruction data: use objective 'instruct' (--objective instruct).")
+                raise ValueError(f"{source!r} is instruction data: use `objective` 'instruct'.")
             ids = torch.tensor(tokenizer(data.load_text(source), add_special_tokens=False).input_ids)
             if ids.numel() < seq_len:
                 raise ValueError(f"{source!r} has {ids.numel()} tokens, fewer than one example of {seq_len}.")
             examples += [Example(b, b.clone()) for b in ids[: ids.numel() // seq_len * seq_len].view(-1, seq_len)]
             continue
         if source in data.STDLIB_MODULES or source in data.GENSIM_TEXTS or source in ("wikipedia", "python-docs"):
-            raise ValueError(f"{source!r} is plain text: use objective 'lm' (--objective lm).")
+            raise ValueError(f"{source!r} is plain text: use `objective` 'lm'.")
         for where, record in instruction_records(source):
             prompt, response = encode_instruction(tokenizer, check_record(where, record))
             if len(prompt) + len(response) > max_positions:
@@ -257,7 +257,7 @@ def load_tuning_data(
         examples = examples[:limit]
     if not examples:
         raise ValueError(
-            f"no examples in {', '.join(sources)}: every record's prompt fills --seq-len {seq_len}, or the whole record is "
+            f"no examples in {', '.join(sources)}: every record's prompt fills `seq_len` {seq_len}, or the whole record is "
             f"shorter than {min_tokens} tokens (too short to establish a mapping)."
         )
     return TuningData(examples, list(sources), objective, truncated, skipped)

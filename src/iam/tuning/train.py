@@ -21,7 +21,7 @@ import resource
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from ..core.config import MappingConfig
 from ..core.model import IAMForCausalLM
 from ..core.selection import format_plan
+from ..io import atomic_folder
 from ..models.loading import TUNING_RECORD, fingerprint
 from ..reporting import write_report
 from .data import TuningData, collate
@@ -51,7 +52,8 @@ class TuneConfig:
 
     Parameters
     ----------
-    ratio : the mapping ratio the LLM is tuned at (its order and blend are the pair's defaults).
+    mapping : the mapping the LLM is tuned under (default: ratio 0.5 with the pair's calibrated order and blend);
+        its SLM cache is kept in the model's dtype, whose gradient int8 would cut.
     method : ``lora`` (peft LoRA on the SLM's ``q_proj``/``k_proj``) or ``full`` (every SLM weight that feeds a
         borrowed attention row: the paper's).
     seq_len : tokens per example.
@@ -74,7 +76,7 @@ class TuneConfig:
         activations (transformers' own checkpointing; their cache is not needed in a single prefill).
     """
 
-    ratio: float = 0.5
+    mapping: MappingConfig = field(default_factory=lambda: MappingConfig(ratio=0.5))
     method: str = "lora"
     seq_len: int = 256
     batch_size: int = 1
@@ -96,9 +98,11 @@ class TuneConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {list(METHODS)}, got {self.method!r}.")
-        if not 0 < self.ratio <= 1:
+        if not isinstance(self.mapping, MappingConfig):
+            raise ValueError(f"mapping must be a MappingConfig, got {self.mapping!r}.")
+        if not (self.mapping.ratio > 0 or self.mapping.layers):
             raise ValueError(
-                f"ratio must be in (0, 1]: at ratio 0 nothing is mapped and the SLM gets no gradient; got {self.ratio}."
+                f"ratio must be in (0, 1]: at ratio 0 nothing is mapped and the SLM gets no gradient; got {self.mapping.ratio}."
             )
         positive = {"seq_len": self.seq_len, "batch_size": self.batch_size, "grad_accum": self.grad_accum}
         positive |= {"save_every": self.save_every, "lora_rank": self.lora_rank}
@@ -167,7 +171,7 @@ def trainable(slm: nn.Module, config: TuneConfig) -> nn.Module:
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
-        raise FileNotFoundError("--method lora needs peft: pip install 'iam-llm[tune]'") from None
+        raise FileNotFoundError("`method` lora needs peft: pip install 'iam-llm[tune]'") from None
     torch.manual_seed(config.seed)
     lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0, target_modules=list(LORA_TARGETS))
     return get_peft_model(slm, lora)
@@ -189,29 +193,13 @@ def schedule(config: TuneConfig, total: int):
     return factor
 
 
-@contextlib.contextmanager
-def replacing(final: Path) -> Iterator[Path]:
-    """A temporary folder beside ``final`` to write into; renamed into place as ``final`` when the block ends without
-    an error, removed in any case."""
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer, scheduler, state: dict) -> Path:
     """Write ``checkpoints/step-N`` atomically (a complete temporary folder renamed into place), then drop older
     ones; an interrupted write leaves the previous checkpoint as it was."""
     folder = out / CHECKPOINTS
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{step:06d}"
-    with replacing(final) as tmp:
+    with atomic_folder(final) as tmp:
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
@@ -236,7 +224,7 @@ def corrupt(found: Path, err: BaseException) -> ValueError:
     what = (str(err).strip().splitlines() or [""])[0].split(". ")[0]
     return ValueError(
         f"{found} is not a complete tuning checkpoint ({type(err).__name__}: {what}): delete it to start over, or choose "
-        "another --out."
+        "another `out`."
     )
 
 
@@ -249,7 +237,7 @@ def write_model(out: Path, slm: nn.Module, tokenizer, record: dict) -> Path:
     """The tuned SLM as a model folder ``out/slm`` (safetensors, config, tokenizer, ``TUNING_RECORD``), written into
     a temporary folder renamed into place."""
     final = out / MODEL
-    with replacing(final) as tmp:
+    with atomic_folder(final) as tmp:
         slm.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / TUNING_RECORD).write_text(json.dumps(record, indent=2))
@@ -282,7 +270,6 @@ def tune_slm(
     out: str | os.PathLike,
     llm_source: str | os.PathLike,
     config: TuneConfig | None = None,
-    mapping: MappingConfig | None = None,
     resume: bool = False,
     progress: bool = True,
     provenance: dict | None = None,
@@ -296,9 +283,7 @@ def tune_slm(
     tokenizer : the pair's tokenizer (saved with the tuned model).
     data : examples from ``iam.tuning.data.load_tuning_data``.
     out : the run's folder: ``checkpoints/``, ``slm/`` (the tuned model), ``tune.json``/``.md``/``.png``.
-    config : the ``TuneConfig``.
-    mapping : the mapping besides its ratio (default ``MappingConfig()``: the pair's calibrated order and blend);
-        the SLM cache is kept in the model's dtype, whose gradient int8 would cut.
+    config : the ``TuneConfig`` (with the mapping tuned under).
     llm_source : the alias, GGUF file or folder ``llm`` was loaded from: the tuned model records its name and
         weights' fingerprint, and ``iam.models.loading`` refuses the tuned SLM with another LLM.
     resume : continue from the last checkpoint in ``out`` (same config and data, else ``ValueError``).
@@ -312,7 +297,7 @@ def tune_slm(
     config = config or TuneConfig()
     out = Path(out)
     tuned_for = {"name": str(llm_source), "fingerprint": fingerprint(llm_source, progress)}
-    mapping = replace(mapping or MappingConfig(), ratio=config.ratio, slm_cache="native")
+    mapping = replace(config.mapping, slm_cache="native")
     iam = IAMForCausalLM.from_pair(llm, slm, mapping)
     short = sum(len(e.ids) < mapping.establish_threshold for e in data.examples)
     if short:
@@ -323,16 +308,17 @@ def tune_slm(
     found = last_checkpoint(out)
     if found is not None and not resume:
         raise ValueError(
-            f"{out} holds a tuning checkpoint ({found.name}): pass --resume to continue it, or choose another --out."
+            f"{out} holds a tuning checkpoint ({found.name}): pass `resume` to continue it, or choose another `out`."
         )
     if resume and found is None:
-        raise ValueError(f"--resume: {out} holds no checkpoint to continue.")
+        raise ValueError(f"`resume`: {out} holds no checkpoint to continue.")
     # what a resumed run must share with the first (the time limit and the checkpoint period may change)
-    tune = {k: v for k, v in asdict(config).items() if k not in ("max_minutes", "save_every")}
+    tune = {k: v for k, v in asdict(config).items() if k not in ("max_minutes", "save_every", "mapping")}
+    tune = {"ratio": mapping.ratio, **tune}  # the mapping is compared whole below; its ratio named here, as ever
     settings = json.loads(json.dumps({"tune": tune, "mapping": asdict(mapping), "data": data.summary()}))
     state = read_state(found) if found is not None else None
     if state is not None and state["settings"] != settings:
-        raise ValueError(f"{found} was written with other settings or data; resume with the same ones, or choose another --out.")
+        raise ValueError(f"{found} was written with other settings or data; resume with the same ones, or choose another `out`.")
     split = len(data.examples) - config.eval_examples
     examples, held = data.examples[:split], data.examples[split:]
     if split < 1:
@@ -400,7 +386,7 @@ def tune_slm(
         tuned = model.merge_and_unload() if config.method == "lora" else model
     for p in tuned.parameters():
         p.requires_grad_(False)
-    record = {"llm": tuned_for, "slm": {"base": str(slm.name_or_path)}, "ratio": config.ratio, "method": config.method}
+    record = {"llm": tuned_for, "slm": {"base": str(slm.name_or_path)}, "ratio": mapping.ratio, "method": config.method}
     record.update(steps=step, planned_units=planned_units(iam), settings=settings)
     record["provenance"] = provenance
     folder = write_model(out, tuned, tokenizer, record)

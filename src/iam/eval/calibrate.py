@@ -1,0 +1,98 @@
+"""Measuring a pair's calibration: what mapping each unit (layer or KV group) costs, by a block-1 perplexity sweep
+or by greedy forward selection on the KL to the LLM alone, and the order written for ``strategy="auto"``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..core import calibration
+from ..core.config import MappingConfig, check_mapped
+from ..core.model import IAMForCausalLM
+from ..core.resolution import resolve
+from ..core.selection import unit_label
+from .sweep import eval_sweep
+
+COLUMNS = {"single": ["block", "ppl", "ppl_increase"], "greedy": ["step", "layer", "damage", "measured"]}
+"""Report columns of each method."""
+
+
+def kl_damage(llm, slm, windows: Sequence[torch.Tensor], base: MappingConfig) -> Callable[[list[int]], float]:
+    """A damage function for calibration: mapping ``layers`` costs the mean per-token KL(LLM alone || IAM), in nats,
+    over ``windows``. Unlike a perplexity difference it is never negative, so single-window noise does not cancel.
+    The LLM-alone reference is computed on the first call."""
+    reference: list[torch.Tensor] = []
+    check_mapped([w.shape[1] for w in windows], [replace(base, layers=[0])])
+
+    def damage(layers: list[int]) -> float:
+        if not reference:
+            with torch.inference_mode():
+                reference.extend(llm(w.to(llm.device)).logits.float().log_softmax(-1) for w in windows)
+        iam = IAMForCausalLM(llm, slm, replace(base, layers=layers))
+        with torch.inference_mode():
+            kls = [
+                F.kl_div(iam(w).logits.float().log_softmax(-1), ref, log_target=True, reduction="none").sum(-1).mean().item()
+                for w, ref in zip(windows, reference)
+            ]
+        return sum(kls) / len(kls)
+
+    return damage
+
+
+def calibrate(
+    llm,
+    slm,
+    windows: Sequence[torch.Tensor],
+    base: MappingConfig,
+    method: str = "single",
+    per_group: bool = False,
+    steps: int | None = None,
+    shortlist: int = 4,
+    source: dict | None = None,
+    folder: str | Path | None = None,
+) -> dict:
+    """Measure the order in which to map the LLM's units, and write it as the pair's calibration.
+
+    Parameters
+    ----------
+    windows : token windows the damage is measured on.
+    base : the mapping settings measured under; its blend is resolved for the pair first (the pair's stored one
+        where ``None``) and stored with the order, as is its ``local_window``.
+    method : ``"single"``: each unit mapped alone, sorted by its perplexity increase; ``"greedy"``: grow the mapped
+        set by the unit that adds least KL to the LLM alone (``iam.core.calibration.greedy_order``).
+    per_group : units are ``(layer, kv_group)`` pairs rather than whole layers.
+    steps, shortlist : greedy only: units chosen greedily (default: half of them), candidates re-measured per step.
+    source : what the windows came from, stored with the order.
+    folder : where to write (default: the user's calibration folder).
+
+    Returns
+    -------
+    ``rows`` (the sweep's, or one per greedy step), ``order``, ``calibration_file`` and ``method``.
+    """
+    if method not in COLUMNS:
+        raise ValueError(f"method must be one of {sorted(COLUMNS)}, got {method!r}.")
+    base = resolve(base, llm.config, slm.config).config  # blend resolved: measured under it, stored with it
+    source = dict(source or {})
+    if method == "single":
+        result = eval_sweep(llm, slm, windows, 1, base, per_group)
+        order = calibration.order_from_sweep(result["rows"])
+        damage = {r["block"]: r["ppl_increase"] for r in result["rows"][1:]}
+    else:
+        n, n_kv = llm.config.num_hidden_layers, llm.config.num_key_value_heads
+        units = [(i, g) for i in range(n) for g in range(n_kv)] if per_group else list(range(n))
+        steps = len(units) // 2 if steps is None else steps
+        source.update(steps=steps, shortlist=shortlist, damage="mean token KL(LLM || IAM), nats")
+        order, rows = calibration.greedy_order(kl_damage(llm, slm, windows, base), units, steps, shortlist)
+        for row in rows:  # named as in mapped_layers
+            row["layer"] = unit_label(row["layer"])
+        result = {"rows": rows}
+        damage = {str(r["layer"]): r["damage"] for r in rows}
+    path = calibration.write_order(
+        llm.config, slm.config, order, damage, source, Path(folder) if folder else None, base.blend, base.local_window
+    )
+    result.update(order=order, calibration_file=str(path), method=method)
+    return result
