@@ -281,6 +281,7 @@ def test_projection_with_the_local_window(tmp_path, capsys):
         results.append(json.loads(capsys.readouterr().out))
     plain, local = results
     assert local["local_window"] == 16 and plain["local_window"] == 0
+    assert plain["parts"][0]["reference_kernel_prefill_s"] is None and local["parts"][0]["reference_kernel_prefill_s"] > 0
     arithmetic = "mapped_over_unmapped_prefill_arithmetic"
     assert plain["parts"][0][arithmetic] < local["parts"][0][arithmetic]
     assert local["rows"][1]["ttft_limit"] < plain["rows"][1]["ttft_limit"]

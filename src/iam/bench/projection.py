@@ -116,9 +116,13 @@ class LayerBench:
             self.config._attn_implementation = "sdpa"
 
     def prefill_steps(self, eager: bool) -> list[Callable[[], None]]:
-        """Prefill of ``tokens`` on a fresh cache: unmapped, mapped and, with ``eager``, unmapped with eager attention."""
+        """Prefill of ``tokens`` on a fresh cache: unmapped, mapped, with a local window also mapped on the chunked
+        reference kernel instead of FlexAttention, and, with ``eager``, unmapped with eager attention."""
         mapped = self._mapped(self.tokens, self.tokens)
-        steps = [self.prefill, lambda: self._run(mapped, self._paired_cache(), 0, self.tokens)]
+        run_mapped = lambda: self._run(mapped, self._paired_cache(), 0, self.tokens)  # noqa: E731
+        steps = [self.prefill, run_mapped]
+        if self.local:
+            steps.append(lambda: on_reference_kernel(run_mapped))
         return steps + [lambda: self.prefill("eager")] if eager else steps
 
     def decode_steps(self) -> tuple[list[Callable[[], None]], Callable[[], None]]:
@@ -150,6 +154,18 @@ class LayerBench:
         return [unmapped_step, mapped_step], lambda: slm_rows(
             SLMStep(step.queries, step.cache_layers, step.kv_groups, step.scaling)
         )
+
+
+def on_reference_kernel(run: Callable[[], None]) -> None:
+    """``run()`` with mapped prefill kept off FlexAttention (the local window's chunked reference, padded SDPA)."""
+    from ..core import attention
+
+    flex_from = attention.FLEX_MIN_TOKENS
+    attention.FLEX_MIN_TOKENS = 1 << 62
+    try:
+        run()
+    finally:
+        attention.FLEX_MIN_TOKENS = flex_from
 
 
 def slm_times(
@@ -205,7 +221,8 @@ def project(
     for tokens in tokens_list:
         bench = LayerBench(llm, slm, tokens, device, dtype, local)
         eager = llm.heads * tokens**2 * dtype.itemsize <= eager_budget(device)  # eager holds heads x T x T probabilities
-        layer_prefill, mapped_prefill, *eager_prefill = timed(bench.prefill_steps(eager), repeats, device)
+        layer_prefill, mapped_prefill, *others = timed(bench.prefill_steps(eager), repeats, device)
+        reference_prefill, eager_prefill = (others.pop(0) if local else None), others
         decode_steps, rows_step = bench.decode_steps()
         layer_decode, mapped_decode = timed(decode_steps, decode_repeats, device)
         (slm_rows,) = timed([rows_step], decode_repeats, device)
@@ -216,6 +233,8 @@ def project(
                 "tokens": tokens,
                 "layer_prefill_s": layer_prefill,
                 "mapped_layer_prefill_s": mapped_prefill,
+                "reference_kernel_prefill_s": reference_prefill,
+                "flex_over_reference": mapped_prefill / reference_prefill if local else None,
                 "eager_layer_prefill_s": eager_prefill[0] if eager else None,
                 "layer_decode_s": layer_decode,
                 "mapped_layer_decode_s": mapped_decode,
