@@ -24,7 +24,7 @@ from torch.profiler import record_function
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 from transformers.cache_utils import Cache
 
-from .cache import LocalKeys, read_keys
+from .cache import LocalKeys
 from .decoder import attend, project_qk, runs
 from .flex import FLEX_MIN_TOKENS, causal_block_mask, flex_heads, flex_ready
 from .local import local_flex
@@ -99,7 +99,7 @@ class SLMStep:
     Parameters
     ----------
     queries : per SLM layer run, ``[B, H_s, t, d_s]``.
-    cache_layers : the SLM's cache layers (K read through ``cache.read_keys``).
+    cache_layers : the SLM's cache layers (K read through their ``read_keys``).
     kv_groups : SLM query heads per SLM KV head.
     scaling : the SLM's attention scaling.
     """
@@ -140,7 +140,7 @@ class SLMStep:
         """Cached keys of SLM ``layer`` (``[B, H_kv_s, T, d_s]``, or ``keys[index]``) in the model's dtype, on this
         step's device."""
         cached = self.cache_layers[layer]
-        return read_keys(cached, *(i.to(cached.keys.device) for i in index)).to(self.device)
+        return cached.read_keys(*(i.to(cached.keys.device) for i in index)).to(self.device)
 
     def on(self, device: torch.device) -> SLMStep:
         """This step as read by a mapped layer on ``device`` (an LLM dispatched over several devices): its queries,
@@ -346,7 +346,7 @@ class MappedAttention:
         ``FLEX_MIN_TOKENS`` on run on FlexAttention (``iam.core.local``); otherwise, and in decode, queries run in
         chunks, and the exact part reads only the chunk's sinks and window. Returns ``[B, H_m, t, d]``."""
         q, k = project_qk(self.original, hidden_states, *position_embeddings, self.groups)
-        sink_k, recent_k = keys.update(k, starts)
+        sink_k, recent_k = keys.update(k, None, {"starts": starts})
         b, h, t, d = q.shape
         d_s = slm.queries[0].shape[-1]
         if t >= FLEX_MIN_TOKENS and flex_serves(q, v) and flex_ready(v.device, v.dtype, d_s, d):

@@ -22,7 +22,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from ..models.loading import check_device, load_pair, read_configs
 from ..models.placement import Placement
 from .attention import MappedAttention, SLMStep
-from .cache import IAMCache, Signature, read_keys
+from .cache import IAMCache, Signature
 from .config import MappingConfig
 from .decoder import Pass, decoder_layers, positions
 from .eviction import EvictionPolicy, attention_mass
@@ -452,7 +452,7 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
             step = self._slm_step(cache, ids, mask, position_ids, self.slm.config.num_hidden_layers)
         with record_function("iam.slm_window"):
             window = Window.from_mask(mask, truncation)
-            keys = [read_keys(layer) for layer in cache.slm.layers]
+            keys = [layer.read_keys() for layer in cache.slm.layers]
             flats = slm_window_flats(step.queries, keys, step.scaling, window)
         config = self.mapping_config
         return step, SLMWindow(window, flats, self.slm.config.num_attention_heads, METRICS[config.metric], config.blend)
@@ -510,7 +510,7 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         heads' that the mapped layers borrow, each by the weight the mapped heads put on it (they stand in for them)."""
         last = getattr(cache.eviction, "window", None)
         llm_scaling = decoder_layers(self.llm)[0].self_attn.scaling
-        mass = sum(attention_mass(q, read_keys(cache.layers[i]), llm_scaling, slots, last) for i, q in queries.items())
+        mass = sum(attention_mass(q, cache.layers[i].read_keys(), llm_scaling, slots, last) for i, q in queries.items())
         mass = sum_heads(mass, decoder_layers(self.llm)[0].self_attn)  # tensor parallel: every rank's heads
         if cache.mapping is not None and not cache.partial:  # partial: the SLM's slots are not the kept ones
             for layer, weight in cache.mapping.borrowed_weight(self.slm.config.num_attention_heads).items():
