@@ -263,9 +263,10 @@ class IAMCache(Cache):
     """The cache of an ``IAMForCausalLM`` call: the LLM's layers (``self.layers``), the SLM's cache (``self.slm``)
     and, once the context has reached ``establish_threshold``, the ``Mapping`` (``self.mapping``).
 
-    Until the mapping is established the LLM runs alone, its layers are plain ``KVLayer`` and the cache keeps
-    the tokens seen (``self.tokens``, at ``self.token_positions``), so that the forward which reaches the threshold
-    can prefill both models over the whole context. From then on a wholly mapped layer holds a ``ValueOnlyLayer``
+    Until the mapping is established the LLM runs alone, its layers are plain ``KVLayer`` and, where something is
+    mapped, the cache keeps the tokens seen (``self.tokens``, at ``self.token_positions``), so that the forward which
+    reaches the threshold can prefill both models over the whole context (``context``). The cache counts what each
+    forward adds itself (``advance``). From then on a wholly mapped layer holds a ``ValueOnlyLayer``
     and a partly mapped one keeps K for its unmapped KV groups only. Beam search's reorder, repeat and select apply
     to both models and the mapping.
 
@@ -282,6 +283,8 @@ class IAMCache(Cache):
     local : ``(sinks, window)`` where mapped layers attend exactly to a local window (``MappingConfig.local_window``):
         their mapped groups' K for those tokens is in ``self.local``, one ``LocalKeys`` per LLM layer.
     signature : what made the cache (``None`` for an internal one); only a model of an equal signature continues it.
+    mapped : whether the model maps anything, so that a mapping will be established: until then the cache keeps the
+        tokens seen.
     """
 
     def __init__(
@@ -293,6 +296,7 @@ class IAMCache(Cache):
         local: tuple[int, int] | None = None,
         llm_cache_kind: str = "native",
         signature: Signature | None = None,
+        mapped: bool = False,
     ) -> None:
         n_layers = llm_config.num_hidden_layers
         self.llm_cache_kind = llm_cache_kind
@@ -303,6 +307,7 @@ class IAMCache(Cache):
         self.local = Cache(layers=[LocalKeys(*local) for _ in range(n_layers)]) if local else None
         self.eviction = eviction
         self.signature = signature
+        self.mapped = mapped
         self.mapping: Mapping | None = None
         self.tokens: torch.Tensor | None = None
         self.token_positions: torch.Tensor | None = None  # the caller's position ids of ``tokens``
@@ -326,6 +331,21 @@ class IAMCache(Cache):
         self.tokens = self.token_positions = None
         if self.local is not None:
             self.local.reset()
+
+    def context(self, ids: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tokens kept so far, then ``ids`` ``[B, t]``, with their position ids: the whole context that the
+        establishing forward prefills."""
+        if self.tokens is None:
+            return ids, position_ids
+        return torch.cat([self.tokens, ids], -1), torch.cat([self.token_positions, position_ids], -1)
+
+    def advance(self, attention_mask: torch.Tensor, ids: torch.Tensor, position_ids: torch.Tensor) -> None:
+        """Count a forward that is done: the caller's mask now spans ``attention_mask``'s columns, and until a
+        mapping is established (where the model maps anything) the new tokens ``ids`` at ``position_ids`` are kept
+        for the forward that establishes it."""
+        if self.mapped and not self.established:
+            self.tokens, self.token_positions = self.context(ids, position_ids)
+        self.columns = attention_mask.shape[1]
 
     def drop_slm_layers(self, depth: int) -> None:
         """Free the SLM's cache layers from ``depth`` on (no mapping reads them)."""

@@ -274,7 +274,14 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         """An empty cache for this pair; pass it to ``forward`` or ``generate`` and read the results off it."""
         config = self.mapping_config
         return IAMCache(
-            self.llm.config, self.slm.config, config.slm_cache, self.eviction, self._local, config.llm_cache, self.signature
+            self.llm.config,
+            self.slm.config,
+            config.slm_cache,
+            self.eviction,
+            self._local,
+            config.llm_cache,
+            self.signature,
+            mapped=self.resolved.n_mapped > 0,
         )
 
     @property
@@ -347,7 +354,7 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
             logits = self._establish(cache, ids, mask, position_ids, logits_to_keep)
         else:
             logits = self._alone(cache, ids, mask, position_ids, logits_to_keep)
-        cache.columns = mask.shape[1]
+        cache.advance(mask, ids, position_ids)
         loss = None
         if labels is not None:
             loss = self.llm.loss_function(logits=logits, labels=labels.to(logits.device), vocab_size=logits.shape[-1])
@@ -401,10 +408,9 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
 
     # ---- the three steps -------------------------------------------------------------------------------------
     def _alone(self, cache: IAMCache, ids, mask, position_ids, logits_to_keep: int) -> torch.Tensor:
-        """The LLM alone, before the mapping exists; the tokens are kept for the forward that establishes it."""
+        """The LLM alone, before the mapping exists (the cache keeps the tokens for the forward that establishes it,
+        ``IAMCache.advance``)."""
         if self.resolved.n_mapped > 0:  # eviction waits for the mapping, whose forward prefills the whole context
-            cache.tokens = ids if cache.tokens is None else torch.cat([cache.tokens, ids], -1)
-            cache.token_positions = position_ids if cache.tokens is ids else torch.cat([cache.token_positions, position_ids], -1)
             run = Pass(self.llm, ids, mask, position_ids, cache)
             for i in range(self.n_layers):
                 run.layer(i)
@@ -416,9 +422,7 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         then the plan and the LLM, whose mapped layers match their heads on the window as they are reached. Returns
         the logits of this forward's tokens only."""
         t = ids.shape[1]
-        if cache.tokens is not None:
-            ids = torch.cat([cache.tokens, ids], -1)
-            position_ids = torch.cat([cache.token_positions, position_ids], -1)
+        ids, position_ids = cache.context(ids, position_ids)
         needs_scores = self.resolved.strategy.needs_scores
         if needs_scores and ids.shape[0] > 1:
             raise ValueError(
