@@ -88,7 +88,7 @@ class LayerBench:
             one,
             one[..., 0],
         )
-        return MappedAttention(self.attn, self.every), mapping, step
+        return MappedAttention(self.attn, self.every, local=self.local is not None), mapping, step
 
     def _paired_cache(self) -> IAMCache:
         """An LLM cache with the layer wholly mapped (a ``ValueOnlyLayer``), and its ``LocalKeys`` with a window."""

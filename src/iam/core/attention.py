@@ -184,18 +184,20 @@ class MappedAttention:
     its ``v_proj``/``o_proj`` (and ``q_proj``/``k_proj`` on the establishing window, and their unmapped rows) are
     used. A layer can be mapped in part: its ``groups`` of query heads (one group per KV head) borrow SLM attention
     and keep no K, while the other groups attend as usual, with Q and K projected by row slices of
-    ``q_proj``/``k_proj`` (views, no copy) and attention by the model's own attention function. Where the cache
-    keeps local keys (``MappingConfig.local_window``), the mapped groups project Q and K too and attend exactly to
-    their local window (``_local``).
+    ``q_proj``/``k_proj`` (views, no copy) and attention by the model's own attention function. With ``local``
+    (``MappingConfig.local_window``), the mapped groups project Q and K too and attend exactly to their local window
+    (``_local``), their keys in the cache's ``LocalKeys``.
 
     Parameters
     ----------
     original : the layer's own attention module.
     groups : the mapped KV groups of this layer (every group for a wholly mapped layer).
+    local : whether the mapped groups attend exactly to a local window (the cache then holds ``cache.local``).
     """
 
-    def __init__(self, original: nn.Module, groups: tuple[int, ...]) -> None:
+    def __init__(self, original: nn.Module, groups: tuple[int, ...], local: bool = False) -> None:
         self.original = original
+        self.local = local
         self.layer_idx: int = original.layer_idx
         per_group = original.num_key_value_groups
         heads_of = lambda gs: torch.tensor([h for g in gs for h in range(g * per_group, (g + 1) * per_group)], dtype=torch.long)
@@ -251,7 +253,7 @@ class MappedAttention:
         with record_function("iam.mapped_attention"):
             if mapped_v is None:  # this rank holds none of the layer's mapped groups
                 out = v.new_empty(b, 0, t, attn.head_dim)
-            elif cache.local is not None:
+            elif self.local:
                 local = cache.local.layers[self.layer_idx]
                 starts = cache.first_slots()
                 out = self._local(hidden_states, position_embeddings, routes, mapped_v, local, starts, attention_mask, slm)

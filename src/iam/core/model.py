@@ -495,7 +495,7 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         queries: dict[int, torch.Tensor] = {}
         for i in range(self.n_layers):
             if mapping is not None and i in mapping.plan:
-                mapped = MappedAttention(layers[i].self_attn, mapping.plan[i])
+                mapped = MappedAttention(layers[i].self_attn, mapping.plan[i], local=self._local is not None)
                 run.layer(i, lambda x, mapped=mapped: mapped(x, run.rope, mapped_mask, cache, mapping, step, establishing))
             elif scoring:
                 run.query_capture(i, queries)
