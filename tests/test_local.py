@@ -8,7 +8,6 @@ import torch
 import iam.core.attention as attention
 from conftest import forward, iam, left_pad, prompt
 from iam import MappingConfig
-from iam.core.cache import tensor_bytes
 
 UNITS = [1, (2, 0)]  # a whole layer and one KV group of another
 
@@ -94,7 +93,7 @@ def test_keys_are_the_sinks_and_window_only_and_leave_as_decode_slides(pair):
     v = 4 * 2 * tokens * d * elem * 2
     local_k = (2 + 1) * (sinks + window) * d * elem * 2
     assert cache.kv_bytes()["llm"] == own_k + v + local_k
-    assert sum(tensor_bytes(layer.keys) for layer in cache.local.layers) == local_k
+    assert sum(layer.nbytes for layer in cache.local.layers) == local_k
 
 
 def test_the_sinks_stay_each_sequences_first_real_tokens(pair):

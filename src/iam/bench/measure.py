@@ -12,7 +12,7 @@ from dataclasses import replace
 import torch
 from tqdm.auto import tqdm
 
-from ..core.cache import cache_bytes, slm_cache
+from ..core.cache import slm_cache
 from ..core.config import MappingConfig, check_mapped
 from ..core.model import IAMForCausalLM
 from ..core.setup import Setup, build, configured
@@ -111,8 +111,9 @@ def measure(
             if isinstance(models[i], IAMForCausalLM):
                 kv, worth = cache.kv_bytes(), cache.mapping.layers_worth if cache.mapping else 0.0
                 units = cache.mapping.units if cache.mapping else []
-            else:
-                kv, worth, units = {"llm": cache_bytes(cache), "slm": 0, "total": cache_bytes(cache)}, 0.0, []
+            else:  # the LLM alone's own DynamicCache: K and V of every layer
+                own = sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values))
+                kv, worth, units = {"llm": own, "slm": 0, "total": own}, 0.0, []
             sample = {**timings, "kv": kv, "layers_worth": worth, "units": units}
         if rep:
             samples[i].append(sample)

@@ -10,10 +10,9 @@ from collections.abc import Callable
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 from ..core.attention import MappedAttention, SLMStep
-from ..core.cache import IAMCache
+from ..core.cache import IAMCache, KVLayer
 from ..core.decoder import layer_forward
 from ..core.mapping import HeadMap, Mapping, Window
 from ..core.selection import units_for_ratio
@@ -70,7 +69,7 @@ class LayerBench:
         layer_of_head = torch.tensor(used)[torch.randint(0, len(used), (1, a.heads), generator=g)]
         cache_layers = []
         for _ in range(s.layers):
-            cl = DynamicLayer()
+            cl = KVLayer()
             cl.update(rand(1, s.kv_heads, keys, s.head_dim), rand(1, s.kv_heads, 1, s.head_dim))
             cache_layers.append(cl)
         step = SLMStep(
@@ -89,7 +88,7 @@ class LayerBench:
             one,
             one[..., 0],
         )
-        return MappedAttention(self.attn, self.every), mapping, step
+        return MappedAttention(self.attn, self.every, local=self.local is not None), mapping, step
 
     def _paired_cache(self) -> IAMCache:
         """An LLM cache with the layer wholly mapped (a ``ValueOnlyLayer``), and its ``LocalKeys`` with a window."""

@@ -14,7 +14,6 @@ import torch
 from torch import nn
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
-from .cache import read_keys
 from .decoder import Pass, decoder_layers, positions
 from .mapping import window_attention
 
@@ -57,7 +56,7 @@ def attention_probs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     n = model.config.num_hidden_layers
     queries = Pass(model, ids, mask, positions(mask, ids.shape[1]), cache).queries(n)
     scaling = decoder_layers(model)[0].self_attn.scaling
-    return torch.stack([window_attention(queries[i], read_keys(cache.layers[i]), scaling)[0] for i in range(n)])
+    return torch.stack([window_attention(queries[i], cache.layers[i].keys, scaling)[0] for i in range(n)])
 
 
 def restrict(probs: torch.Tensor, index: list[int]) -> torch.Tensor:

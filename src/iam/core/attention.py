@@ -24,7 +24,7 @@ from torch.profiler import record_function
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 from transformers.cache_utils import Cache
 
-from .cache import LocalKeys, read_keys
+from .cache import LocalKeys
 from .decoder import attend, project_qk, runs
 from .flex import FLEX_MIN_TOKENS, causal_block_mask, flex_heads, flex_ready
 from .local import local_flex
@@ -99,7 +99,7 @@ class SLMStep:
     Parameters
     ----------
     queries : per SLM layer run, ``[B, H_s, t, d_s]``.
-    cache_layers : the SLM's cache layers (K read through ``cache.read_keys``).
+    cache_layers : the SLM's cache layers (K read through their ``read_keys``).
     kv_groups : SLM query heads per SLM KV head.
     scaling : the SLM's attention scaling.
     """
@@ -140,7 +140,7 @@ class SLMStep:
         """Cached keys of SLM ``layer`` (``[B, H_kv_s, T, d_s]``, or ``keys[index]``) in the model's dtype, on this
         step's device."""
         cached = self.cache_layers[layer]
-        return read_keys(cached, *(i.to(cached.keys.device) for i in index)).to(self.device)
+        return cached.read_keys(*(i.to(cached.keys.device) for i in index)).to(self.device)
 
     def on(self, device: torch.device) -> SLMStep:
         """This step as read by a mapped layer on ``device`` (an LLM dispatched over several devices): its queries,
@@ -184,18 +184,20 @@ class MappedAttention:
     its ``v_proj``/``o_proj`` (and ``q_proj``/``k_proj`` on the establishing window, and their unmapped rows) are
     used. A layer can be mapped in part: its ``groups`` of query heads (one group per KV head) borrow SLM attention
     and keep no K, while the other groups attend as usual, with Q and K projected by row slices of
-    ``q_proj``/``k_proj`` (views, no copy) and attention by the model's own attention function. Where the cache
-    keeps local keys (``MappingConfig.local_window``), the mapped groups project Q and K too and attend exactly to
-    their local window (``_local``).
+    ``q_proj``/``k_proj`` (views, no copy) and attention by the model's own attention function. With ``local``
+    (``MappingConfig.local_window``), the mapped groups project Q and K too and attend exactly to their local window
+    (``_local``), their keys in the cache's ``LocalKeys``.
 
     Parameters
     ----------
     original : the layer's own attention module.
     groups : the mapped KV groups of this layer (every group for a wholly mapped layer).
+    local : whether the mapped groups attend exactly to a local window (the cache then holds ``cache.local``).
     """
 
-    def __init__(self, original: nn.Module, groups: tuple[int, ...]) -> None:
+    def __init__(self, original: nn.Module, groups: tuple[int, ...], local: bool = False) -> None:
         self.original = original
+        self.local = local
         self.layer_idx: int = original.layer_idx
         per_group = original.num_key_value_groups
         heads_of = lambda gs: torch.tensor([h for g in gs for h in range(g * per_group, (g + 1) * per_group)], dtype=torch.long)
@@ -251,7 +253,7 @@ class MappedAttention:
         with record_function("iam.mapped_attention"):
             if mapped_v is None:  # this rank holds none of the layer's mapped groups
                 out = v.new_empty(b, 0, t, attn.head_dim)
-            elif cache.local is not None:
+            elif self.local:
                 local = cache.local.layers[self.layer_idx]
                 starts = cache.first_slots()
                 out = self._local(hidden_states, position_embeddings, routes, mapped_v, local, starts, attention_mask, slm)
@@ -346,7 +348,7 @@ class MappedAttention:
         ``FLEX_MIN_TOKENS`` on run on FlexAttention (``iam.core.local``); otherwise, and in decode, queries run in
         chunks, and the exact part reads only the chunk's sinks and window. Returns ``[B, H_m, t, d]``."""
         q, k = project_qk(self.original, hidden_states, *position_embeddings, self.groups)
-        sink_k, recent_k = keys.update(k, starts)
+        sink_k, recent_k = keys.update(k, None, {"starts": starts})
         b, h, t, d = q.shape
         d_s = slm.queries[0].shape[-1]
         if t >= FLEX_MIN_TOKENS and flex_serves(q, v) and flex_ready(v.device, v.dtype, d_s, d):

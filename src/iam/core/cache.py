@@ -1,5 +1,6 @@
 """Caches of a paired run: ``IAMCache`` holds the LLM's cache layers (``ValueOnlyLayer`` where a whole layer is
-mapped), the SLM's cache and the ``Mapping``; bytes are read off the real tensors."""
+mapped), the SLM's cache and the ``Mapping``. Each layer class says what it stores, how it reads its keys, how many
+bytes it holds (read off the real tensors) and how it keeps a subset of its slots (eviction)."""
 
 from __future__ import annotations
 
@@ -17,14 +18,56 @@ SLM_CACHES = ("native", "int8")
 one scale per head and token."""
 
 
-class ValueOnlyLayer(DynamicLayer):
+class KVLayer(DynamicLayer):
+    """transformers' ``DynamicLayer`` (K and V in the model's dtype) with what a paired run asks of a cache layer:
+    its keys (``read_keys``), its bytes (``nbytes``, ``full_bytes``) and a subset of its slots (``keep_slots``). The
+    base of the layers below, which change what they store (``stores``) and how they read it."""
+
+    stores: tuple[str, ...] = ("keys", "values")
+    """The tensors the layer holds, each ``[B, heads, slots, ...]``."""
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.dtype = value_states.dtype  # the compute dtype (transformers 5.24 dropped the layers' own ``dtype``)
+
+    def read_keys(self, *index: torch.Tensor) -> torch.Tensor:
+        """``keys[index]`` (all of them without ``index``) in the model's dtype."""
+        return self.keys[index]
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors the layer holds now."""
+        return [t for t in (getattr(self, name) for name in self.stores) if t is not None]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the layer's tensors."""
+        return sum(t.nbytes for t in self.tensors())
+
+    def full_bytes(self, slots: int) -> int:
+        """Bytes K and V of every head of ``values`` would take over ``slots`` slots in the model's dtype (what the
+        LLM alone holds); 0 while the layer holds no V."""
+        v = self.values
+        if v is None or v.shape[-2] == 0:
+            return 0
+        return 2 * v.shape[0] * v.shape[1] * v.shape[-1] * self.dtype.itemsize * slots
+
+    def keep_slots(self, index: torch.Tensor) -> None:
+        """Keep only the slots ``index`` (``[B, S']``, per sequence, in that order) of every tensor that holds any;
+        the others are freed."""
+        for name in self.stores:
+            x = getattr(self, name)
+            if x is not None and x.shape[-2] > 0:
+                setattr(self, name, x.gather(2, index[:, None, :, None].expand(x.shape[0], x.shape[1], -1, x.shape[-1])))
+
+
+class ValueOnlyLayer(KVLayer):
     """Cache layer of a wholly mapped attention layer: it stores V and never K (K comes from the SLM)."""
 
     def lazy_initialization(self, key_states: torch.Tensor | None, value_states: torch.Tensor) -> None:
         super().lazy_initialization(value_states, value_states)
         self.keys = value_states.new_empty(*value_states.shape[:2], 0, value_states.shape[-1])
 
-    def update(self, key_states: torch.Tensor | None, value_states: torch.Tensor, *args, **kwargs):
+    def update(self, key_states: torch.Tensor | None, value_states: torch.Tensor, cache_kwargs: dict | None = None, **kwargs):
         if key_states is not None:
             raise RuntimeError("a mapped layer must not cache keys")
         if not self.is_initialized:
@@ -36,16 +79,22 @@ class ValueOnlyLayer(DynamicLayer):
         return self.values.shape[-2] if self.is_initialized else 0
 
 
-class Int8Layer(DynamicLayer):
+class Int8Layer(KVLayer):
     """Cache layer storing K and V as int8 with one scale per (head, token), in the model's dtype.
 
     For head_dim 64 in fp16 that is 66 bytes instead of 128 per head and token. ``update`` returns dequantized
     states, so the owning model computes as usual; ``keys``/``values`` hold the int8 tensors.
     """
 
+    stores = ("keys", "values", "key_scales", "value_scales")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.key_scales: torch.Tensor | None = None
+        self.value_scales: torch.Tensor | None = None
+
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
-        self.dtype = key_states.dtype  # the compute dtype (transformers 5.24 dropped the layers' own ``dtype``)
         # K and V may hold different heads: a partly mapped layer keeps K of its unmapped groups only
         empty = lambda x, d, **kw: x.new_empty(*x.shape[:2], 0, d, **kw)
         self.keys, self.values = (empty(x, x.shape[-1], dtype=torch.int8) for x in (key_states, value_states))
@@ -56,7 +105,7 @@ class Int8Layer(DynamicLayer):
         scale = x.abs().amax(-1, keepdim=True).float().clamp_min(1e-8) / 127
         return (x.float() / scale).round_().to(torch.int8), scale.to(x.dtype)
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, cache_kwargs: dict | None = None, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         qk, sk = self._quantize(key_states)
@@ -65,18 +114,17 @@ class Int8Layer(DynamicLayer):
         self.values = torch.cat([self.values, qv], dim=-2)
         self.key_scales = torch.cat([self.key_scales, sk], dim=-2)
         self.value_scales = torch.cat([self.value_scales, sv], dim=-2)
-        return self.dequantized_keys(), self.values.to(self.dtype) * self.value_scales
+        return self.read_keys(), self.values.to(self.dtype) * self.value_scales
 
-    def dequantized_keys(self, *index: torch.Tensor) -> torch.Tensor:
-        """Keys in the model's dtype, optionally only ``keys[index]`` (e.g. batch and head indices)."""
+    def read_keys(self, *index: torch.Tensor) -> torch.Tensor:
+        """``keys[index]`` dequantized to the model's dtype."""
         return self.keys[index].to(self.dtype) * self.key_scales[index]
 
     def _rows(self, index: torch.Tensor) -> None:
         if self.get_seq_length() > 0:
             i = index.to(self.keys.device)
-            self.keys, self.values, self.key_scales, self.value_scales = (
-                t[i] for t in (self.keys, self.values, self.key_scales, self.value_scales)
-            )
+            for name in self.stores:
+                setattr(self, name, getattr(self, name)[i])
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._rows(beam_idx)
@@ -102,7 +150,7 @@ class Int8Layer(DynamicLayer):
 class Int8ValueOnlyLayer(Int8Layer):
     """A ``ValueOnlyLayer`` whose V is int8 with one scale per (head, token) (``MappingConfig.llm_cache="int8"``)."""
 
-    def update(self, key_states: torch.Tensor | None, value_states: torch.Tensor, *args, **kwargs):
+    def update(self, key_states: torch.Tensor | None, value_states: torch.Tensor, cache_kwargs: dict | None = None, **kwargs):
         if key_states is not None:
             raise RuntimeError("a mapped layer must not cache keys")
         if not self.is_initialized:
@@ -116,21 +164,7 @@ class Int8ValueOnlyLayer(Int8Layer):
         return self.values.shape[-2] if self.is_initialized else 0
 
 
-def layer_for(kind: str, value_only: bool = False) -> DynamicLayer:
-    """A new LLM cache layer: K and V, or V only (a wholly mapped layer), in the model's dtype or int8."""
-    if kind == "int8":
-        return Int8ValueOnlyLayer() if value_only else Int8Layer()
-    return ValueOnlyLayer() if value_only else DynamicLayer()
-
-
-def native_bytes(layer: DynamicLayer) -> int:
-    """Bytes per slot of ``layer``'s V in the model's own dtype, whatever the layer stores."""
-    v = layer.values
-    itemsize = layer.dtype.itemsize if isinstance(layer, Int8Layer) else v.element_size()
-    return v.shape[0] * v.shape[1] * v.shape[-1] * itemsize
-
-
-class LocalKeys(DynamicLayer):
+class LocalKeys(KVLayer):
     """K of a mapped layer's mapped KV groups under ``MappingConfig.local_window``: each sequence's first ``sinks``
     real tokens, then the latest ``window`` slots, in one ``keys`` tensor ``[B, G, sinks + recent, d]``. Keys that
     leave the window are freed. ``values`` stays empty: the layer's V is in its own cache layer.
@@ -144,47 +178,46 @@ class LocalKeys(DynamicLayer):
         super().__init__()
         self.sinks, self.window = sinks, window
 
-    def lazy_initialization(self, key_states: torch.Tensor, starts: torch.Tensor) -> None:
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
         super().lazy_initialization(key_states, key_states)
-        slots = (starts.to(key_states.device)[:, None] + torch.arange(self.sinks, device=key_states.device))[:, None, :, None]
-        self.keys = key_states.gather(2, slots.expand(-1, key_states.shape[1], -1, key_states.shape[-1]))
         self.values = key_states.new_empty(*key_states.shape[:2], 0, key_states.shape[-1])
 
-    def update(self, key_states: torch.Tensor, starts: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add the keys of this forward's ``t`` slots (``[B, G, t, d]``; the first forward holds every slot so far,
-        and ``starts`` ``[B]`` places each sequence's sinks in it). Returns the sink keys ``[B, G, sinks, d]`` and
-        the recent keys this forward reads: the cached ones, then the new ones."""
+    def update(
+        self, key_states: torch.Tensor, value_states: None = None, cache_kwargs: dict | None = None, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add the keys of this forward's ``t`` slots (``[B, G, t, d]``; no V). The first forward holds every slot
+        so far, and ``cache_kwargs["starts"]`` ``[B]`` places each sequence's sinks in it. Returns the sink keys
+        ``[B, G, sinks, d]`` and the recent keys this forward reads: the cached ones, then the new ones."""
+        if value_states is not None:
+            raise RuntimeError("local keys hold no V: the layer's V is in its own cache layer")
         if not self.is_initialized:
-            self.lazy_initialization(key_states, starts)
+            self.lazy_initialization(key_states)
+            starts = cache_kwargs["starts"].to(key_states.device)
+            slots = (starts[:, None] + torch.arange(self.sinks, device=key_states.device))[:, None, :, None]
+            self.keys = key_states.gather(2, slots.expand(-1, key_states.shape[1], -1, key_states.shape[-1]))
         sinks, recent = self.keys.split([self.sinks, self.keys.shape[2] - self.sinks], 2)
         recent = torch.cat([recent, key_states], 2)
         self.keys = torch.cat([sinks, recent[:, :, max(recent.shape[2] - self.window, 0) :]], 2)
         return sinks, recent
 
 
-def read_keys(layer: DynamicLayer, *index: torch.Tensor) -> torch.Tensor:
-    """``layer.keys[index]`` in the model's dtype, whether the layer is plain or int8."""
-    return layer.dequantized_keys(*index) if isinstance(layer, Int8Layer) else layer.keys[index]
+def layer_for(kind: str, value_only: bool = False) -> KVLayer:
+    """A new cache layer: K and V, or V only (a wholly mapped layer), in the model's dtype or int8."""
+    if kind == "int8":
+        return Int8ValueOnlyLayer() if value_only else Int8Layer()
+    return ValueOnlyLayer() if value_only else KVLayer()
 
 
 def slm_cache(config: PretrainedConfig, kind: str = "native") -> DynamicCache:
-    """The SLM's cache for a paired run: the model's usual layers (``native``) or ``Int8Layer`` everywhere."""
+    """The SLM's cache for a paired run: ``KVLayer`` (``native``) or ``Int8Layer`` everywhere."""
     cache = DynamicCache(config=config)
-    if kind == "int8":
-        cache.layers = [Int8Layer() for _ in cache.layers]
+    cache.layers = [layer_for(kind) for _ in cache.layers]
     return cache
 
 
-def tensor_bytes(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.numel() * t.element_size()
-
-
 def cache_bytes(cache: Cache | None) -> int:
-    """Bytes held by every K and V tensor of ``cache`` (and their scales, for int8 layers)."""
-    if cache is None:
-        return 0
-    names = ("keys", "values", "key_scales", "value_scales")
-    return sum(tensor_bytes(getattr(layer, n, None)) for layer in cache.layers for n in names)
+    """Bytes held by every layer of ``cache`` (one of ``KVLayer``s)."""
+    return 0 if cache is None else sum(layer.nbytes for layer in cache.layers)
 
 
 @dataclass(frozen=True)
@@ -230,9 +263,10 @@ class IAMCache(Cache):
     """The cache of an ``IAMForCausalLM`` call: the LLM's layers (``self.layers``), the SLM's cache (``self.slm``)
     and, once the context has reached ``establish_threshold``, the ``Mapping`` (``self.mapping``).
 
-    Until the mapping is established the LLM runs alone, its layers are plain ``DynamicLayer`` and the cache keeps
-    the tokens seen (``self.tokens``, at ``self.token_positions``), so that the forward which reaches the threshold
-    can prefill both models over the whole context. From then on a wholly mapped layer holds a ``ValueOnlyLayer``
+    Until the mapping is established the LLM runs alone, its layers are plain ``KVLayer`` and, where something is
+    mapped, the cache keeps the tokens seen (``self.tokens``, at ``self.token_positions``), so that the forward which
+    reaches the threshold can prefill both models over the whole context (``context``). The cache counts what each
+    forward adds itself (``advance``). From then on a wholly mapped layer holds a ``ValueOnlyLayer``
     and a partly mapped one keeps K for its unmapped KV groups only. Beam search's reorder, repeat and select apply
     to both models and the mapping.
 
@@ -249,6 +283,8 @@ class IAMCache(Cache):
     local : ``(sinks, window)`` where mapped layers attend exactly to a local window (``MappingConfig.local_window``):
         their mapped groups' K for those tokens is in ``self.local``, one ``LocalKeys`` per LLM layer.
     signature : what made the cache (``None`` for an internal one); only a model of an equal signature continues it.
+    mapped : whether the model maps anything, so that a mapping will be established: until then the cache keeps the
+        tokens seen.
     """
 
     def __init__(
@@ -260,6 +296,7 @@ class IAMCache(Cache):
         local: tuple[int, int] | None = None,
         llm_cache_kind: str = "native",
         signature: Signature | None = None,
+        mapped: bool = False,
     ) -> None:
         n_layers = llm_config.num_hidden_layers
         self.llm_cache_kind = llm_cache_kind
@@ -270,6 +307,7 @@ class IAMCache(Cache):
         self.local = Cache(layers=[LocalKeys(*local) for _ in range(n_layers)]) if local else None
         self.eviction = eviction
         self.signature = signature
+        self.mapped = mapped
         self.mapping: Mapping | None = None
         self.tokens: torch.Tensor | None = None
         self.token_positions: torch.Tensor | None = None  # the caller's position ids of ``tokens``
@@ -293,6 +331,21 @@ class IAMCache(Cache):
         self.tokens = self.token_positions = None
         if self.local is not None:
             self.local.reset()
+
+    def context(self, ids: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tokens kept so far, then ``ids`` ``[B, t]``, with their position ids: the whole context that the
+        establishing forward prefills."""
+        if self.tokens is None:
+            return ids, position_ids
+        return torch.cat([self.tokens, ids], -1), torch.cat([self.token_positions, position_ids], -1)
+
+    def advance(self, attention_mask: torch.Tensor, ids: torch.Tensor, position_ids: torch.Tensor) -> None:
+        """Count a forward that is done: the caller's mask now spans ``attention_mask``'s columns, and until a
+        mapping is established (where the model maps anything) the new tokens ``ids`` at ``position_ids`` are kept
+        for the forward that establishes it."""
+        if self.mapped and not self.established:
+            self.tokens, self.token_positions = self.context(ids, position_ids)
+        self.columns = attention_mask.shape[1]
 
     def drop_slm_layers(self, depth: int) -> None:
         """Free the SLM's cache layers from ``depth`` on (no mapping reads them)."""
@@ -348,10 +401,7 @@ class IAMCache(Cache):
             return
         layers = [layer for i, layer in enumerate(self.layers) if self.evicts(i)]
         for layer in layers if self.partial else [*layers, *self.slm.layers]:
-            for name in ("keys", "values", "key_scales", "value_scales"):
-                x = getattr(layer, name, None)
-                if x is not None and x.shape[-2] > 0:
-                    setattr(layer, name, x.gather(2, index[:, None, :, None].expand(x.shape[0], x.shape[1], -1, x.shape[-1])))
+            layer.keep_slots(index)
 
     def _others(self) -> list[Cache]:
         """The caches that follow the LLM's: the SLM's, and the local keys' where there are any."""
@@ -418,19 +468,15 @@ class IAMCache(Cache):
         alone would hold for every token seen, without eviction, in its own dtype (K and V in every layer: twice the
         V bytes per token)."""
         llm, slm = cache_bytes(self) + cache_bytes(self.local), cache_bytes(self.slm)
-        baseline = sum(
-            2 * native_bytes(layer) * self.columns for layer in self.layers if layer.values is not None and layer.values.shape[-2]
-        )
+        baseline = sum(layer.full_bytes(self.columns) for layer in self.layers)
         return {"llm": llm, "slm": slm, "total": llm + slm, "baseline": baseline}
 
     def kv_bytes_by_device(self) -> dict[str, int]:
         """``kv_bytes()["total"]`` split by the device each tensor is on (an LLM dispatched over several devices keeps
         each layer's cache on its layer's device). Under tensor parallelism these are this rank's bytes."""
         out: dict[str, int] = {}
-        names = ("keys", "values", "key_scales", "value_scales")
         for cache in (self, self.local, self.slm):
             for layer in [] if cache is None else cache.layers:
-                for t in (getattr(layer, n, None) for n in names):
-                    if t is not None:
-                        out[str(t.device)] = out.get(str(t.device), 0) + tensor_bytes(t)
+                for t in layer.tensors():
+                    out[str(t.device)] = out.get(str(t.device), 0) + t.nbytes
         return out

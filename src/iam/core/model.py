@@ -22,7 +22,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from ..models.loading import check_device, load_pair, read_configs
 from ..models.placement import Placement
 from .attention import MappedAttention, SLMStep
-from .cache import IAMCache, Signature, read_keys
+from .cache import IAMCache, Signature
 from .config import MappingConfig
 from .decoder import Pass, decoder_layers, positions
 from .eviction import EvictionPolicy, attention_mass
@@ -274,7 +274,14 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         """An empty cache for this pair; pass it to ``forward`` or ``generate`` and read the results off it."""
         config = self.mapping_config
         return IAMCache(
-            self.llm.config, self.slm.config, config.slm_cache, self.eviction, self._local, config.llm_cache, self.signature
+            self.llm.config,
+            self.slm.config,
+            config.slm_cache,
+            self.eviction,
+            self._local,
+            config.llm_cache,
+            self.signature,
+            mapped=self.resolved.n_mapped > 0,
         )
 
     @property
@@ -347,7 +354,7 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
             logits = self._establish(cache, ids, mask, position_ids, logits_to_keep)
         else:
             logits = self._alone(cache, ids, mask, position_ids, logits_to_keep)
-        cache.columns = mask.shape[1]
+        cache.advance(mask, ids, position_ids)
         loss = None
         if labels is not None:
             loss = self.llm.loss_function(logits=logits, labels=labels.to(logits.device), vocab_size=logits.shape[-1])
@@ -401,10 +408,9 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
 
     # ---- the three steps -------------------------------------------------------------------------------------
     def _alone(self, cache: IAMCache, ids, mask, position_ids, logits_to_keep: int) -> torch.Tensor:
-        """The LLM alone, before the mapping exists; the tokens are kept for the forward that establishes it."""
+        """The LLM alone, before the mapping exists (the cache keeps the tokens for the forward that establishes it,
+        ``IAMCache.advance``)."""
         if self.resolved.n_mapped > 0:  # eviction waits for the mapping, whose forward prefills the whole context
-            cache.tokens = ids if cache.tokens is None else torch.cat([cache.tokens, ids], -1)
-            cache.token_positions = position_ids if cache.tokens is ids else torch.cat([cache.token_positions, position_ids], -1)
             run = Pass(self.llm, ids, mask, position_ids, cache)
             for i in range(self.n_layers):
                 run.layer(i)
@@ -416,9 +422,7 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         then the plan and the LLM, whose mapped layers match their heads on the window as they are reached. Returns
         the logits of this forward's tokens only."""
         t = ids.shape[1]
-        if cache.tokens is not None:
-            ids = torch.cat([cache.tokens, ids], -1)
-            position_ids = torch.cat([cache.token_positions, position_ids], -1)
+        ids, position_ids = cache.context(ids, position_ids)
         needs_scores = self.resolved.strategy.needs_scores
         if needs_scores and ids.shape[0] > 1:
             raise ValueError(
@@ -452,7 +456,7 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
             step = self._slm_step(cache, ids, mask, position_ids, self.slm.config.num_hidden_layers)
         with record_function("iam.slm_window"):
             window = Window.from_mask(mask, truncation)
-            keys = [read_keys(layer) for layer in cache.slm.layers]
+            keys = [layer.read_keys() for layer in cache.slm.layers]
             flats = slm_window_flats(step.queries, keys, step.scaling, window)
         config = self.mapping_config
         return step, SLMWindow(window, flats, self.slm.config.num_attention_heads, METRICS[config.metric], config.blend)
@@ -491,7 +495,7 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         queries: dict[int, torch.Tensor] = {}
         for i in range(self.n_layers):
             if mapping is not None and i in mapping.plan:
-                mapped = MappedAttention(layers[i].self_attn, mapping.plan[i])
+                mapped = MappedAttention(layers[i].self_attn, mapping.plan[i], local=self._local is not None)
                 run.layer(i, lambda x, mapped=mapped: mapped(x, run.rope, mapped_mask, cache, mapping, step, establishing))
             elif scoring:
                 run.query_capture(i, queries)
@@ -510,7 +514,7 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         heads' that the mapped layers borrow, each by the weight the mapped heads put on it (they stand in for them)."""
         last = getattr(cache.eviction, "window", None)
         llm_scaling = decoder_layers(self.llm)[0].self_attn.scaling
-        mass = sum(attention_mass(q, read_keys(cache.layers[i]), llm_scaling, slots, last) for i, q in queries.items())
+        mass = sum(attention_mass(q, cache.layers[i].read_keys(), llm_scaling, slots, last) for i, q in queries.items())
         mass = sum_heads(mass, decoder_layers(self.llm)[0].self_attn)  # tensor parallel: every rank's heads
         if cache.mapping is not None and not cache.partial:  # partial: the SLM's slots are not the kept ones
             for layer, weight in cache.mapping.borrowed_weight(self.slm.config.num_attention_heads).items():
