@@ -307,6 +307,7 @@ def test_long_prefill_runs_flex_attention_with_both_head_sizes(family, monkeypat
         return real_sdpa(q, k, v, **kwargs)
 
     monkeypatch.setattr(attention, "FLEX_MIN_TOKENS", 32)
+    monkeypatch.setattr(attention, "FLEX_DEVICES", ("cuda", "cpu"))
     monkeypatch.setattr("iam.core.attention.F.scaled_dot_product_attention", spy)
     flex = forward(iam(llm, slm, ratio=0.5), ids).logits
     assert attention.flex_ready(ids.device, torch.float32, 8, 16)
@@ -318,6 +319,22 @@ def test_long_prefill_runs_flex_attention_with_both_head_sizes(family, monkeypat
     assert len(calls) == 2 + 4
 
 
+def test_plain_mapped_prefill_keeps_sdpa_on_a_cpu(monkeypatch):
+    """On a CPU the padded SDPA kernel ran as fast or faster than FlexAttention through the whole model, so mapped
+    prefill without a local window keeps it there at any length (FlexAttention serves ``FLEX_DEVICES``)."""
+    from iam.core import attention
+
+    llm, slm = tiny("qwen2", 4, 64, 4, 2, seed=0), tiny("qwen2", 2, 32, 4, 2, seed=1)
+    monkeypatch.setattr(attention, "FLEX_MIN_TOKENS", 32)
+    calls = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(
+        "iam.core.attention.F.scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real_sdpa(*a, **k)
+    )
+    forward(iam(llm, slm, ratio=0.5), prompt(40))
+    assert attention.FLEX_DEVICES == ("cuda",) and len(calls) == 2 + 2 + 2  # the SLM, the unmapped and the mapped layers
+
+
 def test_flex_attention_compiles_once_for_any_batch_mapping_and_length(family, monkeypatch):
     """The compiled FlexAttention kernel is specialised to batch and head counts, and after 8 recompilations it falls
     back to an unfused version that builds the T x T scores: one compilation must serve every batch size, number of
@@ -326,6 +343,7 @@ def test_flex_attention_compiles_once_for_any_batch_mapping_and_length(family, m
 
     llm, slm = tiny(family, 4, 64, 4, 2, seed=0), tiny(family, 2, 32, 4, 2, seed=1)
     monkeypatch.setattr(attention, "FLEX_MIN_TOKENS", 129)  # the tiny models hold 256 positions
+    monkeypatch.setattr(attention, "FLEX_DEVICES", ("cuda", "cpu"))
     forward(iam(llm, slm, ratio=0.5), prompt(140))  # compiles (first use)
     mapped_sdpa = []
     real_sdpa = torch.nn.functional.scaled_dot_product_attention

@@ -26,7 +26,7 @@ from transformers.cache_utils import Cache
 
 from .cache import LocalKeys
 from .decoder import attend, project_qk, runs
-from .flex import FLEX_MIN_TOKENS, causal_block_mask, flex_heads, flex_ready
+from .flex import FLEX_DEVICES, FLEX_MIN_TOKENS, causal_block_mask, flex_heads, flex_ready
 from .local import local_flex
 from .mapping import HeadMap, Mapping, SLMWindow, window_attention
 from .parallel import rank_map, shard_of
@@ -294,15 +294,16 @@ class MappedAttention:
         """All new tokens: one attention call over the distinct (SLM head, KV group) items, expanded to columns and
         mixed per LLM head. ``v`` holds the mapped groups. Returns ``[B, H_m, t, d]``.
 
-        The SLM's q/k head size ``d_s`` is smaller than the LLM's ``d``. Unpadded causal prefills from
-        ``FLEX_MIN_TOKENS`` on run FlexAttention, which takes both sizes as they are. Otherwise SDPA, whose fused
-        kernels need one head size: zero-padding q and k keeps q.k exact and avoids the fallback that would build
-        the T x T matrix."""
+        The SLM's q/k head size ``d_s`` is smaller than the LLM's ``d``. On ``FLEX_DEVICES``, unpadded causal
+        prefills from ``FLEX_MIN_TOKENS`` on run FlexAttention, which takes both sizes as they are. Otherwise SDPA,
+        whose fused kernels need one head size: zero-padding q and k keeps q.k exact and avoids the fallback that
+        would build the T x T matrix."""
         b, total, d = v.shape[0], v.shape[2], v.shape[-1]  # total: cached and new tokens
         some_q = slm.queries[0]
         t, d_s = some_q.shape[2], some_q.shape[-1]
         rows = torch.arange(b, device=v.device)[:, None]
-        if attention_mask is None and d_s != d and total == t >= FLEX_MIN_TOKENS and flex_serves(some_q, v):
+        flex = attention_mask is None and d_s != d and total == t >= FLEX_MIN_TOKENS and v.device.type in FLEX_DEVICES
+        if flex and flex_serves(some_q, v):
             if flex_ready(v.device, v.dtype, d_s, d):
                 q_at, k_at = slm.item_heads(routes)  # [B, U] each: (sequence, stacked SLM head) of every item
                 (qs, ks), seq = slm.stack(), rows.expand_as(q_at).flatten()

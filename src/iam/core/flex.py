@@ -13,6 +13,11 @@ FLEX_MIN_TOKENS = 256
 """Prefill length from which mapped attention runs FlexAttention (how it was chosen: docs/results.md). Below one
 flex block of 128 tokens flex would need a second compilation, for an attention cost that is negligible there."""
 
+FLEX_DEVICES = ("cuda",)
+"""Devices where mapped prefill without a local window runs FlexAttention. On a CPU the fused SDPA kernel, with
+the SLM's q/k zero-padded to the LLM's head size, ran as fast or faster through the whole model (docs/results.md);
+the local window runs FlexAttention everywhere, having no SDPA form."""
+
 FLEX_HEADS = 8
 """Heads per FlexAttention call. The compiled kernel is specialised to the batch and head counts (only the lengths
 are dynamic) and falls back to an unfused version, which builds the T x T scores, after 8 recompilations. Every
