@@ -165,6 +165,25 @@ def test_budget_shares_count_the_window_and_eviction():
     assert llm_shares(llm, slm, 0, at, 2) == (1, 1)
 
 
+def test_setups_the_budget_does_not_model_are_refused():
+    """The budget models eviction over every layer and the LLM's cache in its own dtype: a setup evicting only from
+    unmapped layers, or holding an int8 cache, would be set against a wrong budget without a word."""
+    from iam import MappingConfig
+    from iam.bench.measure import measure
+    from iam.core.setup import parse_setups
+
+    llm, slm = tiny("qwen2", 4, 64, 4, 2, 0), tiny("qwen2", 2, 32, 2, 1, 1)
+    for configs in ("iam0.5+h2o@0.5:unmapped", "iam0.5+int8", "llm+int8"):
+        with pytest.raises(ValueError, match="not measured against one"):
+            measure(llm, slm, parse_setups(configs), Scenario(24, 1, 2), 1, MappingConfig(), progress=False)
+
+
+def test_the_llm_alone_with_an_int8_cache_is_not_the_llm_alone():
+    from iam.core.setup import parse_setups
+
+    assert [s.label for s in parse_setups("llm+int8,iam0.5")] == ["llm", "llm+int8", "iam0.5"]
+
+
 def test_bench_configs_and_ratio_flags_do_not_mix(capsys):
     assert main(["bench", "--configs", "iam0.5", "--ratios", "0.3"]) == 2
     assert "either --configs" in capsys.readouterr().err

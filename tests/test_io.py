@@ -50,3 +50,24 @@ def test_an_error_while_filling_a_folder_keeps_the_old_one(tmp_path):
         (tmp / "model.safetensors").write_text("half")
         raise RuntimeError("interrupted")
     assert (final / "model.safetensors").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["slm"]
+
+
+def test_a_failed_rename_puts_the_old_folder_back(tmp_path, monkeypatch):
+    """The old folder is moved aside just before the new one is renamed in; if that rename fails (a full disk, a
+    permission), the old folder must come back rather than be removed with the temporary one."""
+    import os
+
+    final = tmp_path / "slm"
+    final.mkdir()
+    (final / "weights").write_text("old")
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if str(src).endswith(".partial") and str(dst) == str(final):
+            raise OSError("no space left on device")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(OSError, match="no space"), atomic_folder(final) as tmp:
+        (tmp / "weights").write_text("new")
+    assert (final / "weights").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["slm"]

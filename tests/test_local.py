@@ -205,3 +205,17 @@ def test_flex_prefill_equals_the_reference(pair, blend, monkeypatch):
     assert (flex[2] - reference[2]).abs().max() < 1e-4
     assert torch.equal(flex[3].sequences, reference[3].sequences)
     assert all((a - b).abs().max() < 1e-4 for a, b in zip(flex[3].scores, reference[3].scores))
+
+
+def test_tuning_through_the_window_keeps_flex_off_a_cpu(pair, monkeypatch):
+    """Tuning the SLM through the mapped LLM's loss (``iam tune --local-window``) needs a backward through the
+    SLM's side only; FlexAttention has none on a CPU, so the window's prefill takes the chunked kernel there."""
+    llm, slm = pair
+    monkeypatch.setattr(attention, "FLEX_MIN_TOKENS", 20)
+    model = iam(llm, slm, layers=UNITS, blend=1, local_window=8, local_sinks=2)
+    for p in llm.parameters():
+        p.requires_grad_(False)
+    ids = prompt(40)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in slm.parameters())

@@ -68,7 +68,12 @@ def atomic_folder(path: Path, temp: Path | None = None) -> Iterator[Path]:
         yield tmp
         if os.path.lexists(path):
             os.rename(path, old)
-        os.rename(tmp, path)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if os.path.lexists(old):  # put back what was there
+                os.rename(old, path)
+            raise
     finally:
         remove(old)
         remove(tmp)

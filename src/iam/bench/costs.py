@@ -176,7 +176,7 @@ def per_device_rows(llm: Arch, slm: Arch, ratios: list[float], scenario: Scenari
     and KV heads are split evenly, its input embedding kept whole on each device (transformers' Qwen2/Llama plan);
     mapped layers keep their Q/K weights (they establish the mapping)."""
     if llm.kv_heads % tp or llm.heads % tp:
-        raise ValueError(f"--tp {tp} must divide the LLM's {llm.heads} attention heads and {llm.kv_heads} KV heads.")
+        raise ValueError(f"`tp` {tp} must divide the LLM's {llm.heads} attention heads and {llm.kv_heads} KV heads.")
     tokens = scenario.batch * (scenario.prompt + scenario.new_tokens)
     rows = []
     for r in with_baseline(ratios):

@@ -87,6 +87,12 @@ def measure(
     """
     if not setups or not setups[0].plain:
         raise ValueError("setups must start with the LLM alone (Setup('llm')): every budget is set against it.")
+    unbudgeted = [s.label for s in setups if s.scope != "all" or s.llm_cache != "native"]
+    if unbudgeted:
+        raise ValueError(
+            f"the budget models eviction over every layer and the LLM's cache in its own dtype; {unbudgeted} are not "
+            "measured against one: leave out :unmapped and +int8."
+        )
     configs = [configured(base_config, s) for s in setups]
     check_mapped([scenario.prompt], [c for c in configs if c.ratio], "a prompt")
     device = llm.device
@@ -168,7 +174,7 @@ def memory_scaling(
     and ``peak_growth`` (peak over the previous length's peak; about the length growth when memory is linear,
     its square when it is quadratic).
     """
-    check_mapped(lengths, [replace(base_config, ratio=r) for r in ratios], "a --tokens length")
+    check_mapped(lengths, [replace(base_config, ratio=r) for r in ratios], "a `tokens` length")
     g = torch.Generator().manual_seed(0)
     rows: list[dict] = []
     runs = [(n, r) for n in sorted(lengths) for r in with_baseline(ratios)]

@@ -352,7 +352,7 @@ class MappedAttention:
         sink_k, recent_k = keys.update(k, None, {"starts": starts})
         b, h, t, d = q.shape
         d_s = slm.queries[0].shape[-1]
-        if t >= FLEX_MIN_TOKENS and flex_serves(q, v) and flex_ready(v.device, v.dtype, d_s, d):
+        if t >= FLEX_MIN_TOKENS and flex_serves(q, v, slm.queries[0]) and flex_ready(v.device, v.dtype, d_s, d):
             exact, borrowed = local_flex(
                 q, sink_k, recent_k, v, slm, routes, starts.to(v.device), keys.sinks, keys.window, self.original.scaling
             )
@@ -416,11 +416,12 @@ class MappedAttention:
         return probs[torch.arange(q.shape[0], device=q.device)[:, None], routes.item_of_column]
 
 
-def flex_serves(q: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether FlexAttention can run this prefill: compiled code cannot run under a Python dispatch mode (TensorPeak,
-    FlopCounterMode), and FlexAttention has no backward on a CPU (tuning, ``iam.tuning``)."""
-    backward = torch.is_grad_enabled() and (q.requires_grad or v.requires_grad)
-    return not is_in_torch_dispatch_mode() and not (backward and v.device.type == "cpu")
+def flex_serves(*inputs: torch.Tensor) -> bool:
+    """Whether FlexAttention can run a prefill reading ``inputs`` (the LLM's and the SLM's tensors alike): compiled
+    code cannot run under a Python dispatch mode (TensorPeak, FlopCounterMode), and FlexAttention has no backward
+    on a CPU (tuning the SLM, ``iam.tuning``, where only the SLM's side needs gradients)."""
+    backward = torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
+    return not is_in_torch_dispatch_mode() and not (backward and inputs[0].device.type == "cpu")
 
 
 LOCAL_CHUNK_ELEMENTS = 1 << 23

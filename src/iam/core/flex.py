@@ -1,5 +1,5 @@
-"""FlexAttention for mapped layers: one compiled kernel, called on fixed-size head chunks gathered per call, with the
-block masks of causal mapped prefill (``MappedAttention._prefill``) and of the exact local window (``iam.core.local``)."""
+"""FlexAttention for mapped layers: one compiled kernel, called on fixed-size head chunks gathered per call, and the
+causal block mask of mapped prefill (``MappedAttention._prefill``; the local window's masks are in ``iam.core.local``)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from collections.abc import Callable
 import torch
 
 FLEX_MIN_TOKENS = 256
-"""Prefill length from which mapped attention runs FlexAttention (how it was chosen: docs/results.md). Below one
-flex block of 128 tokens flex would need a second compilation, for an attention cost that is negligible there."""
+"""Prefill length from which mapped attention runs FlexAttention: the local window on every device, plain mapped
+prefill on ``FLEX_DEVICES`` (how it was chosen: docs/results.md). Below one flex block of 128 tokens flex would need
+a second compilation, for an attention cost that is negligible there."""
 
 FLEX_DEVICES = ("cuda",)
 """Devices where mapped prefill without a local window runs FlexAttention. On a CPU the fused SDPA kernel, with
@@ -59,7 +60,11 @@ def flex_ready(device: torch.device, dtype: torch.dtype, qk_dim: int, v_dim: int
             qk, v = (torch.zeros(FLEX_HEADS, t, n, device=device, dtype=dtype) for n in (qk_dim, v_dim))
             flex_heads(1, lambda i, qk=qk, v=v: (qk.clone(), qk.clone(), v), causal_block_mask(t, device))
     except Exception as e:  # no compiler, or a backend without flex support
-        warnings.warn(f"FlexAttention is unavailable ({type(e).__name__}: {e}); mapped prefill uses SDPA.", stacklevel=2)
+        warnings.warn(
+            f"FlexAttention is unavailable ({type(e).__name__}: {e}); mapped prefill uses SDPA, the local window its "
+            "chunked kernel.",
+            stacklevel=2,
+        )
         return False
     return True
 

@@ -81,9 +81,9 @@ def parse_setups(text: str) -> list[Setup]:
     setups = [parse_setup(t) for t in text.split(",") if t.strip()]
     if not setups:
         raise ValueError("give at least one configuration.")
-    if not any(s.ratio == 0 and s.policy is None for s in setups):
+    if not any(s.plain for s in setups):
         setups.insert(0, Setup("llm"))
-    return sorted(setups, key=lambda s: not (s.ratio == 0 and s.policy is None))
+    return sorted(setups, key=lambda s: not s.plain)
 
 
 def configured(base: MappingConfig, setup: Setup) -> MappingConfig:
