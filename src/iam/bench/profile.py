@@ -33,7 +33,10 @@ def profile_prefill(
 ) -> list[dict]:
     """Per setup: TTFT (``generate()`` of one token; median of ``repeats`` after a warm-up), then one profiled run
     split into ``PARTS`` and ``llm_own_s``, the rest (the LLM's own layers, its LM head and the glue). Profiled
-    seconds run above the plain ones (the profiler's cost); ``*_share`` columns are of the profiled run."""
+    seconds run above the plain ones (the profiler's cost); ``*_share`` columns are of the profiled run. CPU only:
+    on a GPU the ranges' CPU time is launch time, and the split would be wrong."""
+    if llm.device.type != "cpu":
+        raise ValueError(f"the prefill profile splits CPU time; the models are on {llm.device}: profile on a CPU.")
     ids = random_prompt(llm, scenario.batch, scenario.prompt, torch.Generator().manual_seed(0))
     rows = []
     for setup in setups:
