@@ -11,8 +11,7 @@ import torch
 from ..bench import costs, measure, profile, projection
 from ..bench.timing import allocator_note, timing_environment
 from ..core.config import check_mapped
-from ..core.model import check_eviction
-from ..core.setup import Setup, configured, parse_setups
+from ..core.setup import Setup, checked_configs, parse_setups
 from ..models.presets import load_arch
 from ..reporting import markdown_table
 from .common import (
@@ -140,10 +139,8 @@ def bench_measured(args: argparse.Namespace, scenario: costs.Scenario) -> int:
     base = mapping_config(args, 0.0)
     setups = bench_setups(args)
     prompts = args.tokens or ([1024, 4096] if args.scenario == "long" and not args.prompt else [scenario.prompt])
-    configs = [configured(base, s) for s in setups if s.ratio]
+    configs = [c for c in checked_configs(base, setups) if c.ratio]
     check_mapped(prompts, configs, "a --prompt")
-    for s in setups:
-        check_eviction(configured(base, s), s.eviction())
     llm, slm, _ = load(args, configs, (args.llm or SHIPPED_PAIR[0], args.slm or SHIPPED_PAIR[1]))
     warn_allocator(llm.device)
     meta = {"scenario": args.scenario, "batch": scenario.batch, "new_tokens": scenario.new_tokens, "device": str(llm.device)}

@@ -9,8 +9,9 @@ from pathlib import Path
 
 from ..core.config import MappingConfig, check_mapped
 from ..core.eviction import POLICIES
-from ..core.model import check_eviction, check_scope
+from ..core.model import check_scope
 from ..core.resolution import resolve
+from ..core.setup import checked_configs
 from ..core.similarity import METRICS
 from ..eval import analysis, data, generation, retrieval, sweep, tradeoff
 from ..eval.perplexity import eval_metrics, eval_perplexity
@@ -381,9 +382,7 @@ def retrieval_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_retrieval(args: argparse.Namespace) -> int:
     setups = retrieval.parse_setups(args.configs)
     base = mapping_config(args, 0.0)
-    configs = [retrieval.configured(base, s) for s in setups]
-    for setup, config in zip(setups, configs):
-        check_eviction(config, setup.eviction())
+    configs = checked_configs(base, setups)
     llm_config, slm_config = read_configs(args.llm, args.slm, force=args.force)
     for setup, config in zip(setups, configs):
         policy = setup.eviction()

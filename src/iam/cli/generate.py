@@ -11,7 +11,8 @@ import torch
 from transformers import TextStreamer
 
 from ..bench.timing import GenerationTimer
-from ..core.model import IAMForCausalLM, check_eviction
+from ..core.model import IAMForCausalLM
+from ..core.setup import checked_configs
 from ..eval import retrieval
 from ..io import write_atomic
 from .common import (
@@ -140,9 +141,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     configs = [mapping_config(args, r) for r in args.ratios]
     base = mapping_config(args, 0.0)
     setups = retrieval.parse_setups(args.retrieval) if args.retrieval else []
-    for setup in setups:
-        check_eviction(retrieval.configured(base, setup), setup.eviction())
-    llm, slm, tok = load(args, configs + [retrieval.configured(base, s) for s in setups])
+    llm, slm, tok = load(args, configs + checked_configs(base, setups))
     batch = prompt_batch(tok, DEMO_PROMPTS, chat=True)
     kwargs = {"do_sample": False, "pad_token_id": tok.pad_token_id}
     # The first pass pages the weights in from disk (seconds per GB); keep that out of the timings below.

@@ -170,9 +170,12 @@ class SLMStep:
     def column_rows(self, routes: Routes, attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
         """The new token's borrowed attention row of each column of ``routes``, ``[B, H_m * k, T]`` in ``dtype``: one
         gather from the rows of every SLM layer run, computed once a step for all mapped layers."""
+        heads = self.queries[0].shape[1]
         if self._every_row is None:
-            self._every_row = torch.cat([self.decode_rows(i, attention_mask) for i in range(len(self.queries))], 1)
-        rows, heads = self._every_row, self.queries[0].shape[1]
+            layers = range(len(self.queries))
+            self._every_row = torch.cat([self.decode_rows(i, attention_mask) for i in layers], 1)
+            self._rows = {i: self._every_row[:, i * heads : (i + 1) * heads] for i in layers}  # views: the copies are freed
+        rows = self._every_row
         flat = routes.column_layer.to(rows.device) * heads + routes.column_head.to(rows.device)
         return rows[torch.arange(rows.shape[0], device=rows.device)[:, None], flat].to(dtype)
 
@@ -303,18 +306,17 @@ class MappedAttention:
         t, d_s = some_q.shape[2], some_q.shape[-1]
         rows = torch.arange(b, device=v.device)[:, None]
         flex = attention_mask is None and d_s != d and total == t >= FLEX_MIN_TOKENS and v.device.type in FLEX_DEVICES
-        if flex and flex_serves(some_q, v):
-            if flex_ready(v.device, v.dtype, d_s, d):
-                q_at, k_at = slm.item_heads(routes)  # [B, U] each: (sequence, stacked SLM head) of every item
-                (qs, ks), seq = slm.stack(), rows.expand_as(q_at).flatten()
-                q_at, k_at, kv = q_at.flatten(), k_at.flatten(), routes.item_kv.flatten()
+        if flex and flex_serves(some_q, v) and flex_ready(v.device, v.dtype, d_s, d):
+            q_at, k_at = slm.item_heads(routes)  # [B, U] each: (sequence, stacked SLM head) of every item
+            (qs, ks), seq = slm.stack(), rows.expand_as(q_at).flatten()
+            q_at, k_at, kv = q_at.flatten(), k_at.flatten(), routes.item_kv.flatten()
 
-                def chunk(i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-                    q = qs[seq[i], q_at[i]].to(v.dtype).mul_(slm.scaling)
-                    return q, ks[seq[i], k_at[i]].to(v.dtype), v[seq[i], kv[i]]
+            def chunk(i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                q = qs[seq[i], q_at[i]].to(v.dtype).mul_(slm.scaling)
+                return q, ks[seq[i], k_at[i]].to(v.dtype), v[seq[i], kv[i]]
 
-                out = flex_heads(len(seq), chunk, causal_block_mask(t, v.device)).view(*routes.item_kv.shape, t, d)
-                return routes.from_items(out)
+            out = flex_heads(len(seq), chunk, causal_block_mask(t, v.device)).view(*routes.item_kv.shape, t, d)
+            return routes.from_items(out)
         width = max(d_s, d)
         q, k = (F.pad(x, (0, width - d_s)) for x in slm.items(routes, v.dtype))
         out = F.scaled_dot_product_attention(

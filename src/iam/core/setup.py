@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 
 from .config import MappingConfig
 from .eviction import POLICIES, EvictionPolicy, make_policy, parse_budget
-from .model import IAMForCausalLM
+from .model import IAMForCausalLM, check_eviction
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,15 @@ def parse_setups(text: str) -> list[Setup]:
 def configured(base: MappingConfig, setup: Setup) -> MappingConfig:
     """``base`` (a ``MappingConfig``) with ``setup``'s ratio, local window and LLM cache."""
     return replace(base, ratio=setup.ratio, local_window=setup.local_window, llm_cache=setup.llm_cache)
+
+
+def checked_configs(base: MappingConfig, setups: list[Setup]) -> list[MappingConfig]:
+    """Each setup's ``MappingConfig`` over ``base``, its eviction checked against it first (``check_eviction``), so a
+    bad setup fails before any weights load."""
+    configs = [configured(base, s) for s in setups]
+    for setup, config in zip(setups, configs):
+        check_eviction(config, setup.eviction())
+    return configs
 
 
 def build(llm, slm, base: MappingConfig, setup: Setup) -> IAMForCausalLM:
