@@ -13,9 +13,9 @@ from transformers.cache_utils import Cache, DynamicLayer
 from .eviction import EvictionPolicy, Kept
 from .mapping import Mapping
 
-SLM_CACHES = ("native", "int8")
-"""How a model's cache is kept (``MappingConfig.slm_cache``/``llm_cache``): in the model's own dtype, or as int8 with
-one scale per head and token."""
+SLM_CACHES = ("native", "int8", "int4")
+"""How a model's cache is kept (``MappingConfig.slm_cache``/``llm_cache``): in the model's own dtype, as int8 with
+one scale per head and token, or as int4 in groups with KIVI's axes and a full-precision residual (``Int4Layer``)."""
 
 
 class KVLayer(DynamicLayer):
@@ -52,12 +52,13 @@ class KVLayer(DynamicLayer):
         return 2 * v.shape[0] * v.shape[1] * v.shape[-1] * self.dtype.itemsize * slots
 
     def keep_slots(self, index: torch.Tensor) -> None:
-        """Keep only the slots ``index`` (``[B, S']``, per sequence, in that order) of every tensor that holds any;
-        the others are freed."""
+        """Keep only the slots ``index`` of every tensor that holds any, in that order; the others are freed.
+        ``index`` is ``[B, S']`` (per sequence) or ``[B, heads, S']`` (per KV head)."""
         for name in self.stores:
             x = getattr(self, name)
             if x is not None and x.shape[-2] > 0:
-                setattr(self, name, x.gather(2, index[:, None, :, None].expand(x.shape[0], x.shape[1], -1, x.shape[-1])))
+                i = index[:, None] if index.dim() == 2 else index
+                setattr(self, name, x.gather(2, i[..., None].expand(x.shape[0], x.shape[1], -1, x.shape[-1])))
 
 
 class ValueOnlyLayer(KVLayer):
@@ -201,17 +202,150 @@ class LocalKeys(KVLayer):
         return sinks, recent
 
 
-def layer_for(kind: str, value_only: bool = False) -> KVLayer:
-    """A new cache layer: K and V, or V only (a wholly mapped layer), in the model's dtype or int8."""
+def pack4(q: torch.Tensor) -> torch.Tensor:
+    """4-bit codes ``[..., d]`` (uint8 in ``0..15``, ``d`` even) packed two per byte: ``[..., d / 2]``."""
+    return q[..., 0::2] | (q[..., 1::2] << 4)
+
+
+def unpack4(p: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``pack4``."""
+    return torch.stack([p & 15, p >> 4], -1).flatten(-2)
+
+
+def quantize4(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit codes of ``x`` with one scale and zero point per slice along ``dim`` (the group's axis):
+    ``x ~ code * scale + zero``, codes in ``0..15``, error at most ``scale / 2``. Scales and zeros in ``x``'s dtype."""
+    low, high = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
+    scale = ((high - low).float() / 15).clamp_min(1e-8).to(x.dtype)
+    low = low.to(x.dtype)
+    code = ((x.float() - low.float()) / scale.float()).round_().clamp_(0, 15).to(torch.uint8)
+    return code, scale, low
+
+
+class Int4Layer(Int8Layer):
+    """Cache layer storing K and V in 4 bits with KIVI's axes (Liu et al. 2024): keys per channel over blocks of
+    ``group`` tokens, values per token over groups of ``group`` channels, each group with a scale and a zero point in
+    the model's dtype, two codes per byte. The newest ``residual`` to ``residual + group - 1`` tokens stay in the
+    model's dtype until a whole block of keys can be quantized. ``update`` returns dequantized states.
+
+    Parameters
+    ----------
+    group : tokens per key block and channels per value group; divides the head dimension.
+    residual : tokens kept in full precision at least.
+    """
+
+    stores = ("keys", "values", "key_scales", "key_zeros", "value_scales", "value_zeros", "key_recent", "value_recent")
+
+    def __init__(self, group: int = 32, residual: int = 128) -> None:
+        super().__init__()
+        self.group, self.residual = group, residual
+        self.key_zeros = self.value_zeros = self.key_recent = self.value_recent = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        KVLayer.lazy_initialization(self, key_states, value_states)
+        d = value_states.shape[-1]
+        if d % self.group or d % 2:
+            raise ValueError(f"int4 cache group {self.group} must divide the head dimension {d} (an even number).")
+        empty = lambda x, n, **kw: x.new_empty(*x.shape[:2], 0, n, **kw)
+        self.keys, self.values = (empty(x, x.shape[-1] // 2, dtype=torch.uint8) for x in (key_states, value_states))
+        self.key_scales, self.key_zeros = empty(key_states, key_states.shape[-1]), empty(key_states, key_states.shape[-1])
+        self.value_scales, self.value_zeros = empty(value_states, d // self.group), empty(value_states, d // self.group)
+        self.key_recent, self.value_recent = empty(key_states, key_states.shape[-1]), empty(value_states, d)
+
+    def _append(self, key_states: torch.Tensor | None, value_states: torch.Tensor) -> None:
+        """Add slots to the full-precision part, then quantize its oldest whole blocks beyond ``residual``."""
+        if key_states is not None:
+            self.key_recent = torch.cat([self.key_recent, key_states], -2)
+        self.value_recent = torch.cat([self.value_recent, value_states], -2)
+        n = (self.value_recent.shape[-2] - self.residual) // self.group * self.group
+        if n <= 0:
+            return
+        old, self.value_recent = self.value_recent.split([n, self.value_recent.shape[-2] - n], -2)
+        code, scale, zero = quantize4(old.unflatten(-1, (-1, self.group)), -1)
+        self.values = torch.cat([self.values, pack4(code.flatten(-2))], -2)
+        self.value_scales = torch.cat([self.value_scales, scale[..., 0]], -2)
+        self.value_zeros = torch.cat([self.value_zeros, zero[..., 0]], -2)
+        if self.key_recent.shape[1]:
+            old, self.key_recent = self.key_recent.split([n, self.key_recent.shape[-2] - n], -2)
+            code, scale, zero = quantize4(old.unflatten(-2, (-1, self.group)), -2)
+            self.keys = torch.cat([self.keys, pack4(code.flatten(-3, -2))], -2)
+            self.key_scales = torch.cat([self.key_scales, scale[..., 0, :]], -2)
+            self.key_zeros = torch.cat([self.key_zeros, zero[..., 0, :]], -2)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, cache_kwargs: dict | None = None, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._append(key_states, value_states)
+        return self.read_keys(), self.read_values()
+
+    def read_keys(self, *index: torch.Tensor) -> torch.Tensor:
+        """Every slot's keys (``keys[index]`` with ``index``) dequantized to the model's dtype."""
+        code = unpack4(self.keys).unflatten(-2, (-1, self.group))
+        old = (code * self.key_scales[..., None, :] + self.key_zeros[..., None, :]).flatten(-3, -2)
+        return torch.cat([old.to(self.dtype), self.key_recent], -2)[index]
+
+    def read_values(self) -> torch.Tensor:
+        """Every slot's values dequantized to the model's dtype."""
+        code = unpack4(self.values).unflatten(-1, (-1, self.group))
+        old = (code * self.value_scales[..., None] + self.value_zeros[..., None]).flatten(-2)
+        return torch.cat([old.to(self.dtype), self.value_recent], -2)
+
+    def get_seq_length(self) -> int:
+        return self.values.shape[-2] + self.value_recent.shape[-2] if self.is_initialized else 0
+
+    def full_bytes(self, slots: int) -> int:
+        v = self.value_recent
+        if v is None or self.get_seq_length() == 0:
+            return 0
+        return 2 * v.shape[0] * v.shape[1] * v.shape[-1] * self.dtype.itemsize * slots
+
+    def keep_slots(self, index: torch.Tensor) -> None:
+        """Keep the slots ``index`` (see ``KVLayer.keep_slots``): the kept slots are dequantized, gathered and stored
+        again (keys requantized in new blocks, the newest ``residual`` in full precision)."""
+        if self.get_seq_length() == 0:
+            return
+        i = (index[:, None] if index.dim() == 2 else index)[..., None]
+        take = lambda x: x.gather(2, i.expand(x.shape[0], x.shape[1], -1, x.shape[-1]))
+        keys = take(self.read_keys()) if self.key_recent.shape[1] else None
+        values = take(self.read_values())
+        self.lazy_initialization(self.key_recent if keys is None else keys, values)
+        self._append(keys, values)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise ValueError("an int4 cache layer cannot be cropped (its keys are quantized in blocks of tokens).")
+
+    def reset(self) -> None:
+        super().reset()
+        self.key_zeros = self.value_zeros = self.key_recent = self.value_recent = None
+
+
+class Int4ValueOnlyLayer(Int4Layer):
+    """A ``ValueOnlyLayer`` whose V is int4 per token (``Int4Layer``'s values); it stores no K."""
+
+    def update(self, key_states: torch.Tensor | None, value_states: torch.Tensor, cache_kwargs: dict | None = None, **kwargs):
+        if key_states is not None:
+            raise RuntimeError("a mapped layer must not cache keys")
+        if not self.is_initialized:
+            self.lazy_initialization(value_states[:, :0], value_states)
+        self._append(None, value_states)
+        return None, self.read_values()
+
+
+def layer_for(kind: str, value_only: bool = False, group: int = 32, residual: int = 128) -> KVLayer:
+    """A new cache layer: K and V, or V only (a wholly mapped layer), in the model's dtype, int8 or int4 (``group``
+    and ``residual`` as ``Int4Layer``'s)."""
+    if kind == "int4":
+        return Int4ValueOnlyLayer(group, residual) if value_only else Int4Layer(group, residual)
     if kind == "int8":
         return Int8ValueOnlyLayer() if value_only else Int8Layer()
     return ValueOnlyLayer() if value_only else KVLayer()
 
 
-def slm_cache(config: PretrainedConfig, kind: str = "native") -> DynamicCache:
-    """The SLM's cache for a paired run: ``KVLayer`` (``native``) or ``Int8Layer`` everywhere."""
+def slm_cache(config: PretrainedConfig, kind: str = "native", int4: tuple[int, int] = (32, 128)) -> DynamicCache:
+    """The SLM's cache for a paired run: ``KVLayer`` (``native``), ``Int8Layer`` or ``Int4Layer`` (``int4``: its
+    group and residual) everywhere."""
     cache = DynamicCache(config=config)
-    cache.layers = [layer_for(kind) for _ in cache.layers]
+    cache.layers = [layer_for(kind, False, *int4) for _ in cache.layers]
     return cache
 
 
@@ -283,6 +417,7 @@ class IAMCache(Cache):
     local : ``(sinks, window)`` where mapped layers attend exactly to a local window (``MappingConfig.local_window``):
         their mapped groups' K for those tokens is in ``self.local``, one ``LocalKeys`` per LLM layer.
     signature : what made the cache (``None`` for an internal one); only a model of an equal signature continues it.
+    int4 : ``(group, residual)`` of the int4 layers (``Int4Layer``).
     mapped : whether the model maps anything, so that a mapping will be established: until then the cache keeps the
         tokens seen.
     """
@@ -297,12 +432,13 @@ class IAMCache(Cache):
         llm_cache_kind: str = "native",
         signature: Signature | None = None,
         mapped: bool = False,
+        int4: tuple[int, int] = (32, 128),
     ) -> None:
         n_layers = llm_config.num_hidden_layers
-        self.llm_cache_kind = llm_cache_kind
-        super().__init__(layers=[layer_for(llm_cache_kind) for _ in range(n_layers)])
+        self.llm_cache_kind, self.int4 = llm_cache_kind, int4
+        super().__init__(layers=[layer_for(llm_cache_kind, False, *int4) for _ in range(n_layers)])
         self.n_kv = llm_config.num_key_value_heads
-        self.slm = slm_cache(slm_config, slm_cache_kind)
+        self.slm = slm_cache(slm_config, slm_cache_kind, int4)
         # a container of LocalKeys, moved with the batch; the mapped layers update them (``LocalKeys.update``)
         self.local = Cache(layers=[LocalKeys(*local) for _ in range(n_layers)]) if local else None
         self.eviction = eviction
@@ -326,7 +462,7 @@ class IAMCache(Cache):
         """Start over with ``mapping``: every LLM layer emptied (the establishing forward prefills the whole context
         again), a ``ValueOnlyLayer`` at each wholly mapped one."""
         kind = self.llm_cache_kind
-        self.layers = [layer_for(kind, len(mapping.plan.get(i, ())) == self.n_kv) for i in range(len(self.layers))]
+        self.layers = [layer_for(kind, len(mapping.plan.get(i, ())) == self.n_kv, *self.int4) for i in range(len(self.layers))]
         self.mapping = mapping
         self.tokens = self.token_positions = None
         if self.local is not None:
@@ -385,9 +521,10 @@ class IAMCache(Cache):
                 self.kept = Kept.empty(attention_mask.shape[0], attention_mask.device)
             self.kept.append(attention_mask, positions)
 
-    def evict(self, mass: torch.Tensor | None, prefill: bool) -> None:
+    def evict(self, mass: torch.Tensor | None, prefill: bool, groups: dict[int, torch.Tensor] | None = None) -> None:
         """Score the slots with ``mass`` (``[B, S]`` attention received in this forward) and drop what the policy
-        lets go from every layer of both models."""
+        lets go from every layer of both models. ``groups``: ``[B, KV heads, S]`` scores of LLM layers whose KV
+        groups each keep their own slots (``KVzip``), as many as the shared set."""
         kept, policy = self.kept, self.eviction
         if kept is None:
             return
@@ -396,12 +533,19 @@ class IAMCache(Cache):
         if not (prefill or policy.decode):
             return
         local = self.local.layers[0] if self.local is not None and not self.partial else None
-        index = kept.select(policy, None if local is None else (local.sinks, local.window))
-        if index is None:
+        groups = groups or {}
+        rows = torch.cat(list(groups.values()), 1) if groups else None
+        chosen = kept.select(policy, None if local is None else (local.sinks, local.window), rows)
+        if chosen is None:
             return
-        layers = [layer for i, layer in enumerate(self.layers) if self.evicts(i)]
-        for layer in layers if self.partial else [*layers, *self.slm.layers]:
-            layer.keep_slots(index)
+        index, row_index = chosen
+        own = dict(zip(groups, row_index.split([g.shape[1] for g in groups.values()], 1))) if groups else {}
+        for i, layer in enumerate(self.layers):
+            if self.evicts(i):
+                layer.keep_slots(own.get(i, index))
+        if not self.partial:
+            for layer in self.slm.layers:
+                layer.keep_slots(index)
 
     def _others(self) -> list[Cache]:
         """The caches that follow the LLM's: the SLM's, and the local keys' where there are any."""
@@ -448,7 +592,7 @@ class IAMCache(Cache):
         raise ValueError("an IAMCache cannot be cropped: the SLM's cache and the mapping follow the LLM's tokens.")
 
     def reset(self) -> None:
-        self.layers = [layer_for(self.llm_cache_kind) for _ in self.layers]  # mapped layers were V-only
+        self.layers = [layer_for(self.llm_cache_kind, False, *self.int4) for _ in self.layers]  # mapped layers were V-only
         for cache in self._others():
             cache.reset()
         self.mapping = self.tokens = self.token_positions = self.kept = None

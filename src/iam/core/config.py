@@ -3,9 +3,12 @@ against a pair, with its stored calibration, is ``iam.core.resolution``)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from transformers import PretrainedConfig
 
 from .cache import SLM_CACHES
 from .selection import STRATEGIES, CalibratedSelection, Unit
@@ -39,11 +42,14 @@ class MappingConfig:
     truncation_threshold : only the first this-many tokens' attention is compared.
     calibration : a calibration file (``iam calibrate`` writes them) whose order ``"auto"``/``"calibrated"`` use
         instead of the one stored for the pair (an error with any other strategy, or when the file is missing).
-    slm_cache : ``"native"`` (the SLM's own dtype) or ``"int8"`` (K and V as int8 with per-token scales, about
-        half the SLM cache bytes in fp16).
+    slm_cache : ``"native"`` (the SLM's own dtype), ``"int8"`` (K and V as int8 with per-token scales, about
+        half the SLM cache bytes in fp16) or ``"int4"`` (KIVI-style groups with a full-precision residual, see
+        ``int4_group``; about a quarter in fp16 at long contexts).
     llm_cache : the same for the LLM's own cache: K and V of its unmapped KV groups, V of its mapped ones. ``"int8"``
         composes with mapping (a mapped layer's V, which its far tokens need, costs about half as much in fp16) and
-        applies to the LLM alone too (ratio 0).
+        applies to the LLM alone too (ratio 0). ``"int4"`` likewise (V-only for mapped groups).
+    int4_group : with an int4 cache: tokens per key block and channels per value group (divides the head dimension).
+    int4_residual : with an int4 cache: the newest tokens kept in full precision (at least; KIVI's residual).
     local_window : 0 (default) for the paper's mapped layer. ``w > 0``: each mapped head attends exactly, with its
         own Q and K, to the first ``local_sinks`` tokens and the ``w`` most recent ones, and takes only the mass on
         older tokens, and its spread over them, from the borrowed SLM row (see ``iam.core.attention``). The layer
@@ -65,6 +71,8 @@ class MappingConfig:
     calibration: str | None = None
     local_window: int = 0
     local_sinks: int | None = None
+    int4_group: int = 32
+    int4_residual: int = 128
 
     def __post_init__(self) -> None:
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 <= self.ratio <= 1:
@@ -77,6 +85,10 @@ class MappingConfig:
         for name in ("slm_cache", "llm_cache"):
             if getattr(self, name) not in SLM_CACHES:
                 raise ValueError(f"{name} must be one of {list(SLM_CACHES)}, got {getattr(self, name)!r}.")
+        for name, least in (("int4_group", 2), ("int4_residual", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}.")
         if self.layers is not None:
             object.__setattr__(self, "layers", _check_layer_list(self.layers))  # a copy: the caller's list stays theirs
         if self.calibration is not None:
@@ -108,6 +120,21 @@ class MappingConfig:
                 raise ValueError(
                     f"local_sinks must be an integer in [0, establish_threshold={self.establish_threshold}] (first tokens "
                     f"attended exactly; every sequence has that many when the mapping is set), got {self.local_sinks!r}."
+                )
+
+    @property
+    def int4(self) -> tuple[int, int]:
+        """``(int4_group, int4_residual)``."""
+        return self.int4_group, self.int4_residual
+
+    def check_head_dims(self, llm: PretrainedConfig, slm: PretrainedConfig) -> None:
+        """Raise ``ValueError`` where an int4 cache's group does not divide its model's head dimension."""
+        for role, kind, config in (("LLM", self.llm_cache, llm), ("SLM", self.slm_cache, slm)):
+            d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+            if kind == "int4" and (d % self.int4_group or d % 2):
+                raise ValueError(
+                    f"int4_group {self.int4_group} must divide the {role}'s head dimension {d} ({role.lower()}_cache='int4'): "
+                    f"use a divisor of {d}, e.g. {math.gcd(d, 32)}."
                 )
 
     @property

@@ -15,6 +15,10 @@ positions the caller gives.
 Scores are attention mass on each cached token, summed over heads and layers: the LLM's unmapped layers score
 with their own attention, and mapped layers with the SLM attention they borrow, which the SLM computes anyway
 (with ``scope="unmapped"``, the evicted layers' own attention only).
+
+The reconstruction policies (``KVzip``, ``DraftKVzip``) score once, after prefill, by teacher-forcing a model through
+a repeat of the context, and let each KV group of the layers that keep K choose its own tokens (as many as the
+shared set keeps, so the slots still line up per sequence); the mapped layers and the SLM keep the shared set.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields
+from typing import ClassVar
 
 import torch
 
@@ -46,6 +51,7 @@ class EvictionPolicy(ABC):
     scope: str = "all"
     needs_scores = False  # whether the policy reads attention scores
     decode = True  # whether it evicts during decode as well as after prefill
+    reconstruct: ClassVar[str | None] = None  # which model repeats the context to score it (``KVzip``): "llm" or "slm"
 
     def __post_init__(self) -> None:
         for f in fields(self):  # a policy's own fields are token counts, each with its least value
@@ -166,19 +172,101 @@ class SnapKV(EvictionPolicy):
         return _protect(pooled.double(), age < self.window)
 
 
-POLICIES: dict[str, type[EvictionPolicy]] = {"h2o": H2O, "snapkv": SnapKV, "streaming": StreamingLLM}
+@dataclass(frozen=True)
+class KVzip(EvictionPolicy):
+    """KVzip (Kim et al. 2025), query-agnostic: after prefill the model is teacher-forced through ``prompt`` and then
+    the context, ``chunk`` context tokens at a time, on a scratch copy of its cache that is then discarded. A cached
+    pair's score is the most attention any repeat query gives it (softmax over the cache and the repeat so far), the
+    maximum over its KV group's query heads. Each KV group of every layer that keeps K keeps its own best ``budget``
+    share; mapped layers (no K) and the SLM keep one shared set, scored through the SLM heads the mapped heads borrow.
+    Decode then appends without evicting.
+
+    Parameters
+    ----------
+    budget : as for ``EvictionPolicy``.
+    sinks : first tokens always kept.
+    chunk : context tokens repeated per pass (bounds the scratch cache and the score matrix).
+    prompt : token ids of the repeat instruction, put before each chunk (``repeat_prompt(tokenizer)``); empty: the
+        context alone is repeated.
+    """
+
+    sinks: int = field(default=4, metadata={"least": 0})
+    chunk: int = field(default=2048, metadata={"least": 1})
+    prompt: tuple[int, ...] = ()
+    needs_scores = True
+    decode = False
+    reconstruct = "llm"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        prompt = tuple(self.prompt)
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in prompt):
+            raise ValueError(f"{type(self).__name__}.prompt must be token ids (non-negative integers), got {self.prompt!r}.")
+        object.__setattr__(self, "prompt", prompt)
+
+    @property
+    def reserved(self) -> int:
+        return self.sinks
+
+    def priority(self, scores, valid, age):
+        first = age.masked_fill(~valid, -1).amax(-1, keepdim=True)
+        return _protect(scores.double(), age > first - self.sinks)
+
+
+@dataclass(frozen=True)
+class DraftKVzip(KVzip):
+    """``KVzip`` scored by the SLM: the SLM repeats the context instead of the LLM, at a fraction of the cost. Its
+    scores reach the LLM's KV groups through the head mapping (mapped layers keep the set their borrowed SLM heads
+    choose) and, for layers that keep K, from the SLM layer at the same relative depth, KV group to KV group. With
+    the LLM alone the SLM prefills the context for scoring only, and its cache is released afterwards.
+
+    Parameters
+    ----------
+    As for ``KVzip``.
+    """
+
+    reconstruct = "slm"
+
+
+POLICIES: dict[str, type[EvictionPolicy]] = {
+    "h2o": H2O,
+    "snapkv": SnapKV,
+    "streaming": StreamingLLM,
+    "kvzip": KVzip,
+    "draft-kvzip": DraftKVzip,
+}
 """Eviction policies by name (``--eviction``)."""
 
 
-def make_policy(name: str | None, budget: float | int | None = None, scope: str = "all") -> EvictionPolicy | None:
-    """The policy ``name`` with ``budget`` (its default where ``None``) over ``scope``; ``None`` for no eviction."""
+def make_policy(
+    name: str | None, budget: float | int | None = None, scope: str = "all", prompt: tuple[int, ...] = ()
+) -> EvictionPolicy | None:
+    """The policy ``name`` with ``budget`` (its default where ``None``) over ``scope``; ``None`` for no eviction.
+    ``prompt``: the repeat instruction of the reconstruction policies (``repeat_prompt``), ignored by the others."""
     if name is None:
         if budget is not None:
-            raise ValueError("a budget needs an eviction policy: set `eviction` to h2o, snapkv or streaming.")
+            raise ValueError(f"a budget needs an eviction policy: set `eviction` to one of {sorted(POLICIES)}.")
         return None
     if name not in POLICIES:
         raise ValueError(f"eviction policy must be one of {sorted(POLICIES)}, got {name!r}.")
-    return POLICIES[name](scope=scope) if budget is None else POLICIES[name](budget=budget, scope=scope)
+    cls = POLICIES[name]
+    kwargs = {"scope": scope, **({} if budget is None else {"budget": budget})}
+    return cls(**kwargs, prompt=prompt) if issubclass(cls, KVzip) else cls(**kwargs)
+
+
+REPEAT_INSTRUCTION = "\n\nRepeat the previous context exactly."
+"""KVzip's repeat instruction, appended to the context as the user's words."""
+
+
+def repeat_prompt(tokenizer) -> tuple[int, ...]:
+    """Token ids that ask the model to repeat the context (``KVzip.prompt``): ``REPEAT_INSTRUCTION``, then what the
+    tokenizer's chat template puts after a user message (the assistant's turn opened), if it has one."""
+    tail = ""
+    if getattr(tokenizer, "chat_template", None):
+        marker = "\x00CONTEXT\x00"
+        text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False, add_generation_prompt=True)
+        tail = text.split(marker)[1]
+    return tuple(tokenizer(REPEAT_INSTRUCTION + tail, add_special_tokens=False).input_ids)
 
 
 def parse_budget(text: str) -> float | int:
@@ -216,11 +304,25 @@ class Kept:
         self.scores = torch.cat([self.scores, self.scores.new_zeros(mask.shape)], -1)
         self.seen = self.seen + mask.sum(-1)
 
-    def select(self, policy: EvictionPolicy, protect: tuple[int, int] | None = None) -> torch.Tensor | None:
-        """The slots to keep, ``[B, S']`` indices in time order, front-padded (the pad slots become invalid); ``None``
-        where nothing need go. Updates the bookkeeping to the kept slots. ``protect`` ``(sinks, window)``: each
-        sequence's first ``sinks`` kept tokens and latest ``window`` ones are always kept (the exact local window's),
-        on top of those the policy itself always keeps."""
+    def select(
+        self, policy: EvictionPolicy, protect: tuple[int, int] | None = None, rows: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The slots to keep, in time order, front-padded (the pad slots become invalid); ``None`` where nothing need
+        go. Updates the bookkeeping to the kept slots of the shared set.
+
+        Parameters
+        ----------
+        policy : what decides the kept count and the priority (by ``self.scores``).
+        protect : ``(sinks, window)``: each sequence's first ``sinks`` kept tokens and latest ``window`` ones are
+            always kept (the exact local window's), on top of those the policy itself always keeps.
+        rows : ``[B, N, S]`` scores of ``N`` rows (KV groups) that each choose their own slots by the policy's
+            priority, as many per sequence as the shared set, the protected ones included.
+
+        Returns
+        -------
+        ``(index, row_index)``: ``[B, S']`` slot indices of the shared set and ``[B, N, S']`` of each row (``None``
+        without ``rows``); a shorter sequence's padding comes first, at the same slots in both.
+        """
         n_real = self.valid.sum(-1)
         keep = policy.kept(self.seen)
         if protect is not None:
@@ -229,22 +331,28 @@ class Kept:
         if bool((keep >= n_real).all()):
             return None
         age = (self.seen[:, None] - 1 - self.positions).masked_fill(~self.valid, -1)
-        priority = policy.priority(self.scores, self.valid, age)
-        if protect is not None:
-            first = age.amax(-1, keepdim=True)  # the oldest kept token's age: the sinks are always the oldest
-            priority = _protect(priority, (age < protect[1]) | (age > first - protect[0]))
-        priority = priority.masked_fill(~self.valid, -math.inf)
-        width = int(keep.max())
-        # most deserving first; exact ties go to the newer slot, so a row keeps the same tokens in any batch
-        s = priority.shape[-1]
-        best = s - 1 - priority.flip(-1).argsort(dim=-1, descending=True, stable=True)[:, :width]
-        chosen = torch.arange(width, device=best.device)[None] < keep[:, None]
-        index = best.masked_fill(~chosen, -1).sort(-1).values  # time order, a shorter row's padding first
+
+        def best(scores: torch.Tensor) -> torch.Tensor:  # [..., S] scores -> [..., width] kept slots, time order
+            valid = self.valid.view(*self.valid.shape[:1], *[1] * (scores.dim() - 2), -1)
+            old = age.view_as(valid)
+            priority = policy.priority(scores, valid, old)
+            if protect is not None:
+                first = old.amax(-1, keepdim=True)  # the oldest kept token's age: the sinks are always the oldest
+                priority = _protect(priority, (old < protect[1]) | (old > first - protect[0]))
+            priority = priority.masked_fill(~valid, -math.inf)
+            width, s = int(keep.max()), priority.shape[-1]
+            # most deserving first; exact ties go to the newer slot, so a row keeps the same tokens in any batch
+            order = s - 1 - priority.flip(-1).argsort(dim=-1, descending=True, stable=True)[..., :width]
+            chosen = torch.arange(width, device=order.device) < keep.view(*keep.shape, *[1] * (scores.dim() - 1))
+            return order.masked_fill(~chosen, -1).sort(-1).values  # a shorter row's padding (-1) first
+
+        index = best(self.scores)
         pad = index < 0
         index = index.clamp(min=0)
+        row_index = None if rows is None else best(rows.to(self.scores.device)).clamp(min=0)
         self.valid = self.valid.gather(-1, index) & ~pad
         self.positions, self.scores = self.positions.gather(-1, index), self.scores.gather(-1, index)
-        return index
+        return index, row_index
 
 
 def attention_mass(
@@ -280,3 +388,30 @@ def attention_mass(
         probs = scores.masked_fill(~allowed, -math.inf).softmax(-1).nan_to_num(0.0)  # a padding query sees nothing
         mass += probs.sum((1, 2)) if head_weight is None else (probs.sum(2) * head_weight[..., None]).sum(1)
     return mass
+
+
+def repeat_scores(q: torch.Tensor, k: torch.Tensor, scaling: float, valid: torch.Tensor, context: int, chunk: int = 128) -> torch.Tensor:
+    """KVzip's score ``[B, H, context]`` of each of the first ``context`` cache slots per query head: the most
+    attention any of the ``t`` repeat queries gives it, in float32 and in chunks of queries (no T x T matrix).
+
+    Parameters
+    ----------
+    q : ``[B, H, t, d]`` post-RoPE queries of the repeat, the ``t`` newest slots.
+    k : ``[B, H_kv, S, d]`` the keys of every slot: the context's ``context`` first, the repeat's last.
+    scaling : the attention scaling.
+    valid : ``[B, S]`` slots holding real tokens; a padding query scores nothing.
+    """
+    b, h, t, _ = q.shape
+    s = k.shape[2]
+    k = k.repeat_interleave(h // k.shape[1], 1).float()
+    cols = torch.arange(s, device=q.device)
+    valid = valid.bool()
+    out = torch.zeros(b, h, context, device=q.device)
+    for i in range(0, t, chunk):
+        scores = (q[:, :, i : i + chunk].float() @ k.transpose(-1, -2)) * scaling  # [B, H, c, S]
+        rows = torch.arange(i, i + scores.shape[2], device=q.device) + (s - t)
+        allowed = (cols[None] <= rows[:, None])[None, None] & valid[:, None, None, :]
+        probs = scores.masked_fill(~allowed, -math.inf).softmax(-1).nan_to_num(0.0)
+        probs = probs * valid[:, None, rows, None]  # a padding query scores nothing
+        out = torch.maximum(out, probs[..., :context].amax(2))
+    return out

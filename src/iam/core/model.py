@@ -22,10 +22,10 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from ..models.loading import check_device, load_pair, read_configs
 from ..models.placement import Placement
 from .attention import MappedAttention, SLMStep
-from .cache import IAMCache, Signature
+from .cache import IAMCache, Signature, slm_cache
 from .config import MappingConfig
 from .decoder import Pass, decoder_layers, positions
-from .eviction import EvictionPolicy, attention_mass
+from .eviction import EvictionPolicy, attention_mass, repeat_scores
 from .mapping import Mapping, SLMWindow, Window, slm_window_flats, window_attention
 from .parallel import gather_heads, shard_of, sum_heads
 from .resolution import Resolved, resolve
@@ -161,6 +161,8 @@ def load_checked(
         check_eviction(config, eviction)
     llm_config, slm_config = read_configs(llm, slm, progress, force)
     check_pair_configs(llm_config, slm_config)
+    for config in configs:
+        config.check_head_dims(llm_config, slm_config)
     placement.check(llm_config, device)
     for config in configs:
         check_scope(resolve(config, llm_config, slm_config), llm_config, eviction)
@@ -204,6 +206,7 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         self.n_kv: int = llm.config.num_key_value_heads
         check_eviction(self.mapping_config, eviction)
         check_scope(resolved, llm.config, eviction)
+        self.mapping_config.check_head_dims(llm.config, slm.config)
         self.eviction = eviction
         mapping = f"{self.mapping_config!r} {resolved.strategy!r}"
         self.signature = Signature(
@@ -282,6 +285,7 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
             config.llm_cache,
             self.signature,
             mapped=self.resolved.n_mapped > 0,
+            int4=config.int4,
         )
 
     @property
@@ -482,6 +486,36 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         """The LLM over the new tokens, its mapped layers (if any) reading ``step``; then eviction, if the cache has
         a policy."""
         t = ids.shape[1]
+        policy = cache.eviction
+        first = cache.kept is None
+        scoring = policy is not None and policy.needs_scores and not policy.reconstruct and (first or policy.decode)
+        queries: dict[int, torch.Tensor] | None = {} if scoring else None
+        run = self._llm_layers(cache, ids, mask, position_ids, step, establishing, queries)
+        logits = self._logits(run, logits_to_keep)
+        if policy is not None and any(cache.evicts(i) for i in range(self.n_layers)):
+            with record_function("iam.evict"):
+                mass, groups = None, None
+                if scoring:
+                    mass = self._attention_mass(cache, queries, step, cache.slot_mask(mask, t))
+                elif policy.reconstruct and first:
+                    mass, groups = self._reconstruction(cache, ids, mask, position_ids)
+                cache.track(mask[:, -t:], position_ids)
+                cache.evict(mass, prefill=first, groups=groups)
+        return logits
+
+    def _llm_layers(
+        self,
+        cache: IAMCache,
+        ids,
+        mask,
+        position_ids,
+        step: SLMStep | None,
+        establishing: SLMWindow | None = None,
+        queries: dict[int, torch.Tensor] | None = None,
+    ) -> Pass:
+        """The LLM's decoder layers over the new tokens, its mapped layers (if any) reading ``step``; with
+        ``queries``, the unmapped layers' queries are recorded in it. Returns the pass (its hidden states)."""
+        t = ids.shape[1]
         slots = cache.slot_mask(mask, t)
         mapping = cache.mapping
         # with scope "unmapped", once tokens are evicted the mapped layers span more slots than the evicted ones
@@ -490,24 +524,86 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         run = Pass(self.llm, ids, slots, position_ids, cache, evicted[0] if partial else None)
         mapped_mask = run.causal_mask(mask, min(mapping.plan)) if partial else run.mask
         layers = decoder_layers(self.llm)
-        policy = cache.eviction
-        scoring = policy is not None and policy.needs_scores and (cache.kept is None or policy.decode)
-        queries: dict[int, torch.Tensor] = {}
         for i in range(self.n_layers):
             if mapping is not None and i in mapping.plan:
                 mapped = MappedAttention(layers[i].self_attn, mapping.plan[i], local=self._local is not None)
                 run.layer(i, lambda x, mapped=mapped: mapped(x, run.rope, mapped_mask, cache, mapping, step, establishing))
-            elif scoring:
+            elif queries is not None:
                 run.query_capture(i, queries)
             else:
                 run.layer(i)
-        logits = self._logits(run, logits_to_keep)
-        if policy is not None and evicted:
-            first = cache.kept is None
-            with record_function("iam.evict"):
-                cache.track(mask[:, -t:], position_ids)
-                cache.evict(self._attention_mass(cache, queries, step, slots) if scoring else None, prefill=first)
-        return logits
+        return run
+
+    @torch.no_grad()
+    def _reconstruction(
+        self, cache: IAMCache, ids, mask, position_ids
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """KVzip's scores of the slots just prefilled (``EvictionPolicy.reconstruct``): the LLM (with its SLM where
+        it maps) or the SLM alone is teacher-forced through the repeat prompt and each chunk of the context on a
+        scratch copy of its cache. Returns the shared set's scores ``[B, S]`` (the mapped layers' and the SLM's:
+        through the SLM heads the mapped heads borrow) and, per LLM layer that keeps K in every KV group and follows
+        the kept set, ``[B, KV heads, S]``."""
+        policy, mapping = cache.eviction, cache.mapping
+        draft = policy.reconstruct == "slm"
+        s = mask.shape[1]
+        slm_depth = mapping.slm_layers[-1] + 1 if mapping is not None and not draft else self.slm.config.num_hidden_layers
+        source = cache.slm
+        if draft and mapping is None:  # the LLM alone: the SLM prefills the context for scoring only
+            source = slm_cache(self.slm.config, self.mapping_config.slm_cache, self.mapping_config.int4)
+            dev = self.slm.device
+            prefill = Pass(self.slm, ids.to(dev), mask.to(dev), position_ids.to(dev), source)
+            for j in range(slm_depth):
+                prefill.layer(j)
+        prompt = torch.tensor(policy.prompt, dtype=torch.long, device=ids.device).expand(ids.shape[0], -1)
+        start = position_ids.amax(-1, keepdim=True) + 1
+        llm_scores: dict[int, torch.Tensor] = {}
+        slm_scores: dict[int, torch.Tensor] = {}
+        keep_max = lambda into, key, x: into.__setitem__(key, x if key not in into else torch.maximum(into[key], x))
+        for end in range(s, 0, -policy.chunk):  # chunks counted from the newest token: a left-padded row's are its own
+            a = max(end - policy.chunk, 0)
+            part = mask[:, a:end]
+            rids = torch.cat([prompt, ids[:, a:end]], -1)
+            rmask = torch.cat([torch.ones_like(prompt), part], -1)
+            rpos = start + (rmask.cumsum(-1) - 1).clamp_min(0)
+            full = torch.cat([mask, rmask], -1)
+            if draft:
+                scratch = copy.deepcopy(source)
+                dev = self.slm.device
+                queries = Pass(self.slm, rids.to(dev), full.to(dev), rpos.to(dev), scratch).queries(slm_depth)
+                keys, scaling = (lambda j, scratch=scratch: scratch.layers[j].read_keys()), decoder_layers(self.slm)[0].self_attn.scaling
+            else:
+                scratch = copy.deepcopy(cache)
+                scratch.eviction = None  # the scratch pass only reads
+                step = self._slm_step(scratch, rids, full, rpos, slm_depth) if mapping is not None else None
+                own: dict[int, torch.Tensor] = {}
+                self._llm_layers(scratch, rids, full, rpos, step, queries=own)
+                llm_scaling = decoder_layers(self.llm)[0].self_attn.scaling
+                for i, q in own.items():
+                    x = repeat_scores(q, scratch.layers[i].read_keys(), llm_scaling, full, s)
+                    keep_max(llm_scores, i, x.unflatten(1, (self.n_kv, -1)).amax(2))
+                queries = {} if step is None else step.queries
+                keys, scaling = (lambda j, step=step: step.keys(j)), (None if step is None else step.scaling)
+            for j, q in queries.items():
+                keep_max(slm_scores, j, repeat_scores(q, keys(j), scaling, full.to(q.device), s).to(ids.device))
+            del scratch
+        groups = {i: llm_scores[i] if not draft else self._carried(slm_scores, i) for i in range(self.n_layers)
+                  if cache.evicts(i) and (mapping is None or i not in mapping.plan)}
+        if mapping is not None:
+            weight = mapping.borrowed_weight(self.slm.config.num_attention_heads)
+            shared = torch.stack(
+                [slm_scores[j].masked_fill(~(w > 0)[..., None].to(ids.device), 0).amax(1) for j, w in weight.items()]
+            ).amax(0)
+        else:
+            shared = torch.cat(list(groups.values()), 1).amax(1)
+        return shared, groups
+
+    def _carried(self, slm_scores: dict[int, torch.Tensor], layer: int) -> torch.Tensor:
+        """``[B, KV heads, S]`` SLM repeat scores for LLM layer ``layer`` without a head map: the SLM layer at the same
+        relative depth, each LLM KV group taking the SLM KV group at the same relative place (max over its heads)."""
+        slm = self.slm.config
+        x = slm_scores[layer * slm.num_hidden_layers // self.n_layers]
+        per_group = x.unflatten(1, (slm.num_key_value_heads, -1)).amax(2)
+        return per_group[:, torch.arange(self.n_kv) * slm.num_key_value_heads // self.n_kv]
 
     def _attention_mass(self, cache: IAMCache, queries: dict[int, torch.Tensor], step: SLMStep | None, slots) -> torch.Tensor:
         """Attention mass on each cache slot from this forward's queries: the LLM's unmapped layers' own, and the SLM
