@@ -46,4 +46,4 @@ def test_int8_composes_with_eviction_and_batches(pair, policy):
 
 def test_an_unknown_cache_kind_is_refused():
     with pytest.raises(ValueError, match="llm_cache must be one of"):
-        MappingConfig(llm_cache="int4")
+        MappingConfig(llm_cache="int2")

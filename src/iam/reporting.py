@@ -97,30 +97,41 @@ def save_figure(path: Path, plot: Callable) -> Path:
     return path
 
 
+RETRIEVAL_AXES = (
+    ("llm_kv_dropped", "on_frontier", "LLM's own KV dropped (%)"),
+    ("total_kv_dropped", "on_total_frontier", "total KV dropped, the SLM's included (%)"),
+    ("total_kv_dropped_at_72b", "on_72b_frontier", "total KV dropped projected to Qwen2-72B + 0.5B (%, arithmetic)"),
+)
+"""The KV axes of ``retrieval_plot``: the row's key, its frontier mark, the axis label."""
+
+
 def retrieval_plot(rows: Sequence[dict]) -> Callable:
-    """Accuracy (with its 95% interval) against the LLM's KV dropped, one panel per task and length: eviction alone,
-    IAM alone and IAM composed with eviction in their own markers, the LLM alone as a line."""
+    """Accuracy (with its 95% interval) against KV dropped, one panel per task and length (columns) and per KV axis
+    (rows: ``RETRIEVAL_AXES``): eviction alone, IAM alone and IAM composed with eviction in their own markers, the
+    LLM alone as a line; a large marker sits on that axis's frontier."""
 
     def plot(plt) -> None:
         panels = list(dict.fromkeys((r["task"], r.get("tokens")) for r in rows))
-        fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), squeeze=False)
-        for ax, (task, tokens) in zip(axes[0], panels):
-            for r in (r for r in rows if (r["task"], r.get("tokens")) == (task, tokens)):
-                kind = "IAM" if r["ratio"] else "eviction" if r["eviction"] else "LLM alone"
-                style = {"IAM": ("o", "tab:blue"), "eviction": ("s", "tab:red"), "LLM alone": ("*", "black")}[kind]
-                if r["ratio"] and r["eviction"]:
-                    style = ("D", "tab:purple")
-                x, y = 100 * r["llm_kv_dropped"], 100 * r["accuracy"]
-                err = [[y - 100 * r["ci_low"]], [100 * r["ci_high"] - y]]
-                ax.errorbar(x, y, yerr=err, fmt=style[0], color=style[1], ms=8 if r["on_frontier"] else 5, capsize=3, alpha=0.8)
-                ax.annotate(r["method"], (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
-                if kind == "LLM alone":
-                    ax.axhline(y, color="black", lw=0.8, ls=":")
-            ax.set_title(f"{task}, {tokens} tokens (n = {rows[0]['n']} per point; large marker: on the frontier)", fontsize=9)
-            ax.set_xlabel("LLM's own KV dropped (%)")
-            ax.set_ylabel("exact match (%), 95% Wilson interval")
-            ax.set_ylim(-5, 105)
-            ax.grid(alpha=0.3)
+        axes_in = [a for a in RETRIEVAL_AXES if all(a[0] in r for r in rows)]
+        fig, axes = plt.subplots(len(axes_in), len(panels), figsize=(6.5 * len(panels), 4.8 * len(axes_in)), squeeze=False)
+        for (key, mark, label), line in zip(axes_in, axes):
+            for ax, (task, tokens) in zip(line, panels):
+                for r in (r for r in rows if (r["task"], r.get("tokens")) == (task, tokens)):
+                    kind = "IAM" if r["ratio"] else "eviction" if r["eviction"] else "LLM alone"
+                    style = {"IAM": ("o", "tab:blue"), "eviction": ("s", "tab:red"), "LLM alone": ("*", "black")}[kind]
+                    if r["ratio"] and r["eviction"]:
+                        style = ("D", "tab:purple")
+                    x, y = 100 * r[key], 100 * r["accuracy"]
+                    err = [[y - 100 * r["ci_low"]], [100 * r["ci_high"] - y]]
+                    ax.errorbar(x, y, yerr=err, fmt=style[0], color=style[1], ms=8 if r[mark] else 5, capsize=3, alpha=0.8)
+                    ax.annotate(r["method"], (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+                    if kind == "LLM alone":
+                        ax.axhline(y, color="black", lw=0.8, ls=":")
+                ax.set_title(f"{task}, {tokens} tokens (n = {rows[0]['n']} per point; large marker: on the frontier)", fontsize=9)
+                ax.set_xlabel(label)
+                ax.set_ylabel("exact match (%), 95% Wilson interval")
+                ax.set_ylim(-5, 105)
+                ax.grid(alpha=0.3)
 
     return plot
 

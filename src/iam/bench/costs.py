@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..core.cache import SLM_CACHES
 from ..core.selection import units_for_ratio
 from ..models.presets import PRESETS, Arch
 from ..reporting import with_baseline
@@ -143,7 +142,7 @@ def analytic_rows(
         base_batch = max(int((budget_gb * GB - llm.params * elem) // (base_kv * context)), 0)
         base_tput = base_batch / decode_bytes(llm, slm, 0, base_batch, context, elem) * 1e12 if base_batch else 0.0
     rows = []
-    for slm_cache in SLM_CACHES:
+    for slm_cache in SLM_CACHE_NOTES:
         for r in with_baseline(ratios):
             n = units_for_ratio(r, llm.layers)
             kv = kv_bytes_per_token(llm, slm, n, elem, slm_cache) * kept

@@ -87,11 +87,16 @@ def measure(
     """
     if not setups or not setups[0].plain:
         raise ValueError("setups must start with the LLM alone (Setup('llm')): every budget is set against it.")
-    unbudgeted = [s.label for s in setups if s.scope != "all" or s.llm_cache != "native"]
+    unbudgeted = [
+        s.label
+        for s in setups
+        if s.scope != "all" or s.llm_cache != "native" or s.slm_cache not in (None, "native") or (s.policy is not None and s.eviction().reconstruct)
+    ]
     if unbudgeted:
         raise ValueError(
-            f"the budget models eviction over every layer and the LLM's cache in its own dtype; {unbudgeted} are not "
-            "measured against one: leave out :unmapped and +int8."
+            f"the budget models eviction over every layer, scored in the forward, and both caches in their own dtype; "
+            f"{unbudgeted} are not measured against one: leave out :unmapped, quantized caches (+int8, +int4, +slm-*) "
+            "and KVzip's policies (their repeat pass)."
         )
     configs = [configured(base_config, s) for s in setups]
     check_mapped([scenario.prompt], [c for c in configs if c.ratio], "a prompt")

@@ -15,6 +15,7 @@ from typing import TypeVar
 
 import torch
 
+from ..core.cache import SLM_CACHES
 from ..core.config import MappingConfig
 from ..core.eviction import POLICIES, SCOPES, EvictionPolicy, make_policy, parse_budget
 from ..core.model import load_checked
@@ -188,9 +189,9 @@ def add_mapping_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--establish-threshold", type=int, default=20)
     p.add_argument("--truncation-threshold", type=int, default=100)
-    p.add_argument("--slm-cache", default="native", choices=["native", "int8"], help="SLM cache precision")
+    p.add_argument("--slm-cache", default="native", choices=SLM_CACHES, help="SLM cache precision")
     p.add_argument(
-        "--llm-cache", default="native", choices=["native", "int8"], help="LLM cache precision (K and V, or V where mapped)"
+        "--llm-cache", default="native", choices=SLM_CACHES, help="LLM cache precision (K and V, or V where mapped)"
     )
     p.add_argument(
         "--calibration", default=None, metavar="FILE", help="order for --strategy auto/calibrated, instead of the stored one"

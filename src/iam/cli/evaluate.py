@@ -49,8 +49,8 @@ from .common import (
 )
 
 RETRIEVAL_CONFIGS = (
-    "llm,streaming@0.7,snapkv@0.7,h2o@0.7,streaming@0.5,snapkv@0.5,h2o@0.5,iam0.5+w64,iam1.0+w64,"
-    "iam0.5+w64+streaming@0.5:unmapped"
+    "llm,int4,kvzip@0.25,draft-kvzip@0.25,kvzip@0.25+int4,snapkv@0.5,iam0.5+w64,iam0.5+w64+int4+slm-int4,"
+    "iam0.5+w64+draft-kvzip@0.5+int4+slm-int4"
 )
 """``iam eval retrieval``'s default configurations."""
 
@@ -374,8 +374,8 @@ def retrieval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--configs",
         default=RETRIEVAL_CONFIGS,
-        help="comma-separated configurations: llm or iam<ratio>, then +w<window>, +<policy>@<budget>[:unmapped], +int8 "
-        "(the LLM's cache as int8)",
+        help="comma-separated configurations: llm or iam<ratio>, then +w<window>, +<policy>@<budget>[:unmapped] "
+        "(policies: h2o, snapkv, streaming, kvzip, draft-kvzip), +int8 or +int4 (the LLM's cache), +slm-int8 or +slm-int4",
     )
 
 
@@ -411,7 +411,8 @@ def cmd_retrieval(args: argparse.Namespace) -> int:
         record=retrieval.recorder(progress_path),
     )
     result.update(settings, progress_file=str(progress_path))
-    columns = ["method", "task", "tokens", "n", "accuracy", "ci_low", "ci_high", "llm_kv_dropped", "total_kv"]
-    columns += ["near_misses", "wrong_needle", "seconds_per_question", "on_frontier"]
+    columns = ["method", "task", "tokens", "n", "accuracy", "ci_low", "ci_high", "llm_kv_dropped", "total_kv_dropped"]
+    columns += ["total_kv_dropped_at_72b", "near_misses", "wrong_needle", "seconds_per_question"]
+    columns += ["scoring_seconds_per_question", "on_frontier", "on_total_frontier", "on_72b_frontier"]
     save_figure(Path(args.out) / "retrieval-depth.png", depth_plot(result["rows"], result["depth_bins"]))
     return finish(args, "retrieval", result, columns, retrieval_plot(result["rows"]))

@@ -449,6 +449,9 @@ class IAMCache(Cache):
         self.token_positions: torch.Tensor | None = None  # the caller's position ids of ``tokens``
         self.kept: Kept | None = None
         self.columns = 0  # tokens (padding included) seen so far: the width of the caller's attention mask
+        self.scoring_s = 0.0  # seconds spent scoring for eviction by a repeat pass (``KVzip``)
+        slm_head_dim = getattr(slm_config, "head_dim", None) or slm_config.hidden_size // slm_config.num_attention_heads
+        self._slm_row = 2 * slm_config.num_hidden_layers * slm_config.num_key_value_heads * slm_head_dim
 
     @property
     def established(self) -> bool:
@@ -610,10 +613,12 @@ class IAMCache(Cache):
     def kv_bytes(self) -> dict[str, int]:
         """Bytes in the real caches: ``llm`` (local keys included), ``slm``, ``total``, and ``baseline``, what the LLM
         alone would hold for every token seen, without eviction, in its own dtype (K and V in every layer: twice the
-        V bytes per token)."""
+        V bytes per token); ``slm_baseline``, the same for the SLM's every layer."""
         llm, slm = cache_bytes(self) + cache_bytes(self.local), cache_bytes(self.slm)
         baseline = sum(layer.full_bytes(self.columns) for layer in self.layers)
-        return {"llm": llm, "slm": slm, "total": llm + slm, "baseline": baseline}
+        first = next((layer for layer in self.layers if layer.is_initialized), None)
+        slm_baseline = 0 if first is None else self._slm_row * first.dtype.itemsize * self.columns * first.values.shape[0]
+        return {"llm": llm, "slm": slm, "total": llm + slm, "baseline": baseline, "slm_baseline": slm_baseline}
 
     def kv_bytes_by_device(self) -> dict[str, int]:
         """``kv_bytes()["total"]`` split by the device each tensor is on (an LLM dispatched over several devices keeps

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 from collections.abc import Sequence
 
 import torch
@@ -311,8 +312,8 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         if implementation not in (None, "dynamic"):
             raise ValueError(f"IAMForCausalLM keeps its own IAMCache; cache_implementation={implementation!r} is not supported.")
         ids = kwargs.get("input_ids", inputs)
-        if isinstance(ids, torch.Tensor) and ids.dim() != 2:  # transformers would fail on its shape with an IndexError
-            raise ValueError("input_ids must be a [batch, length] LongTensor.")
+        if isinstance(ids, torch.Tensor) and (ids.dim() != 2 or 0 in ids.shape):  # transformers: an IndexError
+            raise ValueError(f"input_ids must be a non-empty [batch, length] LongTensor, got shape {tuple(ids.shape)}.")
         if isinstance(ids, torch.Tensor):  # refused before generating, not midway with the tokens so far lost
             new = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
             total = ids.shape[1] + new if new is not None else kwargs.get("max_length", getattr(config, "max_length", None))
@@ -498,7 +499,9 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
                 if scoring:
                     mass = self._attention_mass(cache, queries, step, cache.slot_mask(mask, t))
                 elif policy.reconstruct and first:
+                    start = time.perf_counter()
                     mass, groups = self._reconstruction(cache, ids, mask, position_ids)
+                    cache.scoring_s += time.perf_counter() - start
                 cache.track(mask[:, -t:], position_ids)
                 cache.evict(mass, prefill=first, groups=groups)
         return logits

@@ -1,5 +1,6 @@
 """Configurations of a side-by-side run, written as text: ``llm|iam<ratio>``, then ``+w<window>``,
-``+<policy>@<budget>[:unmapped]``, ``+int8`` (``parse_setup``). Evaluations and benchmarks share them."""
+``+<policy>@<budget>[:unmapped]``, ``+int8``/``+int4``, ``+slm-int8``/``+slm-int4`` (``parse_setup``). Evaluations and
+benchmarks share them."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ class Setup:
     ratio, local_window : ``MappingConfig`` fields over the run's base config.
     policy, budget : the eviction policy's name and budget, if any.
     scope : which layers the policy evicts from (``EvictionPolicy.scope``).
-    llm_cache : ``MappingConfig.llm_cache``: the LLM's cache in its dtype or as int8.
+    llm_cache : ``MappingConfig.llm_cache``: the LLM's cache in its dtype, as int8 or as int4.
+    slm_cache : ``MappingConfig.slm_cache``, or ``None`` for the run's base config's.
     """
 
     label: str
@@ -31,22 +33,24 @@ class Setup:
     budget: float | int | None = None
     scope: str = "all"
     llm_cache: str = "native"
+    slm_cache: str | None = None
 
     @property
     def plain(self) -> bool:
-        """Whether this is the LLM alone, as it runs without IAM (no mapping, eviction or int8 cache)."""
+        """Whether this is the LLM alone, as it runs without IAM (no mapping, eviction or quantized cache)."""
         return self.ratio == 0 and self.policy is None and self.llm_cache == "native"
 
-    def eviction(self) -> EvictionPolicy | None:
-        """The eviction policy, if any."""
-        return make_policy(self.policy, self.budget, self.scope)
+    def eviction(self, prompt: tuple[int, ...] = ()) -> EvictionPolicy | None:
+        """The eviction policy, if any; ``prompt``: the repeat instruction of KVzip's policies (``repeat_prompt``)."""
+        return make_policy(self.policy, self.budget, self.scope, prompt)
 
 
 def parse_setup(text: str) -> Setup:
     """One configuration from ``+``-joined parts: ``llm`` (the LLM alone, also implied) or ``iam<ratio>``;
     ``w<window>``, the exact local window of the mapped layers; ``<policy>@<budget>``, eviction, ``:unmapped`` after it
-    to evict only from the layers that keep K; ``int8``, the LLM's cache as int8. E.g. ``llm+snapkv@0.7``,
-    ``iam0.5+w64``, ``iam0.5+w64+streaming@0.5:unmapped``, ``iam1.0+w64+int8``."""
+    to evict only from the layers that keep K; ``int8`` or ``int4``, the LLM's cache so quantized; ``slm-int8`` or
+    ``slm-int4``, the SLM's. E.g. ``llm+snapkv@0.7``, ``llm+kvzip@0.25+int4``, ``iam0.5+w64``,
+    ``iam0.5+w64+streaming@0.5:unmapped``, ``iam1.0+w64+int8+slm-int8``."""
     label = text.strip()
     fields: dict = {}
     for part in label.split("+"):
@@ -55,8 +59,10 @@ def parse_setup(text: str) -> Setup:
                 fields["ratio"] = 0.0
             elif part.startswith("iam"):
                 fields["ratio"] = float(part[3:])
-            elif part == "int8":
-                fields["llm_cache"] = "int8"
+            elif part in ("int8", "int4"):
+                fields["llm_cache"] = part
+            elif part in ("slm-int8", "slm-int4"):
+                fields["slm_cache"] = part[4:]
             elif re.fullmatch(r"w\d+", part):
                 fields["local_window"] = int(part[1:])
             elif "@" in part:
@@ -69,7 +75,8 @@ def parse_setup(text: str) -> Setup:
                 raise ValueError(f"unknown part {part!r}")
         except ValueError as e:
             raise ValueError(
-                f"configuration {label!r}: {e}. Write llm or iam<ratio>, then +w<window>, +<policy>@<budget>[:unmapped], +int8."
+                f"configuration {label!r}: {e}. Write llm or iam<ratio>, then +w<window>, +<policy>@<budget>[:unmapped], "
+                "+int8 or +int4, +slm-int8 or +slm-int4."
             ) from None
     if fields.get("local_window") and not fields.get("ratio"):
         raise ValueError(f"configuration {label!r}: a local window needs mapped layers (iam<ratio> with ratio > 0).")
@@ -87,8 +94,9 @@ def parse_setups(text: str) -> list[Setup]:
 
 
 def configured(base: MappingConfig, setup: Setup) -> MappingConfig:
-    """``base`` (a ``MappingConfig``) with ``setup``'s ratio, local window and LLM cache."""
-    return replace(base, ratio=setup.ratio, local_window=setup.local_window, llm_cache=setup.llm_cache)
+    """``base`` (a ``MappingConfig``) with ``setup``'s ratio, local window and caches."""
+    slm = base.slm_cache if setup.slm_cache is None else setup.slm_cache
+    return replace(base, ratio=setup.ratio, local_window=setup.local_window, llm_cache=setup.llm_cache, slm_cache=slm)
 
 
 def checked_configs(base: MappingConfig, setups: list[Setup]) -> list[MappingConfig]:
@@ -100,6 +108,6 @@ def checked_configs(base: MappingConfig, setups: list[Setup]) -> list[MappingCon
     return configs
 
 
-def build(llm, slm, base: MappingConfig, setup: Setup) -> IAMForCausalLM:
-    """The ``IAMForCausalLM`` of ``setup`` over ``base``."""
-    return IAMForCausalLM(llm, slm, configured(base, setup), setup.eviction())
+def build(llm, slm, base: MappingConfig, setup: Setup, prompt: tuple[int, ...] = ()) -> IAMForCausalLM:
+    """The ``IAMForCausalLM`` of ``setup`` over ``base``; ``prompt`` as for ``Setup.eviction``."""
+    return IAMForCausalLM(llm, slm, configured(base, setup), setup.eviction(prompt))

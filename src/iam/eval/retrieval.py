@@ -31,7 +31,9 @@ from pathlib import Path
 
 import torch
 
+from ..core.eviction import repeat_prompt
 from ..core.model import IAMForCausalLM
+from ..models.presets import total_kept_at
 from ..core.setup import Setup, build, configured, parse_setup, parse_setups  # noqa: F401  (re-exported)
 from . import data
 from .runs import side_by_side
@@ -354,8 +356,9 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 @torch.no_grad()
 def answer(iam, tokenizer, sample: Sample, protocol: str, max_new_tokens: int | None = None) -> list[tuple[str, dict, float]]:
     """Each question of ``sample`` answered greedily by ``iam`` (an ``IAMForCausalLM``) under ``protocol``; returns
-    ``(prediction, kv_bytes, seconds)`` per question, the prediction being the answer's first line. Under
-    ``agnostic`` the context is prefilled once (and, with an eviction policy, compressed) and every question
+    ``(prediction, kv_bytes, seconds)`` per question, the prediction being the answer's first line, ``kv_bytes`` the
+    cache's (``IAMCache.kv_bytes``) with ``scoring_s``, its seconds of eviction scoring by a repeat pass, per question.
+    Under ``agnostic`` the context is prefilled once (and, with an eviction policy, compressed) and every question
     continues a copy of that cache through ``generate()``."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}.")
@@ -386,7 +389,9 @@ def answer(iam, tokenizer, sample: Sample, protocol: str, max_new_tokens: int | 
         )
         seconds = time.perf_counter() - start + prefill_s / len(sample.questions)
         text = tokenizer.decode(generated[0, ids.shape[1] :], skip_special_tokens=True)
-        out.append((text.strip().split("\n")[0], cache.kv_bytes(), seconds))  # the answer's first line
+        share = len(sample.questions) if protocol == "agnostic" else 1  # one scoring pass serves every question
+        kv = {**cache.kv_bytes(), "scoring_s": cache.scoring_s / share}
+        out.append((text.strip().split("\n")[0], kv, seconds))  # the answer's first line
     return out
 
 
@@ -435,7 +440,7 @@ def summarize(setup: Setup, task: str, answers: Sequence[dict], bins: int, conte
     for b in range(bins):
         inside = [a["correct"] for a in answers if min(int(a["depth"] * bins), bins - 1) == b]
         per_bin.append(sum(inside) / len(inside) if inside else None)
-    mean = lambda key: sum(a[key] for a in answers) / n
+    mean = lambda key: sum(a.get(key, math.nan) for a in answers) / n  # a file of an older version may lack a key
     return {
         "method": setup.label,
         "task": task,
@@ -452,7 +457,10 @@ def summarize(setup: Setup, task: str, answers: Sequence[dict], bins: int, conte
         "ci_high": high,
         "llm_kv_dropped": mean("llm_kv_dropped"),
         "total_kv": mean("total_kv"),
+        "total_kv_dropped": 1 - mean("total_kv"),
+        "total_kv_dropped_at_72b": mean("total_kv_dropped_at_72b"),
         "seconds_per_question": mean("seconds"),
+        "scoring_seconds_per_question": mean("scoring_seconds"),
         "context_tokens": mean("context_tokens"),
         "accuracy_by_depth": per_bin,
         "near_misses": sum(not a["correct"] and near_miss(a["prediction"], a["expected"]) for a in answers),
@@ -462,12 +470,32 @@ def summarize(setup: Setup, task: str, answers: Sequence[dict], bins: int, conte
     }
 
 
+AXES = {"on_frontier": "llm_kv_dropped", "on_total_frontier": "total_kv_dropped", "on_72b_frontier": "total_kv_dropped_at_72b"}
+"""The frontier marks of a row, each on its own KV axis: the LLM's own KV dropped, the total (the SLM's included)
+dropped, and the total projected to the paper's pair (``kv_shares``)."""
+
+
+def kv_shares(kv: dict) -> dict:
+    """A cache's KV shares from its ``kv_bytes``: ``llm_kv_dropped``, ``total_kv`` (kept, the SLM's included, over the
+    LLM alone's) and ``total_kv_dropped_at_72b``, the total the same configuration would drop at Qwen2-72B with
+    Qwen2-0.5B (``presets.total_kept_at``: a projection, arithmetic from the presets)."""
+    slm_kept = kv["slm"] / kv["slm_baseline"] if kv["slm_baseline"] else 0.0
+    return {
+        "llm_kv_dropped": 1 - kv["llm"] / kv["baseline"],
+        "total_kv": kv["total"] / kv["baseline"],
+        "total_kv_dropped_at_72b": 1 - total_kept_at(kv["llm"] / kv["baseline"], slm_kept),
+    }
+
+
 def frontier(rows: list[dict]) -> None:
-    """Mark ``on_frontier`` per task and length: no other configuration of the task drops at least as much of the LLM's KV with at
-    least its accuracy, and is strictly better in one."""
+    """Mark each row ``on_frontier`` (and ``on_total_frontier``, ``on_72b_frontier``: see ``AXES``) per task and
+    length: no other configuration of the task drops at least as much KV on that axis with at least its accuracy,
+    and is strictly better in one."""
     for row in rows:
         rivals = [r for r in rows if (r["task"], r.get("tokens")) == (row["task"], row.get("tokens"))]
-        row["on_frontier"] = not any(dominates(r, row, lambda x: x["accuracy"]) for r in rivals)
+        for mark, axis in AXES.items():
+            on = lambda r, axis=axis: {"llm_kv_dropped": r[axis], "accuracy": r["accuracy"]}
+            row[mark] = not any(dominates(on(r), on(row), lambda x: x["accuracy"]) for r in rivals)
 
 
 def eval_retrieval(
@@ -514,7 +542,7 @@ def eval_retrieval(
             for i, sample in enumerate(sample_list):
                 key = (setup.label, task, t, i)
                 if key not in done:
-                    iam = iam or build(llm, slm, base, setup)
+                    iam = iam or build(llm, slm, base, setup, repeat_prompt(tokenizer))
                     result = []
                     for j, (question, (text, kv, seconds)) in enumerate(
                         zip(sample.questions, answer(iam, tokenizer, sample, protocol))
@@ -526,9 +554,9 @@ def eval_retrieval(
                                 "correct": correct(text, question.answers),
                                 "prediction": text,
                                 "expected": list(question.answers),
-                                "llm_kv_dropped": 1 - kv["llm"] / kv["baseline"],
-                                "total_kv": kv["total"] / kv["baseline"],
+                                **kv_shares(kv),
                                 "seconds": seconds,
+                                "scoring_seconds": kv["scoring_s"],
                                 "context_tokens": sample.tokens,
                             }
                         )
@@ -551,7 +579,7 @@ def demo(llm, slm, tokenizer, base, setups: Sequence[Setup], tokens: int = 1024,
     """One multikey context of about ``tokens`` tokens, cached and then asked about each of its needles, by each of
     ``setups``: per setup its answers, how many are right, and the LLM KV it dropped."""
     sample = make_samples(tokenizer, "multikey", 1, tokens, seed)[0]
-    configs = [({"method": s.label}, configured(base, s), s.eviction()) for s in setups]
+    configs = [({"method": s.label}, configured(base, s), s.eviction(repeat_prompt(tokenizer))) for s in setups]
 
     def score(iam: IAMForCausalLM, label: dict) -> dict:
         answers = answer(iam, tokenizer, sample, "agnostic")

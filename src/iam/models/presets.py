@@ -63,6 +63,20 @@ PRESETS: dict[str, Arch] = {
 }
 
 
+PAPER_PAIR = ("qwen2-72b", "qwen2-0.5b")
+"""The paper's pair: what a configuration's total KV is projected to (``total_kept_at``)."""
+
+
+def total_kept_at(llm_kept: float, slm_kept: float, pair: tuple[str, str] = PAPER_PAIR) -> float:
+    """The total KV (the SLM's included) a configuration would keep at ``pair``, as a fraction of that LLM's own full
+    cache: arithmetic, not a measurement. ``llm_kept`` is the share of its LLM's full cache it keeps, ``slm_kept`` the
+    share of its SLM's full cache (both models' K and V of every layer, in their dtype), as measured on another pair;
+    each share is taken to carry over (mapping, eviction and quantization act per layer and token)."""
+    llm, slm = (PRESETS[name] for name in pair)
+    per_token = lambda a: a.layers * a.kv_heads * a.head_dim
+    return llm_kept + slm_kept * per_token(slm) / per_token(llm)
+
+
 def hf_config(arch: Arch, layers: int | None = None, attn_implementation: str = "sdpa"):
     """A transformers config of ``arch`` (optionally with fewer layers), for random-weight timing."""
     from transformers import LlamaConfig, Qwen2Config
