@@ -208,7 +208,10 @@ def test_continuation_reads_the_evicted_cache(pair):
         (lambda: H2O(recent=-5), r"H2O.recent must be an integer >= 0 \(tokens\), got -5"),
         (lambda: H2O(recent=True), r"H2O.recent must be an integer >= 0"),
         (lambda: StreamingLLM(sinks=-2), r"StreamingLLM.sinks must be an integer >= 0 \(tokens\), got -2"),
-        (lambda: make_policy("lru", 0.5), r"eviction policy must be one of \['draft-kvzip', 'h2o', 'kvzip', 'snapkv', 'streaming'\], got 'lru'"),
+        (
+            lambda: make_policy("lru", 0.5),
+            r"eviction policy must be one of \['draft-kvzip', 'h2o', 'kvzip', 'snapkv', 'streaming'\], got 'lru'",
+        ),
         (lambda: make_policy(None, 0.5), r"a budget needs an eviction policy"),
     ],
 )

@@ -152,9 +152,18 @@ def test_int4_cache_bytes_in_a_paired_run_are_its_tensors(pair):
     kv = cache.kv_bytes()
     assert kv["llm"] == sum(t.nbytes for layer in cache.layers for t in layer.tensors()) < kv["baseline"] // 2
     assert kv["llm"] == sum(
-        t.nbytes for layer in cache.layers for t in (layer.keys, layer.values, layer.key_scales, layer.key_zeros,
-                                                     layer.value_scales, layer.value_zeros, layer.key_recent,
-                                                     layer.value_recent)
+        t.nbytes
+        for layer in cache.layers
+        for t in (
+            layer.keys,
+            layer.values,
+            layer.key_scales,
+            layer.key_zeros,
+            layer.value_scales,
+            layer.value_zeros,
+            layer.key_recent,
+            layer.value_recent,
+        )
     )
 
 

@@ -87,8 +87,15 @@ def test_a_wrong_needle_is_another_value_of_the_context():
 
 def test_the_frontier_is_by_kv_dropped_and_accuracy_per_task_and_length_on_each_axis():
     def row(task, dropped, accuracy, total):  # IAM's SLM costs total KV here: the second row is behind on that axis
-        return {"task": task, "tokens": 1024, "llm_kv_dropped": dropped, "accuracy": accuracy, "total_kv_dropped": total,
-                "total_kv_dropped_at_72b": dropped}
+        return {
+            "task": task,
+            "tokens": 1024,
+            "llm_kv_dropped": dropped,
+            "accuracy": accuracy,
+            "total_kv_dropped": total,
+            "total_kv_dropped_at_72b": dropped,
+        }
+
     rows = [row("a", 0.0, 1.0, 0.0), row("a", 0.5, 1.0, 0.1), row("a", 0.3, 0.7, 0.3), row("a", 0.7, 0.2, 0.7)]
     rows.append(row("b", 0.3, 0.7, 0.3))
     retrieval.frontier(rows)

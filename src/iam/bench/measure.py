@@ -90,7 +90,10 @@ def measure(
     unbudgeted = [
         s.label
         for s in setups
-        if s.scope != "all" or s.llm_cache != "native" or s.slm_cache not in (None, "native") or (s.policy is not None and s.eviction().reconstruct)
+        if s.scope != "all"
+        or s.llm_cache != "native"
+        or s.slm_cache not in (None, "native")
+        or (s.policy is not None and s.eviction().reconstruct)
     ]
     if unbudgeted:
         raise ValueError(

@@ -390,7 +390,9 @@ def attention_mass(
     return mass
 
 
-def repeat_scores(q: torch.Tensor, k: torch.Tensor, scaling: float, valid: torch.Tensor, context: int, chunk: int = 128) -> torch.Tensor:
+def repeat_scores(
+    q: torch.Tensor, k: torch.Tensor, scaling: float, valid: torch.Tensor, context: int, chunk: int = 128
+) -> torch.Tensor:
     """KVzip's score ``[B, H, context]`` of each of the first ``context`` cache slots per query head: the most
     attention any of the ``t`` repeat queries gives it, in float32 and in chunks of queries (no T x T matrix).
 

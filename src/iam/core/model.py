@@ -538,9 +538,7 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         return run
 
     @torch.no_grad()
-    def _reconstruction(
-        self, cache: IAMCache, ids, mask, position_ids
-    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    def _reconstruction(self, cache: IAMCache, ids, mask, position_ids) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """KVzip's scores of the slots just prefilled (``EvictionPolicy.reconstruct``): the LLM (with its SLM where
         it maps) or the SLM alone is teacher-forced through the repeat prompt and each chunk of the context on a
         scratch copy of its cache. Returns the shared set's scores ``[B, S]`` (the mapped layers' and the SLM's:
@@ -573,7 +571,10 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
                 scratch = copy.deepcopy(source)
                 dev = self.slm.device
                 queries = Pass(self.slm, rids.to(dev), full.to(dev), rpos.to(dev), scratch).queries(slm_depth)
-                keys, scaling = (lambda j, scratch=scratch: scratch.layers[j].read_keys()), decoder_layers(self.slm)[0].self_attn.scaling
+                keys, scaling = (
+                    (lambda j, scratch=scratch: scratch.layers[j].read_keys()),
+                    decoder_layers(self.slm)[0].self_attn.scaling,
+                )
             else:
                 scratch = copy.deepcopy(cache)
                 scratch.eviction = None  # the scratch pass only reads
@@ -589,8 +590,11 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
             for j, q in queries.items():
                 keep_max(slm_scores, j, repeat_scores(q, keys(j), scaling, full.to(q.device), s).to(ids.device))
             del scratch
-        groups = {i: llm_scores[i] if not draft else self._carried(slm_scores, i) for i in range(self.n_layers)
-                  if cache.evicts(i) and (mapping is None or i not in mapping.plan)}
+        groups = {
+            i: llm_scores[i] if not draft else self._carried(slm_scores, i)
+            for i in range(self.n_layers)
+            if cache.evicts(i) and (mapping is None or i not in mapping.plan)
+        }
         if mapping is not None:
             weight = mapping.borrowed_weight(self.slm.config.num_attention_heads)
             shared = torch.stack(

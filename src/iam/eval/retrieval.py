@@ -33,8 +33,8 @@ import torch
 
 from ..core.eviction import repeat_prompt
 from ..core.model import IAMForCausalLM
-from ..models.presets import total_kept_at
 from ..core.setup import Setup, build, configured, parse_setup, parse_setups  # noqa: F401  (re-exported)
+from ..models.presets import total_kept_at
 from . import data
 from .runs import side_by_side
 from .tradeoff import dominates
