@@ -173,7 +173,7 @@ def test_setups_the_budget_does_not_model_are_refused():
     from iam.core.setup import parse_setups
 
     llm, slm = tiny("qwen2", 4, 64, 4, 2, 0), tiny("qwen2", 2, 32, 2, 1, 1)
-    for configs in ("iam0.5+h2o@0.5:unmapped", "iam0.5+int8", "llm+int8"):
+    for configs in ("iam0.5+h2o@0.5:unmapped", "iam0.5+int8", "llm+int8", "llm+int4", "iam0.5+slm-int4", "kvzip@0.5"):
         with pytest.raises(ValueError, match="not measured against one"):
             measure(llm, slm, parse_setups(configs), Scenario(24, 1, 2), 1, MappingConfig(), progress=False)
 

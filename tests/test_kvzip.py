@@ -201,3 +201,8 @@ def test_int4_group_must_divide_the_head_dimension(pair):
         model(llm, slm, None, ratio=0.0, llm_cache="int4", int4_group=12)
     with pytest.raises(ValueError, match=r"int4_group 32 must divide the SLM's head dimension 16"):
         model(llm, slm, None, ratio=0.5, slm_cache="int4")
+
+
+def test_draft_kvzip_without_an_slm_is_refused_before_loading(tmp_path):
+    with pytest.raises(ValueError, match=r"an SLM is needed \(draft-kvzip scores with it\)"):
+        IAMForCausalLM.from_pretrained(llm=tmp_path / "missing", slm=None, ratio=0.0, eviction=DraftKVzip(budget=0.5))

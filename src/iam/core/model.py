@@ -157,6 +157,9 @@ def load_checked(
     ``eviction``, the pair's configs, the ``placement``, and each config resolved against the pair (its stored order
     and blend, its units, the eviction's scope). ``from_pretrained`` and the command line load through it."""
     placement = placement or Placement()
+    if slm is None:
+        why = " (draft-kvzip scores with it)" if eviction is not None and eviction.reconstruct == "slm" else ""
+        raise ValueError(f"an SLM is needed{why}: give slm, an alias, GGUF file or model folder of the LLM's family.")
     check_device(device)
     for config in configs:
         check_eviction(config, eviction)
