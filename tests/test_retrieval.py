@@ -53,15 +53,30 @@ def test_needles_sit_at_the_asked_depths():
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("iam0.5+q3", "unknown part 'q3'"),
+        ("iam0.5+q3", "part 'q3': unknown part"),
         ("llm+lru@0.5", "eviction policy must be one of"),
         ("llm+w64", "a local window needs mapped layers"),
         ("iamx", "could not convert"),
+        # a repeated or contradictory part ran the last one, or the LLM alone under an IAM label
+        ("iam0.5+w64+w32", "part 'w32': a second window part after 'w64'"),
+        ("iam0.5+llm", "part 'llm': a second mapping part after 'iam0.5'"),
+        ("llm+iam0.5", "part 'iam0.5': a second mapping part after 'llm'"),
+        ("iam0.5+h2o@0.5+snapkv@0.5", "part 'snapkv@0.5': a second eviction part after 'h2o@0.5'"),
+        ("iam0.5+int8+int8", "part 'int8': a second cache part after 'int8'"),
+        ("iam0+h2o@0.5", r"part 'iam0': iam<ratio> takes a ratio in \(0, 1\]"),
+        ("iam1.5", r"part 'iam1.5': iam<ratio> takes a ratio in \(0, 1\]"),
+        ("iam0.5+w0", "part 'w0': a window of 0 tokens is no window"),
+        ("iam0.5+h2o@0.5:some", "part 'h2o@0.5:some': scope must be one of"),
     ],
 )
 def test_bad_configurations_are_named(text, message):
     with pytest.raises(ValueError, match=message):
         retrieval.parse_setup(text)
+
+
+def test_a_configuration_given_twice_is_refused():
+    with pytest.raises(ValueError, match=r"configurations \['iam0.5'\] are given more than once"):
+        retrieval.parse_setups("iam0.5,h2o@0.5,iam0.5")
 
 
 def test_configurations_parse_and_the_llm_alone_comes_first():

@@ -67,6 +67,19 @@ def spread(values: Sequence[float]) -> tuple[float, float, float]:
     return statistics.median(values), min(values), max(values)
 
 
+def check_budgeted(setups: Sequence[Setup]) -> None:
+    """Raise unless ``setups`` start with the LLM alone and each has a budget (``measure``): eviction over every
+    layer, the LLM's cache in its own dtype."""
+    if not setups or not setups[0].plain:
+        raise ValueError("setups must start with the LLM alone (Setup('llm')): every budget is set against it.")
+    unbudgeted = [s.label for s in setups if s.scope != "all" or s.llm_cache != "native"]
+    if unbudgeted:
+        raise ValueError(
+            f"the budget models eviction over every layer and the LLM's cache in its own dtype; {unbudgeted} are not "
+            "measured against one: leave out :unmapped and +int8."
+        )
+
+
 def measure(
     llm,
     slm,
@@ -85,14 +98,7 @@ def measure(
     mapped. ``ttft_vs_budget``/``tpot_vs_budget`` are medians of the setup over its budget, round by round (1 = it
     costs exactly its parts; above 1, overhead).
     """
-    if not setups or not setups[0].plain:
-        raise ValueError("setups must start with the LLM alone (Setup('llm')): every budget is set against it.")
-    unbudgeted = [s.label for s in setups if s.scope != "all" or s.llm_cache != "native"]
-    if unbudgeted:
-        raise ValueError(
-            f"the budget models eviction over every layer and the LLM's cache in its own dtype; {unbudgeted} are not "
-            "measured against one: leave out :unmapped and +int8."
-        )
+    check_budgeted(setups)
     configs = [configured(base_config, s) for s in setups]
     check_mapped([scenario.prompt], [c for c in configs if c.ratio], "a prompt")
     device = llm.device

@@ -19,6 +19,7 @@ from ..core.config import MappingConfig
 from ..core.eviction import POLICIES, SCOPES, EvictionPolicy, make_policy, parse_budget
 from ..core.model import load_checked
 from ..core.selection import STRATEGIES, Unit, parse_unit
+from ..core.setup import Setup, checked_configs, parse_setups
 from ..core.similarity import METRICS
 from ..eval import data
 from ..eval.windows import text_windows
@@ -240,6 +241,17 @@ def from_flags(cls: type[T], args: argparse.Namespace, **given: object) -> T:
 
 def mapping_config(args: argparse.Namespace, ratio: float) -> MappingConfig:
     return from_flags(MappingConfig, args, ratio=ratio)
+
+
+def setups_of(args: argparse.Namespace, text: str, **labelled) -> tuple[MappingConfig, list[Setup], list[MappingConfig]]:
+    """The base config, the configurations of ``text`` (``--configs``) and their checked ``MappingConfig``s, before
+    any weights load. The one rule of every command that takes configurations: a mapping flag that a label sets
+    (``--local-window``, ``--llm-cache``, ``--layers``) is refused beside them (``core.setup.configured``), the others
+    apply to every configuration, ``--local-sinks`` to those with a window. ``labelled``: flags the command has
+    written into the labels itself, left out of the base."""
+    setups = parse_setups(text, args.local_sinks)
+    base = from_flags(MappingConfig, args, ratio=0.0, local_sinks=None, **labelled)
+    return base, setups, checked_configs(base, setups)
 
 
 def at_ratios(base: MappingConfig, ratios: Sequence[float]) -> list[MappingConfig]:

@@ -11,7 +11,6 @@ from ..core.config import MappingConfig, check_mapped
 from ..core.eviction import POLICIES
 from ..core.model import check_scope
 from ..core.resolution import resolve
-from ..core.setup import checked_configs
 from ..core.similarity import METRICS
 from ..eval import analysis, data, generation, retrieval, sweep, tradeoff
 from ..eval.perplexity import eval_metrics, eval_perplexity
@@ -46,6 +45,7 @@ from .common import (
     named_windows,
     positive_int,
     ratio_list,
+    setups_of,
 )
 
 RETRIEVAL_CONFIGS = (
@@ -380,9 +380,7 @@ def retrieval_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_retrieval(args: argparse.Namespace) -> int:
-    setups = retrieval.parse_setups(args.configs)
-    base = mapping_config(args, 0.0)
-    configs = checked_configs(base, setups)
+    base, setups, configs = setups_of(args, args.configs)
     llm_config, slm_config = read_configs(args.llm, args.slm, force=args.force)
     for setup, config in zip(setups, configs):
         policy = setup.eviction()
