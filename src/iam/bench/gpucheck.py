@@ -23,7 +23,8 @@ import torch
 
 from ..core.config import MappingConfig
 from ..core.model import IAMForCausalLM
-from ..models.loading import check_device, load_pair
+from ..models.loading import load_pair
+from ..models.placement import check_device
 from .measure import random_prompt, run_generate
 from .memory import PeakMemory
 

@@ -16,6 +16,7 @@ from ..core.cache import slm_cache
 from ..core.config import MappingConfig, check_mapped
 from ..core.model import IAMForCausalLM
 from ..core.setup import Setup, build, configured
+from ..models.placement import input_device
 from ..models.presets import Arch
 from ..reporting import with_baseline
 from .costs import Scenario, kept_share, llm_shares
@@ -27,7 +28,7 @@ def random_prompt(llm, batch: int, length: int, generator: torch.Generator) -> t
     """Random token ids (clear of the vocabulary's ends, where special tokens live) on the LLM's device."""
     vocab = llm.config.vocab_size
     margin = min(100, vocab // 4)
-    return torch.randint(margin, vocab - margin, (batch, length), generator=generator).to(llm.device)
+    return torch.randint(margin, vocab - margin, (batch, length), generator=generator).to(input_device(llm))
 
 
 def run_generate(model, ids: torch.Tensor, new_tokens: int) -> tuple[dict[str, float], object]:
@@ -101,7 +102,7 @@ def measure(
     check_budgeted(setups)
     configs = [configured(base_config, s) for s in setups]
     check_mapped([scenario.prompt], [c for c in configs if c.ratio], "a prompt")
-    device = llm.device
+    device = input_device(llm)
     ids = random_prompt(llm, scenario.batch, scenario.prompt, torch.Generator().manual_seed(0))
     models = [llm if s.plain else build(llm, slm, base_config, s) for s in setups]
     samples: list[list[dict]] = [[] for _ in [*setups, None]]  # the last: the SLM alone

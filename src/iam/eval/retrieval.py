@@ -365,12 +365,12 @@ def answer(iam, tokenizer, sample: Sample, protocol: str, max_new_tokens: int | 
     context_cache, prefill_s = None, 0.0
     for question in sample.questions:
         context, asked = encode(tokenizer, sample, question)
-        ids = torch.cat([context, asked], -1).to(iam.llm.device)
+        ids = torch.cat([context, asked], -1).to(iam.device)
         start = time.perf_counter()
         if protocol == "agnostic":
             if context_cache is None:
                 context_cache = iam.new_cache()
-                iam(context.to(iam.llm.device), cache=context_cache, logits_to_keep=1)
+                iam(context.to(iam.device), cache=context_cache, logits_to_keep=1)
                 prefill_s = time.perf_counter() - start
                 start = time.perf_counter()
             cache = copy.deepcopy(context_cache)
