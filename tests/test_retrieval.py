@@ -347,7 +347,12 @@ def test_the_command_runs_side_by_side_resumes_and_reports(long_folders, tmp_pat
 
     # more samples, another task or length: only the new samples are measured (sample i is the same for any n)
     asked = []
-    monkeypatch.setattr(retrieval, "answer", lambda iam, tok, sample, *a: asked.append(sample.task) or measure(iam, tok, sample, *a))
+
+    def counted(iam, tok, sample, *args):
+        asked.append(sample.task)
+        return measure(iam, tok, sample, *args)
+
+    monkeypatch.setattr(retrieval, "answer", counted)
     with pytest.warns(UserWarning, match="skipped"):
         assert main([*argv, "--n", "3", "--tasks", "passkey,multikey,vartrack"]) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]

@@ -337,7 +337,13 @@ def make_samples(
 
 
 def samples_for(
-    tokenizer, tasks: Sequence[str], tokens: Sequence[int], n: int, limit: int, seed: int = 0, spread: str = "even",
+    tokenizer,
+    tasks: Sequence[str],
+    tokens: Sequence[int],
+    n: int,
+    limit: int,
+    seed: int = 0,
+    spread: str = "even",
     filler: str = "prose",
 ) -> dict[tuple[str, int], list[Sample]]:
     """Every sample of a run by task and context length (``make_samples``), checked before any model loads: each
@@ -650,7 +656,9 @@ def read_progress(path: Path) -> dict:
             continue
         done[key] = answers
     if skipped:
-        warnings.warn(f"{path}: skipped line(s) {skipped}, not a recorded answer (their samples are measured again).")
+        warnings.warn(
+            f"{path}: skipped line(s) {skipped}, not a recorded answer (their samples are measured again).", stacklevel=2
+        )
     return done
 
 
