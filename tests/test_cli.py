@@ -179,6 +179,13 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(argv
     assert re.search(r"iam: error: --(out|to|json) .*a-file.* is not a writable folder \(.*\); nothing was run", err), err
 
 
+def test_an_output_file_that_is_a_folder_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """It gave an internal error after the run."""
+    monkeypatch.setattr("iam.cli.common.load_checked", lambda *a, **k: pytest.fail("models were loaded"))
+    assert main(["demo", *PAIR, "--json", str(tmp_path)]) == 2
+    assert f"iam: error: --json {tmp_path} is a folder: give a file name" in capsys.readouterr().err
+
+
 def test_files_that_are_not_utf8_or_not_json_are_named(tmp_path, pair_folders, capsys):
     from iam.eval import data
     from iam.tuning.data import json_records

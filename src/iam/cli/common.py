@@ -7,7 +7,6 @@ import argparse
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import fields, replace
 from pathlib import Path
@@ -23,6 +22,7 @@ from ..core.setup import Setup, checked_configs, parse_setups
 from ..core.similarity import METRICS
 from ..eval import data
 from ..eval.windows import text_windows
+from ..io import check_writable
 from ..models.placement import Placement
 from ..reporting import write_report
 
@@ -320,22 +320,13 @@ def finish(args: argparse.Namespace, name: str, result: dict, columns: Sequence[
 
 
 def check_outputs(args: argparse.Namespace) -> None:
-    """Before any work: every folder a command will write into (``--out``, ``--to``, the folder of ``--json FILE``)
-    must be a folder we may write in, or one we may create; else ``ValueError`` naming it."""
-    folders = [("--out", args.out), ("--to", args.to)]
+    """Before any work: every folder a command will write into (``--out``, ``--to``) and the file of ``--json FILE``
+    must be writable (``io.check_writable``); else ``ValueError`` naming it."""
+    for flag, folder in [("--out", args.out), ("--to", args.to)]:
+        if folder is not None:
+            check_writable(folder, flag)
     if isinstance(args.json, str):
-        folders.append(("--json", str(Path(args.json).parent)))
-    for flag, folder in folders:
-        if folder is None:
-            continue
-        existing = Path(folder).absolute()
-        while not existing.exists() and existing != existing.parent:  # created later: its first existing ancestor
-            existing = existing.parent
-        try:
-            with tempfile.TemporaryFile(dir=existing):
-                pass
-        except OSError as err:
-            raise ValueError(f"{flag} {folder} is not a writable folder ({err.strerror or err}); nothing was run.") from None
+        check_writable(args.json, "--json", file=True)
 
 
 def option_flags(parser: argparse.ArgumentParser) -> dict[str, str]:
