@@ -179,6 +179,13 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(argv
     assert re.search(r"iam: error: --(out|to|json) .*a-file.* is not a writable folder \(.*\); nothing was run", err), err
 
 
+def test_an_output_file_that_is_a_folder_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """It gave an internal error after the run."""
+    monkeypatch.setattr("iam.cli.common.load_checked", lambda *a, **k: pytest.fail("models were loaded"))
+    assert main(["demo", *PAIR, "--json", str(tmp_path)]) == 2
+    assert f"iam: error: --json {tmp_path} is a folder: give a file name" in capsys.readouterr().err
+
+
 def test_files_that_are_not_utf8_or_not_json_are_named(tmp_path, pair_folders, capsys):
     from iam.eval import data
     from iam.tuning.data import json_records
@@ -358,3 +365,38 @@ def test_library_errors_name_parameters_and_the_cli_names_flags(capsys, monkeypa
     monkeypatch.setattr("iam.cli.common.load_checked", refuse)
     assert main(["eval", "summarize", *PAIR, "--context", "200", "--min-tokens", "300"]) == 2
     assert capsys.readouterr().err == "iam: error: need 0 < --min-tokens 300 <= --context 200; nothing else\n"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [  # every row mapped --layers, the LLM alone's included; --llm-cache and --local-window vanished beside --configs
+        (["bench", "--configs", "llm,iam0.5", "--layers", "1"], r"--layers \[1\] would map those layers in every configuration"),
+        (["bench", "--ratios", "0.5", "--layers", "1"], r"--layers \[1\] would map those layers in every configuration"),
+        (["eval", "retrieval", "--configs", "iam0.5", "--layers", "1"], r"--layers \[1\] would map those layers"),
+        (["eval", "retrieval", "--llm-cache", "int8"], "--llm-cache 'int8' would apply beside the configurations"),
+        (["eval", "retrieval", "--local-window", "8"], "--local-window 8 would apply beside the configurations"),
+        (["bench", "--configs", "iam0.5+w8", "--local-window", "8"], "--local-window 8 would apply beside"),
+        (["demo", "--local-window", "8"], "--local-window 8 would apply beside the configurations"),
+        (["bench", "--ratios", "0.5", "--llm-cache", "int8"], r"\['iam0.5\+int8'\] are not measured against one"),
+        (["bench", "--configs", ""], "give at least one configuration"),
+        (["eval", "retrieval", "--configs", "llm,iam0.5", "--local-sinks", "2"], "--local-sinks 2 would not be used"),
+    ],
+)
+def test_a_base_flag_never_overrides_or_vanishes_beside_configurations(argv, message, capsys, monkeypatch):
+    monkeypatch.setattr("iam.cli.common.load_checked", lambda *a, **k: pytest.fail("models were loaded"))
+    assert main([*argv, *PAIR]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+
+
+def test_local_sinks_go_to_the_configurations_with_a_window(monkeypatch):
+    """--local-sinks with windowed --configs always failed: the implied llm row has no window."""
+    loaded = []
+
+    def stop(llm, slm, configs, *args, **kwargs):
+        loaded.extend(configs)
+        raise FileNotFoundError("stop")
+
+    monkeypatch.setattr("iam.cli.common.load_checked", stop)
+    assert main(["bench", "--configs", "iam0.5+w8,iam0.3", "--local-sinks", "2", *PAIR]) == 2
+    assert [(c.ratio, c.local_window, c.local_sinks) for c in loaded] == [(0.5, 8, 2), (0.3, 0, None)]

@@ -54,6 +54,20 @@ def test_a_config_invalid_for_the_pair_fails_before_weights_load(tmp_path, monke
         IAMForCausalLM.from_pretrained(tmp_path / "big", tmp_path / "small", ratio=3)
 
 
+def test_a_ratio_that_maps_no_unit_is_refused_naming_the_one_that_maps_one(pair, pair_folders, monkeypatch, capsys):
+    """On a 4-layer LLM, ratio 0.125 rounded to no layer (round half to even): a row labelled IAM, 0% dropped,
+    rated against a budget."""
+    llm, slm = pair
+    with pytest.raises(ValueError, match=r"ratio 0.125 maps none of this LLM's 4 layers .* above 0.125 \(e.g. 0.25, one"):
+        iam(llm, slm, ratio=0.125, strategy="back")
+    assert iam(llm, slm, ratio=0.13, strategy="back").resolved.n_mapped == 1
+    from iam.cli import main
+
+    monkeypatch.setattr("iam.core.model.load_pair", lambda *a, **k: pytest.fail("weights were loaded"))
+    assert main(["bench", "--llm", pair_folders[0], "--slm", pair_folders[1], "--configs", "iam0.1"]) == 2
+    assert "ratio 0.1 maps none of this LLM's 4 layers" in capsys.readouterr().err
+
+
 def test_from_pretrained_checks_the_eviction_before_weights_load(tmp_path, monkeypatch):
     """``from_pretrained`` and the command line load through one checked loader (``load_checked``): an eviction the
     mapping leaves no layer for, or one its local window outgrows, failed only after both models had loaded."""

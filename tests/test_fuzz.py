@@ -1,10 +1,15 @@
 """Fuzzing ``MappingConfig``, the eviction policy, the dtype and the inputs of ``forward``/``generate`` on the tiny
 pairs: every draw either runs and matches its references (each row of a batch as run alone; ratio 0 without eviction
-as the LLM alone; another wrapper's cache refused, an equal wrapper's accepted) or raises ``ValueError``."""
+as the LLM alone; another wrapper's cache refused, an equal wrapper's accepted) or raises ``ValueError``. Then the
+configurations written as text (each runs what its label says, or is refused naming its part) and the retrieval's
+progress file (however damaged, no whole recorded answer is lost)."""
 
 from __future__ import annotations
 
 import copy
+import json
+import re
+import warnings
 from dataclasses import replace
 
 import pytest
@@ -14,8 +19,11 @@ from hypothesis import strategies as st
 
 from conftest import FAMILIES, VOCAB, forward, left_pad, tiny
 from iam import STRATEGIES, IAMForCausalLM, MappingConfig
-from iam.core.eviction import POLICIES, make_policy
+from iam.core.eviction import POLICIES, make_policy, parse_budget
+from iam.core.selection import units_for_ratio
+from iam.core.setup import build, checked_configs, parse_setup
 from iam.core.similarity import METRICS
+from iam.eval import retrieval
 
 PAIRS = {
     (family, dtype): tuple(m.to(dtype) for m in (tiny(family, 4, 64, 4, 2, seed=0), tiny(family, 2, 32, 2, 1, seed=1)))
@@ -195,3 +203,155 @@ def test_every_config_and_input_runs_as_its_references_or_raises_value_error(fam
 def test_valid_draws_run_to_their_references(kwargs):
     """The fuzzed test accepts a ValueError; these draws must not raise one."""
     run("llama", kwargs, [torch.arange(1, 30), torch.arange(5, 27), torch.arange(40, 62)], None, 3)
+
+
+# ---- configurations written as text (``iam.core.setup``) ---------------------------------------------------------
+
+PARTS = {  # each part's kind, or None for a part that is refused however it is combined
+    **{p: "mapping" for p in ("llm", "iam0.5", "iam1.0", "iam0.3", "iam0.13", "iam0.1")},
+    **{p: "window" for p in ("w4", "w8")},
+    **{p: "eviction" for p in ("h2o@0.5", "snapkv@0.8", "streaming@0.7:unmapped", "snapkv@24", "h2o@0.9:all")},
+    "int8": "cache",
+    **{p: None for p in ("iam0", "iam1.5", "iamx", "w0", "q3", "", "lru@0.5", "h2o@0", "h2o@0.5:some", "llm+")},
+}
+"""Parts of a configuration's text, each of the kind it gives (``parse_setup``), or ``None`` where it is refused."""
+
+
+def expected(parts: list[str]) -> dict | None:
+    """What a configuration of ``parts`` must run, read off its parts here; ``None`` where it must be refused: a bad
+    part, a kind given twice, or a window without mapped layers."""
+    kinds = [PARTS[p] for p in parts]
+    if None in kinds or len(set(kinds)) < len(kinds):
+        return None
+    given = dict(zip(kinds, parts))
+    ratio = float(given.get("mapping", "llm").removeprefix("iam").replace("llm", "0"))
+    if "window" in given and not ratio:
+        return None
+    policy = None
+    if "eviction" in given:
+        name, _, rest = given["eviction"].partition("@")
+        budget, _, scope = rest.partition(":")
+        policy = make_policy(name, parse_budget(budget), scope or "all")
+    window = int(given.get("window", "w0")[1:])
+    return {"ratio": ratio, "local_window": window, "llm_cache": "int8" if "cache" in given else "native", "policy": policy}
+
+
+@st.composite
+def configurations(draw) -> list[str]:
+    """A mapping part and some of the other kinds, in any order; rarely one more part, bad or of a kind given."""
+    kinds = {kind: sorted(p for p, k in PARTS.items() if k == kind) for kind in ("mapping", "window", "eviction", "cache")}
+    parts = [draw(st.sampled_from(kinds[k])) for k in kinds if k == "mapping" or draw(st.booleans())]
+    parts = draw(st.permutations(parts))
+    if draw(mostly(st.just(False), st.just(True))):
+        parts.insert(draw(st.integers(0, len(parts))), draw(st.sampled_from(sorted(PARTS))))
+    return parts
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+@given(parts=configurations())
+@example(parts=["iam0.5", "w8", "w4"])  # ran w4
+@example(parts=["iam0.5", "llm"])  # ran the LLM alone under an IAM label
+@example(parts=["iam0.5", "h2o@0.5", "snapkv@0.8"])  # ran the last eviction
+def test_a_configuration_runs_what_its_label_says_or_is_refused_naming_its_part(parts):
+    """Parsed, a configuration runs the mapping, window, cache and eviction its parts say (on the tiny pair, through
+    ``checked_configs`` and ``build``); else a ``ValueError`` names the configuration and its bad part."""
+    text, want = "+".join(parts), expected(parts)
+    try:
+        setup = parse_setup(text)
+    except ValueError as err:
+        message = str(err)
+        assert want is None, f"{text!r} refused: {message}"
+        assert f"configuration {text.strip()!r}" in message
+        assert "part " in message or "a local window needs mapped layers" in message, message
+        event("refused by name")
+        return
+    assert want is not None, f"{text!r} parsed as {setup}"
+    base = MappingConfig(establish_threshold=8, strategy="back")
+    llm, slm = PAIRS["qwen2", torch.float32]
+    try:
+        (config,) = checked_configs(base, [setup])
+        model = build(llm, slm, base, setup)
+    except ValueError as err:  # what the pair or the window leaves no room for
+        message = str(err)
+        assert re.search(r"budget \d+ is smaller than .* local_window|mapping leaves none|maps none of", message), message
+        event("refused for this pair")
+        return
+    assert (config.ratio, config.local_window, config.llm_cache) == (want["ratio"], want["local_window"], want["llm_cache"])
+    assert model.eviction == want["policy"]
+    assert model.resolved.n_mapped == units_for_ratio(want["ratio"], 4)
+    cache = forward(model, torch.arange(1, 31)[None]).cache
+    assert (cache.mapping is not None) == (want["ratio"] > 0)
+    kv = cache.kv_bytes()
+    if want["ratio"] > 0 or want["llm_cache"] == "int8":
+        assert kv["llm"] < kv["baseline"]
+    elif want["policy"] is None:
+        assert kv["llm"] == kv["baseline"]
+    assert setup.plain == (want["ratio"] == 0 and want["policy"] is None and want["llm_cache"] == "native")
+    event("ran as its label says")
+
+
+# ---- the resumable retrieval's progress file ----------------------------------------------------------------------
+
+
+def recorded(i: int) -> tuple[tuple, list[dict]]:
+    """The ``i``-th measured sample as ``eval_retrieval`` records it: its key and answers."""
+    answer = {"question": 0, "depth": 0.5, "correct": i % 2 == 0, "prediction": f"{i}", "expected": [f"{i}"]}
+    answer |= {"llm_kv_dropped": 0.25, "total_kv": 0.8, "seconds": 0.1, "context_tokens": 600}
+    return ("iam0.5+w8", "passkey", 600, i), [answer]
+
+
+corruptions = st.lists(
+    st.one_of(
+        st.tuples(st.just("truncate"), st.floats(0, 1)),  # an interrupt: the file cut at any byte
+        st.tuples(st.just("garbage"), st.integers(0, 11), st.binary(max_size=40).filter(lambda b: b"\n" not in b)),
+        st.tuples(
+            st.just("other shape"),
+            st.integers(0, 11),
+            st.sampled_from(
+                [
+                    "[1, 2]",
+                    '{"key": "x"}',
+                    "7",
+                    "null",
+                    '{"key": ["a", "b", 1, 2], "answers": [{"correct": "yes"}]}',
+                    '{"key": ["a", "b", 1.5, 2], "answers": []}',
+                ]
+            ),
+        ),
+    ),
+    max_size=4,
+)
+
+
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(samples=st.integers(1, 12), damage=corruptions)
+def test_a_damaged_progress_file_loses_no_valid_answer(tmp_path_factory, samples, damage):
+    """Whatever an interrupt or a corruption left in the file, every whole recorded line is read back, every other
+    line is skipped with a warning naming the file, and the file takes new answers on its own lines."""
+    folder = tmp_path_factory.mktemp("out")
+    path = retrieval.progress_file(folder, {"seed": 0})
+    record = retrieval.recorder(path)
+    for i in range(samples):
+        record(*recorded(i))
+    lines = path.read_bytes().split(b"\n")[:-1]
+    for kind, *how in damage:
+        if kind == "truncate":
+            data = b"\n".join(lines) + b"\n"
+            cut = data[: int(how[0] * len(data))]
+            lines = cut.split(b"\n")  # the last piece is cut short (or empty)
+        elif lines:
+            lines[how[0] % len(lines)] = how[1] if kind == "garbage" else how[1].encode()
+    path.write_bytes(b"\n".join(lines))
+    path = retrieval.progress_file(folder, {"seed": 0})  # resuming: a line cut short is ended first
+    whole = {key: answers for key, answers in map(recorded, range(samples)) if json_line(key, answers) in lines}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        done = retrieval.read_progress(path)
+        assert {k: v for k, v in done.items() if k in whole} == whole
+        assert all(str(path) in str(w.message) for w in caught)
+        record(*recorded(99))
+        assert retrieval.read_progress(path)[recorded(99)[0]] == recorded(99)[1]
+
+
+def json_line(key: tuple, answers: list[dict]) -> bytes:
+    return json.dumps({"key": list(key), "answers": answers}).encode()

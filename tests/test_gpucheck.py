@@ -4,6 +4,7 @@ real run, on the shipped pair and CUDA, is marked ``gpu``."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -59,6 +60,16 @@ def test_an_unknown_device_exits_2_before_loading(monkeypatch, capsys):
     monkeypatch.setattr(gpucheck, "load_pair", lambda *a, **k: pytest.fail("weights were loaded"))
     assert gpucheck.main(["--device", "nosuch"]) == 2
     assert "gpu-check: error: unknown device 'nosuch'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["{file}/s.json", "{folder}"], ids=["under a file", "a folder"])
+def test_an_unwritable_json_path_exits_2_before_any_check(where, tmp_path, monkeypatch, capsys):
+    """It ran every check, then died with a traceback writing the summary."""
+    monkeypatch.setattr(gpucheck, "load_pair", lambda *a, **k: pytest.fail("weights were loaded"))
+    (tmp_path / "file").write_text("")
+    path = where.format(file=tmp_path / "file", folder=tmp_path)
+    assert gpucheck.main(["--device", "cpu", "--json", path]) == 2
+    assert re.search(r"gpu-check: error: --json .* (is not a writable folder|is a folder)", capsys.readouterr().err)
 
 
 def test_the_two_gpu_device_map_splits_the_layers():

@@ -98,7 +98,8 @@ def test_calibrated_kv_group_order(pair, tmp_path, monkeypatch):
     model = IAMForCausalLM(llm, slm, MappingConfig(ratio=0.375))  # round(0.375 * 8) = 3 of 8 KV groups
     assert model.planned == {2: (1,), 3: (0, 1)} and model.resolved.n_mapped == 3
     assert model.resolved.layers_worth == 1.5  # three KV groups of two: one and a half layers' K
-    assert IAMForCausalLM(llm, slm, MappingConfig(ratio=0.02)).resolved.n_mapped == 0
+    with pytest.raises(ValueError, match=r"ratio 0.02 maps none of this LLM's 8 KV groups .* above 0.0625"):
+        IAMForCausalLM(llm, slm, MappingConfig(ratio=0.02))  # it mapped none, under an IAM label
     write_order(llm.config, slm.config, order[:-1], {}, {"dataset": "test"})
     with pytest.raises(ValueError, match=r"does not cover the LLM's 4 layers x 2 KV groups"):
         _ = IAMForCausalLM(llm, slm, MappingConfig(ratio=0.5)).planned

@@ -20,6 +20,7 @@ from iam.models import loading
 from iam.models.presets import load_arch
 
 TESTS = Path(__file__).resolve().parent
+GPUS = torch.cuda.device_count()  # a GPU index past the last one
 CASES = ["plain", "kv-groups", "blend", "local-window", "similar", "int8-slm", "eviction", "beam-search", "left-padded"]
 
 
@@ -166,6 +167,35 @@ def test_device_map_with_a_layer_on_disk_matches_one_device(saved_pair, tmp_path
     assert torch.equal(dispatched.generate(ids, **settings), whole.generate(ids, **settings))
 
 
+def test_an_offload_folder_that_is_a_file_is_refused_before_loading(saved_pair, tmp_path, monkeypatch, capsys):
+    """It gave a FileExistsError traceback."""
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
+    argv = ["generate", "--llm", str(saved_pair / "llm"), "--slm", str(saved_pair / "slm"), "--prompt", "x"]
+    assert cli.main([*argv, "--device-map", "auto", "--offload-folder", str(tmp_path / "file")]) == 2
+    assert f"--offload-folder '{tmp_path / 'file'}' is a file: give a folder" in capsys.readouterr().err
+    assert cli.main([*argv, "--device-map", "auto", "--max-memory", f"{GPUS}=1GiB,cpu=1GiB"]) == 2
+    assert f"--max-memory names {GPUS}: device 'cuda:{GPUS}'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "placement",
+    [{"device_map": {"": "disk"}}, {"device_map": "auto", "max_memory": {"cpu": "1KiB"}}],
+    ids=["all on disk", "auto below one layer"],
+)
+def test_an_llm_whose_first_weights_wait_on_disk_runs_on_its_execution_device(saved_pair, tmp_path, placement):
+    """Inputs went to ``llm.device``, ``meta`` there: 'Tensor.item() cannot be called on meta tensors'."""
+    llm, slm = saved_pair / "llm", saved_pair / "slm"
+    mapping = {"layers": [1, 3], "establish_threshold": 8, "progress": False}
+    dispatched = IAMForCausalLM.from_pretrained(llm, slm, offload_folder=tmp_path, **placement, **mapping)
+    whole = IAMForCausalLM.from_pretrained(llm, slm, **mapping)
+    assert dispatched.llm.device.type == "meta" and dispatched.device.type == "cpu"
+    ids = prompt(20)
+    assert (forward(dispatched, ids).logits - forward(whole, ids).logits).abs().max() < 1e-5
+    settings = {"max_new_tokens": 4, "do_sample": False}
+    assert torch.equal(dispatched.generate(ids, **settings), whole.generate(ids, **settings))
+
+
 def test_kv_bytes_by_device_splits_the_total(pair):
     model = IAMForCausalLM.from_pair(*pair)
     cache: IAMCache = forward(model, prompt(30)).cache
@@ -186,6 +216,13 @@ def test_kv_bytes_by_device_splits_the_total(pair):
         ({"offload_folder": "off"}, {}, "apply to a device_map"),
         ({"slm_device": "cpu"}, {}, "slm_device applies to a device_map"),
         ({"device_map": "auto", "device": "meta"}, {}, "leave it out"),
+        # devices this machine lacks gave AssertionError or RuntimeError tracebacks once the weights loaded
+        ({"device_map": {"": GPUS}}, {}, rf"`device_map` names {GPUS}: device 'cuda:{GPUS}' (is not available|does not exist)"),
+        ({"device_map": {"": "mps"}}, {}, r"`device_map` names 'mps': device 'mps' is not available here"),
+        ({"device_map": "mps"}, {}, r"`device_map` names 'mps'"),
+        ({"device_map": "auto", "max_memory": {GPUS: "1GiB"}}, {}, rf"`max_memory` names {GPUS}: device 'cuda:{GPUS}'"),
+        ({"device_map": "auto", "max_memory": {"mps": "1GiB"}}, {}, r"`max_memory` names 'mps'"),
+        ({"device_map": "auto", "slm_device": f"cuda:{GPUS}"}, {}, rf"`slm_device` names 'cuda:{GPUS}'"),
     ],
 )
 def test_placements_that_cannot_work_are_refused_before_loading(saved_pair, monkeypatch, placement, env, message):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,6 +40,21 @@ def test_samples_are_deterministic_and_hold_each_answer_once(task):
                 assert count == once or (task == "vartrack" and count == 2 and answer != question.answers[-1])
 
 
+@pytest.mark.parametrize("task", sorted(retrieval.TASKS))
+@pytest.mark.parametrize("tokens", [300, 420, 700])
+def test_every_context_fills_the_length_asked_with_every_question_or_is_refused(task, tokens):
+    """kv at small lengths gave contexts far from the length asked, with fewer questions, reported under it."""
+    asked = {"multikey": 4, "kv": 4}.get(task, 1)
+    try:
+        samples = retrieval.make_samples(char_tokenizer(), task, 4, tokens, seed=3)
+    except ValueError as err:
+        assert re.search(r"too short for task kv|leaves no room|fills only", str(err)), err
+        return
+    for sample in samples:
+        assert (1 - retrieval.LENGTH_TOLERANCE) * tokens <= sample.tokens <= tokens
+        assert len({q.text for q in sample.questions}) == len(sample.questions) == asked
+
+
 def test_needles_sit_at_the_asked_depths():
     tok = char_tokenizer()
     for spread in ("even", "random"):
@@ -53,15 +70,30 @@ def test_needles_sit_at_the_asked_depths():
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("iam0.5+q3", "unknown part 'q3'"),
+        ("iam0.5+q3", "part 'q3': unknown part"),
         ("llm+lru@0.5", "eviction policy must be one of"),
         ("llm+w64", "a local window needs mapped layers"),
         ("iamx", "could not convert"),
+        # a repeated or contradictory part ran the last one, or the LLM alone under an IAM label
+        ("iam0.5+w64+w32", "part 'w32': a second window part after 'w64'"),
+        ("iam0.5+llm", "part 'llm': a second mapping part after 'iam0.5'"),
+        ("llm+iam0.5", "part 'iam0.5': a second mapping part after 'llm'"),
+        ("iam0.5+h2o@0.5+snapkv@0.5", "part 'snapkv@0.5': a second eviction part after 'h2o@0.5'"),
+        ("iam0.5+int8+int8", "part 'int8': a second cache part after 'int8'"),
+        ("iam0+h2o@0.5", r"part 'iam0': iam<ratio> takes a ratio in \(0, 1\]"),
+        ("iam1.5", r"part 'iam1.5': iam<ratio> takes a ratio in \(0, 1\]"),
+        ("iam0.5+w0", "part 'w0': a window of 0 tokens is no window"),
+        ("iam0.5+h2o@0.5:some", "part 'h2o@0.5:some': scope must be one of"),
     ],
 )
 def test_bad_configurations_are_named(text, message):
     with pytest.raises(ValueError, match=message):
         retrieval.parse_setup(text)
+
+
+def test_a_configuration_given_twice_is_refused():
+    with pytest.raises(ValueError, match=r"configurations \['iam0.5'\] are given more than once"):
+        retrieval.parse_setups("iam0.5,h2o@0.5,iam0.5")
 
 
 def test_configurations_parse_and_the_llm_alone_comes_first():
@@ -322,16 +354,36 @@ def test_the_command_runs_side_by_side_resumes_and_reports(long_folders, tmp_pat
     for name in ("retrieval.json", "retrieval.md", "retrieval.png", "retrieval-depth.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
 
-    # a second run with the same settings measures nothing again
+    # a second run with the same settings measures nothing again, though its progress file holds a line cut short,
+    # bytes that are not UTF-8 and JSON of another shape (a codec error naming no file, an internal traceback)
+    progress = Path(result["progress_file"])
+    with progress.open("ab") as f:
+        f.write(b'{"key": ["llm", "passkey", 600, 1], "answers": [\n\xff\xfe not text\n[1, 2]\n{"key": "x"}\n{"key": ["ll')
+    measure = retrieval.answer
     monkeypatch.setattr(retrieval, "answer", lambda *a, **k: pytest.fail("measured again"))
-    assert main(argv) == 0
+    with pytest.warns(UserWarning, match=rf"{progress}: skipped line\(s\) \[17, 18, 19, 20, 21\], not a recorded answer"):
+        assert main(argv) == 0
     assert json.loads(capsys.readouterr().out)["rows"] == rows
+
+    # more samples, another task or length: only the new samples are measured (sample i is the same for any n)
+    asked = []
+
+    def counted(iam, tok, sample, *args):
+        asked.append(sample.task)
+        return measure(iam, tok, sample, *args)
+
+    monkeypatch.setattr(retrieval, "answer", counted)
+    with pytest.warns(UserWarning, match="skipped"):
+        assert main([*argv, "--n", "3", "--tasks", "passkey,multikey,vartrack"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert sorted(asked) == sorted(["passkey", "multikey"] * 4 + ["vartrack"] * 12)  # 4 configurations
+    assert [r["n"] for r in rows] == [3, 12, 3] * 4
 
 
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--tokens", "250"], "exceed the models' 256 positions"),
+        (["--tokens", "240", "--tasks", "passkey"], "exceeds the models' 256 positions"),
         (["--configs", "iam0.5+w8+h2o@10"], "smaller than the 20 tokens"),
         (["--configs", "iam0.5+zz"], "unknown part"),
         (["--configs", "iam1.0+streaming@0.5:unmapped", "--strategy", "back"], "this mapping leaves none"),
@@ -347,6 +399,19 @@ def test_bad_settings_fail_before_loading(pair_folders, tmp_path, capsys, monkey
     except SystemExit as e:  # argparse's own errors
         code = e.code
     assert code == 2 and message in capsys.readouterr().err
+
+
+def test_a_length_that_fails_after_loading_is_refused_before(long_folders, tmp_path, capsys, monkeypatch):
+    """A question longer than the 96 tokens kept for one passed the check, then failed after loading ("generate at
+    most 0 new tokens"); kv at a short length ran fewer questions."""
+    monkeypatch.setattr("iam.core.model.load_pair", lambda *a, **k: pytest.fail("weights were loaded"))
+    llm, slm = long_folders
+    argv = ["eval", "retrieval", "--llm", llm, "--slm", slm, "--out", str(tmp_path), "--n", "1"]
+    assert main([*argv, "--tasks", "vartrack", "--tokens", "888"]) == 2
+    message = "tokens 888: a vartrack context with its question and answer (1063 tokens) exceeds the models' 1024 positions"
+    assert message in capsys.readouterr().err
+    assert main([*argv, "--tasks", "kv", "--tokens", "300"]) == 2
+    assert "tokens 300 is too short for task kv: its 4 pairs take 382" in capsys.readouterr().err
 
 
 def test_the_demo_shows_a_cached_document(long_folders, tmp_path, capsys):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -77,3 +78,21 @@ def atomic_folder(path: Path, temp: Path | None = None) -> Iterator[Path]:
     finally:
         remove(old)
         remove(tmp)
+
+
+def check_writable(path: str | os.PathLike, what: str, file: bool = False) -> None:
+    """Before any work: ``ValueError`` naming ``what`` unless ``path`` is a folder we may write in or create, or with
+    ``file`` a file name (not an existing folder) in such a folder."""
+    path = Path(path)
+    if file:
+        if path.is_dir():
+            raise ValueError(f"{what} {path} is a folder: give a file name; nothing was run.")
+        path = path.parent
+    existing = path.absolute()
+    while not existing.exists() and existing != existing.parent:  # created later: its first existing ancestor
+        existing = existing.parent
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise ValueError(f"{what} {path} is not a writable folder ({err.strerror or err}); nothing was run.") from None

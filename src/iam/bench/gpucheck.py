@@ -23,7 +23,9 @@ import torch
 
 from ..core.config import MappingConfig
 from ..core.model import IAMForCausalLM
-from ..models.loading import check_device, load_pair
+from ..io import check_writable, write_atomic
+from ..models.loading import load_pair
+from ..models.placement import check_device
 from .measure import random_prompt, run_generate
 from .memory import PeakMemory
 
@@ -202,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         tp_part(args)
         return 0
     try:
+        if args.json:
+            check_writable(args.json, "--json", file=True)
         result = summary(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"gpu-check: error: {e}", file=sys.stderr)
@@ -210,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text)
+        write_atomic(Path(args.json), text)
     return 0 if result["ok"] else 1
 
 

@@ -16,6 +16,7 @@ from ..core.cache import slm_cache
 from ..core.config import MappingConfig, check_mapped
 from ..core.model import IAMForCausalLM
 from ..core.setup import Setup, build, configured
+from ..models.placement import input_device
 from ..models.presets import Arch
 from ..reporting import with_baseline
 from .costs import Scenario, kept_share, llm_shares
@@ -27,7 +28,7 @@ def random_prompt(llm, batch: int, length: int, generator: torch.Generator) -> t
     """Random token ids (clear of the vocabulary's ends, where special tokens live) on the LLM's device."""
     vocab = llm.config.vocab_size
     margin = min(100, vocab // 4)
-    return torch.randint(margin, vocab - margin, (batch, length), generator=generator).to(llm.device)
+    return torch.randint(margin, vocab - margin, (batch, length), generator=generator).to(input_device(llm))
 
 
 def run_generate(model, ids: torch.Tensor, new_tokens: int) -> tuple[dict[str, float], object]:
@@ -67,6 +68,24 @@ def spread(values: Sequence[float]) -> tuple[float, float, float]:
     return statistics.median(values), min(values), max(values)
 
 
+def check_budgeted(setups: Sequence[Setup]) -> None:
+    """Raise unless ``setups`` start with the LLM alone and each has a budget (``measure``): eviction over every
+    layer, scored in the forward, and both caches in their own dtype."""
+    if not setups or not setups[0].plain:
+        raise ValueError("setups must start with the LLM alone (Setup('llm')): every budget is set against it.")
+    unbudgeted = [
+        s.label
+        for s in setups
+        if s.scope != "all" or "native" != s.llm_cache or "native" != s.slm_cache or (s.policy and s.eviction().reconstruct)
+    ]
+    if unbudgeted:
+        raise ValueError(
+            f"the budget models eviction over every layer, scored in the forward, and both caches in their own dtype; "
+            f"{unbudgeted} are not measured against one: leave out :unmapped, quantized caches (+int8, +int4, +slm-*) "
+            "and KVzip's policies (their repeat pass)."
+        )
+
+
 def measure(
     llm,
     slm,
@@ -85,25 +104,10 @@ def measure(
     mapped. ``ttft_vs_budget``/``tpot_vs_budget`` are medians of the setup over its budget, round by round (1 = it
     costs exactly its parts; above 1, overhead).
     """
-    if not setups or not setups[0].plain:
-        raise ValueError("setups must start with the LLM alone (Setup('llm')): every budget is set against it.")
-    unbudgeted = [
-        s.label
-        for s in setups
-        if s.scope != "all"
-        or s.llm_cache != "native"
-        or s.slm_cache not in (None, "native")
-        or (s.policy is not None and s.eviction().reconstruct)
-    ]
-    if unbudgeted:
-        raise ValueError(
-            f"the budget models eviction over every layer, scored in the forward, and both caches in their own dtype; "
-            f"{unbudgeted} are not measured against one: leave out :unmapped, quantized caches (+int8, +int4, +slm-*) "
-            "and KVzip's policies (their repeat pass)."
-        )
+    check_budgeted(setups)
     configs = [configured(base_config, s) for s in setups]
     check_mapped([scenario.prompt], [c for c in configs if c.ratio], "a prompt")
-    device = llm.device
+    device = input_device(llm)
     ids = random_prompt(llm, scenario.batch, scenario.prompt, torch.Generator().manual_seed(0))
     models = [llm if s.plain else build(llm, slm, base_config, s) for s in setups]
     samples: list[list[dict]] = [[] for _ in [*setups, None]]  # the last: the SLM alone

@@ -10,8 +10,8 @@ import torch
 
 from ..bench import costs, measure, profile, projection
 from ..bench.timing import allocator_note, timing_environment
-from ..core.config import check_mapped
-from ..core.setup import Setup, checked_configs, parse_setups
+from ..core.config import MappingConfig, check_mapped
+from ..core.setup import Setup
 from ..models.presets import load_arch
 from ..reporting import markdown_table
 from .common import (
@@ -29,6 +29,7 @@ from .common import (
     positive_float,
     positive_int,
     ratio_list,
+    setups_of,
 )
 
 PAPER_PAIR = ("qwen2-72b", "qwen2-0.5b")
@@ -57,7 +58,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     unmeasured = args.analytic or args.projection or args.memory_scaling
     if unmeasured and (args.device_map or args.max_memory or args.offload_folder or (args.tp is not None and not args.analytic)):
         raise ValueError("--tp and --device-map spread measured runs; of the other modes only --analytic takes --tp N.")
-    if args.configs and unmeasured:
+    if args.configs is not None and unmeasured:
         raise ValueError("--configs sets measured runs; --analytic, --projection and --memory-scaling take --ratios.")
     if args.analytic and args.tp == 0:
         raise ValueError("bench --analytic --tp takes the number of devices, e.g. --tp 8.")
@@ -119,27 +120,30 @@ def bench_analytic(args: argparse.Namespace, ratios: list[float], scenario: cost
     return finish(args, "bench-analytic", result, columns)
 
 
-def bench_setups(args: argparse.Namespace) -> list[Setup]:
-    """The measured bench's configurations: ``--configs``, or the LLM alone and IAM at each of ``--ratios`` with
-    ``--local-window`` and eviction (then also the LLM alone with it)."""
-    if args.configs:
-        if args.ratios or args.local_window or args.eviction:
+def bench_setups(args: argparse.Namespace) -> tuple[MappingConfig, list[Setup], list[MappingConfig]]:
+    """The measured bench's configurations (``setups_of``): ``--configs``, or the LLM alone and IAM at each of
+    ``--ratios`` with ``--local-window``, ``--llm-cache`` and eviction (then also the LLM alone with it)."""
+    if args.configs is not None:
+        if args.ratios or args.eviction:
             raise ValueError("give either --configs, or --ratios with --local-window/--eviction, not both.")
-        return parse_setups(args.configs)
+        return setups_of(args, args.configs)
     window = f"+w{args.local_window}" if args.local_window else ""
     scope = ":unmapped" if args.eviction_scope == "unmapped" else ""
     evict = f"+{args.eviction}@{args.budget}{scope}" if args.eviction else ""
+    cache = "+int8" if args.llm_cache == "int8" else ""
     ratios = args.ratios if args.ratios is not None else [0.3, 0.5]
     labels = ["llm"] + ([f"llm{evict}"] if evict and args.eviction_scope == "all" else [])
-    return parse_setups(",".join(labels + [f"iam{r}{window}{evict}" for r in ratios if r]))
+    text = ",".join(labels + [f"iam{r}{window}{evict}{cache}" for r in ratios if r])
+    return setups_of(args, text, local_window=0, llm_cache="native")
 
 
 def bench_measured(args: argparse.Namespace, scenario: costs.Scenario) -> int:
     """Every configuration side by side (``measure.measure``) at each prompt length, or profiled (``--profile``)."""
-    base = mapping_config(args, 0.0)
-    setups = bench_setups(args)
+    base, setups, configs = bench_setups(args)
+    if not args.profile:
+        measure.check_budgeted(setups)
     prompts = args.tokens or ([1024, 4096] if args.scenario == "long" and not args.prompt else [scenario.prompt])
-    configs = [c for c in checked_configs(base, setups) if c.ratio]
+    configs = [c for c in configs if c.ratio]
     check_mapped(prompts, configs, "a --prompt")
     llm, slm, _ = load(args, configs, (args.llm or SHIPPED_PAIR[0], args.slm or SHIPPED_PAIR[1]))
     warn_allocator(llm.device)

@@ -7,7 +7,6 @@ import argparse
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import fields, replace
 from pathlib import Path
@@ -20,9 +19,11 @@ from ..core.config import MappingConfig
 from ..core.eviction import POLICIES, SCOPES, EvictionPolicy, make_policy, parse_budget
 from ..core.model import load_checked
 from ..core.selection import STRATEGIES, Unit, parse_unit
+from ..core.setup import Setup, checked_configs, parse_setups
 from ..core.similarity import METRICS
 from ..eval import data
 from ..eval.windows import text_windows
+from ..io import check_writable
 from ..models.placement import Placement
 from ..reporting import write_report
 
@@ -243,6 +244,17 @@ def mapping_config(args: argparse.Namespace, ratio: float) -> MappingConfig:
     return from_flags(MappingConfig, args, ratio=ratio)
 
 
+def setups_of(args: argparse.Namespace, text: str, **labelled) -> tuple[MappingConfig, list[Setup], list[MappingConfig]]:
+    """The base config, the configurations of ``text`` (``--configs``) and their checked ``MappingConfig``s, before
+    any weights load. The one rule of every command that takes configurations: a mapping flag that a label sets
+    (``--local-window``, ``--llm-cache``, ``--layers``) is refused beside them (``core.setup.configured``), the others
+    apply to every configuration, ``--local-sinks`` to those with a window. ``labelled``: flags the command has
+    written into the labels itself, left out of the base."""
+    setups = parse_setups(text, args.local_sinks)
+    base = from_flags(MappingConfig, args, ratio=0.0, local_sinks=None, **labelled)
+    return base, setups, checked_configs(base, setups)
+
+
 def at_ratios(base: MappingConfig, ratios: Sequence[float]) -> list[MappingConfig]:
     return [replace(base, ratio=r) for r in ratios]
 
@@ -309,22 +321,13 @@ def finish(args: argparse.Namespace, name: str, result: dict, columns: Sequence[
 
 
 def check_outputs(args: argparse.Namespace) -> None:
-    """Before any work: every folder a command will write into (``--out``, ``--to``, the folder of ``--json FILE``)
-    must be a folder we may write in, or one we may create; else ``ValueError`` naming it."""
-    folders = [("--out", args.out), ("--to", args.to)]
+    """Before any work: every folder a command will write into (``--out``, ``--to``) and the file of ``--json FILE``
+    must be writable (``io.check_writable``); else ``ValueError`` naming it."""
+    for flag, folder in [("--out", args.out), ("--to", args.to)]:
+        if folder is not None:
+            check_writable(folder, flag)
     if isinstance(args.json, str):
-        folders.append(("--json", str(Path(args.json).parent)))
-    for flag, folder in folders:
-        if folder is None:
-            continue
-        existing = Path(folder).absolute()
-        while not existing.exists() and existing != existing.parent:  # created later: its first existing ancestor
-            existing = existing.parent
-        try:
-            with tempfile.TemporaryFile(dir=existing):
-                pass
-        except OSError as err:
-            raise ValueError(f"{flag} {folder} is not a writable folder ({err.strerror or err}); nothing was run.") from None
+        check_writable(args.json, "--json", file=True)
 
 
 def option_flags(parser: argparse.ArgumentParser) -> dict[str, str]:

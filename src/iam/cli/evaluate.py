@@ -11,12 +11,11 @@ from ..core.config import MappingConfig, check_mapped
 from ..core.eviction import POLICIES
 from ..core.model import check_scope
 from ..core.resolution import resolve
-from ..core.setup import checked_configs
 from ..core.similarity import METRICS
 from ..eval import analysis, data, generation, retrieval, sweep, tradeoff
 from ..eval.perplexity import eval_metrics, eval_perplexity
 from ..eval.tasks import TASKS
-from ..models.loading import read_configs
+from ..models.loading import load_tokenizer, read_configs
 from ..reporting import (
     attention_maps_plot,
     depth_plot,
@@ -46,6 +45,7 @@ from .common import (
     named_windows,
     positive_int,
     ratio_list,
+    setups_of,
 )
 
 RETRIEVAL_CONFIGS = (
@@ -380,36 +380,24 @@ def retrieval_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_retrieval(args: argparse.Namespace) -> int:
-    setups = retrieval.parse_setups(args.configs)
-    base = mapping_config(args, 0.0)
-    configs = checked_configs(base, setups)
+    base, setups, configs = setups_of(args, args.configs)
     llm_config, slm_config = read_configs(args.llm, args.slm, force=args.force)
     for setup, config in zip(setups, configs):
         policy = setup.eviction()
         check_scope(resolve(config, llm_config, slm_config), llm_config, policy)
     limit = min(llm_config.max_position_embeddings, slm_config.max_position_embeddings)
-    retrieval.check_lengths(args.tokens, max(retrieval.TASKS[t].max_new_tokens for t in args.tasks), limit)
-    names = ["llm", "slm", "dtype", "tasks", "tokens", "n", "seed", "protocol", "depths", "filler", "strategy", "blend"]
-    names += ["metric", "layers", "establish_threshold", "truncation_threshold", "slm_cache", "calibration", "local_sinks"]
-    settings = {k: vars(args)[k] for k in names}
+    tokenizer = load_tokenizer(args.llm)
+    samples = retrieval.samples_for(tokenizer, args.tasks, args.tokens, args.n, limit, args.seed, args.depths, args.filler)
+    names = ["llm", "slm", "dtype", "seed", "protocol", "depths", "filler", "strategy", "blend", "metric"]
+    names += ["establish_threshold", "truncation_threshold", "slm_cache", "calibration", "local_sinks"]
+    settings = {k: vars(args)[k] for k in names}  # what an answer depends on, beside its key
     progress_path = retrieval.progress_file(args.out, settings)
+    done = retrieval.read_progress(progress_path)
     llm, slm, tok = load(args, configs)
     result = retrieval.eval_retrieval(
-        llm,
-        slm,
-        tok,
-        base,
-        setups,
-        args.tasks,
-        args.tokens,
-        args.n,
-        args.protocol,
-        args.seed,
-        args.depths,
-        args.filler,
-        done=retrieval.read_progress(progress_path),
-        record=retrieval.recorder(progress_path),
+        llm, slm, tok, base, setups, samples, args.protocol, done=done, record=retrieval.recorder(progress_path)
     )
+    settings.update(tasks=args.tasks, tokens=args.tokens, n=args.n)
     result.update(settings, progress_file=str(progress_path))
     columns = ["method", "task", "tokens", "n", "accuracy", "ci_low", "ci_high", "llm_kv_dropped", "total_kv_dropped"]
     columns += ["total_kv_dropped_at_72b", "near_misses", "wrong_needle", "seconds_per_question"]

@@ -12,7 +12,6 @@ from transformers import TextStreamer
 
 from ..bench.timing import GenerationTimer
 from ..core.model import IAMForCausalLM
-from ..core.setup import checked_configs
 from ..eval import retrieval
 from ..io import write_atomic
 from .common import (
@@ -25,6 +24,7 @@ from .common import (
     mapping_config,
     positive_int,
     ratio_list,
+    setups_of,
 )
 
 DEMO_PROMPTS = [
@@ -139,9 +139,8 @@ def demo_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     configs = [mapping_config(args, r) for r in args.ratios]
-    base = mapping_config(args, 0.0)
-    setups = retrieval.parse_setups(args.retrieval) if args.retrieval else []
-    llm, slm, tok = load(args, configs + checked_configs(base, setups))
+    base, setups, cached_configs = setups_of(args, args.retrieval) if args.retrieval else (None, [], [])
+    llm, slm, tok = load(args, configs + cached_configs)
     batch = prompt_batch(tok, DEMO_PROMPTS, chat=True)
     kwargs = {"do_sample": False, "pad_token_id": tok.pad_token_id}
     # The first pass pages the weights in from disk (seconds per GB); keep that out of the timings below.

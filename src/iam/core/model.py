@@ -20,8 +20,8 @@ from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel, Pre
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..models.loading import check_device, load_pair, read_configs
-from ..models.placement import Placement
+from ..models.loading import load_pair, read_configs
+from ..models.placement import Placement, check_device, input_device
 from .attention import MappedAttention, SLMStep
 from .cache import IAMCache, Signature, slm_cache
 from .config import MappingConfig
@@ -272,6 +272,12 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         )
 
     @property
+    def device(self) -> torch.device:
+        """Where inputs go: the LLM's embedding's execution device (``input_device``), also where a dispatched LLM's
+        first weights wait on disk."""
+        return input_device(self.llm)
+
+    @property
     def planned(self) -> Plan | None:
         """The plan the config fixes before any input (``{}`` at ratio 0); ``None`` where the strategy chooses per
         input (``"similar"``)."""
@@ -407,7 +413,7 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         limit = min(self.llm.config.max_position_embeddings, self.slm.config.max_position_embeddings)
         if past + t > limit:
             raise ValueError(f"context too long: {past + t} tokens exceed the models' {limit}-position limit.")
-        return input_ids.to(self.llm.device), mask.to(self.llm.device)
+        return input_ids.to(self.device), mask.to(self.device)
 
     def _ready(self, mask: torch.Tensor) -> bool:
         """Whether this forward establishes the mapping: something is mapped and the shortest sequence holds
@@ -659,7 +665,7 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
     def head_similarity(self, input_ids: torch.Tensor, truncation_threshold: int | None = None) -> torch.Tensor:
         """Similarity ``[L, B, H, L_s * H_s]`` of every LLM head to every SLM (layer, head) on the window of
         ``input_ids`` (unpadded, ``[B, T]``), by the config's metric: the analysis behind ``iam similarity``."""
-        ids = input_ids.to(self.llm.device)
+        ids = input_ids.to(self.device)
         truncation = truncation_threshold or self.mapping_config.truncation_threshold
         mask = torch.ones_like(ids)
         _, establishing = self._slm_window(self.new_cache(), ids, mask, positions(mask, ids.shape[1]), truncation)

@@ -16,8 +16,17 @@ Plan = dict[int, tuple[int, ...]]
 
 def units_for_ratio(ratio: float, n_layers: int, n_kv: int = 1) -> int:
     """How many units ratio ``ratio`` maps: of ``n_layers`` whole layers, or (``n_kv`` > 1) of their KV groups. The
-    one place a ratio becomes a count: every strategy's ``count`` and the analytic bench (whole layers) use it."""
-    return round(ratio * n_layers * n_kv)
+    one place a ratio becomes a count: every strategy's ``count`` and the analytic bench (whole layers) use it.
+    ``ValueError`` for a ratio above 0 that rounds to no unit (a row labelled IAM would be the LLM alone)."""
+    units = n_layers * n_kv
+    count = round(ratio * units)
+    if ratio > 0 and count == 0:
+        kind = "KV groups" if n_kv > 1 else "layers"
+        raise ValueError(
+            f"ratio {ratio} maps none of this LLM's {units} {kind} (it rounds to 0): IAM would be the LLM alone. "
+            f"Use a ratio above {0.5 / units:.4g} (e.g. {1 / units:.4g}, one of them), or ratio 0 for the LLM alone."
+        )
+    return count
 
 
 def plan_of(units: list[Unit], n_kv: int) -> Plan:

@@ -5,10 +5,10 @@ benchmarks share them."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 from .config import MappingConfig
-from .eviction import POLICIES, EvictionPolicy, make_policy, parse_budget
+from .eviction import EvictionPolicy, make_policy, parse_budget
 from .model import IAMForCausalLM, check_eviction
 
 
@@ -23,7 +23,9 @@ class Setup:
     policy, budget : the eviction policy's name and budget, if any.
     scope : which layers the policy evicts from (``EvictionPolicy.scope``).
     llm_cache : ``MappingConfig.llm_cache``: the LLM's cache in its dtype, as int8 or as int4.
-    slm_cache : ``MappingConfig.slm_cache``, or ``None`` for the run's base config's.
+    slm_cache : ``MappingConfig.slm_cache``: the SLM's, likewise.
+    local_sinks : ``MappingConfig.local_sinks`` of a configuration with a local window (set by ``parse_setups``, not
+        by the label).
     """
 
     label: str
@@ -33,7 +35,8 @@ class Setup:
     budget: float | int | None = None
     scope: str = "all"
     llm_cache: str = "native"
-    slm_cache: str | None = None
+    slm_cache: str = "native"
+    local_sinks: int | None = None
 
     @property
     def plain(self) -> bool:
@@ -45,63 +48,107 @@ class Setup:
         return make_policy(self.policy, self.budget, self.scope, prompt)
 
 
+MAPPED_FIELDS = tuple(f.name for f in fields(Setup) if f.name in {g.name for g in fields(MappingConfig)})
+"""The ``MappingConfig`` fields a ``Setup`` sets (``configured``): the base config of a run leaves them to each row."""
+
+
+def _part(part: str) -> tuple[str, dict]:
+    """One ``+``-separated part of a configuration: its kind (each kind at most once per configuration) and the
+    ``Setup`` fields it sets."""
+    if part == "llm":
+        return "mapping", {"ratio": 0.0}
+    if part.startswith("iam"):
+        ratio = float(part[3:])
+        if not 0 < ratio <= 1:
+            raise ValueError("iam<ratio> takes a ratio in (0, 1]; the LLM alone is llm")
+        return "mapping", {"ratio": ratio}
+    if part in ("int8", "int4"):
+        return "cache", {"llm_cache": part}
+    if part in ("slm-int8", "slm-int4"):
+        return "SLM cache", {"slm_cache": part[4:]}
+    if re.fullmatch(r"w\d+", part):
+        if int(part[1:]) == 0:
+            raise ValueError("a window of 0 tokens is no window: leave the part out")
+        return "window", {"local_window": int(part[1:])}
+    if "@" in part:
+        name, _, rest = part.partition("@")
+        budget, _, scope = rest.partition(":")
+        policy = make_policy(name, parse_budget(budget), scope or "all")  # checks them
+        return "eviction", {"policy": name, "budget": policy.budget, "scope": policy.scope}
+    raise ValueError("unknown part")
+
+
 def parse_setup(text: str) -> Setup:
     """One configuration from ``+``-joined parts: ``llm`` (the LLM alone, also implied) or ``iam<ratio>``;
     ``w<window>``, the exact local window of the mapped layers; ``<policy>@<budget>``, eviction, ``:unmapped`` after it
     to evict only from the layers that keep K; ``int8`` or ``int4``, the LLM's cache so quantized; ``slm-int8`` or
     ``slm-int4``, the SLM's. E.g. ``llm+snapkv@0.7``, ``llm+kvzip@0.25+int4``, ``iam0.5+w64``,
-    ``iam0.5+w64+streaming@0.5:unmapped``, ``iam1.0+w64+int8+slm-int8``."""
+    ``iam0.5+w64+streaming@0.5:unmapped``, ``iam1.0+w64+int8+slm-int8``. ``ValueError`` naming the part for an
+    unknown or bad part, or a second part of one kind (two mappings, windows, evictions or caches)."""
     label = text.strip()
-    fields: dict = {}
+    given: dict = {}
+    seen: dict[str, str] = {}  # each kind of part, and the part that gave it
     for part in label.split("+"):
         try:
-            if part == "llm":
-                fields["ratio"] = 0.0
-            elif part.startswith("iam"):
-                fields["ratio"] = float(part[3:])
-            elif part in ("int8", "int4"):
-                fields["llm_cache"] = part
-            elif part in ("slm-int8", "slm-int4"):
-                fields["slm_cache"] = part[4:]
-            elif re.fullmatch(r"w\d+", part):
-                fields["local_window"] = int(part[1:])
-            elif "@" in part:
-                name, _, rest = part.partition("@")
-                budget, _, scope = rest.partition(":")
-                if name not in POLICIES:
-                    raise ValueError(f"eviction policy must be one of {sorted(POLICIES)}, got {name!r}")
-                fields.update(policy=name, budget=parse_budget(budget), scope=scope or "all")
-            else:
-                raise ValueError(f"unknown part {part!r}")
+            kind, values = _part(part)
+            if kind in seen:
+                raise ValueError(f"a second {kind} part after {seen[kind]!r}: give one")
         except ValueError as e:
             raise ValueError(
-                f"configuration {label!r}: {e}. Write llm or iam<ratio>, then +w<window>, +<policy>@<budget>[:unmapped], "
-                "+int8 or +int4, +slm-int8 or +slm-int4."
+                f"configuration {label!r}, part {part!r}: {str(e).rstrip('.')}. Write llm or iam<ratio>, then +w<window>, "
+                "+<policy>@<budget>[:unmapped], +int8 or +int4, +slm-int8 or +slm-int4, each at most once."
             ) from None
-    if fields.get("local_window") and not fields.get("ratio"):
+        seen[kind] = part
+        given.update(values)
+    if given.get("local_window") and not given.get("ratio"):
         raise ValueError(f"configuration {label!r}: a local window needs mapped layers (iam<ratio> with ratio > 0).")
-    return Setup(label, **fields)
+    return Setup(label, **given)
 
 
-def parse_setups(text: str) -> list[Setup]:
-    """Comma-separated configurations (``parse_setup``), the LLM alone first (added if missing)."""
+def parse_setups(text: str, local_sinks: int | None = None) -> list[Setup]:
+    """Comma-separated configurations (``parse_setup``), each at most once, the LLM alone first (added if missing);
+    ``local_sinks`` goes to those with a local window (``ValueError`` where none has one)."""
     setups = [parse_setup(t) for t in text.split(",") if t.strip()]
     if not setups:
         raise ValueError("give at least one configuration.")
+    labels = [s.label for s in setups]
+    twice = sorted({label for label in labels if labels.count(label) > 1})
+    if twice:
+        raise ValueError(f"configurations {twice} are given more than once: give each once.")
+    if local_sinks is not None:
+        if not any(s.local_window for s in setups):
+            raise ValueError(f"`local_sinks` {local_sinks} would not be used: no configuration has a local window (+w<window>).")
+        setups = [replace(s, local_sinks=local_sinks) if s.local_window else s for s in setups]
     if not any(s.plain for s in setups):
         setups.insert(0, Setup("llm"))
     return sorted(setups, key=lambda s: not s.plain)
 
 
 def configured(base: MappingConfig, setup: Setup) -> MappingConfig:
-    """``base`` (a ``MappingConfig``) with ``setup``'s ratio, local window and caches."""
-    slm = base.slm_cache if setup.slm_cache is None else setup.slm_cache
-    return replace(base, ratio=setup.ratio, local_window=setup.local_window, llm_cache=setup.llm_cache, slm_cache=slm)
+    """``base`` (a ``MappingConfig``) with ``setup``'s ``MAPPED_FIELDS``. ``ValueError`` where ``base`` sets one of
+    them itself, or ``layers`` (which would override every ratio): each configuration runs what its label says."""
+    if base.layers is not None:
+        raise ValueError(
+            f"`layers` {base.layers} would map those layers in every configuration, the LLM alone's included, whatever "
+            "its label says: configurations map iam<ratio>; give explicit layers without them."
+        )
+    default = MappingConfig()
+    clash = [  # a base's ratio is always replaced
+        f"`{name}` {getattr(base, name)!r}"
+        for name in MAPPED_FIELDS
+        if name != "ratio" and getattr(base, name) != getattr(default, name)
+    ]
+    if clash:
+        raise ValueError(
+            f"{', '.join(clash)} would apply beside the configurations, whose labels set it: write it in the labels "
+            "that take it (+w<window>, +int8, +int4, +slm-int8, +slm-int4)."
+        )
+    return replace(base, **{name: getattr(setup, name) for name in MAPPED_FIELDS})
 
 
 def checked_configs(base: MappingConfig, setups: list[Setup]) -> list[MappingConfig]:
-    """Each setup's ``MappingConfig`` over ``base``, its eviction checked against it first (``check_eviction``), so a
-    bad setup fails before any weights load."""
+    """Each setup's ``MappingConfig`` over ``base`` (``configured``), its eviction checked against it first
+    (``check_eviction``), so a bad setup fails before any weights load."""
     configs = [configured(base, s) for s in setups]
     for setup, config in zip(setups, configs):
         check_eviction(config, setup.eviction())

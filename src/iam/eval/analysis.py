@@ -19,7 +19,8 @@ from ..core.config import MappingConfig, check_mapped
 from ..core.mapping import Mapping, tril_flat
 from ..core.model import IAMForCausalLM, check_family, load_checked
 from ..core.similarity import METRICS
-from ..models.loading import check_device, load_model, load_tokenizer, read_configs
+from ..models.loading import load_model, load_tokenizer, read_configs
+from ..models.placement import check_device
 from .windows import text_windows, window_texts
 
 ALIGNMENT = "character spans: LCS of the two tokenizations' offset spans (tokens covering the same characters)"

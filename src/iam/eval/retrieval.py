@@ -23,6 +23,7 @@ import random
 import re
 import time
 import uuid
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -133,8 +134,18 @@ def build_context(
             used += cost
         if budget - used < 8:
             break
-    if not pieces:
-        raise ValueError(f"tokens {tokens} leaves no room for filler around {len(needles)} needles.")
+    while True:  # joined, pieces may tokenize otherwise than alone: drop the last until the whole fits
+        if not pieces:
+            raise ValueError(f"tokens {tokens} leaves no room for filler around {len(needles)} needles.")
+        context, at, n = _place(count, pieces, needles, depths, used, sep)
+        if n <= tokens:
+            return context, at, n
+        used -= count(pieces.pop() + sep)
+
+
+def _place(count, pieces: list[str], needles: Sequence[str], depths: Sequence[float], used: int, sep: str):
+    """``build_context``'s context of ``pieces`` (``used`` tokens) with the needles at the depths, their actual
+    depths and its token count."""
     cumulative = [0]
     for piece in pieces:
         cumulative.append(cumulative[-1] + count(piece + sep))
@@ -246,24 +257,20 @@ class KeyValue(RetrievalTask):
 
     def sample(self, tokenizer, rng, tokens, spread, filler):
         new_id = lambda: str(uuid.UUID(int=rng.getrandbits(128), version=4))
-        pairs = [(new_id(), new_id())]
-        line = lambda k, v: f'"{k}": "{v}"'
-        per = len(tokenizer(line(*pairs[0]) + ",\n", add_special_tokens=False).input_ids)
-        head = INSTRUCTION + "JSON data:\n{"
-        room = tokens - len(tokenizer(head + "}", add_special_tokens=False).input_ids)
-        while len(pairs) * per < room - per:
-            pairs.append(
-                (str(uuid.UUID(int=rng.getrandbits(128), version=4)), str(uuid.UUID(int=rng.getrandbits(128), version=4)))
-            )
-        while True:
-            context = head + ",\n".join(line(k, v) for k, v in pairs) + "}"
-            n = len(tokenizer(context, add_special_tokens=False).input_ids)
-            if n <= tokens or len(pairs) <= self.queries:
-                break
-            pairs.pop()
-        depths = depths_for(self.queries, spread, rng)
-        asked = [min(int(d * len(pairs)), len(pairs) - 1) for d in depths]
-        asked = list(dict.fromkeys(asked))
+        pairs = [(new_id(), new_id()) for _ in range(tokens // 8 + self.queries)]  # more than can fit
+        text = lambda m: INSTRUCTION + "JSON data:\n{" + ",\n".join(f'"{k}": "{v}"' for k, v in pairs[:m]) + "}"
+        count = lambda m: len(tokenizer(text(m), add_special_tokens=False).input_ids)
+        low, high = 0, len(pairs)  # the most pairs that fit: count(low) <= tokens < count(high + 1)
+        while low < high:
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if count(mid) <= tokens else (low, mid - 1)
+        if low < self.queries:
+            raise ValueError(f"tokens {tokens} is too short for task kv: its {self.queries} pairs take {count(self.queries)}.")
+        pairs = pairs[:low]
+        asked: list[int] = []  # the pair nearest each depth, each asked once
+        for d in depths_for(self.queries, spread, rng):
+            at = min(int(d * len(pairs)), len(pairs) - 1)
+            asked.append(min((j for j in range(len(pairs)) if j not in asked), key=lambda j: abs(j - at)))
         questions = tuple(
             Question(
                 f'What is the value of the key "{pairs[i][0]}" in the JSON data? Answer with the value only.',
@@ -273,7 +280,7 @@ class KeyValue(RetrievalTask):
             )
             for i in asked
         )
-        return Sample(self.name, context, questions, n)
+        return Sample(self.name, text(low), questions, count(low))
 
 
 @dataclass(frozen=True)
@@ -308,14 +315,52 @@ TASKS: dict[str, type[RetrievalTask]] = {t.name: t for t in (Passkey, MultiKey, 
 """Retrieval tasks by name (``--tasks``)."""
 
 
+LENGTH_TOLERANCE = 0.2
+"""How far below the tokens asked a context may fall, as a share of them (whole filler pieces or JSON pairs fill it);
+it never exceeds them."""
+
+
 def make_samples(
     tokenizer, task: str, n: int, tokens: int, seed: int = 0, spread: str = "even", filler: str = "prose"
 ) -> list[Sample]:
-    """``n`` samples of ``task`` with contexts of at most ``tokens`` tokens, the same for the same arguments."""
+    """``n`` samples of ``task`` with contexts of ``tokens`` tokens (at most, within ``LENGTH_TOLERANCE``), the same
+    for the same arguments, sample ``i`` the same for any ``n``; ``ValueError`` where ``task`` cannot fill them."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}.")
     rng = random.Random(f"{task}/{tokens}/{seed}/{spread}/{filler}")
-    return [TASKS[task]().sample(tokenizer, rng, tokens, spread, filler) for _ in range(n)]
+    samples = [TASKS[task]().sample(tokenizer, rng, tokens, spread, filler) for _ in range(n)]
+    shortest = min(s.tokens for s in samples)
+    if shortest < (1 - LENGTH_TOLERANCE) * tokens:
+        raise ValueError(
+            f"task {task} fills only {shortest} of tokens {tokens} (less than {1 - LENGTH_TOLERANCE:.0%}): its pieces "
+            "are too long for this length; ask for a longer one."
+        )
+    return samples
+
+
+def samples_for(
+    tokenizer,
+    tasks: Sequence[str],
+    tokens: Sequence[int],
+    n: int,
+    limit: int,
+    seed: int = 0,
+    spread: str = "even",
+    filler: str = "prose",
+) -> dict[tuple[str, int], list[Sample]]:
+    """Every sample of a run by task and context length (``make_samples``), checked before any model loads: each
+    context, with each of its questions and the longest answer, fits the models' ``limit`` positions."""
+    samples = {(task, t): make_samples(tokenizer, task, n, t, seed, spread, filler) for task in tasks for t in tokens}
+    for (task, t), sample_list in samples.items():
+        for sample in sample_list:
+            for question in sample.questions:
+                worst = sum(ids.shape[1] for ids in encode(tokenizer, sample, question)) + TASKS[task].max_new_tokens
+                if worst > limit:
+                    raise ValueError(
+                        f"tokens {t}: a {task} context with its question and answer ({worst} tokens) exceeds the "
+                        f"models' {limit} positions."
+                    )
+    return samples
 
 
 # ---- running ---------------------------------------------------------------------------------------------------
@@ -368,12 +413,12 @@ def answer(iam, tokenizer, sample: Sample, protocol: str, max_new_tokens: int | 
     context_cache, prefill_s = None, 0.0
     for question in sample.questions:
         context, asked = encode(tokenizer, sample, question)
-        ids = torch.cat([context, asked], -1).to(iam.llm.device)
+        ids = torch.cat([context, asked], -1).to(iam.device)
         start = time.perf_counter()
         if protocol == "agnostic":
             if context_cache is None:
                 context_cache = iam.new_cache()
-                iam(context.to(iam.llm.device), cache=context_cache, logits_to_keep=1)
+                iam(context.to(iam.device), cache=context_cache, logits_to_keep=1)
                 prefill_s = time.perf_counter() - start
                 start = time.perf_counter()
             cache = copy.deepcopy(context_cache)
@@ -396,19 +441,6 @@ def answer(iam, tokenizer, sample: Sample, protocol: str, max_new_tokens: int | 
 
 
 # ---- configurations and the side-by-side run --------------------------------------------------------------------
-
-
-def check_lengths(tokens: Sequence[int], max_new_tokens: int, limit: int) -> None:
-    """Raise unless every context, its question and its answer fit in the models' ``limit`` positions."""
-    worst = max(tokens) + QUESTION_ROOM + max_new_tokens
-    if worst > limit:
-        raise ValueError(
-            f"tokens {max(tokens)} with its question and answer ({worst} tokens) exceed the models' {limit} positions."
-        )
-
-
-QUESTION_ROOM = 96
-"""Tokens kept free for a question, the template's tail and the answer's prefix."""
 
 
 def _like(prediction: str, expected: Sequence[str]) -> list[str]:
@@ -504,24 +536,21 @@ def eval_retrieval(
     tokenizer,
     base,
     setups: Sequence[Setup],
-    tasks: Sequence[str],
-    tokens: Sequence[int],
-    n: int,
+    samples: dict[tuple[str, int], list[Sample]],
     protocol: str = "agnostic",
-    seed: int = 0,
-    spread: str = "even",
-    filler: str = "prose",
     bins: int = 5,
     done: dict | None = None,
     record=None,
     progress: bool = True,
 ) -> dict:
-    """Every configuration of ``setups`` on the same ``n`` samples of each task at each context length, side by side.
+    """Every configuration of ``setups`` on the same samples of each task at each context length, side by side.
 
     Parameters
     ----------
     base : the ``MappingConfig`` every setup varies (ratio and local window).
-    done : answers already measured, by ``(label, task, tokens, sample)``: reused, not run again (resuming).
+    samples : the samples by task and context length (``samples_for``).
+    done : answers already measured, by ``(label, task, tokens, sample)``: reused, not run again (resuming), where
+        they answer each of the sample's questions.
     record : called with ``(key, answers)`` after each sample is measured (e.g. to append it to a file).
 
     Returns
@@ -531,7 +560,6 @@ def eval_retrieval(
     from tqdm.auto import tqdm
 
     done = dict(done or {})
-    samples = {(task, t): make_samples(tokenizer, task, n, t, seed, spread, filler) for task in tasks for t in tokens}
     total = len(setups) * sum(len(s.questions) for ss in samples.values() for s in ss)
     bar = tqdm(total=total, desc="retrieval", unit="question", disable=not progress)
     rows, examples = [], {}
@@ -541,7 +569,7 @@ def eval_retrieval(
             answers = []
             for i, sample in enumerate(sample_list):
                 key = (setup.label, task, t, i)
-                if key not in done:
+                if len(done.get(key, ())) != len(sample.questions):
                     iam = iam or build(llm, slm, base, setup, repeat_prompt(tokenizer))
                     result = []
                     for j, (question, (text, kv, seconds)) in enumerate(
@@ -599,8 +627,9 @@ def demo(llm, slm, tokenizer, base, setups: Sequence[Setup], tokens: int = 1024,
 
 
 def progress_file(out: str | Path, settings: dict) -> Path:
-    """The file in ``out`` where answers are appended as they are measured, one per settings (a digest of them names
-    it); created here, so an unwritable ``out`` fails before any work."""
+    """The file in ``out`` where answers are appended as they are measured, one per ``settings`` (a digest of them
+    names it: whatever changes an answer, not the tasks, lengths or sample count, since sample ``i`` is the same for
+    any of them); created here, so an unwritable ``out`` fails before any work."""
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
@@ -611,15 +640,53 @@ def progress_file(out: str | Path, settings: dict) -> Path:
     return path
 
 
+ANSWER = {
+    "question": int,
+    "depth": (int, float),
+    "correct": bool,
+    "prediction": str,
+    "expected": list,
+    "llm_kv_dropped": (int, float),
+    "total_kv": (int, float),
+    "seconds": (int, float),
+    "context_tokens": (int, float),
+}
+"""A recorded answer's fields and their JSON types (``eval_retrieval`` writes them, ``summarize`` reads them)."""
+
+
+def _recorded(line: bytes) -> tuple[tuple, list[dict]]:
+    """One progress line's key and answers; ``ValueError`` for anything else (cut short, not UTF-8, another shape)."""
+    entry = json.loads(line.decode())
+    if not isinstance(entry, dict):
+        raise ValueError("not an object")
+    key, answers = entry.get("key"), entry.get("answers")
+    kinds = (str, str, int, int)
+    if not (isinstance(key, list) and len(key) == 4 and all(isinstance(k, t) for k, t in zip(key, kinds))):
+        raise ValueError("no key")
+    if not (isinstance(answers, list) and answers and all(isinstance(a, dict) for a in answers)):
+        raise ValueError("no answers")
+    if not all(isinstance(a.get(f), t) for a in answers for f, t in ANSWER.items()):
+        raise ValueError("answers of another shape")
+    return tuple(key), answers
+
+
 def read_progress(path: Path) -> dict:
-    """Answers recorded in ``path`` by ``(label, task, tokens, sample)``; a line cut short by an interrupt is ignored."""
-    done = {}
-    for line in path.read_text().splitlines():
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
+    """Answers recorded in ``path`` by ``(label, task, tokens, sample)``. Any other line (cut short by an interrupt,
+    not UTF-8, of another shape) is skipped with a warning naming it: its sample is measured again."""
+    done, skipped = {}, []
+    for number, line in enumerate(path.read_bytes().split(b"\n"), 1):
+        if not line.strip():
             continue
-        done[tuple(entry["key"])] = entry["answers"]
+        try:
+            key, answers = _recorded(line)
+        except ValueError:
+            skipped.append(number)
+            continue
+        done[key] = answers
+    if skipped:
+        warnings.warn(
+            f"{path}: skipped line(s) {skipped}, not a recorded answer (their samples are measured again).", stacklevel=2
+        )
     return done
 
 

@@ -29,7 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 
 from ..io import atomic_file
 from . import store
-from .placement import Placement, first_layer_device
+from .placement import Placement, check_device, execution_device
 from .store import cache_root
 
 CHUNK = 1 << 24
@@ -281,20 +281,6 @@ def load_tokenizer(name_or_path: str | os.PathLike, progress: bool = True) -> Pr
     return tokenizer
 
 
-def check_device(device: str | torch.device) -> torch.device:
-    """``device`` as a ``torch.device``; ``ValueError`` if torch does not know it or it is not available here."""
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"unknown device {str(device)!r}: use cpu, cuda, cuda:N or another torch device type.") from None
-    backend = getattr(torch, dev.type, None)
-    if dev.type != "cpu" and backend is not None and hasattr(backend, "is_available") and not backend.is_available():
-        raise ValueError(f"device {str(device)!r} is not available here (torch.{dev.type}.is_available() is False): use cpu.")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"device {str(device)!r} does not exist: this machine has {torch.cuda.device_count()} CUDA devices.")
-    return dev
-
-
 def check_tokenizer_files(folder: Path) -> None:
     """Raise ``FileNotFoundError`` if ``folder`` has no tokenizer files (transformers would build an empty tokenizer)."""
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
@@ -369,7 +355,7 @@ def load_pair(
     placed = placement.llm_kwargs() if placement is not None and placement.placed else None
     big, big_tok = load_model(llm, dtype, device, progress, placed)
     if placed:
-        device = placement.slm_device or first_layer_device(big)
+        device = placement.slm_device or execution_device(big.model.layers[0])
     small, small_tok = load_model(slm, dtype, device, progress)
     check_tokenizers(big_tok, small_tok)
     big_tok.padding_side = "left"

@@ -253,7 +253,7 @@ def planned_units(iam: IAMForCausalLM) -> list[int | str] | None:
 def held_out_loss(iam: IAMForCausalLM, examples: list, pad: int) -> float:
     """The mapped LLM's mean loss on held-out examples, one sequence at a time, without gradients."""
     with torch.no_grad():
-        losses = [iam(**{k: v.to(iam.llm.device) for k, v in collate([e], pad).items()}).loss.item() for e in examples]
+        losses = [iam(**{k: v.to(iam.device) for k, v in collate([e], pad).items()}).loss.item() for e in examples]
     return sum(losses) / len(losses)
 
 
@@ -359,7 +359,7 @@ def tune_slm(
                     batch = collate(
                         [examples[order(len(examples), config.seed, first + i)] for i in range(config.batch_size)], pad
                     )
-                    loss = iam(**{k: v.to(llm.device) for k, v in batch.items()}).loss
+                    loss = iam(**{k: v.to(iam.device) for k, v in batch.items()}).loss
                     (loss / config.grad_accum).backward()
                     losses.append(loss.item())
                     tokens += int(batch["attention_mask"].sum())
