@@ -191,9 +191,7 @@ def add_mapping_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--establish-threshold", type=int, default=20)
     p.add_argument("--truncation-threshold", type=int, default=100)
     p.add_argument("--slm-cache", default="native", choices=SLM_CACHES, help="SLM cache precision")
-    p.add_argument(
-        "--llm-cache", default="native", choices=SLM_CACHES, help="LLM cache precision (K and V, or V where mapped)"
-    )
+    p.add_argument("--llm-cache", default="native", choices=SLM_CACHES, help="LLM cache precision (K and V, or V where mapped)")
     p.add_argument(
         "--calibration", default=None, metavar="FILE", help="order for --strategy auto/calibrated, instead of the stored one"
     )
