@@ -138,7 +138,7 @@ def project_v(attn: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 
 def softcap(attn: nn.Module) -> float | None:
     """The logit soft-cap the module's attention function applies (Gemma 2), or ``None``."""
-    return getattr(attn.config, "attn_logit_softcapping", None) if family(attn.config).softcap else None
+    return getattr(attn, "attn_logit_softcapping", None) if family(attn.config).softcap else None
 
 
 def local_window(attn: nn.Module) -> int | None:
