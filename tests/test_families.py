@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_core import greedy, llm_logits
 
-from conftest import FAMILIES, LOCAL_WINDOW, CORE_FAMILIES, forward, iam, left_pad, prompt, save_tiny_pair, tiny
+from conftest import CORE_FAMILIES, FAMILIES, LOCAL_WINDOW, forward, iam, left_pad, prompt, save_tiny_pair, tiny
 from iam import IAMForCausalLM, MappingConfig
 from iam.core.attention import SLMStep
 from iam.core.decoder import decoder_layers, projection
@@ -199,18 +199,66 @@ def test_unserved_pairs_are_refused_before_loading_naming_why(tmp_path, monkeypa
     config = lambda family, layers=2: tiny(family, layers, 32, 2, 1, seed=1).config  # noqa: E731
     mistral = config("mistral")
     mistral.sliding_window = 8
-    refused_before_loading(tmp_path / "a", monkeypatch, mistral, config("mistral"), r"LLM has sliding-window .*sliding_window=8.*narrower than its 256 positions.*max_position_embeddings to 8")
+    refused_before_loading(
+        tmp_path / "a",
+        monkeypatch,
+        mistral,
+        config("mistral"),
+        r"LLM has sliding-window .*sliding_window=8.*narrower than its 256 positions.*max_position_embeddings to 8",
+    )
     wide = tiny("mistral", 2, 32, 2, 1, seed=0)
     wide.config.sliding_window = 256  # as wide as any context: served
     IAMForCausalLM(wide, tiny("mistral", 2, 32, 2, 1, seed=1), MappingConfig())
     vision = Gemma3Config(text_config=dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=2))
-    refused_before_loading(tmp_path / "b", monkeypatch, vision, config("gemma3_text"), r"LLM is a Gemma 3 vision-language .*gemma3_text")
+    refused_before_loading(
+        tmp_path / "b", monkeypatch, vision, config("gemma3_text"), r"LLM is a Gemma 3 vision-language .*gemma3_text"
+    )
     only_global = config("gemma2")
     only_global.layer_types = ["full_attention"] * 2
     refused_before_loading(
         tmp_path / "c", monkeypatch, config("gemma2"), only_global, r"LLM layers \[0\] are sliding_attention but the SLM has no"
     )
-    refused_before_loading(tmp_path / "d", monkeypatch, config("gemma2"), config("gemma2"), "token eviction is not served", eviction=make_policy("h2o", 0.5))
-    refused_before_loading(tmp_path / "e", monkeypatch, config("gemma3_text"), config("gemma3_text"), "local_window is not served", local_window=8)
+    refused_before_loading(
+        tmp_path / "d",
+        monkeypatch,
+        config("gemma2"),
+        config("gemma2"),
+        "token eviction is not served",
+        eviction=make_policy("h2o", 0.5),
+    )
+    refused_before_loading(
+        tmp_path / "e", monkeypatch, config("gemma3_text"), config("gemma3_text"), "local_window is not served", local_window=8
+    )
+    refused_before_loading(
+        tmp_path / "f",
+        monkeypatch,
+        config("gemma2"),
+        config("gemma2"),
+        r"blend 3 exceeds the SLM's 2 heads in full_attention layers",
+        blend=3,
+    )
     with pytest.raises(ValueError, match="phi3 fuses Q, K and V in one qkv_proj, which IAM does not shard"):
         check_features(config("phi3"), None, None, tensor_parallel=True)
+
+
+def test_blend_int8_window_and_eviction_where_served(new_family):
+    """What the README's family table claims, on the twin: a blend of two SLM heads (the second weighs 0) and the
+    exact local window are the LLM alone; int8 caches and H2O eviction run through generate() and shrink the caches
+    (local window and eviction only where the family serves them, see the refusals above)."""
+    from iam.core.eviction import make_policy
+    from iam.core.families import family
+
+    llm = tiny(new_family, 4, 64, 4, 2, seed=0)
+    slm = copy.deepcopy(llm)
+    ids, mask = left_pad([prompt(n, seed=n)[0] for n in (26, 33)])
+    alone = greedy(llm, ids, mask, new=6).sequences
+    served = family(llm.config)
+    exact = [{"ratio": 0.5, "blend": 2}] + ([] if served.local_layers else [{"ratio": 0.5, "local_window": 8}])
+    for mapping in exact:
+        assert torch.equal(greedy(iam(llm, slm, **mapping), ids, mask, new=6).sequences, alone), mapping
+    int8 = greedy(iam(llm, slm, ratio=0.5, slm_cache="int8", llm_cache="int8"), ids, mask, new=6).cache
+    assert int8.slm.layers[0].keys.dtype == torch.int8 and int8.kv_bytes()["llm"] < int8.kv_bytes()["baseline"] / 2
+    if not served.local_layers:
+        policy = make_policy("h2o", 20)
+        evicted = greedy(IAMForCausalLM(llm, slm, MappingConfig(ratio=0.5), eviction=policy), ids, mask, new=6).cache
+        assert evicted.layers[0].keys.shape[-2] == 20

@@ -73,7 +73,11 @@ def projection(attn: nn.Module, part: str) -> tuple[nn.Linear, int]:
     if own is not None:
         return own, 0
     d, config = attn.head_dim, attn.config
-    return attn.qkv_proj, {"q": 0, "k": config.num_attention_heads * d, "v": (config.num_attention_heads + config.num_key_value_heads) * d}[part]
+    return attn.qkv_proj, {
+        "q": 0,
+        "k": config.num_attention_heads * d,
+        "v": (config.num_attention_heads + config.num_key_value_heads) * d,
+    }[part]
 
 
 def project_groups(proj: nn.Linear, x: torch.Tensor, groups: tuple[int, ...], width: int, offset: int = 0) -> torch.Tensor:
@@ -132,7 +136,11 @@ def project_v(attn: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """V ``[B, KV, t, d]`` of an attention module: its ``v_proj``, or the V rows of a fused ``qkv_proj`` only."""
     b, t, _ = hidden.shape
     proj, offset = projection(attn, "v")
-    v = proj(hidden) if offset == 0 else project_groups(proj, hidden, tuple(range(attn.config.num_key_value_heads)), attn.head_dim, offset)
+    v = (
+        proj(hidden)
+        if offset == 0
+        else project_groups(proj, hidden, tuple(range(attn.config.num_key_value_heads)), attn.head_dim, offset)
+    )
     return v.view(b, t, -1, attn.head_dim).transpose(1, 2)
 
 

@@ -120,6 +120,21 @@ def check_kinds(llm: PretrainedConfig, slm: PretrainedConfig) -> None:
         )
 
 
+def check_blend(llm: PretrainedConfig, slm: PretrainedConfig, blend: int) -> None:
+    """Raise ``ValueError`` where a head of an LLM layer with local layers cannot borrow ``blend`` distinct SLM heads
+    of its own layer's kind."""
+    if not family(llm).local_layers:
+        return
+    kinds = layer_kinds(slm)
+    for kind in sorted(set(layer_kinds(llm))):
+        heads = kinds.count(kind) * slm.num_attention_heads
+        if blend > heads:
+            raise ValueError(
+                f"blend {blend} exceeds the SLM's {heads} heads in {kind} layers: an LLM head of a {kind} layer borrows "
+                "from those only. Lower the blend."
+            )
+
+
 def check_features(
     llm: PretrainedConfig, local_window: int | None, eviction: object | None, tensor_parallel: bool = False
 ) -> None:

@@ -26,7 +26,7 @@ from .cache import IAMCache, Signature
 from .config import MappingConfig
 from .decoder import Pass, decoder_layers, local_window, positions, softcap
 from .eviction import EvictionPolicy, attention_mass
-from .families import check_family, check_features, check_kinds, check_windows, family, layer_kinds
+from .families import check_blend, check_family, check_features, check_kinds, check_windows, family, layer_kinds
 from .mapping import Mapping, SLMWindow, Window, cap, slm_window_flats, window_attention
 from .parallel import gather_heads, shard_of, sum_heads
 from .resolution import Resolved, resolve
@@ -146,7 +146,9 @@ def load_checked(
     placement.check(llm_config, device)
     for config in configs:
         check_features(llm_config, config.local_window, eviction, placement.tensor_parallel)
-        check_scope(resolve(config, llm_config, slm_config), llm_config, eviction)
+        resolved = resolve(config, llm_config, slm_config)
+        check_blend(llm_config, slm_config, resolved.config.blend)
+        check_scope(resolved, llm_config, eviction)
     return load_pair(llm, slm, dtype=dtype, device=device, progress=progress, force=force, placement=placement)
 
 
@@ -186,7 +188,9 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         self.n_layers: int = llm.config.num_hidden_layers
         self.n_kv: int = llm.config.num_key_value_heads
         check_eviction(self.mapping_config, eviction)
-        check_features(llm.config, self.mapping_config.local_window, eviction, shard_of(decoder_layers(llm)[0].self_attn) is not None)
+        sharded = shard_of(decoder_layers(llm)[0].self_attn) is not None
+        check_features(llm.config, self.mapping_config.local_window, eviction, sharded)
+        check_blend(llm.config, slm.config, self.mapping_config.blend)
         check_scope(resolved, llm.config, eviction)
         self.eviction = eviction
         mapping = f"{self.mapping_config!r} {resolved.strategy!r}"
@@ -493,10 +497,11 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         for i in range(self.n_layers):
             if mapping is not None and i in mapping.plan:
                 mapped = MappedAttention(layers[i].self_attn, mapping.plan[i], local=self._local is not None)
-                own = run.mask_of(i) if mapped.window is not None else None
-                run.layer(
-                    i, lambda x, mapped=mapped, own=own: mapped(x, run.rope_of(i), mapped_mask, cache, mapping, step, establishing, own)
-                )
+                rope, own = run.rope_of(i), run.mask_of(i) if mapped.window is not None else None
+                attention = lambda x, m=mapped, rope=rope, own=own: m(
+                    x, rope, mapped_mask, cache, mapping, step, establishing, own
+                )  # noqa: E731
+                run.layer(i, attention)
             elif scoring:
                 run.query_capture(i, queries)
             else:
