@@ -262,3 +262,31 @@ def test_blend_int8_window_and_eviction_where_served(new_family):
         policy = make_policy("h2o", 20)
         evicted = greedy(IAMForCausalLM(llm, slm, MappingConfig(ratio=0.5), eviction=policy), ids, mask, new=6).cache
         assert evicted.layers[0].keys.shape[-2] == 20
+
+
+def test_attention_across_tokenizers_reads_gemma_layers_as_they_attend():
+    """``alignment.attention_probs`` (similarity across tokenizers) keeps every key of a local layer and its window:
+    a local layer's rows are zero past the window, a global layer's are not."""
+    from iam.core.alignment import attention_probs
+
+    probs = attention_probs(tiny("gemma2", 2, 32, 2, 1, seed=1), prompt(20))  # [L, H, T, T]: layer 0 local, 1 global
+    far = torch.ones(20, 20, dtype=torch.bool).tril(-LOCAL_WINDOW)
+    assert (probs[0][:, far] == 0).all() and (probs[1][:, far] > 0).all()
+    assert torch.allclose(probs.sum(-1), torch.ones(2, 2, 20))
+
+
+def test_lora_tunes_phi3_through_its_fused_projection(tmp_path):
+    """LoRA on Phi-3's SLM adapts its fused qkv_proj (the only projection that shapes its attention) and nothing else."""
+    from conftest import char_tokenizer
+    from iam.tuning import TuneConfig, load_tuning_data, tune_slm
+
+    llm_folder, _ = save_tiny_pair(tmp_path, family="phi3")
+    llm, slm = tiny("phi3", 4, 64, 4, 2, seed=0), tiny("phi3", 2, 32, 2, 1, seed=1)
+    (tmp_path / "train.txt").write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    data = load_tuning_data(char_tokenizer(), [str(tmp_path / "train.txt")], "lm", 32, 256)
+    original = copy.deepcopy(slm.state_dict())
+    config = TuneConfig(MappingConfig(strategy="back", ratio=0.5), method="lora", batch_size=2, grad_accum=1, max_steps=2)
+    result = tune_slm(llm, slm, char_tokenizer(), data, tmp_path / "run", llm_folder, config, progress=False)
+    tuned = type(slm).from_pretrained(result["model"])
+    changed = {k for k, v in tuned.state_dict().items() if not torch.equal(v, original[k])}
+    assert changed and all(".qkv_proj." in k for k in changed), changed

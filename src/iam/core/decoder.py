@@ -111,7 +111,6 @@ def project_qk(
 
     Under tensor parallelism (``iam.core.parallel``) the modules give the rank's heads, and ``groups`` index them;
     with ``gather`` every rank's heads are gathered first, and ``groups`` index all of them."""
-    b, t, _ = hidden.shape
     d = attn.head_dim
     shard = shard_of(attn)
     if shard is None:
@@ -125,11 +124,33 @@ def project_qk(
             q, k = shard.gather(q, -1), shard.gather(k, -1)
         if groups is not None:
             q, k = take_columns(q, groups, attn.num_key_value_groups * d), take_columns(k, groups, d)
-    q, k = (x.view(b, t, -1, d).transpose(1, 2) for x in (q, k))
+    return rotated(attn, q, k, cos, sin)
+
+
+def rotated(
+    attn: nn.Module, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Projected Q and K ``[B, t, heads * d]`` as ``[B, heads, t, d]``, through the module's per-head norms where it
+    has them (Qwen3, Gemma 3: over each head's d dims, before RoPE), then rotated."""
+    b, t, _ = q.shape
+    q, k = (x.view(b, t, -1, attn.head_dim).transpose(1, 2) for x in (q, k))
     q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
-    if q_norm is not None:  # per head, over its d dims, before RoPE
+    if q_norm is not None:
         q, k = q_norm(q), k_norm(k)
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+
+def project_qkv(
+    attn: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Post-RoPE Q, K and V of every head, as the module computes them: a fused ``qkv_proj`` in one call of the module
+    (so that adapters on it, ``iam tune``'s LoRA, apply)."""
+    if not hasattr(attn, "qkv_proj"):
+        return *project_qk(attn, hidden, cos, sin), project_v(attn, hidden)
+    b, t, _ = hidden.shape
+    heads, kv, d = attn.config.num_attention_heads, attn.config.num_key_value_heads, attn.head_dim
+    q, k, v = attn.qkv_proj(hidden).split([heads * d, kv * d, kv * d], -1)
+    return *rotated(attn, q, k, cos, sin), v.view(b, t, kv, d).transpose(1, 2)
 
 
 def project_v(attn: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -271,9 +292,9 @@ class Pass:
         attn = self.base.layers[idx].self_attn
 
         def attention(x: torch.Tensor) -> torch.Tensor:
-            q, k = project_qk(attn, x, *self.rope_of(idx))
+            q, k, v = project_qkv(attn, x, *self.rope_of(idx))
             b, t, _ = x.shape
-            k, v = self.cache.update(k, project_v(attn, x), idx)
+            k, v = self.cache.update(k, v, idx)
             queries[idx] = q
             return attn.o_proj(attend(attn, q, k, v, self.mask_of(idx)).transpose(1, 2).reshape(b, t, -1))
 
