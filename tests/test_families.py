@@ -215,6 +215,9 @@ def test_unserved_pairs_are_refused_before_loading_naming_why(tmp_path, monkeypa
     )
     only_global = config("gemma2")
     only_global.layer_types = ["full_attention"] * 2
+    embedding = config("gemma3_text")
+    embedding.use_bidirectional_attention = True
+    refused_before_loading(tmp_path / "g", monkeypatch, config("gemma3_text"), embedding, r"SLM attends bidirectionally")
     refused_before_loading(
         tmp_path / "c", monkeypatch, config("gemma2"), only_global, r"LLM layers \[0\] are sliding_attention but the SLM has no"
     )
@@ -273,6 +276,17 @@ def test_attention_across_tokenizers_reads_gemma_layers_as_they_attend():
     far = torch.ones(20, 20, dtype=torch.bool).tril(-LOCAL_WINDOW)
     assert (probs[0][:, far] == 0).all() and (probs[1][:, far] > 0).all()
     assert torch.allclose(probs.sum(-1), torch.ones(2, 2, 20))
+
+
+def test_similarity_analysis_reads_every_slm_head_and_the_similar_strategy_borrowable_ones():
+    """``head_similarity`` (``iam similarity``) scores every SLM head; the ``similar`` strategy's probe gives heads of
+    the other layer kind ``-inf``, so that no layer is chosen for a head it cannot borrow."""
+    llm, slm = tiny("gemma3_text", 4, 64, 4, 2, seed=0), tiny("gemma3_text", 2, 32, 2, 1, seed=1)
+    model = iam(llm, slm, ratio=0.5, strategy="similar")
+    assert torch.isfinite(model.head_similarity(prompt(30))).all()
+    probe = forward(model, prompt(30)).cache.mapping.probe  # [L, B, H, L_s * H_s]; SLM layer 0 local, 1 global
+    assert probe[[0, 2]][..., 2:].isinf().all() and probe[[1, 3]][..., :2].isinf().all()
+    assert torch.isfinite(probe[[0, 2]][..., :2]).all() and torch.isfinite(probe[[1, 3]][..., 2:]).all()
 
 
 def test_lora_tunes_phi3_through_its_fused_projection(tmp_path):

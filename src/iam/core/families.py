@@ -63,6 +63,10 @@ def check_family(role: str, config: PretrainedConfig) -> None:
         raise ValueError(f"{role} is {REFUSED[model_type]}.")
     if model_type not in FAMILIES:
         raise ValueError(f"{role} has model_type {model_type!r}; supported families: {list(FAMILIES)}.")
+    if getattr(config, "use_bidirectional_attention", False):
+        raise ValueError(
+            f"{role} attends bidirectionally (use_bidirectional_attention=True, an embedding model); IAM serves causal LMs."
+        )
 
 
 def layer_windows(config: PretrainedConfig) -> list[int | None]:

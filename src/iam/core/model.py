@@ -540,9 +540,9 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         return self.resolved.strategy.plan(self.n_layers, self.n_kv, self.mapping_config.ratio, scores)
 
     @torch.no_grad()
-    def _probe(self, ids: torch.Tensor, establishing: SLMWindow) -> torch.Tensor:
+    def _probe(self, ids: torch.Tensor, establishing: SLMWindow, borrowable: bool = True) -> torch.Tensor:
         """Similarity ``[L, B, H, L_s * H_s]`` of every LLM head to every SLM head, from an unmapped LLM pass over
-        the window only."""
+        the window only; ``-inf`` to heads it cannot borrow (of another layer kind) where ``borrowable``."""
         window_ids = establishing.window.take(ids, 1)
         cache = IAMCache(self.llm.config, self.slm.config)
         pos = torch.arange(window_ids.shape[1], device=ids.device).expand_as(window_ids)
@@ -553,7 +553,7 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
                 window_attention(queries[i], cache.layers[i].keys, a.scaling, softcap(a), local_window(a)).to(
                     establishing.flats[0].device
                 ),
-                kinds[i],
+                kinds[i] if borrowable else None,
             )
             for i, a in enumerate(attns)
         ]
@@ -567,4 +567,4 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         truncation = truncation_threshold or self.mapping_config.truncation_threshold
         mask = torch.ones_like(ids)
         _, establishing = self._slm_window(self.new_cache(), ids, mask, positions(mask, ids.shape[1]), truncation)
-        return self._probe(ids, establishing)
+        return self._probe(ids, establishing, borrowable=False)
