@@ -121,8 +121,9 @@ def test_batch_equals_solo_runs(new_family):
 
 
 def test_kv_bytes_drop_exactly_the_mapped_keys(new_family):
-    """K and V of every layer at the config's head size, less K of the mapped layers; the baseline is what the LLM
-    alone holds, except that its own cache keeps a local (Gemma) layer's window only, where IAM keeps every slot."""
+    """K and V of every layer at the config's head size, less K of the mapped layers; the baseline is exactly what
+    the LLM alone holds, whose own cache keeps a local (Gemma) layer's last W - 1 slots only, where IAM keeps every
+    slot (so that IAM holds more than the baseline there)."""
     llm, slm = tiny(new_family, 4, 64, 4, 2, seed=0), tiny(new_family, 2, 32, 2, 1, seed=1)
     ids = prompt(33, batch=2)
     cache = greedy(iam(llm, slm, ratio=0.5), ids, new=5).cache
@@ -130,12 +131,12 @@ def test_kv_bytes_drop_exactly_the_mapped_keys(new_family):
     d = decoder_layers(llm)[0].self_attn.head_dim
     tokens = 33 + 4  # the last generated token is never fed back
     per_slot = 2 * cfg.num_key_value_heads * d * 4  # K (or V) of one slot of a layer, both sequences, fp32
-    assert kv["baseline"] == 4 * 2 * per_slot * tokens
-    assert kv["llm"] == kv["baseline"] - len(cache.mapping.mapped_layers) * per_slot * tokens
-    alone = greedy(llm, ids, new=5).cache
     local = layer_kinds(cfg).count("sliding_attention") if new_family.startswith("gemma") else 0
-    beyond = local * 2 * per_slot * (tokens - (LOCAL_WINDOW - 1))  # transformers keeps a local layer's last W - 1 slots
-    assert sum(layer.keys.nbytes + layer.values.nbytes for layer in alone.layers) == kv["baseline"] - beyond
+    beyond = local * 2 * per_slot * (tokens - (LOCAL_WINDOW - 1))  # what IAM keeps of local layers past the window
+    assert kv["llm"] == 4 * 2 * per_slot * tokens - len(cache.mapping.mapped_layers) * per_slot * tokens
+    assert kv["baseline"] == 4 * 2 * per_slot * tokens - beyond
+    alone = greedy(llm, ids, new=5).cache
+    assert sum(layer.keys.nbytes + layer.values.nbytes for layer in alone.layers) == kv["baseline"]
     s_d = decoder_layers(slm)[0].self_attn.head_dim
     depth = cache.mapping.slm_layers[-1] + 1
     assert kv["slm"] == depth * 2 * slm.config.num_key_value_heads * 2 * tokens * s_d * 4

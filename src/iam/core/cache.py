@@ -11,6 +11,7 @@ from transformers import DynamicCache, PretrainedConfig
 from transformers.cache_utils import Cache, DynamicLayer
 
 from .eviction import EvictionPolicy, Kept
+from .families import held_slots
 from .mapping import Mapping
 
 SLM_CACHES = ("native", "int8")
@@ -300,6 +301,7 @@ class IAMCache(Cache):
     ) -> None:
         n_layers = llm_config.num_hidden_layers
         self.llm_cache_kind = llm_cache_kind
+        self.held = held_slots(llm_config)  # what the LLM alone keeps per layer (a Gemma local layer: its window)
         super().__init__(layers=[layer_for(llm_cache_kind) for _ in range(n_layers)])
         self.n_kv = llm_config.num_key_value_heads
         self.slm = slm_cache(slm_config, slm_cache_kind)
@@ -466,9 +468,10 @@ class IAMCache(Cache):
     def kv_bytes(self) -> dict[str, int]:
         """Bytes in the real caches: ``llm`` (local keys included), ``slm``, ``total``, and ``baseline``, what the LLM
         alone would hold for every token seen, without eviction, in its own dtype (K and V in every layer: twice the
-        V bytes per token)."""
+        V bytes per token; a Gemma local layer's window only, where IAM keeps every token)."""
         llm, slm = cache_bytes(self) + cache_bytes(self.local), cache_bytes(self.slm)
-        baseline = sum(layer.full_bytes(self.columns) for layer in self.layers)
+        held = [self.columns if h is None else min(self.columns, h) for h in self.held]
+        baseline = sum(layer.full_bytes(n) for layer, n in zip(self.layers, held))
         return {"llm": llm, "slm": slm, "total": llm + slm, "baseline": baseline}
 
     def kv_bytes_by_device(self) -> dict[str, int]:

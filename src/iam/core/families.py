@@ -52,8 +52,15 @@ REFUSED: dict[str, str] = {
 
 
 def family(config: PretrainedConfig) -> Family:
-    """The ``Family`` of a config (checked with ``check_family`` first)."""
-    return FAMILIES[config.model_type]
+    """The ``Family`` of a config (one without anything apart where unlisted: ``check_family`` refuses those)."""
+    return FAMILIES.get(getattr(config, "model_type", None), Family())
+
+
+def held_slots(config: PretrainedConfig) -> list[int | None]:
+    """Per layer, the slots the model's own cache keeps (transformers keeps a local layer's last ``window - 1``), or
+    ``None``: every slot. What the LLM alone holds, the baseline of ``IAMCache.kv_bytes``."""
+    local = family(config).local_layers
+    return [w - 1 if local and w is not None else None for w in layer_windows(config)]
 
 
 def check_family(role: str, config: PretrainedConfig) -> None:
