@@ -79,7 +79,8 @@ def test_mapped_layers_make_no_qk_projection_and_hold_no_k(new_family, monkeypat
     for layer in (1, 2):
         assert counted.of(layer, "q") == counted.of(layer, "k") == [16], new_family
         assert counted.of(layer, "v") == every
-        assert out.cache.layers[layer].keys.shape[-2] == 0 and out.cache.layers[layer].values.shape[-2] == 45
+        slots = 45 if out.cache.windows[layer] is None else LOCAL_WINDOW - 1  # a Gemma local layer keeps its window
+        assert out.cache.layers[layer].keys.shape[-2] == 0 and out.cache.layers[layer].values.shape[-2] == slots
     for layer in (0, 3):
         assert counted.of(layer, "q") == counted.of(layer, "k") == counted.of(layer, "v") == every
 
@@ -121,9 +122,8 @@ def test_batch_equals_solo_runs(new_family):
 
 
 def test_kv_bytes_drop_exactly_the_mapped_keys(new_family):
-    """K and V of every layer at the config's head size, less K of the mapped layers; the baseline is exactly what
-    the LLM alone holds, whose own cache keeps a local (Gemma) layer's last W - 1 slots only, where IAM keeps every
-    slot (so that IAM holds more than the baseline there)."""
+    """K and V of every layer at the config's head size, less K of the mapped layers, a Gemma local layer's last
+    W - 1 slots only; the baseline is exactly what the LLM alone holds."""
     llm, slm = tiny(new_family, 4, 64, 4, 2, seed=0), tiny(new_family, 2, 32, 2, 1, seed=1)
     ids = prompt(33, batch=2)
     cache = greedy(iam(llm, slm, ratio=0.5), ids, new=5).cache
@@ -131,10 +131,11 @@ def test_kv_bytes_drop_exactly_the_mapped_keys(new_family):
     d = decoder_layers(llm)[0].self_attn.head_dim
     tokens = 33 + 4  # the last generated token is never fed back
     per_slot = 2 * cfg.num_key_value_heads * d * 4  # K (or V) of one slot of a layer, both sequences, fp32
-    local = layer_kinds(cfg).count("sliding_attention") if new_family.startswith("gemma") else 0
-    beyond = local * 2 * per_slot * (tokens - (LOCAL_WINDOW - 1))  # what IAM keeps of local layers past the window
-    assert kv["llm"] == 4 * 2 * per_slot * tokens - len(cache.mapping.mapped_layers) * per_slot * tokens
-    assert kv["baseline"] == 4 * 2 * per_slot * tokens - beyond
+    local = new_family.startswith("gemma")
+    slots = [LOCAL_WINDOW - 1 if local and kind == "sliding_attention" else tokens for kind in layer_kinds(cfg)]
+    mapped = cache.mapping.mapped_layers
+    assert kv["llm"] == sum((1 if i in mapped else 2) * per_slot * n for i, n in enumerate(slots))
+    assert kv["baseline"] == sum(2 * per_slot * n for n in slots)
     alone = greedy(llm, ids, new=5).cache
     assert sum(layer.keys.nbytes + layer.values.nbytes for layer in alone.layers) == kv["baseline"]
     s_d = decoder_layers(slm)[0].self_attn.head_dim
@@ -163,6 +164,23 @@ def test_local_layers_borrow_within_their_window_from_local_layers(gemma, monkey
     local, full = rows[0][0], rows[1][0]  # [H_s, 31]: the new token reads slots 0..30
     assert (local[:, : 31 - LOCAL_WINDOW] == 0).all() and (local[:, 31 - LOCAL_WINDOW :] > 0).all()
     assert (full > 0).all()
+
+
+@pytest.mark.parametrize("gemma", ["gemma2", "gemma3_text"])
+@pytest.mark.parametrize("llm_cache", ["native", "int8"])
+def test_a_continuation_over_local_layers_windows_equals_one_prefill(gemma, llm_cache):
+    """Local layers keep their last W - 1 slots: a continuation scored over the cache (its mapped local layers' V and
+    borrowed rows cut to the window, its masks sized by the windowed layers) gives the logits of one prefill."""
+    llm, slm = tiny(gemma, 4, 64, 4, 2, seed=0), tiny(gemma, 2, 32, 2, 1, seed=1)
+    model = iam(llm, slm, ratio=1.0, truncation_threshold=16, llm_cache=llm_cache)
+    ids, mask = left_pad([prompt(n, seed=n)[0] for n in (40, 45)])
+    first = forward(model, ids[:, :30], mask[:, :30])
+    assert first.cache.layers[0].values.shape[-2] == LOCAL_WINDOW - 1 and first.cache.layers[1].values.shape[-2] == 30
+    rest = forward(model, ids[:, 30:], mask, cache=first.cache).logits
+    step = forward(model, ids[:, 30:31], mask[:, :31], cache=forward(model, ids[:, :30], mask[:, :30]).cache).logits
+    full = forward(model, ids, mask).logits
+    tolerance = 1e-4 if llm_cache == "native" else 0.05
+    assert (rest - full[:, 30:]).abs().max() < tolerance and (step - full[:, 30:31]).abs().max() < tolerance
 
 
 def test_borrowed_logits_are_soft_capped_where_the_llm_caps():

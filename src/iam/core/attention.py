@@ -311,6 +311,7 @@ class MappedAttention:
         V without expanding it; returns ``[B, H_m, 1, d]``."""
         b = v.shape[0]
         rows = routes.mix(slm.column_rows(routes, attention_mask, v.dtype))  # [B, H_m, T]
+        rows = rows[..., rows.shape[-1] - v.shape[2] :]  # a local layer's V: its window's slots (the rows' only weight)
         h, kv_heads = rows.shape[1], v.shape[1]
         return (rows.view(b, kv_heads, h // kv_heads, -1) @ v).view(b, h, 1, -1)
 
@@ -326,11 +327,8 @@ class MappedAttention:
         some_q = slm.queries[0]
         t, d_s = some_q.shape[2], some_q.shape[-1]
         rows = torch.arange(b, device=v.device)[:, None]
-        if slm.softcap is not None:  # no fused kernel caps logits: the layer's own eager attention, in query chunks
-            q, k = slm.items(routes, v.dtype)
-            return routes.from_items(capped_attention(q, k, v[rows, routes.item_kv], attention_mask, slm.scaling, slm.softcap))
         flex = attention_mask is None and d_s != d and total == t >= FLEX_MIN_TOKENS and v.device.type in FLEX_DEVICES
-        if flex and flex_serves(some_q, v) and flex_ready(v.device, v.dtype, d_s, d):
+        if flex and slm.softcap is None and flex_serves(some_q, v) and flex_ready(v.device, v.dtype, d_s, d):
             q_at, k_at = slm.item_heads(routes)  # [B, U] each: (sequence, stacked SLM head) of every item
             (qs, ks), seq = slm.stack(), rows.expand_as(q_at).flatten()
             q_at, k_at, kv = q_at.flatten(), k_at.flatten(), routes.item_kv.flatten()
@@ -341,12 +339,16 @@ class MappedAttention:
 
             out = flex_heads(len(seq), chunk, causal_block_mask(t, v.device)).view(*routes.item_kv.shape, t, d)
             return routes.from_items(out)
+        q, k = slm.items(routes, v.dtype)
+        k, v = k[:, :, k.shape[2] - total :], v[rows, routes.item_kv]  # the slots V holds: a local layer's, its window's
+        if slm.softcap is not None:  # no fused kernel caps logits: the layer's own eager attention, in query chunks
+            return routes.from_items(capped_attention(q, k, v, attention_mask, slm.scaling, slm.softcap))
         width = max(d_s, d)
-        q, k = (F.pad(x, (0, width - d_s)) for x in slm.items(routes, v.dtype))
+        q, k = (F.pad(x, (0, width - d_s)) for x in (q, k))
         out = F.scaled_dot_product_attention(
             q,
             k,
-            F.pad(v[rows, routes.item_kv], (0, width - d)),
+            F.pad(v, (0, width - d)),
             attn_mask=attention_mask,
             is_causal=attention_mask is None,
             scale=slm.scaling,

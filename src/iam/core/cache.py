@@ -11,7 +11,7 @@ from transformers import DynamicCache, PretrainedConfig
 from transformers.cache_utils import Cache, DynamicLayer
 
 from .eviction import EvictionPolicy, Kept
-from .families import held_slots
+from .families import local_windows
 from .mapping import Mapping
 
 SLM_CACHES = ("native", "int8")
@@ -202,11 +202,62 @@ class LocalKeys(KVLayer):
         return sinks, recent
 
 
-def layer_for(kind: str, value_only: bool = False) -> KVLayer:
-    """A new cache layer: K and V, or V only (a wholly mapped layer), in the model's dtype or int8."""
+class Windowed:
+    """A cache layer of a local (sliding-window) attention layer, mixed into one of the layers above: like transformers'
+    ``DynamicSlidingWindowLayer`` it keeps the last ``window - 1`` slots only, and an update returns the kept and the
+    new ones (the layer's mask spans those, ``get_mask_sizes``)."""
+
+    is_sliding = True
+
+    def __init__(self, window: int) -> None:
+        super().__init__()
+        self.window, self.cumulative_length = window, 0
+
+    def update(self, key_states, value_states, cache_kwargs: dict | None = None, **kwargs):
+        out = super().update(key_states, value_states, cache_kwargs, **kwargs)
+        self.cumulative_length += value_states.shape[-2]
+        for name in self.stores:
+            x = getattr(self, name)
+            if x is not None:
+                setattr(self, name, x[..., max(x.shape[-2] - self.window + 1, 0) :, :])
+        return out
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        kept = min(self.cumulative_length, self.window - 1)
+        return kept + query_length, self.cumulative_length - kept
+
+    def reset(self) -> None:
+        super().reset()
+        self.cumulative_length = 0
+
+
+class WindowedKVLayer(Windowed, KVLayer):
+    """``KVLayer`` of a local layer."""
+
+
+class WindowedValueOnlyLayer(Windowed, ValueOnlyLayer):
+    """``ValueOnlyLayer`` of a local layer."""
+
+
+class WindowedInt8Layer(Windowed, Int8Layer):
+    """``Int8Layer`` of a local layer."""
+
+
+class WindowedInt8ValueOnlyLayer(Windowed, Int8ValueOnlyLayer):
+    """``Int8ValueOnlyLayer`` of a local layer."""
+
+
+def layer_for(kind: str, value_only: bool = False, window: int | None = None) -> KVLayer:
+    """A new cache layer: K and V, or V only (a wholly mapped layer), in the model's dtype or int8; of a local layer
+    keeping its last ``window - 1`` slots (``Windowed``) where ``window`` is given."""
     if kind == "int8":
-        return Int8ValueOnlyLayer() if value_only else Int8Layer()
-    return ValueOnlyLayer() if value_only else KVLayer()
+        plain, local = (Int8ValueOnlyLayer, WindowedInt8ValueOnlyLayer) if value_only else (Int8Layer, WindowedInt8Layer)
+    else:
+        plain, local = (ValueOnlyLayer, WindowedValueOnlyLayer) if value_only else (KVLayer, WindowedKVLayer)
+    return plain() if window is None else local(window)
 
 
 def slm_cache(config: PretrainedConfig, kind: str = "native") -> DynamicCache:
@@ -301,8 +352,8 @@ class IAMCache(Cache):
     ) -> None:
         n_layers = llm_config.num_hidden_layers
         self.llm_cache_kind = llm_cache_kind
-        self.held = held_slots(llm_config)  # what the LLM alone keeps per layer (a Gemma local layer: its window)
-        super().__init__(layers=[layer_for(llm_cache_kind) for _ in range(n_layers)])
+        self.windows = local_windows(llm_config)  # a Gemma local layer keeps its window only, as the LLM alone does
+        super().__init__(layers=[layer_for(llm_cache_kind, window=w) for w in self.windows])
         self.n_kv = llm_config.num_key_value_heads
         self.slm = slm_cache(slm_config, slm_cache_kind)
         # a container of LocalKeys, moved with the batch; the mapped layers update them (``LocalKeys.update``)
@@ -328,7 +379,7 @@ class IAMCache(Cache):
         """Start over with ``mapping``: every LLM layer emptied (the establishing forward prefills the whole context
         again), a ``ValueOnlyLayer`` at each wholly mapped one."""
         kind = self.llm_cache_kind
-        self.layers = [layer_for(kind, len(mapping.plan.get(i, ())) == self.n_kv) for i in range(len(self.layers))]
+        self.layers = [layer_for(kind, len(mapping.plan.get(i, ())) == self.n_kv, w) for i, w in enumerate(self.windows)]
         self.mapping = mapping
         self.tokens = self.token_positions = None
         if self.local is not None:
@@ -450,7 +501,7 @@ class IAMCache(Cache):
         raise ValueError("an IAMCache cannot be cropped: the SLM's cache and the mapping follow the LLM's tokens.")
 
     def reset(self) -> None:
-        self.layers = [layer_for(self.llm_cache_kind) for _ in self.layers]  # mapped layers were V-only
+        self.layers = [layer_for(self.llm_cache_kind, window=w) for w in self.windows]  # mapped layers were V-only
         for cache in self._others():
             cache.reset()
         self.mapping = self.tokens = self.token_positions = self.kept = None
@@ -468,9 +519,9 @@ class IAMCache(Cache):
     def kv_bytes(self) -> dict[str, int]:
         """Bytes in the real caches: ``llm`` (local keys included), ``slm``, ``total``, and ``baseline``, what the LLM
         alone would hold for every token seen, without eviction, in its own dtype (K and V in every layer: twice the
-        V bytes per token; a Gemma local layer's window only, where IAM keeps every token)."""
+        V bytes per token; a Gemma local layer's last ``window - 1`` slots)."""
         llm, slm = cache_bytes(self) + cache_bytes(self.local), cache_bytes(self.slm)
-        held = [self.columns if h is None else min(self.columns, h) for h in self.held]
+        held = [self.columns if w is None else min(self.columns, w - 1) for w in self.windows]
         baseline = sum(layer.full_bytes(n) for layer, n in zip(self.layers, held))
         return {"llm": llm, "slm": slm, "total": llm + slm, "baseline": baseline}
 

@@ -56,11 +56,11 @@ def family(config: PretrainedConfig) -> Family:
     return FAMILIES.get(getattr(config, "model_type", None), Family())
 
 
-def held_slots(config: PretrainedConfig) -> list[int | None]:
-    """Per layer, the slots the model's own cache keeps (transformers keeps a local layer's last ``window - 1``), or
-    ``None``: every slot. What the LLM alone holds, the baseline of ``IAMCache.kv_bytes``."""
+def local_windows(config: PretrainedConfig) -> list[int | None]:
+    """Per layer, the window of a local layer served as such (``Family.local_layers``), else ``None``: its cache keeps
+    the last ``window - 1`` slots, as transformers' own does (``iam.core.cache.Windowed``)."""
     local = family(config).local_layers
-    return [w - 1 if local and w is not None else None for w in layer_windows(config)]
+    return [w if local else None for w in layer_windows(config)]
 
 
 def check_family(role: str, config: PretrainedConfig) -> None:

@@ -22,7 +22,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from ..models.loading import check_device, load_pair, read_configs
 from ..models.placement import Placement
 from .attention import MappedAttention, SLMStep
-from .cache import IAMCache, Signature
+from .cache import IAMCache, Signature, slm_cache
 from .config import MappingConfig
 from .decoder import Pass, decoder_layers, local_window, positions, softcap
 from .eviction import EvictionPolicy, attention_mass
@@ -544,7 +544,7 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         """Similarity ``[L, B, H, L_s * H_s]`` of every LLM head to every SLM head, from an unmapped LLM pass over
         the window only; ``-inf`` to heads it cannot borrow (of another layer kind) where ``borrowable``."""
         window_ids = establishing.window.take(ids, 1)
-        cache = IAMCache(self.llm.config, self.slm.config)
+        cache = slm_cache(self.llm.config)  # every layer keeps every key (an IAMCache keeps a local layer's window)
         pos = torch.arange(window_ids.shape[1], device=ids.device).expand_as(window_ids)
         queries = Pass(self.llm, window_ids, torch.ones_like(window_ids), pos, cache).queries(self.n_layers)
         attns, kinds = [layer.self_attn for layer in decoder_layers(self.llm)], layer_kinds(self.llm.config)
