@@ -7,17 +7,56 @@ import string
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from iam import IAMForCausalLM, MappingConfig
 
-FAMILIES = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}
+LOCAL_WINDOW = 8
+"""The sliding window of the tiny Gemma models' local layers: shorter than the tests' prompts."""
+
+FAMILIES = {
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
+    "llama": (LlamaConfig, LlamaForCausalLM, {}),
+    # head sizes differ from hidden / heads, and between the two models (24 and 16, see ``tiny``)
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, {}),
+    "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
+    "phi3": (Phi3Config, Phi3ForCausalLM, {"original_max_position_embeddings": 256}),
+    # local and global layers interleaved (one local, one global); soft-capped logits; 1/sqrt(query_pre_attn_scalar)
+    "gemma2": (Gemma2Config, Gemma2ForCausalLM, {"sliding_window": LOCAL_WINDOW, "query_pre_attn_scalar": 12}),
+    "gemma3_text": (Gemma3TextConfig, Gemma3ForCausalLM, {"sliding_window": LOCAL_WINDOW, "query_pre_attn_scalar": 12}),
+}
+"""Each served family's config and model class, and what its tiny configs set beyond the shared sizes."""
+
+CORE_FAMILIES = ("llama", "qwen2")
+"""The families the ``family`` fixture runs every mechanics test on; the others run ``test_families.py``."""
+
 VOCAB = 97
 
 
 def tiny(family: str, layers: int, hidden: int, heads: int, kv_heads: int, seed: int, vocab: int = VOCAB) -> torch.nn.Module:
     """A tiny random causal LM whose attention is peaked enough that heads are told apart."""
-    config_cls, model_cls = FAMILIES[family]
+    config_cls, model_cls, extra = FAMILIES[family]
+    extra = dict(extra)
+    if family in ("qwen3", "gemma2", "gemma3_text"):  # an explicit head size, not hidden / heads
+        extra["head_dim"] = 24 if hidden >= 64 else 16
+    if family.startswith("gemma"):  # local, then global, layers
+        extra["layer_types"] = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
     config = config_cls(
         vocab_size=vocab,
         hidden_size=hidden,
@@ -26,22 +65,34 @@ def tiny(family: str, layers: int, hidden: int, heads: int, kv_heads: int, seed:
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         max_position_embeddings=256,
-        attn_implementation="sdpa",
+        attn_implementation="eager" if family == "gemma2" else "sdpa",  # Gemma 2 soft-caps: eager only
         tie_word_embeddings=False,
         eos_token_id=None,
         pad_token_id=0,
         bos_token_id=None,
+        **extra,
     )
     torch.manual_seed(seed)
     model = model_cls(config).eval()
     with torch.no_grad():
         for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(8.0)
-            layer.self_attn.k_proj.weight.mul_(8.0)
+            sharpen(layer.self_attn)
     return model
 
 
-@pytest.fixture(params=sorted(FAMILIES))
+def sharpen(attn: torch.nn.Module) -> None:
+    """Scale an attention module's Q and K (their projections' rows, or their per-head norms) by 8 and 3."""
+    if hasattr(attn, "q_norm"):  # the norms undo any scale of the projections
+        for norm in (attn.q_norm, attn.k_norm):
+            norm.weight.fill_(2.0 if "Gemma" in type(norm).__name__ else 3.0)  # Gemma's norms scale by 1 + weight
+    elif hasattr(attn, "qkv_proj"):
+        attn.qkv_proj.weight[: (attn.config.num_attention_heads + attn.config.num_key_value_heads) * attn.head_dim].mul_(8.0)
+    else:
+        attn.q_proj.weight.mul_(8.0)
+        attn.k_proj.weight.mul_(8.0)
+
+
+@pytest.fixture(params=CORE_FAMILIES)
 def family(request) -> str:
     return request.param
 
@@ -119,11 +170,11 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
-def save_tiny_pair(folder, max_positions: int | None = None) -> tuple[str, str]:
-    """The tiny qwen2 pair (4-layer LLM, 2-layer SLM) saved as ``folder/llm`` and ``folder/slm``, each with the
+def save_tiny_pair(folder, max_positions: int | None = None, family: str = "qwen2") -> tuple[str, str]:
+    """The tiny pair of ``family`` (4-layer LLM, 2-layer SLM) saved as ``folder/llm`` and ``folder/slm``, each with the
     character tokenizer; ``max_positions`` raises their position limit for longer texts."""
     folders = []
-    for name, model in [("llm", tiny("qwen2", 4, 64, 4, 2, seed=0)), ("slm", tiny("qwen2", 2, 32, 2, 1, seed=1))]:
+    for name, model in [("llm", tiny(family, 4, 64, 4, 2, seed=0)), ("slm", tiny(family, 2, 32, 2, 1, seed=1))]:
         if max_positions is not None:
             model.config.max_position_embeddings = max_positions
         model.save_pretrained(folder / name)

@@ -304,4 +304,4 @@ def test_similarity_refuses_a_family_the_decoder_cannot_run(tmp_path, capsys):
     pair = save_cross_pair(tmp_path, "llama")
     GPT2LMHeadModel(GPT2Config(vocab_size=WORD_VOCAB, n_layer=1, n_embd=16, n_head=2)).save_pretrained(tmp_path / "slm")
     assert main(["similarity", *pair, "--windows", "1", "--tokens", "40", "--out", str(tmp_path)]) == 2
-    assert "SLM has model_type 'gpt2'; supported families: ['qwen2', 'llama']" in capsys.readouterr().err
+    assert "SLM has model_type 'gpt2'; supported families: ['qwen2', 'llama', 'qwen3'" in capsys.readouterr().err

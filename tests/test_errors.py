@@ -120,7 +120,7 @@ def test_unsupported_family():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=97))
-    with pytest.raises(ValueError, match=r"model_type 'gpt2'; supported families: \['qwen2', 'llama'\]"):
+    with pytest.raises(ValueError, match=r"model_type 'gpt2'; supported families: \['qwen2', 'llama', 'qwen3', 'mistral'"):
         IAMForCausalLM(gpt2, tiny("qwen2", 2, 32, 2, 1, 0))
 
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import DynamicCache, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
-from .decoder import Pass, decoder_layers, positions
+from .cache import slm_cache
+from .decoder import Pass, decoder_layers, local_window, positions, softcap
 from .mapping import window_attention
 
 
@@ -48,15 +49,17 @@ def align_spans(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> tuple[lis
 
 @torch.inference_mode()
 def attention_probs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Every layer's causal attention of a Qwen2/Llama ``*ForCausalLM`` over unpadded ``ids`` ``[1, T]``, in float32:
-    ``[L, H, T, T]``."""
+    """Every layer's causal attention of a ``*ForCausalLM`` of a served family over unpadded ``ids`` ``[1, T]``, as the
+    layer attends (Gemma's local windows and soft-cap), in float32: ``[L, H, T, T]``."""
     ids = ids.to(model.device)
-    cache = DynamicCache(config=model.config)
+    cache = slm_cache(model.config)  # every layer keeps every key (transformers' own keeps a local layer's window)
     mask = torch.ones_like(ids)
     n = model.config.num_hidden_layers
     queries = Pass(model, ids, mask, positions(mask, ids.shape[1]), cache).queries(n)
-    scaling = decoder_layers(model)[0].self_attn.scaling
-    return torch.stack([window_attention(queries[i], cache.layers[i].keys, scaling)[0] for i in range(n)])
+    attns = [layer.self_attn for layer in decoder_layers(model)]
+    keys = [layer.keys for layer in cache.layers]
+    probs = [window_attention(queries[i], keys[i], a.scaling, softcap(a), local_window(a)) for i, a in enumerate(attns)]
+    return torch.stack([p[0] for p in probs])
 
 
 def restrict(probs: torch.Tensor, index: list[int]) -> torch.Tensor:

@@ -25,10 +25,11 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 from transformers.cache_utils import Cache
 
 from .cache import LocalKeys
-from .decoder import attend, project_qk, runs
+from .decoder import attend, local_window, project_qk, project_v, runs, softcap
+from .families import FULL, SLIDING
 from .flex import FLEX_DEVICES, FLEX_MIN_TOKENS, causal_block_mask, flex_heads, flex_ready
 from .local import local_flex
-from .mapping import HeadMap, Mapping, SLMWindow, window_attention
+from .mapping import HeadMap, Mapping, SLMWindow, cap, window_attention
 from .parallel import rank_map, shard_of
 
 
@@ -102,10 +103,22 @@ class SLMStep:
     cache_layers : the SLM's cache layers (K read through their ``read_keys``).
     kv_groups : SLM query heads per SLM KV head.
     scaling : the SLM's attention scaling.
+    softcap : the soft-cap of the borrowing (LLM) layers' logits, applied to the SLM's (Gemma 2); ``None``: none.
+    local : per SLM layer, the sliding window of the LLM layers that borrow from it (local layers borrow from local
+        ones only); ``None`` for a global one, or for all.
     """
 
-    def __init__(self, queries: dict[int, torch.Tensor], cache_layers: list, kv_groups: int, scaling: float) -> None:
+    def __init__(
+        self,
+        queries: dict[int, torch.Tensor],
+        cache_layers: list,
+        kv_groups: int,
+        scaling: float,
+        softcap: float | None = None,
+        local: list[int | None] | None = None,
+    ) -> None:
         self.queries, self.cache_layers, self.kv_groups, self.scaling = queries, cache_layers, kv_groups, scaling
+        self.softcap, self.local = softcap, local
         self._rows: dict[int, torch.Tensor] = {}
         self.device = next(iter(queries.values())).device
         self._seen_from: dict[torch.device, SLMStep] = {}
@@ -149,21 +162,25 @@ class SLMStep:
             return self
         if device not in self._seen_from:
             moved = {i: q.to(device) for i, q in self.queries.items()}
-            self._seen_from[device] = SLMStep(moved, self.cache_layers, self.kv_groups, self.scaling)
+            self._seen_from[device] = SLMStep(moved, self.cache_layers, self.kv_groups, self.scaling, self.softcap, self.local)
         return self._seen_from[device]
 
     def decode_rows(self, layer: int, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Attention probabilities ``[B, H_s, T]`` of SLM ``layer`` for the single new token, computed once a step and
-        shared by every LLM head and layer mapped to it."""
+        shared by every LLM head and layer mapped to it (as those layers attend: ``softcap``, ``local``), from the
+        global layers' ``attention_mask``."""
         if layer not in self._rows:
             q = self.queries[layer]  # [B, H_s, 1, d_s]
             k = self.keys(layer)  # [B, H_kv_s, T, d_s]
             b, heads = q.shape[:2]
             scores = q.view(b, k.shape[1], heads // k.shape[1], -1).float() @ k.float().transpose(-1, -2)
-            scores = scores.view(b, heads, -1) * self.scaling
+            scores = cap(scores.view(b, heads, -1) * self.scaling, self.softcap)
             if attention_mask is not None:
                 mask = attention_mask[:, :, -1]  # [B, 1, T]
                 scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+            window = None if self.local is None else self.local[layer]
+            if window is not None:  # the new token (slot T - 1) reads its ``window`` latest slots
+                scores[..., : max(scores.shape[-1] - window, 0)] = float("-inf")
             self._rows[layer] = scores.softmax(-1)
         return self._rows[layer]
 
@@ -202,6 +219,7 @@ class MappedAttention:
         self.original = original
         self.local = local
         self.layer_idx: int = original.layer_idx
+        self.window, self.softcap = local_window(original), softcap(original)  # as the layer's own attention (Gemma)
         per_group = original.num_key_value_groups
         heads_of = lambda gs: torch.tensor([h for g in gs for h in range(g * per_group, (g + 1) * per_group)], dtype=torch.long)
         # under tensor parallelism the rank holds some KV groups (``held``, global indices); the tensors of a call
@@ -225,13 +243,16 @@ class MappedAttention:
         mapping: Mapping,
         slm: SLMStep,
         establishing: SLMWindow | None = None,
+        layer_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The layer's attention output (after ``o_proj``) ``[B, t, D]``. In the establishing forward
-        (``establishing`` given) the layer first matches its heads and records its ``HeadMap`` in ``mapping``."""
+        (``establishing`` given) the layer first matches its heads and records its ``HeadMap`` in ``mapping``.
+        ``attention_mask`` is the global layers' mask; a local layer's own (sliding-window) one is ``layer_mask``."""
         attn = self.original
         device = hidden_states.device  # a dispatched LLM's layer may sit apart from the SLM and the first layer
         slm = slm.on(device)
         attention_mask = None if attention_mask is None else attention_mask.to(device)
+        own_mask = attention_mask if self.window is None else None if layer_mask is None else layer_mask.to(device)
         position_embeddings = tuple(x.to(device) for x in position_embeddings)
         if self.layer_idx not in mapping.layers:
             if establishing is None:
@@ -245,7 +266,7 @@ class MappedAttention:
                 routes = mapping.routes[self.layer_idx] = Routes.of(hmap, attn.num_key_value_groups)
 
         b, t, _ = hidden_states.shape
-        v = attn.v_proj(hidden_states).view(b, t, -1, attn.head_dim).transpose(1, 2)
+        v = project_v(attn, hidden_states)
         q = k = None
         if self.own:
             q, k = project_qk(attn, hidden_states, *position_embeddings, self.own)
@@ -263,11 +284,11 @@ class MappedAttention:
             elif t == 1:
                 out = self._decode(routes, mapped_v, attention_mask, slm)
             else:
-                out = self._prefill(routes, mapped_v, attention_mask, slm)
+                out = self._prefill(routes, mapped_v, own_mask, slm)
         if self.own:
             full = out.new_empty(b, len(self.heads) + len(self.own_heads), t, attn.head_dim)
             full[:, self.heads] = out
-            full[:, self.own_heads] = attend(attn, q, k, take_groups(v, self.own), attention_mask)
+            full[:, self.own_heads] = attend(attn, q, k, take_groups(v, self.own), own_mask)
             out = full
         return attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
@@ -281,15 +302,16 @@ class MappedAttention:
         b = hidden_states.shape[0]
         cos, sin = (window.take(x.expand(b, -1, -1), 1) for x in position_embeddings)
         q, k = project_qk(self.original, window.take(hidden_states, 1), cos, sin, self.planned, gather=True)
-        probs = window_attention(q, k, self.original.scaling).to(establishing.flats[0].device)
+        probs = window_attention(q, k, self.original.scaling, self.softcap, self.window).to(establishing.flats[0].device)
         with record_function("iam.match"):
-            return establishing.match(self.mapped, probs)
+            return establishing.match(self.mapped, probs, FULL if self.window is None else SLIDING)
 
     def _decode(self, routes: Routes, v: torch.Tensor, attention_mask: torch.Tensor | None, slm: SLMStep) -> torch.Tensor:
         """One new token: gather the SLM's attention rows, mix them per LLM head, and multiply by the mapped groups'
         V without expanding it; returns ``[B, H_m, 1, d]``."""
         b = v.shape[0]
         rows = routes.mix(slm.column_rows(routes, attention_mask, v.dtype))  # [B, H_m, T]
+        rows = rows[..., rows.shape[-1] - v.shape[2] :]  # a local layer's V: its window's slots (the rows' only weight)
         h, kv_heads = rows.shape[1], v.shape[1]
         return (rows.view(b, kv_heads, h // kv_heads, -1) @ v).view(b, h, 1, -1)
 
@@ -306,7 +328,7 @@ class MappedAttention:
         t, d_s = some_q.shape[2], some_q.shape[-1]
         rows = torch.arange(b, device=v.device)[:, None]
         flex = attention_mask is None and d_s != d and total == t >= FLEX_MIN_TOKENS and v.device.type in FLEX_DEVICES
-        if flex and flex_serves(some_q, v) and flex_ready(v.device, v.dtype, d_s, d):
+        if flex and slm.softcap is None and flex_serves(some_q, v) and flex_ready(v.device, v.dtype, d_s, d):
             q_at, k_at = slm.item_heads(routes)  # [B, U] each: (sequence, stacked SLM head) of every item
             (qs, ks), seq = slm.stack(), rows.expand_as(q_at).flatten()
             q_at, k_at, kv = q_at.flatten(), k_at.flatten(), routes.item_kv.flatten()
@@ -317,12 +339,16 @@ class MappedAttention:
 
             out = flex_heads(len(seq), chunk, causal_block_mask(t, v.device)).view(*routes.item_kv.shape, t, d)
             return routes.from_items(out)
+        q, k = slm.items(routes, v.dtype)
+        k, v = k[:, :, k.shape[2] - total :], v[rows, routes.item_kv]  # the slots V holds: a local layer's, its window's
+        if slm.softcap is not None:  # no fused kernel caps logits: the layer's own eager attention, in query chunks
+            return routes.from_items(capped_attention(q, k, v, attention_mask, slm.scaling, slm.softcap))
         width = max(d_s, d)
-        q, k = (F.pad(x, (0, width - d_s)) for x in slm.items(routes, v.dtype))
+        q, k = (F.pad(x, (0, width - d_s)) for x in (q, k))
         out = F.scaled_dot_product_attention(
             q,
             k,
-            F.pad(v[rows, routes.item_kv], (0, width - d)),
+            F.pad(v, (0, width - d)),
             attn_mask=attention_mask,
             is_causal=attention_mask is None,
             scale=slm.scaling,
@@ -416,6 +442,30 @@ class MappedAttention:
         visible = (slots <= seen) & (slots >= first_real)  # [B, c, S]
         probs = scores.masked_fill(~visible[:, None], -math.inf).softmax(-1).nan_to_num(0.0)
         return probs[torch.arange(q.shape[0], device=q.device)[:, None], routes.item_of_column]
+
+
+def capped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float, softcap: float
+) -> torch.Tensor:
+    """Attention with soft-capped logits as Gemma 2's eager attention computes it: ``q`` ``[B, U, t, d_s]``, ``k``
+    ``[B, U, S, d_s]``, ``v`` ``[B, U, S, d]``, the model's 4D mask (or ``None``: causal); in chunks of queries of at
+    most ``LOCAL_CHUNK_ELEMENTS`` logits. Returns ``[B, U, t, d]``."""
+    b, u, t, _ = q.shape
+    s = k.shape[2]
+    chunk = max(1, LOCAL_CHUNK_ELEMENTS // (b * u * s))
+    out = []
+    for a in range(0, t, chunk):
+        e = min(a + chunk, t)
+        scores = cap((q[:, :, a:e].float() @ k.float().transpose(-1, -2)) * scaling, softcap)
+        if attention_mask is None:
+            hidden = torch.arange(a, e, device=q.device)[:, None] < torch.arange(s, device=q.device)
+            scores = scores.masked_fill(hidden, float("-inf"))
+        elif attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask[:, :, a:e], torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask[:, :, a:e]
+        out.append(scores.softmax(-1).to(v.dtype) @ v)
+    return torch.cat(out, 2)
 
 
 def flex_serves(*inputs: torch.Tensor) -> bool:

@@ -11,6 +11,7 @@ from transformers import DynamicCache, PretrainedConfig
 from transformers.cache_utils import Cache, DynamicLayer
 
 from .eviction import EvictionPolicy, Kept
+from .families import local_windows
 from .mapping import Mapping
 
 SLM_CACHES = ("native", "int8", "int4")
@@ -331,21 +332,74 @@ class Int4ValueOnlyLayer(Int4Layer):
         return None, self.read_values()
 
 
-def layer_for(kind: str, value_only: bool = False, group: int = 32, residual: int = 128) -> KVLayer:
-    """A new cache layer: K and V, or V only (a wholly mapped layer), in the model's dtype, int8 or int4 (``group``
-    and ``residual`` as ``Int4Layer``'s)."""
+class Windowed:
+    """A cache layer of a local (sliding-window) attention layer, mixed into one of the layers above: like transformers'
+    ``DynamicSlidingWindowLayer`` it keeps the last ``window - 1`` slots only, and an update returns the kept and the
+    new ones (the layer's mask spans those, ``get_mask_sizes``)."""
+
+    is_sliding = True
+
+    def __init__(self, window: int) -> None:
+        super().__init__()
+        self.window, self.cumulative_length = window, 0
+
+    def update(self, key_states, value_states, cache_kwargs: dict | None = None, **kwargs):
+        out = super().update(key_states, value_states, cache_kwargs, **kwargs)
+        self.cumulative_length += value_states.shape[-2]
+        for name in self.stores:
+            x = getattr(self, name)
+            if x is not None:
+                setattr(self, name, x[..., max(x.shape[-2] - self.window + 1, 0) :, :])
+        return out
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        kept = min(self.cumulative_length, self.window - 1)
+        return kept + query_length, self.cumulative_length - kept
+
+    def reset(self) -> None:
+        super().reset()
+        self.cumulative_length = 0
+
+
+class WindowedKVLayer(Windowed, KVLayer):
+    """``KVLayer`` of a local layer."""
+
+
+class WindowedValueOnlyLayer(Windowed, ValueOnlyLayer):
+    """``ValueOnlyLayer`` of a local layer."""
+
+
+class WindowedInt8Layer(Windowed, Int8Layer):
+    """``Int8Layer`` of a local layer."""
+
+
+class WindowedInt8ValueOnlyLayer(Windowed, Int8ValueOnlyLayer):
+    """``Int8ValueOnlyLayer`` of a local layer."""
+
+
+def layer_for(kind: str, value_only: bool = False, window: int | None = None, int4: tuple[int, int] = (32, 128)) -> KVLayer:
+    """A new cache layer: K and V, or V only (a wholly mapped layer), in the model's dtype, int8 or int4 (``int4``:
+    ``Int4Layer``'s group and residual); of a local layer keeping its last ``window - 1`` slots (``Windowed``) where
+    ``window`` is given (not with int4: ``MappingConfig.check_head_dims`` refuses it)."""
     if kind == "int4":
-        return Int4ValueOnlyLayer(group, residual) if value_only else Int4Layer(group, residual)
+        if window is not None:
+            raise ValueError("an int4 cache is not served on sliding-window (local) layers.")
+        return Int4ValueOnlyLayer(*int4) if value_only else Int4Layer(*int4)
     if kind == "int8":
-        return Int8ValueOnlyLayer() if value_only else Int8Layer()
-    return ValueOnlyLayer() if value_only else KVLayer()
+        plain, local = (Int8ValueOnlyLayer, WindowedInt8ValueOnlyLayer) if value_only else (Int8Layer, WindowedInt8Layer)
+    else:
+        plain, local = (ValueOnlyLayer, WindowedValueOnlyLayer) if value_only else (KVLayer, WindowedKVLayer)
+    return plain() if window is None else local(window)
 
 
 def slm_cache(config: PretrainedConfig, kind: str = "native", int4: tuple[int, int] = (32, 128)) -> DynamicCache:
     """The SLM's cache for a paired run: ``KVLayer`` (``native``), ``Int8Layer`` or ``Int4Layer`` (``int4``: its
     group and residual) everywhere."""
     cache = DynamicCache(config=config)
-    cache.layers = [layer_for(kind, False, *int4) for _ in cache.layers]
+    cache.layers = [layer_for(kind, False, None, int4) for _ in cache.layers]
     return cache
 
 
@@ -436,7 +490,8 @@ class IAMCache(Cache):
     ) -> None:
         n_layers = llm_config.num_hidden_layers
         self.llm_cache_kind, self.int4 = llm_cache_kind, int4
-        super().__init__(layers=[layer_for(llm_cache_kind, False, *int4) for _ in range(n_layers)])
+        self.windows = local_windows(llm_config)  # a Gemma local layer keeps its window only, as the LLM alone does
+        super().__init__(layers=[layer_for(llm_cache_kind, False, w, int4) for w in self.windows])
         self.n_kv = llm_config.num_key_value_heads
         self.slm = slm_cache(slm_config, slm_cache_kind, int4)
         # a container of LocalKeys, moved with the batch; the mapped layers update them (``LocalKeys.update``)
@@ -465,7 +520,9 @@ class IAMCache(Cache):
         """Start over with ``mapping``: every LLM layer emptied (the establishing forward prefills the whole context
         again), a ``ValueOnlyLayer`` at each wholly mapped one."""
         kind = self.llm_cache_kind
-        self.layers = [layer_for(kind, len(mapping.plan.get(i, ())) == self.n_kv, *self.int4) for i in range(len(self.layers))]
+        self.layers = [
+            layer_for(kind, len(mapping.plan.get(i, ())) == self.n_kv, w, self.int4) for i, w in enumerate(self.windows)
+        ]
         self.mapping = mapping
         self.tokens = self.token_positions = None
         if self.local is not None:
@@ -595,7 +652,7 @@ class IAMCache(Cache):
         raise ValueError("an IAMCache cannot be cropped: the SLM's cache and the mapping follow the LLM's tokens.")
 
     def reset(self) -> None:
-        self.layers = [layer_for(self.llm_cache_kind, False, *self.int4) for _ in self.layers]  # mapped layers were V-only
+        self.layers = [layer_for(self.llm_cache_kind, False, w, self.int4) for w in self.windows]  # mapped were V-only
         for cache in self._others():
             cache.reset()
         self.mapping = self.tokens = self.token_positions = self.kept = None
@@ -613,9 +670,11 @@ class IAMCache(Cache):
     def kv_bytes(self) -> dict[str, int]:
         """Bytes in the real caches: ``llm`` (local keys included), ``slm``, ``total``, and ``baseline``, what the LLM
         alone would hold for every token seen, without eviction, in its own dtype (K and V in every layer: twice the
-        V bytes per token); ``slm_baseline``, the same for the SLM's every layer."""
+        V bytes per token; a Gemma local layer's last ``window - 1`` slots); ``slm_baseline``, the same for the SLM's
+        every layer."""
         llm, slm = cache_bytes(self) + cache_bytes(self.local), cache_bytes(self.slm)
-        baseline = sum(layer.full_bytes(self.columns) for layer in self.layers)
+        held = [self.columns if w is None else min(self.columns, w - 1) for w in self.windows]
+        baseline = sum(layer.full_bytes(n) for layer, n in zip(self.layers, held))
         first = next((layer for layer in self.layers if layer.is_initialized), None)
         slm_baseline = 0 if first is None else self._slm_row * first.dtype.itemsize * self.columns * first.values.shape[0]
         return {"llm": llm, "slm": slm, "total": llm + slm, "baseline": baseline, "slm_baseline": slm_baseline}

@@ -11,6 +11,7 @@ from pathlib import Path
 from transformers import PretrainedConfig
 
 from .cache import SLM_CACHES
+from .families import local_windows
 from .selection import STRATEGIES, CalibratedSelection, Unit
 from .similarity import METRICS
 
@@ -128,8 +129,11 @@ class MappingConfig:
         return self.int4_group, self.int4_residual
 
     def check_head_dims(self, llm: PretrainedConfig, slm: PretrainedConfig) -> None:
-        """Raise ``ValueError`` where an int4 cache's group does not divide its model's head dimension."""
+        """Raise ``ValueError`` where an int4 cache's group does not divide its model's head dimension, or its model
+        has sliding-window (local) layers, which keep their window only (Gemma)."""
         for role, kind, config in (("LLM", self.llm_cache, llm), ("SLM", self.slm_cache, slm)):
+            if kind == "int4" and any(w is not None for w in local_windows(config)):
+                raise ValueError(f"{role.lower()}_cache='int4' is not served on the {role}'s sliding-window layers: use int8.")
             d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
             if kind == "int4" and (d % self.int4_group or d % 2):
                 raise ValueError(

@@ -50,13 +50,24 @@ class Window:
         return x.movedim(dim, 1)[batch, idx].movedim(1, dim)
 
 
-def window_attention(q: torch.Tensor, k: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Causal softmax(QK^T) on the window, in float32: ``q`` ``[B, H, W, d]``, ``k`` ``[B, Hkv, W, d]`` -> ``[B, H, W, W]``."""
+def window_attention(
+    q: torch.Tensor, k: torch.Tensor, scaling: float, softcap: float | None = None, local: int | None = None
+) -> torch.Tensor:
+    """Causal softmax(QK^T) on the window, in float32: ``q`` ``[B, H, W, d]``, ``k`` ``[B, Hkv, W, d]`` -> ``[B, H, W, W]``;
+    logits soft-capped by ``softcap`` and each query reading its ``local`` latest tokens only, where given (as a
+    Gemma layer attends)."""
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    scores = (q.float() @ k.float().transpose(-1, -2)) * scaling
+    scores = cap((q.float() @ k.float().transpose(-1, -2)) * scaling, softcap)
     w = q.shape[-2]
     causal = torch.ones(w, w, dtype=torch.bool, device=q.device).tril()
+    if local is not None:
+        causal = causal.triu(1 - local)
     return scores.masked_fill(~causal, float("-inf")).softmax(-1)
+
+
+def cap(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Attention logits soft-capped as Gemma 2 does, ``softcap * tanh(scores / softcap)`` (unchanged for ``None``)."""
+    return scores if softcap is None else torch.tanh(scores / softcap) * softcap
 
 
 def tril_flat(probs: torch.Tensor, n: int) -> torch.Tensor:
@@ -93,12 +104,22 @@ class HeadMap:
 
 @torch.no_grad()
 def slm_window_flats(
-    queries: dict[int, torch.Tensor], keys: list[torch.Tensor], scaling: float, window: Window
+    queries: dict[int, torch.Tensor],
+    keys: list[torch.Tensor],
+    scaling: float,
+    window: Window,
+    softcap: float | None = None,
+    local: list[int | None] | None = None,
 ) -> list[torch.Tensor]:
-    """Flattened window attention of every SLM (layer, head): one ``[L_s * H_s, N_b]`` tensor per sequence. Outside
-    autograd: the mapping it sets (argmax and blend weights) is a constant of the forward, also when tuning."""
+    """Flattened window attention of every SLM (layer, head), as the SLM attends (``softcap``, and each layer's
+    ``local`` window): one ``[L_s * H_s, N_b]`` tensor per sequence. Outside autograd: the mapping it sets (argmax
+    and blend weights) is a constant of the forward, also when tuning."""
+    local = local or [None] * len(keys)
     probs = torch.stack(
-        [window_attention(window.take(queries[i], 2), window.take(keys[i], 2), scaling) for i in range(len(keys))],
+        [
+            window_attention(window.take(queries[i], 2), window.take(keys[i], 2), scaling, softcap, local[i])
+            for i in range(len(keys))
+        ],
         dim=1,
     )  # [B, L_s, H_s, W, W]
     return [tril_flat(probs[b].flatten(0, 1), int(n)) for b, n in enumerate(window.lengths)]
@@ -115,6 +136,8 @@ class SLMWindow:
     heads : ``H_s``, heads per SLM layer.
     metric : similarity metric (ranks the candidates and scores the result).
     blend : SLM heads mixed per LLM head; 1 is the paper's best match.
+    kinds : each SLM layer's kind (``iam.core.families.layer_kinds``) where an LLM head borrows from SLM layers of its
+        own layer's kind only (Gemma's local and global layers); ``None``: from any.
     """
 
     window: Window
@@ -122,24 +145,34 @@ class SLMWindow:
     heads: int
     metric: SimilarityMetric
     blend: int = 1
+    kinds: tuple[str, ...] | None = None
+
+    def _of_kind(self, scores: torch.Tensor, kind: str | None) -> torch.Tensor:
+        """``scores`` ``[..., L_s * H_s]`` with the SLM heads of layers of another kind than ``kind`` at ``-inf``."""
+        if kind is None or self.kinds is None:
+            return scores
+        other = torch.tensor([k != kind for k in self.kinds for _ in range(self.heads)], device=scores.device)
+        return scores.masked_fill(other, float("-inf"))
 
     @functools.cached_property
     def scorers(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
         """Per sequence, the metric against its SLM candidates (``SimilarityMetric.against``), prepared once."""
         return [self.metric.against(flat) for flat in self.flats]
 
-    def similarity(self, probs: torch.Tensor) -> torch.Tensor:
-        """Similarity ``[B, H, L_s * H_s]`` of LLM heads (window attention ``probs`` ``[B, H, W, W]``) to every SLM head."""
+    def similarity(self, probs: torch.Tensor, kind: str | None = None) -> torch.Tensor:
+        """Similarity ``[B, H, L_s * H_s]`` of LLM heads (window attention ``probs`` ``[B, H, W, W]``) to every SLM head
+        (``-inf`` for heads of SLM layers of another ``kind`` than the LLM layer's, see ``kinds``)."""
         n = self.window.lengths.tolist()
-        return torch.stack([self.scorers[b](tril_flat(probs[b], n[b])) for b in range(len(n))])
+        return self._of_kind(torch.stack([self.scorers[b](tril_flat(probs[b], n[b])) for b in range(len(n))]), kind)
 
-    def match(self, heads: torch.Tensor, probs: torch.Tensor) -> HeadMap:
+    def match(self, heads: torch.Tensor, probs: torch.Tensor, kind: str | None = None) -> HeadMap:
         """Map each LLM head to its ``blend`` most similar SLM (layer, head)s, mixed by ``simplex_weights``.
 
         Parameters
         ----------
         heads : ``[H_m]`` the LLM heads being mapped.
         probs : ``[B, H_m, W, W]`` their window attention.
+        kind : their layer's kind: they borrow from SLM layers of that kind only (see ``kinds``).
 
         Returns
         -------
@@ -148,7 +181,7 @@ class SLMWindow:
         picks, weights, scores = [], [], []
         for b, n in enumerate(self.window.lengths.tolist()):
             llm = tril_flat(probs[b], n)
-            best = self.scorers[b](llm).topk(self.blend, -1).indices  # [H_m, k], most similar first
+            best = self._of_kind(self.scorers[b](llm), kind).topk(self.blend, -1).indices  # [H_m, k], most similar first
             candidates = self.flats[b][best]  # [H_m, k, N]
             with record_function("iam.blend_fit"):
                 w = simplex_weights(llm, candidates)

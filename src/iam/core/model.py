@@ -25,15 +25,15 @@ from ..models.placement import Placement, check_device, input_device
 from .attention import MappedAttention, SLMStep
 from .cache import IAMCache, Signature, slm_cache
 from .config import MappingConfig
-from .decoder import Pass, decoder_layers, positions
+from .decoder import Pass, decoder_layers, local_window, positions, softcap
 from .eviction import EvictionPolicy, attention_mass, repeat_scores
-from .mapping import Mapping, SLMWindow, Window, slm_window_flats, window_attention
+from .families import check_blend, check_family, check_features, check_kinds, check_windows, family, layer_kinds
+from .mapping import Mapping, SLMWindow, Window, cap, slm_window_flats, window_attention
 from .parallel import gather_heads, shard_of, sum_heads
 from .resolution import Resolved, resolve
 from .selection import Plan, plan_of
 from .similarity import METRICS
 
-SUPPORTED_FAMILIES = ("qwen2", "llama")
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
 UNSUPPORTED_GENERATION = {
@@ -46,31 +46,12 @@ UNSUPPORTED_GENERATION = {
 """``generate()`` arguments that IAM refuses, with the mode each one selects."""
 
 
-def check_family(role: str, config: PretrainedConfig) -> None:
-    """Raise ``ValueError`` unless ``config`` is of a supported family (what the layer-by-layer decoder runs)."""
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_FAMILIES:
-        raise ValueError(f"{role} has model_type {model_type!r}; supported families: {list(SUPPORTED_FAMILIES)}.")
-
-
-def check_full_attention(role: str, config: PretrainedConfig) -> None:
-    """Raise ``ValueError`` where ``config`` has sliding-window layers: the layer-by-layer decoder builds the full
-    causal mask only."""
-    sliding = [i for i, kind in enumerate(getattr(config, "layer_types", None) or ()) if kind != "full_attention"]
-    if sliding:
-        raise ValueError(
-            f"{role} has sliding-window attention in layers {sliding} (use_sliding_window=True); IAM supports full "
-            "attention only: set use_sliding_window=False in its config.json (as its own default) or use another model."
-        )
-
-
 def check_pair_configs(llm: PretrainedConfig, slm: PretrainedConfig) -> None:
-    """Raise ``ValueError`` unless the two configs are causal LMs of one supported family with one vocabulary, with
-    full attention in every layer."""
-    check_family("LLM", llm)
-    check_family("SLM", slm)
-    check_full_attention("LLM", llm)
-    check_full_attention("SLM", slm)
+    """Raise ``ValueError`` unless the two configs are causal LMs of one supported family with one vocabulary, whose
+    sliding windows IAM serves (``iam.core.families``)."""
+    for role, config in (("LLM", llm), ("SLM", slm)):
+        check_family(role, config)
+        check_windows(role, config)
     if llm.model_type != slm.model_type:
         raise ValueError(
             f"LLM and SLM are of different families ({llm.model_type!r} vs {slm.model_type!r}); "
@@ -81,6 +62,7 @@ def check_pair_configs(llm: PretrainedConfig, slm: PretrainedConfig) -> None:
             f"LLM and SLM vocabularies differ (vocab_size {llm.vocab_size} vs {slm.vocab_size}); "
             "IAM needs one tokenizer for both."
         )
+    check_kinds(llm, slm)
 
 
 def check_pair(llm: nn.Module, slm: nn.Module) -> None:
@@ -169,7 +151,10 @@ def load_checked(
         config.check_head_dims(llm_config, slm_config)
     placement.check(llm_config, device)
     for config in configs:
-        check_scope(resolve(config, llm_config, slm_config), llm_config, eviction)
+        check_features(llm_config, config.local_window, eviction, placement.tensor_parallel)
+        resolved = resolve(config, llm_config, slm_config)
+        check_blend(llm_config, slm_config, resolved.config.blend)
+        check_scope(resolved, llm_config, eviction)
     return load_pair(llm, slm, dtype=dtype, device=device, progress=progress, force=force, placement=placement)
 
 
@@ -209,6 +194,9 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         self.n_layers: int = llm.config.num_hidden_layers
         self.n_kv: int = llm.config.num_key_value_heads
         check_eviction(self.mapping_config, eviction)
+        sharded = shard_of(decoder_layers(llm)[0].self_attn) is not None
+        check_features(llm.config, self.mapping_config.local_window, eviction, sharded)
+        check_blend(llm.config, slm.config, self.mapping_config.blend)
         check_scope(resolved, llm.config, eviction)
         self.mapping_config.check_head_dims(llm.config, slm.config)
         self.eviction = eviction
@@ -471,9 +459,13 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         with record_function("iam.slm_window"):
             window = Window.from_mask(mask, truncation)
             keys = [layer.read_keys() for layer in cache.slm.layers]
-            flats = slm_window_flats(step.queries, keys, step.scaling, window)
+            attns = [layer.self_attn for layer in decoder_layers(self.slm)]
+            own = [local_window(attn) for attn in attns]  # the SLM's own attention, as its layers compute it
+            flats = slm_window_flats(step.queries, keys, step.scaling, window, softcap(attns[0]), own)
         config = self.mapping_config
-        return step, SLMWindow(window, flats, self.slm.config.num_attention_heads, METRICS[config.metric], config.blend)
+        kinds = tuple(layer_kinds(self.slm.config)) if family(self.llm.config).local_layers else None
+        heads = self.slm.config.num_attention_heads
+        return step, SLMWindow(window, flats, heads, METRICS[config.metric], config.blend, kinds)
 
     def _slm_step(self, cache: IAMCache, ids, mask, position_ids, depth: int) -> SLMStep:
         """The SLM's base model (never its LM head) through ``depth`` layers, recording their queries."""
@@ -481,7 +473,16 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         slots = (mask if cache.partial else cache.slot_mask(mask, ids.shape[1])).to(device)
         queries = Pass(self.slm, ids.to(device), slots, position_ids.to(device), cache.slm).queries(depth)
         attn = decoder_layers(self.slm)[0].self_attn
-        return SLMStep(queries, cache.slm.layers, attn.num_key_value_groups, attn.scaling)
+        return SLMStep(queries, cache.slm.layers, attn.num_key_value_groups, attn.scaling, *self._borrowing)
+
+    @property
+    def _borrowing(self) -> tuple[float | None, list[int | None] | None]:
+        """How the LLM's mapped layers attend, applied to the SLM's logits they borrow: the LLM's soft-cap, and per SLM
+        layer the window of the LLM layers that borrow from it (local layers borrow from local ones only)."""
+        attns = [layer.self_attn for layer in decoder_layers(self.llm)]
+        windows = {kind: local_window(attn) for kind, attn in zip(layer_kinds(self.llm.config), attns)}
+        local = [windows.get(kind) for kind in layer_kinds(self.slm.config)] if family(self.llm.config).local_layers else None
+        return softcap(attns[0]), local
 
     def _llm_step(
         self,
@@ -539,7 +540,11 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         for i in range(self.n_layers):
             if mapping is not None and i in mapping.plan:
                 mapped = MappedAttention(layers[i].self_attn, mapping.plan[i], local=self._local is not None)
-                run.layer(i, lambda x, mapped=mapped: mapped(x, run.rope, mapped_mask, cache, mapping, step, establishing))
+                rope, own = run.rope_of(i), run.mask_of(i) if mapped.window is not None else None
+                attention = lambda x, m=mapped, rope=rope, own=own: m(
+                    x, rope, mapped_mask, cache, mapping, step, establishing, own
+                )  # noqa: E731
+                run.layer(i, attention)
             elif queries is not None:
                 run.query_capture(i, queries)
             else:
@@ -634,8 +639,10 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         return mass
 
     def _logits(self, run: Pass, logits_to_keep: int) -> torch.Tensor:
+        """The LM head's logits, soft-capped where the LLM caps them (Gemma 2's ``final_logit_softcapping``)."""
         hidden = self.llm.model.norm(run.hidden)
-        return self.llm.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        logits = self.llm.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        return cap(logits, getattr(self.llm.config, "final_logit_softcapping", None))
 
     def _plan(self, probe: torch.Tensor | None) -> Plan:
         planned = self.planned
@@ -645,21 +652,24 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         return self.resolved.strategy.plan(self.n_layers, self.n_kv, self.mapping_config.ratio, scores)
 
     @torch.no_grad()
-    def _probe(self, ids: torch.Tensor, establishing: SLMWindow) -> torch.Tensor:
+    def _probe(self, ids: torch.Tensor, establishing: SLMWindow, borrowable: bool = True) -> torch.Tensor:
         """Similarity ``[L, B, H, L_s * H_s]`` of every LLM head to every SLM head, from an unmapped LLM pass over
-        the window only."""
+        the window only; ``-inf`` to heads it cannot borrow (of another layer kind) where ``borrowable``."""
         window_ids = establishing.window.take(ids, 1)
-        cache = IAMCache(self.llm.config, self.slm.config)
+        cache = slm_cache(self.llm.config)  # every layer keeps every key (an IAMCache keeps a local layer's window)
         pos = torch.arange(window_ids.shape[1], device=ids.device).expand_as(window_ids)
         queries = Pass(self.llm, window_ids, torch.ones_like(window_ids), pos, cache).queries(self.n_layers)
-        attn = decoder_layers(self.llm)[0].self_attn
+        attns, kinds = [layer.self_attn for layer in decoder_layers(self.llm)], layer_kinds(self.llm.config)
         similarity = [
             establishing.similarity(
-                window_attention(queries[i], cache.layers[i].keys, attn.scaling).to(establishing.flats[0].device)
+                window_attention(queries[i], cache.layers[i].keys, a.scaling, softcap(a), local_window(a)).to(
+                    establishing.flats[0].device
+                ),
+                kinds[i] if borrowable else None,
             )
-            for i in range(self.n_layers)
+            for i, a in enumerate(attns)
         ]
-        return gather_heads(torch.stack(similarity), attn, dim=2)  # tensor parallel: every rank's heads
+        return gather_heads(torch.stack(similarity), attns[0], dim=2)  # tensor parallel: every rank's heads
 
     @torch.inference_mode()
     def head_similarity(self, input_ids: torch.Tensor, truncation_threshold: int | None = None) -> torch.Tensor:
@@ -669,4 +679,4 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         truncation = truncation_threshold or self.mapping_config.truncation_threshold
         mask = torch.ones_like(ids)
         _, establishing = self._slm_window(self.new_cache(), ids, mask, positions(mask, ids.shape[1]), truncation)
-        return self._probe(ids, establishing)
+        return self._probe(ids, establishing, borrowable=False)

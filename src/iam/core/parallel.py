@@ -49,8 +49,10 @@ class HeadShard:
 
 
 def shard_of(attn: nn.Module) -> HeadShard | None:
-    """The ``HeadShard`` of an attention module whose ``q_proj`` transformers sharded by rows; ``None`` if it is whole."""
-    weight = attn.q_proj.weight
+    """The ``HeadShard`` of an attention module whose ``q_proj`` (or fused ``qkv_proj``) transformers sharded by rows;
+    ``None`` if it is whole."""
+    weight = getattr(attn, "q_proj", None) or attn.qkv_proj
+    weight = weight.weight
     if not isinstance(weight, DTensor) or not any(isinstance(p, Shard) for p in weight.placements):
         return None
     mesh = weight.device_mesh

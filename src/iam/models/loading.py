@@ -27,6 +27,7 @@ from safetensors.torch import save_model
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
+from ..core.families import FAMILIES
 from ..io import atomic_file
 from . import store
 from .placement import Placement, check_device, execution_device
@@ -308,15 +309,18 @@ def load_model(
     progress: bool = True,
     placed: dict | None = None,
 ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
-    """Load ``(model, tokenizer)`` from an alias, a GGUF file or a local folder, with SDPA attention; ``placed`` holds
-    ``from_pretrained``'s placement arguments (``Placement.llm_kwargs``), which replace ``device``. ``ValueError``
-    where the folder's weights lack some of the model's tensors."""
+    """Load ``(model, tokenizer)`` from an alias, a GGUF file or a local folder, with SDPA attention (eager where the
+    family soft-caps logits, which SDPA cannot: Gemma 2); ``placed`` holds ``from_pretrained``'s placement arguments
+    (``Placement.llm_kwargs``), which replace ``device``. ``ValueError`` where the folder's weights lack some of the
+    model's tensors."""
     device = check_device(device)
     folder = resolve(name_or_path, progress)
     check_tokenizer_files(folder)
     check_weights(folder)
+    served = FAMILIES.get(read_config(folder).model_type)
+    attention = "eager" if served is not None and served.softcap else "sdpa"
     model, info = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=dtype, attn_implementation="sdpa", use_safetensors=True, output_loading_info=True, **(placed or {})
+        folder, dtype=dtype, attn_implementation=attention, use_safetensors=True, output_loading_info=True, **(placed or {})
     )
     missing = sorted(info["missing_keys"])
     if missing:  # transformers would initialise them at random, and only log it

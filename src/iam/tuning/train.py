@@ -39,8 +39,9 @@ from ..reporting import write_report
 from .data import TuningData, collate
 
 METHODS = ("lora", "full")
-LORA_TARGETS = ("q_proj", "k_proj")
-"""The SLM projections LoRA adapts: the only weights of a borrowed layer that shape its attention probabilities."""
+LORA_TARGETS = ("q_proj", "k_proj", "qkv_proj")
+"""The SLM projections LoRA adapts: the only weights of a borrowed layer that shape its attention probabilities (a
+fused ``qkv_proj``, Phi-3's, is adapted whole: its V rows too)."""
 
 CHECKPOINTS = "checkpoints"
 MODEL = "slm"
