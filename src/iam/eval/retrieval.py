@@ -472,7 +472,7 @@ def summarize(setup: Setup, task: str, answers: Sequence[dict], bins: int, conte
     for b in range(bins):
         inside = [a["correct"] for a in answers if min(int(a["depth"] * bins), bins - 1) == b]
         per_bin.append(sum(inside) / len(inside) if inside else None)
-    mean = lambda key: sum(a.get(key, math.nan) for a in answers) / n  # a file of an older version may lack a key
+    mean = lambda key: sum(a[key] for a in answers) / n
     return {
         "method": setup.label,
         "task": task,
@@ -648,7 +648,9 @@ ANSWER = {
     "expected": list,
     "llm_kv_dropped": (int, float),
     "total_kv": (int, float),
+    "total_kv_dropped_at_72b": (int, float),
     "seconds": (int, float),
+    "scoring_seconds": (int, float),
     "context_tokens": (int, float),
 }
 """A recorded answer's fields and their JSON types (``eval_retrieval`` writes them, ``summarize`` reads them)."""
