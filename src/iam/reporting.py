@@ -107,8 +107,8 @@ RETRIEVAL_AXES = (
 
 def retrieval_plot(rows: Sequence[dict]) -> Callable:
     """Accuracy (with its 95% interval) against KV dropped, one panel per task and length (columns) and per KV axis
-    (rows: ``RETRIEVAL_AXES``): eviction alone, IAM alone and IAM composed with eviction in their own markers, the
-    LLM alone as a line; a large marker sits on that axis's frontier."""
+    (rows: ``RETRIEVAL_AXES``): eviction alone, a quantized cache alone, IAM alone and IAM composed with eviction in
+    their own markers, the LLM alone as a line; a large marker sits on that axis's frontier."""
 
     def plot(plt) -> None:
         panels = list(dict.fromkeys((r["task"], r.get("tokens")) for r in rows))
@@ -117,8 +117,11 @@ def retrieval_plot(rows: Sequence[dict]) -> Callable:
         for (key, mark, label), line in zip(axes_in, axes):
             for ax, (task, tokens) in zip(line, panels):
                 for r in (r for r in rows if (r["task"], r.get("tokens")) == (task, tokens)):
-                    kind = "IAM" if r["ratio"] else "eviction" if r["eviction"] else "LLM alone"
-                    style = {"IAM": ("o", "tab:blue"), "eviction": ("s", "tab:red"), "LLM alone": ("*", "black")}[kind]
+                    quantized = r.get("llm_cache", "native") != "native"
+                    kind = "IAM" if r["ratio"] else "eviction" if r["eviction"] else "quantized" if quantized else "LLM alone"
+                    style = {"IAM": ("o", "tab:blue"), "eviction": ("s", "tab:red"), "LLM alone": ("*", "black")}.get(
+                        kind, ("^", "tab:green")
+                    )
                     if r["ratio"] and r["eviction"]:
                         style = ("D", "tab:purple")
                     x, y = 100 * r[key], 100 * r["accuracy"]
