@@ -297,6 +297,7 @@ def recorded(i: int) -> tuple[tuple, list[dict]]:
     """The ``i``-th measured sample as ``eval_retrieval`` records it: its key and answers."""
     answer = {"question": 0, "depth": 0.5, "correct": i % 2 == 0, "prediction": f"{i}", "expected": [f"{i}"]}
     answer |= {"llm_kv_dropped": 0.25, "total_kv": 0.8, "seconds": 0.1, "context_tokens": 600}
+    answer |= {"total_kv_dropped_at_72b": 0.7, "scoring_seconds": 0.0}
     return ("iam0.5+w8", "passkey", 600, i), [answer]
 
 

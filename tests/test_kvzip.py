@@ -86,7 +86,10 @@ def test_kvzip_groups_choose_different_tokens_and_mapped_layers_share_one_set(pa
         (DraftKVzip(budget=12, sinks=2, prompt=PROMPT), {"ratio": 0.0}),
         (DraftKVzip(budget=0.5, sinks=2, prompt=PROMPT), {"ratio": 0.5}),
         (None, {"ratio": 0.0, "llm_cache": "int4", "int4_group": 8, "int4_residual": 8}),
-        (KVzip(budget=24, prompt=PROMPT), {"ratio": 0.5, "llm_cache": "int4", "slm_cache": "int4", "int4_group": 8}),
+        (
+            KVzip(budget=24, prompt=PROMPT),
+            {"ratio": 0.5, "llm_cache": "int4", "slm_cache": "int4", "int4_group": 8, "int4_residual": 8},
+        ),
     ],
     ids=str,
 )
@@ -145,26 +148,39 @@ def test_int4_round_trips_within_its_bound_and_counts_its_bytes():
     assert layer.nbytes == quantized + scales + 2 * 2 * 3 * 14 * 16 * 4
 
 
-def test_int4_cache_bytes_in_a_paired_run_are_its_tensors(pair):
+def test_int4_cache_bytes_in_a_paired_run_are_counted_in_closed_form(pair):
+    """60 tokens, group 8, residual 16: 40 slots quantized (5 key blocks), 20 in full precision, per layer of 2 KV
+    heads of 16 channels in fp32: codes 2 x 40 x 8 bytes for K and for V, 5 x 16 key and 40 x 2 value (scale, zero)
+    pairs per head, and the residual's K and V."""
     llm, slm = pair
     ids = prompt(60, seed=1)
-    cache = forward(model(llm, slm, None, ratio=0.5, llm_cache="int4", int4_group=8, int4_residual=16), ids).cache
-    kv = cache.kv_bytes()
-    assert kv["llm"] == sum(t.nbytes for layer in cache.layers for t in layer.tensors()) < kv["baseline"] // 2
-    assert kv["llm"] == sum(
-        t.nbytes
-        for layer in cache.layers
-        for t in (
-            layer.keys,
-            layer.values,
-            layer.key_scales,
-            layer.key_zeros,
-            layer.value_scales,
-            layer.value_zeros,
-            layer.key_recent,
-            layer.value_recent,
-        )
-    )
+    cache = forward(model(llm, slm, None, ratio=0.0, llm_cache="int4", int4_group=8, int4_residual=16), ids).cache
+    per_layer = 2 * (2 * 40 * 8) + 2 * (5 * 16 + 40 * 2) * 2 * 4 + 2 * 2 * 20 * 16 * 4
+    assert cache.kv_bytes()["llm"] == 4 * per_layer
+    assert cache.kv_bytes()["baseline"] == 4 * 2 * 2 * 60 * 16 * 4
+
+
+def test_int4_with_a_policy_that_evicts_at_every_step_is_refused(pair):
+    llm, slm = pair
+    from iam.core.eviction import H2O
+
+    with pytest.raises(ValueError, match=r"H2O evicts at every decode step, and an int4 cache would quantize its keys"):
+        model(llm, slm, H2O(budget=0.5), ratio=0.5, slm_cache="int4", int4_group=8)
+
+
+def test_kvzip_under_tensor_parallelism_is_refused_by_name(pair):
+    from iam.core.families import check_features
+
+    with pytest.raises(ValueError, match=r"DraftKVzip scores per KV group from every rank's heads"):
+        check_features(pair[0].config, 0, DraftKVzip(), tensor_parallel=True)
+
+
+def test_an_slm_cache_part_without_a_mapping_is_refused():
+    from iam.core.setup import parse_setup
+
+    with pytest.raises(ValueError, match=r"the LLM alone keeps no SLM cache; slm-int8/slm-int4 need iam<ratio>"):
+        parse_setup("llm+slm-int4")
+    assert parse_setup("llm+draft-kvzip@0.5+slm-int4").slm_cache == "int4"
 
 
 def test_repeat_prompt_ends_with_the_assistants_turn():

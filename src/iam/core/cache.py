@@ -58,7 +58,7 @@ class KVLayer(DynamicLayer):
         for name in self.stores:
             x = getattr(self, name)
             if x is not None and x.shape[-2] > 0:
-                i = index[:, None] if index.dim() == 2 else index
+                i = (index[:, None] if index.dim() == 2 else index).to(x.device)
                 setattr(self, name, x.gather(2, i[..., None].expand(x.shape[0], x.shape[1], -1, x.shape[-1])))
 
 
@@ -243,10 +243,10 @@ class Int4Layer(Int8Layer):
         self.key_zeros = self.value_zeros = self.key_recent = self.value_recent = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        KVLayer.lazy_initialization(self, key_states, value_states)
         d = value_states.shape[-1]
         if d % self.group or d % 2:
             raise ValueError(f"int4 cache group {self.group} must divide the head dimension {d} (an even number).")
+        KVLayer.lazy_initialization(self, key_states, value_states)
         empty = lambda x, n, **kw: x.new_empty(*x.shape[:2], 0, n, **kw)
         self.keys, self.values = (empty(x, x.shape[-1] // 2, dtype=torch.uint8) for x in (key_states, value_states))
         self.key_scales, self.key_zeros = empty(key_states, key_states.shape[-1]), empty(key_states, key_states.shape[-1])
@@ -281,14 +281,14 @@ class Int4Layer(Int8Layer):
 
     def read_keys(self, *index: torch.Tensor) -> torch.Tensor:
         """Every slot's keys (``keys[index]`` with ``index``) dequantized to the model's dtype."""
-        code = unpack4(self.keys).unflatten(-2, (-1, self.group))
-        old = (code * self.key_scales[..., None, :] + self.key_zeros[..., None, :]).flatten(-3, -2)
+        code = unpack4(self.keys).unflatten(-2, (-1, self.group)).float()  # in float32: the bound holds in any dtype
+        old = (code * self.key_scales[..., None, :].float() + self.key_zeros[..., None, :].float()).flatten(-3, -2)
         return torch.cat([old.to(self.dtype), self.key_recent], -2)[index]
 
     def read_values(self) -> torch.Tensor:
         """Every slot's values dequantized to the model's dtype."""
-        code = unpack4(self.values).unflatten(-1, (-1, self.group))
-        old = (code * self.value_scales[..., None] + self.value_zeros[..., None]).flatten(-2)
+        code = unpack4(self.values).unflatten(-1, (-1, self.group)).float()
+        old = (code * self.value_scales[..., None].float() + self.value_zeros[..., None].float()).flatten(-2)
         return torch.cat([old.to(self.dtype), self.value_recent], -2)
 
     def get_seq_length(self) -> int:
@@ -465,7 +465,7 @@ class IAMCache(Cache):
     Parameters
     ----------
     llm_config, slm_config : the two models' configs.
-    slm_cache_kind : ``"native"`` or ``"int8"`` (see ``MappingConfig.slm_cache``).
+    slm_cache_kind : ``"native"``, ``"int8"`` or ``"int4"`` (see ``MappingConfig.slm_cache``).
     llm_cache_kind : the same for the LLM's layers (see ``MappingConfig.llm_cache``).
     eviction : the token eviction policy, if any.
     local : ``(sinks, window)`` where mapped layers attend exactly to a local window (``MappingConfig.local_window``):
@@ -656,7 +656,7 @@ class IAMCache(Cache):
         for cache in self._others():
             cache.reset()
         self.mapping = self.tokens = self.token_positions = self.kept = None
-        self.columns = 0
+        self.columns, self.scoring_s = 0, 0.0
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens seen so far, padding included: what the caller's attention mask spans (``generate()`` slices its
@@ -676,7 +676,8 @@ class IAMCache(Cache):
         held = [self.columns if w is None else min(self.columns, w - 1) for w in self.windows]
         baseline = sum(layer.full_bytes(n) for layer, n in zip(self.layers, held))
         first = next((layer for layer in self.layers if layer.is_initialized), None)
-        slm_baseline = 0 if first is None else self._slm_row * first.dtype.itemsize * self.columns * first.values.shape[0]
+        own = next((layer for layer in self.slm.layers if layer.is_initialized), first)  # the SLM's own dtype
+        slm_baseline = 0 if first is None else self._slm_row * own.dtype.itemsize * self.columns * first.values.shape[0]
         return {"llm": llm, "slm": slm, "total": llm + slm, "baseline": baseline, "slm_baseline": slm_baseline}
 
     def kv_bytes_by_device(self) -> dict[str, int]:

@@ -177,9 +177,10 @@ class KVzip(EvictionPolicy):
     """KVzip (Kim et al. 2025), query-agnostic: after prefill the model is teacher-forced through ``prompt`` and then
     the context, ``chunk`` context tokens at a time, on a scratch copy of its cache that is then discarded. A cached
     pair's score is the most attention any repeat query gives it (softmax over the cache and the repeat so far), the
-    maximum over its KV group's query heads. Each KV group of every layer that keeps K keeps its own best ``budget``
-    share; mapped layers (no K) and the SLM keep one shared set, scored through the SLM heads the mapped heads borrow.
-    Decode then appends without evicting.
+    maximum over its KV group's query heads. Each KV group of every layer without a mapped group keeps its own best
+    ``budget`` share, the same count in every group (so a layer's slots stay one tensor under one mask; KVzip itself
+    ranks all heads against one threshold, which only masking allows); layers with a mapped group and the SLM keep
+    one shared set, scored through the SLM heads the mapped heads borrow. Decode then appends without evicting.
 
     Parameters
     ----------

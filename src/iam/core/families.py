@@ -153,6 +153,11 @@ def check_features(
     fused QKV projection (its row shards mix Q, K and V heads), token eviction and the exact local window with local
     layers or soft-capped logits (they compute attention without either)."""
     served = family(llm)
+    if tensor_parallel and getattr(eviction, "reconstruct", None):
+        raise ValueError(
+            f"{type(eviction).__name__} scores per KV group from every rank's heads, which is not served under tensor "
+            "parallelism: load the LLM without tp_plan, or use another policy."
+        )
     if tensor_parallel and served.fused_qkv:
         raise ValueError(
             f"{llm.model_type} fuses Q, K and V in one qkv_proj, which IAM does not shard: load it without tp_plan "

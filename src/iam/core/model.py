@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import os
 import time
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -91,6 +92,12 @@ def check_pair(llm: nn.Module, slm: nn.Module) -> None:
 
 def check_eviction(config: MappingConfig, eviction: EvictionPolicy | None) -> None:
     """Raise ``ValueError`` where ``eviction`` cannot serve ``config``."""
+    if eviction is not None and eviction.decode and "int4" in (config.llm_cache, config.slm_cache):
+        raise ValueError(
+            f"{type(eviction).__name__} evicts at every decode step, and an int4 cache would quantize its keys again "
+            "each time (they are grouped in blocks of tokens): use int8, or a policy that evicts after prefill only "
+            "(snapkv, kvzip, draft-kvzip)."
+        )
     if eviction is None or not config.local_window or not isinstance(eviction.budget, int):
         return
     protected = eviction.reserved + config.sinks + config.local_window
@@ -509,8 +516,11 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
                 if scoring:
                     mass = self._attention_mass(cache, queries, step, cache.slot_mask(mask, t))
                 elif policy.reconstruct and first:
+                    sync = torch.cuda.synchronize if ids.is_cuda else lambda: None  # time the work, not its launch
+                    sync()
                     start = time.perf_counter()
                     mass, groups = self._reconstruction(cache, ids, mask, position_ids)
+                    sync()
                     cache.scoring_s += time.perf_counter() - start
                 cache.track(mask[:, -t:], position_ids)
                 cache.evict(mass, prefill=first, groups=groups)
@@ -560,6 +570,12 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         the kept set, ``[B, KV heads, S]``."""
         policy, mapping = cache.eviction, cache.mapping
         draft = policy.reconstruct == "slm"
+        if not policy.prompt:
+            warnings.warn(
+                f"{type(policy).__name__} has no repeat prompt, so the model repeats the bare context: build it with "
+                "prompt=repeat_prompt(tokenizer) (iam.core.eviction), as iam eval retrieval does.",
+                stacklevel=3,
+            )
         s = mask.shape[1]
         slm_depth = mapping.slm_layers[-1] + 1 if mapping is not None and not draft else self.slm.config.num_hidden_layers
         source = cache.slm
@@ -596,9 +612,9 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
                 own: dict[int, torch.Tensor] = {}
                 self._llm_layers(scratch, rids, full, rpos, step, queries=own)
                 llm_scaling = decoder_layers(self.llm)[0].self_attn.scaling
-                for i, q in own.items():
-                    x = repeat_scores(q, scratch.layers[i].read_keys(), llm_scaling, full, s)
-                    keep_max(llm_scores, i, x.unflatten(1, (self.n_kv, -1)).amax(2))
+                for i, q in own.items():  # a dispatched LLM's layers may sit on other devices
+                    x = repeat_scores(q, scratch.layers[i].read_keys(), llm_scaling, full.to(q.device), s)
+                    keep_max(llm_scores, i, x.unflatten(1, (self.n_kv, -1)).amax(2).to(ids.device))
                 queries = {} if step is None else step.queries
                 keys, scaling = (lambda j, step=step: step.keys(j)), (None if step is None else step.scaling)
             for j, q in queries.items():

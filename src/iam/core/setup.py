@@ -100,6 +100,8 @@ def parse_setup(text: str) -> Setup:
             ) from None
         seen[kind] = part
         given.update(values)
+    if given.get("slm_cache", "native") != "native" and not given.get("ratio") and given.get("policy") != "draft-kvzip":
+        raise ValueError(f"configuration {label!r}: the LLM alone keeps no SLM cache; slm-int8/slm-int4 need iam<ratio>.")
     if given.get("local_window") and not given.get("ratio"):
         raise ValueError(f"configuration {label!r}: a local window needs mapped layers (iam<ratio> with ratio > 0).")
     return Setup(label, **given)
