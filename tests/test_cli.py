@@ -224,7 +224,7 @@ def test_generate_json(capsys):
     out = json.loads(capsys.readouterr().out)
     assert {"text", "mapped_layers", "mapping_summary", "kv_cache_bytes", "timings"} <= out.keys()
     assert kv_groups_mapped(out["mapped_layers"]) == 17  # 30% of 28 x 2 KV groups, in the pair's calibrated order
-    assert set(out["kv_cache_bytes"]) == {"llm", "slm", "total", "baseline"}
+    assert set(out["kv_cache_bytes"]) == {"llm", "slm", "total", "baseline", "slm_baseline"}
     assert out["mapping_summary"]["mean_similarity"] > 0.5
 
 
