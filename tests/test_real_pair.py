@@ -125,18 +125,14 @@ def test_ratio_zero_generate_equals_the_llm_on_real_weights(real_pair):
 
 def test_an_int4_cache_keeps_every_access_code_the_llm_alone_recalls(real_pair):
     """Query-agnostic multikey retrieval over a 512-token document: the LLM over its int4 cache (KIVI axes, the
-    newest 128 tokens in full precision) recalls the same four 7-digit codes as the LLM alone, at about 70% of the
-    LLM's fp32 KV dropped. A quantizer that lost precision (or bound the wrong values) would miss digits."""
+    newest 128 tokens in full precision) recalls all four 7-digit codes, at 60-80% of the LLM's fp32 KV dropped. A
+    quantizer that lost precision (or bound the wrong values) would miss digits."""
     from iam.eval import retrieval
 
-    llm, slm, tok = real_pair
+    llm, slm, tok = real_pair  # the LLM alone recalls all four (docs/results.md); only the int4 run is repeated here
     sample = retrieval.make_samples(tok, "multikey", 1, 512)[0]
-    expected = [q.answers[0] for q in sample.questions]
-    answers = {}
-    for cache in ("native", "int4"):
-        model = IAMForCausalLM(llm, slm, MappingConfig(ratio=0.0, llm_cache=cache))
-        answers[cache] = retrieval.answer(model, tok, sample, "agnostic")
-    assert [retrieval.correct(a[0], [e]) for a, e in zip(answers["native"], expected)] == [True] * 4
-    assert [retrieval.correct(a[0], [e]) for a, e in zip(answers["int4"], expected)] == [True] * 4
-    kv = answers["int4"][0][1]
+    model = IAMForCausalLM(llm, slm, MappingConfig(ratio=0.0, llm_cache="int4"))
+    answers = retrieval.answer(model, tok, sample, "agnostic")
+    assert [retrieval.correct(a[0], q.answers) for a, q in zip(answers, sample.questions)] == [True] * 4
+    kv = answers[0][1]
     assert 0.6 < 1 - kv["llm"] / kv["baseline"] < 0.8
