@@ -11,7 +11,7 @@ from transformers import DynamicCache, PretrainedConfig
 from transformers.cache_utils import Cache, DynamicLayer
 
 from .eviction import EvictionPolicy, Kept
-from .families import local_windows
+from .families import head_dim, local_windows
 from .mapping import Mapping
 
 SLM_CACHES = ("native", "int8", "int4")
@@ -505,8 +505,7 @@ class IAMCache(Cache):
         self.kept: Kept | None = None
         self.columns = 0  # tokens (padding included) seen so far: the width of the caller's attention mask
         self.scoring_s = 0.0  # seconds spent scoring for eviction by a repeat pass (``KVzip``)
-        slm_head_dim = getattr(slm_config, "head_dim", None) or slm_config.hidden_size // slm_config.num_attention_heads
-        self._slm_row = 2 * slm_config.num_hidden_layers * slm_config.num_key_value_heads * slm_head_dim
+        self._slm_row = 2 * slm_config.num_hidden_layers * slm_config.num_key_value_heads * head_dim(slm_config)
 
     @property
     def established(self) -> bool:

@@ -11,7 +11,7 @@ from pathlib import Path
 from transformers import PretrainedConfig
 
 from .cache import SLM_CACHES
-from .families import local_windows
+from .families import head_dim, local_windows
 from .selection import STRATEGIES, CalibratedSelection, Unit
 from .similarity import METRICS
 
@@ -134,7 +134,7 @@ class MappingConfig:
         for role, kind, config in (("LLM", self.llm_cache, llm), ("SLM", self.slm_cache, slm)):
             if kind == "int4" and any(w is not None for w in local_windows(config)):
                 raise ValueError(f"{role.lower()}_cache='int4' is not served on the {role}'s sliding-window layers: use int8.")
-            d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+            d = head_dim(config)
             if kind == "int4" and (d % self.int4_group or d % 2):
                 raise ValueError(
                     f"int4_group {self.int4_group} must divide the {role}'s head dimension {d} ({role.lower()}_cache='int4'): "

@@ -97,6 +97,12 @@ def _protect(priority: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return priority.masked_fill(mask, math.inf)
 
 
+def _sinks(valid: torch.Tensor, age: torch.Tensor, n: int) -> torch.Tensor:
+    """Each sequence's first ``n`` real tokens (the oldest kept ones)."""
+    first = age.masked_fill(~valid, -1).amax(-1, keepdim=True)  # age of each sequence's first real token
+    return age > first - n
+
+
 @dataclass(frozen=True)
 class StreamingLLM(EvictionPolicy):
     """Attention sinks plus the most recent tokens (Xiao et al. 2023): the first ``sinks`` tokens of each sequence
@@ -115,8 +121,7 @@ class StreamingLLM(EvictionPolicy):
         return self.sinks
 
     def priority(self, scores, valid, age):
-        first = age.masked_fill(~valid, -1).amax(-1, keepdim=True)  # age of each sequence's first real token
-        return _protect(-age.double(), age > first - self.sinks)
+        return _protect(-age.double(), _sinks(valid, age, self.sinks))
 
 
 @dataclass(frozen=True)
@@ -210,8 +215,7 @@ class KVzip(EvictionPolicy):
         return self.sinks
 
     def priority(self, scores, valid, age):
-        first = age.masked_fill(~valid, -1).amax(-1, keepdim=True)
-        return _protect(scores.double(), age > first - self.sinks)
+        return _protect(scores.double(), _sinks(valid, age, self.sinks))
 
 
 @dataclass(frozen=True)
@@ -356,6 +360,21 @@ class Kept:
         return index, row_index
 
 
+def _probs(q: torch.Tensor, k: torch.Tensor, scaling: float, valid: torch.Tensor, first: int, chunk: int):
+    """Causal attention probabilities of queries ``first ..`` of ``q`` (the newest slots) over every slot of ``k``, in
+    float32 and in chunks of queries (no T x T matrix): yields ``(rows, probs)``, the chunk's slot indices ``[c]`` and
+    ``[B, H, c, S]``. Padding is never attended to, and a query that can attend to nothing gets zeros."""
+    b, h, t, _ = q.shape
+    s = k.shape[2]
+    k = k.repeat_interleave(h // k.shape[1], 1).float()
+    cols = torch.arange(s, device=q.device)
+    for i in range(first, t, chunk):
+        scores = (q[:, :, i : i + chunk].float() @ k.transpose(-1, -2)) * scaling  # [B, H, c, S]
+        rows = torch.arange(i, i + scores.shape[2], device=q.device) + (s - t)
+        allowed = (cols[None] <= rows[:, None])[None, None] & valid.bool()[:, None, None, :]
+        yield rows, scores.masked_fill(~allowed, -math.inf).softmax(-1).nan_to_num(0.0)
+
+
 def attention_mass(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -377,16 +396,9 @@ def attention_mass(
     last : only the last ``last`` queries (SnapKV's observation window).
     head_weight : ``[B, H]`` weight of each head's mass (default: 1 each).
     """
-    b, h, t, _ = q.shape
-    s = k.shape[2]
-    k = k.repeat_interleave(h // k.shape[1], 1).float()
-    cols = torch.arange(s, device=q.device)
-    mass = torch.zeros(b, s, device=q.device)
-    for i in range(0 if last is None else max(t - last, 0), t, chunk):
-        scores = (q[:, :, i : i + chunk].float() @ k.transpose(-1, -2)) * scaling  # [B, H, c, S]
-        rows = torch.arange(i, i + scores.shape[2], device=q.device) + (s - t)
-        allowed = (cols[None] <= rows[:, None])[None, None] & valid.bool()[:, None, None, :]
-        probs = scores.masked_fill(~allowed, -math.inf).softmax(-1).nan_to_num(0.0)  # a padding query sees nothing
+    t = q.shape[2]
+    mass = torch.zeros(q.shape[0], k.shape[2], device=q.device)
+    for _, probs in _probs(q, k, scaling, valid, 0 if last is None else max(t - last, 0), chunk):
         mass += probs.sum((1, 2)) if head_weight is None else (probs.sum(2) * head_weight[..., None]).sum(1)
     return mass
 
@@ -404,17 +416,8 @@ def repeat_scores(
     scaling : the attention scaling.
     valid : ``[B, S]`` slots holding real tokens; a padding query scores nothing.
     """
-    b, h, t, _ = q.shape
-    s = k.shape[2]
-    k = k.repeat_interleave(h // k.shape[1], 1).float()
-    cols = torch.arange(s, device=q.device)
-    valid = valid.bool()
-    out = torch.zeros(b, h, context, device=q.device)
-    for i in range(0, t, chunk):
-        scores = (q[:, :, i : i + chunk].float() @ k.transpose(-1, -2)) * scaling  # [B, H, c, S]
-        rows = torch.arange(i, i + scores.shape[2], device=q.device) + (s - t)
-        allowed = (cols[None] <= rows[:, None])[None, None] & valid[:, None, None, :]
-        probs = scores.masked_fill(~allowed, -math.inf).softmax(-1).nan_to_num(0.0)
-        probs = probs * valid[:, None, rows, None]  # a padding query scores nothing
+    out = torch.zeros(*q.shape[:2], context, device=q.device)
+    for rows, probs in _probs(q, k, scaling, valid, 0, chunk):
+        probs = probs * valid.bool()[:, None, rows, None]  # a padding query scores nothing
         out = torch.maximum(out, probs[..., :context].amax(2))
     return out

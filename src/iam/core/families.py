@@ -56,6 +56,11 @@ def family(config: PretrainedConfig) -> Family:
     return FAMILIES.get(getattr(config, "model_type", None), Family())
 
 
+def head_dim(config: PretrainedConfig) -> int:
+    """A model's attention head size: its ``head_dim``, or ``hidden_size / num_attention_heads`` where it sets none."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def local_windows(config: PretrainedConfig) -> list[int | None]:
     """Per layer, the window of a local layer served as such (``Family.local_layers``), else ``None``: its cache keeps
     the last ``window - 1`` slots, as transformers' own does (``iam.core.cache.Windowed``)."""
