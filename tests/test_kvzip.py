@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -41,20 +43,38 @@ def brute_force(llm, ids: torch.Tensor, chunk: int) -> list[torch.Tensor]:
     return scores
 
 
+def brute_force_widths(scores: list[torch.Tensor], sinks: int, budget: int) -> list[int]:
+    """Slots each layer keeps under one ranking of every layer's slots: a layer's ``r``-th slot is worth its best
+    KV group's ``r``-th score (the sinks first), the ``budget * layers`` most worthy win (ties: earlier layer, slot)."""
+    entries = []
+    for layer, s in enumerate(scores):
+        ranked = [sorted([math.inf] * sinks + s[g][sinks:].tolist(), reverse=True) for g in range(s.shape[0])]
+        entries += [(-max(col), layer, r) for r, col in enumerate(zip(*ranked))]
+    widths = [0] * len(scores)
+    for _, layer, _ in sorted(entries)[: budget * len(scores)]:
+        widths[layer] += 1
+    return widths
+
+
+@pytest.mark.parametrize("layerwise", [True, False])
 @pytest.mark.parametrize("chunk", [2048, 16])
-def test_kvzip_keeps_what_brute_force_reconstruction_attention_chooses(pair, chunk):
-    """Each KV group of each layer keeps its sinks and the tokens its repeat queries attend to most, and those slots
-    hold exactly the prefilled keys and values: the repeat pass left nothing of its own in the cache."""
+def test_kvzip_keeps_what_brute_force_reconstruction_attention_chooses(pair, chunk, layerwise):
+    """Each KV group of each layer keeps its sinks and the tokens its repeat queries attend to most, as many as the
+    budget gives its layer (one ranking over the layers, or the budget in each), and those slots hold exactly the
+    prefilled keys and values: the repeat pass left nothing of its own in the cache."""
     llm, slm = pair
     llm.config._attn_implementation = "eager"
     ids = prompt(40, seed=3)
-    policy = KVzip(budget=16, sinks=2, chunk=chunk, prompt=PROMPT)
+    policy = KVzip(budget=16, sinks=2, chunk=chunk, prompt=PROMPT, layerwise=layerwise)
     cache = forward(model(llm, slm, policy, ratio=0.0), ids).cache
     full = forward(model(llm, slm, None, ratio=0.0), ids).cache
-    for layer, (kept, plain, scores) in enumerate(zip(cache.layers, full.layers, brute_force(llm, ids, chunk))):
-        assert kept.keys.shape[2] == 16
+    scores = brute_force(llm, ids, chunk)
+    widths = [16] * len(scores) if layerwise else brute_force_widths(scores, 2, 16)
+    assert [layer.keys.shape[2] for layer in cache.layers] == widths
+    assert layerwise or len(set(widths)) > 1  # the ranking moves slots between layers
+    for layer, (kept, plain, width) in enumerate(zip(cache.layers, full.layers, widths)):
         for g in range(kept.keys.shape[1]):
-            rest = scores[g][2:].argsort(descending=True)[:14] + 2
+            rest = scores[layer][g][2:].argsort(descending=True)[: width - 2] + 2
             expected = sorted([0, 1, *rest.tolist()])
             assert slots_of(kept.keys[0, g], plain.keys[0, g]) == expected, (layer, g)
             assert torch.equal(kept.values[0, g], plain.values[0, g, expected])

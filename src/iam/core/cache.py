@@ -573,6 +573,11 @@ class IAMCache(Cache):
             return attention_mask
         return torch.cat([self.kept.valid.long(), attention_mask[:, -new:]], -1)
 
+    def own_slot_masks(self, attention_mask: torch.Tensor, new: int) -> dict[int, torch.Tensor]:
+        """``slot_mask`` of each LLM layer whose KV groups keep slots of their own (``Kept.own``)."""
+        own = {} if self.kept is None else self.kept.own
+        return {i: torch.cat([v.long(), attention_mask[:, -new:].to(v.device)], -1) for i, v in own.items()}
+
     def track(self, attention_mask: torch.Tensor, positions: torch.Tensor) -> None:
         """Record the slots just written (``[B, t]`` mask and true positions), where a policy evicts."""
         if self.eviction is not None:
@@ -583,7 +588,7 @@ class IAMCache(Cache):
     def evict(self, mass: torch.Tensor | None, prefill: bool, groups: dict[int, torch.Tensor] | None = None) -> None:
         """Score the slots with ``mass`` (``[B, S]`` attention received in this forward) and drop what the policy
         lets go from every layer of both models. ``groups``: ``[B, KV heads, S]`` scores of LLM layers whose KV
-        groups each keep their own slots (``KVzip``), as many as the shared set."""
+        groups each keep their own slots (``KVzip``, ``Kept.select``)."""
         kept, policy = self.kept, self.eviction
         if kept is None:
             return
@@ -592,13 +597,10 @@ class IAMCache(Cache):
         if not (prefill or policy.decode):
             return
         local = self.local.layers[0] if self.local is not None and not self.partial else None
-        groups = groups or {}
-        rows = torch.cat(list(groups.values()), 1) if groups else None
-        chosen = kept.select(policy, None if local is None else (local.sinks, local.window), rows)
+        chosen = kept.select(policy, None if local is None else (local.sinks, local.window), groups)
         if chosen is None:
             return
-        index, row_index = chosen
-        own = dict(zip(groups, row_index.split([g.shape[1] for g in groups.values()], 1))) if groups else {}
+        index, own = chosen
         for i, layer in enumerate(self.layers):
             if self.evicts(i):
                 layer.keep_slots(own.get(i, index))
@@ -617,8 +619,7 @@ class IAMCache(Cache):
             self.tokens = self.tokens[index.to(self.tokens.device)]
             self.token_positions = self.token_positions[index.to(self.tokens.device)]
         if self.kept is not None:
-            i = index.to(self.kept.valid.device)
-            self.kept = Kept(self.kept.valid[i], self.kept.positions[i], self.kept.scores[i], self.kept.seen[i])
+            self.kept = self.kept.rows(index.to(self.kept.valid.device))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)

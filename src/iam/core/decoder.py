@@ -217,7 +217,7 @@ def layer_forward(layer: nn.Module, hidden: torch.Tensor, attention: Attention) 
 
 class Pass:
     """What every layer of one forward of ``model`` shares: input embeddings, and rotary embeddings and the mask of
-    each layer kind (``rope_of``, ``mask_of``; ``mask`` is the global layers').
+    each layer kind (``rope_of``, ``mask_of``; ``mask`` is the global layers', where any share ``attention_mask``).
 
     Parameters
     ----------
@@ -227,6 +227,8 @@ class Pass:
     position_ids : ``[B, t]``.
     cache : the cache the layers update (its length is the past).
     mask_layer : the cache layer whose length the mask spans (default: the first).
+    own : 2D masks of the layers whose slots are their own (``KVzip``'s per-layer budgets), each over its layer's
+        slots and the new tokens; the others share ``attention_mask``.
     """
 
     def __init__(
@@ -237,6 +239,7 @@ class Pass:
         position_ids: torch.Tensor,
         cache: Cache,
         mask_layer: int | None = None,
+        own: dict[int, torch.Tensor] | None = None,
     ) -> None:
         base = model.model
         self.config, self.base, self.cache, self.position_ids = model.config, base, cache, position_ids
@@ -247,8 +250,13 @@ class Pass:
             self.ropes = {kind: rotary(self.hidden, position_ids, kind) for kind in set(self.kinds)}
         else:
             self.ropes = dict.fromkeys(set(self.kinds), rotary(self.hidden, position_ids))
-        self.masks = {kind: self.causal_mask(attention_mask, mask_layer, kind) for kind in {FULL, *self.kinds}}
-        self.mask = self.masks[FULL]
+        own = own or {}
+        # before any layer updates the cache, whose lengths the masks span
+        self.own = {i: self.causal_mask(m, i, self.kinds[i]) for i, m in own.items()}
+        shared = {kind for i, kind in enumerate(self.kinds) if i not in own}
+        shared |= {FULL} if shared else set()
+        self.masks = {kind: self.causal_mask(attention_mask, mask_layer, kind) for kind in shared}
+        self.mask = self.masks.get(FULL)
 
     def rope_of(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(cos, sin)`` of decoder layer ``idx``."""
@@ -256,7 +264,7 @@ class Pass:
 
     def mask_of(self, idx: int):
         """The attention mask of decoder layer ``idx`` (a sliding-window one for a local layer)."""
-        return self.masks[self.kinds[idx]]
+        return self.own[idx] if idx in self.own else self.masks[self.kinds[idx]]
 
     def causal_mask(self, attention_mask: torch.Tensor, layer: int | None = None, kind: str = FULL):
         """The model's own attention mask of layers of ``kind`` from a 2D ``attention_mask`` over the slots of cache layer

@@ -17,8 +17,8 @@ with their own attention, and mapped layers with the SLM attention they borrow, 
 (with ``scope="unmapped"``, the evicted layers' own attention only).
 
 The reconstruction policies (``KVzip``, ``DraftKVzip``) score once, after prefill, by teacher-forcing a model through
-a repeat of the context, and let each KV group of the layers that keep K choose its own tokens (as many as the
-shared set keeps, so the slots still line up per sequence); the mapped layers and the SLM keep the shared set.
+a repeat of the context, and let each KV group of the layers that keep K choose its own tokens, with one width per
+layer (``Kept.own``, each layer under its own mask); the mapped layers and the SLM keep the shared set.
 """
 
 from __future__ import annotations
@@ -183,14 +183,17 @@ class KVzip(EvictionPolicy):
     the context, ``chunk`` context tokens at a time, on a scratch copy of its cache that is then discarded. A cached
     pair's score is the most attention any repeat query gives it (softmax over the cache and the repeat so far), the
     maximum over its KV group's query heads. Each KV group of every layer without a mapped group keeps its own best
-    ``budget`` share, the same count in every group (so a layer's slots stay one tensor under one mask; KVzip itself
-    ranks all heads against one threshold, which only masking allows); layers with a mapped group and the SLM keep
-    one shared set, scored through the SLM heads the mapped heads borrow. Decode then appends without evicting.
+    slots; the layers share the ``budget`` through one ranking of every layer's slots (a layer's width is what its
+    best group wins, and its other groups fill it with their own best), as KVzip ranks all heads against one
+    threshold; layers with a mapped group and the SLM keep one shared set, scored through the SLM heads the mapped
+    heads borrow. Decode then appends without evicting.
 
     Parameters
     ----------
-    budget : as for ``EvictionPolicy``.
+    budget : as for ``EvictionPolicy``: the share each sequence keeps over the layers that keep K (on average per
+        layer) and in the shared set.
     sinks : first tokens always kept.
+    layerwise : every layer keeps the same count (the budget) instead of one ranking over the layers.
     chunk : context tokens repeated per pass (bounds the scratch cache and the score matrix).
     prompt : token ids of the repeat instruction, put before each chunk (``repeat_prompt(tokenizer)``); empty: the
         context alone is repeated.
@@ -199,6 +202,7 @@ class KVzip(EvictionPolicy):
     sinks: int = field(default=4, metadata={"least": 0})
     chunk: int = field(default=2048, metadata={"least": 1})
     prompt: tuple[int, ...] = ()
+    layerwise: bool = False
     needs_scores = True
     decode = False
     reconstruct = "llm"
@@ -282,7 +286,8 @@ def parse_budget(text: str) -> float | int:
 
 @dataclass
 class Kept:
-    """Which tokens a cache holds, per sequence, once a policy evicts: one slot per cached position of every layer.
+    """Which tokens a cache holds, per sequence, once a policy evicts: one slot per cached position of every layer,
+    except in the layers of ``own``.
 
     Parameters
     ----------
@@ -290,12 +295,14 @@ class Kept:
     positions : ``[B, S]`` each slot's true position.
     scores : ``[B, S]`` attention mass each slot has received (accumulated for H2O, the last forward's otherwise).
     seen : ``[B]`` real tokens each sequence has had so far (kept or not).
+    own : per LLM layer whose KV groups keep slots of their own (``KVzip``), its ``[B, S_l]`` valid slots.
     """
 
     valid: torch.Tensor
     positions: torch.Tensor
     scores: torch.Tensor
     seen: torch.Tensor
+    own: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def empty(cls, batch: int, device: torch.device) -> Kept:
@@ -303,30 +310,39 @@ class Kept:
         return cls(none.bool(), none, none.float(), torch.zeros(batch, dtype=torch.long, device=device))
 
     def append(self, mask: torch.Tensor, positions: torch.Tensor) -> None:
-        """``t`` new slots (``mask`` ``[B, t]``, 0/1)."""
+        """``t`` new slots (``mask`` ``[B, t]``, 0/1), in every layer."""
         self.valid = torch.cat([self.valid, mask.bool()], -1)
         self.positions = torch.cat([self.positions, positions], -1)
         self.scores = torch.cat([self.scores, self.scores.new_zeros(mask.shape)], -1)
         self.seen = self.seen + mask.sum(-1)
+        self.own = {i: torch.cat([v, mask.bool().to(v.device)], -1) for i, v in self.own.items()}
+
+    def rows(self, index: torch.Tensor) -> Kept:
+        """The bookkeeping of the sequences ``index`` (beam search's reorder and select)."""
+        return Kept(
+            self.valid[index], self.positions[index], self.scores[index], self.seen[index], {i: v[index] for i, v in self.own.items()}
+        )
 
     def select(
-        self, policy: EvictionPolicy, protect: tuple[int, int] | None = None, rows: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        self, policy: EvictionPolicy, protect: tuple[int, int] | None = None, rows: dict[int, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]] | None:
         """The slots to keep, in time order, front-padded (the pad slots become invalid); ``None`` where nothing need
-        go. Updates the bookkeeping to the kept slots of the shared set.
+        go. Updates the bookkeeping to the kept slots.
 
         Parameters
         ----------
         policy : what decides the kept count and the priority (by ``self.scores``).
         protect : ``(sinks, window)``: each sequence's first ``sinks`` kept tokens and latest ``window`` ones are
             always kept (the exact local window's), on top of those the policy itself always keeps.
-        rows : ``[B, N, S]`` scores of ``N`` rows (KV groups) that each choose their own slots by the policy's
-            priority, as many per sequence as the shared set, the protected ones included.
+        rows : (``KVzip``) per LLM layer whose KV groups each choose their own slots by the policy's priority, their
+            ``[B, KV heads, S]`` scores. All groups of a layer keep as many slots per sequence: the shared set's count in
+            every layer (``KVzip.layerwise``), or, by default, as many as the layer's best group wins in one ranking
+            of every layer's slots (so the layers keep the shared set's count on average).
 
         Returns
         -------
-        ``(index, row_index)``: ``[B, S']`` slot indices of the shared set and ``[B, N, S']`` of each row (``None``
-        without ``rows``); a shorter sequence's padding comes first, at the same slots in both.
+        ``(index, own)``: ``[B, S']`` slot indices of the shared set and, per layer of ``rows``, ``[B, KV heads,
+        S_l]`` of each group; a shorter sequence's padding comes first.
         """
         n_real = self.valid.sum(-1)
         keep = policy.kept(self.seen)
@@ -337,27 +353,52 @@ class Kept:
             return None
         age = (self.seen[:, None] - 1 - self.positions).masked_fill(~self.valid, -1)
 
-        def best(scores: torch.Tensor) -> torch.Tensor:  # [..., S] scores -> [..., width] kept slots, time order
+        def priority(scores: torch.Tensor) -> torch.Tensor:  # [B, ..., S] scores -> the policy's keep priority
             valid = self.valid.view(*self.valid.shape[:1], *[1] * (scores.dim() - 2), -1)
             old = age.view_as(valid)
-            priority = policy.priority(scores, valid, old)
+            p = policy.priority(scores, valid, old)
             if protect is not None:
                 first = old.amax(-1, keepdim=True)  # the oldest kept token's age: the sinks are always the oldest
-                priority = _protect(priority, (old < protect[1]) | (old > first - protect[0]))
-            priority = priority.masked_fill(~valid, -math.inf)
-            width, s = int(keep.max()), priority.shape[-1]
-            # most deserving first; exact ties go to the newer slot, so a row keeps the same tokens in any batch
-            order = s - 1 - priority.flip(-1).argsort(dim=-1, descending=True, stable=True)[..., :width]
-            chosen = torch.arange(width, device=order.device) < keep.view(*keep.shape, *[1] * (scores.dim() - 1))
-            return order.masked_fill(~chosen, -1).sort(-1).values  # a shorter row's padding (-1) first
+                p = _protect(p, (old < protect[1]) | (old > first - protect[0]))
+            return p.masked_fill(~valid, -math.inf)
 
-        index = best(self.scores)
+        index = _best(priority(self.scores), keep)
         pad = index < 0
+        own: dict[int, torch.Tensor] = {}
+        if rows:
+            p = priority(torch.stack([r.to(self.scores.device) for r in rows.values()], 1))  # [B, L, KV heads, S]
+            counts = keep[:, None].expand(p.shape[:2]) if policy.layerwise else _allocate(p, keep)
+            for (layer, row), count in zip(zip(rows, p.unbind(1)), counts.unbind(1)):
+                kept = _best(row, count[:, None].expand(row.shape[:2]))
+                own[layer] = kept.clamp(min=0)
+                self.own[layer] = kept[:, 0] >= 0
+        self.valid = self.valid.gather(-1, index.clamp(min=0)) & ~pad
         index = index.clamp(min=0)
-        row_index = None if rows is None else best(rows.to(self.scores.device)).clamp(min=0)
-        self.valid = self.valid.gather(-1, index) & ~pad
         self.positions, self.scores = self.positions.gather(-1, index), self.scores.gather(-1, index)
-        return index, row_index
+        return index, own
+
+
+def _best(priority: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``[..., width]`` the ``keep`` (``[...]``) slots of highest ``priority`` (``[..., S]``) in time order, front-padded
+    with -1 to the largest count. Exact ties go to the newer slot, so a sequence keeps the same tokens in any batch."""
+    width, s = int(keep.max()), priority.shape[-1]
+    order = s - 1 - priority.flip(-1).argsort(dim=-1, descending=True, stable=True)[..., :width]
+    chosen = torch.arange(width, device=order.device) < keep[..., None]
+    return order.masked_fill(~chosen, -1).sort(-1).values
+
+
+def _allocate(priority: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``[B, L]`` slots each layer keeps per sequence when its KV groups share the layer's width: the layer's ``r``-th
+    slot is worth its best group's ``r``-th highest priority, and each sequence keeps its ``keep * L`` most worthy
+    slots over all ``L`` layers of ``priority`` (``[B, L, KV heads, S]``; ``keep``: ``[B]``). KVzip ranks every head's
+    pairs against one threshold; sharing a layer's width keeps its slots one tensor under one mask, and a group that
+    ranks fewer fills the width with its next best."""
+    worth = priority.sort(-1, descending=True).values.amax(2)  # [B, L, S], non-increasing along S
+    b, layers, s = worth.shape
+    order = worth.flatten(1).argsort(dim=-1, descending=True, stable=True)
+    take = torch.arange(layers * s, device=worth.device) < (keep * layers)[:, None]
+    chosen = torch.zeros_like(take).scatter(1, order, take)
+    return chosen.view(b, layers, s).sum(-1)
 
 
 def _probs(q: torch.Tensor, k: torch.Tensor, scaling: float, valid: torch.Tensor, first: int, chunk: int):

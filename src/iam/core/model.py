@@ -544,8 +544,10 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         # with scope "unmapped", once tokens are evicted the mapped layers span more slots than the evicted ones
         partial = cache.partial and cache.kept is not None and mapping is not None
         evicted = [i for i in range(self.n_layers) if cache.evicts(i)]
-        run = Pass(self.llm, ids, slots, position_ids, cache, evicted[0] if partial else None)
-        mapped_mask = run.causal_mask(mask, min(mapping.plan)) if partial else run.mask
+        own_slots = cache.own_slot_masks(mask, t)  # layers whose KV groups keep slots of their own (KVzip's budgets)
+        shared = evicted[0] if partial else min(mapping.plan) if own_slots and mapping is not None else None
+        run = Pass(self.llm, ids, slots, position_ids, cache, shared, own_slots)
+        mapped_mask = None if mapping is None else run.causal_mask(mask, min(mapping.plan)) if partial else run.mask
         layers = decoder_layers(self.llm)
         for i in range(self.n_layers):
             if mapping is not None and i in mapping.plan:
