@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import char_tokenizer, forward, left_pad, prompt, save_tiny_pair
+from conftest import char_tokenizer, forward, left_pad, prompt, save_tiny_pair, tiny
 from iam import IAMForCausalLM, MappingConfig
 from iam.cli import main
 from iam.core.eviction import H2O, POLICIES, SnapKV, StreamingLLM
@@ -435,3 +435,58 @@ def test_the_cli_takes_an_eviction_scope(pair_folders, capsys):
     assert main([*argv, "--eviction-scope", "all"]) == 0
     capsys.readouterr()
     assert main([*argv[:-2], "10", "--json"]) == 2 and "smaller than the 20 tokens" in capsys.readouterr().err
+
+
+# ---- the retrieval-aware order ---------------------------------------------------------------------------------
+
+
+def test_retrieval_scores_equal_eager_attention_on_the_asked_fact():
+    """Each KV group's score is, averaged over questions, its best head's attention from the queries that predict the
+    answer to the answer's tokens in the context (the most any query gives each token, summed), as eager attention
+    weights over the whole sequence give it."""
+    from iam.eval.calibrate import retrieval_order, retrieval_scores
+
+    llm, tok = tiny("qwen2", 4, 64, 4, 2, seed=0), char_tokenizer()
+    llm.config.max_position_embeddings = 1024
+    samples = retrieval.make_samples(tok, "multikey", 1, 600, seed=1)
+    scores = retrieval_scores(llm, tok, samples)
+    llm.config._attn_implementation = "eager"
+    expected = torch.zeros(4, 2)
+    head = retrieval.prompt_parts(tok)[0]
+    for question in samples[0].questions:
+        context, asked = retrieval.encode(tok, samples[0], question)
+        code = question.answers[0]
+        start = len(head) + samples[0].context.index(code)  # one character per token
+        answer = tok(code, add_special_tokens=False, return_tensors="pt").input_ids
+        ids = torch.cat([context, asked, answer[:, :-1]], -1)
+        with torch.no_grad():
+            attentions = llm(input_ids=ids, output_attentions=True).attentions
+        for layer, a in enumerate(attentions):
+            read = a[0, :, -answer.shape[1] :, start : start + len(code)].amax(1).sum(-1)  # [heads]
+            expected[layer] += read.unflatten(0, (2, -1)).amax(1) / len(samples[0].questions)
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-4)
+    order = retrieval_order(scores)
+    assert sorted(order) == [(i, g) for i in range(4) for g in range(2)]
+    assert [float(scores[u]) for u in order] == sorted(float(scores[u]) for u in order)
+
+
+def test_the_retrieval_order_is_stored_and_read_back_and_a_corrupt_file_is_refused_by_name(long_folders, tmp_path, capsys):
+    """``iam calibrate --method retrieval`` writes the order, the same on a second run; ``--calibration`` maps its
+    first units; a corrupt file is refused naming it."""
+    llm, slm = long_folders
+    argv = ["calibrate", "--llm", llm, "--slm", slm, "--method", "retrieval", "--windows", "1", "--tokens", "600"]
+    orders = []
+    for run in ("a", "b"):
+        assert main([*argv, "--to", str(tmp_path / run), "--out", str(tmp_path / run), "--json"]) == 0
+        orders.append(json.loads(capsys.readouterr().out)["order"])
+    assert orders[0] == orders[1] and len(orders[0]) == 8
+    stored = next((tmp_path / "a").glob("*.json"))
+    record = json.loads(stored.read_text())
+    assert record["order"] == orders[0] and record["source"]["method"] == "retrieval" and record["source"]["seed"] == 1
+    prompt = ["--prompt", "x " * 30, "--max-new-tokens", "1", "--json"]
+    gen = ["generate", "--llm", llm, "--slm", slm, "--strategy", "calibrated", "--ratio", "0.25"]
+    assert main([*gen, "--calibration", str(stored), *prompt]) == 0
+    assert json.loads(capsys.readouterr().out)["mapped_layers"] == sorted(f"{i}:{g}" for i, g in orders[0][:2])
+    stored.write_text(stored.read_text()[:-20])
+    assert main([*gen, "--calibration", str(stored), *prompt]) == 2
+    assert str(stored) in capsys.readouterr().err

@@ -8,7 +8,7 @@ import argparse
 import torch
 
 from ..core.config import check_mapped
-from ..eval import analysis, calibrate, data
+from ..eval import analysis, calibrate, data, retrieval
 from ..reporting import heatmap_plot
 from .common import (
     add_granularity_arg,
@@ -54,7 +54,8 @@ def calibrate_arguments(p: argparse.ArgumentParser) -> None:
         choices=list(calibrate.COLUMNS),
         default="single",
         help="single: each layer mapped alone, sorted by perplexity cost; greedy: grow the mapped set by the layer "
-        "that adds least KL to the LLM alone",
+        "that adds least KL to the LLM alone; retrieval: the KV groups that read the asked fact least first, on "
+        "--windows multikey contexts of --tokens tokens (KV groups always)",
     )
     add_granularity_arg(p)
     p.add_argument("--steps", type=int, default=None, help="greedy: units chosen greedily (default: half of them)")
@@ -67,6 +68,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     llm, slm, tok = load(args, [base])
     source = {"method": args.method, "granularity": args.granularity, "windows": args.windows, "tokens": args.tokens}
     source.update(llm=args.llm, slm=args.slm, dataset=args.text or args.dataset)
+    if args.method == "retrieval":
+        samples = retrieval.make_samples(tok, "multikey", args.windows, args.tokens, calibrate.RETRIEVAL_SEED)
+        source.update(task="multikey", seed=calibrate.RETRIEVAL_SEED, granularity="kv-group")
+        result = calibrate.calibrate_retrieval(llm, slm, tok, samples, base, source, args.to)
+        return finish(args, "calibrate", result, calibrate.COLUMNS[args.method])
     windows, per_group = eval_windows(args, tok), args.granularity == "kv-group"
     result = calibrate.calibrate(llm, slm, windows, base, args.method, per_group, args.steps, args.shortlist, source, args.to)
     return finish(args, "calibrate", result, calibrate.COLUMNS[args.method])

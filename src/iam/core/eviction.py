@@ -320,7 +320,11 @@ class Kept:
     def rows(self, index: torch.Tensor) -> Kept:
         """The bookkeeping of the sequences ``index`` (beam search's reorder and select)."""
         return Kept(
-            self.valid[index], self.positions[index], self.scores[index], self.seen[index], {i: v[index] for i, v in self.own.items()}
+            self.valid[index],
+            self.positions[index],
+            self.scores[index],
+            self.seen[index],
+            {i: v[index] for i, v in self.own.items()},
         )
 
     def select(

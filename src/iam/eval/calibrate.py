@@ -11,13 +11,21 @@ import torch
 import torch.nn.functional as F
 
 from ..core import calibration
+from ..core.cache import slm_cache
 from ..core.config import MappingConfig, check_mapped
+from ..core.decoder import Pass, decoder_layers, positions
+from ..core.eviction import repeat_scores
 from ..core.model import IAMForCausalLM
 from ..core.resolution import resolve
 from ..core.selection import unit_label
+from .retrieval import Sample, encode, prompt_parts
 from .sweep import eval_sweep
 
-COLUMNS = {"single": ["block", "ppl", "ppl_increase"], "greedy": ["step", "layer", "damage", "measured"]}
+COLUMNS = {
+    "single": ["block", "ppl", "ppl_increase"],
+    "greedy": ["step", "layer", "damage", "measured"],
+    "retrieval": ["layer", "retrieval_score"],
+}
 """Report columns of each method."""
 
 
@@ -96,3 +104,81 @@ def calibrate(
     )
     result.update(order=order, calibration_file=str(path), method=method)
     return result
+
+
+@torch.inference_mode()
+def retrieval_scores(llm, tokenizer, samples: Sequence[Sample]) -> torch.Tensor:
+    """``[layers, KV heads]``: how much each KV group of the LLM alone reads the asked fact while it answers, on
+    retrieval ``samples`` (the answer teacher-forced). Per question, each query head's score is the attention the
+    queries predicting the answer give the answer's tokens in the context (the most any of them gives each token,
+    summed over the tokens); a group scores its best head, averaged over the questions. Retrieval heads (DuoAttention,
+    RazorAttention) score high."""
+    n, n_kv = llm.config.num_hidden_layers, llm.config.num_key_value_heads
+    attns = [layer.self_attn for layer in decoder_layers(llm)]
+    total, count = torch.zeros(n, n_kv), 0
+    for sample in samples:
+        for question in sample.questions:
+            context, asked = encode(tokenizer, sample, question)
+            head = prompt_parts(tokenizer)[0]
+            spans = tokenizer(head + sample.context, add_special_tokens=False, return_offsets_mapping=True).offset_mapping
+            starts = [(head + sample.context).find(a) for a in question.answers]
+            fact = [
+                i
+                for i, (a, b) in enumerate(spans)
+                if any(s >= 0 and a < s + len(x) and b > s for s, x in zip(starts, question.answers))
+            ]
+            answer = tokenizer(" ".join(question.answers), add_special_tokens=False, return_tensors="pt").input_ids
+            ids = torch.cat([context, asked, answer[:, :-1]], -1).to(llm.device)
+            mask = torch.ones_like(ids)
+            cache = slm_cache(llm.config)
+            queries = Pass(llm, ids, mask, positions(mask, ids.shape[1]), cache).queries(n)
+            for i, attn in enumerate(attns):
+                read = repeat_scores(queries[i][:, :, -answer.shape[1] :], cache.layers[i].keys, attn.scaling, mask, ids.shape[1])
+                per_head = read[0, :, fact].sum(-1).float().cpu()
+                total[i] += per_head.unflatten(0, (n_kv, -1)).amax(1)
+            count += 1
+    return total / count
+
+
+def retrieval_order(scores: torch.Tensor) -> list[tuple[int, int]]:
+    """Every ``(layer, kv_group)`` unit, the least retrieval-critical first (``retrieval_scores``; ties: earlier unit)."""
+    units = [(i, g) for i in range(scores.shape[0]) for g in range(scores.shape[1])]
+    return sorted(units, key=lambda u: (float(scores[u]), u))
+
+
+RETRIEVAL_SEED = 1
+"""Seed of the retrieval calibration's samples: not ``iam eval retrieval``'s default (0), so the order is not measured
+on the contexts it is evaluated on."""
+
+
+def calibrate_retrieval(
+    llm,
+    slm,
+    tokenizer,
+    samples: Sequence[Sample],
+    base: MappingConfig,
+    source: dict | None = None,
+    folder: str | Path | None = None,
+) -> dict:
+    """Measure a retrieval-aware order (``retrieval_scores``: the KV groups that read the asked fact least are mapped
+    first) and write it as the pair's calibration, under ``base``'s resolved blend and local window.
+
+    Returns
+    -------
+    ``rows`` (one per unit, in order: ``layer``, ``retrieval_score``), ``order``, ``calibration_file``, ``method``.
+    """
+    base = resolve(base, llm.config, slm.config).config
+    scores = retrieval_scores(llm, tokenizer, samples)
+    order = retrieval_order(scores)
+    rows = [{"layer": unit_label(u), "retrieval_score": float(scores[u])} for u in order]
+    source = {
+        **(source or {}),
+        "method": "retrieval",
+        "samples": len(samples),
+        "questions": sum(len(s.questions) for s in samples),
+    }
+    damage = {r["layer"]: r["retrieval_score"] for r in rows}
+    path = calibration.write_order(
+        llm.config, slm.config, order, damage, source, Path(folder) if folder else None, base.blend, base.local_window
+    )
+    return {"rows": rows, "order": order, "calibration_file": str(path), "method": "retrieval"}
