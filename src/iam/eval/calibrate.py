@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from ..core import calibration
 from ..core.cache import slm_cache
@@ -107,7 +108,7 @@ def calibrate(
 
 
 @torch.inference_mode()
-def retrieval_scores(llm, tokenizer, samples: Sequence[Sample]) -> torch.Tensor:
+def retrieval_scores(llm, tokenizer, samples: Sequence[Sample], progress: bool = True) -> torch.Tensor:
     """``[layers, KV heads]``: how much each KV group of the LLM alone reads the asked fact while it answers, on
     retrieval ``samples`` (the answer teacher-forced). Per question, each query head's score is the attention the
     queries predicting the answer give the answer's tokens in the context (the most any of them gives each token,
@@ -115,29 +116,27 @@ def retrieval_scores(llm, tokenizer, samples: Sequence[Sample]) -> torch.Tensor:
     RazorAttention) score high."""
     n, n_kv = llm.config.num_hidden_layers, llm.config.num_key_value_heads
     attns = [layer.self_attn for layer in decoder_layers(llm)]
-    total, count = torch.zeros(n, n_kv), 0
-    for sample in samples:
-        for question in sample.questions:
-            context, asked = encode(tokenizer, sample, question)
-            head = prompt_parts(tokenizer)[0]
-            spans = tokenizer(head + sample.context, add_special_tokens=False, return_offsets_mapping=True).offset_mapping
-            starts = [(head + sample.context).find(a) for a in question.answers]
-            fact = [
-                i
-                for i, (a, b) in enumerate(spans)
-                if any(s >= 0 and a < s + len(x) and b > s for s, x in zip(starts, question.answers))
-            ]
-            answer = tokenizer(" ".join(question.answers), add_special_tokens=False, return_tensors="pt").input_ids
-            ids = torch.cat([context, asked, answer[:, :-1]], -1).to(llm.device)
-            mask = torch.ones_like(ids)
-            cache = slm_cache(llm.config)
-            queries = Pass(llm, ids, mask, positions(mask, ids.shape[1]), cache).queries(n)
-            for i, attn in enumerate(attns):
-                read = repeat_scores(queries[i][:, :, -answer.shape[1] :], cache.layers[i].keys, attn.scaling, mask, ids.shape[1])
-                per_head = read[0, :, fact].sum(-1).float().cpu()
-                total[i] += per_head.unflatten(0, (n_kv, -1)).amax(1)
-            count += 1
-    return total / count
+    total, head = torch.zeros(n, n_kv), prompt_parts(tokenizer)[0]
+    questions = [(sample, question) for sample in samples for question in sample.questions]
+    for sample, question in tqdm(questions, desc="retrieval heads", unit="question", disable=not progress):
+        context, asked = encode(tokenizer, sample, question)
+        spans = tokenizer(head + sample.context, add_special_tokens=False, return_offsets_mapping=True).offset_mapping
+        starts = [(head + sample.context).find(a) for a in question.answers]
+        fact = [
+            i
+            for i, (a, b) in enumerate(spans)
+            if any(s >= 0 and a < s + len(x) and b > s for s, x in zip(starts, question.answers))
+        ]
+        answer = tokenizer(" ".join(question.answers), add_special_tokens=False, return_tensors="pt").input_ids
+        ids = torch.cat([context, asked, answer[:, :-1]], -1).to(llm.device)
+        mask = torch.ones_like(ids)
+        cache = slm_cache(llm.config)
+        queries = Pass(llm, ids, mask, positions(mask, ids.shape[1]), cache).queries(n)
+        for i, attn in enumerate(attns):
+            read = repeat_scores(queries[i][:, :, -answer.shape[1] :], cache.layers[i].keys, attn.scaling, mask, ids.shape[1])
+            per_head = read[0, :, fact].sum(-1).float().cpu()
+            total[i] += per_head.unflatten(0, (n_kv, -1)).amax(1)
+    return total / len(questions)
 
 
 def retrieval_order(scores: torch.Tensor) -> list[tuple[int, int]]:
