@@ -70,7 +70,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     source.update(llm=args.llm, slm=args.slm, dataset=args.text or args.dataset)
     if args.method == "retrieval":
         samples = retrieval.make_samples(tok, "multikey", args.windows, args.tokens, calibrate.RETRIEVAL_SEED)
-        source.update(task="multikey", seed=calibrate.RETRIEVAL_SEED, granularity="kv-group")
+        source.update(task="multikey", filler="prose", seed=calibrate.RETRIEVAL_SEED, granularity="kv-group")
+        source.pop("dataset")  # the contexts are the task's, not --dataset's
         result = calibrate.calibrate_retrieval(llm, slm, tok, samples, base, source, args.to)
         return finish(args, "calibrate", result, calibrate.COLUMNS[args.method])
     windows, per_group = eval_windows(args, tok), args.granularity == "kv-group"
