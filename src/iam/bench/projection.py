@@ -11,11 +11,12 @@ from collections.abc import Callable
 import torch
 from transformers import DynamicCache
 
-from ..core.attention import MappedAttention, SLMStep
+from ..core.attention import MappedAttention
 from ..core.cache import IAMCache, KVLayer
 from ..core.decoder import layer_forward
 from ..core.mapping import HeadMap, Mapping, Window
 from ..core.selection import units_for_ratio
+from ..core.step import SLMStep
 from ..models.presets import Arch, hf_config
 from ..reporting import with_baseline
 from .costs import decode_bytes, kv_bytes_per_token, layer_prefill_flops, prefill_flops

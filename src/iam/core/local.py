@@ -16,15 +16,12 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from .flex import FLEX_HEADS, flex_heads
-
-if TYPE_CHECKING:
-    from .attention import Routes, SLMStep
+from .step import Routes, SLMStep
 
 
 @functools.lru_cache(maxsize=16)

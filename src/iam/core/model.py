@@ -23,7 +23,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..models.loading import load_pair, read_configs
 from ..models.placement import Placement, check_device, input_device
-from .attention import MappedAttention, SLMStep
+from .attention import MappedAttention
 from .cache import IAMCache, Signature, slm_cache
 from .config import MappingConfig
 from .decoder import Pass, decoder_layers, local_window, positions, softcap
@@ -34,6 +34,7 @@ from .parallel import gather_heads, shard_of, sum_heads
 from .resolution import Resolved, resolve
 from .selection import Plan, plan_of
 from .similarity import METRICS
+from .step import SLMStep
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
