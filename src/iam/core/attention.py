@@ -26,7 +26,8 @@ from transformers.cache_utils import Cache
 from .cache import LocalKeys
 from .decoder import attend, local_window, project_qk, project_v, runs, softcap
 from .families import FULL, SLIDING
-from .flex import FLEX_DEVICES, FLEX_MIN_TOKENS, causal_block_mask, flex_heads, flex_ready
+from .flex import causal_block_mask, flex_heads, flex_ready
+from .kernels import Kernels
 from .local import local_flex
 from .mapping import HeadMap, Mapping, SLMWindow, cap, window_attention
 from .parallel import rank_map, shard_of
@@ -48,12 +49,13 @@ class MappedAttention:
     ----------
     original : the layer's own attention module.
     groups : the mapped KV groups of this layer (every group for a wholly mapped layer).
+    kernels : which kernels it runs (the model's ``Kernels``).
     local : whether the mapped groups attend exactly to a local window (the cache then holds ``cache.local``).
     """
 
-    def __init__(self, original: nn.Module, groups: tuple[int, ...], local: bool = False) -> None:
+    def __init__(self, original: nn.Module, groups: tuple[int, ...], kernels: Kernels, local: bool = False) -> None:
         self.original = original
-        self.local = local
+        self.local, self.kernels = local, kernels
         self.layer_idx: int = original.layer_idx
         self.window, self.softcap = local_window(original), softcap(original)  # as the layer's own attention (Gemma)
         per_group = original.num_key_value_groups
@@ -155,16 +157,16 @@ class MappedAttention:
         """All new tokens: one attention call over the distinct (SLM head, KV group) items, expanded to columns and
         mixed per LLM head. ``v`` holds the mapped groups. Returns ``[B, H_m, t, d]``.
 
-        The SLM's q/k head size ``d_s`` is smaller than the LLM's ``d``. On ``FLEX_DEVICES``, unpadded causal
-        prefills from ``FLEX_MIN_TOKENS`` on run FlexAttention, which takes both sizes as they are. Otherwise SDPA,
+        The SLM's q/k head size ``d_s`` is smaller than the LLM's ``d``. Where ``Kernels.flex`` says so, unpadded
+        causal prefills run FlexAttention, which takes both sizes as they are. Otherwise SDPA,
         whose fused kernels need one head size: zero-padding q and k keeps q.k exact and avoids the fallback that
         would build the T x T matrix."""
         b, total, d = v.shape[0], v.shape[2], v.shape[-1]  # total: cached and new tokens
         some_q = slm.queries[0]
         t, d_s = some_q.shape[2], some_q.shape[-1]
         rows = torch.arange(b, device=v.device)[:, None]
-        flex = attention_mask is None and d_s != d and total == t >= FLEX_MIN_TOKENS and v.device.type in FLEX_DEVICES
-        if flex and slm.softcap is None and flex_serves(some_q, v) and flex_ready(v.device, v.dtype, d_s, d):
+        causal = attention_mask is None and d_s != d and total == t and slm.softcap is None
+        if causal and self._flex(t, False, d_s, v, some_q):
             q_at, k_at = slm.item_heads(routes)  # [B, U] each: (sequence, stacked SLM head) of every item
             (qs, ks), seq = slm.stack(), rows.expand_as(q_at).flatten()
             q_at, k_at, kv = q_at.flatten(), k_at.flatten(), routes.item_kv.flatten()
@@ -178,7 +180,7 @@ class MappedAttention:
         q, k = slm.items(routes, v.dtype)
         k, v = k[:, :, k.shape[2] - total :], v[rows, routes.item_kv]  # the slots V holds: a local layer's, its window's
         if slm.softcap is not None:  # no fused kernel caps logits: the layer's own eager attention, in query chunks
-            return routes.from_items(capped_attention(q, k, v, attention_mask, slm.scaling, slm.softcap))
+            return routes.from_items(capped_attention(q, k, v, attention_mask, slm.scaling, slm.softcap, self.kernels))
         width = max(d_s, d)
         q, k = (F.pad(x, (0, width - d_s)) for x in (q, k))
         out = F.scaled_dot_product_attention(
@@ -210,13 +212,13 @@ class MappedAttention:
 
         so where the window covers every slot the head is exactly the LLM's own. ``v`` ``[B, G, S, d]`` holds the
         mapped groups' V of every slot; ``starts`` ``[B]`` each sequence's first real slot. Prefills from
-        ``FLEX_MIN_TOKENS`` on run on FlexAttention (``iam.core.local``); otherwise, and in decode, queries run in
+        ``Kernels.flex_from`` on run on FlexAttention (``iam.core.local``); otherwise, and in decode, queries run in
         chunks, and the exact part reads only the chunk's sinks and window. Returns ``[B, H_m, t, d]``."""
         q, k = project_qk(self.original, hidden_states, *position_embeddings, self.groups)
         sink_k, recent_k = keys.update(k, None, {"starts": starts})
         b, h, t, d = q.shape
         d_s = slm.queries[0].shape[-1]
-        if t >= FLEX_MIN_TOKENS and flex_serves(q, v, slm.queries[0]) and flex_ready(v.device, v.dtype, d_s, d):
+        if self._flex(t, True, d_s, v, q, slm.queries[0]):
             exact, borrowed = local_flex(
                 q, sink_k, recent_k, v, slm, routes, starts.to(v.device), keys.sinks, keys.window, self.original.scaling
             )
@@ -233,7 +235,7 @@ class MappedAttention:
         q = q.float().view(b, g, per, t, d)
         out = q.new_empty(b, g, per, t, d)
         columns = max(routes.item_of_column.shape[1], routes.item_kv.shape[1])
-        chunk = min(t, max(LOCAL_MIN_CHUNK, LOCAL_CHUNK_ELEMENTS // (b * columns * total)))
+        chunk = self.kernels.chunk(t, b * columns * total, self.kernels.min_chunk)
         for a in range(0, t, chunk):
             e = min(a + chunk, t)
             seen = slots[past + a : past + e, None]  # [c, 1] the chunk's query slots
@@ -256,6 +258,15 @@ class MappedAttention:
             borrowed = (rows.to(v.dtype) @ v[:, :, None]).float()  # V in its own dtype: decode reads all of it
             out[:, :, :, a:e] = borrowed + (1 - rows.sum(-1, keepdim=True)) * exact
         return out.view(b, h, t, d).to(v.dtype)
+
+    def _flex(self, t: int, local: bool, d_s: int, v: torch.Tensor, *inputs: torch.Tensor) -> bool:
+        """Whether a prefill of ``t`` new tokens (the local window's if ``local``), with SLM q/k of size ``d_s`` and
+        the mapped groups' ``v``, runs FlexAttention: the model's ``Kernels`` choose it, and it runs on ``v`` and
+        ``inputs`` (``flex_serves``) and compiles here (``flex_ready``)."""
+        kernels = self.kernels
+        if not (kernels.flex(t, v.device, local) and flex_serves(*inputs, v)):
+            return False
+        return flex_ready(v.device, v.dtype, d_s, v.shape[-1], kernels.flex_from)
 
     @staticmethod
     def _slm_rows(
@@ -281,14 +292,20 @@ class MappedAttention:
 
 
 def capped_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float, softcap: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    softcap: float,
+    kernels: Kernels,
 ) -> torch.Tensor:
     """Attention with soft-capped logits as Gemma 2's eager attention computes it: ``q`` ``[B, U, t, d_s]``, ``k``
     ``[B, U, S, d_s]``, ``v`` ``[B, U, S, d]``, the model's 4D mask (or ``None``: causal); in chunks of queries of at
-    most ``LOCAL_CHUNK_ELEMENTS`` logits. Returns ``[B, U, t, d]``."""
+    most ``kernels.chunk_elements`` logits. Returns ``[B, U, t, d]``."""
     b, u, t, _ = q.shape
     s = k.shape[2]
-    chunk = max(1, LOCAL_CHUNK_ELEMENTS // (b * u * s))
+    chunk = kernels.chunk(t, b * u * s)
     out = []
     for a in range(0, t, chunk):
         e = min(a + chunk, t)
@@ -310,14 +327,6 @@ def flex_serves(*inputs: torch.Tensor) -> bool:
     on a CPU (tuning the SLM, ``iam.tuning``, where only the SLM's side needs gradients)."""
     backward = torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
     return not is_in_torch_dispatch_mode() and not (backward and inputs[0].device.type == "cpu")
-
-
-LOCAL_CHUNK_ELEMENTS = 1 << 23
-"""Elements of the largest probability block ``[B, columns, chunk, S]`` one chunk of a local-window prefill holds
-(above ``LOCAL_MIN_CHUNK`` queries)."""
-
-LOCAL_MIN_CHUNK = 16
-"""Fewest queries per chunk of a local-window prefill, however long the context (bounds the Python loop)."""
 
 
 def take_groups(x: torch.Tensor, groups: tuple[int, ...]) -> torch.Tensor:

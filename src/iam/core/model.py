@@ -29,6 +29,7 @@ from .config import MappingConfig
 from .decoder import Pass, decoder_layers, local_window, positions, softcap
 from .eviction import EvictionPolicy, attention_mass, repeat_scores
 from .families import check_blend, check_family, check_features, check_kinds, check_windows, family, layer_kinds
+from .kernels import Kernels
 from .mapping import Mapping, SLMWindow, Window, cap, slm_window_flats, window_attention
 from .parallel import gather_heads, shard_of, sum_heads
 from .resolution import Resolved, resolve
@@ -183,6 +184,8 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         the pair (the stored blend filled in).
     eviction : a token eviction policy (``iam.core.eviction``), composed with the mapping; at ratio 0 it is the
         LLM alone with eviction.
+    kernels : which kernels the mapped layers run (``iam.core.kernels.Kernels``), reported in
+        ``cache.mapping.summary()``.
     """
 
     config_class = PretrainedConfig
@@ -190,7 +193,12 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
     _supports_sdpa = True
 
     def __init__(
-        self, llm: nn.Module, slm: nn.Module, config: MappingConfig | None = None, eviction: EvictionPolicy | None = None
+        self,
+        llm: nn.Module,
+        slm: nn.Module,
+        config: MappingConfig | None = None,
+        eviction: EvictionPolicy | None = None,
+        kernels: Kernels = Kernels(),
     ) -> None:
         check_pair(llm, slm)
         resolved = resolve(config if config is not None else MappingConfig(), llm.config, slm.config)
@@ -208,6 +216,7 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         check_scope(resolved, llm.config, eviction)
         self.mapping_config.check_head_dims(llm.config, slm.config)
         self.eviction = eviction
+        self.kernels = kernels
         mapping = f"{self.mapping_config!r} {resolved.strategy!r}"
         self.signature = Signature(
             llm.config.to_json_string(),
@@ -220,10 +229,15 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_pair(
-        cls, llm: nn.Module, slm: nn.Module, config: MappingConfig | None = None, eviction: EvictionPolicy | None = None
+        cls,
+        llm: nn.Module,
+        slm: nn.Module,
+        config: MappingConfig | None = None,
+        eviction: EvictionPolicy | None = None,
+        kernels: Kernels = Kernels(),
     ) -> IAMForCausalLM:
         """Wrap two loaded models."""
-        return cls(llm, slm, config, eviction)
+        return cls(llm, slm, config, eviction, kernels)
 
     @classmethod
     def from_pretrained(
@@ -235,6 +249,7 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         device: str | torch.device = "cpu",
         progress: bool = True,
         eviction: EvictionPolicy | None = None,
+        kernels: Kernels = Kernels(),
         force: bool = False,
         tp_plan: str | dict | None = None,
         distributed_config=None,
@@ -256,7 +271,7 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         big, small, _ = load_checked(
             llm, slm, [config], eviction, dtype=dtype, device=device, progress=progress, force=force, placement=placement
         )
-        return cls(big, small, config, eviction)
+        return cls(big, small, config, eviction, kernels)
 
     def save_pretrained(self, *args, **kwargs) -> None:
         """Refused with a ``ValueError``: one folder would hold both models' weights under the LLM's config, which
@@ -445,9 +460,8 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         window = establishing.window
         probe = self._probe(ids, establishing) if needs_scores else None
         plan = self._plan(probe)
-        cache.establish(
-            Mapping(plan, window, self.config.num_attention_heads, self.n_kv, config.metric, config.blend, probe=probe)
-        )
+        heads = self.config.num_attention_heads
+        cache.establish(Mapping(plan, window, heads, self.n_kv, config.metric, config.blend, probe=probe, kernels=self.kernels))
         logits = self._llm_step(cache, ids, mask, position_ids, logits_to_keep or t, step, establishing)
         cache.drop_slm_layers(cache.mapping.slm_layers[-1] + 1)  # from here on the SLM runs only this deep
         return logits
@@ -552,7 +566,7 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         layers = decoder_layers(self.llm)
         for i in range(self.n_layers):
             if mapping is not None and i in mapping.plan:
-                mapped = MappedAttention(layers[i].self_attn, mapping.plan[i], local=self._local is not None)
+                mapped = MappedAttention(layers[i].self_attn, mapping.plan[i], self.kernels, local=self._local is not None)
                 rope, own = run.rope_of(i), run.mask_of(i) if mapped.window is not None else None
                 attention = lambda x, m=mapped, rope=rope, own=own: m(
                     x, rope, mapped_mask, cache, mapping, step, establishing, own
