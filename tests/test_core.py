@@ -296,7 +296,7 @@ def test_long_prefill_runs_flex_attention_with_both_head_sizes(family, monkeypat
     """From ``Kernels.flex_from`` on, on ``Kernels.flex_devices``, mapped prefill runs FlexAttention on the SLM's
     8-wide q/k and the LLM's 16-wide V (no padding) and agrees with the padded SDPA path; a left-padded batch keeps
     SDPA."""
-    from iam.core import flex as flex_module
+    from iam.core.kernels import flex as flex_module
 
     llm, slm = tiny(family, 4, 64, 4, 2, seed=0), tiny(family, 2, 32, 4, 2, seed=1)
     ids = prompt(40)

@@ -174,10 +174,10 @@ def test_the_window_runs_in_half_precision(twin, dtype, flex_from):
 
 @pytest.mark.parametrize("blend", [1, 2])
 def test_flex_prefill_equals_the_reference(pair, blend, monkeypatch):
-    """From ``Kernels.flex_from`` on, the local window's prefill runs on FlexAttention (``iam.core.local``); it
+    """From ``Kernels.flex_from`` on, the local window's prefill runs on FlexAttention (``iam.core.kernels.local``); it
     agrees with the chunked reference on a padded batch, per KV group, with blend, in a continuation, and the cache
     it leaves decodes and beam-searches alike."""
-    import iam.core.local as local
+    import iam.core.kernels.local as local
 
     llm, slm = pair
     ids, mask = batch()

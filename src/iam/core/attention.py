@@ -20,15 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
-from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 from transformers.cache_utils import Cache
 
 from .cache import LocalKeys
 from .decoder import attend, local_window, project_qk, project_v, runs, softcap
 from .families import FULL, SLIDING
-from .flex import causal_block_mask, flex_heads, flex_ready
 from .kernels import Kernels
-from .local import local_flex
+from .kernels.flex import causal_block_mask, flex_heads
+from .kernels.local import local_flex
 from .mapping import HeadMap, Mapping, SLMWindow, cap, window_attention
 from .parallel import rank_map, shard_of
 from .step import Routes, SLMStep
@@ -166,7 +165,7 @@ class MappedAttention:
         t, d_s = some_q.shape[2], some_q.shape[-1]
         rows = torch.arange(b, device=v.device)[:, None]
         causal = attention_mask is None and d_s != d and total == t and slm.softcap is None
-        if causal and self._flex(t, False, d_s, v, some_q):
+        if causal and self.kernels.flex(t, False, d_s, v, some_q):
             q_at, k_at = slm.item_heads(routes)  # [B, U] each: (sequence, stacked SLM head) of every item
             (qs, ks), seq = slm.stack(), rows.expand_as(q_at).flatten()
             q_at, k_at, kv = q_at.flatten(), k_at.flatten(), routes.item_kv.flatten()
@@ -212,13 +211,13 @@ class MappedAttention:
 
         so where the window covers every slot the head is exactly the LLM's own. ``v`` ``[B, G, S, d]`` holds the
         mapped groups' V of every slot; ``starts`` ``[B]`` each sequence's first real slot. Prefills from
-        ``Kernels.flex_from`` on run on FlexAttention (``iam.core.local``); otherwise, and in decode, queries run in
+        ``Kernels.flex_from`` on run on FlexAttention (``iam.core.kernels.local``); otherwise, and in decode, queries run in
         chunks, and the exact part reads only the chunk's sinks and window. Returns ``[B, H_m, t, d]``."""
         q, k = project_qk(self.original, hidden_states, *position_embeddings, self.groups)
         sink_k, recent_k = keys.update(k, None, {"starts": starts})
         b, h, t, d = q.shape
         d_s = slm.queries[0].shape[-1]
-        if self._flex(t, True, d_s, v, q, slm.queries[0]):
+        if self.kernels.flex(t, True, d_s, v, q, slm.queries[0]):
             exact, borrowed = local_flex(
                 q, sink_k, recent_k, v, slm, routes, starts.to(v.device), keys.sinks, keys.window, self.original.scaling
             )
@@ -258,15 +257,6 @@ class MappedAttention:
             borrowed = (rows.to(v.dtype) @ v[:, :, None]).float()  # V in its own dtype: decode reads all of it
             out[:, :, :, a:e] = borrowed + (1 - rows.sum(-1, keepdim=True)) * exact
         return out.view(b, h, t, d).to(v.dtype)
-
-    def _flex(self, t: int, local: bool, d_s: int, v: torch.Tensor, *inputs: torch.Tensor) -> bool:
-        """Whether a prefill of ``t`` new tokens (the local window's if ``local``), with SLM q/k of size ``d_s`` and
-        the mapped groups' ``v``, runs FlexAttention: the model's ``Kernels`` choose it, and it runs on ``v`` and
-        ``inputs`` (``flex_serves``) and compiles here (``flex_ready``)."""
-        kernels = self.kernels
-        if not (kernels.flex(t, v.device, local) and flex_serves(*inputs, v)):
-            return False
-        return flex_ready(v.device, v.dtype, d_s, v.shape[-1], kernels.flex_from)
 
     @staticmethod
     def _slm_rows(
@@ -319,14 +309,6 @@ def capped_attention(
             scores = scores + attention_mask[:, :, a:e]
         out.append(scores.softmax(-1).to(v.dtype) @ v)
     return torch.cat(out, 2)
-
-
-def flex_serves(*inputs: torch.Tensor) -> bool:
-    """Whether FlexAttention can run a prefill reading ``inputs`` (the LLM's and the SLM's tensors alike): compiled
-    code cannot run under a Python dispatch mode (TensorPeak, FlopCounterMode), and FlexAttention has no backward
-    on a CPU (tuning the SLM, ``iam.tuning``, where only the SLM's side needs gradients)."""
-    backward = torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
-    return not is_in_torch_dispatch_mode() and not (backward and inputs[0].device.type == "cpu")
 
 
 def take_groups(x: torch.Tensor, groups: tuple[int, ...]) -> torch.Tensor:

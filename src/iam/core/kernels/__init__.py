@@ -1,11 +1,15 @@
 """The kernels of mapped attention, chosen by a value: ``Kernels``, fixed once per model
-(``IAMForCausalLM(..., kernels=Kernels(...))``) and handed to each ``MappedAttention``."""
+(``IAMForCausalLM(..., kernels=Kernels(...))``) and handed to each ``MappedAttention``, whose ``Kernels.flex``
+decides where FlexAttention runs. ``flex``: the compiled FlexAttention kernel; ``local``: the exact local window on
+it."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
 import torch
+
+from .flex import flex_ready, flex_serves
 
 
 @dataclass(frozen=True)
@@ -43,10 +47,14 @@ class Kernels:
             if not _positive(getattr(self, name)):
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}.")
 
-    def flex(self, tokens: int, device: torch.device, local: bool) -> bool:
-        """Whether a prefill of ``tokens`` new tokens on ``device`` runs FlexAttention: from ``flex_from`` on, the
-        local window (``local``) on any device, plain mapped prefill on ``flex_devices``."""
-        return self.flex_from is not None and tokens >= self.flex_from and (local or device.type in self.flex_devices)
+    def flex(self, tokens: int, local: bool, qk_dim: int, v: torch.Tensor, *inputs: torch.Tensor) -> bool:
+        """Whether a prefill of ``tokens`` new tokens (the local window's if ``local``), with q/k of size ``qk_dim``
+        and the mapped groups' ``v``, runs FlexAttention: from ``flex_from`` on, the local window on any device,
+        plain mapped prefill on ``flex_devices``; where it runs on ``v`` and ``inputs`` (``flex_serves``) and
+        compiles (``flex_ready``). Otherwise padded SDPA, or the chunked local window."""
+        if self.flex_from is None or tokens < self.flex_from or not (local or v.device.type in self.flex_devices):
+            return False
+        return flex_serves(*inputs, v) and flex_ready(v.device, v.dtype, qk_dim, v.shape[-1], self.flex_from)
 
     def chunk(self, queries: int, elements_per_query: int, least: int = 1) -> int:
         """Queries per chunk of a chunked kernel over ``queries`` queries, each holding ``elements_per_query``

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..step import Routes, SLMStep
 from .flex import FLEX_HEADS, flex_heads
-from .step import Routes, SLMStep
 
 
 @functools.lru_cache(maxsize=16)

@@ -1,5 +1,5 @@
 """FlexAttention for mapped layers: one compiled kernel, called on fixed-size head chunks gathered per call, and the
-causal block mask of mapped prefill (``MappedAttention._prefill``; the local window's masks are in ``iam.core.local``).
+causal block mask of mapped prefill (``MappedAttention._prefill``; the local window's masks are in ``iam.core.kernels.local``).
 Where FlexAttention runs is the model's ``iam.core.kernels.Kernels``."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import warnings
 from collections.abc import Callable
 
 import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 FLEX_HEADS = 8
 """Heads per FlexAttention call. The compiled kernel is specialised to the batch and head counts (only the lengths
@@ -39,6 +40,14 @@ def flex_heads(heads: int, chunk: Chunk, block_mask) -> torch.Tensor:
         q, k, v = chunk(index)
         out.append(kernel(q[None], k[None], v[None], block_mask=block_mask, scale=1.0)[0])
     return torch.cat(out)[:heads]
+
+
+def flex_serves(*inputs: torch.Tensor) -> bool:
+    """Whether FlexAttention can run a prefill reading ``inputs`` (the LLM's and the SLM's tensors alike): compiled
+    code cannot run under a Python dispatch mode (TensorPeak, FlopCounterMode), and FlexAttention has no backward
+    on a CPU (tuning the SLM, ``iam.tuning``, where only the SLM's side needs gradients)."""
+    backward = torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
+    return not is_in_torch_dispatch_mode() and not (backward and inputs[0].device.type == "cpu")
 
 
 @functools.cache
