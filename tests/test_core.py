@@ -283,7 +283,7 @@ def test_prefill_sdpa_gets_one_head_size(family, monkeypatch):
         seen.append((q.shape[-1], k.shape[-1], v.shape[-1]))
         return real_sdpa(q, k, v, **kwargs)
 
-    monkeypatch.setattr("iam.core.attention.F.scaled_dot_product_attention", spy)
+    monkeypatch.setattr("torch.nn.functional.scaled_dot_product_attention", spy)
     ids = prompt(30)
     out = forward(iam(llm, slm, ratio=0.5), ids).logits
     monkeypatch.undo()
@@ -309,7 +309,7 @@ def test_long_prefill_runs_flex_attention_with_both_head_sizes(family, monkeypat
         return real_sdpa(q, k, v, **kwargs)
 
     kernels = Kernels(flex_from=32, flex_devices=("cuda", "cpu"))
-    monkeypatch.setattr("iam.core.attention.F.scaled_dot_product_attention", spy)
+    monkeypatch.setattr("torch.nn.functional.scaled_dot_product_attention", spy)
     flex = forward(iam(llm, slm, ratio=0.5, kernels=kernels), ids).logits
     assert flex_module.flex_ready(ids.device, torch.float32, 8, 16, kernels.flex_from)
     assert len(calls) == 2 + 2  # the SLM's and the unmapped LLM layers' own; the mapped layers ran flex
@@ -326,9 +326,7 @@ def test_plain_mapped_prefill_keeps_sdpa_on_a_cpu(monkeypatch):
     llm, slm = tiny("qwen2", 4, 64, 4, 2, seed=0), tiny("qwen2", 2, 32, 4, 2, seed=1)
     calls = []
     real_sdpa = torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(
-        "iam.core.attention.F.scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real_sdpa(*a, **k)
-    )
+    monkeypatch.setattr("torch.nn.functional.scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real_sdpa(*a, **k))
     forward(iam(llm, slm, ratio=0.5, kernels=Kernels(flex_from=32)), prompt(40))
     assert Kernels().flex_devices == ("cuda",) and len(calls) == 2 + 2 + 2  # the SLM, the unmapped and the mapped layers
 
@@ -347,7 +345,7 @@ def test_flex_attention_compiles_once_for_any_batch_mapping_and_length(family, m
         mapped_sdpa.append(q.shape[-1] == 16 and kwargs.get("scale") == 8**-0.5)
         return real_sdpa(q, k, v, **kwargs)
 
-    monkeypatch.setattr("iam.core.attention.F.scaled_dot_product_attention", spy)
+    monkeypatch.setattr("torch.nn.functional.scaled_dot_product_attention", spy)
     with torch._dynamo.config.patch(error_on_recompile=True):
         for length, batch, ratio in [(200, 1, 0.5), (150, 3, 1.0), (250, 2, 0.25)]:
             forward(iam(llm, slm, ratio=ratio, kernels=kernels), prompt(length, seed=length, batch=batch))
@@ -361,14 +359,14 @@ def test_two_models_each_run_their_own_kernels(monkeypatch):
     """Kernels are a value of each model, not of the process: two wrappers of one pair, one on FlexAttention and
     one on padded SDPA, take turns and each runs its own kernel (counted at the kernel), agreeing on the logits;
     the mapping's summary reports each one's options."""
-    from iam.core import attention
+    from iam.core.kernels import prefill
 
     llm, slm = tiny("qwen2", 4, 64, 4, 2, seed=0), tiny("qwen2", 2, 32, 4, 2, seed=1)
     flex_kernels = Kernels(flex_from=32, flex_devices=("cpu",))
     on_flex, on_sdpa = iam(llm, slm, ratio=0.5, kernels=flex_kernels), iam(llm, slm, ratio=0.5)
     calls = []
-    real = attention.flex_heads
-    monkeypatch.setattr(attention, "flex_heads", lambda *a: calls.append(1) or real(*a))
+    real = prefill.flex_heads
+    monkeypatch.setattr(prefill, "flex_heads", lambda *a: calls.append(1) or real(*a))
     ids = prompt(40)
     for model, flexed in [(on_flex, True), (on_sdpa, False), (on_flex, True)]:
         calls.clear()
@@ -407,7 +405,7 @@ def test_heads_sharing_an_slm_head_and_a_kv_group_are_computed_once(family, monk
         heads.append(q.shape[1])
         return real_sdpa(q, k, v, **kwargs)
 
-    monkeypatch.setattr("iam.core.attention.F.scaled_dot_product_attention", spy)
+    monkeypatch.setattr("torch.nn.functional.scaled_dot_product_attention", spy)
     ids = prompt(30)
     full = forward(model, ids).logits
     monkeypatch.undo()

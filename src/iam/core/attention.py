@@ -14,10 +14,7 @@ tokens and a window of the latest ones, and borrows from the SLM only the attent
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
 from transformers.cache_utils import Cache
@@ -26,9 +23,9 @@ from .cache import LocalKeys
 from .decoder import attend, local_window, project_qk, project_v, runs, softcap
 from .families import FULL, SLIDING
 from .kernels import Kernels
-from .kernels.flex import causal_block_mask, flex_heads
-from .kernels.local import local_flex
-from .mapping import HeadMap, Mapping, SLMWindow, cap, window_attention
+from .kernels.local import local_chunked, local_flex
+from .kernels.prefill import flex_prefill, sdpa_prefill
+from .mapping import HeadMap, Mapping, SLMWindow, window_attention
 from .parallel import rank_map, shard_of
 from .step import Routes, SLMStep
 
@@ -153,44 +150,17 @@ class MappedAttention:
         return (rows.view(b, kv_heads, h // kv_heads, -1) @ v).view(b, h, 1, -1)
 
     def _prefill(self, routes: Routes, v: torch.Tensor, attention_mask: torch.Tensor | None, slm: SLMStep) -> torch.Tensor:
-        """All new tokens: one attention call over the distinct (SLM head, KV group) items, expanded to columns and
-        mixed per LLM head. ``v`` holds the mapped groups. Returns ``[B, H_m, t, d]``.
-
-        The SLM's q/k head size ``d_s`` is smaller than the LLM's ``d``. Where ``Kernels.flex`` says so, unpadded
-        causal prefills run FlexAttention, which takes both sizes as they are. Otherwise SDPA,
-        whose fused kernels need one head size: zero-padding q and k keeps q.k exact and avoids the fallback that
-        would build the T x T matrix."""
-        b, total, d = v.shape[0], v.shape[2], v.shape[-1]  # total: cached and new tokens
+        """All new tokens: one attention call over the distinct (SLM head, KV group) items, mixed per LLM head.
+        ``v`` holds the mapped groups. Where ``Kernels.flex`` says so, unpadded causal prefills run FlexAttention,
+        which takes the SLM's smaller q/k head size as it is; otherwise padded SDPA (``iam.core.kernels.prefill``).
+        Returns ``[B, H_m, t, d]``."""
+        total, d = v.shape[2], v.shape[-1]  # total: cached and new tokens
         some_q = slm.queries[0]
         t, d_s = some_q.shape[2], some_q.shape[-1]
-        rows = torch.arange(b, device=v.device)[:, None]
         causal = attention_mask is None and d_s != d and total == t and slm.softcap is None
         if causal and self.kernels.flex(t, False, d_s, v, some_q):
-            q_at, k_at = slm.item_heads(routes)  # [B, U] each: (sequence, stacked SLM head) of every item
-            (qs, ks), seq = slm.stack(), rows.expand_as(q_at).flatten()
-            q_at, k_at, kv = q_at.flatten(), k_at.flatten(), routes.item_kv.flatten()
-
-            def chunk(i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-                q = qs[seq[i], q_at[i]].to(v.dtype).mul_(slm.scaling)
-                return q, ks[seq[i], k_at[i]].to(v.dtype), v[seq[i], kv[i]]
-
-            out = flex_heads(len(seq), chunk, causal_block_mask(t, v.device)).view(*routes.item_kv.shape, t, d)
-            return routes.from_items(out)
-        q, k = slm.items(routes, v.dtype)
-        k, v = k[:, :, k.shape[2] - total :], v[rows, routes.item_kv]  # the slots V holds: a local layer's, its window's
-        if slm.softcap is not None:  # no fused kernel caps logits: the layer's own eager attention, in query chunks
-            return routes.from_items(capped_attention(q, k, v, attention_mask, slm.scaling, slm.softcap, self.kernels))
-        width = max(d_s, d)
-        q, k = (F.pad(x, (0, width - d_s)) for x in (q, k))
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            F.pad(v, (0, width - d)),
-            attn_mask=attention_mask,
-            is_causal=attention_mask is None,
-            scale=slm.scaling,
-        )[..., :d]
-        return routes.from_items(out)
+            return routes.from_items(flex_prefill(routes, v, slm))
+        return routes.from_items(sdpa_prefill(routes, v, attention_mask, slm, self.kernels))
 
     def _local(
         self,
@@ -210,105 +180,18 @@ class MappedAttention:
             out = sum_far a_j v_j + (1 - m) * softmax_window(q k^T) v
 
         so where the window covers every slot the head is exactly the LLM's own. ``v`` ``[B, G, S, d]`` holds the
-        mapped groups' V of every slot; ``starts`` ``[B]`` each sequence's first real slot. Prefills from
-        ``Kernels.flex_from`` on run on FlexAttention (``iam.core.kernels.local``); otherwise, and in decode, queries run in
-        chunks, and the exact part reads only the chunk's sinks and window. Returns ``[B, H_m, t, d]``."""
+        mapped groups' V of every slot; ``starts`` ``[B]`` each sequence's first real slot. Where ``Kernels.flex``
+        says so, prefills run on FlexAttention (``local_flex``); otherwise, and in decode, on the chunked reference
+        (``local_chunked``; both in ``iam.core.kernels.local``). Returns ``[B, H_m, t, d]``."""
         q, k = project_qk(self.original, hidden_states, *position_embeddings, self.groups)
         sink_k, recent_k = keys.update(k, None, {"starts": starts})
-        b, h, t, d = q.shape
-        d_s = slm.queries[0].shape[-1]
-        if self.kernels.flex(t, True, d_s, v, q, slm.queries[0]):
-            exact, borrowed = local_flex(
-                q, sink_k, recent_k, v, slm, routes, starts.to(v.device), keys.sinks, keys.window, self.original.scaling
-            )
+        t, d = q.shape[2:]
+        args = (q, sink_k, recent_k, v, slm, routes, starts.to(v.device), keys.sinks, keys.window, self.original.scaling)
+        if self.kernels.flex(t, True, slm.queries[0].shape[-1], v, q, slm.queries[0]):
+            exact, borrowed = local_flex(*args)
             mixed = routes.from_items(borrowed)
             return mixed[..., :d] + mixed[..., d:] * exact
-        g, total = v.shape[1], v.shape[2]
-        past, per, sinks, window = total - t, h // g, keys.sinks, keys.window
-        slots = torch.arange(total, device=v.device)
-        first_real = starts.to(v.device)[:, None, None]  # [B, 1, 1]
-        sink_slots = first_real[:, 0] + slots[:sinks]  # [B, sinks]
-        sink_v = v.gather(2, sink_slots[:, None, :, None].expand(b, g, sinks, d))
-        first_recent = total - recent_k.shape[2]  # the slot of recent_k[:, :, 0]
-        items = None if t == 1 else slm.items(routes, torch.float32)
-        q = q.float().view(b, g, per, t, d)
-        out = q.new_empty(b, g, per, t, d)
-        columns = max(routes.item_of_column.shape[1], routes.item_kv.shape[1])
-        chunk = self.kernels.chunk(t, b * columns * total, self.kernels.min_chunk)
-        for a in range(0, t, chunk):
-            e = min(a + chunk, t)
-            seen = slots[past + a : past + e, None]  # [c, 1] the chunk's query slots
-            lo = max(past + a - window + 1, first_recent)
-            recent = slots[lo : past + e]
-            exact_k = torch.cat([sink_k, recent_k[:, :, lo - first_recent : past + e - first_recent]], 2).float()
-            exact_v = torch.cat([sink_v, v[:, :, lo : past + e]], 2).float()
-            reads = torch.cat(  # [B, c, sinks + n]: sinks up to the query; recent within the window, past the sinks
-                [
-                    (sink_slots[:, None, :] <= seen).expand(-1, e - a, -1),
-                    (recent <= seen) & (recent > seen - window) & (recent >= first_real + sinks),
-                ],
-                -1,
-            )
-            scores = (q[:, :, :, a:e] @ exact_k[:, :, None].transpose(-1, -2)) * self.original.scaling
-            exact = scores.masked_fill(~reads[:, None, None], -math.inf).softmax(-1).nan_to_num(0.0) @ exact_v[:, :, None]
-            rows = routes.mix(self._slm_rows(routes, slm, items, a, e, seen, first_real, attention_mask))  # [B, H_m, c, S]
-            far = (slots >= first_real + sinks) & (slots <= seen - window)  # [B, c, S]
-            rows = (rows * far[:, None]).view(b, g, per, e - a, total)
-            borrowed = (rows.to(v.dtype) @ v[:, :, None]).float()  # V in its own dtype: decode reads all of it
-            out[:, :, :, a:e] = borrowed + (1 - rows.sum(-1, keepdim=True)) * exact
-        return out.view(b, h, t, d).to(v.dtype)
-
-    @staticmethod
-    def _slm_rows(
-        routes: Routes,
-        slm: SLMStep,
-        items: tuple[torch.Tensor, torch.Tensor] | None,
-        a: int,
-        e: int,
-        seen: torch.Tensor,
-        first_real: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """Borrowed SLM attention probabilities ``[B, H_m * k, e - a, S]`` of the queries ``a:e``, one row per
-        column: in decode the SLM layer's shared rows, in prefill per item from ``items`` (queries, keys)."""
-        if items is None:
-            return slm.column_rows(routes, attention_mask, torch.float32)[:, :, None]
-        q, k = items
-        slots = torch.arange(k.shape[2], device=k.device)
-        scores = (q[:, :, a:e] @ k.transpose(-1, -2)) * slm.scaling  # [B, U, c, S]
-        visible = (slots <= seen) & (slots >= first_real)  # [B, c, S]
-        probs = scores.masked_fill(~visible[:, None], -math.inf).softmax(-1).nan_to_num(0.0)
-        return probs[torch.arange(q.shape[0], device=q.device)[:, None], routes.item_of_column]
-
-
-def capped_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    softcap: float,
-    kernels: Kernels,
-) -> torch.Tensor:
-    """Attention with soft-capped logits as Gemma 2's eager attention computes it: ``q`` ``[B, U, t, d_s]``, ``k``
-    ``[B, U, S, d_s]``, ``v`` ``[B, U, S, d]``, the model's 4D mask (or ``None``: causal); in chunks of queries of at
-    most ``kernels.chunk_elements`` logits. Returns ``[B, U, t, d]``."""
-    b, u, t, _ = q.shape
-    s = k.shape[2]
-    chunk = kernels.chunk(t, b * u * s)
-    out = []
-    for a in range(0, t, chunk):
-        e = min(a + chunk, t)
-        scores = cap((q[:, :, a:e].float() @ k.float().transpose(-1, -2)) * scaling, softcap)
-        if attention_mask is None:
-            hidden = torch.arange(a, e, device=q.device)[:, None] < torch.arange(s, device=q.device)
-            scores = scores.masked_fill(hidden, float("-inf"))
-        elif attention_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attention_mask[:, :, a:e], torch.finfo(scores.dtype).min)
-        else:
-            scores = scores + attention_mask[:, :, a:e]
-        out.append(scores.softmax(-1).to(v.dtype) @ v)
-    return torch.cat(out, 2)
+        return local_chunked(*args, attention_mask, self.kernels)
 
 
 def take_groups(x: torch.Tensor, groups: tuple[int, ...]) -> torch.Tensor:
