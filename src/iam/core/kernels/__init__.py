@@ -1,7 +1,7 @@
 """The kernels of mapped attention, chosen by a value: ``Kernels``, fixed once per model
 (``IAMForCausalLM(..., kernels=Kernels(...))``) and handed to each ``MappedAttention``, whose ``Kernels.flex``
-decides where FlexAttention runs. ``flex``: the compiled FlexAttention kernel; ``local``: the exact local window on
-it."""
+decides where FlexAttention runs. ``flex``: the compiled FlexAttention kernel; ``prefill``: plain mapped prefill
+(FlexAttention, padded SDPA, soft-capped); ``local``: the exact local window (FlexAttention, chunked)."""
 
 from __future__ import annotations
 
