@@ -1,0 +1,251 @@
+"""``IAMQwen2ForCausalLM``: a Qwen2 LLM and its SLM in one vLLM model, built from vLLM's own layers.
+
+The engine schedules one model. Each forward runs the SLM's first ``depth`` layers (as deep as the fixed head mapping
+borrows), recording their post-RoPE queries and keys, then the LLM. An unmapped LLM layer is vLLM's
+``Qwen2DecoderLayer``. A mapped layer projects V only (no Q/K rows, no Q/K weights loaded) and runs vLLM's
+``Attention`` with each head's borrowed SLM query and key and its own V: ``softmax(q_slm k_slm^T) V_llm`` at the SLM's
+scale, the attention ``IAMForCausalLM`` computes with the same mapping.
+
+What this first version stores: the mapped layer's attention keeps its borrowed keys in its own paged cache, one KV
+head per query head (vLLM's attention kernels read K and V of one cache), so a mapped layer does not yet save KV;
+a V-only cache that reads the SLM layer's keys is the next step (docs/serving.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, PretrainedConfig
+from vllm.config import CacheConfig, VllmConfig
+from vllm.distributed import get_tensor_model_parallel_world_size
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelLinear
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.quantization import QuantizationConfig
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader, safetensors_weights_iterator
+from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer, Qwen2MLP
+
+from iam.core.fixed import FixedMapping, read_head_mapping
+
+STACKED = (
+    (".qkv_proj", ".q_proj", "q"),
+    (".qkv_proj", ".k_proj", "k"),
+    (".qkv_proj", ".v_proj", "v"),
+    (".gate_up_proj", ".gate_proj", 0),
+    (".gate_up_proj", ".up_proj", 1),
+)
+"""vLLM's fused projections and the checkpoint tensors loaded into their shards."""
+
+
+def pair_of(config: PretrainedConfig, folder: Path) -> tuple[PretrainedConfig, FixedMapping, Path]:
+    """The SLM's config, the fixed mapping and the SLM's weights folder of an exported IAM folder's ``config``;
+    ``ValueError`` naming what is missing or unserved."""
+    iam = getattr(config, "iam", None)
+    if not isinstance(iam, dict) or not {"slm", "slm_folder", "head_mapping"} <= iam.keys():
+        raise ValueError(f"{folder / 'config.json'} has no complete 'iam' block: write the folder with `iam export-vllm`.")
+    slm = AutoConfig.for_model(**iam["slm"])
+    fixed = read_head_mapping(folder / iam["head_mapping"], config, slm)
+    partial = [layer for layer, groups in fixed.plan.items() if len(groups) != config.num_key_value_heads]
+    if partial or fixed.blend != 1:
+        raise ValueError(
+            f"{folder}: the vLLM model serves whole mapped layers with blend 1, got KV groups of layers {partial} "
+            f"and blend {fixed.blend}; export with a whole-layer strategy (back, front, two-region) and blend 1."
+        )
+    slm_folder = Path(iam["slm_folder"])
+    if not sorted(slm_folder.glob("*.safetensors")):
+        raise ValueError(f"{folder}: the SLM's weights folder {slm_folder} holds no .safetensors files.")
+    return slm, fixed, slm_folder
+
+
+class SLMDecoderLayer(Qwen2DecoderLayer):
+    """vLLM's Qwen2 decoder layer, also returning its post-RoPE queries and keys ``[T, heads * d]``."""
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None):
+        if residual is None:
+            residual, hidden_states = hidden_states, self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        attn = self.self_attn
+        qkv, _ = attn.qkv_proj(hidden_states)
+        q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+        q, k = attn.rotary_emb(positions, q, k)
+        hidden_states, _ = attn.o_proj(attn.attn(q, k, v))
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        return self.mlp(hidden_states), residual, q, k
+
+
+class MappedAttention(nn.Module):
+    """A mapped layer's attention: V projected, queries and keys borrowed from the SLM (``borrow``: per head, its SLM
+    ``(layer, head)``), then ``o_proj``. Q/K are zero-padded to the wider of the two head sizes (exact)."""
+
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        slm: PretrainedConfig,
+        borrow: list[tuple[int, int]],
+        cache_config: CacheConfig | None,
+        quant_config: QuantizationConfig | None,
+        prefix: str,
+    ) -> None:
+        super().__init__()
+        heads, kv = config.num_attention_heads, config.num_key_value_heads
+        self.d = config.hidden_size // heads
+        self.d_slm = slm.hidden_size // slm.num_attention_heads
+        self.width = max(self.d, self.d_slm)
+        self.heads, self.kv = heads, kv
+        self.v_proj = ColumnParallelLinear(
+            config.hidden_size, kv * self.d, bias=True, quant_config=quant_config, prefix=f"{prefix}.v_proj"
+        )
+        self.o_proj = RowParallelLinear(
+            heads * self.d, config.hidden_size, bias=False, quant_config=quant_config, prefix=f"{prefix}.o_proj"
+        )
+        slm_groups = slm.num_attention_heads // slm.num_key_value_heads
+        for name, index in (
+            ("q_index", [layer * slm.num_attention_heads + head for layer, head in borrow]),
+            ("k_index", [layer * slm.num_key_value_heads + head // slm_groups for layer, head in borrow]),
+            ("v_index", [h // (heads // kv) for h in range(heads)]),
+        ):
+            self.register_buffer(name, torch.tensor(index), persistent=False)
+        self.attn = Attention(
+            heads,
+            self.width,
+            self.d_slm**-0.5,
+            num_kv_heads=heads,
+            cache_config=cache_config,
+            quant_config=quant_config,
+            prefix=f"{prefix}.attn",
+        )
+
+    def forward(self, hidden_states: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """``queries`` ``[T, L * H_s, d_s]`` and ``keys`` ``[T, L * H_kv_s, d_s]``: the SLM layers' of this step."""
+        t = hidden_states.shape[0]
+        v, _ = self.v_proj(hidden_states)
+        v = v.view(t, self.kv, self.d)[:, self.v_index]
+        pad = lambda x, d: nn.functional.pad(x, (0, self.width - d)).reshape(t, -1)
+        out = self.attn(pad(queries[:, self.q_index], self.d_slm), pad(keys[:, self.k_index], self.d_slm), pad(v, self.d))
+        out, _ = self.o_proj(out.view(t, self.heads, self.width)[..., : self.d].reshape(t, -1))
+        return out
+
+
+class MappedDecoderLayer(nn.Module):
+    """A Qwen2 decoder layer whose attention is ``MappedAttention``; its MLP and norms are vLLM's."""
+
+    def __init__(self, config, slm, borrow, cache_config, quant_config, prefix: str) -> None:
+        super().__init__()
+        self.self_attn = MappedAttention(config, slm, borrow, cache_config, quant_config, f"{prefix}.self_attn")
+        self.mlp = Qwen2MLP(config.hidden_size, config.intermediate_size, config.hidden_act, quant_config, f"{prefix}.mlp")
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, positions, hidden_states, residual, queries, keys):
+        if residual is None:
+            residual, hidden_states = hidden_states, self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states = self.self_attn(hidden_states, queries, keys)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        return self.mlp(hidden_states), residual
+
+
+class Stack(nn.Module):
+    """A model's embedding, decoder layers and (for the LLM) final norm, named as in its checkpoint."""
+
+    def __init__(self, config, layers: list[nn.Module], prefix: str, norm: bool) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, prefix=f"{prefix}.embed_tokens")
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps) if norm else None
+
+
+class IAMQwen2ForCausalLM(nn.Module):
+    """A Qwen2 LLM whose mapped layers borrow attention from a Qwen2 SLM through a fixed head mapping (the folder that
+    ``iam export-vllm`` writes). Tensor parallelism is not served yet."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        if get_tensor_model_parallel_world_size() > 1:
+            raise ValueError("IAMQwen2ForCausalLM does not serve tensor parallelism yet: run with tensor_parallel_size=1.")
+        slm, fixed, self.slm_folder = pair_of(config, Path(vllm_config.model_config.model))
+        cache, quant = vllm_config.cache_config, vllm_config.quant_config
+        self.config, self.slm_config, self.depth = config, slm, fixed.slm_depth
+        borrow = {layer: [(s, h) for ((s, h, _),) in heads] for layer, heads in fixed.borrow.items()}
+        layers = [
+            MappedDecoderLayer(config, slm, borrow[i], cache, quant, f"model.layers.{i}")
+            if i in borrow
+            else Qwen2DecoderLayer(config, cache, quant, f"model.layers.{i}")
+            for i in range(config.num_hidden_layers)
+        ]
+        self.model = Stack(config, layers, "model", norm=True)
+        slm_layers = [SLMDecoderLayer(slm, cache, quant, f"slm.layers.{j}") for j in range(self.depth)]
+        self.slm = Stack(slm, slm_layers, "slm", norm=False)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, quant_config=quant, prefix="lm_head")
+        if config.tie_word_embeddings:
+            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+        self.logits_processor = LogitsProcessor(config.vocab_size)
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, intermediate_tensors=None, inputs_embeds=None):
+        if inputs_embeds is not None:
+            raise ValueError("IAMQwen2ForCausalLM takes token ids: the SLM reads the same tokens.")
+        hidden, residual, queries, keys = self.slm.embed_tokens(input_ids), None, [], []
+        for layer in self.slm.layers:
+            hidden, residual, q, k = layer(positions, hidden, residual)
+            queries.append(q.view(q.shape[0], -1, layer.self_attn.head_dim))
+            keys.append(k.view(k.shape[0], -1, layer.self_attn.head_dim))
+        queries, keys = torch.cat(queries, 1), torch.cat(keys, 1)
+        hidden, residual = self.model.embed_tokens(input_ids), None
+        for layer in self.model.layers:
+            if isinstance(layer, MappedDecoderLayer):
+                hidden, residual = layer(positions, hidden, residual, queries, keys)
+            else:
+                hidden, residual = layer(positions, hidden, residual)
+        hidden, _ = self.model.norm(hidden, residual)
+        return hidden
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return self.logits_processor(self.lm_head, hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """The LLM's tensors from the folder (``weights``, through vLLM's loader), then the SLM's first ``depth`` layers
+        and embedding from its own folder, each into vLLM's fused projections; a mapped layer's Q/K are skipped."""
+        slm_files = [str(p) for p in sorted(self.slm_folder.glob("*.safetensors"))]
+        slm = (
+            (f"slm.{name.removeprefix('model.')}", w)
+            for name, w in safetensors_weights_iterator(slm_files, False)
+            if name.startswith("model.")  # the SLM's LM head never runs
+        )
+        params, loaded = dict(self.named_parameters()), set()
+        for name, weight in (*weights, *slm):
+            if self._skipped(name):
+                continue
+            for fused, part, shard in STACKED:
+                target = name.replace(part, fused)
+                if part in name and target in params:
+                    params[target].weight_loader(params[target], weight, shard)
+                    loaded.add(target)
+                    break
+            else:
+                param = params[name]
+                getattr(param, "weight_loader", default_weight_loader)(param, weight)
+                loaded.add(name)
+        return loaded
+
+    def _skipped(self, name: str) -> bool:
+        """Checkpoint tensors this model does not hold: a mapped layer's Q/K, the SLM's deeper layers, norm and head,
+        a tied LM head, rotary caches."""
+        parts = name.split(".")
+        if "rotary_emb.inv_freq" in name or (name.startswith("lm_head") and self.config.tie_word_embeddings):
+            return True
+        if parts[0] == "slm":
+            return parts[1] == "norm" or (parts[1] == "layers" and int(parts[2]) >= self.depth)
+        if parts[:2] == ["model", "layers"] and isinstance(self.model.layers[int(parts[2])], MappedDecoderLayer):
+            return parts[4] in ("q_proj", "k_proj")
+        return False
