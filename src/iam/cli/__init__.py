@@ -1,5 +1,6 @@
 """The ``iam`` command line: ``generate``, ``demo``, ``eval ...``, ``similarity``, ``calibrate``, ``export-vllm``,
-``bench`` and ``tune``. Each command parses, checks its mapping configs against the pair's configs, loads, and hands over to the library.
+``bench`` and ``tune``. Each command parses, checks its mapping configs against the pair's configs, loads, and hands
+over to the library.
 
 Exit codes: 0 done; 2 a user error (``USER_ERRORS``: one line ``iam: error: ...``, as argparse's own errors exit);
 130 interrupted (Ctrl-C or SIGTERM while a model is being converted); 1 an internal error (its traceback, then a
