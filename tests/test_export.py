@@ -53,10 +53,27 @@ def test_export_of_a_given_mapping_keeps_it(pair_folders, tmp_path):
     model = IAMForCausalLM.from_pretrained(*pair_folders, ratio=0.5, strategy="back", blend=1, progress=False)
     fixed = FixedMapping.of(forward(model, prompt(40)).cache.mapping, llm, slm)
     fixed.save(tmp_path / "map.json")
-    export_vllm(
-        *pair_folders, tmp_path / "iam", MappingConfig(ratio=0.5, strategy="back", blend=1), head_mapping=tmp_path / "map.json"
-    )
+    export_vllm(*pair_folders, tmp_path / "iam", MappingConfig(head_mapping=str(tmp_path / "map.json")))
     assert read_head_mapping(tmp_path / "iam" / "head_mapping.json", llm, slm).borrow == fixed.borrow
+    # and from the command line
+    out = tmp_path / "cli"
+    assert (
+        main(
+            [
+                "export-vllm",
+                "--llm",
+                pair_folders[0],
+                "--slm",
+                pair_folders[1],
+                "--head-mapping",
+                str(tmp_path / "map.json"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert read_head_mapping(out / "head_mapping.json", llm, slm).borrow == fixed.borrow
 
 
 @pytest.fixture

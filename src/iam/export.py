@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .core.config import MappingConfig
-from .core.fixed import FixedMapping, choose, read_head_mapping
+from .core.fixed import FixedMapping, choose
 from .core.model import IAMForCausalLM, check_pair_configs, load_checked, planned
 from .core.resolution import resolve
 from .io import atomic_folder, check_writable
@@ -81,21 +81,17 @@ def export_vllm(
     out: str | os.PathLike,
     config: MappingConfig,
     windows_of=None,
-    head_mapping: str | os.PathLike | None = None,
     source: dict | None = None,
     progress: bool = True,
 ) -> dict:
-    """Write the IAM folder ``out`` for the pair and return what it holds. The mapping is ``head_mapping`` (a file,
-    checked against the pair), else chosen over the windows ``windows_of(tokenizer)`` returns."""
+    """Write the IAM folder ``out`` for the pair and return what it holds. The mapping is ``config.head_mapping`` (a
+    file, checked against the pair), else chosen over the windows ``windows_of(tokenizer)`` returns."""
     check_writable(out, "--out")
     llm_config, slm_config, resolved, plan = check_exportable(llm, slm, config, progress)
-    if head_mapping is not None:
-        fixed = read_head_mapping(head_mapping, llm_config, slm_config)
-    else:
+    fixed = resolved.fixed
+    if fixed is None:
         big, small, tok = load_checked(llm, slm, [config], progress=progress)
         fixed = calibrated_mapping(IAMForCausalLM.from_pair(big, small, config), windows_of(tok), plan, source or {})
-    if any(len(groups) != llm_config.num_key_value_heads for groups in fixed.plan.values()) or fixed.blend != 1:
-        raise ValueError(f"head mapping file {head_mapping}: the vLLM model serves whole mapped layers with blend 1.")
     llm_folder, slm_folder = model_folder(llm, progress).resolve(), model_folder(slm, progress).resolve()
     record = json.loads((llm_folder / "config.json").read_text())
     iam = {

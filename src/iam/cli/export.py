@@ -8,7 +8,7 @@ import json
 from .. import export
 from ..eval import data
 from ..eval.windows import text_windows
-from .common import add_mapping_args, add_pair_args, add_text_args, mapping_config
+from .common import add_head_mapping_arg, add_mapping_args, add_pair_args, add_text_args, mapping_config
 
 
 def export_arguments(p: argparse.ArgumentParser) -> None:
@@ -17,12 +17,7 @@ def export_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(strategy="back", blend=1)
     p.add_argument("--ratio", type=float, default=0.5, help="fraction of the LLM's layers mapped")
     add_text_args(p, windows=4, tokens=128)
-    p.add_argument(
-        "--head-mapping",
-        default=None,
-        metavar="FILE",
-        help="a fixed mapping file to export instead of choosing one over the calibration windows (--dataset/--text)",
-    )
+    add_head_mapping_arg(p)  # exported as it is, instead of one chosen over the calibration windows
     p.add_argument("--out", required=True, metavar="FOLDER", help="the IAM folder to write (replaced whole if it exists)")
     p.add_argument("--json", action="store_true", help="print what was written as JSON")
 
@@ -32,7 +27,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     names = [args.text] if args.text else args.dataset.split(",")
     windows_of = lambda tok: [w for name in names for w in text_windows(tok, data.load_text(name), args.windows, args.tokens)]
     source = {"calibration": names, "windows": args.windows, "tokens": args.tokens, "provenance": args.provenance}
-    result = export.export_vllm(args.llm, args.slm, args.out, config, windows_of, args.head_mapping, source)
+    result = export.export_vllm(args.llm, args.slm, args.out, config, windows_of, source)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
