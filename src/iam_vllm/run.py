@@ -17,7 +17,12 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--prompt-tokens", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=1, help="timed generations after one untimed warm-up (0: none)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="timed generations, each of new prompts, after a short warm-up (0: one untimed generation)",
+    )
     p.add_argument("--max-model-len", type=int, default=None)
     args = p.parse_args()
 
@@ -32,13 +37,17 @@ def main() -> None:
         else [[rng.randrange(1, vocab) for _ in range(args.prompt_tokens)] for _ in range(args.batch)]
     )
     params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
-    run = lambda: llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)
-    outputs = run()
+    run = lambda batch, p=params: llm.generate([{"prompt_token_ids": ids} for ids in batch], p, use_tqdm=False)
     seconds = []
+    if args.repeats:  # a short warm-up, then prompts the prefix cache has not seen
+        run([ids[:16] for ids in prompts], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
     for _ in range(args.repeats):
         start = time.perf_counter()
-        run()
+        outputs = run(prompts)
         seconds.append(time.perf_counter() - start)
+        prompts = [[(t + 1) % vocab or 1 for t in ids] for ids in prompts]
+    if not args.repeats:
+        outputs = run(prompts)
     cache = llm.llm_engine.vllm_config.cache_config
     best = min(seconds, default=None)
     print(
