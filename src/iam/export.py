@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from iam_vllm import ARCHITECTURES
+
 from .core.config import MappingConfig
 from .core.fixed import FixedMapping, choose
 from .core.model import IAMForCausalLM, check_pair_configs, load_checked, planned
@@ -25,8 +27,6 @@ from .models.loading import check_tokenizers, load_tokenizer, read_configs
 from .models.loading import resolve as model_folder
 
 HEAD_MAPPING = "head_mapping.json"
-SERVED = {"qwen2": "IAMQwen2ForCausalLM"}
-"""LLM families the vLLM plugin serves, and their architecture names (``iam_vllm.ARCHITECTURES``)."""
 COPIED = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -44,9 +44,9 @@ def check_exportable(llm: str | os.PathLike, slm: str | os.PathLike, config: Map
     plugin serves, one tokenizer, whole mapped layers and blend 1 (what the vLLM model serves)."""
     llm_config, slm_config = read_configs(llm, slm, progress)
     check_pair_configs(llm_config, slm_config)
-    if llm_config.model_type not in SERVED:
+    if llm_config.model_type not in ARCHITECTURES:
         raise ValueError(
-            f"the vLLM plugin serves {sorted(SERVED)} pairs, not {llm_config.model_type!r}: serve this pair with "
+            f"the vLLM plugin serves {sorted(ARCHITECTURES)} pairs, not {llm_config.model_type!r}: serve this pair with "
             "IAMForCausalLM (transformers)."
         )
     check_tokenizers(load_tokenizer(llm, progress), load_tokenizer(slm, progress))
@@ -102,7 +102,7 @@ def export_vllm(
         "mapped_layers": sorted(fixed.plan),
         "metric": fixed.metric,
     }
-    record.update(architectures=[SERVED[llm_config.model_type]], iam=iam)
+    record.update(architectures=[ARCHITECTURES[llm_config.model_type]], iam=iam)
     out = Path(out)
     with atomic_folder(out) as tmp:
         (tmp / "config.json").write_text(json.dumps(record, indent=1) + "\n")

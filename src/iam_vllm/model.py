@@ -80,9 +80,8 @@ class Step:
     def keys(self, i: int) -> torch.Tensor:
         """Request ``i``'s cached keys of every SLM layer, ``[L * H_kv_s, tokens, d_s]``."""
         if i not in self._keys:
-            batch = Batch.of(self.caches[0].layer_name)
             d = self.caches[0].head_size
-            self._keys[i] = torch.cat([cache.read(batch, i)[..., :d] for cache in self.caches])
+            self._keys[i] = torch.cat([cache.read(Batch.of(cache.layer_name), i)[..., :d] for cache in self.caches])
         return self._keys[i]
 
 
