@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from iam_vllm import ARCHITECTURES
+from iam_vllm import ARCHITECTURES, check_served
 
 from .core.config import MappingConfig
 from .core.fixed import FixedMapping, choose
@@ -57,12 +57,7 @@ def check_exportable(llm: str | os.PathLike, slm: str | os.PathLike, config: Map
             "export needs a mapping fixed before any input: a ratio above 0 with strategy back, front, "
             "two-region or a calibrated order ('similar' chooses per input)."
         )
-    partial = sorted(layer for layer, groups in plan.items() if len(groups) != llm_config.num_key_value_heads)
-    if partial or resolved.config.blend != 1:
-        raise ValueError(
-            f"the vLLM model serves whole mapped layers with blend 1; this config maps single KV groups of layers "
-            f"{partial} and blend {resolved.config.blend}: use --strategy back (or front, two-region) and --blend 1."
-        )
+    check_served(plan, resolved.config.blend, llm_config.num_key_value_heads)
     return llm_config, slm_config, resolved, plan
 
 

@@ -8,6 +8,17 @@ ARCHITECTURES = {"qwen2": "IAMQwen2ForCausalLM"}
 """The served LLM family (``model_type``) and the architecture name an exported folder's config carries."""
 
 
+def check_served(plan: dict[int, tuple[int, ...]], blend: int, n_kv: int) -> None:
+    """``ValueError`` unless the mapping is what the vLLM model serves: whole mapped layers (every one of the ``n_kv``
+    KV groups), each head borrowing one SLM head."""
+    partial = sorted(layer for layer, groups in plan.items() if len(groups) != n_kv)
+    if partial or blend != 1:
+        raise ValueError(
+            f"the vLLM model serves whole mapped layers with blend 1; this mapping maps single KV groups of layers {partial} "
+            f"and blend {blend}: use --strategy back (or front, two-region) and --blend 1."
+        )
+
+
 def register() -> None:
     """Register the IAM architectures (vLLM calls every general plugin in every process; registering twice is a
     no-op)."""

@@ -31,6 +31,7 @@ from vllm.transformers_utils.config import set_default_rope_theta
 
 from iam.core.fixed import FixedMapping, read_head_mapping
 
+from . import check_served
 from .paged import Batch, PagedCache, attend
 
 STACKED = (
@@ -51,12 +52,7 @@ def pair_of(config: PretrainedConfig, folder: Path) -> tuple[PretrainedConfig, F
         raise ValueError(f"{folder / 'config.json'} has no complete 'iam' block: write the folder with `iam export-vllm`.")
     slm = AutoConfig.for_model(**iam["slm"])
     fixed = read_head_mapping(folder / iam["head_mapping"], config, slm)
-    partial = [layer for layer, groups in fixed.plan.items() if len(groups) != config.num_key_value_heads]
-    if partial or fixed.blend != 1:
-        raise ValueError(
-            f"{folder}: the vLLM model serves whole mapped layers with blend 1, got KV groups of layers {partial} "
-            f"and blend {fixed.blend}; export with a whole-layer strategy (back, front, two-region) and blend 1."
-        )
+    check_served(fixed.plan, fixed.blend, config.num_key_value_heads)
     slm_folder = Path(iam["slm_folder"])
     if not sorted(slm_folder.glob("*.safetensors")):
         raise ValueError(f"{folder}: the SLM's weights folder {slm_folder} holds no .safetensors files.")
