@@ -25,7 +25,12 @@ ROOT = Path(__file__).parents[2]
 IAM_PYTHON = os.environ.get("IAM_PYTHON", str(ROOT / ".venv/bin/python"))
 REFERENCE = Path(__file__).with_name("reference.py")
 KV_SPACE_GIB = 1
-ENV = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "VLLM_CPU_KVCACHE_SPACE": str(KV_SPACE_GIB)}
+ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+    "VLLM_CPU_KVCACHE_SPACE": str(KV_SPACE_GIB),
+    "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])]),  # this checkout's iam
+}
 
 
 def run(*argv: str) -> tuple[dict | None, str]:
