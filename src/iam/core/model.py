@@ -114,6 +114,8 @@ def planned(resolved: Resolved, llm: PretrainedConfig) -> Plan | None:
     """The plan a resolved config fixes for an LLM of config ``llm`` before any input; ``None`` where the strategy
     chooses per input (``"similar"``)."""
     config, strategy, n_kv = resolved.config, resolved.strategy, llm.num_key_value_heads
+    if resolved.fixed is not None:
+        return resolved.fixed.plan
     if config.layers is not None:
         return plan_of(config.layers, n_kv)
     if strategy.needs_scores:
@@ -428,8 +430,9 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _ready(self, mask: torch.Tensor) -> bool:
         """Whether this forward establishes the mapping: something is mapped and the shortest sequence holds
-        ``establish_threshold`` tokens."""
-        return self.resolved.n_mapped > 0 and int(mask.sum(-1).min()) >= self.mapping_config.establish_threshold
+        ``establish_threshold`` tokens, or at once with a fixed mapping (it needs no window)."""
+        threshold = 1 if self.resolved.fixed is not None else self.mapping_config.establish_threshold
+        return self.resolved.n_mapped > 0 and int(mask.sum(-1).min()) >= threshold
 
     # ---- the three steps -------------------------------------------------------------------------------------
     def _alone(self, cache: IAMCache, ids, mask, position_ids, logits_to_keep: int) -> torch.Tensor:
@@ -454,14 +457,19 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
                 "strategy 'similar' chooses layers per input: run one sequence at a time (a batch would choose for all "
                 "rows at once)."
             )
-        config = self.mapping_config
+        config, fixed = self.mapping_config, self.resolved.fixed
         cache.slm.reset()
-        step, establishing = self._slm_window(cache, ids, mask, position_ids, config.truncation_threshold)
-        window = establishing.window
+        if fixed is not None:  # the heads are known: the SLM runs only as deep as they borrow, and no window is matched
+            step, establishing = self._slm_step(cache, ids, mask, position_ids, fixed.slm_depth), None
+            window = Window.from_mask(mask, config.truncation_threshold)
+        else:
+            step, establishing = self._slm_window(cache, ids, mask, position_ids, config.truncation_threshold)
+            window = establishing.window
         probe = self._probe(ids, establishing) if needs_scores else None
         plan = self._plan(probe)
         heads = self.config.num_attention_heads
-        cache.establish(Mapping(plan, window, heads, self.n_kv, config.metric, config.blend, probe=probe, kernels=self.kernels))
+        mapping = Mapping(plan, window, heads, self.n_kv, config.metric, config.blend, probe=probe, kernels=self.kernels)
+        cache.establish(mapping if fixed is None else fixed.mapping(ids.shape[0], mapping))
         logits = self._llm_step(cache, ids, mask, position_ids, logits_to_keep or t, step, establishing)
         cache.drop_slm_layers(cache.mapping.slm_layers[-1] + 1)  # from here on the SLM runs only this deep
         return logits
