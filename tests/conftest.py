@@ -26,6 +26,7 @@ from transformers import (
 )
 
 from iam import IAMForCausalLM, MappingConfig
+from iam.core.kernels import Kernels
 
 LOCAL_WINDOW = 8
 """The sliding window of the tiny Gemma models' local layers: shorter than the tests' prompts."""
@@ -194,9 +195,9 @@ def tokenizer() -> PreTrainedTokenizerFast:
     return char_tokenizer()
 
 
-def iam(llm, slm, **mapping) -> IAMForCausalLM:
-    """``IAMForCausalLM.from_pair(llm, slm, MappingConfig(**mapping))``."""
-    return IAMForCausalLM.from_pair(llm, slm, MappingConfig(**mapping))
+def iam(llm, slm, *, kernels: Kernels = Kernels(), **mapping) -> IAMForCausalLM:
+    """``IAMForCausalLM.from_pair(llm, slm, MappingConfig(**mapping), kernels=kernels)``."""
+    return IAMForCausalLM.from_pair(llm, slm, MappingConfig(**mapping), kernels=kernels)
 
 
 def forward(model, ids: torch.Tensor, mask: torch.Tensor | None = None, **kwargs):

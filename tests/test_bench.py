@@ -15,6 +15,7 @@ import iam
 from conftest import tiny
 from iam.bench.costs import Scenario, analytic_rows, break_even, kv_bytes_per_token
 from iam.cli import main
+from iam.core.kernels import Kernels
 from iam.models.presets import PRESETS, Arch, load_arch
 
 
@@ -121,7 +122,8 @@ def test_every_measured_mode_runs_side_by_side_with_its_budget(pair_folders, tmp
     assert [(r["prompt"], r["config"]) for r in rows] == [(p, c) for p in (96, 128) for c in ["llm", *configs.split(",")]]
     for prompt in (96, 128):
         alone, *others = [r for r in rows if r["prompt"] == prompt]
-        assert "ttft_budget_s" not in alone
+        assert "ttft_budget_s" not in alone and alone["kernels"] is None
+        assert all(row["kernels"] == Kernels().summary() for row in others)
         for row in others:
             assert row["ttft_min_s"] <= row["ttft_s"] <= row["ttft_max_s"]
             assert row["ttft_vs_budget_min"] <= row["ttft_vs_budget"] <= row["ttft_vs_budget_max"]
@@ -148,6 +150,7 @@ def test_profile_splits_each_prefill_into_its_parts(pair_folders, tmp_path, caps
         assert row["blend_fit_s"] <= row["match_s"] <= row["establish_s"] < row["profiled_ttft_s"]
         assert 0 < row["llm_own_share"] < 1
     assert plain["evict_s"] == 0 < window["evict_s"]
+    assert alone["kernels"] is None and plain["kernels"] == window["kernels"] == Kernels().summary()
 
 
 def test_budget_shares_count_the_window_and_eviction():
@@ -301,6 +304,7 @@ def test_projection_with_the_local_window(tmp_path, capsys):
     plain, local = results
     assert local["local_window"] == 16 and plain["local_window"] == 0
     assert plain["parts"][0]["reference_kernel_prefill_s"] is None and local["parts"][0]["reference_kernel_prefill_s"] > 0
+    assert all(row["kernels"] == Kernels().summary() for row in [*local["parts"], *local["rows"]])
     arithmetic = "mapped_over_unmapped_prefill_arithmetic"
     assert plain["parts"][0][arithmetic] < local["parts"][0][arithmetic]
     assert local["rows"][1]["ttft_limit"] < plain["rows"][1]["ttft_limit"]
@@ -391,7 +395,7 @@ def test_cli_memory_scaling_smoke(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["mode"] == "memory-scaling"
     assert [(r["tokens"], r["ratio"]) for r in result["rows"]] == [(24, 0.0), (24, 0.5), (48, 0.0), (48, 0.5)]
-    for key in ("peak_tensor_bytes", "largest_tensor_bytes", "tt_matrix_bytes", "kv_bytes", "peak_growth"):
+    for key in ("kernels", "peak_tensor_bytes", "largest_tensor_bytes", "tt_matrix_bytes", "kv_bytes", "peak_growth"):
         assert key in result["rows"][-1]
 
 

@@ -8,6 +8,7 @@ import torch
 from conftest import forward, iam, left_pad, prompt, tiny
 from iam.bench.memory import TensorPeak
 from iam.core.decoder import decoder_layers
+from iam.core.kernels import Kernels
 
 
 def llm_logits(llm, ids, mask=None):
@@ -282,7 +283,7 @@ def test_prefill_sdpa_gets_one_head_size(family, monkeypatch):
         seen.append((q.shape[-1], k.shape[-1], v.shape[-1]))
         return real_sdpa(q, k, v, **kwargs)
 
-    monkeypatch.setattr("iam.core.attention.F.scaled_dot_product_attention", spy)
+    monkeypatch.setattr("torch.nn.functional.scaled_dot_product_attention", spy)
     ids = prompt(30)
     out = forward(iam(llm, slm, ratio=0.5), ids).logits
     monkeypatch.undo()
@@ -292,9 +293,10 @@ def test_prefill_sdpa_gets_one_head_size(family, monkeypatch):
 
 
 def test_long_prefill_runs_flex_attention_with_both_head_sizes(family, monkeypatch):
-    """From FLEX_MIN_TOKENS on, mapped prefill runs FlexAttention on the SLM's 8-wide q/k and the LLM's 16-wide V
-    (no padding) and agrees with the padded SDPA path; a left-padded batch keeps SDPA."""
-    from iam.core import attention
+    """From ``Kernels.flex_from`` on, on ``Kernels.flex_devices``, mapped prefill runs FlexAttention on the SLM's
+    8-wide q/k and the LLM's 16-wide V (no padding) and agrees with the padded SDPA path; a left-padded batch keeps
+    SDPA."""
+    from iam.core.kernels import flex as flex_module
 
     llm, slm = tiny(family, 4, 64, 4, 2, seed=0), tiny(family, 2, 32, 4, 2, seed=1)
     ids = prompt(40)
@@ -306,45 +308,36 @@ def test_long_prefill_runs_flex_attention_with_both_head_sizes(family, monkeypat
         calls.append(q.shape[-1])
         return real_sdpa(q, k, v, **kwargs)
 
-    monkeypatch.setattr(attention, "FLEX_MIN_TOKENS", 32)
-    monkeypatch.setattr(attention, "FLEX_DEVICES", ("cuda", "cpu"))
-    monkeypatch.setattr("iam.core.attention.F.scaled_dot_product_attention", spy)
-    flex = forward(iam(llm, slm, ratio=0.5), ids).logits
-    assert attention.flex_ready(ids.device, torch.float32, 8, 16)
+    kernels = Kernels(flex_from=32, flex_devices=("cuda", "cpu"))
+    monkeypatch.setattr("torch.nn.functional.scaled_dot_product_attention", spy)
+    flex = forward(iam(llm, slm, ratio=0.5, kernels=kernels), ids).logits
+    assert flex_module.flex_ready(ids.device, torch.float32, 8, 16, kernels.flex_from)
     assert len(calls) == 2 + 2  # the SLM's and the unmapped LLM layers' own; the mapped layers ran flex
     assert torch.allclose(flex, padded, atol=1e-4)
     calls.clear()
     batch, mask = left_pad([prompt(40, seed=1), prompt(36, seed=2)])
-    forward(iam(llm, slm, ratio=0.5), batch, mask)
+    forward(iam(llm, slm, ratio=0.5, kernels=kernels), batch, mask)
     assert len(calls) == 2 + 4
 
 
 def test_plain_mapped_prefill_keeps_sdpa_on_a_cpu(monkeypatch):
     """On a CPU the padded SDPA kernel ran as fast or faster than FlexAttention through the whole model, so mapped
-    prefill without a local window keeps it there at any length (FlexAttention serves ``FLEX_DEVICES``)."""
-    from iam.core import attention
-
+    prefill without a local window keeps it there at any length (FlexAttention serves ``Kernels.flex_devices``)."""
     llm, slm = tiny("qwen2", 4, 64, 4, 2, seed=0), tiny("qwen2", 2, 32, 4, 2, seed=1)
-    monkeypatch.setattr(attention, "FLEX_MIN_TOKENS", 32)
     calls = []
     real_sdpa = torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(
-        "iam.core.attention.F.scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real_sdpa(*a, **k)
-    )
-    forward(iam(llm, slm, ratio=0.5), prompt(40))
-    assert attention.FLEX_DEVICES == ("cuda",) and len(calls) == 2 + 2 + 2  # the SLM, the unmapped and the mapped layers
+    monkeypatch.setattr("torch.nn.functional.scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real_sdpa(*a, **k))
+    forward(iam(llm, slm, ratio=0.5, kernels=Kernels(flex_from=32)), prompt(40))
+    assert Kernels().flex_devices == ("cuda",) and len(calls) == 2 + 2 + 2  # the SLM, the unmapped and the mapped layers
 
 
 def test_flex_attention_compiles_once_for_any_batch_mapping_and_length(family, monkeypatch):
     """The compiled FlexAttention kernel is specialised to batch and head counts, and after 8 recompilations it falls
     back to an unfused version that builds the T x T scores: one compilation must serve every batch size, number of
     borrowed SLM heads per layer, and length."""
-    from iam.core import attention
-
     llm, slm = tiny(family, 4, 64, 4, 2, seed=0), tiny(family, 2, 32, 4, 2, seed=1)
-    monkeypatch.setattr(attention, "FLEX_MIN_TOKENS", 129)  # the tiny models hold 256 positions
-    monkeypatch.setattr(attention, "FLEX_DEVICES", ("cuda", "cpu"))
-    forward(iam(llm, slm, ratio=0.5), prompt(140))  # compiles (first use)
+    kernels = Kernels(flex_from=129, flex_devices=("cuda", "cpu"))  # the tiny models hold 256 positions
+    forward(iam(llm, slm, ratio=0.5, kernels=kernels), prompt(140))  # compiles (first use)
     mapped_sdpa = []
     real_sdpa = torch.nn.functional.scaled_dot_product_attention
 
@@ -352,14 +345,52 @@ def test_flex_attention_compiles_once_for_any_batch_mapping_and_length(family, m
         mapped_sdpa.append(q.shape[-1] == 16 and kwargs.get("scale") == 8**-0.5)
         return real_sdpa(q, k, v, **kwargs)
 
-    monkeypatch.setattr("iam.core.attention.F.scaled_dot_product_attention", spy)
+    monkeypatch.setattr("torch.nn.functional.scaled_dot_product_attention", spy)
     with torch._dynamo.config.patch(error_on_recompile=True):
         for length, batch, ratio in [(200, 1, 0.5), (150, 3, 1.0), (250, 2, 0.25)]:
-            forward(iam(llm, slm, ratio=ratio), prompt(length, seed=length, batch=batch))
+            forward(iam(llm, slm, ratio=ratio, kernels=kernels), prompt(length, seed=length, batch=batch))
     assert mapped_sdpa and not any(mapped_sdpa)  # the SLM and unmapped layers ran SDPA, every mapped prefill flex
     with TensorPeak():  # compiled code cannot run under a Python dispatch mode: mapped prefill takes SDPA there
-        forward(iam(llm, slm, ratio=0.5), prompt(200))
+        forward(iam(llm, slm, ratio=0.5, kernels=kernels), prompt(200))
     assert any(mapped_sdpa)
+
+
+def test_two_models_each_run_their_own_kernels(monkeypatch):
+    """Kernels are a value of each model, not of the process: two wrappers of one pair, one on FlexAttention and
+    one on padded SDPA, take turns and each runs its own kernel (counted at the kernel), agreeing on the logits;
+    the mapping's summary reports each one's options."""
+    from iam.core.kernels import prefill
+
+    llm, slm = tiny("qwen2", 4, 64, 4, 2, seed=0), tiny("qwen2", 2, 32, 4, 2, seed=1)
+    flex_kernels = Kernels(flex_from=32, flex_devices=("cpu",))
+    on_flex, on_sdpa = iam(llm, slm, ratio=0.5, kernels=flex_kernels), iam(llm, slm, ratio=0.5)
+    calls = []
+    real = prefill.flex_heads
+    monkeypatch.setattr(prefill, "flex_heads", lambda *a: calls.append(1) or real(*a))
+    ids = prompt(40)
+    for model, flexed in [(on_flex, True), (on_sdpa, False), (on_flex, True)]:
+        calls.clear()
+        out = forward(model, ids)
+        assert bool(calls) == flexed
+        assert out.cache.mapping.summary()["kernels"] == model.kernels.summary()
+    assert torch.allclose(forward(on_flex, ids).logits, forward(on_sdpa, ids).logits, atol=1e-4)
+    assert on_flex.kernels.summary() == {"flex_from": 32, "flex_devices": ["cpu"], "chunk_elements": 1 << 23, "min_chunk": 16}
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"flex_from": 0}, "flex_from must be None"),
+        ({"flex_from": True}, "flex_from must be None"),
+        ({"flex_devices": [1]}, "flex_devices must be a tuple of device types"),
+        ({"chunk_elements": 0}, "chunk_elements must be an integer >= 1"),
+        ({"min_chunk": 2.5}, "min_chunk must be an integer >= 1"),
+    ],
+)
+def test_bad_kernel_options(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Kernels(**kwargs)
+    assert Kernels(flex_devices="cpu").flex_devices == ("cpu",)
 
 
 def test_heads_sharing_an_slm_head_and_a_kv_group_are_computed_once(family, monkeypatch):
@@ -374,7 +405,7 @@ def test_heads_sharing_an_slm_head_and_a_kv_group_are_computed_once(family, monk
         heads.append(q.shape[1])
         return real_sdpa(q, k, v, **kwargs)
 
-    monkeypatch.setattr("iam.core.attention.F.scaled_dot_product_attention", spy)
+    monkeypatch.setattr("torch.nn.functional.scaled_dot_product_attention", spy)
     ids = prompt(30)
     full = forward(model, ids).logits
     monkeypatch.undo()

@@ -13,9 +13,9 @@ from test_core import greedy, llm_logits
 
 from conftest import CORE_FAMILIES, FAMILIES, LOCAL_WINDOW, forward, iam, left_pad, prompt, save_tiny_pair, tiny
 from iam import IAMForCausalLM, MappingConfig
-from iam.core.attention import SLMStep
 from iam.core.decoder import decoder_layers, projection
 from iam.core.families import layer_kinds
+from iam.core.step import SLMStep
 
 NEW = sorted(set(FAMILIES) - set(CORE_FAMILIES))
 

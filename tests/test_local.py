@@ -8,6 +8,7 @@ import torch
 import iam.core.attention as attention
 from conftest import forward, iam, left_pad, prompt
 from iam import MappingConfig
+from iam.core.kernels import Kernels
 
 UNITS = [1, (2, 0)]  # a whole layer and one KV group of another
 
@@ -53,10 +54,11 @@ def test_a_small_window_lies_between_plain_iam_and_the_llm(pair):
     assert error(0) > error(8) > error(32) > 0
 
 
-def test_prefill_chunks_continuations_and_decode_agree(pair, monkeypatch):
+def test_prefill_chunks_continuations_and_decode_agree(pair):
     llm, slm = pair
     ids, mask = batch()
-    model = iam(llm, slm, layers=UNITS, blend=2, local_window=8, truncation_threshold=20)
+    settings = dict(layers=UNITS, blend=2, local_window=8, truncation_threshold=20)
+    model = iam(llm, slm, **settings)
     whole = forward(model, ids, mask).logits
     first = forward(model, ids[:, :40], mask[:, :40])
     rest = forward(model, ids[:, 40:], mask, cache=first.cache).logits
@@ -68,11 +70,11 @@ def test_prefill_chunks_continuations_and_decode_agree(pair, monkeypatch):
     assert (torch.cat(steps, 1) - whole[:, 40:]).abs().max() < 1e-4
     solo = forward(model, ids[1:, 15:], mask[1:, 15:]).logits
     assert (solo - whole[1:, 15:]).abs().max() < 1e-4
-    monkeypatch.setattr(attention, "LOCAL_CHUNK_ELEMENTS", 1000)  # many chunks, in a prefill and a continuation
-    monkeypatch.setattr(attention, "LOCAL_MIN_CHUNK", 3)
-    assert (forward(model, ids, mask).logits - whole).abs().max() < 1e-4
-    first = forward(model, ids[:, :40], mask[:, :40])
-    assert (forward(model, ids[:, 40:], mask, cache=first.cache).logits - whole[:, 40:]).abs().max() < 1e-4
+    # many chunks, in a prefill and a continuation
+    chunked = iam(llm, slm, kernels=Kernels(chunk_elements=1000, min_chunk=3), **settings)
+    assert (forward(chunked, ids, mask).logits - whole).abs().max() < 1e-4
+    first = forward(chunked, ids[:, :40], mask[:, :40])
+    assert (forward(chunked, ids[:, 40:], mask, cache=first.cache).logits - whole[:, 40:]).abs().max() < 1e-4
 
 
 def test_keys_are_the_sinks_and_window_only_and_leave_as_decode_slides(pair):
@@ -154,15 +156,14 @@ def test_bad_local_settings(kwargs, message):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("flex_from", [10**9, 20])
-def test_the_window_runs_in_half_precision(twin, dtype, flex_from, monkeypatch):
+@pytest.mark.parametrize("flex_from", [None, 20])
+def test_the_window_runs_in_half_precision(twin, dtype, flex_from):
     """Half precision is what GPUs run: the window's prefill (chunked, and on FlexAttention) and decode work there
     and, on the identity twin, give the LLM alone's logits within the dtype's tolerance (the SLM's items once failed
     to be written into a float32 buffer)."""
-    monkeypatch.setattr(attention, "FLEX_MIN_TOKENS", flex_from)
     llm, slm = (m.to(dtype) for m in twin)
     ids, mask = batch()
-    model = iam(llm, slm, ratio=0.5, blend=1, local_window=4, local_sinks=2)
+    model = iam(llm, slm, ratio=0.5, blend=1, local_window=4, local_sinks=2, kernels=Kernels(flex_from=flex_from))
     out = forward(model, ids, mask)
     reference = forward(llm, ids, mask).logits
     assert out.logits.dtype == dtype
@@ -173,31 +174,31 @@ def test_the_window_runs_in_half_precision(twin, dtype, flex_from, monkeypatch):
 
 @pytest.mark.parametrize("blend", [1, 2])
 def test_flex_prefill_equals_the_reference(pair, blend, monkeypatch):
-    """From FLEX_MIN_TOKENS on, the local window's prefill runs on FlexAttention (``iam.core.local``); it agrees
-    with the chunked reference on a padded batch, per KV group, with blend, in a continuation, and the cache it
-    leaves decodes and beam-searches alike."""
-    import iam.core.local as local
+    """From ``Kernels.flex_from`` on, the local window's prefill runs on FlexAttention (``iam.core.kernels.local``); it
+    agrees with the chunked reference on a padded batch, per KV group, with blend, in a continuation, and the cache
+    it leaves decodes and beam-searches alike."""
+    import iam.core.kernels.local as local
 
     llm, slm = pair
     ids, mask = batch()
-    model = iam(llm, slm, layers=UNITS, blend=blend, local_window=8, local_sinks=2, truncation_threshold=20)
+    settings = dict(layers=UNITS, blend=blend, local_window=8, local_sinks=2, truncation_threshold=20)
     tokens = dict(attention_mask=mask, max_new_tokens=6, num_beams=2, do_sample=False)
     tokens.update(output_scores=True, return_dict_in_generate=True)
 
-    def run() -> tuple:
+    def run(flex_from: int | None) -> tuple:
+        model = iam(llm, slm, kernels=Kernels(flex_from=flex_from), **settings)
         whole = forward(model, ids, mask).logits
         first = forward(model, ids[:, :40], mask[:, :40]).cache
         rest = forward(model, ids[:, 40:], mask, cache=first).logits
         step = forward(model, ids[:, 40:41], mask[:, :41], cache=forward(model, ids[:, :40], mask[:, :40]).cache).logits
         return whole, rest, step, model.generate(ids, **tokens)
 
-    monkeypatch.setattr(attention, "FLEX_MIN_TOKENS", 10**9)
-    reference = run()
     calls = []
     real = local.local_flex
     monkeypatch.setattr(attention, "local_flex", lambda *a: calls.append(a[0].shape[2]) or real(*a))
-    monkeypatch.setattr(attention, "FLEX_MIN_TOKENS", 20)
-    flex = run()
+    reference = run(None)
+    assert not calls
+    flex = run(20)
     assert 60 in calls and 20 in calls and 40 in calls  # the prefill, the continuation and the first part ran flex
     real_rows = mask.bool()
     assert (flex[0] - reference[0])[real_rows].abs().max() < 1e-4
@@ -207,12 +208,11 @@ def test_flex_prefill_equals_the_reference(pair, blend, monkeypatch):
     assert all((a - b).abs().max() < 1e-4 for a, b in zip(flex[3].scores, reference[3].scores))
 
 
-def test_tuning_through_the_window_keeps_flex_off_a_cpu(pair, monkeypatch):
+def test_tuning_through_the_window_keeps_flex_off_a_cpu(pair):
     """Tuning the SLM through the mapped LLM's loss (``iam tune --local-window``) needs a backward through the
     SLM's side only; FlexAttention has none on a CPU, so the window's prefill takes the chunked kernel there."""
     llm, slm = pair
-    monkeypatch.setattr(attention, "FLEX_MIN_TOKENS", 20)
-    model = iam(llm, slm, layers=UNITS, blend=1, local_window=8, local_sinks=2)
+    model = iam(llm, slm, layers=UNITS, blend=1, local_window=8, local_sinks=2, kernels=Kernels(flex_from=20))
     for p in llm.parameters():
         p.requires_grad_(False)
     ids = prompt(40)

@@ -4,6 +4,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from .core.cache import IAMCache
 from .core.config import MappingConfig
+from .core.kernels import Kernels
 from .core.mapping import Mapping
 from .core.model import IAMForCausalLM
 from .core.selection import STRATEGIES
@@ -13,5 +14,5 @@ from .core.similarity import METRICS
 # pair of models): listed, IAMForCausalLM is a supported causal LM and the pipeline logs no error for it
 MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.setdefault("iam", IAMForCausalLM.__name__)
 
-__all__ = ["IAMCache", "IAMForCausalLM", "METRICS", "Mapping", "MappingConfig", "STRATEGIES"]
+__all__ = ["IAMCache", "IAMForCausalLM", "METRICS", "Kernels", "Mapping", "MappingConfig", "STRATEGIES"]
 __version__ = "0.2.0"

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..core.config import MappingConfig
+from ..core.kernels import Kernels
 from ..core.model import IAMForCausalLM
 from ..io import check_writable, write_atomic
 from ..models.loading import load_pair
@@ -89,8 +90,9 @@ def correctness(llm, slm, ids: torch.Tensor, new_tokens: int) -> dict:
     return checks
 
 
-def timings(llm, slm, tokens: list[int], new_tokens: int, settings=SETTINGS) -> list[dict]:
-    """TTFT, TPOT and peak memory of each setting at each prompt length (one warm-up run, then one timed)."""
+def timings(llm, slm, tokens: list[int], new_tokens: int, settings=SETTINGS, kernels: Kernels = Kernels()) -> list[dict]:
+    """TTFT, TPOT and peak memory of each setting at each prompt length (one warm-up run, then one timed); IAM's
+    settings run on ``kernels``."""
     rows = []
     for n in tokens:
         ids = random_prompt(llm, 1, n, torch.Generator().manual_seed(n))
@@ -98,14 +100,14 @@ def timings(llm, slm, tokens: list[int], new_tokens: int, settings=SETTINGS) -> 
             model = (
                 llm
                 if setting is None
-                else IAMForCausalLM.from_pair(llm, slm, MappingConfig(ratio=setting[0], local_window=setting[1]))
+                else IAMForCausalLM.from_pair(llm, slm, MappingConfig(ratio=setting[0], local_window=setting[1]), kernels=kernels)
             )
             run_generate(model, ids, 2)  # warm-up: compiles FlexAttention, settles the allocator
             memory = PeakMemory(ids.device)
             with memory:
                 timing, cache = run_generate(model, ids, new_tokens)
-            kv = cache.kv_bytes()["total"] if setting is not None else None
-            rows.append({"setting": name, "tokens": n, **timing, "peak_bytes": memory.bytes, "kv_bytes": kv})
+            kv, used = (None, None) if setting is None else (cache.kv_bytes()["total"], kernels.summary())
+            rows.append({"setting": name, "tokens": n, "kernels": used, **timing, "peak_bytes": memory.bytes, "kv_bytes": kv})
     for row in rows:
         base = next(r for r in rows if r["tokens"] == row["tokens"] and r["setting"] == "llm")
         row["ttft_ratio"], row["tpot_ratio"] = row["ttft_s"] / base["ttft_s"], row["tpot_s"] / base["tpot_s"]

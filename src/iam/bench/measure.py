@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from ..core.cache import slm_cache
 from ..core.config import MappingConfig, check_mapped
+from ..core.kernels import Kernels
 from ..core.model import IAMForCausalLM
 from ..core.setup import Setup, build, configured
 from ..models.placement import input_device
@@ -94,9 +95,11 @@ def measure(
     repeats: int,
     base_config: MappingConfig,
     progress: bool = True,
+    kernels: Kernels = Kernels(),
 ) -> list[dict]:
     """Run every setup (``iam.core.setup``; the first is the LLM alone, through its own ``generate()``) and the SLM
-    alone, in turns, ``repeats`` times after a warm-up round; report medians with min and max.
+    alone, in turns, ``repeats`` times after a warm-up round; report medians with min and max. IAM's models run
+    ``kernels``, which their rows report (``None`` for the LLM alone).
 
     ``peak_mem_bytes`` comes from the warm-up round (see below). Every other row also carries its budget, what its
     parts cost measured alone in the same round: the LLM alone's time scaled by the share of its arithmetic that
@@ -109,7 +112,7 @@ def measure(
     check_mapped([scenario.prompt], [c for c in configs if c.ratio], "a prompt")
     device = input_device(llm)
     ids = random_prompt(llm, scenario.batch, scenario.prompt, torch.Generator().manual_seed(0))
-    models = [llm if s.plain else build(llm, slm, base_config, s) for s in setups]
+    models = [llm if s.plain else build(llm, slm, base_config, s, kernels=kernels) for s in setups]
     samples: list[list[dict]] = [[] for _ in [*setups, None]]  # the last: the SLM alone
     peaks: list[int] = [0] * len(setups)
     # Round 0 is a warm-up, dropped from the timings: it compiles FlexAttention and lets the allocator reach its
@@ -144,6 +147,7 @@ def measure(
             "config": setup.label,
             "ratio": setup.ratio,
             "local_window": config.local_window,
+            "kernels": None if setup.plain else kernels.summary(),
             "eviction": None if setup.policy is None else f"{setup.policy}@{setup.budget}",
             "mapped_layers": s[-1]["units"],
             "kv_bytes": kv["total"],
@@ -177,9 +181,16 @@ def measure(
 
 
 def memory_scaling(
-    llm, slm, lengths: list[int], ratios: list[float], base_config: MappingConfig, progress: bool = True
+    llm,
+    slm,
+    lengths: list[int],
+    ratios: list[float],
+    base_config: MappingConfig,
+    progress: bool = True,
+    kernels: Kernels = Kernels(),
 ) -> list[dict]:
-    """Prefill plus one decode step at each prompt length, the LLM alone and IAM at each ratio, under ``TensorPeak``.
+    """Prefill plus one decode step at each prompt length, the LLM alone and IAM (on ``kernels``) at each ratio,
+    under ``TensorPeak``.
 
     Returns one row per (length, ratio): ``peak_tensor_bytes`` (activations and caches, weights excluded),
     ``largest_tensor_bytes``, ``tt_matrix_bytes`` (what one head's ``T x T`` score matrix would take), ``kv_bytes``
@@ -192,7 +203,7 @@ def memory_scaling(
     runs = [(n, r) for n in sorted(lengths) for r in with_baseline(ratios)]
     for n, r in tqdm(runs, desc="memory scaling", disable=not progress):
         ids = random_prompt(llm, 1, n, g)
-        iam = IAMForCausalLM(llm, slm, replace(base_config, ratio=r))
+        iam = IAMForCausalLM(llm, slm, replace(base_config, ratio=r), kernels=kernels)
         with TensorPeak() as mem:
             _, cache = run_generate(iam, ids, 2)
         previous = next((row for row in reversed(rows) if row["ratio"] == r), None)
@@ -200,6 +211,7 @@ def memory_scaling(
             {
                 "tokens": n,
                 "ratio": r,
+                "kernels": kernels.summary(),
                 "peak_tensor_bytes": mem.peak,
                 "largest_tensor_bytes": mem.largest,
                 "tt_matrix_bytes": n * n * llm.dtype.itemsize,

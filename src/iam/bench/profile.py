@@ -10,6 +10,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from ..core.config import MappingConfig
+from ..core.kernels import Kernels
 from ..core.setup import Setup, build
 from .costs import Scenario
 from .measure import random_prompt, run_generate
@@ -29,25 +30,32 @@ TOP = ("iam.slm", "iam.slm_window", "iam.establish", "iam.routes", "iam.mapped_a
 
 
 def profile_prefill(
-    llm, slm, setups: Sequence[Setup], scenario: Scenario, repeats: int, base_config: MappingConfig
+    llm,
+    slm,
+    setups: Sequence[Setup],
+    scenario: Scenario,
+    repeats: int,
+    base_config: MappingConfig,
+    kernels: Kernels = Kernels(),
 ) -> list[dict]:
-    """Per setup: TTFT (``generate()`` of one token; median of ``repeats`` after a warm-up), then one profiled run
-    split into ``PARTS`` and ``llm_own_s``, the rest (the LLM's own layers, its LM head and the glue). Profiled
-    seconds run above the plain ones (the profiler's cost); ``*_share`` columns are of the profiled run. CPU only:
-    on a GPU the ranges' CPU time is launch time, and the split would be wrong."""
+    """Per setup (IAM's on ``kernels``): TTFT (``generate()`` of one token; median of ``repeats`` after a warm-up),
+    then one profiled run split into ``PARTS`` and ``llm_own_s``, the rest (the LLM's own layers, its LM head and
+    the glue). Profiled seconds run above the plain ones (the profiler's cost); ``*_share`` columns are of the
+    profiled run. CPU only: on a GPU the ranges' CPU time is launch time, and the split would be wrong."""
     if llm.device.type != "cpu":
         raise ValueError(f"the prefill profile splits CPU time; the models are on {llm.device}: profile on a CPU.")
     ids = random_prompt(llm, scenario.batch, scenario.prompt, torch.Generator().manual_seed(0))
     rows = []
     for setup in setups:
-        model = llm if setup.plain else build(llm, slm, base_config, setup)
+        model = llm if setup.plain else build(llm, slm, base_config, setup, kernels=kernels)
         run_generate(model, ids, 1)  # warm-up: compiles FlexAttention, settles the allocator
         ttft = statistics.median(run_generate(model, ids, 1)[0]["ttft_s"] for _ in range(repeats))
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             profiled = run_generate(model, ids, 1)[0]["ttft_s"]
         seen = {e.key: e.cpu_time_total / 1e6 for e in prof.key_averages() if e.key in PARTS}
         parts = {name: seen.get(name, 0.0) for name in PARTS}
-        row = {"config": setup.label, "ttft_s": ttft, "profiled_ttft_s": profiled}
+        row = {"config": setup.label, "kernels": None if setup.plain else kernels.summary(), "ttft_s": ttft}
+        row["profiled_ttft_s"] = profiled
         row["llm_own_s"] = profiled - sum(parts[name] for name in TOP)
         for name, seconds in parts.items():
             row[f"{name[4:]}_s"] = seconds

@@ -7,15 +7,18 @@ TPOT. Every measured part is reported beside the projection.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from transformers import DynamicCache
 
-from ..core.attention import MappedAttention, SLMStep
+from ..core.attention import MappedAttention
 from ..core.cache import IAMCache, KVLayer
 from ..core.decoder import layer_forward
+from ..core.kernels import Kernels
 from ..core.mapping import HeadMap, Mapping, Window
 from ..core.selection import units_for_ratio
+from ..core.step import SLMStep
 from ..models.presets import Arch, hf_config
 from ..reporting import with_baseline
 from .costs import decode_bytes, kv_bytes_per_token, layer_prefill_flops, prefill_flops
@@ -27,11 +30,18 @@ Mapped = tuple[MappedAttention, Mapping, SLMStep]
 
 class LayerBench:
     """One decoder layer of ``arch`` with random weights, and what it needs to run at ``tokens`` of context,
-    unmapped and wholly mapped (the mapping already established), with an exact local window of ``local``
-    ``(sinks, window)`` if given."""
+    unmapped and wholly mapped (the mapping already established) on ``kernels``, with an exact local window of
+    ``local`` ``(sinks, window)`` if given."""
 
     def __init__(
-        self, arch: Arch, slm: Arch, tokens: int, device: torch.device, dtype: torch.dtype, local: tuple[int, int] | None = None
+        self,
+        arch: Arch,
+        slm: Arch,
+        tokens: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        local: tuple[int, int] | None = None,
+        kernels: Kernels = Kernels(),
     ) -> None:
         from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
         from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RotaryEmbedding
@@ -45,6 +55,7 @@ class LayerBench:
         self.attn = self.layer.self_attn
         self.rope = rope_cls(self.config).to(device)
         self.arch, self.slm, self.tokens, self.device, self.dtype, self.local = arch, slm, tokens, device, dtype, local
+        self.kernels = kernels
         self.every = tuple(range(arch.kv_heads))
         g = torch.Generator(device="cpu").manual_seed(0)
         self.hidden = torch.randn(1, tokens + 1, arch.hidden, generator=g).to(device, dtype)
@@ -88,7 +99,11 @@ class LayerBench:
             one,
             one[..., 0],
         )
-        return MappedAttention(self.attn, self.every, local=self.local is not None), mapping, step
+        return self._attention(self.kernels), mapping, step
+
+    def _attention(self, kernels: Kernels) -> MappedAttention:
+        """The layer's attention, wholly mapped, on ``kernels``."""
+        return MappedAttention(self.attn, self.every, kernels, local=self.local is not None)
 
     def _paired_cache(self) -> IAMCache:
         """An LLM cache with the layer wholly mapped (a ``ValueOnlyLayer``), and its ``LocalKeys`` with a window."""
@@ -118,10 +133,11 @@ class LayerBench:
         """Prefill of ``tokens`` on a fresh cache: unmapped, mapped, with a local window also mapped on the chunked
         reference kernel instead of FlexAttention, and, with ``eager``, unmapped with eager attention."""
         mapped = self._mapped(self.tokens, self.tokens)
-        run_mapped = lambda: self._run(mapped, self._paired_cache(), 0, self.tokens)  # noqa: E731
-        steps = [self.prefill, run_mapped]
+        run = lambda m: self._run(m, self._paired_cache(), 0, self.tokens)  # noqa: E731
+        steps = [self.prefill, lambda: run(mapped)]
         if self.local:
-            steps.append(lambda: on_reference_kernel(run_mapped))
+            reference = (self._attention(replace(self.kernels, flex_from=None)), *mapped[1:])
+            steps.append(lambda: run(reference))
         return steps + [lambda: self.prefill("eager")] if eager else steps
 
     def decode_steps(self) -> tuple[list[Callable[[], None]], Callable[[], None]]:
@@ -153,18 +169,6 @@ class LayerBench:
         return [unmapped_step, mapped_step], lambda: slm_rows(
             SLMStep(step.queries, step.cache_layers, step.kv_groups, step.scaling)
         )
-
-
-def on_reference_kernel(run: Callable[[], None]) -> None:
-    """``run()`` with mapped prefill kept off FlexAttention (the local window's chunked reference, padded SDPA)."""
-    from ..core import attention
-
-    flex_from = attention.FLEX_MIN_TOKENS
-    attention.FLEX_MIN_TOKENS = 1 << 62
-    try:
-        run()
-    finally:
-        attention.FLEX_MIN_TOKENS = flex_from
 
 
 def slm_times(
@@ -208,9 +212,11 @@ def project(
     repeats: int,
     decode_repeats: int,
     local: tuple[int, int] | None = None,
+    kernels: Kernels = Kernels(),
 ) -> dict:
     """Measured parts and the projected full-model TTFT/TPOT per context length and ratio; with ``local``
     ``(sinks, window)`` the mapped layers attend exactly to an exact local window (``MappingConfig.local_window``).
+    The mapped layer runs on ``kernels``, which every part and row reports.
 
     Prefills are timed over ``repeats`` rounds and decode steps, which are short and noisy, over ``decode_repeats``;
     the unmapped and mapped layer take turns within each round."""
@@ -218,7 +224,7 @@ def project(
     extent = sum(local) if local else 0  # tokens a window's query attends to exactly
     parts, rows = [], []
     for tokens in tokens_list:
-        bench = LayerBench(llm, slm, tokens, device, dtype, local)
+        bench = LayerBench(llm, slm, tokens, device, dtype, local, kernels)
         eager = llm.heads * tokens**2 * dtype.itemsize <= eager_budget(device)  # eager holds heads x T x T probabilities
         layer_prefill, mapped_prefill, *others = timed(bench.prefill_steps(eager), repeats, device)
         reference_prefill, eager_prefill = (others.pop(0) if local else None), others
@@ -230,6 +236,7 @@ def project(
         parts.append(
             {
                 "tokens": tokens,
+                "kernels": kernels.summary(),
                 "layer_prefill_s": layer_prefill,
                 "mapped_layer_prefill_s": mapped_prefill,
                 "reference_kernel_prefill_s": reference_prefill,
@@ -256,6 +263,7 @@ def project(
                 {
                     "tokens": tokens,
                     "ratio": r,
+                    "kernels": kernels.summary(),
                     "kv_bytes": kv_bytes_per_token(llm, slm, n, 2, "int8"),
                     "kv_ratio": kv_bytes_per_token(llm, slm, n, 2, "int8") / base_kv,
                     "ttft_s": ttft,

@@ -1,5 +1,6 @@
-"""The ``iam`` command line: ``generate``, ``demo``, ``eval ...``, ``similarity``, ``calibrate``, ``bench`` and ``tune``. Each
-command parses, checks its mapping configs against the pair's configs, loads, and hands over to the library.
+"""The ``iam`` command line: ``generate``, ``demo``, ``eval ...``, ``similarity``, ``calibrate``, ``export-vllm``,
+``bench`` and ``tune``. Each command parses, checks its mapping configs against the pair's configs, loads, and hands
+over to the library.
 
 Exit codes: 0 done; 2 a user error (``USER_ERRORS``: one line ``iam: error: ...``, as argparse's own errors exit);
 130 interrupted (Ctrl-C or SIGTERM while a model is being converted); 1 an internal error (its traceback, then a
@@ -19,6 +20,7 @@ from .bench import add_bench_parser
 from .calibrate import calibrate_arguments, cmd_calibrate, cmd_similarity, similarity_arguments
 from .common import ROOT_DEFAULTS, Parser, as_flags, check_outputs, secondary_rank
 from .evaluate import add_eval_parsers
+from .export import cmd_export, export_arguments
 from .generate import cmd_demo, cmd_generate, demo_arguments, generate_arguments
 from .tune import cmd_tune, tune_arguments
 
@@ -41,6 +43,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
         cmd_calibrate,
     ),
     "tune": ("tune the SLM through the mapped LLM's loss (paper Appendix A)", tune_arguments, cmd_tune),
+    "export-vllm": ("write an IAM folder that vLLM serves (the iam_vllm plugin)", export_arguments, cmd_export),
 }
 """The commands beside ``bench`` and ``eval``: help, flags, handler (``iam.cli.evaluate`` holds the evaluations)."""
 
@@ -49,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="iam", description=__doc__)
     parser.set_defaults(**ROOT_DEFAULTS)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("generate", "demo", "similarity", "calibrate"):
+    for name in ("generate", "demo", "similarity", "calibrate", "export-vllm"):
         help_text, arguments, handler = COMMANDS[name]
         p = sub.add_parser(name, help=help_text)
         arguments(p)

@@ -204,6 +204,16 @@ def add_mapping_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local-sinks", type=int, default=None, help="first tokens attended exactly with --local-window (4)")
 
 
+def add_head_mapping_arg(p: argparse.ArgumentParser) -> None:
+    """``--head-mapping``: for commands that run one mapping (a label's ratio 0 would not be the LLM alone with it)."""
+    p.add_argument(
+        "--head-mapping",
+        default=None,
+        metavar="FILE",
+        help="a fixed head mapping (iam export-vllm writes one): every sequence borrows its heads from the first token",
+    )
+
+
 def add_granularity_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--granularity",

@@ -16,6 +16,7 @@ from ..eval import retrieval
 from ..io import write_atomic
 from .common import (
     add_eviction_args,
+    add_head_mapping_arg,
     add_mapping_args,
     add_pair_args,
     add_placement_args,
@@ -72,6 +73,7 @@ def generate_arguments(p: argparse.ArgumentParser) -> None:
     add_pair_args(p)
     add_placement_args(p)
     add_mapping_args(p)
+    add_head_mapping_arg(p)
     p.add_argument("--ratio", type=float, default=0.3)
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template (Instruct models)")

@@ -1,4 +1,4 @@
-"""The attention of a mapped LLM layer, and the SLM's part of a forward that it reads.
+"""The attention of a mapped LLM layer (what it reads of the SLM's forward is ``iam.core.step``).
 
 A mapped layer (without ``local_window``) never calls ``q_proj``/``k_proj`` once the mapping exists (only on the
 establishing window), stores no K, and computes ``softmax(q_slm k_slm^T) V_llm`` with FlexAttention or SDPA (see
@@ -14,187 +14,20 @@ tokens and a window of the latest ones, and borrows from the SLM only the attent
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
-from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 from transformers.cache_utils import Cache
 
 from .cache import LocalKeys
 from .decoder import attend, local_window, project_qk, project_v, runs, softcap
 from .families import FULL, SLIDING
-from .flex import FLEX_DEVICES, FLEX_MIN_TOKENS, causal_block_mask, flex_heads, flex_ready
-from .local import local_flex
-from .mapping import HeadMap, Mapping, SLMWindow, cap, window_attention
+from .kernels import Kernels
+from .kernels.local import local_chunked, local_flex
+from .kernels.prefill import flex_prefill, sdpa_prefill
+from .mapping import HeadMap, Mapping, SLMWindow, window_attention
 from .parallel import rank_map, shard_of
-
-
-@dataclass(frozen=True)
-class Routes:
-    """Where a mapped layer reads its attention from, grouped for the kernels; built once per mapping.
-
-    A column is one (mapped LLM head, borrowed SLM head) pair: ``H_m * k`` of them for ``k`` SLM heads mixed per
-    LLM head, head-major.
-
-    Parameters
-    ----------
-    column_layer, column_head : ``[B, H_m * k]`` the SLM layer and head each column reads (decode: one attention row
-        per column).
-    item_layer, item_head, item_kv : ``[B, U]`` the SLM layer and head, and the KV group (among the mapped ones), of
-        each prefill item; rows are padded by repeating the first. An item is a distinct ``(slm_layer, slm_head, kv
-        group)`` of a sequence: columns of one KV group borrowing one SLM head compute the same thing, so they share one.
-    item_of_column : ``[B, H_m * k]`` the item of each column.
-    weight : ``[B, H_m, k]`` the mixing weights of each LLM head's columns.
-    """
-
-    column_layer: torch.Tensor
-    column_head: torch.Tensor
-    item_layer: torch.Tensor
-    item_head: torch.Tensor
-    item_kv: torch.Tensor
-    item_of_column: torch.Tensor
-    weight: torch.Tensor
-
-    @classmethod
-    def of(cls, hmap: HeadMap, heads_per_kv: int) -> Routes:
-        b, h, k = hmap.slm_layer.shape
-        slm_layer, slm_head = hmap.slm_layer.reshape(b, h * k), hmap.slm_head.reshape(b, h * k)
-        kv = (torch.arange(h, device=slm_layer.device) // heads_per_kv).repeat_interleave(k)
-        keys = torch.stack([slm_layer, slm_head, kv.expand(b, -1)], -1)  # [B, H_m * k, 3]
-        found = [keys[i].unique(dim=0, return_inverse=True) for i in range(b)]
-        width = max(len(u) for u, _ in found)
-        items = torch.stack([torch.cat([u, u[:1].expand(width - len(u), 3)]) for u, _ in found])  # [B, U, 3]
-        return cls(
-            column_layer=slm_layer,
-            column_head=slm_head,
-            item_layer=items[..., 0],
-            item_head=items[..., 1],
-            item_kv=items[..., 2],
-            item_of_column=torch.stack([inv for _, inv in found]),
-            weight=hmap.weight,
-        )
-
-    def from_items(self, x: torch.Tensor) -> torch.Tensor:
-        """Per LLM head, the weighted sum of its columns' items: ``[B, U, ...]`` -> ``[B, H_m, ...]`` in one batched
-        matrix product (no per-column copy of ``x``)."""
-        b, h, k = self.weight.shape
-        weights = self.weight.new_zeros(b, h, x.shape[1]).scatter_add_(2, self.item_of_column.view(b, h, k), self.weight)
-        return (weights.to(x.dtype) @ x.flatten(2)).view(b, h, *x.shape[2:])
-
-    def mix(self, x: torch.Tensor) -> torch.Tensor:
-        """Per LLM head, the weighted sum of its columns: ``[B, H_m * k, ...]`` -> ``[B, H_m, ...]``."""
-        b, h, k = self.weight.shape
-        if k == 1:
-            return x
-        w = self.weight.to(x.dtype).view(b, h, k, *(1,) * (x.dim() - 2))
-        return (x.view(b, h, k, *x.shape[2:]) * w).sum(2)
-
-
-class SLMStep:
-    """The SLM's part of one forward: its post-RoPE queries of the new tokens, read against the keys in its cache.
-
-    Parameters
-    ----------
-    queries : per SLM layer run, ``[B, H_s, t, d_s]``.
-    cache_layers : the SLM's cache layers (K read through their ``read_keys``).
-    kv_groups : SLM query heads per SLM KV head.
-    scaling : the SLM's attention scaling.
-    softcap : the soft-cap of the borrowing (LLM) layers' logits, applied to the SLM's (Gemma 2); ``None``: none.
-    local : per SLM layer, the sliding window of the LLM layers that borrow from it (local layers borrow from local
-        ones only); ``None`` for a global one, or for all.
-    """
-
-    def __init__(
-        self,
-        queries: dict[int, torch.Tensor],
-        cache_layers: list,
-        kv_groups: int,
-        scaling: float,
-        softcap: float | None = None,
-        local: list[int | None] | None = None,
-    ) -> None:
-        self.queries, self.cache_layers, self.kv_groups, self.scaling = queries, cache_layers, kv_groups, scaling
-        self.softcap, self.local = softcap, local
-        self._rows: dict[int, torch.Tensor] = {}
-        self.device = next(iter(queries.values())).device
-        self._seen_from: dict[torch.device, SLMStep] = {}
-        self._stacked: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._every_row: torch.Tensor | None = None
-
-    def stack(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every run layer's queries ``[B, L * H_s, t, d_s]`` and cached keys ``[B, L * H_kv_s, S, d_s]`` in one
-        tensor each (layers ``0 .. L - 1``), so that the items of a mapped layer are gathered with one index."""
-        if self._stacked is None:
-            layers = range(len(self.queries))
-            if sorted(self.queries) != list(layers):
-                raise RuntimeError(f"the SLM step holds the queries of layers {sorted(self.queries)}, not the first ones.")
-            queries, h = torch.cat([self.queries[i] for i in layers], 1), self.queries[0].shape[1]
-            self.queries = {i: queries[:, i * h : (i + 1) * h] for i in layers}  # views: the copies are freed
-            self._stacked = (queries, torch.cat([self.keys(i) for i in layers], 1))
-        return self._stacked
-
-    def item_heads(self, routes: Routes) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[B, U]`` each: where each prefill item of ``routes`` reads its queries and its keys in ``stack()``."""
-        heads, kv_heads = self.queries[0].shape[1], self.stack()[1].shape[1] // len(self.queries)
-        layer, head = routes.item_layer.to(self.device), routes.item_head.to(self.device)
-        return layer * heads + head, layer * kv_heads + head // self.kv_groups
-
-    def items(self, routes: Routes, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Queries ``[B, U, t, d_s]`` and keys ``[B, U, S, d_s]`` of each prefill item of ``routes``, in ``dtype``."""
-        (q, k), (q_at, k_at) = self.stack(), self.item_heads(routes)
-        rows = torch.arange(q.shape[0], device=q.device)[:, None]
-        return q[rows, q_at].to(dtype), k[rows, k_at].to(dtype)
-
-    def keys(self, layer: int, *index: torch.Tensor) -> torch.Tensor:
-        """Cached keys of SLM ``layer`` (``[B, H_kv_s, T, d_s]``, or ``keys[index]``) in the model's dtype, on this
-        step's device."""
-        cached = self.cache_layers[layer]
-        return cached.read_keys(*(i.to(cached.keys.device) for i in index)).to(self.device)
-
-    def on(self, device: torch.device) -> SLMStep:
-        """This step as read by a mapped layer on ``device`` (an LLM dispatched over several devices): its queries,
-        and the keys as they are read, moved there once."""
-        if device == self.device:
-            return self
-        if device not in self._seen_from:
-            moved = {i: q.to(device) for i, q in self.queries.items()}
-            self._seen_from[device] = SLMStep(moved, self.cache_layers, self.kv_groups, self.scaling, self.softcap, self.local)
-        return self._seen_from[device]
-
-    def decode_rows(self, layer: int, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """Attention probabilities ``[B, H_s, T]`` of SLM ``layer`` for the single new token, computed once a step and
-        shared by every LLM head and layer mapped to it (as those layers attend: ``softcap``, ``local``), from the
-        global layers' ``attention_mask``."""
-        if layer not in self._rows:
-            q = self.queries[layer]  # [B, H_s, 1, d_s]
-            k = self.keys(layer)  # [B, H_kv_s, T, d_s]
-            b, heads = q.shape[:2]
-            scores = q.view(b, k.shape[1], heads // k.shape[1], -1).float() @ k.float().transpose(-1, -2)
-            scores = cap(scores.view(b, heads, -1) * self.scaling, self.softcap)
-            if attention_mask is not None:
-                mask = attention_mask[:, :, -1]  # [B, 1, T]
-                scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-            window = None if self.local is None else self.local[layer]
-            if window is not None:  # the new token (slot T - 1) reads its ``window`` latest slots
-                scores[..., : max(scores.shape[-1] - window, 0)] = float("-inf")
-            self._rows[layer] = scores.softmax(-1)
-        return self._rows[layer]
-
-    def column_rows(self, routes: Routes, attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-        """The new token's borrowed attention row of each column of ``routes``, ``[B, H_m * k, T]`` in ``dtype``: one
-        gather from the rows of every SLM layer run, computed once a step for all mapped layers."""
-        heads = self.queries[0].shape[1]
-        if self._every_row is None:
-            layers = range(len(self.queries))
-            self._every_row = torch.cat([self.decode_rows(i, attention_mask) for i in layers], 1)
-            self._rows = {i: self._every_row[:, i * heads : (i + 1) * heads] for i in layers}  # views: the copies are freed
-        rows = self._every_row
-        flat = routes.column_layer.to(rows.device) * heads + routes.column_head.to(rows.device)
-        return rows[torch.arange(rows.shape[0], device=rows.device)[:, None], flat].to(dtype)
+from .step import Routes, SLMStep
 
 
 class MappedAttention:
@@ -212,12 +45,13 @@ class MappedAttention:
     ----------
     original : the layer's own attention module.
     groups : the mapped KV groups of this layer (every group for a wholly mapped layer).
+    kernels : which kernels it runs (the model's ``Kernels``).
     local : whether the mapped groups attend exactly to a local window (the cache then holds ``cache.local``).
     """
 
-    def __init__(self, original: nn.Module, groups: tuple[int, ...], local: bool = False) -> None:
+    def __init__(self, original: nn.Module, groups: tuple[int, ...], kernels: Kernels, local: bool = False) -> None:
         self.original = original
-        self.local = local
+        self.local, self.kernels = local, kernels
         self.layer_idx: int = original.layer_idx
         self.window, self.softcap = local_window(original), softcap(original)  # as the layer's own attention (Gemma)
         per_group = original.num_key_value_groups
@@ -316,44 +150,17 @@ class MappedAttention:
         return (rows.view(b, kv_heads, h // kv_heads, -1) @ v).view(b, h, 1, -1)
 
     def _prefill(self, routes: Routes, v: torch.Tensor, attention_mask: torch.Tensor | None, slm: SLMStep) -> torch.Tensor:
-        """All new tokens: one attention call over the distinct (SLM head, KV group) items, expanded to columns and
-        mixed per LLM head. ``v`` holds the mapped groups. Returns ``[B, H_m, t, d]``.
-
-        The SLM's q/k head size ``d_s`` is smaller than the LLM's ``d``. On ``FLEX_DEVICES``, unpadded causal
-        prefills from ``FLEX_MIN_TOKENS`` on run FlexAttention, which takes both sizes as they are. Otherwise SDPA,
-        whose fused kernels need one head size: zero-padding q and k keeps q.k exact and avoids the fallback that
-        would build the T x T matrix."""
-        b, total, d = v.shape[0], v.shape[2], v.shape[-1]  # total: cached and new tokens
+        """All new tokens: one attention call over the distinct (SLM head, KV group) items, mixed per LLM head.
+        ``v`` holds the mapped groups. Where ``Kernels.flex`` says so, unpadded causal prefills run FlexAttention,
+        which takes the SLM's smaller q/k head size as it is; otherwise padded SDPA (``iam.core.kernels.prefill``).
+        Returns ``[B, H_m, t, d]``."""
+        total, d = v.shape[2], v.shape[-1]  # total: cached and new tokens
         some_q = slm.queries[0]
         t, d_s = some_q.shape[2], some_q.shape[-1]
-        rows = torch.arange(b, device=v.device)[:, None]
-        flex = attention_mask is None and d_s != d and total == t >= FLEX_MIN_TOKENS and v.device.type in FLEX_DEVICES
-        if flex and slm.softcap is None and flex_serves(some_q, v) and flex_ready(v.device, v.dtype, d_s, d):
-            q_at, k_at = slm.item_heads(routes)  # [B, U] each: (sequence, stacked SLM head) of every item
-            (qs, ks), seq = slm.stack(), rows.expand_as(q_at).flatten()
-            q_at, k_at, kv = q_at.flatten(), k_at.flatten(), routes.item_kv.flatten()
-
-            def chunk(i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-                q = qs[seq[i], q_at[i]].to(v.dtype).mul_(slm.scaling)
-                return q, ks[seq[i], k_at[i]].to(v.dtype), v[seq[i], kv[i]]
-
-            out = flex_heads(len(seq), chunk, causal_block_mask(t, v.device)).view(*routes.item_kv.shape, t, d)
-            return routes.from_items(out)
-        q, k = slm.items(routes, v.dtype)
-        k, v = k[:, :, k.shape[2] - total :], v[rows, routes.item_kv]  # the slots V holds: a local layer's, its window's
-        if slm.softcap is not None:  # no fused kernel caps logits: the layer's own eager attention, in query chunks
-            return routes.from_items(capped_attention(q, k, v, attention_mask, slm.scaling, slm.softcap))
-        width = max(d_s, d)
-        q, k = (F.pad(x, (0, width - d_s)) for x in (q, k))
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            F.pad(v, (0, width - d)),
-            attn_mask=attention_mask,
-            is_causal=attention_mask is None,
-            scale=slm.scaling,
-        )[..., :d]
-        return routes.from_items(out)
+        causal = attention_mask is None and d_s != d and total == t and slm.softcap is None
+        if causal and self.kernels.flex(t, False, d_s, v, some_q):
+            return routes.from_items(flex_prefill(routes, v, slm))
+        return routes.from_items(sdpa_prefill(routes, v, attention_mask, slm, self.kernels))
 
     def _local(
         self,
@@ -373,115 +180,18 @@ class MappedAttention:
             out = sum_far a_j v_j + (1 - m) * softmax_window(q k^T) v
 
         so where the window covers every slot the head is exactly the LLM's own. ``v`` ``[B, G, S, d]`` holds the
-        mapped groups' V of every slot; ``starts`` ``[B]`` each sequence's first real slot. Prefills from
-        ``FLEX_MIN_TOKENS`` on run on FlexAttention (``iam.core.local``); otherwise, and in decode, queries run in
-        chunks, and the exact part reads only the chunk's sinks and window. Returns ``[B, H_m, t, d]``."""
+        mapped groups' V of every slot; ``starts`` ``[B]`` each sequence's first real slot. Where ``Kernels.flex``
+        says so, prefills run on FlexAttention (``local_flex``); otherwise, and in decode, on the chunked reference
+        (``local_chunked``; both in ``iam.core.kernels.local``). Returns ``[B, H_m, t, d]``."""
         q, k = project_qk(self.original, hidden_states, *position_embeddings, self.groups)
         sink_k, recent_k = keys.update(k, None, {"starts": starts})
-        b, h, t, d = q.shape
-        d_s = slm.queries[0].shape[-1]
-        if t >= FLEX_MIN_TOKENS and flex_serves(q, v, slm.queries[0]) and flex_ready(v.device, v.dtype, d_s, d):
-            exact, borrowed = local_flex(
-                q, sink_k, recent_k, v, slm, routes, starts.to(v.device), keys.sinks, keys.window, self.original.scaling
-            )
+        t, d = q.shape[2:]
+        args = (q, sink_k, recent_k, v, slm, routes, starts.to(v.device), keys.sinks, keys.window, self.original.scaling)
+        if self.kernels.flex(t, True, slm.queries[0].shape[-1], v, q, slm.queries[0]):
+            exact, borrowed = local_flex(*args)
             mixed = routes.from_items(borrowed)
             return mixed[..., :d] + mixed[..., d:] * exact
-        g, total = v.shape[1], v.shape[2]
-        past, per, sinks, window = total - t, h // g, keys.sinks, keys.window
-        slots = torch.arange(total, device=v.device)
-        first_real = starts.to(v.device)[:, None, None]  # [B, 1, 1]
-        sink_slots = first_real[:, 0] + slots[:sinks]  # [B, sinks]
-        sink_v = v.gather(2, sink_slots[:, None, :, None].expand(b, g, sinks, d))
-        first_recent = total - recent_k.shape[2]  # the slot of recent_k[:, :, 0]
-        items = None if t == 1 else slm.items(routes, torch.float32)
-        q = q.float().view(b, g, per, t, d)
-        out = q.new_empty(b, g, per, t, d)
-        columns = max(routes.item_of_column.shape[1], routes.item_kv.shape[1])
-        chunk = min(t, max(LOCAL_MIN_CHUNK, LOCAL_CHUNK_ELEMENTS // (b * columns * total)))
-        for a in range(0, t, chunk):
-            e = min(a + chunk, t)
-            seen = slots[past + a : past + e, None]  # [c, 1] the chunk's query slots
-            lo = max(past + a - window + 1, first_recent)
-            recent = slots[lo : past + e]
-            exact_k = torch.cat([sink_k, recent_k[:, :, lo - first_recent : past + e - first_recent]], 2).float()
-            exact_v = torch.cat([sink_v, v[:, :, lo : past + e]], 2).float()
-            reads = torch.cat(  # [B, c, sinks + n]: sinks up to the query; recent within the window, past the sinks
-                [
-                    (sink_slots[:, None, :] <= seen).expand(-1, e - a, -1),
-                    (recent <= seen) & (recent > seen - window) & (recent >= first_real + sinks),
-                ],
-                -1,
-            )
-            scores = (q[:, :, :, a:e] @ exact_k[:, :, None].transpose(-1, -2)) * self.original.scaling
-            exact = scores.masked_fill(~reads[:, None, None], -math.inf).softmax(-1).nan_to_num(0.0) @ exact_v[:, :, None]
-            rows = routes.mix(self._slm_rows(routes, slm, items, a, e, seen, first_real, attention_mask))  # [B, H_m, c, S]
-            far = (slots >= first_real + sinks) & (slots <= seen - window)  # [B, c, S]
-            rows = (rows * far[:, None]).view(b, g, per, e - a, total)
-            borrowed = (rows.to(v.dtype) @ v[:, :, None]).float()  # V in its own dtype: decode reads all of it
-            out[:, :, :, a:e] = borrowed + (1 - rows.sum(-1, keepdim=True)) * exact
-        return out.view(b, h, t, d).to(v.dtype)
-
-    @staticmethod
-    def _slm_rows(
-        routes: Routes,
-        slm: SLMStep,
-        items: tuple[torch.Tensor, torch.Tensor] | None,
-        a: int,
-        e: int,
-        seen: torch.Tensor,
-        first_real: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """Borrowed SLM attention probabilities ``[B, H_m * k, e - a, S]`` of the queries ``a:e``, one row per
-        column: in decode the SLM layer's shared rows, in prefill per item from ``items`` (queries, keys)."""
-        if items is None:
-            return slm.column_rows(routes, attention_mask, torch.float32)[:, :, None]
-        q, k = items
-        slots = torch.arange(k.shape[2], device=k.device)
-        scores = (q[:, :, a:e] @ k.transpose(-1, -2)) * slm.scaling  # [B, U, c, S]
-        visible = (slots <= seen) & (slots >= first_real)  # [B, c, S]
-        probs = scores.masked_fill(~visible[:, None], -math.inf).softmax(-1).nan_to_num(0.0)
-        return probs[torch.arange(q.shape[0], device=q.device)[:, None], routes.item_of_column]
-
-
-def capped_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float, softcap: float
-) -> torch.Tensor:
-    """Attention with soft-capped logits as Gemma 2's eager attention computes it: ``q`` ``[B, U, t, d_s]``, ``k``
-    ``[B, U, S, d_s]``, ``v`` ``[B, U, S, d]``, the model's 4D mask (or ``None``: causal); in chunks of queries of at
-    most ``LOCAL_CHUNK_ELEMENTS`` logits. Returns ``[B, U, t, d]``."""
-    b, u, t, _ = q.shape
-    s = k.shape[2]
-    chunk = max(1, LOCAL_CHUNK_ELEMENTS // (b * u * s))
-    out = []
-    for a in range(0, t, chunk):
-        e = min(a + chunk, t)
-        scores = cap((q[:, :, a:e].float() @ k.float().transpose(-1, -2)) * scaling, softcap)
-        if attention_mask is None:
-            hidden = torch.arange(a, e, device=q.device)[:, None] < torch.arange(s, device=q.device)
-            scores = scores.masked_fill(hidden, float("-inf"))
-        elif attention_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attention_mask[:, :, a:e], torch.finfo(scores.dtype).min)
-        else:
-            scores = scores + attention_mask[:, :, a:e]
-        out.append(scores.softmax(-1).to(v.dtype) @ v)
-    return torch.cat(out, 2)
-
-
-def flex_serves(*inputs: torch.Tensor) -> bool:
-    """Whether FlexAttention can run a prefill reading ``inputs`` (the LLM's and the SLM's tensors alike): compiled
-    code cannot run under a Python dispatch mode (TensorPeak, FlopCounterMode), and FlexAttention has no backward
-    on a CPU (tuning the SLM, ``iam.tuning``, where only the SLM's side needs gradients)."""
-    backward = torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
-    return not is_in_torch_dispatch_mode() and not (backward and inputs[0].device.type == "cpu")
-
-
-LOCAL_CHUNK_ELEMENTS = 1 << 23
-"""Elements of the largest probability block ``[B, columns, chunk, S]`` one chunk of a local-window prefill holds
-(above ``LOCAL_MIN_CHUNK`` queries)."""
-
-LOCAL_MIN_CHUNK = 16
-"""Fewest queries per chunk of a local-window prefill, however long the context (bounds the Python loop)."""
+        return local_chunked(*args, attention_mask, self.kernels)
 
 
 def take_groups(x: torch.Tensor, groups: tuple[int, ...]) -> torch.Tensor:

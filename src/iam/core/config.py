@@ -58,6 +58,10 @@ class MappingConfig:
     local_sinks : first tokens of each sequence attended exactly when ``local_window > 0`` (``None``: 4, or
         ``establish_threshold`` if smaller); at most ``establish_threshold``, so that every sequence has them when the
         mapping is set.
+    head_mapping : a fixed head mapping file (``iam.core.fixed``; ``iam export-vllm`` writes one): every sequence
+        borrows the heads it names, from its first token on (no establishing window), as a served model does. Its
+        plan and blend replace ``ratio`` and ``strategy`` (a ``blend`` given must be the file's); ``layers`` and
+        ``calibration`` are refused beside it.
     """
 
     ratio: float = 0.3
@@ -74,6 +78,7 @@ class MappingConfig:
     local_sinks: int | None = None
     int4_group: int = 32
     int4_residual: int = 128
+    head_mapping: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 <= self.ratio <= 1:
@@ -101,6 +106,13 @@ class MappingConfig:
                 )
             if not Path(self.calibration).is_file():
                 raise ValueError(f"calibration file {self.calibration!r} does not exist.")
+        if self.head_mapping is not None:
+            given = [name for name in ("layers", "calibration") if getattr(self, name) is not None]
+            if given:
+                fixed = f"head_mapping={self.head_mapping!r} fixes the mapped heads"
+                raise ValueError(f"{fixed}: {', '.join(given)} would not be used.")
+            if not Path(self.head_mapping).is_file():
+                raise ValueError(f"head mapping file {self.head_mapping!r} does not exist.")
         if self.blend is not None and (isinstance(self.blend, bool) or not isinstance(self.blend, int) or self.blend < 1):
             raise ValueError(
                 f"blend must be None (the pair's stored value) or an integer >= 1 (SLM heads mixed per mapped LLM head), "

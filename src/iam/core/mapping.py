@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch.profiler import record_function
 
+from .kernels import Kernels
 from .selection import Plan, format_plan
 from .similarity import SimilarityMetric
 
@@ -232,6 +233,7 @@ class Mapping:
     layers : the ``HeadMap`` of each mapped LLM layer (filled in as the establishing forward reaches the layer).
     probe : ``[L, B, H, L_s * H_s]`` similarity of every LLM head to every SLM head, where the strategy measured it
         (``"similar"``); else ``None``.
+    kernels : the kernel options of the model that set the mapping (reported in ``summary``).
     """
 
     plan: Plan
@@ -242,6 +244,7 @@ class Mapping:
     blend: int
     layers: dict[int, HeadMap] = field(default_factory=dict)
     probe: torch.Tensor | None = None
+    kernels: Kernels = field(default_factory=Kernels)
     routes: dict = field(default_factory=dict, repr=False)  # per layer, the kernels' view of its HeadMap (derived)
 
     @property
@@ -310,7 +313,7 @@ class Mapping:
 
     def summary(self) -> dict:
         """Per mapped layer: mean matched similarity and how many borrowed SLM heads come from each SLM layer (first
-        sequence)."""
+        sequence); and the kernel options."""
         layers = {}
         for idx, m in self.layers.items():
             used, counts = m.slm_layer[0].unique(return_counts=True)
@@ -320,7 +323,14 @@ class Mapping:
                 "slm_layers": {int(u): int(c) for u, c in zip(used, counts)},
             }
         mean = torch.cat([m.score.flatten() for m in self.layers.values()]).mean().item()
-        return {"mean_similarity": round(mean, 4), "metric": self.metric, "blend": self.blend, "layers": layers}
+        kernels = self.kernels.summary()
+        return {
+            "mean_similarity": round(mean, 4),
+            "metric": self.metric,
+            "blend": self.blend,
+            "layers": layers,
+            "kernels": kernels,
+        }
 
     def rows(self, index: torch.Tensor) -> Mapping:
         """The mapping of the sequences ``index`` (beam search reorders, repeats and narrows the batch)."""

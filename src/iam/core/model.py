@@ -23,17 +23,19 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..models.loading import load_pair, read_configs
 from ..models.placement import Placement, check_device, input_device
-from .attention import MappedAttention, SLMStep
+from .attention import MappedAttention
 from .cache import IAMCache, Signature, slm_cache
 from .config import MappingConfig
 from .decoder import Pass, decoder_layers, local_window, positions, softcap
 from .eviction import EvictionPolicy, attention_mass, repeat_scores
 from .families import check_blend, check_family, check_features, check_kinds, check_windows, family, layer_kinds
+from .kernels import Kernels
 from .mapping import Mapping, SLMWindow, Window, cap, slm_window_flats, window_attention
 from .parallel import gather_heads, shard_of, sum_heads
 from .resolution import Resolved, resolve
 from .selection import Plan, plan_of
 from .similarity import METRICS
+from .step import SLMStep
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
@@ -112,6 +114,8 @@ def planned(resolved: Resolved, llm: PretrainedConfig) -> Plan | None:
     """The plan a resolved config fixes for an LLM of config ``llm`` before any input; ``None`` where the strategy
     chooses per input (``"similar"``)."""
     config, strategy, n_kv = resolved.config, resolved.strategy, llm.num_key_value_heads
+    if resolved.fixed is not None:
+        return resolved.fixed.plan
     if config.layers is not None:
         return plan_of(config.layers, n_kv)
     if strategy.needs_scores:
@@ -182,6 +186,8 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         the pair (the stored blend filled in).
     eviction : a token eviction policy (``iam.core.eviction``), composed with the mapping; at ratio 0 it is the
         LLM alone with eviction.
+    kernels : which kernels the mapped layers run (``iam.core.kernels.Kernels``), reported in
+        ``cache.mapping.summary()``.
     """
 
     config_class = PretrainedConfig
@@ -189,7 +195,12 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
     _supports_sdpa = True
 
     def __init__(
-        self, llm: nn.Module, slm: nn.Module, config: MappingConfig | None = None, eviction: EvictionPolicy | None = None
+        self,
+        llm: nn.Module,
+        slm: nn.Module,
+        config: MappingConfig | None = None,
+        eviction: EvictionPolicy | None = None,
+        kernels: Kernels = Kernels(),
     ) -> None:
         check_pair(llm, slm)
         resolved = resolve(config if config is not None else MappingConfig(), llm.config, slm.config)
@@ -207,6 +218,7 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         check_scope(resolved, llm.config, eviction)
         self.mapping_config.check_head_dims(llm.config, slm.config)
         self.eviction = eviction
+        self.kernels = kernels
         mapping = f"{self.mapping_config!r} {resolved.strategy!r}"
         self.signature = Signature(
             llm.config.to_json_string(),
@@ -219,10 +231,15 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_pair(
-        cls, llm: nn.Module, slm: nn.Module, config: MappingConfig | None = None, eviction: EvictionPolicy | None = None
+        cls,
+        llm: nn.Module,
+        slm: nn.Module,
+        config: MappingConfig | None = None,
+        eviction: EvictionPolicy | None = None,
+        kernels: Kernels = Kernels(),
     ) -> IAMForCausalLM:
         """Wrap two loaded models."""
-        return cls(llm, slm, config, eviction)
+        return cls(llm, slm, config, eviction, kernels)
 
     @classmethod
     def from_pretrained(
@@ -234,6 +251,7 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         device: str | torch.device = "cpu",
         progress: bool = True,
         eviction: EvictionPolicy | None = None,
+        kernels: Kernels = Kernels(),
         force: bool = False,
         tp_plan: str | dict | None = None,
         distributed_config=None,
@@ -255,7 +273,7 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         big, small, _ = load_checked(
             llm, slm, [config], eviction, dtype=dtype, device=device, progress=progress, force=force, placement=placement
         )
-        return cls(big, small, config, eviction)
+        return cls(big, small, config, eviction, kernels)
 
     def save_pretrained(self, *args, **kwargs) -> None:
         """Refused with a ``ValueError``: one folder would hold both models' weights under the LLM's config, which
@@ -412,8 +430,9 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _ready(self, mask: torch.Tensor) -> bool:
         """Whether this forward establishes the mapping: something is mapped and the shortest sequence holds
-        ``establish_threshold`` tokens."""
-        return self.resolved.n_mapped > 0 and int(mask.sum(-1).min()) >= self.mapping_config.establish_threshold
+        ``establish_threshold`` tokens, or at once with a fixed mapping (it needs no window)."""
+        threshold = 1 if self.resolved.fixed is not None else self.mapping_config.establish_threshold
+        return self.resolved.n_mapped > 0 and int(mask.sum(-1).min()) >= threshold
 
     # ---- the three steps -------------------------------------------------------------------------------------
     def _alone(self, cache: IAMCache, ids, mask, position_ids, logits_to_keep: int) -> torch.Tensor:
@@ -438,15 +457,19 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
                 "strategy 'similar' chooses layers per input: run one sequence at a time (a batch would choose for all "
                 "rows at once)."
             )
-        config = self.mapping_config
+        config, fixed = self.mapping_config, self.resolved.fixed
         cache.slm.reset()
-        step, establishing = self._slm_window(cache, ids, mask, position_ids, config.truncation_threshold)
-        window = establishing.window
+        if fixed is not None:  # the heads are known: the SLM runs only as deep as they borrow, and no window is matched
+            step, establishing = self._slm_step(cache, ids, mask, position_ids, fixed.slm_depth), None
+            window = Window.from_mask(mask, config.truncation_threshold)
+        else:
+            step, establishing = self._slm_window(cache, ids, mask, position_ids, config.truncation_threshold)
+            window = establishing.window
         probe = self._probe(ids, establishing) if needs_scores else None
         plan = self._plan(probe)
-        cache.establish(
-            Mapping(plan, window, self.config.num_attention_heads, self.n_kv, config.metric, config.blend, probe=probe)
-        )
+        heads = self.config.num_attention_heads
+        mapping = Mapping(plan, window, heads, self.n_kv, config.metric, config.blend, probe=probe, kernels=self.kernels)
+        cache.establish(mapping if fixed is None else fixed.mapping(ids.shape[0], mapping))
         logits = self._llm_step(cache, ids, mask, position_ids, logits_to_keep or t, step, establishing)
         cache.drop_slm_layers(cache.mapping.slm_layers[-1] + 1)  # from here on the SLM runs only this deep
         return logits
@@ -551,7 +574,7 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         layers = decoder_layers(self.llm)
         for i in range(self.n_layers):
             if mapping is not None and i in mapping.plan:
-                mapped = MappedAttention(layers[i].self_attn, mapping.plan[i], local=self._local is not None)
+                mapped = MappedAttention(layers[i].self_attn, mapping.plan[i], self.kernels, local=self._local is not None)
                 rope, own = run.rope_of(i), run.mask_of(i) if mapped.window is not None else None
                 attention = lambda x, m=mapped, rope=rope, own=own: m(
                     x, rope, mapped_mask, cache, mapping, step, establishing, own

@@ -9,6 +9,7 @@ from transformers import PretrainedConfig
 
 from .calibration import find_calibration, read_calibration
 from .config import MappingConfig, check_layers_in_range
+from .fixed import FixedMapping, read_head_mapping
 from .selection import STRATEGIES, CalibratedSelection, LayerSelection
 
 
@@ -22,16 +23,20 @@ class Resolved:
     strategy : the layer selection, with the calibrated order filled in where the strategy uses one.
     n_mapped : units the plan maps (whole layers, or KV groups under a per-group order).
     n_kv : the LLM's KV heads per layer.
+    fixed : the fixed head mapping of ``config.head_mapping``, read and checked against the pair; else ``None``.
     """
 
     config: MappingConfig
     strategy: LayerSelection
     n_mapped: int
     n_kv: int
+    fixed: FixedMapping | None = None
 
     @property
     def layers_worth(self) -> float:
         """Whole LLM layers' worth of K the plan drops: a mapped KV group is ``1 / n_kv`` of a layer."""
+        if self.fixed is not None:
+            return sum(map(len, self.fixed.plan.values())) / self.n_kv
         if self.config.layers is not None:
             return sum(self.n_kv if isinstance(u, int) else 1 for u in self.config.layers) / self.n_kv
         per_group = isinstance(self.strategy, CalibratedSelection) and self.strategy.per_group
@@ -45,6 +50,11 @@ def resolve(config: MappingConfig, llm: PretrainedConfig, slm: PretrainedConfig)
     written for another pair."""
     n_layers, n_kv = llm.num_hidden_layers, llm.num_key_value_heads
     strategy = STRATEGIES[config.strategy]
+    if config.head_mapping is not None:
+        fixed = read_head_mapping(config.head_mapping, llm, slm)
+        if config.blend not in (None, fixed.blend):
+            raise ValueError(f"blend {config.blend} differs from the {fixed.blend} of head mapping file {config.head_mapping}.")
+        return Resolved(replace(config, blend=fixed.blend), strategy, sum(map(len, fixed.plan.values())), n_kv, fixed)
     stored = None
     if isinstance(strategy, CalibratedSelection) and config.layers is None:
         file = config.calibration

@@ -9,6 +9,7 @@ from dataclasses import dataclass, fields, replace
 
 from .config import MappingConfig
 from .eviction import EvictionPolicy, make_policy, parse_budget
+from .kernels import Kernels
 from .model import IAMForCausalLM, check_eviction
 
 
@@ -157,6 +158,8 @@ def checked_configs(base: MappingConfig, setups: list[Setup]) -> list[MappingCon
     return configs
 
 
-def build(llm, slm, base: MappingConfig, setup: Setup, prompt: tuple[int, ...] = ()) -> IAMForCausalLM:
-    """The ``IAMForCausalLM`` of ``setup`` over ``base``; ``prompt`` as for ``Setup.eviction``."""
-    return IAMForCausalLM(llm, slm, configured(base, setup), setup.eviction(prompt))
+def build(
+    llm, slm, base: MappingConfig, setup: Setup, prompt: tuple[int, ...] = (), kernels: Kernels = Kernels()
+) -> IAMForCausalLM:
+    """The ``IAMForCausalLM`` of ``setup`` over ``base`` on ``kernels``; ``prompt`` as for ``Setup.eviction``."""
+    return IAMForCausalLM(llm, slm, configured(base, setup), setup.eviction(prompt), kernels)

@@ -1,5 +1,5 @@
-"""The exact local window's prefill on FlexAttention (``MappingConfig.local_window``; the chunked reference is
-``MappedAttention._local``).
+"""The exact local window's kernels (``MappingConfig.local_window``): its prefill on FlexAttention (``local_flex``),
+and the chunked reference (``local_chunked``), which also serves decode.
 
 A mapped head's output for a query is ``sum_far a_j v_j + (1 - m) softmax_near(q k^T) v``: ``a`` is the borrowed
 SLM row over every visible slot, ``far`` the slots past the sinks and older than the window, ``near`` the rest, and
@@ -15,16 +15,15 @@ SLM row over every visible slot, ``far`` the slots past the sinks and older than
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
+from ..step import Routes, SLMStep
+from . import Kernels
 from .flex import FLEX_HEADS, flex_heads
-
-if TYPE_CHECKING:
-    from .attention import Routes, SLMStep
 
 
 @functools.lru_cache(maxsize=16)
@@ -161,3 +160,80 @@ class Rows:
         keys = sinks + recent_k.shape[2]
         mask = exact_mask(t, keys, self.offset, first_recent - self.start, sinks, window, q.device)
         return flex_heads(len(seq), chunk, mask).view(len(self.rows), h, t, d)
+
+
+def local_chunked(
+    q: torch.Tensor,
+    sink_k: torch.Tensor,
+    recent_k: torch.Tensor,
+    v: torch.Tensor,
+    slm: SLMStep,
+    routes: Routes,
+    starts: torch.Tensor,
+    sinks: int,
+    window: int,
+    scaling: float,
+    attention_mask: torch.Tensor | None,
+    kernels: Kernels,
+) -> torch.Tensor:
+    """The local window's reference kernel, in prefill and decode: the mapped heads' output
+    ``sum_far a_j v_j + (1 - m) softmax_near(q k^T) v`` with queries in chunks of ``kernels.chunk``, the exact part
+    reading only the chunk's sinks and window. Arguments as for ``local_flex``, and ``attention_mask``, the global
+    layers' mask (decode reads the SLM's shared rows with it). Returns ``[B, H_m, t, d]``."""
+    b, h, t, d = q.shape
+    g, total = v.shape[1], v.shape[2]
+    past, per = total - t, h // g
+    slots = torch.arange(total, device=v.device)
+    first_real = starts[:, None, None]  # [B, 1, 1]
+    sink_slots = first_real[:, 0] + slots[:sinks]  # [B, sinks]
+    sink_v = v.gather(2, sink_slots[:, None, :, None].expand(b, g, sinks, d))
+    first_recent = total - recent_k.shape[2]  # the slot of recent_k[:, :, 0]
+    items = None if t == 1 else slm.items(routes, torch.float32)
+    q = q.float().view(b, g, per, t, d)
+    out = q.new_empty(b, g, per, t, d)
+    columns = max(routes.item_of_column.shape[1], routes.item_kv.shape[1])
+    chunk = kernels.chunk(t, b * columns * total, kernels.min_chunk)
+    for a in range(0, t, chunk):
+        e = min(a + chunk, t)
+        seen = slots[past + a : past + e, None]  # [c, 1] the chunk's query slots
+        lo = max(past + a - window + 1, first_recent)
+        recent = slots[lo : past + e]
+        exact_k = torch.cat([sink_k, recent_k[:, :, lo - first_recent : past + e - first_recent]], 2).float()
+        exact_v = torch.cat([sink_v, v[:, :, lo : past + e]], 2).float()
+        reads = torch.cat(  # [B, c, sinks + n]: sinks up to the query; recent within the window, past the sinks
+            [
+                (sink_slots[:, None, :] <= seen).expand(-1, e - a, -1),
+                (recent <= seen) & (recent > seen - window) & (recent >= first_real + sinks),
+            ],
+            -1,
+        )
+        scores = (q[:, :, :, a:e] @ exact_k[:, :, None].transpose(-1, -2)) * scaling
+        exact = scores.masked_fill(~reads[:, None, None], -math.inf).softmax(-1).nan_to_num(0.0) @ exact_v[:, :, None]
+        rows = routes.mix(_slm_rows(routes, slm, items, a, e, seen, first_real, attention_mask))  # [B, H_m, c, S]
+        far = (slots >= first_real + sinks) & (slots <= seen - window)  # [B, c, S]
+        rows = (rows * far[:, None]).view(b, g, per, e - a, total)
+        borrowed = (rows.to(v.dtype) @ v[:, :, None]).float()  # V in its own dtype: decode reads all of it
+        out[:, :, :, a:e] = borrowed + (1 - rows.sum(-1, keepdim=True)) * exact
+    return out.view(b, h, t, d).to(v.dtype)
+
+
+def _slm_rows(
+    routes: Routes,
+    slm: SLMStep,
+    items: tuple[torch.Tensor, torch.Tensor] | None,
+    a: int,
+    e: int,
+    seen: torch.Tensor,
+    first_real: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """Borrowed SLM attention probabilities ``[B, H_m * k, e - a, S]`` of the queries ``a:e``, one row per
+    column: in decode the SLM layer's shared rows, in prefill per item from ``items`` (queries, keys)."""
+    if items is None:
+        return slm.column_rows(routes, attention_mask, torch.float32)[:, :, None]
+    q, k = items
+    slots = torch.arange(k.shape[2], device=k.device)
+    scores = (q[:, :, a:e] @ k.transpose(-1, -2)) * slm.scaling  # [B, U, c, S]
+    visible = (slots <= seen) & (slots >= first_real)  # [B, c, S]
+    probs = scores.masked_fill(~visible[:, None], -math.inf).softmax(-1).nan_to_num(0.0)
+    return probs[torch.arange(q.shape[0], device=q.device)[:, None], routes.item_of_column]

@@ -1,5 +1,6 @@
 """FlexAttention for mapped layers: one compiled kernel, called on fixed-size head chunks gathered per call, and the
-causal block mask of mapped prefill (``MappedAttention._prefill``; the local window's masks are in ``iam.core.local``)."""
+causal block mask of mapped prefill (``MappedAttention._prefill``; the local window's masks are in ``iam.core.kernels.local``).
+Where FlexAttention runs is the model's ``iam.core.kernels.Kernels``."""
 
 from __future__ import annotations
 
@@ -8,16 +9,7 @@ import warnings
 from collections.abc import Callable
 
 import torch
-
-FLEX_MIN_TOKENS = 256
-"""Prefill length from which mapped attention runs FlexAttention: the local window on every device, plain mapped
-prefill on ``FLEX_DEVICES`` (how it was chosen: docs/results.md). Below one flex block of 128 tokens flex would need
-a second compilation, for an attention cost that is negligible there."""
-
-FLEX_DEVICES = ("cuda",)
-"""Devices where mapped prefill without a local window runs FlexAttention. On a CPU the fused SDPA kernel, with
-the SLM's q/k zero-padded to the LLM's head size, ran as fast or faster through the whole model (docs/results.md);
-the local window runs FlexAttention everywhere, having no SDPA form."""
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 FLEX_HEADS = 8
 """Heads per FlexAttention call. The compiled kernel is specialised to the batch and head counts (only the lengths
@@ -50,13 +42,21 @@ def flex_heads(heads: int, chunk: Chunk, block_mask) -> torch.Tensor:
     return torch.cat(out)[:heads]
 
 
+def flex_serves(*inputs: torch.Tensor) -> bool:
+    """Whether FlexAttention can run a prefill reading ``inputs`` (the LLM's and the SLM's tensors alike): compiled
+    code cannot run under a Python dispatch mode (TensorPeak, FlopCounterMode), and FlexAttention has no backward
+    on a CPU (tuning the SLM, ``iam.tuning``, where only the SLM's side needs gradients)."""
+    backward = torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
+    return not is_in_torch_dispatch_mode() and not (backward and inputs[0].device.type == "cpu")
+
+
 @functools.cache
-def flex_ready(device: torch.device, dtype: torch.dtype, qk_dim: int, v_dim: int) -> bool:
-    """Whether FlexAttention compiles here for this dtype and head sizes (any head count, and lengths above 128
-    tokens). It compiles on first use (a few seconds); where it cannot, a warning says so, and mapped attention
-    runs SDPA or the chunked local window instead."""
+def flex_ready(device: torch.device, dtype: torch.dtype, qk_dim: int, v_dim: int, tokens: int) -> bool:
+    """Whether FlexAttention compiles here for this dtype and head sizes (any head count), from ``tokens`` long
+    prefills on (``Kernels.flex_from``). It compiles on first use (a few seconds); where it cannot, a warning says
+    so, and mapped attention runs SDPA or the chunked local window instead."""
     try:
-        for t in (FLEX_MIN_TOKENS, FLEX_MIN_TOKENS + 128):  # two lengths: the second compiles the length-dynamic kernel
+        for t in (tokens, tokens + 128):  # two lengths: the second compiles the length-dynamic kernel
             qk, v = (torch.zeros(FLEX_HEADS, t, n, device=device, dtype=dtype) for n in (qk_dim, v_dim))
             flex_heads(1, lambda i, qk=qk, v=v: (qk.clone(), qk.clone(), v), causal_block_mask(t, device))
     except Exception as e:  # no compiler, or a backend without flex support

@@ -1,0 +1,144 @@
+"""The engine tier (``make test-vllm``): the vLLM plugin on a tiny random Qwen2 pair, against ``IAMForCausalLM``.
+
+It runs in the engine's environment (``.venv-vllm``: vLLM pins transformers below 5.20) and is skipped where vLLM is
+not installed, as in ``make test``. The transformers side runs in the project's environment (``IAM_PYTHON``, default
+``.venv/bin/python``), in a subprocess that answers in JSON; each engine runs in its own process (``iam_vllm.run``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm")
+
+ROOT = Path(__file__).parents[2]
+IAM_PYTHON = os.environ.get("IAM_PYTHON", str(ROOT / ".venv/bin/python"))
+REFERENCE = Path(__file__).with_name("reference.py")
+KV_SPACE_GIB = 1
+ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+    "VLLM_CPU_KVCACHE_SPACE": str(KV_SPACE_GIB),
+    "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])]),  # this checkout's iam
+}
+
+
+def run(*argv: str) -> tuple[dict | None, str]:
+    """The JSON line the command printed last, and all it printed (the engine's log included)."""
+    done = subprocess.run(argv, capture_output=True, text=True, env=ENV, timeout=900)
+    assert done.returncode == 0, f"{argv} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    return (json.loads(lines[-1]) if lines else None), done.stdout + done.stderr
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """The tiny pair (head size 64), exported by ``iam export-vllm`` at ratio 0.5."""
+    root = tmp_path_factory.mktemp("pair")
+    run(IAM_PYTHON, str(REFERENCE), "pair", str(root))
+    return root
+
+
+def engine(model: Path, prompts: list[list[int]], new_tokens: int) -> tuple[dict, int]:
+    """``iam_vllm.run``'s JSON and the KV capacity (tokens) the engine logged."""
+    result, log = run(
+        sys.executable,
+        "-m",
+        "iam_vllm.run",
+        str(model),
+        "--prompts",
+        json.dumps(prompts),
+        "--new-tokens",
+        str(new_tokens),
+        "--repeats",
+        "0",
+        "--max-model-len",
+        "256",
+    )
+    capacity = re.search(r"KV cache size: ([\d,]+) tokens", log)
+    assert capacity, log[-3000:]
+    return result, int(capacity.group(1).replace(",", ""))
+
+
+def bytes_per_token(config: dict, mapped: set[int], slm: dict | None, slm_depth: int) -> int:
+    """KV bytes per token (fp32): K and V of unmapped layers, V of mapped ones, K and V of the SLM's run layers."""
+    per_layer = lambda c: c["num_key_value_heads"] * c["hidden_size"] // c["num_attention_heads"] * 4
+    own = sum(per_layer(config) * (1 if i in mapped else 2) for i in range(config["num_hidden_layers"]))
+    return own + (2 * per_layer(slm) * slm_depth if slm else 0)
+
+
+def test_engine_tokens_equal_transformers_and_mapped_layers_hold_v_only(folder):
+    reference, _ = run(IAM_PYTHON, str(REFERENCE), "generate", str(folder / "iam"))
+    result, capacity = engine(folder / "iam", reference["prompts"], 16)
+    assert result["tokens"] == reference["tokens"]  # fp32, batch 4, mixed lengths, 16 new tokens
+    # the engine's own capacity figure: mapped layers hold V only, the SLM's run layers K and V
+    config = json.loads((folder / "iam" / "config.json").read_text())
+    iam = config["iam"]
+    depth = 1 + max(
+        s
+        for layer in json.loads((folder / "iam" / "head_mapping.json").read_text())["layers"]
+        for ((s, _, _),) in layer["borrow"]
+    )
+    per_token = bytes_per_token(config, set(iam["mapped_layers"]), iam["slm"], depth)
+    assert capacity == KV_SPACE_GIB * 2**30 // per_token
+    _, alone = engine(folder / "llm", reference["prompts"], 1)
+    assert alone == KV_SPACE_GIB * 2**30 // bytes_per_token(config, set(), None, 0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_openai_server_answers_a_chat_request_through_the_plugin(folder):
+    port = free_port()
+    # `vllm serve`'s server, started by module: vllm-cpu 0.32.0's `vllm` command looks up the version of a distribution
+    # named vllm and exits (PackageNotFoundError); the GPU distribution is named vllm
+    argv = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(folder / "iam"),
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "256",
+        "--enforce-eager",
+        "--served-model-name",
+        "iam-tiny",
+    ]
+    server = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert server.poll() is None, server.stdout.read()[-3000:]
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "vllm serve did not start in 300 s"
+                time.sleep(1)
+        body = {"model": "iam-tiny", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8, "temperature": 0}
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
+        answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
+        assert answer["model"] == "iam-tiny"
+        assert answer["usage"]["completion_tokens"] > 0 and answer["choices"][0]["message"]["content"]
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
