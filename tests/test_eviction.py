@@ -226,7 +226,7 @@ def test_budgets_parse_as_fractions_or_counts():
 
 def test_kv_tradeoff_points_sit_where_their_arithmetic_puts_them(pair):
     from iam.bench.costs import prefill_flops
-    from iam.eval.tradeoff import eval_kv_tradeoff
+    from iam.eval.tradeoff import AXES, eval_kv_tradeoff
     from iam.models.presets import Arch
 
     llm, slm = pair
@@ -251,3 +251,9 @@ def test_kv_tradeoff_points_sit_where_their_arithmetic_puts_them(pair):
     combined = rows[("IAM + h2o", 0.8)]
     assert combined["llm_kv_dropped"] == pytest.approx(1 - 0.75 * 0.8)  # 48 of 60 tokens kept
     assert combined["total_kv"] == pytest.approx(iam["total_kv"] * 0.8)
+    for row in rows.values():  # every KV axis, each with its frontier mark
+        assert row["total_kv_dropped"] == pytest.approx(1 - row["total_kv"]) and {m: type(row[m]) for m in AXES} == dict.fromkeys(
+            AXES, bool
+        )
+    assert rows[("LLM alone + h2o", 0.5)]["total_kv_dropped_at_72b"] == pytest.approx(0.5)  # no SLM: the LLM's share
+    assert iam["total_kv_dropped"] < iam["total_kv_dropped_at_72b"] < iam["llm_kv_dropped"]  # the paper's SLM is small

@@ -97,22 +97,22 @@ def save_figure(path: Path, plot: Callable) -> Path:
     return path
 
 
-RETRIEVAL_AXES = (
+KV_AXES = (
     ("llm_kv_dropped", "on_frontier", "LLM's own KV dropped (%)"),
     ("total_kv_dropped", "on_total_frontier", "total KV dropped, the SLM's included (%)"),
     ("total_kv_dropped_at_72b", "on_72b_frontier", "total KV dropped projected to Qwen2-72B + 0.5B (%, arithmetic)"),
 )
-"""The KV axes of ``retrieval_plot``: the row's key, its frontier mark, the axis label."""
+"""The KV axes of ``retrieval_plot`` and ``tradeoff_plot``: the row's key, its frontier mark, the axis label."""
 
 
 def retrieval_plot(rows: Sequence[dict]) -> Callable:
     """Accuracy (with its 95% interval) against KV dropped, one panel per task and length (columns) and per KV axis
-    (rows: ``RETRIEVAL_AXES``): eviction alone, a quantized cache alone, IAM alone and IAM composed with eviction in
+    (rows: ``KV_AXES``): eviction alone, a quantized cache alone, IAM alone and IAM composed with eviction in
     their own markers, the LLM alone as a line; a large marker sits on that axis's frontier."""
 
     def plot(plt) -> None:
         panels = list(dict.fromkeys((r["task"], r.get("tokens")) for r in rows))
-        axes_in = [a for a in RETRIEVAL_AXES if all(a[0] in r for r in rows)]
+        axes_in = [a for a in KV_AXES if all(a[0] in r for r in rows)]
         fig, axes = plt.subplots(len(axes_in), len(panels), figsize=(6.5 * len(panels), 4.8 * len(axes_in)), squeeze=False)
         for (key, mark, label), line in zip(axes_in, axes):
             for ax, (task, tokens) in zip(line, panels):
@@ -187,21 +187,22 @@ def heatmap_plot(heatmap: Sequence[Sequence[float]], label: str) -> Callable:
 
 
 def tradeoff_plot(rows: Sequence[dict]) -> Callable:
-    """Continuation perplexity increase against the LLM's KV dropped and against total KV, one line per method."""
+    """Continuation perplexity increase against KV dropped on each axis of ``KV_AXES`` (one panel each), one line per
+    method; a large marker sits on that axis's frontier."""
 
     def plot(plt) -> None:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-        for method in dict.fromkeys(r["method"] for r in rows[1:]):
-            points = sorted((r for r in rows[1:] if r["method"] == method), key=lambda r: r["llm_kv_dropped"])
-            y = [100 * r["ppl_increase"] for r in points]
-            axes[0].plot([100 * r["llm_kv_dropped"] for r in points], y, "o-", label=method)
-            axes[1].plot([100 * r["total_kv"] for r in points], y, "o-", label=method)
-        axes[0].set_xlabel("LLM's own KV dropped (%)")
-        axes[1].set_xlabel("total KV, LLM + SLM (% of the LLM alone)")
-        axes[0].set_ylabel("continuation perplexity increase (%)")
-        axes[1].legend(fontsize=8)
-        for ax in axes:
+        axes_in = [a for a in KV_AXES if all(a[0] in r for r in rows)]
+        fig, axes = plt.subplots(1, len(axes_in), figsize=(5.5 * len(axes_in), 4), sharey=True, squeeze=False)
+        for ax, (key, mark, label) in zip(axes[0], axes_in):
+            for method in dict.fromkeys(r["method"] for r in rows[1:]):
+                points = sorted((r for r in rows[1:] if r["method"] == method), key=lambda r: r[key])
+                line = ax.plot([100 * r[key] for r in points], [100 * r["ppl_increase"] for r in points], "-", label=method)
+                for r in points:
+                    ax.plot(100 * r[key], 100 * r["ppl_increase"], "o", color=line[0].get_color(), ms=8 if r[mark] else 4)
+            ax.set_xlabel(label)
             ax.grid(alpha=0.3)
+        axes[0, 0].set_ylabel("continuation perplexity increase (%)")
+        axes[0, -1].legend(fontsize=8)
 
     return plot
 

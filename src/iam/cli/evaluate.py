@@ -184,7 +184,8 @@ def run_tradeoff(args: argparse.Namespace) -> int:
         args.local_windows,
     )
     result["text"] = args.text or args.dataset
-    columns = ["method", "ratio", "budget", "llm_kv_dropped", "total_kv", "ppl_increase", "prefill_flops", "on_frontier"]
+    columns = ["method", "ratio", "budget", "llm_kv_dropped", "total_kv_dropped", "total_kv_dropped_at_72b", "ppl_increase"]
+    columns += ["prefill_flops", *tradeoff.AXES]
     return finish(args, "kv-tradeoff", result, columns, tradeoff_plot(result["rows"]))
 
 

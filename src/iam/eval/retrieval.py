@@ -35,10 +35,9 @@ import torch
 from ..core.eviction import repeat_prompt
 from ..core.model import IAMForCausalLM
 from ..core.setup import Setup, build, configured, parse_setup, parse_setups  # noqa: F401  (re-exported)
-from ..models.presets import total_kept_at
 from . import data
 from .runs import side_by_side
-from .tradeoff import dominates
+from .tradeoff import AXES, kv_shares, mark_frontiers  # noqa: F401  (AXES, kv_shares: re-exported)
 
 PROTOCOLS = ("agnostic", "aware")
 FILLERS = ("prose", "code")
@@ -502,32 +501,11 @@ def summarize(setup: Setup, task: str, answers: Sequence[dict], bins: int, conte
     }
 
 
-AXES = {"on_frontier": "llm_kv_dropped", "on_total_frontier": "total_kv_dropped", "on_72b_frontier": "total_kv_dropped_at_72b"}
-"""The frontier marks of a row, each on its own KV axis: the LLM's own KV dropped, the total (the SLM's included)
-dropped, and the total projected to the paper's pair (``kv_shares``)."""
-
-
-def kv_shares(kv: dict) -> dict:
-    """A cache's KV shares from its ``kv_bytes``: ``llm_kv_dropped``, ``total_kv`` (kept, the SLM's included, over the
-    LLM alone's) and ``total_kv_dropped_at_72b``, the total the same configuration would drop at Qwen2-72B with
-    Qwen2-0.5B (``presets.total_kept_at``: a projection, arithmetic from the presets)."""
-    slm_kept = kv["slm"] / kv["slm_baseline"] if kv["slm_baseline"] else 0.0
-    return {
-        "llm_kv_dropped": 1 - kv["llm"] / kv["baseline"],
-        "total_kv": kv["total"] / kv["baseline"],
-        "total_kv_dropped_at_72b": 1 - total_kept_at(kv["llm"] / kv["baseline"], slm_kept),
-    }
-
-
 def frontier(rows: list[dict]) -> None:
-    """Mark each row ``on_frontier`` (and ``on_total_frontier``, ``on_72b_frontier``: see ``AXES``) per task and
-    length: no other configuration of the task drops at least as much KV on that axis with at least its accuracy,
-    and is strictly better in one."""
-    for row in rows:
-        rivals = [r for r in rows if (r["task"], r.get("tokens")) == (row["task"], row.get("tokens"))]
-        for mark, axis in AXES.items():
-            on = lambda r, axis=axis: {"llm_kv_dropped": r[axis], "accuracy": r["accuracy"]}
-            row[mark] = not any(dominates(on(r), on(row), lambda x: x["accuracy"]) for r in rivals)
+    """Mark each row ``on_frontier`` (and ``on_total_frontier``, ``on_72b_frontier``: see ``tradeoff.AXES``) per task
+    and length: no other configuration of the task drops at least as much KV on that axis with at least its
+    accuracy, and is strictly better in one."""
+    mark_frontiers(rows, lambda r: r["accuracy"], lambda a, b: (a["task"], a.get("tokens")) == (b["task"], b.get("tokens")))
 
 
 def eval_retrieval(

@@ -12,7 +12,7 @@ from ..bench.costs import prefill_flops
 from ..core.config import MappingConfig
 from ..core.eviction import make_policy
 from ..core.model import IAMForCausalLM
-from ..models.presets import Arch
+from ..models.presets import Arch, total_kept_at
 from .perplexity import check_context, perplexity
 from .runs import Config, relative_to_first, side_by_side
 
@@ -22,6 +22,35 @@ def dominates(a: dict, b: dict, quality: Callable[[dict], float] = lambda r: -r[
     better; default: a smaller perplexity increase), and is strictly better in one."""
     more, better = a["llm_kv_dropped"] >= b["llm_kv_dropped"], quality(a) >= quality(b)
     return more and better and (a["llm_kv_dropped"], quality(a)) != (b["llm_kv_dropped"], quality(b))
+
+
+AXES = {"on_frontier": "llm_kv_dropped", "on_total_frontier": "total_kv_dropped", "on_72b_frontier": "total_kv_dropped_at_72b"}
+"""The frontier marks of a row, each on its own KV axis: the LLM's own KV dropped, the total (the SLM's included)
+dropped, and the total projected to the paper's pair (``kv_shares``)."""
+
+
+def kv_shares(kv: dict) -> dict:
+    """A cache's KV shares from its ``kv_bytes``: ``llm_kv_dropped``, ``total_kv`` (kept, the SLM's included, over the
+    LLM alone's) and ``total_kv_dropped_at_72b``, the total the same configuration would drop at Qwen2-72B with
+    Qwen2-0.5B (``presets.total_kept_at``: a projection, arithmetic from the presets)."""
+    slm_kept = kv["slm"] / kv["slm_baseline"] if kv["slm_baseline"] else 0.0
+    return {
+        "llm_kv_dropped": 1 - kv["llm"] / kv["baseline"],
+        "total_kv": kv["total"] / kv["baseline"],
+        "total_kv_dropped_at_72b": 1 - total_kept_at(kv["llm"] / kv["baseline"], slm_kept),
+    }
+
+
+def mark_frontiers(
+    rows: list[dict], quality: Callable[[dict], float], rivals: Callable[[dict, dict], bool] = lambda a, b: True
+) -> None:
+    """Mark each row on each KV axis of ``AXES``: no rival (``rivals(other, row)``) drops at least as much KV on that
+    axis with at least its ``quality`` (higher is better), and is strictly better in one."""
+    for row in rows:
+        others = [r for r in rows if rivals(r, row)]
+        for mark, axis in AXES.items():
+            on = lambda r, axis=axis: {"llm_kv_dropped": r[axis], "quality": quality(r)}
+            row[mark] = not any(dominates(on(r), on(row), lambda x: x["quality"]) for r in others)
 
 
 def eval_kv_tradeoff(
@@ -42,9 +71,10 @@ def eval_kv_tradeoff(
     each policy at each of ``combined_budgets``; every point against the LLM alone.
 
     Rows carry ``llm_kv_dropped`` (of the LLM's own KV, measured on the cache at the end of the first window),
-    ``total_kv`` (LLM + SLM over the LLM alone), ``ppl_increase`` of the continuation, ``prefill_flops`` of the
-    context relative to the LLM alone (mapping's arithmetic; eviction saves none and its scoring is not counted),
-    and ``on_frontier``: no other point drops at least as much of the LLM's KV for a smaller increase."""
+    ``total_kv`` (LLM + SLM over the LLM alone) and ``total_kv_dropped``, ``total_kv_dropped_at_72b`` (``kv_shares``),
+    ``ppl_increase`` of the continuation, ``prefill_flops`` of the context relative to the LLM alone (mapping's
+    arithmetic; eviction saves none and its scoring is not counted), and a frontier mark per KV axis (``AXES``):
+    ``on_frontier`` when no other point drops at least as much of the LLM's KV for a smaller increase, and so on."""
     check_context(context, windows[0].shape[1], base, ratios)
     mapped = [r for r in ratios if r]
     points = [(0.0, 0, None, None)] + [(0.0, 0, p, b) for p in policies for b in budgets]
@@ -63,15 +93,15 @@ def eval_kv_tradeoff(
         n = iam.resolved.layers_worth
         w = label["local_window"]
         local = iam.mapping_config.sinks + w if w else 0
+        shares = kv_shares(kv)
         return {
             "ppl": ppl,
-            "llm_kv_dropped": 1 - kv["llm"] / kv["baseline"],
-            "total_kv": kv["total"] / kv["baseline"],
+            **shares,
+            "total_kv_dropped": 1 - shares["total_kv"],
             "prefill_flops": prefill_flops(big, small, n, context, local) / prefill_flops(big, small, 0, context),
             "mapped_layers": units,
         }
 
     rows = relative_to_first(side_by_side(llm, slm, configs, score, progress=progress, desc="kv-tradeoff"), "ppl", "ppl_increase")
-    for row in rows:
-        row["on_frontier"] = not any(dominates(other, row) for other in rows)
+    mark_frontiers(rows, lambda r: -r["ppl_increase"])
     return {"rows": rows, "context": context, "tokens": windows[0].shape[1]}
