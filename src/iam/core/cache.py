@@ -447,6 +447,11 @@ class Signature:
         raise ValueError(f"this cache was made for {what}: use model.new_cache().")
 
 
+def _slots(valid: torch.Tensor, attention_mask: torch.Tensor, new: int) -> torch.Tensor:
+    """The 2D mask over kept slots ``valid`` (``[B, S]``) and the ``new`` tokens' part of the caller's mask."""
+    return torch.cat([valid.long(), attention_mask[:, -new:].to(valid.device)], -1)
+
+
 class IAMCache(Cache):
     """The cache of an ``IAMForCausalLM`` call: the LLM's layers (``self.layers``), the SLM's cache (``self.slm``)
     and, once the context has reached ``establish_threshold``, the ``Mapping`` (``self.mapping``).
@@ -569,14 +574,12 @@ class IAMCache(Cache):
     def slot_mask(self, attention_mask: torch.Tensor, new: int) -> torch.Tensor:
         """The 2D mask over this forward's cache slots and ``new`` tokens in the layers that follow the kept set: the
         caller's, or, once tokens are evicted, the kept slots' validity and the new tokens' part of the caller's."""
-        if self.kept is None:
-            return attention_mask
-        return torch.cat([self.kept.valid.long(), attention_mask[:, -new:]], -1)
+        return attention_mask if self.kept is None else _slots(self.kept.valid, attention_mask, new)
 
     def own_slot_masks(self, attention_mask: torch.Tensor, new: int) -> dict[int, torch.Tensor]:
         """``slot_mask`` of each LLM layer whose KV groups keep slots of their own (``Kept.own``)."""
         own = {} if self.kept is None else self.kept.own
-        return {i: torch.cat([v.long(), attention_mask[:, -new:].to(v.device)], -1) for i, v in own.items()}
+        return {i: _slots(valid, attention_mask, new) for i, valid in own.items()}
 
     def track(self, attention_mask: torch.Tensor, positions: torch.Tensor) -> None:
         """Record the slots just written (``[B, t]`` mask and true positions), where a policy evicts."""

@@ -366,18 +366,17 @@ class Kept:
                 p = _protect(p, (old < protect[1]) | (old > first - protect[0]))
             return p.masked_fill(~valid, -math.inf)
 
-        index = _best(priority(self.scores), keep)
-        pad = index < 0
         own: dict[int, torch.Tensor] = {}
         if rows:
             p = priority(torch.stack([r.to(self.scores.device) for r in rows.values()], 1))  # [B, L, KV heads, S]
             counts = keep[:, None].expand(p.shape[:2]) if policy.layerwise else _allocate(p, keep)
-            for (layer, row), count in zip(zip(rows, p.unbind(1)), counts.unbind(1)):
+            for layer, row, count in zip(rows, p.unbind(1), counts.unbind(1)):
                 kept = _best(row, count[:, None].expand(row.shape[:2]))
                 own[layer] = kept.clamp(min=0)
                 self.own[layer] = kept[:, 0] >= 0
-        self.valid = self.valid.gather(-1, index.clamp(min=0)) & ~pad
-        index = index.clamp(min=0)
+        index = _best(priority(self.scores), keep)
+        pad, index = index < 0, index.clamp(min=0)
+        self.valid = self.valid.gather(-1, index) & ~pad
         self.positions, self.scores = self.positions.gather(-1, index), self.scores.gather(-1, index)
         return index, own
 
