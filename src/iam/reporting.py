@@ -44,7 +44,28 @@ def provenance(argv: Sequence[str]) -> dict:
         "git_commit": commit,
         "git_dirty": None if commit is None else bool(git("status", "--porcelain", "--untracked-files=no")),
         "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **machine(),
     }
+
+
+def machine() -> dict:
+    """The CPU a timing ran on: absolute times differ several-fold between machines of one kind, so timed rows
+    carry ``cpu`` (its model name), ``cpu_isa`` (the widest bfloat16 path: ``amx``, ``avx512_bf16``, else torch's
+    vector capability, e.g. ``AVX2``) and ``threads`` (torch's intra-op threads); ``cuda`` names the GPU, if any."""
+    flags, name = set(), platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    isa = "amx" if "amx_bf16" in flags else "avx512_bf16" if "avx512_bf16" in flags else torch.backends.cpu.get_cpu_capability()
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"cpu": name, "cpu_isa": isa, "threads": torch.get_num_threads(), "cuda": gpu}
 
 
 def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
