@@ -374,7 +374,13 @@ def test_two_models_each_run_their_own_kernels(monkeypatch):
         assert bool(calls) == flexed
         assert out.cache.mapping.summary()["kernels"] == model.kernels.summary()
     assert torch.allclose(forward(on_flex, ids).logits, forward(on_sdpa, ids).logits, atol=1e-4)
-    assert on_flex.kernels.summary() == {"flex_from": 32, "flex_devices": ["cpu"], "chunk_elements": 1 << 23, "min_chunk": 16}
+    assert on_flex.kernels.summary() == {
+        "flex_from": 32,
+        "flex_devices": ["cpu"],
+        "window_sdpa": True,
+        "chunk_elements": 1 << 23,
+        "min_chunk": 16,
+    }
 
 
 @pytest.mark.parametrize(

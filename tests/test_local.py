@@ -172,21 +172,32 @@ def test_the_window_runs_in_half_precision(twin, dtype, flex_from):
     assert model.generate(ids, **tokens).shape == (2, ids.shape[1] + 6)
 
 
+FAST = {  # the fast kernels of the window's prefill, each chosen by its options, and where each runs
+    "local_flex": (Kernels(flex_from=20), "cuda"),
+    "local_sdpa": (Kernels(flex_from=None), "cpu"),
+}
+ON_CUDA = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's window runs on CUDA")]
+
+
+@pytest.mark.parametrize("kernel", [pytest.param("local_flex", marks=ON_CUDA), "local_sdpa"])
 @pytest.mark.parametrize("blend", [1, 2])
-def test_flex_prefill_equals_the_reference(pair, blend, monkeypatch):
-    """From ``Kernels.flex_from`` on, the local window's prefill runs on FlexAttention (``iam.core.kernels.local``); it
-    agrees with the chunked reference on a padded batch, per KV group, with blend, in a continuation, and the cache
-    it leaves decodes and beam-searches alike."""
+def test_fast_prefill_equals_the_reference(pair, blend, kernel, monkeypatch):
+    """The local window's prefill on FlexAttention (``flex_devices``, from ``flex_from`` on) and on a CPU's fused
+    SDPA with its log-sum-exp (``window_sdpa``) agree with the chunked reference on a padded batch, per KV group,
+    with blend, in a continuation, and the cache each leaves decodes and beam-searches alike. (Compiled
+    FlexAttention on a CPU, torch 2.13, gave one sequence of a padded pair wrong rows where eager FlexAttention
+    did not: FlexAttention serves ``flex_devices``, CUDA by default.)"""
     import iam.core.kernels.local as local
 
-    llm, slm = pair
-    ids, mask = batch()
+    kernels, device = FAST[kernel]
+    llm, slm = (m.to(device) for m in pair)
+    ids, mask = (x.to(device) for x in batch())
     settings = dict(layers=UNITS, blend=blend, local_window=8, local_sinks=2, truncation_threshold=20)
     tokens = dict(attention_mask=mask, max_new_tokens=6, num_beams=2, do_sample=False)
     tokens.update(output_scores=True, return_dict_in_generate=True)
 
-    def run(flex_from: int | None) -> tuple:
-        model = iam(llm, slm, kernels=Kernels(flex_from=flex_from), **settings)
+    def run(kernels: Kernels) -> tuple:
+        model = iam(llm, slm, kernels=kernels, **settings)
         whole = forward(model, ids, mask).logits
         first = forward(model, ids[:, :40], mask[:, :40]).cache
         rest = forward(model, ids[:, 40:], mask, cache=first).logits
@@ -194,18 +205,18 @@ def test_flex_prefill_equals_the_reference(pair, blend, monkeypatch):
         return whole, rest, step, model.generate(ids, **tokens)
 
     calls = []
-    real = local.local_flex
-    monkeypatch.setattr(attention, "local_flex", lambda *a: calls.append(a[0].shape[2]) or real(*a))
-    reference = run(None)
+    real = getattr(local, kernel)
+    monkeypatch.setattr(attention, kernel, lambda *a: calls.append(a[0].shape[2]) or real(*a))
+    reference = run(Kernels(flex_from=None, window_sdpa=False))
     assert not calls
-    flex = run(20)
-    assert 60 in calls and 20 in calls and 40 in calls  # the prefill, the continuation and the first part ran flex
+    fast = run(kernels)
+    assert 60 in calls and 20 in calls and 40 in calls  # the prefill, the continuation and the first part ran it
     real_rows = mask.bool()
-    assert (flex[0] - reference[0])[real_rows].abs().max() < 1e-4
-    assert (flex[1] - reference[1])[real_rows[:, 40:]].abs().max() < 1e-4
-    assert (flex[2] - reference[2]).abs().max() < 1e-4
-    assert torch.equal(flex[3].sequences, reference[3].sequences)
-    assert all((a - b).abs().max() < 1e-4 for a, b in zip(flex[3].scores, reference[3].scores))
+    assert (fast[0] - reference[0])[real_rows].abs().max() < 1e-4
+    assert (fast[1] - reference[1])[real_rows[:, 40:]].abs().max() < 1e-4
+    assert (fast[2] - reference[2]).abs().max() < 1e-4
+    assert torch.equal(fast[3].sequences, reference[3].sequences)
+    assert all((a - b).abs().max() < 1e-4 for a, b in zip(fast[3].scores, reference[3].scores))
 
 
 def test_tuning_through_the_window_keeps_flex_off_a_cpu(pair):

@@ -23,7 +23,7 @@ from .cache import LocalKeys
 from .decoder import attend, local_window, project_qk, project_v, runs, softcap
 from .families import FULL, SLIDING
 from .kernels import Kernels
-from .kernels.local import local_chunked, local_flex
+from .kernels.local import local_chunked, local_flex, local_sdpa
 from .kernels.prefill import flex_prefill, sdpa_prefill
 from .mapping import HeadMap, Mapping, SLMWindow, window_attention
 from .parallel import rank_map, shard_of
@@ -158,7 +158,7 @@ class MappedAttention:
         some_q = slm.queries[0]
         t, d_s = some_q.shape[2], some_q.shape[-1]
         causal = attention_mask is None and d_s != d and total == t and slm.softcap is None
-        if causal and self.kernels.flex(t, False, d_s, v, some_q):
+        if causal and self.kernels.flex(t, d_s, v, some_q):
             return routes.from_items(flex_prefill(routes, v, slm))
         return routes.from_items(sdpa_prefill(routes, v, attention_mask, slm, self.kernels))
 
@@ -181,16 +181,19 @@ class MappedAttention:
 
         so where the window covers every slot the head is exactly the LLM's own. ``v`` ``[B, G, S, d]`` holds the
         mapped groups' V of every slot; ``starts`` ``[B]`` each sequence's first real slot. Where ``Kernels.flex``
-        says so, prefills run on FlexAttention (``local_flex``); otherwise, and in decode, on the chunked reference
-        (``local_chunked``; both in ``iam.core.kernels.local``). Returns ``[B, H_m, t, d]``."""
+        says so, prefills run on FlexAttention (``local_flex``), else on a CPU on fused SDPA and the band
+        (``local_sdpa``); otherwise, and in decode, on the chunked reference (``local_chunked``; all in
+        ``iam.core.kernels.local``). Returns ``[B, H_m, t, d]``."""
         q, k = project_qk(self.original, hidden_states, *position_embeddings, self.groups)
         sink_k, recent_k = keys.update(k, None, {"starts": starts})
         t, d = q.shape[2:]
         args = (q, sink_k, recent_k, v, slm, routes, starts.to(v.device), keys.sinks, keys.window, self.original.scaling)
-        if self.kernels.flex(t, True, slm.queries[0].shape[-1], v, q, slm.queries[0]):
+        if self.kernels.flex(t, slm.queries[0].shape[-1], v, q, slm.queries[0]):
             exact, borrowed = local_flex(*args)
             mixed = routes.from_items(borrowed)
             return mixed[..., :d] + mixed[..., d:] * exact
+        if t > 1 and self.kernels.window_sdpa and v.device.type == "cpu":
+            return local_sdpa(*args, self.kernels)
         return local_chunked(*args, attention_mask, self.kernels)
 
 

@@ -1,7 +1,8 @@
 """The kernels of mapped attention, chosen by a value: ``Kernels``, fixed once per model
 (``IAMForCausalLM(..., kernels=Kernels(...))``) and handed to each ``MappedAttention``, whose ``Kernels.flex``
 decides where FlexAttention runs. ``flex``: the compiled FlexAttention kernel; ``prefill``: plain mapped prefill
-(FlexAttention, padded SDPA, soft-capped); ``local``: the exact local window (FlexAttention, chunked)."""
+(FlexAttention, padded SDPA, soft-capped); ``local``: the exact local window (FlexAttention, SDPA with its
+log-sum-exp and the band, chunked)."""
 
 from __future__ import annotations
 
@@ -19,13 +20,15 @@ class Kernels:
 
     Parameters
     ----------
-    flex_from : prefill length (new tokens) from which mapped attention runs FlexAttention: the local window on any
-        device, plain mapped prefill on ``flex_devices`` only; ``None``: never (padded SDPA and the chunked local
-        window). Below one flex block of 128 tokens FlexAttention compiles a second kernel, for an attention cost
-        that is negligible there (how the default was chosen: docs/results.md).
-    flex_devices : device types (``torch.device.type``) where mapped prefill without a local window runs
+    flex_from : prefill length (new tokens) from which mapped attention runs FlexAttention on ``flex_devices``;
+        ``None``: never. Below one flex block of 128 tokens FlexAttention compiles a second kernel, for an attention
+        cost that is negligible there (how the default was chosen: docs/results.md).
+    flex_devices : device types (``torch.device.type``) where mapped prefill, plain or with the local window, runs
         FlexAttention. On a CPU the fused SDPA kernel, with the SLM's q/k zero-padded to the LLM's head size, ran as
-        fast or faster through the whole model (docs/results.md); the local window has no SDPA form.
+        fast or faster through the whole model (docs/results.md), and it returns the log-sum-exp that the local
+        window needs (``window_sdpa``).
+    window_sdpa : the local window's prefill off FlexAttention on a CPU runs fused SDPA and the band
+        (``local.local_sdpa``); ``False``: the chunked reference (``local.local_chunked``), as on other devices.
     chunk_elements : elements of the largest probability block ``[B, columns, chunk, S]`` that one query chunk of
         the chunked local window, or of soft-capped attention (Gemma 2), holds.
     min_chunk : fewest queries per chunk of the chunked local window, however long the context (bounds the loop).
@@ -33,6 +36,7 @@ class Kernels:
 
     flex_from: int | None = 256
     flex_devices: tuple[str, ...] = ("cuda",)
+    window_sdpa: bool = True
     chunk_elements: int = 1 << 23
     min_chunk: int = 16
 
@@ -43,16 +47,17 @@ class Kernels:
         if not isinstance(devices, (tuple, list)) or not all(isinstance(d, str) for d in devices):
             raise ValueError(f"flex_devices must be a tuple of device types such as ('cuda',), got {self.flex_devices!r}.")
         object.__setattr__(self, "flex_devices", tuple(devices))
+        if not isinstance(self.window_sdpa, bool):
+            raise ValueError(f"window_sdpa must be True or False, got {self.window_sdpa!r}.")
         for name in ("chunk_elements", "min_chunk"):
             if not _positive(getattr(self, name)):
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}.")
 
-    def flex(self, tokens: int, local: bool, qk_dim: int, v: torch.Tensor, *inputs: torch.Tensor) -> bool:
-        """Whether a prefill of ``tokens`` new tokens (the local window's if ``local``), with q/k of size ``qk_dim``
-        and the mapped groups' ``v``, runs FlexAttention: from ``flex_from`` on, the local window on any device,
-        plain mapped prefill on ``flex_devices``; where it runs on ``v`` and ``inputs`` (``flex_serves``) and
-        compiles (``flex_ready``). Otherwise padded SDPA, or the chunked local window."""
-        if self.flex_from is None or tokens < self.flex_from or not (local or v.device.type in self.flex_devices):
+    def flex(self, tokens: int, qk_dim: int, v: torch.Tensor, *inputs: torch.Tensor) -> bool:
+        """Whether a prefill of ``tokens`` new tokens, with q/k of size ``qk_dim`` and the mapped groups' ``v``, runs
+        FlexAttention: from ``flex_from`` on, on ``flex_devices``, where it runs on ``v`` and ``inputs``
+        (``flex_serves``) and compiles (``flex_ready``)."""
+        if self.flex_from is None or tokens < self.flex_from or v.device.type not in self.flex_devices:
             return False
         return flex_serves(*inputs, v) and flex_ready(v.device, v.dtype, qk_dim, v.shape[-1], self.flex_from)
 

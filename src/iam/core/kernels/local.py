@@ -237,3 +237,147 @@ def _slm_rows(
     visible = (slots <= seen) & (slots >= first_real)  # [B, c, S]
     probs = scores.masked_fill(~visible[:, None], -math.inf).softmax(-1).nan_to_num(0.0)
     return probs[torch.arange(q.shape[0], device=q.device)[:, None], routes.item_of_column]
+
+
+def local_sdpa(
+    q: torch.Tensor,
+    sink_k: torch.Tensor,
+    recent_k: torch.Tensor,
+    v: torch.Tensor,
+    slm: SLMStep,
+    routes: Routes,
+    starts: torch.Tensor,
+    sinks: int,
+    window: int,
+    scaling: float,
+    kernels: Kernels,
+) -> torch.Tensor:
+    """The local window's prefill on a CPU, without FlexAttention. Each item's borrowed attention over every visible
+    slot runs the fused SDPA kernel, which also returns its log-sum-exp ``L``; the near slots' share of it,
+    ``sum_near exp(s_j - L) [v_j, 1]``, computed on the band only (``band``), is taken away, which leaves
+    ``sum_far a_j v_j`` and the near mass ``1 - m``. The exact part reads the band too. Arguments as for
+    ``local_flex``; ``kernels.chunk_elements`` bounds the band's blocks. Returns ``[B, H_m, t, d]``."""
+    b, h, t, d = q.shape
+    g, total = v.shape[1], v.shape[2]
+    past, first_recent = total - t, total - recent_k.shape[2]
+    rows = torch.arange(b, device=v.device)[:, None]
+    qi, ki = slm.items(routes, v.dtype)
+    ki, vi = ki[:, :, ki.shape[2] - total :], v[rows, routes.item_kv]  # [B, U, S, .]
+    borrowed, lse = _sdpa_lse(qi, ki, vi, starts, past, slm.scaling)
+    at_sinks = (starts[:, None] + torch.arange(sinks, device=v.device))[:, None, :, None]  # [B, 1, sinks, 1]
+
+    def sink(x: torch.Tensor) -> torch.Tensor:
+        return x.gather(2, at_sinks.expand(*x.shape[:2], sinks, x.shape[-1]))
+
+    near, mass = band(
+        qi[:, :, None], sink(ki), sink(vi), ki, vi, 0, starts, past, sinks, window, slm.scaling, kernels, lse[:, :, None]
+    )
+    items = torch.cat([borrowed.float() - near[:, :, 0], mass[:, :, 0, :, None]], -1)  # [B, U, t, d + 1]
+    exact, _ = band(
+        q.view(b, g, h // g, t, d),
+        *(sink_k, sink(v), recent_k, v[:, :, first_recent:], first_recent),
+        *(starts, past, sinks, window, scaling, kernels),
+    )
+    mixed = routes.from_items(items)
+    return (mixed[..., :d] + mixed[..., d:] * exact.view(b, h, t, d)).to(v.dtype)
+
+
+def _sdpa_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor, past: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused CPU attention of ``q`` ``[B, U, t, d_s]`` (at slots ``past ..``) over ``k``, ``v`` ``[B, U, S, .]``, each
+    query reading its sequence's real slots up to its own, and the log-sum-exp of its logits ``[B, U, t]`` (float32).
+    The kernel needs one head size: q/k or V are zero-padded. Queries that see nothing give zeros."""
+    d_s, total, d = q.shape[-1], k.shape[2], v.shape[-1]
+    width = max(d_s, d)
+    q, k, v = (F.pad(x, (0, width - x.shape[-1])) for x in (q, k, v))
+    mask = None
+    if past or bool(starts.any()):
+        slots = torch.arange(total, device=q.device)
+        seen = torch.arange(past, total, device=q.device)[:, None]
+        visible = (slots <= seen) & (slots >= starts.view(-1, 1, 1, 1))  # [B, 1, t, S]
+        mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, -math.inf)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, mask is None, attn_mask=mask, scale=scale)
+    return out[..., :d], lse
+
+
+def band(
+    q: torch.Tensor,
+    sink_k: torch.Tensor,
+    sink_v: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    first: int,
+    starts: torch.Tensor,
+    past: int,
+    sinks: int,
+    window: int,
+    scaling: float,
+    kernels: Kernels,
+    lse: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention of each query to its near slots only: its sequence's sinks up to the query, and the ``window``
+    latest slots up to it that are past the sinks. Queries run in blocks of ``window``, each block reading the
+    ``2 * window`` slots that end with it (as many blocks at once as ``kernels.chunk_elements`` allows).
+
+    Parameters
+    ----------
+    q : ``[B, G, P, t, d_q]``: ``P`` queries per KV group, at slots ``past ..``.
+    sink_k, sink_v : ``[B, G, sinks, .]`` each sequence's sink keys and values.
+    k, v : ``[B, G, T, .]`` keys and values of the slots ``first ..`` (at least the window of every query).
+    starts : ``[B]`` each sequence's first real slot.
+    scaling : of the logits.
+    lse : ``[B, G, P, t]``, or ``None``: the normaliser of the weights ``exp(s - lse)``; ``None``: the softmax over
+        the near slots.
+
+    Returns
+    -------
+    out : ``[B, G, P, t, d_v]`` the weighted sum of the near values, in float32.
+    mass : ``[B, G, P, t]`` the near weights' sum with ``lse``, else ``None``.
+    """
+    b, g, p, t, _ = q.shape
+    c = window
+    n, base = -(-t // c), past - c  # block j reads the slots base + j c .. base + j c + 2 c - 1
+    kb, vb = (_blocks(x, first, base, n, c) for x in (k, v))
+    q = F.pad(q, (0, 0, 0, n * c - t))
+    if lse is not None:
+        lse = F.pad(lse, (0, n * c - t))
+    first_real = starts.view(b, 1, 1, 1)
+    sink_slots = first_real + torch.arange(sinks, device=q.device)  # [B, 1, 1, sinks]
+    step = max(1, kernels.chunk_elements // (b * g * p * c * (sinks + 2 * c)))
+    outs, masses = [], []
+    for j in range(0, n, step):
+        m = min(j + step, n) - j
+        seen = torch.arange(past + j * c, past + (j + m) * c, device=q.device).view(m, c, 1)
+        slots = base + j * c + torch.arange(m, device=q.device).view(m, 1, 1) * c + torch.arange(2 * c, device=q.device)
+        near = torch.cat(  # [B, m, c, sinks + 2 c]
+            [
+                (sink_slots <= seen).expand(b, m, c, sinks),
+                (slots <= seen) & (slots > seen - window) & (slots >= first_real + sinks),
+            ],
+            -1,
+        )
+        qj = q[:, :, :, j * c : (j + m) * c].float().view(b, g, p, m, c, -1) * scaling
+        logits = torch.cat(
+            [qj @ sink_k.float()[:, :, None, None].transpose(-1, -2), qj @ kb[:, :, None, j : j + m].float().transpose(-1, -2)],
+            -1,
+        )  # [B, G, P, m, c, sinks + 2 c]
+        if lse is None:
+            weights = logits.masked_fill(~near[:, None, None], -math.inf).softmax(-1).nan_to_num(0.0)
+        else:
+            normaliser = lse[..., j * c : (j + m) * c].reshape(b, g, p, m, c, 1)
+            weights = torch.where(near[:, None, None], (logits - normaliser).exp(), 0.0)
+            masses.append(weights.sum(-1).flatten(3))
+        out = weights[..., :sinks] @ sink_v.float()[:, :, None, None] + weights[..., sinks:] @ vb[:, :, None, j : j + m].float()
+        outs.append(out.flatten(3, 4))
+    out = torch.cat(outs, 3)[:, :, :, :t]
+    return out, (torch.cat(masses, 3)[..., :t] if masses else None)
+
+
+def _blocks(x: torch.Tensor, first: int, base: int, n: int, c: int) -> torch.Tensor:
+    """``[B, G, n, 2 c, e]`` views of ``x`` ``[B, G, T, e]`` (``x[:, :, i]`` the slot ``first + i``): block ``j``
+    holds the slots ``base + j c .. base + j c + 2 c - 1``, zeros where ``x`` has none."""
+    lo, need = base - first, (n + 1) * c
+    x = x[:, :, lo:] if lo >= 0 else F.pad(x, (0, 0, -lo, 0))
+    x = x[:, :, :need] if x.shape[2] >= need else F.pad(x, (0, 0, 0, need - x.shape[2]))
+    return x.unfold(2, 2 * c, c).transpose(-1, -2)
