@@ -131,12 +131,13 @@ class LayerBench:
 
     def prefill_steps(self, eager: bool) -> list[Callable[[], None]]:
         """Prefill of ``tokens`` on a fresh cache: unmapped, mapped, with a local window also mapped on the chunked
-        reference kernel instead of FlexAttention, and, with ``eager``, unmapped with eager attention."""
+        reference kernel instead of the window's kernel (FlexAttention, or fused SDPA on a CPU), and, with
+        ``eager``, unmapped with eager attention."""
         mapped = self._mapped(self.tokens, self.tokens)
         run = lambda m: self._run(m, self._paired_cache(), 0, self.tokens)  # noqa: E731
         steps = [self.prefill, lambda: run(mapped)]
         if self.local:
-            reference = (self._attention(replace(self.kernels, flex_from=None)), *mapped[1:])
+            reference = (self._attention(replace(self.kernels, flex_from=None, window_sdpa=False)), *mapped[1:])
             steps.append(lambda: run(reference))
         return steps + [lambda: self.prefill("eager")] if eager else steps
 
@@ -240,7 +241,7 @@ def project(
                 "layer_prefill_s": layer_prefill,
                 "mapped_layer_prefill_s": mapped_prefill,
                 "reference_kernel_prefill_s": reference_prefill,
-                "flex_over_reference": mapped_prefill / reference_prefill if local else None,
+                "window_kernel_over_reference": mapped_prefill / reference_prefill if local else None,
                 "eager_layer_prefill_s": eager_prefill[0] if eager else None,
                 "layer_decode_s": layer_decode,
                 "mapped_layer_decode_s": mapped_decode,
