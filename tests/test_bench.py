@@ -173,7 +173,7 @@ def test_setups_the_budget_does_not_model_are_refused():
     unmapped layers, or holding an int8 cache, would be set against a wrong budget without a word."""
     from iam import MappingConfig
     from iam.bench.measure import measure
-    from iam.core.setup import parse_setups
+    from iam.eval.setup import parse_setups
 
     llm, slm = tiny("qwen2", 4, 64, 4, 2, 0), tiny("qwen2", 2, 32, 2, 1, 1)
     for configs in ("iam0.5+h2o@0.5:unmapped", "iam0.5+int8", "llm+int8", "llm+int4", "iam0.5+slm-int4", "kvzip@0.5"):
@@ -182,7 +182,7 @@ def test_setups_the_budget_does_not_model_are_refused():
 
 
 def test_the_llm_alone_with_an_int8_cache_is_not_the_llm_alone():
-    from iam.core.setup import parse_setups
+    from iam.eval.setup import parse_setups
 
     assert [s.label for s in parse_setups("llm+int8,iam0.5")] == ["llm", "llm+int8", "iam0.5"]
 
@@ -196,7 +196,7 @@ def test_measured_bench_drops_its_warm_up_round(monkeypatch):
     from iam import MappingConfig
     from iam.bench.measure import measure
     from iam.bench.memory import PeakMemory
-    from iam.core.setup import parse_setups
+    from iam.eval.setup import parse_setups
 
     slm_times = iter([{"ttft_s": 100.0, "tpot_s": 100.0}, {"ttft_s": 0.5, "tpot_s": 0.25}])  # the warm-up's, then a timed one
     monkeypatch.setattr("iam.bench.measure.time_slm", lambda *a: next(slm_times))

@@ -16,7 +16,7 @@ from ..core.cache import slm_cache
 from ..core.config import MappingConfig, check_mapped
 from ..core.kernels import Kernels
 from ..core.model import IAMForCausalLM
-from ..core.setup import Setup, build, configured
+from ..eval.setup import Setup, build, configured
 from ..models.placement import input_device
 from ..models.presets import Arch
 from ..reporting import with_baseline
@@ -97,7 +97,7 @@ def measure(
     progress: bool = True,
     kernels: Kernels = Kernels(),
 ) -> list[dict]:
-    """Run every setup (``iam.core.setup``; the first is the LLM alone, through its own ``generate()``) and the SLM
+    """Run every setup (``iam.eval.setup``; the first is the LLM alone, through its own ``generate()``) and the SLM
     alone, in turns, ``repeats`` times after a warm-up round; report medians with min and max. IAM's models run
     ``kernels``, which their rows report (``None`` for the LLM alone).
 

@@ -11,7 +11,7 @@ import torch
 from ..bench import costs, measure, profile, projection
 from ..bench.timing import allocator_note, timing_environment
 from ..core.config import MappingConfig, check_mapped
-from ..core.setup import Setup
+from ..eval.setup import Setup
 from ..models.presets import load_arch
 from ..reporting import markdown_table
 from .common import (

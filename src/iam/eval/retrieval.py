@@ -34,9 +34,9 @@ import torch
 
 from ..core.eviction import repeat_prompt
 from ..core.model import IAMForCausalLM
-from ..core.setup import Setup, build, configured, parse_setup, parse_setups  # noqa: F401  (re-exported)
 from . import data
 from .runs import side_by_side
+from .setup import Setup, build, configured, parse_setup, parse_setups  # noqa: F401  (re-exported)
 from .tradeoff import AXES, kv_shares, mark_frontiers  # noqa: F401  (AXES, kv_shares: re-exported)
 
 PROTOCOLS = ("agnostic", "aware")

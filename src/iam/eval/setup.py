@@ -7,10 +7,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, fields, replace
 
-from .config import MappingConfig
-from .eviction import EvictionPolicy, make_policy, parse_budget
-from .kernels import Kernels
-from .model import IAMForCausalLM, check_eviction
+from ..core.config import MappingConfig
+from ..core.eviction import EvictionPolicy, make_policy, parse_budget
+from ..core.kernels import Kernels
+from ..core.model import IAMForCausalLM, check_eviction
 
 
 @dataclass(frozen=True)
