@@ -16,6 +16,8 @@ from iam import IAMForCausalLM, MappingConfig
 from iam.cli import main
 from iam.core.eviction import H2O, POLICIES, SnapKV, StreamingLLM
 from iam.eval import retrieval
+from iam.eval.setup import Setup, parse_setup, parse_setups
+from iam.eval.tradeoff import kv_shares
 
 UNITS = [1, 3]  # whole layers mapped; 0 and 2 keep K and V
 
@@ -88,18 +90,18 @@ def test_needles_sit_at_the_asked_depths():
 )
 def test_bad_configurations_are_named(text, message):
     with pytest.raises(ValueError, match=message):
-        retrieval.parse_setup(text)
+        parse_setup(text)
 
 
 def test_a_configuration_given_twice_is_refused():
     with pytest.raises(ValueError, match=r"configurations \['iam0.5'\] are given more than once"):
-        retrieval.parse_setups("iam0.5,h2o@0.5,iam0.5")
+        parse_setups("iam0.5,h2o@0.5,iam0.5")
 
 
 def test_configurations_parse_and_the_llm_alone_comes_first():
-    setups = retrieval.parse_setups("iam0.5+w64+h2o@0.5:unmapped,snapkv@0.7")
+    setups = parse_setups("iam0.5+w64+h2o@0.5:unmapped,snapkv@0.7")
     assert [s.label for s in setups] == ["llm", "iam0.5+w64+h2o@0.5:unmapped", "snapkv@0.7"]
-    assert setups[1] == retrieval.Setup("iam0.5+w64+h2o@0.5:unmapped", 0.5, 64, "h2o", 0.5, "unmapped")
+    assert setups[1] == Setup("iam0.5+w64+h2o@0.5:unmapped", 0.5, 64, "h2o", 0.5, "unmapped")
     assert setups[2].ratio == 0 and setups[2].budget == 0.7
 
 
@@ -138,7 +140,7 @@ def test_the_frontier_is_by_kv_dropped_and_accuracy_per_task_and_length_on_each_
 
 def test_kv_shares_project_the_total_to_the_papers_pair():
     kv = {"llm": 40, "slm": 30, "total": 70, "baseline": 100, "slm_baseline": 60}
-    shares = retrieval.kv_shares(kv)
+    shares = kv_shares(kv)
     assert shares["llm_kv_dropped"] == pytest.approx(0.6) and shares["total_kv"] == pytest.approx(0.7)
     # Qwen2-0.5B's full cache is 24 x 2 x 64 / (80 x 8 x 128) = 3.75% of Qwen2-72B's per token
     assert shares["total_kv_dropped_at_72b"] == pytest.approx(1 - (0.4 + 0.5 * 0.0375))
@@ -360,7 +362,7 @@ def test_the_command_runs_side_by_side_resumes_and_reports(long_folders, tmp_pat
     with progress.open("ab") as f:
         f.write(b'{"key": ["llm", "passkey", 600, 1], "answers": [\n\xff\xfe not text\n[1, 2]\n{"key": "x"}\n{"key": ["ll')
     measure = retrieval.answer
-    monkeypatch.setattr(retrieval, "answer", lambda *a, **k: pytest.fail("measured again"))
+    monkeypatch.setattr(retrieval.run, "answer", lambda *a, **k: pytest.fail("measured again"))
     with pytest.warns(UserWarning, match=rf"{progress}: skipped line\(s\) \[17, 18, 19, 20, 21\], not a recorded answer"):
         assert main(argv) == 0
     assert json.loads(capsys.readouterr().out)["rows"] == rows
@@ -372,7 +374,7 @@ def test_the_command_runs_side_by_side_resumes_and_reports(long_folders, tmp_pat
         asked.append(sample.task)
         return measure(iam, tok, sample, *args)
 
-    monkeypatch.setattr(retrieval, "answer", counted)
+    monkeypatch.setattr(retrieval.run, "answer", counted)
     with pytest.warns(UserWarning, match="skipped"):
         assert main([*argv, "--n", "3", "--tasks", "passkey,multikey,vartrack"]) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
