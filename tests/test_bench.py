@@ -406,3 +406,27 @@ def test_analytic_h2o_composes_with_iam_at_the_papers_configuration(tmp_path, ca
     rows = json.loads(capsys.readouterr().out)["rows"]
     assert rows[0]["kv_ratio"] == pytest.approx(0.8) and rows[1]["kv_ratio"] == pytest.approx(0.63)
     assert rows[1]["tpot_limit"] > rows[0]["tpot_limit"] > 1  # a step reads less KV with eviction, less again with IAM
+
+
+@pytest.mark.parametrize(
+    "family, configs",
+    [("qwen2", "iam0.5,iam1.0+w8,llm+h2o@0.5"), ("gemma2", "iam0.5,iam1.0")],  # Gemma: its own windows, no eviction
+)
+def test_measured_bytes_are_the_caches_own(family, configs):
+    """The bench counts no bytes of its own: each IAM row's are ``IAMCache.kv_bytes`` of the same run, and the LLM
+    alone's equal what its own ``generate()`` leaves in its ``DynamicCache``."""
+    from iam import IAMForCausalLM, MappingConfig
+    from iam.bench.measure import measure, random_prompt, run_generate
+    from iam.eval.setup import configured, parse_setups
+
+    llm, slm = tiny(family, 4, 64, 4, 2, 0), tiny(family, 2, 32, 2, 1, 1)
+    at, setups = Scenario(24, 2, 3), parse_setups(configs)
+    rows = measure(llm, slm, setups, at, 1, MappingConfig(), progress=False)
+    ids = random_prompt(llm, at.batch, at.prompt, torch.Generator().manual_seed(0))
+    _, own = run_generate(llm, ids, at.new_tokens)
+    assert rows[0]["kv_bytes"] == sum(t.nbytes for layer in own.layers for t in (layer.keys, layer.values)) > 0
+    for setup, row in zip(setups[1:], rows[1:]):
+        iam = IAMForCausalLM(llm, slm, configured(MappingConfig(), setup), setup.eviction())
+        kv = run_generate(iam, ids, at.new_tokens)[1].kv_bytes()
+        assert (row["kv_bytes"], row["kv_llm_bytes"], row["kv_slm_bytes"]) == (kv["total"], kv["llm"], kv["slm"])
+        assert row["kv_ratio"] == kv["total"] / rows[0]["kv_bytes"]

@@ -113,6 +113,9 @@ def measure(
     device = input_device(llm)
     ids = random_prompt(llm, scenario.batch, scenario.prompt, torch.Generator().manual_seed(0))
     models = [llm if s.plain else build(llm, slm, base_config, s, kernels=kernels) for s in setups]
+    # The LLM alone runs through its own ``generate()``; its bytes are counted once, untimed, as IAM at ratio 0 holds
+    # them (``IAMCache.kv_bytes``, the one byte accounting).
+    alone_kv = run_generate(IAMForCausalLM(llm, slm, configs[0], kernels=kernels), ids, scenario.new_tokens)[1].kv_bytes()
     samples: list[list[dict]] = [[] for _ in [*setups, None]]  # the last: the SLM alone
     peaks: list[int] = [0] * len(setups)
     # Round 0 is a warm-up, dropped from the timings: it compiles FlexAttention and lets the allocator reach its
@@ -132,9 +135,8 @@ def measure(
             if isinstance(models[i], IAMForCausalLM):
                 kv, worth = cache.kv_bytes(), cache.mapping.layers_worth if cache.mapping else 0.0
                 units = cache.mapping.units if cache.mapping else []
-            else:  # the LLM alone's own DynamicCache: K and V of every layer
-                own = sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values))
-                kv, worth, units = {"llm": own, "slm": 0, "total": own}, 0.0, []
+            else:
+                kv, worth, units = alone_kv, 0.0, []
             sample = {**timings, "kv": kv, "layers_worth": worth, "units": units}
         if rep:
             samples[i].append(sample)
