@@ -101,8 +101,18 @@ def test_a_configuration_given_twice_is_refused():
 def test_configurations_parse_and_the_llm_alone_comes_first():
     setups = parse_setups("iam0.5+w64+h2o@0.5:unmapped,snapkv@0.7")
     assert [s.label for s in setups] == ["llm", "iam0.5+w64+h2o@0.5:unmapped", "snapkv@0.7"]
-    assert setups[1] == Setup("iam0.5+w64+h2o@0.5:unmapped", 0.5, 64, "h2o", 0.5, "unmapped")
+    assert setups[1] == Setup(0.5, 64, "h2o", 0.5, "unmapped")
+    assert setups[1].label == Setup(0.5, 64, "h2o", 0.5, "unmapped").label == "iam0.5+w64+h2o@0.5:unmapped"
     assert setups[2].ratio == 0 and setups[2].budget == 0.7
+
+
+def test_a_label_derived_from_values_parses_back_to_them():
+    setups = [Setup(), Setup(0.3), Setup(0.5, 64, "streaming", 0.5, "unmapped", "int8", "int8")]
+    setups += [Setup(policy="kvzip", budget=256, llm_cache="int4"), Setup(policy="draft-kvzip", budget=0.5, slm_cache="int4")]
+    for setup in setups:
+        assert parse_setup(setup.label) == setup and parse_setup(setup.label).label == setup.label
+    with pytest.raises(ValueError, match="'llm\\+w64': a local window needs mapped layers"):
+        Setup(local_window=64)
 
 
 def test_a_near_miss_is_one_character_off():

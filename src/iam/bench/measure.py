@@ -69,11 +69,25 @@ def spread(values: Sequence[float]) -> tuple[float, float, float]:
     return statistics.median(values), min(values), max(values)
 
 
+def ratio_setups(
+    ratios: Sequence[float],
+    local_window: int = 0,
+    policy: str | None = None,
+    budget: float | int | None = None,
+    scope: str = "all",
+    llm_cache: str = "native",
+) -> list[Setup]:
+    """The LLM alone (with ``policy`` too, where it evicts from every layer), then IAM at each nonzero ratio with the
+    local window, the policy and the LLM's cache: what ``iam bench`` measures without ``--configs``."""
+    alone = [Setup()] + ([Setup(policy=policy, budget=budget)] if policy and scope == "all" else [])
+    return alone + [Setup(r, local_window, policy, budget, scope, llm_cache) for r in ratios if r]
+
+
 def check_budgeted(setups: Sequence[Setup]) -> None:
     """Raise unless ``setups`` start with the LLM alone and each has a budget (``measure``): eviction over every
     layer, scored in the forward, and both caches in their own dtype."""
     if not setups or not setups[0].plain:
-        raise ValueError("setups must start with the LLM alone (Setup('llm')): every budget is set against it.")
+        raise ValueError("setups must start with the LLM alone (Setup()): every budget is set against it.")
     unbudgeted = [
         s.label
         for s in setups
