@@ -91,7 +91,7 @@ def demo(llm, slm, tokenizer, base, setups: Sequence[Setup], tokens: int = 1024,
     """One multikey context of about ``tokens`` tokens, cached and then asked about each of its needles, by each of
     ``setups``: per setup its answers, how many are right, and the LLM KV it dropped."""
     sample = make_samples(tokenizer, "multikey", 1, tokens, seed)[0]
-    configs = [({"method": s.label}, configured(base, s), s.eviction(repeat_prompt(tokenizer))) for s in setups]
+    configs = [({"method": s.label}, configured(base, s), s) for s in setups]
 
     def score(iam: IAMForCausalLM, label: dict) -> dict:
         answers = answer(iam, tokenizer, sample, "agnostic")
@@ -104,4 +104,4 @@ def demo(llm, slm, tokenizer, base, setups: Sequence[Setup], tokens: int = 1024,
             "seconds": sum(sec for _, _, sec in answers),
         }
 
-    return side_by_side(llm, slm, configs, score, progress=False)
+    return side_by_side(llm, slm, configs, score, progress=False, prompt=repeat_prompt(tokenizer))
