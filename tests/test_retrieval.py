@@ -413,6 +413,24 @@ def test_bad_settings_fail_before_loading(pair_folders, tmp_path, capsys, monkey
     assert code == 2 and message in capsys.readouterr().err
 
 
+def test_a_run_is_prepared_and_checked_before_any_weights_load(pair_folders):
+    """``retrieval.prepare`` refuses what ``iam eval retrieval`` refuses before loading (an eviction scope with no
+    layer to evict from, a context beyond the models' positions), and makes the samples otherwise."""
+    from iam.eval.setup import checked_configs
+    from iam.models.loading import load_tokenizer, read_configs
+
+    llm, slm = pair_folders
+    pair, tokenizer = read_configs(llm, slm), load_tokenizer(llm)
+    setups = parse_setups("iam1.0+streaming@0.5:unmapped")
+    configs = checked_configs(MappingConfig(strategy="back"), setups)
+    with pytest.raises(ValueError, match="this mapping leaves none"):
+        retrieval.prepare(tokenizer, *pair, setups, configs, ["passkey"], [160], 1)
+    with pytest.raises(ValueError, match="exceeds the models' 256 positions"):
+        retrieval.prepare(tokenizer, *pair, setups[:1], configs[:1], ["passkey"], [240], 1)
+    samples = retrieval.prepare(tokenizer, *pair, setups[:1], configs[:1], ["passkey"], [160], 2, seed=3)
+    assert samples == {("passkey", 160): retrieval.make_samples(tokenizer, "passkey", 2, 160, seed=3)}
+
+
 def test_a_length_that_fails_after_loading_is_refused_before(long_folders, tmp_path, capsys, monkeypatch):
     """A question longer than the 96 tokens kept for one passed the check, then failed after loading ("generate at
     most 0 new tokens"); kv at a short length ran fewer questions."""

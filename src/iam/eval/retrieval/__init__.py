@@ -18,7 +18,7 @@ answers, the frontier), ``run`` (the side-by-side run) and ``resume`` (the progr
 
 from .protocol import PROTOCOLS, answer, correct, encode, prompt_parts, samples_for
 from .resume import progress_file, read_progress, recorder
-from .run import demo, eval_retrieval
+from .run import demo, eval_retrieval, prepare
 from .statistics import copied_wrong, frontier, near_miss, summarize, wilson
 from .tasks import FILLERS, LENGTH_TOLERANCE, TASKS, Question, RetrievalTask, Sample, make_samples
 
@@ -39,6 +39,7 @@ __all__ = [
     "frontier",
     "make_samples",
     "near_miss",
+    "prepare",
     "progress_file",
     "prompt_parts",
     "read_progress",

@@ -4,14 +4,40 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from transformers import PretrainedConfig
+
+from ...core.config import MappingConfig
 from ...core.eviction import repeat_prompt
-from ...core.model import IAMForCausalLM
+from ...core.model import IAMForCausalLM, check_scope
+from ...core.resolution import resolve
 from ..runs import side_by_side
 from ..setup import Setup, build, configured
 from ..tradeoff import kv_shares
-from .protocol import answer, correct
+from .protocol import answer, correct, samples_for
 from .statistics import frontier, summarize
 from .tasks import Sample, make_samples
+
+
+def prepare(
+    tokenizer,
+    llm_config: PretrainedConfig,
+    slm_config: PretrainedConfig,
+    setups: Sequence[Setup],
+    configs: Sequence[MappingConfig],
+    tasks: Sequence[str],
+    tokens: Sequence[int],
+    n: int,
+    seed: int = 0,
+    spread: str = "even",
+    filler: str = "prose",
+) -> dict[tuple[str, int], list[Sample]]:
+    """A run's samples (``samples_for``), checked with everything else that needs no weights: each setup's eviction
+    scope against its config resolved for the pair (``check_scope``), and every context, question and answer within
+    both models' positions."""
+    for setup, config in zip(setups, configs):
+        check_scope(resolve(config, llm_config, slm_config), llm_config, setup.eviction())
+    limit = min(llm_config.max_position_embeddings, slm_config.max_position_embeddings)
+    return samples_for(tokenizer, tasks, tokens, n, limit, seed, spread, filler)
 
 
 def eval_retrieval(
