@@ -430,3 +430,14 @@ def test_measured_bytes_are_the_caches_own(family, configs):
         kv = run_generate(iam, ids, at.new_tokens)[1].kv_bytes()
         assert (row["kv_bytes"], row["kv_llm_bytes"], row["kv_slm_bytes"]) == (kv["total"], kv["llm"], kv["slm"])
         assert row["kv_ratio"] == kv["total"] / rows[0]["kv_bytes"]
+
+
+def test_the_benchs_own_setups_are_built_from_values():
+    """Without --configs the bench builds its Setups from the flags' values; their labels are the ones it wrote as
+    text before."""
+    from iam.bench.measure import ratio_setups
+
+    assert [s.label for s in ratio_setups([0, 0.5], 8, "h2o", 0.5)] == ["llm", "llm+h2o@0.5", "iam0.5+w8+h2o@0.5"]
+    unmapped = ratio_setups([0.3], 0, "h2o", 256, "unmapped", "int8")
+    assert [s.label for s in unmapped] == ["llm", "iam0.3+h2o@256:unmapped+int8"]
+    assert [s.label for s in ratio_setups([0.3, 0.5])] == ["llm", "iam0.3", "iam0.5"]

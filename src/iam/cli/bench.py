@@ -129,7 +129,7 @@ def bench_setups(args: argparse.Namespace) -> tuple[MappingConfig, list[Setup], 
         return setups_of(args, args.configs)
     ratios = args.ratios if args.ratios is not None else [0.3, 0.5]
     policy = (args.eviction, args.budget, args.eviction_scope) if args.eviction else ()
-    setups = measure.ratio_setups(ratios, args.local_window, *policy, args.llm_cache)
+    setups = measure.ratio_setups(ratios, args.local_window, *policy, llm_cache=args.llm_cache)
     return setups_of(args, setups, local_window=0, llm_cache="native")
 
 
