@@ -50,7 +50,7 @@ def run_generation(iam: IAMForCausalLM, tokenizer, batch: dict[str, torch.Tensor
 
 def demo_runs(llm, slm, tokenizer, configs: Sequence[MappingConfig], max_new_tokens: int) -> Iterator[dict]:
     """``PROMPTS`` generated greedily by each of ``configs`` in turn (``run_generation``'s results, each yielded when
-    done), after one short untimed run: the first pass pages the weights in from disk (seconds per GB)."""
+    done), after one short untimed run: the first pass pages the weights in from disk."""
     batch = prompt_batch(tokenizer, PROMPTS, chat=True)
     kwargs = {"do_sample": False, "pad_token_id": tokenizer.pad_token_id}
     run_generation(IAMForCausalLM(llm, slm, configs[-1]), tokenizer, batch, {**kwargs, "max_new_tokens": 2})
