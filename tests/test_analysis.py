@@ -11,8 +11,8 @@ import torch
 from conftest import WORD_VOCAB, char_tokenizer, prompt, tiny, word_tokenizer
 from iam import MappingConfig
 from iam.cli import main
-from iam.core.alignment import align_spans, attention_probs, restrict, token_spans
 from iam.eval import analysis, generation, sweep
+from iam.eval.alignment import align_spans, attention_probs, restrict, token_spans
 from iam.eval.perplexity import perplexity
 from iam.eval.windows import text_windows, window_texts
 

@@ -173,7 +173,7 @@ def test_setups_the_budget_does_not_model_are_refused():
     unmapped layers, or holding an int8 cache, would be set against a wrong budget without a word."""
     from iam import MappingConfig
     from iam.bench.measure import measure
-    from iam.core.setup import parse_setups
+    from iam.eval.setup import parse_setups
 
     llm, slm = tiny("qwen2", 4, 64, 4, 2, 0), tiny("qwen2", 2, 32, 2, 1, 1)
     for configs in ("iam0.5+h2o@0.5:unmapped", "iam0.5+int8", "llm+int8", "llm+int4", "iam0.5+slm-int4", "kvzip@0.5"):
@@ -182,7 +182,7 @@ def test_setups_the_budget_does_not_model_are_refused():
 
 
 def test_the_llm_alone_with_an_int8_cache_is_not_the_llm_alone():
-    from iam.core.setup import parse_setups
+    from iam.eval.setup import parse_setups
 
     assert [s.label for s in parse_setups("llm+int8,iam0.5")] == ["llm", "llm+int8", "iam0.5"]
 
@@ -196,7 +196,7 @@ def test_measured_bench_drops_its_warm_up_round(monkeypatch):
     from iam import MappingConfig
     from iam.bench.measure import measure
     from iam.bench.memory import PeakMemory
-    from iam.core.setup import parse_setups
+    from iam.eval.setup import parse_setups
 
     slm_times = iter([{"ttft_s": 100.0, "tpot_s": 100.0}, {"ttft_s": 0.5, "tpot_s": 0.25}])  # the warm-up's, then a timed one
     monkeypatch.setattr("iam.bench.measure.time_slm", lambda *a: next(slm_times))
@@ -406,3 +406,38 @@ def test_analytic_h2o_composes_with_iam_at_the_papers_configuration(tmp_path, ca
     rows = json.loads(capsys.readouterr().out)["rows"]
     assert rows[0]["kv_ratio"] == pytest.approx(0.8) and rows[1]["kv_ratio"] == pytest.approx(0.63)
     assert rows[1]["tpot_limit"] > rows[0]["tpot_limit"] > 1  # a step reads less KV with eviction, less again with IAM
+
+
+@pytest.mark.parametrize(
+    "family, configs",
+    [("qwen2", "iam0.5,iam1.0+w8,llm+h2o@0.5"), ("gemma2", "iam0.5,iam1.0")],  # Gemma: its own windows, no eviction
+)
+def test_measured_bytes_are_the_caches_own(family, configs):
+    """The bench counts no bytes of its own: each IAM row's are ``IAMCache.kv_bytes`` of the same run, and the LLM
+    alone's equal what its own ``generate()`` leaves in its ``DynamicCache``."""
+    from iam import IAMForCausalLM, MappingConfig
+    from iam.bench.measure import measure, random_prompt, run_generate
+    from iam.eval.setup import configured, parse_setups
+
+    llm, slm = tiny(family, 4, 64, 4, 2, 0), tiny(family, 2, 32, 2, 1, 1)
+    at, setups = Scenario(24, 2, 3), parse_setups(configs)
+    rows = measure(llm, slm, setups, at, 1, MappingConfig(), progress=False)
+    ids = random_prompt(llm, at.batch, at.prompt, torch.Generator().manual_seed(0))
+    _, own = run_generate(llm, ids, at.new_tokens)
+    assert rows[0]["kv_bytes"] == sum(t.nbytes for layer in own.layers for t in (layer.keys, layer.values)) > 0
+    for setup, row in zip(setups[1:], rows[1:]):
+        iam = IAMForCausalLM(llm, slm, configured(MappingConfig(), setup), setup.eviction())
+        kv = run_generate(iam, ids, at.new_tokens)[1].kv_bytes()
+        assert (row["kv_bytes"], row["kv_llm_bytes"], row["kv_slm_bytes"]) == (kv["total"], kv["llm"], kv["slm"])
+        assert row["kv_ratio"] == kv["total"] / rows[0]["kv_bytes"]
+
+
+def test_the_benchs_own_setups_are_built_from_values():
+    """Without --configs the bench builds its Setups from the flags' values; their labels are the ones it wrote as
+    text before."""
+    from iam.bench.measure import ratio_setups
+
+    assert [s.label for s in ratio_setups([0, 0.5], 8, "h2o", 0.5)] == ["llm", "llm+h2o@0.5", "iam0.5+w8+h2o@0.5"]
+    unmapped = ratio_setups([0.3], 0, "h2o", 256, "unmapped", "int8")
+    assert [s.label for s in unmapped] == ["llm", "iam0.3+h2o@256:unmapped+int8"]
+    assert [s.label for s in ratio_setups([0.3, 0.5])] == ["llm", "iam0.3", "iam0.5"]

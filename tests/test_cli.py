@@ -169,7 +169,7 @@ def test_a_parser_error_is_one_line_with_a_hint_to_help(capsys):
 def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(argv, tmp_path, capsys, monkeypatch):
     """It failed only after the whole evaluation (or the first tuning checkpoint), losing the results."""
     monkeypatch.setattr("iam.cli.common.load_checked", lambda *a, **k: pytest.fail("models were loaded"))
-    for module in ("iam.cli.tune", "iam.cli.evaluate"):
+    for module in ("iam.tuning.data", "iam.cli.evaluate"):
         monkeypatch.setattr(f"{module}.read_configs", lambda *a, **k: pytest.fail("configs were read"))
     file = tmp_path / "a-file"
     file.write_text("")

@@ -289,7 +289,7 @@ def test_blend_int8_window_and_eviction_where_served(new_family):
 def test_attention_across_tokenizers_reads_gemma_layers_as_they_attend():
     """``alignment.attention_probs`` (similarity across tokenizers) keeps every key of a local layer and its window:
     a local layer's rows are zero past the window, a global layer's are not."""
-    from iam.core.alignment import attention_probs
+    from iam.eval.alignment import attention_probs
 
     probs = attention_probs(tiny("gemma2", 2, 32, 2, 1, seed=1), prompt(20))  # [L, H, T, T]: layer 0 local, 1 global
     far = torch.ones(20, 20, dtype=torch.bool).tril(-LOCAL_WINDOW)

@@ -21,9 +21,9 @@ from conftest import FAMILIES, VOCAB, forward, left_pad, tiny
 from iam import STRATEGIES, IAMForCausalLM, MappingConfig
 from iam.core.eviction import POLICIES, make_policy, parse_budget
 from iam.core.selection import units_for_ratio
-from iam.core.setup import build, checked_configs, parse_setup
 from iam.core.similarity import METRICS
 from iam.eval import retrieval
+from iam.eval.setup import build, checked_configs, parse_setup
 
 PAIRS = {
     (family, dtype): tuple(m.to(dtype) for m in (tiny(family, 4, 64, 4, 2, seed=0), tiny(family, 2, 32, 2, 1, seed=1)))
@@ -205,7 +205,7 @@ def test_valid_draws_run_to_their_references(kwargs):
     run("llama", kwargs, [torch.arange(1, 30), torch.arange(5, 27), torch.arange(40, 62)], None, 3)
 
 
-# ---- configurations written as text (``iam.core.setup``) ---------------------------------------------------------
+# ---- configurations written as text (``iam.eval.setup``) ---------------------------------------------------------
 
 PARTS = {  # each part's kind, or None for a part that is refused however it is combined
     **{p: "mapping" for p in ("llm", "iam0.5", "iam1.0", "iam0.3", "iam0.13", "iam0.1")},

@@ -34,7 +34,7 @@ def test_the_summary_on_a_cpu_has_every_check_and_setting(saved_pair, tmp_path, 
     twin = printed["checks"]["identity_twin"]
     assert twin["same_tokens"] and twin["max_abs_logit_diff"] < 1e-4
     assert printed["checks"]["ratio0_equals_generate"] == {"same_tokens": True, "ok": True}
-    assert [(r["setting"], r["tokens"]) for r in printed["timings"]] == [(s, 24) for s in gpucheck.SETTINGS]
+    assert [(r["setting"], r["tokens"]) for r in printed["timings"]] == [(s.label, 24) for s in gpucheck.SETTINGS]
     for row in printed["timings"]:
         # on a CPU the peak is sampled every 5 ms, which a tiny model's run can finish inside: a count, maybe 0
         assert row["ttft_s"] > 0 and row["tpot_s"] > 0 and isinstance(row["peak_bytes"], int)

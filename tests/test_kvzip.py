@@ -196,7 +196,7 @@ def test_kvzip_under_tensor_parallelism_is_refused_by_name(pair):
 
 
 def test_an_slm_cache_part_without_a_mapping_is_refused():
-    from iam.core.setup import parse_setup
+    from iam.eval.setup import parse_setup
 
     with pytest.raises(ValueError, match=r"the LLM alone keeps no SLM cache; slm-int8/slm-int4 need iam<ratio>"):
         parse_setup("llm+slm-int4")

@@ -16,6 +16,8 @@ from iam import IAMForCausalLM, MappingConfig
 from iam.cli import main
 from iam.core.eviction import H2O, POLICIES, SnapKV, StreamingLLM
 from iam.eval import retrieval
+from iam.eval.setup import Setup, parse_setup, parse_setups
+from iam.eval.tradeoff import kv_shares
 
 UNITS = [1, 3]  # whole layers mapped; 0 and 2 keep K and V
 
@@ -88,19 +90,29 @@ def test_needles_sit_at_the_asked_depths():
 )
 def test_bad_configurations_are_named(text, message):
     with pytest.raises(ValueError, match=message):
-        retrieval.parse_setup(text)
+        parse_setup(text)
 
 
 def test_a_configuration_given_twice_is_refused():
     with pytest.raises(ValueError, match=r"configurations \['iam0.5'\] are given more than once"):
-        retrieval.parse_setups("iam0.5,h2o@0.5,iam0.5")
+        parse_setups("iam0.5,h2o@0.5,iam0.5")
 
 
 def test_configurations_parse_and_the_llm_alone_comes_first():
-    setups = retrieval.parse_setups("iam0.5+w64+h2o@0.5:unmapped,snapkv@0.7")
+    setups = parse_setups("iam0.5+w64+h2o@0.5:unmapped,snapkv@0.7")
     assert [s.label for s in setups] == ["llm", "iam0.5+w64+h2o@0.5:unmapped", "snapkv@0.7"]
-    assert setups[1] == retrieval.Setup("iam0.5+w64+h2o@0.5:unmapped", 0.5, 64, "h2o", 0.5, "unmapped")
+    assert setups[1] == Setup(0.5, 64, "h2o", 0.5, "unmapped")
+    assert setups[1].label == Setup(0.5, 64, "h2o", 0.5, "unmapped").label == "iam0.5+w64+h2o@0.5:unmapped"
     assert setups[2].ratio == 0 and setups[2].budget == 0.7
+
+
+def test_a_label_derived_from_values_parses_back_to_them():
+    setups = [Setup(), Setup(0.3), Setup(0.5, 64, "streaming", 0.5, "unmapped", "int8", "int8")]
+    setups += [Setup(policy="kvzip", budget=256, llm_cache="int4"), Setup(policy="draft-kvzip", budget=0.5, slm_cache="int4")]
+    for setup in setups:
+        assert parse_setup(setup.label) == setup and parse_setup(setup.label).label == setup.label
+    with pytest.raises(ValueError, match="'llm\\+w64': a local window needs mapped layers"):
+        Setup(local_window=64)
 
 
 def test_a_near_miss_is_one_character_off():
@@ -138,7 +150,7 @@ def test_the_frontier_is_by_kv_dropped_and_accuracy_per_task_and_length_on_each_
 
 def test_kv_shares_project_the_total_to_the_papers_pair():
     kv = {"llm": 40, "slm": 30, "total": 70, "baseline": 100, "slm_baseline": 60}
-    shares = retrieval.kv_shares(kv)
+    shares = kv_shares(kv)
     assert shares["llm_kv_dropped"] == pytest.approx(0.6) and shares["total_kv"] == pytest.approx(0.7)
     # Qwen2-0.5B's full cache is 24 x 2 x 64 / (80 x 8 x 128) = 3.75% of Qwen2-72B's per token
     assert shares["total_kv_dropped_at_72b"] == pytest.approx(1 - (0.4 + 0.5 * 0.0375))
@@ -360,7 +372,7 @@ def test_the_command_runs_side_by_side_resumes_and_reports(long_folders, tmp_pat
     with progress.open("ab") as f:
         f.write(b'{"key": ["llm", "passkey", 600, 1], "answers": [\n\xff\xfe not text\n[1, 2]\n{"key": "x"}\n{"key": ["ll')
     measure = retrieval.answer
-    monkeypatch.setattr(retrieval, "answer", lambda *a, **k: pytest.fail("measured again"))
+    monkeypatch.setattr(retrieval.run, "answer", lambda *a, **k: pytest.fail("measured again"))
     with pytest.warns(UserWarning, match=rf"{progress}: skipped line\(s\) \[17, 18, 19, 20, 21\], not a recorded answer"):
         assert main(argv) == 0
     assert json.loads(capsys.readouterr().out)["rows"] == rows
@@ -372,7 +384,7 @@ def test_the_command_runs_side_by_side_resumes_and_reports(long_folders, tmp_pat
         asked.append(sample.task)
         return measure(iam, tok, sample, *args)
 
-    monkeypatch.setattr(retrieval, "answer", counted)
+    monkeypatch.setattr(retrieval.run, "answer", counted)
     with pytest.warns(UserWarning, match="skipped"):
         assert main([*argv, "--n", "3", "--tasks", "passkey,multikey,vartrack"]) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
@@ -399,6 +411,24 @@ def test_bad_settings_fail_before_loading(pair_folders, tmp_path, capsys, monkey
     except SystemExit as e:  # argparse's own errors
         code = e.code
     assert code == 2 and message in capsys.readouterr().err
+
+
+def test_a_run_is_prepared_and_checked_before_any_weights_load(pair_folders):
+    """``retrieval.prepare`` refuses what ``iam eval retrieval`` refuses before loading (an eviction scope with no
+    layer to evict from, a context beyond the models' positions), and makes the samples otherwise."""
+    from iam.eval.setup import checked_configs
+    from iam.models.loading import load_tokenizer, read_configs
+
+    llm, slm = pair_folders
+    pair, tokenizer = read_configs(llm, slm), load_tokenizer(llm)
+    setups = parse_setups("iam1.0+streaming@0.5:unmapped")
+    configs = checked_configs(MappingConfig(strategy="back"), setups)
+    with pytest.raises(ValueError, match="this mapping leaves none"):
+        retrieval.prepare(tokenizer, *pair, setups, configs, ["passkey"], [160], 1)
+    with pytest.raises(ValueError, match="exceeds the models' 256 positions"):
+        retrieval.prepare(tokenizer, *pair, setups[:1], configs[:1], ["passkey"], [240], 1)
+    samples = retrieval.prepare(tokenizer, *pair, setups[:1], configs[:1], ["passkey"], [160], 2, seed=3)
+    assert samples == {("passkey", 160): retrieval.make_samples(tokenizer, "passkey", 2, 160, seed=3)}
 
 
 def test_a_length_that_fails_after_loading_is_refused_before(long_folders, tmp_path, capsys, monkeypatch):

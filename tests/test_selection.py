@@ -96,7 +96,7 @@ def test_the_stored_blend_goes_with_the_stored_order(pair, tmp_path, monkeypatch
 
 
 def test_greedy_order_accounts_for_interactions():
-    from iam.core.calibration import greedy_order
+    from iam.eval.calibrate import greedy_order
 
     cost = [1.0, 2.0, 3.0, 4.0, 9.0]
     calls = []

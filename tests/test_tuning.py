@@ -15,7 +15,7 @@ from test_cli import user_error
 from conftest import char_tokenizer, tiny
 from iam import IAMForCausalLM, MappingConfig
 from iam.cli import main
-from iam.tuning import TuneConfig, load_tuning_data, tune_slm
+from iam.tuning import TuneConfig, load_tuning_data, tune_slm, tuning_data
 from iam.tuning import train as train_module
 from iam.tuning.data import IGNORE, collate, encode_instruction, json_records
 
@@ -336,3 +336,17 @@ def test_jsonl_records_may_hold_unicode_line_separators(tmp_path):
 def test_a_sequence_too_short_to_map_is_refused_before_loading(folders, tmp_path, capsys):
     argv = ["tune", "--llm", folders["llm"], "--slm", folders["slm"], "--out", str(tmp_path / "o"), "--seq-len", "10"]
     assert "--seq-len 10 must lie between --establish-threshold 20" in user_error(capsys, argv)
+
+
+def test_a_tuning_run_is_checked_before_any_weights_load(folders, tmp_path):
+    """``tuning_data`` refuses what ``iam tune`` refuses before loading, in the library's words: an int8 SLM cache
+    (before the pair is read), a sequence too short to set a mapping or beyond the models' positions."""
+    mapping = MappingConfig(ratio=0.5, strategy="back")
+    absent = str(tmp_path / "absent")
+    with pytest.raises(ValueError, match="int8 would cut the gradient"):
+        tuning_data(absent, absent, replace(mapping, slm_cache="int8"), ["python-stdlib-train"], "lm", 64)
+    for seq_len in (10, 100_000):
+        with pytest.raises(ValueError, match=f"`seq_len` {seq_len} must lie between `establish_threshold` 20"):
+            tuning_data(folders["llm"], folders["slm"], mapping, ["python-stdlib-train"], "lm", seq_len)
+    data = tuning_data(folders["llm"], folders["slm"], mapping, ["python-stdlib-train"], "lm", 64, limit=3)
+    assert len(data.examples) == 3 and all(len(e.ids) <= 64 for e in data.examples)

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -24,14 +25,18 @@ import torch
 from ..core.config import MappingConfig
 from ..core.kernels import Kernels
 from ..core.model import IAMForCausalLM
+from ..eval.setup import Setup, build
 from ..io import check_writable, write_atomic
 from ..models.loading import load_pair
 from ..models.placement import check_device
 from .measure import random_prompt, run_generate
 from .memory import PeakMemory
 
-SETTINGS = {"llm": None, "iam-0.3": (0.3, 0), "iam-0.5": (0.5, 0), "iam-0.3-local64": (0.3, 64), "iam-0.5-local64": (0.5, 64)}
-"""Timed settings: the LLM alone, and IAM at (ratio, local window)."""
+SETTINGS = (Setup(), Setup(0.3), Setup(0.5), Setup(0.3, 64), Setup(0.5, 64))
+"""Timed settings: the LLM alone, and IAM at 0.3 and 0.5, plain and with the exact local window."""
+
+HALF = Setup(0.5)
+"""The setting of the multi-GPU checks."""
 
 
 def int_list(text: str) -> list[int]:
@@ -90,26 +95,25 @@ def correctness(llm, slm, ids: torch.Tensor, new_tokens: int) -> dict:
     return checks
 
 
-def timings(llm, slm, tokens: list[int], new_tokens: int, settings=SETTINGS, kernels: Kernels = Kernels()) -> list[dict]:
-    """TTFT, TPOT and peak memory of each setting at each prompt length (one warm-up run, then one timed); IAM's
-    settings run on ``kernels``."""
+def timings(
+    llm, slm, tokens: list[int], new_tokens: int, settings: Sequence[Setup] = SETTINGS, kernels: Kernels = Kernels()
+) -> list[dict]:
+    """TTFT, TPOT and peak memory of each setting (the first: the LLM alone) at each prompt length (one warm-up run,
+    then one timed); IAM's settings run on ``kernels``."""
     rows = []
     for n in tokens:
         ids = random_prompt(llm, 1, n, torch.Generator().manual_seed(n))
-        for name, setting in settings.items():
-            model = (
-                llm
-                if setting is None
-                else IAMForCausalLM.from_pair(llm, slm, MappingConfig(ratio=setting[0], local_window=setting[1]), kernels=kernels)
-            )
+        for setting in settings:
+            model = llm if setting.plain else build(llm, slm, MappingConfig(), setting, kernels=kernels)
             run_generate(model, ids, 2)  # warm-up: compiles FlexAttention, settles the allocator
             memory = PeakMemory(ids.device)
             with memory:
                 timing, cache = run_generate(model, ids, new_tokens)
-            kv, used = (None, None) if setting is None else (cache.kv_bytes()["total"], kernels.summary())
-            rows.append({"setting": name, "tokens": n, "kernels": used, **timing, "peak_bytes": memory.bytes, "kv_bytes": kv})
+            kv, used = (None, None) if setting.plain else (cache.kv_bytes()["total"], kernels.summary())
+            row = {"setting": setting.label, "tokens": n, "kernels": used, **timing, "peak_bytes": memory.bytes}
+            rows.append({**row, "kv_bytes": kv})
     for row in rows:
-        base = next(r for r in rows if r["tokens"] == row["tokens"] and r["setting"] == "llm")
+        base = next(r for r in rows if r["tokens"] == row["tokens"] and r["setting"] == settings[0].label)
         row["ttft_ratio"], row["tpot_ratio"] = row["ttft_s"] / base["ttft_s"], row["tpot_s"] / base["tpot_s"]
     return rows
 
@@ -148,22 +152,24 @@ def multi_gpu(args: argparse.Namespace, reference: dict[str, list[int]]) -> dict
         from ..models.loading import read_configs
 
         llm_config, _ = read_configs(args.llm, args.slm)
-        model = IAMForCausalLM.from_pretrained(args.llm, args.slm, dtype=dtype, device_map=two_device_map(llm_config), ratio=0.5)
-        out["device_map2"] = timings(model.llm, model.slm, args.tokens[:1], args.new_tokens[0], {"iam-0.5": (0.5, 0)})[0]
+        model = IAMForCausalLM.from_pretrained(
+            args.llm, args.slm, dtype=dtype, device_map=two_device_map(llm_config), ratio=HALF.ratio
+        )
+        out["device_map2"] = timings(model.llm, model.slm, args.tokens[:1], args.new_tokens[0], [HALF])[0]
         ids = random_prompt(model.llm, 1, args.tokens[0], torch.Generator().manual_seed(args.tokens[0]))
         tokens = greedy(model, ids, args.new_tokens[0])[0].tolist()
-        out["device_map2"]["same_tokens_as_one_gpu"] = tokens == reference["iam-0.5"]
+        out["device_map2"]["same_tokens_as_one_gpu"] = tokens == reference[HALF.label]
     except Exception as e:  # reported in the summary: this is a check
         out["device_map2"] = {"error": f"{type(e).__name__}: {e}"}
     if "generated" in out["tp2"]:
-        out["tp2"]["same_tokens_as_one_gpu"] = out["tp2"].pop("generated") == reference["iam-0.5"]
+        out["tp2"]["same_tokens_as_one_gpu"] = out["tp2"].pop("generated") == reference[HALF.label]
     return out
 
 
 def tp_part(args: argparse.Namespace) -> None:
     """The torchrun child: IAM 0.5 with the LLM tensor parallel over the processes; rank 0 writes its part."""
-    model = IAMForCausalLM.from_pretrained(args.llm, args.slm, dtype=getattr(torch, args.dtype), tp_plan="auto", ratio=0.5)
-    row = timings(model.llm, model.slm, args.tokens[:1], args.new_tokens[0], {"iam-0.5": (0.5, 0)})[0]
+    model = IAMForCausalLM.from_pretrained(args.llm, args.slm, dtype=getattr(torch, args.dtype), tp_plan="auto", ratio=HALF.ratio)
+    row = timings(model.llm, model.slm, args.tokens[:1], args.new_tokens[0], [HALF])[0]
     ids = random_prompt(model.llm, 1, args.tokens[0], torch.Generator().manual_seed(args.tokens[0]))
     row["generated"] = greedy(model, ids, args.new_tokens[0])[0].tolist()
     if int(os.environ.get("RANK", "0")) == 0:
@@ -178,7 +184,7 @@ def summary(args: argparse.Namespace) -> dict:
     new_tokens = args.new_tokens[0]
     ids = random_prompt(llm, 1, args.tokens[0], torch.Generator().manual_seed(args.tokens[0]))
     checks = correctness(llm, slm, ids, new_tokens)
-    reference = {"iam-0.5": greedy(IAMForCausalLM.from_pair(llm, slm, MappingConfig(ratio=0.5)), ids, new_tokens)[0].tolist()}
+    reference = {HALF.label: greedy(build(llm, slm, MappingConfig(), HALF), ids, new_tokens)[0].tolist()}
     result = {
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,

@@ -16,7 +16,7 @@ from ..core.cache import slm_cache
 from ..core.config import MappingConfig, check_mapped
 from ..core.kernels import Kernels
 from ..core.model import IAMForCausalLM
-from ..core.setup import Setup, build, configured
+from ..eval.setup import Setup, build, configured
 from ..models.placement import input_device
 from ..models.presets import Arch
 from ..reporting import with_baseline
@@ -69,11 +69,25 @@ def spread(values: Sequence[float]) -> tuple[float, float, float]:
     return statistics.median(values), min(values), max(values)
 
 
+def ratio_setups(
+    ratios: Sequence[float],
+    local_window: int = 0,
+    policy: str | None = None,
+    budget: float | int | None = None,
+    scope: str = "all",
+    llm_cache: str = "native",
+) -> list[Setup]:
+    """The LLM alone (with ``policy`` too, where it evicts from every layer), then IAM at each nonzero ratio with the
+    local window, the policy and the LLM's cache: what ``iam bench`` measures without ``--configs``."""
+    alone = [Setup()] + ([Setup(policy=policy, budget=budget)] if policy and scope == "all" else [])
+    return alone + [Setup(r, local_window, policy, budget, scope, llm_cache) for r in ratios if r]
+
+
 def check_budgeted(setups: Sequence[Setup]) -> None:
     """Raise unless ``setups`` start with the LLM alone and each has a budget (``measure``): eviction over every
     layer, scored in the forward, and both caches in their own dtype."""
     if not setups or not setups[0].plain:
-        raise ValueError("setups must start with the LLM alone (Setup('llm')): every budget is set against it.")
+        raise ValueError("setups must start with the LLM alone (Setup()): every budget is set against it.")
     unbudgeted = [
         s.label
         for s in setups
@@ -97,7 +111,7 @@ def measure(
     progress: bool = True,
     kernels: Kernels = Kernels(),
 ) -> list[dict]:
-    """Run every setup (``iam.core.setup``; the first is the LLM alone, through its own ``generate()``) and the SLM
+    """Run every setup (``iam.eval.setup``; the first is the LLM alone, through its own ``generate()``) and the SLM
     alone, in turns, ``repeats`` times after a warm-up round; report medians with min and max. IAM's models run
     ``kernels``, which their rows report (``None`` for the LLM alone).
 
@@ -113,6 +127,9 @@ def measure(
     device = input_device(llm)
     ids = random_prompt(llm, scenario.batch, scenario.prompt, torch.Generator().manual_seed(0))
     models = [llm if s.plain else build(llm, slm, base_config, s, kernels=kernels) for s in setups]
+    # The LLM alone runs through its own ``generate()``; its bytes are counted once, untimed, as IAM at ratio 0 holds
+    # them (``IAMCache.kv_bytes``, the one byte accounting).
+    alone_kv = run_generate(IAMForCausalLM(llm, slm, configs[0], kernels=kernels), ids, scenario.new_tokens)[1].kv_bytes()
     samples: list[list[dict]] = [[] for _ in [*setups, None]]  # the last: the SLM alone
     peaks: list[int] = [0] * len(setups)
     # Round 0 is a warm-up, dropped from the timings: it compiles FlexAttention and lets the allocator reach its
@@ -132,9 +149,8 @@ def measure(
             if isinstance(models[i], IAMForCausalLM):
                 kv, worth = cache.kv_bytes(), cache.mapping.layers_worth if cache.mapping else 0.0
                 units = cache.mapping.units if cache.mapping else []
-            else:  # the LLM alone's own DynamicCache: K and V of every layer
-                own = sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values))
-                kv, worth, units = {"llm": own, "slm": 0, "total": own}, 0.0, []
+            else:
+                kv, worth, units = alone_kv, 0.0, []
             sample = {**timings, "kv": kv, "layers_worth": worth, "units": units}
         if rep:
             samples[i].append(sample)

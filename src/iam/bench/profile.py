@@ -11,7 +11,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from ..core.config import MappingConfig
 from ..core.kernels import Kernels
-from ..core.setup import Setup, build
+from ..eval.setup import Setup, build
 from .costs import Scenario
 from .measure import random_prompt, run_generate
 

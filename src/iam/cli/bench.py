@@ -11,7 +11,7 @@ import torch
 from ..bench import costs, measure, profile, projection
 from ..bench.timing import allocator_note, timing_environment
 from ..core.config import MappingConfig, check_mapped
-from ..core.setup import Setup
+from ..eval.setup import Setup
 from ..models.presets import load_arch
 from ..reporting import markdown_table
 from .common import (
@@ -121,20 +121,16 @@ def bench_analytic(args: argparse.Namespace, ratios: list[float], scenario: cost
 
 
 def bench_setups(args: argparse.Namespace) -> tuple[MappingConfig, list[Setup], list[MappingConfig]]:
-    """The measured bench's configurations (``setups_of``): ``--configs``, or the LLM alone and IAM at each of
-    ``--ratios`` with ``--local-window``, ``--llm-cache`` and eviction (then also the LLM alone with it)."""
+    """The measured bench's configurations (``setups_of``): ``--configs``, or ``measure.ratio_setups`` of
+    ``--ratios`` with ``--local-window``, ``--llm-cache`` and eviction."""
     if args.configs is not None:
         if args.ratios or args.eviction:
             raise ValueError("give either --configs, or --ratios with --local-window/--eviction, not both.")
         return setups_of(args, args.configs)
-    window = f"+w{args.local_window}" if args.local_window else ""
-    scope = ":unmapped" if args.eviction_scope == "unmapped" else ""
-    evict = f"+{args.eviction}@{args.budget}{scope}" if args.eviction else ""
-    cache = "+int8" if args.llm_cache == "int8" else ""
     ratios = args.ratios if args.ratios is not None else [0.3, 0.5]
-    labels = ["llm"] + ([f"llm{evict}"] if evict and args.eviction_scope == "all" else [])
-    text = ",".join(labels + [f"iam{r}{window}{evict}{cache}" for r in ratios if r])
-    return setups_of(args, text, local_window=0, llm_cache="native")
+    policy = (args.eviction, args.budget, args.eviction_scope) if args.eviction else ()
+    setups = measure.ratio_setups(ratios, args.local_window, *policy, llm_cache=args.llm_cache)
+    return setups_of(args, setups, local_window=0, llm_cache="native")
 
 
 def bench_measured(args: argparse.Namespace, scenario: costs.Scenario) -> int:

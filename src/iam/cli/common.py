@@ -19,9 +19,9 @@ from ..core.config import MappingConfig
 from ..core.eviction import POLICIES, SCOPES, EvictionPolicy, make_policy, parse_budget
 from ..core.model import load_checked
 from ..core.selection import STRATEGIES, Unit, parse_unit
-from ..core.setup import Setup, checked_configs, parse_setups
 from ..core.similarity import METRICS
 from ..eval import data
+from ..eval.setup import Setup, arranged, checked_configs, parse_setups
 from ..eval.windows import text_windows
 from ..io import check_writable
 from ..models.placement import Placement
@@ -252,13 +252,15 @@ def mapping_config(args: argparse.Namespace, ratio: float) -> MappingConfig:
     return from_flags(MappingConfig, args, ratio=ratio)
 
 
-def setups_of(args: argparse.Namespace, text: str, **labelled) -> tuple[MappingConfig, list[Setup], list[MappingConfig]]:
-    """The base config, the configurations of ``text`` (``--configs``) and their checked ``MappingConfig``s, before
-    any weights load. The one rule of every command that takes configurations: a mapping flag that a label sets
-    (``--local-window``, ``--llm-cache``, ``--layers``) is refused beside them (``core.setup.configured``), the others
-    apply to every configuration, ``--local-sinks`` to those with a window. ``labelled``: flags the command has
-    written into the labels itself, left out of the base."""
-    setups = parse_setups(text, args.local_sinks)
+def setups_of(
+    args: argparse.Namespace, given: str | Sequence[Setup], **labelled
+) -> tuple[MappingConfig, list[Setup], list[MappingConfig]]:
+    """The base config, the configurations ``given`` (the text of ``--configs``, or ``Setup``s the command built from
+    its flags) and their checked ``MappingConfig``s, before any weights load. The one rule of every command that takes
+    configurations: a mapping flag that a configuration sets (``--local-window``, ``--llm-cache``, ``--layers``) is
+    refused beside them (``eval.setup.configured``), the others apply to every configuration, ``--local-sinks`` to
+    those with a window. ``labelled``: flags the command has put into its ``Setup``s itself, left out of the base."""
+    setups = parse_setups(given, args.local_sinks) if isinstance(given, str) else arranged(given, args.local_sinks)
     base = from_flags(MappingConfig, args, ratio=0.0, local_sinks=None, **labelled)
     return base, setups, checked_configs(base, setups)
 

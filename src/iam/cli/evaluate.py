@@ -9,8 +9,6 @@ from pathlib import Path
 
 from ..core.config import MappingConfig, check_mapped
 from ..core.eviction import POLICIES
-from ..core.model import check_scope
-from ..core.resolution import resolve
 from ..core.similarity import METRICS
 from ..eval import analysis, data, generation, retrieval, sweep, tradeoff
 from ..eval.perplexity import eval_metrics, eval_perplexity
@@ -382,13 +380,9 @@ def retrieval_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_retrieval(args: argparse.Namespace) -> int:
     base, setups, configs = setups_of(args, args.configs)
-    llm_config, slm_config = read_configs(args.llm, args.slm, force=args.force)
-    for setup, config in zip(setups, configs):
-        policy = setup.eviction()
-        check_scope(resolve(config, llm_config, slm_config), llm_config, policy)
-    limit = min(llm_config.max_position_embeddings, slm_config.max_position_embeddings)
-    tokenizer = load_tokenizer(args.llm)
-    samples = retrieval.samples_for(tokenizer, args.tasks, args.tokens, args.n, limit, args.seed, args.depths, args.filler)
+    pair = read_configs(args.llm, args.slm, force=args.force)
+    run = (args.tasks, args.tokens, args.n, args.seed, args.depths, args.filler)
+    samples = retrieval.prepare(load_tokenizer(args.llm), *pair, setups, configs, *run)
     names = ["llm", "slm", "dtype", "seed", "protocol", "depths", "filler", "strategy", "blend", "metric"]
     names += ["establish_threshold", "truncation_threshold", "slm_cache", "calibration", "local_sinks"]
     settings = {k: vars(args)[k] for k in names}  # what an answer depends on, beside its key

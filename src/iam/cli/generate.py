@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from transformers import TextStreamer
 
-from ..bench.timing import GenerationTimer
 from ..core.model import IAMForCausalLM
-from ..eval import retrieval
+from ..eval import demo, retrieval
+from ..eval.demo import prompt_batch, run_generation
 from ..io import write_atomic
 from .common import (
     add_eviction_args,
@@ -28,44 +27,9 @@ from .common import (
     setups_of,
 )
 
-DEMO_PROMPTS = [
-    "Write a Python function that checks whether a string is a palindrome.",
-    "Explain in two sentences what a hash map is.",
-    "What does the SQL keyword JOIN do? Answer briefly.",
-]
-
 DEMO_RETRIEVAL = "llm,snapkv@0.7,streaming@0.7,iam0.5+w64"
 """``iam demo``'s cached-document example: the LLM alone, score-based and positional eviction, and IAM with its exact
 window, at similar shares of the LLM's KV dropped."""
-
-
-def prompt_batch(tokenizer, prompts: Sequence[str], chat: bool) -> dict[str, torch.Tensor]:
-    """A left-padded batch of ``prompts``, each wrapped in the tokenizer's chat template with ``chat``."""
-    if chat:
-        if not tokenizer.chat_template:
-            raise ValueError("--chat needs a tokenizer with a chat template; this one has none.")
-        prompts = [
-            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-            for p in prompts
-        ]
-    return tokenizer(list(prompts), return_tensors="pt", padding=True)
-
-
-def run_generation(iam: IAMForCausalLM, tokenizer, batch: dict[str, torch.Tensor], kwargs: dict, streamer=None) -> dict:
-    """Generate for one batch with ``generate(**kwargs)``; report texts, mapping, KV bytes and timings, read off the
-    call's cache."""
-    timer = GenerationTimer(iam.device, then=streamer)
-    out = iam.generate(**batch, streamer=timer.start(), return_dict_in_generate=True, **kwargs)
-    texts = tokenizer.batch_decode(out.sequences[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-    mapping = out.cache.mapping
-    return {
-        "ratio": iam.mapping_config.ratio if iam.mapping_config.layers is None else None,
-        "texts": texts,
-        "mapped_layers": mapping.units if mapping else [],
-        "mapping_summary": mapping.summary() if mapping else None,
-        "kv_cache_bytes": out.cache.kv_bytes(),
-        "timings": timer.timings,
-    }
 
 
 # ---- iam generate ----------------------------------------------------------------------------------------------------
@@ -143,16 +107,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     configs = [mapping_config(args, r) for r in args.ratios]
     base, setups, cached_configs = setups_of(args, args.retrieval) if args.retrieval else (None, [], [])
     llm, slm, tok = load(args, configs + cached_configs)
-    batch = prompt_batch(tok, DEMO_PROMPTS, chat=True)
-    kwargs = {"do_sample": False, "pad_token_id": tok.pad_token_id}
-    # The first pass pages the weights in from disk (seconds per GB); keep that out of the timings below.
-    run_generation(IAMForCausalLM(llm, slm, configs[-1]), tok, batch, {**kwargs, "max_new_tokens": 2})
     runs = []
-    for ratio, config in zip(args.ratios, configs):
-        print(f"\n=== {'LLM alone' if ratio == 0 else f'IAM, ratio {ratio}'} ===", flush=True)
-        run = run_generation(IAMForCausalLM(llm, slm, config), tok, batch, {**kwargs, "max_new_tokens": args.max_new_tokens})
+    for ratio, run in zip(args.ratios, demo.demo_runs(llm, slm, tok, configs, args.max_new_tokens)):
         runs.append(run)
-        for prompt, text in zip(DEMO_PROMPTS, run["texts"]):
+        print(f"\n=== {'LLM alone' if ratio == 0 else f'IAM, ratio {ratio}'} ===")
+        for prompt, text in zip(demo.PROMPTS, run["texts"]):
             print(f"\n> {prompt}\n{text.strip()}")
         kv, t = run["kv_cache_bytes"], run["timings"]
         print(f"\nmapped layers: {run['mapped_layers']}")
@@ -174,7 +133,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             for got, want in zip(run["answers"], run["expected"]):
                 print(f"  {'ok  ' if want in got else 'MISS'} expected {want}, answered {got!r}")
     if args.json:
-        result = {"llm": args.llm, "slm": args.slm, "provenance": args.provenance, "prompts": DEMO_PROMPTS, "runs": runs}
+        result = {"llm": args.llm, "slm": args.slm, "provenance": args.provenance, "prompts": demo.PROMPTS, "runs": runs}
         result["retrieval"] = cached
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)

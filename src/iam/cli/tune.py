@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from ..models.loading import load_tokenizer, read_configs
 from .common import add_mapping_args, add_pair_args, from_flags, load, mapping_config, positive_int
 
 
@@ -48,19 +47,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     mapping = mapping_config(args, args.ratio)
     config = from_flags(tuning.TuneConfig, args, mapping=mapping)
-    if mapping.slm_cache != "native":
-        raise ValueError("iam tune keeps the SLM cache in the model's dtype: int8 would cut the gradient (drop --slm-cache).")
-    llm_config, slm_config = read_configs(args.llm, args.slm, force=args.force)
-    positions = min(llm_config.max_position_embeddings, slm_config.max_position_embeddings)
-    if not mapping.establish_threshold <= args.seq_len <= positions:
-        raise ValueError(
-            f"--seq-len {args.seq_len} must lie between --establish-threshold {mapping.establish_threshold} (shorter "
-            f"sequences set no mapping) and the models' {positions} positions."
-        )
-    tokenizer = load_tokenizer(args.llm)
-    examples = tuning.load_tuning_data(
-        tokenizer, args.data, args.objective, args.seq_len, positions, args.limit, mapping.establish_threshold
-    )
+    examples = tuning.tuning_data(args.llm, args.slm, mapping, args.data, args.objective, args.seq_len, args.limit, args.force)
     llm, slm, tok = load(args, [mapping])
     result = tuning.tune_slm(llm, slm, tok, examples, args.out, args.llm, config, resume=args.resume, provenance=args.provenance)
     last = result["rows"][-1] if result["rows"] else {}

@@ -13,11 +13,9 @@ the default, takes it with the order.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
 from transformers import PretrainedConfig
 
 from ..io import write_atomic
@@ -94,50 +92,6 @@ def order_from_sweep(rows: list[dict]) -> list[Unit]:
     block-1 sweep)."""
     measured = sorted((r for r in rows if r.get("first_layer") is not None), key=lambda r: r["ppl_increase"])
     return [r["first_layer"] if r.get("kv_group") is None else (r["first_layer"], r["kv_group"]) for r in measured]
-
-
-def greedy_order(
-    damage: Callable[[list[Unit]], float], units: list[Unit], steps: int, shortlist: int = 4, progress: bool = True
-) -> tuple[list[Unit], list[dict]]:
-    """Forward selection of the layers to map first.
-
-    Step 1 measures every layer mapped alone. Step k measures the k-1 layers already chosen plus one candidate and
-    keeps the cheapest. After step 1 only the ``shortlist`` candidates with the lowest last-measured damage are
-    re-measured (lazy greedy: a layer rarely gets cheaper as the mapped set grows). Layers not chosen within
-    ``steps`` follow in their last-measured order.
-
-    Parameters
-    ----------
-    damage : cost of mapping a sorted list of units (lower is better), e.g. mean KL to the LLM alone.
-    units : every candidate: the LLM's layers, or its ``(layer, kv_group)`` pairs.
-    steps : how many units to choose greedily (e.g. half of them for ratios up to 0.5).
-    shortlist : candidates re-measured per step after the first.
-    progress : show a progress bar over the measurements.
-
-    Returns
-    -------
-    The full order of the units, and one row per step: ``step``, ``layer`` (the unit chosen), ``damage`` (of the
-    chosen set), ``measured`` (candidates measured in that step).
-    """
-    n = len(units)
-    if not 1 <= steps <= n or shortlist < 1:
-        raise ValueError(f"need 1 <= steps <= {n} and shortlist >= 1, got steps={steps}, shortlist={shortlist}.")
-    chosen: list[Unit] = []
-    estimate: dict[Unit, float] = {}
-    rows = []
-    total = n + sum(min(shortlist, n - k) for k in range(1, steps))
-    bar = tqdm(total=total, desc="calibration", disable=not progress)
-    for step in range(1, steps + 1):
-        rest = [u for u in units if u not in chosen]
-        candidates = rest if step == 1 else sorted(rest, key=estimate.__getitem__)[:shortlist]
-        for layer in candidates:
-            estimate[layer] = damage(sorted([*chosen, layer]))
-            bar.update()
-        best = min(candidates, key=estimate.__getitem__)
-        chosen.append(best)
-        rows.append({"step": step, "layer": best, "damage": estimate[best], "measured": len(candidates)})
-    bar.close()
-    return chosen + sorted((u for u in units if u not in chosen), key=estimate.__getitem__), rows
 
 
 def write_order(

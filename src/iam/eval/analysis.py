@@ -14,13 +14,13 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from ..core.alignment import align_spans, attention_probs, restrict, token_spans
 from ..core.config import MappingConfig, check_mapped
 from ..core.mapping import Mapping, tril_flat
 from ..core.model import IAMForCausalLM, check_family, load_checked
 from ..core.similarity import METRICS
 from ..models.loading import load_model, load_tokenizer, read_configs
 from ..models.placement import check_device
+from .alignment import align_spans, attention_probs, restrict, token_spans
 from .windows import text_windows, window_texts
 
 ALIGNMENT = "character spans: LCS of the two tokenizations' offset spans (tokens covering the same characters)"
@@ -85,7 +85,7 @@ def eval_cross_similarity(
 ) -> dict:
     """``eval_similarity`` for two models with different tokenizers (and families): each text, cut after its first
     ``truncation_threshold`` LLM tokens, is tokenized by both; each model attends over its own tokens, both attention
-    matrices are restricted to the aligned tokens (``iam.core.alignment``), and every LLM head is matched against
+    matrices are restricted to the aligned tokens (``iam.eval.alignment``), and every LLM head is matched against
     every SLM (layer, head) there. ``alignment`` reports the tokens each side had and how many aligned."""
     metric = METRICS[base.metric]
     sims, counts = [], []

@@ -18,7 +18,7 @@ from ..core.decoder import Pass, decoder_layers, positions
 from ..core.eviction import repeat_scores
 from ..core.model import IAMForCausalLM
 from ..core.resolution import resolve
-from ..core.selection import unit_label
+from ..core.selection import Unit, unit_label
 from .retrieval import Sample, encode, prompt_parts
 from .sweep import eval_sweep
 
@@ -52,6 +52,50 @@ def kl_damage(llm, slm, windows: Sequence[torch.Tensor], base: MappingConfig) ->
     return damage
 
 
+def greedy_order(
+    damage: Callable[[list[Unit]], float], units: list[Unit], steps: int, shortlist: int = 4, progress: bool = True
+) -> tuple[list[Unit], list[dict]]:
+    """Forward selection of the layers to map first.
+
+    Step 1 measures every layer mapped alone. Step k measures the k-1 layers already chosen plus one candidate and
+    keeps the cheapest. After step 1 only the ``shortlist`` candidates with the lowest last-measured damage are
+    re-measured (lazy greedy: a layer rarely gets cheaper as the mapped set grows). Layers not chosen within
+    ``steps`` follow in their last-measured order.
+
+    Parameters
+    ----------
+    damage : cost of mapping a sorted list of units (lower is better), e.g. mean KL to the LLM alone.
+    units : every candidate: the LLM's layers, or its ``(layer, kv_group)`` pairs.
+    steps : how many units to choose greedily (e.g. half of them for ratios up to 0.5).
+    shortlist : candidates re-measured per step after the first.
+    progress : show a progress bar over the measurements.
+
+    Returns
+    -------
+    The full order of the units, and one row per step: ``step``, ``layer`` (the unit chosen), ``damage`` (of the
+    chosen set), ``measured`` (candidates measured in that step).
+    """
+    n = len(units)
+    if not 1 <= steps <= n or shortlist < 1:
+        raise ValueError(f"need 1 <= steps <= {n} and shortlist >= 1, got steps={steps}, shortlist={shortlist}.")
+    chosen: list[Unit] = []
+    estimate: dict[Unit, float] = {}
+    rows = []
+    total = n + sum(min(shortlist, n - k) for k in range(1, steps))
+    bar = tqdm(total=total, desc="calibration", disable=not progress)
+    for step in range(1, steps + 1):
+        rest = [u for u in units if u not in chosen]
+        candidates = rest if step == 1 else sorted(rest, key=estimate.__getitem__)[:shortlist]
+        for layer in candidates:
+            estimate[layer] = damage(sorted([*chosen, layer]))
+            bar.update()
+        best = min(candidates, key=estimate.__getitem__)
+        chosen.append(best)
+        rows.append({"step": step, "layer": best, "damage": estimate[best], "measured": len(candidates)})
+    bar.close()
+    return chosen + sorted((u for u in units if u not in chosen), key=estimate.__getitem__), rows
+
+
 def calibrate(
     llm,
     slm,
@@ -72,7 +116,7 @@ def calibrate(
     base : the mapping settings measured under; its blend is resolved for the pair first (the pair's stored one
         where ``None``) and stored with the order, as is its ``local_window``.
     method : ``"single"``: each unit mapped alone, sorted by its perplexity increase; ``"greedy"``: grow the mapped
-        set by the unit that adds least KL to the LLM alone (``iam.core.calibration.greedy_order``).
+        set by the unit that adds least KL to the LLM alone (``greedy_order``).
     per_group : units are ``(layer, kv_group)`` pairs rather than whole layers.
     steps, shortlist : greedy only: units chosen greedily (default: half of them), candidates re-measured per step.
     source : what the windows came from, stored with the order.
@@ -95,7 +139,7 @@ def calibrate(
         units = [(i, g) for i in range(n) for g in range(n_kv)] if per_group else list(range(n))
         steps = len(units) // 2 if steps is None else steps
         source.update(steps=steps, shortlist=shortlist, damage="mean token KL(LLM || IAM), nats")
-        order, rows = calibration.greedy_order(kl_damage(llm, slm, windows, base), units, steps, shortlist)
+        order, rows = greedy_order(kl_damage(llm, slm, windows, base), units, steps, shortlist)
         for row in rows:  # named as in mapped_layers
             row["layer"] = unit_label(row["layer"])
         result = {"rows": rows}

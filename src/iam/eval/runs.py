@@ -12,10 +12,11 @@ from ..core.config import MappingConfig
 from ..core.eviction import EvictionPolicy
 from ..core.model import IAMForCausalLM
 from ..reporting import with_baseline
+from .setup import Setup
 
-Config = tuple[dict, MappingConfig] | tuple[dict, MappingConfig, EvictionPolicy | None]
+Config = tuple[dict, MappingConfig] | tuple[dict, MappingConfig, Setup]
 """A configuration of a side-by-side run: its label (the row's identifying columns), its ``MappingConfig`` and,
-optionally, its own eviction policy."""
+optionally, the ``Setup`` it runs (its eviction policy)."""
 
 
 def ratio_configs(base: MappingConfig, ratios: Sequence[float], **label: object) -> list[Config]:
@@ -32,22 +33,24 @@ def side_by_side(
     eviction: EvictionPolicy | None = None,
     progress: bool = True,
     desc: str = "configs",
+    prompt: tuple[int, ...] = (),
 ) -> list[dict]:
     """Run each configuration on the same inputs, in order (the first, usually the LLM alone, is the reference).
 
     Parameters
     ----------
-    configs : ``(label, config)`` or ``(label, config, eviction)``; see ``Config``.
+    configs : ``(label, config)`` or ``(label, config, setup)``; see ``Config``.
     score : scores one ``IAMForCausalLM`` on the evaluation's inputs; it gets the label too (to name its progress).
-    eviction : the policy of every configuration that names none of its own.
+    eviction : the policy of every configuration without a ``Setup``.
+    prompt : the repeat instruction of KVzip's policies (``Setup.eviction``).
 
     Returns
     -------
     One row per configuration: its label, then what ``score`` returned.
     """
     rows = []
-    for label, config, *policy in tqdm(configs, desc=desc, disable=not progress):
-        iam = IAMForCausalLM(llm, slm, config, policy[0] if policy else eviction)
+    for label, config, *setup in tqdm(configs, desc=desc, disable=not progress):
+        iam = IAMForCausalLM(llm, slm, config, setup[0].eviction(prompt) if setup else eviction)
         rows.append({**label, **score(iam, label)})
     return rows
 

@@ -10,11 +10,11 @@ import torch
 
 from ..bench.costs import prefill_flops
 from ..core.config import MappingConfig
-from ..core.eviction import make_policy
 from ..core.model import IAMForCausalLM
 from ..models.presets import Arch, total_kept_at
 from .perplexity import check_context, perplexity
 from .runs import Config, relative_to_first, side_by_side
+from .setup import Setup
 
 
 def dominates(a: dict, b: dict, quality: Callable[[dict], float] = lambda r: -r["ppl_increase"]) -> bool:
@@ -53,6 +53,13 @@ def mark_frontiers(
             row[mark] = not any(dominates(on(r), on(row), lambda x: x["quality"]) for r in others)
 
 
+def method(setup: Setup) -> str:
+    """A tradeoff row's name, derived from its ``Setup``: ``LLM alone`` or ``IAM``, then its exact window and its
+    policy, e.g. ``IAM, exact window 64 + h2o``."""
+    window = f", exact window {setup.local_window}" if setup.local_window else ""
+    return ("IAM" if setup.ratio else "LLM alone") + window + (f" + {setup.policy}" if setup.policy else "")
+
+
 def eval_kv_tradeoff(
     llm,
     slm,
@@ -77,16 +84,17 @@ def eval_kv_tradeoff(
     ``on_frontier`` when no other point drops at least as much of the LLM's KV for a smaller increase, and so on."""
     check_context(context, windows[0].shape[1], base, ratios)
     mapped = [r for r in ratios if r]
-    points = [(0.0, 0, None, None)] + [(0.0, 0, p, b) for p in policies for b in budgets]
-    points += [(r, 0, None, None) for r in mapped] + [(r, w, None, None) for w in local_windows if w for r in mapped]
-    points += [(r, 0, p, b) for p in policies for b in combined_budgets for r in mapped]
+    points = [Setup()] + [Setup(policy=p, budget=b) for p in policies for b in budgets]
+    points += [Setup(r) for r in mapped] + [Setup(r, w) for w in local_windows if w for r in mapped]
+    points += [Setup(r, policy=p, budget=b) for p in policies for b in combined_budgets for r in mapped]
     big, small = (Arch.from_config(m.config.to_dict()) for m in (llm, slm))
     configs: list[Config] = []
-    for r, w, policy, budget in points:
-        config = replace(base, ratio=r, local_window=w, local_sinks=base.local_sinks if w else None)
-        method = ("IAM" if r else "LLM alone") + (f", exact window {w}" if w else "") + (f" + {policy}" if policy else "")
-        label = {"method": method, "ratio": r, "local_window": w, "eviction": policy, "budget": budget}
-        configs.append((label, config, make_policy(policy, budget)))
+    for s in points:  # the base's caches apply to every point, so not ``setup.configured``, which refuses them
+        config = replace(
+            base, ratio=s.ratio, local_window=s.local_window, local_sinks=base.local_sinks if s.local_window else None
+        )
+        label = {"method": method(s), "ratio": s.ratio, "local_window": s.local_window, "eviction": s.policy, "budget": s.budget}
+        configs.append((label, config, s))
 
     def score(iam: IAMForCausalLM, label: dict) -> dict:
         ppl, units, kv = perplexity(iam, windows, progress=False, context=context)

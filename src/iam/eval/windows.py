@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..core.alignment import token_spans
+from .alignment import token_spans
 
 
 def window_starts(n: int, windows: int, tokens: int) -> list[int]:

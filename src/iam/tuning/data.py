@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -22,7 +23,9 @@ from pathlib import Path
 
 import torch
 
+from ..core.config import MappingConfig
 from ..eval import data
+from ..models.loading import load_tokenizer, read_configs
 
 OBJECTIVES = ("instruct", "lm")
 EVALUATION_TEXTS = ("wikipedia", "python-docs", "python-stdlib")
@@ -261,6 +264,33 @@ def load_tuning_data(
             f"shorter than {min_tokens} tokens (too short to establish a mapping)."
         )
     return TuningData(examples, list(sources), objective, truncated, skipped)
+
+
+def tuning_data(
+    llm: str | os.PathLike,
+    slm: str | os.PathLike,
+    mapping: MappingConfig,
+    sources: Sequence[str],
+    objective: str,
+    seq_len: int,
+    limit: int | None = None,
+    force: bool = False,
+) -> TuningData:
+    """The examples of tuning the pair ``llm``/``slm`` at ``mapping`` (``load_tuning_data`` with the LLM's tokenizer,
+    within both models' positions, each long enough to set a mapping), checked before any weights load: the SLM's
+    cache in its dtype, the pair's configs (``read_configs``; ``force`` as there), and ``seq_len`` between the
+    mapping's ``establish_threshold`` and the positions."""
+    if mapping.slm_cache != "native":
+        raise ValueError("iam tune keeps the SLM cache in the model's dtype: int8 would cut the gradient (drop `slm_cache`).")
+    llm_config, slm_config = read_configs(llm, slm, force=force)
+    positions = min(llm_config.max_position_embeddings, slm_config.max_position_embeddings)
+    if not mapping.establish_threshold <= seq_len <= positions:
+        raise ValueError(
+            f"`seq_len` {seq_len} must lie between `establish_threshold` {mapping.establish_threshold} (shorter "
+            f"sequences set no mapping) and the models' {positions} positions."
+        )
+    tokenizer = load_tokenizer(llm)
+    return load_tuning_data(tokenizer, sources, objective, seq_len, positions, limit, mapping.establish_threshold)
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:

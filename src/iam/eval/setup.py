@@ -1,16 +1,18 @@
-"""Configurations of a side-by-side run, written as text: ``llm|iam<ratio>``, then ``+w<window>``,
-``+<policy>@<budget>[:unmapped]``, ``+int8``/``+int4``, ``+slm-int8``/``+slm-int4`` (``parse_setup``). Evaluations and
-benchmarks share them."""
+"""The one typed configuration of a run (``Setup``): a mapping, an exact local window, an eviction policy and the
+caches' precision. Evaluations, benches and the GPU check build them from values; its label is derived from them,
+and the text grammar (``llm|iam<ratio>``, then ``+w<window>``, ``+<policy>@<budget>[:unmapped]``, ``+int8``/``+int4``,
+``+slm-int8``/``+slm-int4``: ``parse_setups``) is read only where a command line gives configurations."""
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, fields, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields, replace
 
-from .config import MappingConfig
-from .eviction import EvictionPolicy, make_policy, parse_budget
-from .kernels import Kernels
-from .model import IAMForCausalLM, check_eviction
+from ..core.config import MappingConfig
+from ..core.eviction import EvictionPolicy, make_policy, parse_budget
+from ..core.kernels import Kernels
+from ..core.model import IAMForCausalLM, check_eviction
 
 
 @dataclass(frozen=True)
@@ -19,17 +21,16 @@ class Setup:
 
     Parameters
     ----------
-    label : its name in reports, as written in ``--configs`` (see ``parse_setups``).
     ratio, local_window : ``MappingConfig`` fields over the run's base config.
     policy, budget : the eviction policy's name and budget, if any.
     scope : which layers the policy evicts from (``EvictionPolicy.scope``).
     llm_cache : ``MappingConfig.llm_cache``: the LLM's cache in its dtype, as int8 or as int4.
     slm_cache : ``MappingConfig.slm_cache``: the SLM's, likewise.
-    local_sinks : ``MappingConfig.local_sinks`` of a configuration with a local window (set by ``parse_setups``, not
-        by the label).
+    local_sinks : ``MappingConfig.local_sinks`` of a configuration with a local window (set by ``arranged``, not by
+        the label).
+    written : the label as a command line wrote it (``parse_setup``), kept for its reports; ``None``: derived.
     """
 
-    label: str
     ratio: float = 0.0
     local_window: int = 0
     policy: str | None = None
@@ -38,6 +39,28 @@ class Setup:
     llm_cache: str = "native"
     slm_cache: str = "native"
     local_sinks: int | None = None
+    written: str | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.slm_cache != "native" and not self.ratio and self.policy != "draft-kvzip":
+            raise ValueError(
+                f"configuration {self.label!r}: the LLM alone keeps no SLM cache; slm-int8/slm-int4 need iam<ratio>."
+            )
+        if self.local_window and not self.ratio:
+            raise ValueError(f"configuration {self.label!r}: a local window needs mapped layers (iam<ratio> with ratio > 0).")
+
+    @property
+    def label(self) -> str:
+        """Its name in reports: as written, else its parts in the grammar's order, e.g. ``iam0.5+w64+h2o@0.5+int8``."""
+        if self.written:
+            return self.written
+        parts = [f"iam{self.ratio}" if self.ratio else "llm"]
+        parts += [f"w{self.local_window}"] if self.local_window else []
+        if self.policy is not None:
+            parts.append(f"{self.policy}@{self.budget}" + (":unmapped" if self.scope == "unmapped" else ""))
+        parts += [] if self.llm_cache == "native" else [self.llm_cache]
+        parts += [] if self.slm_cache == "native" else [f"slm-{self.slm_cache}"]
+        return "+".join(parts)
 
     @property
     def plain(self) -> bool:
@@ -101,17 +124,17 @@ def parse_setup(text: str) -> Setup:
             ) from None
         seen[kind] = part
         given.update(values)
-    if given.get("slm_cache", "native") != "native" and not given.get("ratio") and given.get("policy") != "draft-kvzip":
-        raise ValueError(f"configuration {label!r}: the LLM alone keeps no SLM cache; slm-int8/slm-int4 need iam<ratio>.")
-    if given.get("local_window") and not given.get("ratio"):
-        raise ValueError(f"configuration {label!r}: a local window needs mapped layers (iam<ratio> with ratio > 0).")
-    return Setup(label, **given)
+    return Setup(**given, written=label)
 
 
 def parse_setups(text: str, local_sinks: int | None = None) -> list[Setup]:
-    """Comma-separated configurations (``parse_setup``), each at most once, the LLM alone first (added if missing);
-    ``local_sinks`` goes to those with a local window (``ValueError`` where none has one)."""
-    setups = [parse_setup(t) for t in text.split(",") if t.strip()]
+    """Comma-separated configurations (``parse_setup``), ``arranged``."""
+    return arranged([parse_setup(t) for t in text.split(",") if t.strip()], local_sinks)
+
+
+def arranged(setups: Sequence[Setup], local_sinks: int | None = None) -> list[Setup]:
+    """``setups``, each at most once, the LLM alone first (added if missing); ``local_sinks`` goes to those with a
+    local window (``ValueError`` where none has one)."""
     if not setups:
         raise ValueError("give at least one configuration.")
     labels = [s.label for s in setups]
@@ -122,8 +145,9 @@ def parse_setups(text: str, local_sinks: int | None = None) -> list[Setup]:
         if not any(s.local_window for s in setups):
             raise ValueError(f"`local_sinks` {local_sinks} would not be used: no configuration has a local window (+w<window>).")
         setups = [replace(s, local_sinks=local_sinks) if s.local_window else s for s in setups]
+    setups = list(setups)
     if not any(s.plain for s in setups):
-        setups.insert(0, Setup("llm"))
+        setups.insert(0, Setup())
     return sorted(setups, key=lambda s: not s.plain)
 
 

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from .cache import slm_cache
-from .decoder import Pass, decoder_layers, local_window, positions, softcap
-from .mapping import window_attention
+from ..core.cache import slm_cache
+from ..core.decoder import Pass, decoder_layers, local_window, positions, softcap
+from ..core.mapping import window_attention
 
 
 def token_spans(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[torch.Tensor, list[tuple[int, int]]]:
