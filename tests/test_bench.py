@@ -13,9 +13,9 @@ import transformers
 
 import iam
 from conftest import tiny
-from iam.bench.costs import Scenario, analytic_rows, break_even, kv_bytes_per_token
 from iam.cli import main
 from iam.core.kernels import Kernels
+from iam.eval.costs import Scenario, analytic_rows, break_even, kv_bytes_per_token
 from iam.models.presets import PRESETS, Arch, load_arch
 
 
@@ -157,7 +157,7 @@ def test_budget_shares_count_the_window_and_eviction():
     """A window's mapped layer projects Q/K again and attends to its window, so it costs more of the LLM's arithmetic
     than plain mapping, and more than the LLM alone where the window is long against the prompt; eviction leaves
     prefill alone and cuts what a decode step reads."""
-    from iam.bench.costs import llm_shares
+    from iam.eval.costs import llm_shares
 
     llm, slm, at = PRESETS["qwen2.5-coder-1.5b"], PRESETS["qwen2.5-coder-0.5b"], Scenario(1024, 1, 32)
     plain, window = llm_shares(llm, slm, 14, at, 2), llm_shares(llm, slm, 14, at, 2, 68)

@@ -225,7 +225,7 @@ def test_budgets_parse_as_fractions_or_counts():
 
 
 def test_kv_tradeoff_points_sit_where_their_arithmetic_puts_them(pair):
-    from iam.bench.costs import prefill_flops
+    from iam.eval.costs import prefill_flops
     from iam.eval.tradeoff import AXES, eval_kv_tradeoff
     from iam.models.presets import Arch
 

@@ -16,13 +16,13 @@ from ..core.cache import slm_cache
 from ..core.config import MappingConfig, check_mapped
 from ..core.kernels import Kernels
 from ..core.model import IAMForCausalLM
+from ..eval.costs import Scenario, kept_share, llm_shares
 from ..eval.setup import Setup, build, configured
+from ..eval.timer import GenerationTimer, synchronize
 from ..models.placement import input_device
 from ..models.presets import Arch
 from ..reporting import with_baseline
-from .costs import Scenario, kept_share, llm_shares
 from .memory import PeakMemory, TensorPeak
-from .timing import GenerationTimer, synchronize
 
 
 def random_prompt(llm, batch: int, length: int, generator: torch.Generator) -> torch.Tensor:

@@ -11,8 +11,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from ..core.config import MappingConfig
 from ..core.kernels import Kernels
+from ..eval.costs import Scenario
 from ..eval.setup import Setup, build
-from .costs import Scenario
 from .measure import random_prompt, run_generate
 
 PARTS = {

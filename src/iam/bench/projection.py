@@ -19,9 +19,9 @@ from ..core.kernels import Kernels
 from ..core.mapping import HeadMap, Mapping, Window
 from ..core.selection import units_for_ratio
 from ..core.step import SLMStep
+from ..eval.costs import decode_bytes, kv_bytes_per_token, layer_prefill_flops, prefill_flops
 from ..models.presets import Arch, hf_config
 from ..reporting import with_baseline
-from .costs import decode_bytes, kv_bytes_per_token, layer_prefill_flops, prefill_flops
 from .timing import timed
 
 Mapped = tuple[MappedAttention, Mapping, SLMStep]

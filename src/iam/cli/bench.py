@@ -8,9 +8,10 @@ import sys
 
 import torch
 
-from ..bench import costs, measure, profile, projection
+from ..bench import measure, profile, projection
 from ..bench.timing import allocator_note, timing_environment
 from ..core.config import MappingConfig, check_mapped
+from ..eval import costs
 from ..eval.setup import Setup
 from ..models.presets import load_arch
 from ..reporting import markdown_table

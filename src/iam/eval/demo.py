@@ -7,9 +7,9 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from ..bench.timing import GenerationTimer
 from ..core.config import MappingConfig
 from ..core.model import IAMForCausalLM
+from .timer import GenerationTimer
 
 PROMPTS = [
     "Write a Python function that checks whether a string is a palindrome.",

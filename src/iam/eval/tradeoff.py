@@ -8,10 +8,10 @@ from dataclasses import replace
 
 import torch
 
-from ..bench.costs import prefill_flops
 from ..core.config import MappingConfig
 from ..core.model import IAMForCausalLM
 from ..models.presets import Arch, total_kept_at
+from .costs import prefill_flops
 from .perplexity import check_context, perplexity
 from .runs import Config, relative_to_first, side_by_side
 from .setup import Setup
