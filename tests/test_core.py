@@ -377,7 +377,7 @@ def test_two_models_each_run_their_own_kernels(monkeypatch):
     assert on_flex.kernels.summary() == {
         "flex_from": 32,
         "flex_devices": ["cpu"],
-        "window_sdpa": True,
+        "window_reference": False,
         "chunk_elements": 1 << 23,
         "min_chunk": 16,
     }

@@ -183,8 +183,9 @@ ON_CUDA = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), re
 @pytest.mark.parametrize("blend", [1, 2])
 def test_fast_prefill_equals_the_reference(pair, blend, kernel, monkeypatch):
     """The local window's prefill on FlexAttention (``flex_devices``, from ``flex_from`` on) and on a CPU's fused
-    SDPA with its log-sum-exp (``window_sdpa``) agree with the chunked reference on a padded batch, per KV group,
-    with blend, in a continuation, and the cache each leaves decodes and beam-searches alike. (Compiled
+    SDPA with its log-sum-exp, and decode on the band (``local_decode``), agree with the chunked reference on a
+    padded batch, per KV group, with blend, in a continuation, and the cache each leaves decodes and beam-searches
+    alike. (Compiled
     FlexAttention on a CPU, torch 2.13, gave one sequence of a padded pair wrong rows where eager FlexAttention
     did not: FlexAttention serves ``flex_devices``, CUDA by default.)"""
     import iam.core.kernels.local as local
@@ -205,12 +206,13 @@ def test_fast_prefill_equals_the_reference(pair, blend, kernel, monkeypatch):
         return whole, rest, step, model.generate(ids, **tokens)
 
     calls = []
-    real = getattr(local, kernel)
-    monkeypatch.setattr(attention, kernel, lambda *a: calls.append(a[0].shape[2]) or real(*a))
-    reference = run(Kernels(flex_from=None, window_sdpa=False))
+    for name in (kernel, "local_decode"):
+        real = getattr(local, name)
+        monkeypatch.setattr(attention, name, lambda *a, real=real: calls.append(a[0].shape[2]) or real(*a))
+    reference = run(Kernels(flex_from=None, window_reference=True))
     assert not calls
     fast = run(kernels)
-    assert 60 in calls and 20 in calls and 40 in calls  # the prefill, the continuation and the first part ran it
+    assert {60, 20, 40, 1} <= set(calls)  # the prefill, the continuation, the first part, and decode ran them
     real_rows = mask.bool()
     assert (fast[0] - reference[0])[real_rows].abs().max() < 1e-4
     assert (fast[1] - reference[1])[real_rows[:, 40:]].abs().max() < 1e-4

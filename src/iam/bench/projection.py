@@ -137,7 +137,7 @@ class LayerBench:
         run = lambda m: self._run(m, self._paired_cache(), 0, self.tokens)  # noqa: E731
         steps = [self.prefill, lambda: run(mapped)]
         if self.local:
-            reference = (self._attention(replace(self.kernels, flex_from=None, window_sdpa=False)), *mapped[1:])
+            reference = (self._attention(replace(self.kernels, flex_from=None, window_reference=True)), *mapped[1:])
             steps.append(lambda: run(reference))
         return steps + [lambda: self.prefill("eager")] if eager else steps
 

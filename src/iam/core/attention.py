@@ -23,7 +23,7 @@ from .cache import LocalKeys
 from .decoder import attend, local_window, project_qk, project_v, runs, softcap
 from .families import FULL, SLIDING
 from .kernels import Kernels
-from .kernels.local import local_chunked, local_flex, local_sdpa
+from .kernels.local import local_chunked, local_decode, local_flex, local_sdpa
 from .kernels.prefill import flex_prefill, sdpa_prefill
 from .mapping import HeadMap, Mapping, SLMWindow, window_attention
 from .parallel import rank_map, shard_of
@@ -182,8 +182,9 @@ class MappedAttention:
         so where the window covers every slot the head is exactly the LLM's own. ``v`` ``[B, G, S, d]`` holds the
         mapped groups' V of every slot; ``starts`` ``[B]`` each sequence's first real slot. Where ``Kernels.flex``
         says so, prefills run on FlexAttention (``local_flex``), else on a CPU on fused SDPA and the band
-        (``local_sdpa``); otherwise, and in decode, on the chunked reference (``local_chunked``; all in
-        ``iam.core.kernels.local``). Returns ``[B, H_m, t, d]``."""
+        (``local_sdpa``), and decode on the borrowed row and the band (``local_decode``); with
+        ``Kernels.window_reference``, and for prefills elsewhere, on the chunked reference (``local_chunked``; all
+        in ``iam.core.kernels.local``). Returns ``[B, H_m, t, d]``."""
         q, k = project_qk(self.original, hidden_states, *position_embeddings, self.groups)
         sink_k, recent_k = keys.update(k, None, {"starts": starts})
         t, d = q.shape[2:]
@@ -192,7 +193,9 @@ class MappedAttention:
             exact, borrowed = local_flex(*args)
             mixed = routes.from_items(borrowed)
             return mixed[..., :d] + mixed[..., d:] * exact
-        if t > 1 and self.kernels.window_sdpa and v.device.type == "cpu":
+        if not self.kernels.window_reference and t == 1:
+            return local_decode(*args, attention_mask)
+        if not self.kernels.window_reference and v.device.type == "cpu":
             return local_sdpa(*args, self.kernels)
         return local_chunked(*args, attention_mask, self.kernels)
 

@@ -2,7 +2,7 @@
 (``IAMForCausalLM(..., kernels=Kernels(...))``) and handed to each ``MappedAttention``, whose ``Kernels.flex``
 decides where FlexAttention runs. ``flex``: the compiled FlexAttention kernel; ``prefill``: plain mapped prefill
 (FlexAttention, padded SDPA, soft-capped); ``local``: the exact local window (FlexAttention, SDPA with its
-log-sum-exp and the band, chunked)."""
+log-sum-exp and the band, the band in decode, chunked)."""
 
 from __future__ import annotations
 
@@ -26,9 +26,10 @@ class Kernels:
     flex_devices : device types (``torch.device.type``) where mapped prefill, plain or with the local window, runs
         FlexAttention. On a CPU the fused SDPA kernel, with the SLM's q/k zero-padded to the LLM's head size, ran as
         fast or faster through the whole model (docs/results.md), and it returns the log-sum-exp that the local
-        window needs (``window_sdpa``).
-    window_sdpa : the local window's prefill off FlexAttention on a CPU runs fused SDPA and the band
-        (``local.local_sdpa``); ``False``: the chunked reference (``local.local_chunked``), as on other devices.
+        window needs.
+    window_reference : the local window runs its chunked reference (``local.local_chunked``) wherever FlexAttention
+        does not, instead of fused SDPA and the band on a CPU (``local.local_sdpa``) and the band in decode
+        (``local.local_decode``): what the tests and the projection bench compare those kernels to.
     chunk_elements : elements of the largest probability block ``[B, columns, chunk, S]`` that one query chunk of
         the chunked local window, or of soft-capped attention (Gemma 2), holds.
     min_chunk : fewest queries per chunk of the chunked local window, however long the context (bounds the loop).
@@ -36,7 +37,7 @@ class Kernels:
 
     flex_from: int | None = 256
     flex_devices: tuple[str, ...] = ("cuda",)
-    window_sdpa: bool = True
+    window_reference: bool = False
     chunk_elements: int = 1 << 23
     min_chunk: int = 16
 
@@ -47,8 +48,8 @@ class Kernels:
         if not isinstance(devices, (tuple, list)) or not all(isinstance(d, str) for d in devices):
             raise ValueError(f"flex_devices must be a tuple of device types such as ('cuda',), got {self.flex_devices!r}.")
         object.__setattr__(self, "flex_devices", tuple(devices))
-        if not isinstance(self.window_sdpa, bool):
-            raise ValueError(f"window_sdpa must be True or False, got {self.window_sdpa!r}.")
+        if not isinstance(self.window_reference, bool):
+            raise ValueError(f"window_reference must be True or False, got {self.window_reference!r}.")
         for name in ("chunk_elements", "min_chunk"):
             if not _positive(getattr(self, name)):
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}.")

@@ -217,6 +217,43 @@ def local_chunked(
     return out.view(b, h, t, d).to(v.dtype)
 
 
+
+def local_decode(
+    q: torch.Tensor,
+    sink_k: torch.Tensor,
+    recent_k: torch.Tensor,
+    v: torch.Tensor,
+    slm: SLMStep,
+    routes: Routes,
+    starts: torch.Tensor,
+    sinks: int,
+    window: int,
+    scaling: float,
+    attention_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """One decode step of the local window: the borrowed row times V, as plain IAM decodes, plus one product over
+    the near slots (the sinks and the window) that takes their borrowed share away and puts back the exact part
+    with their mass: ``out = a V + (m_near * softmax_near(q k^T) - a_near) V_near``. Arguments as for
+    ``local_chunked`` (``q`` of one token). Returns ``[B, H_m, 1, d]``."""
+    b, h, _, d = q.shape
+    g, total = v.shape[1], v.shape[2]
+    per, lo = h // g, max(total - window, 0)
+    rows = routes.mix(slm.column_rows(routes, attention_mask, torch.float32))  # [B, H_m, S]
+    borrowed = rows.view(b, g, per, total).to(v.dtype) @ v  # [B, G, per, d]
+    sink_slots = starts[:, None] + torch.arange(sinks, device=v.device)  # [B, sinks]
+    window_slots = torch.arange(lo, total, device=v.device)
+    reads = torch.cat([sink_slots < total, window_slots >= starts[:, None] + sinks], -1)  # [B, sinks + w]
+    sink_slots = sink_slots.clamp_max(total - 1)
+    near_rows = torch.cat([rows.gather(2, sink_slots[:, None].expand(b, h, sinks)), rows[..., lo:]], -1)
+    near_v = torch.cat([v.gather(2, sink_slots[:, None, :, None].expand(b, g, sinks, d)), v[:, :, lo:]], 2).float()
+    near_k = torch.cat([sink_k, recent_k[:, :, recent_k.shape[2] - (total - lo) :]], 2).float()
+    scores = (q.float().view(b, g, per, d) @ near_k.transpose(-1, -2)) * scaling  # [B, G, per, sinks + w]
+    exact = scores.masked_fill(~reads[:, None, None], -math.inf).softmax(-1).nan_to_num(0.0)
+    near = (near_rows * reads[:, None]).view(b, g, per, -1)
+    out = borrowed.float() + (near.sum(-1, keepdim=True) * exact - near) @ near_v
+    return out.view(b, h, 1, d).to(v.dtype)
+
+
 def _slm_rows(
     routes: Routes,
     slm: SLMStep,
