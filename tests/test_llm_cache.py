@@ -7,8 +7,8 @@ import torch
 
 from conftest import forward, iam, left_pad, prompt
 from iam import MappingConfig
-from iam.core.cache import Int8Layer, Int8ValueOnlyLayer
 from iam.core.eviction import H2O, StreamingLLM
+from iam.core.layers import Int8Layer, Int8ValueOnlyLayer
 
 CONFIGS = [dict(ratio=0.0), dict(layers=[1, (2, 0)]), dict(layers=[1, (2, 0)], local_window=8)]
 

@@ -19,12 +19,12 @@ from torch import nn
 from torch.profiler import record_function
 from transformers.cache_utils import Cache
 
-from .cache import LocalKeys
 from .decoder import attend, local_window, project_qk, project_v, runs, softcap
 from .families import FULL, SLIDING
 from .kernels import Kernels
 from .kernels.local import local_chunked, local_flex
 from .kernels.prefill import flex_prefill, sdpa_prefill
+from .layers import LocalKeys
 from .mapping import HeadMap, Mapping, SLMWindow, window_attention
 from .parallel import rank_map, shard_of
 from .step import Routes, SLMStep

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from transformers import PretrainedConfig
 
-from .cache import SLM_CACHES
 from .families import head_dim, local_windows
+from .layers import SLM_CACHES
 from .selection import STRATEGIES, CalibratedSelection, Unit
 from .similarity import METRICS
 
