@@ -8,6 +8,7 @@ import torch
 from conftest import forward, iam, left_pad, prompt, tiny
 from iam import IAMForCausalLM, MappingConfig
 from iam.core.eviction import H2O
+from iam.core.kernels import Kernels
 
 
 @pytest.mark.parametrize(
@@ -264,6 +265,7 @@ def test_a_foreign_filled_cache_is_refused(pair):
         (lambda llm, slm: IAMForCausalLM(llm, slm, MappingConfig(ratio=0.5), H2O(budget=12)), r"eviction policy None, not"),
         (lambda llm, slm: iam(tiny(llm.config.model_type, 6, 64, 4, 2, 0), slm, ratio=0.5), r"another LLM config"),
         (lambda llm, slm: iam(llm, tiny(llm.config.model_type, 3, 32, 2, 1, 3), ratio=0.5), r"another SLM config"),
+        (lambda llm, slm: iam(llm, slm, ratio=0.5, kernels=Kernels(flex_from=None)), r"kernel options Kernels\(flex_from=256"),
     ],
 )
 def test_another_models_cache_is_refused(pair, other, message):

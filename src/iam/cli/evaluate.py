@@ -7,9 +7,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from ..core.checks import check_scope
 from ..core.config import MappingConfig, check_mapped
 from ..core.eviction import POLICIES
-from ..core.model import check_scope
 from ..core.resolution import resolve
 from ..core.similarity import METRICS
 from ..eval import analysis, data, generation, retrieval, sweep, tradeoff
@@ -384,8 +384,7 @@ def cmd_retrieval(args: argparse.Namespace) -> int:
     base, setups, configs = setups_of(args, args.configs)
     llm_config, slm_config = read_configs(args.llm, args.slm, force=args.force)
     for setup, config in zip(setups, configs):
-        policy = setup.eviction()
-        check_scope(resolve(config, llm_config, slm_config), llm_config, policy)
+        check_scope(resolve(config, llm_config, slm_config, setup.eviction()), llm_config)
     limit = min(llm_config.max_position_embeddings, slm_config.max_position_embeddings)
     tokenizer = load_tokenizer(args.llm)
     samples = retrieval.samples_for(tokenizer, args.tasks, args.tokens, args.n, limit, args.seed, args.depths, args.filler)

@@ -30,6 +30,7 @@ class Signature:
     eviction : the eviction policy, as text (``"None"`` without one).
     slm_cache : as ``MappingConfig.slm_cache``.
     local : ``(sinks, window)`` of the exact local window, if any.
+    kernels : the kernel options, as text.
     """
 
     llm: str
@@ -38,6 +39,7 @@ class Signature:
     eviction: str
     slm_cache: str
     local: tuple[int, int] | None
+    kernels: str
 
     def refuse(self, other: Signature | None) -> None:
         """Raise ``ValueError``, naming what differs, unless ``other`` (a cache's signature) equals this one."""
@@ -46,7 +48,7 @@ class Signature:
         if other is None:
             raise ValueError("this cache was not made by an IAMForCausalLM: use model.new_cache().")
         names = {"llm": "LLM config", "slm": "SLM config", "mapping": "mapping config", "eviction": "eviction policy"}
-        names.update(slm_cache="SLM cache kind", local="local window (sinks, window)")
+        names.update(slm_cache="SLM cache kind", local="local window (sinks, window)", kernels="kernel options")
         differ = [f.name for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]
         what = "; ".join(
             f"another {names[n]}"
@@ -73,16 +75,16 @@ class IAMCache(Cache):
     and a partly mapped one keeps K for its unmapped KV groups only. Beam search's reorder, repeat and select apply
     to both models and the mapping.
 
-    With an ``eviction`` policy the cache keeps one set of tokens per sequence (``self.kept``, see
-    ``iam.core.eviction``) for every layer of both models, or, with ``scope="unmapped"``, for the LLM's layers that keep
-    K and V only: evicted slots are compacted away, and the slots a shorter row lacks are masked like left padding.
+    Where the model evicts tokens (``iam.core.eviction``) the cache keeps one set of tokens per sequence
+    (``self.kept``, ``iam.core.kept``) for every layer of both models, or, with ``scope="unmapped"``, for the LLM's
+    layers that keep K and V only: evicted slots are compacted away, and the slots a shorter row lacks are masked like
+    left padding. The cache holds tensors and their bookkeeping; the policy is the model's, passed to ``evict``.
 
     Parameters
     ----------
     llm_config, slm_config : the two models' configs.
     slm_cache_kind : ``"native"``, ``"int8"`` or ``"int4"`` (see ``MappingConfig.slm_cache``).
     llm_cache_kind : the same for the LLM's layers (see ``MappingConfig.llm_cache``).
-    eviction : the token eviction policy, if any.
     local : ``(sinks, window)`` where mapped layers attend exactly to a local window (``MappingConfig.local_window``):
         their mapped groups' K for those tokens is in ``self.local``, one ``LocalKeys`` per LLM layer.
     signature : what made the cache (``None`` for an internal one); only a model of an equal signature continues it.
@@ -96,7 +98,6 @@ class IAMCache(Cache):
         llm_config: PretrainedConfig,
         slm_config: PretrainedConfig,
         slm_cache_kind: str = "native",
-        eviction: EvictionPolicy | None = None,
         local: tuple[int, int] | None = None,
         llm_cache_kind: str = "native",
         signature: Signature | None = None,
@@ -111,7 +112,6 @@ class IAMCache(Cache):
         self.slm = slm_cache(slm_config, slm_cache_kind, int4)
         # a container of LocalKeys, moved with the batch; the mapped layers update them (``LocalKeys.update``)
         self.local = Cache(layers=[LocalKeys(*local) for _ in range(n_layers)]) if local else None
-        self.eviction = eviction
         self.signature = signature
         self.mapped = mapped
         self.mapping: Mapping | None = None
@@ -162,22 +162,11 @@ class IAMCache(Cache):
         for layer in self.slm.layers[depth:]:
             layer.reset()
 
-    @property
-    def partial(self) -> bool:
-        """Whether the policy evicts from some layers only (``scope="unmapped"``): the mapped layers and the SLM keep
-        every token, and their mask is the caller's."""
-        return self.eviction is not None and self.eviction.scope == "unmapped"
-
-    def evicts(self, layer: int) -> bool:
-        """Whether LLM layer ``layer`` follows the kept set."""
-        if self.eviction is None:
-            return False
-        return not (self.partial and self.mapping is not None and layer in self.mapping.plan)
-
-    def first_slots(self) -> torch.Tensor:
+    def first_slots(self, partial: bool) -> torch.Tensor:
         """``[B]`` each sequence's first real slot in the mapped layers: where the mapping's window starts, or, once
-        tokens are evicted from them, past the front padding that compaction leaves."""
-        if self.kept is None or self.partial:
+        tokens are evicted from them (not ``partial``: they follow the kept set), past the front padding that
+        compaction leaves."""
+        if self.kept is None or partial:
             return self.mapping.window.starts
         return (~self.kept.valid).sum(-1)
 
@@ -192,32 +181,38 @@ class IAMCache(Cache):
         return {i: _slots(valid, attention_mask, new) for i, valid in own.items()}
 
     def track(self, attention_mask: torch.Tensor, positions: torch.Tensor) -> None:
-        """Record the slots just written (``[B, t]`` mask and true positions), where a policy evicts."""
-        if self.eviction is not None:
-            if self.kept is None:
-                self.kept = Kept.empty(attention_mask.shape[0], attention_mask.device)
-            self.kept.append(attention_mask, positions)
+        """Record the slots just written (``[B, t]`` mask and true positions) in the kept set (where a policy evicts)."""
+        if self.kept is None:
+            self.kept = Kept.empty(attention_mask.shape[0], attention_mask.device)
+        self.kept.append(attention_mask, positions)
 
-    def evict(self, mass: torch.Tensor | None, prefill: bool, groups: dict[int, torch.Tensor] | None = None) -> None:
-        """Score the slots with ``mass`` (``[B, S]`` attention received in this forward) and drop what the policy
-        lets go from every layer of both models. ``groups``: ``[B, KV heads, S]`` scores of LLM layers whose KV
-        groups each keep their own slots (``KVzip``, ``Kept.select``)."""
-        kept, policy = self.kept, self.eviction
+    def evict(
+        self,
+        policy: EvictionPolicy,
+        layers: list[int],
+        mass: torch.Tensor | None,
+        prefill: bool,
+        groups: dict[int, torch.Tensor] | None = None,
+        protect: tuple[int, int] | None = None,
+    ) -> None:
+        """Score the slots with ``mass`` (``[B, S]`` attention received in this forward) and drop what ``policy`` lets
+        go from the LLM's ``layers`` and, unless the policy keeps them whole (``scope="unmapped"``), the SLM's.
+        ``groups``: ``[B, KV heads, S]`` scores of LLM layers whose KV groups each keep their own slots (``KVzip``,
+        ``Kept.select``); ``protect``: ``(sinks, window)`` always kept (``Kept.select``)."""
+        kept = self.kept
         if kept is None:
             return
         if mass is not None:
             kept.scores = kept.scores + mass if policy.decode else mass
         if not (prefill or policy.decode):
             return
-        local = self.local.layers[0] if self.local is not None and not self.partial else None
-        chosen = kept.select(policy, None if local is None else (local.sinks, local.window), groups)
+        chosen = kept.select(policy, protect, groups)
         if chosen is None:
             return
         index, own = chosen
-        for i, layer in enumerate(self.layers):
-            if self.evicts(i):
-                layer.keep_slots(own.get(i, index))
-        if not self.partial:
+        for i in layers:
+            self.layers[i].keep_slots(own.get(i, index))
+        if not policy.partial:
             for layer in self.slm.layers:
                 layer.keep_slots(index)
 

@@ -17,6 +17,7 @@ from .config import MappingConfig
 from .decoder import decoder_layers
 from .eviction import EvictionPolicy
 from .families import check_blend, check_family, check_features, check_kinds, check_windows
+from .kernels import Kernels
 from .parallel import shard_of
 from .resolution import Resolved, resolve
 from .selection import Plan, plan_of
@@ -107,15 +108,35 @@ def planned(resolved: Resolved, llm: PretrainedConfig) -> Plan | None:
     return strategy.plan(llm.num_hidden_layers, n_kv, config.ratio)
 
 
-def check_scope(resolved: Resolved, llm: PretrainedConfig, eviction: EvictionPolicy | None) -> None:
+def check_scope(resolved: Resolved, llm: PretrainedConfig) -> None:
     """Raise ``ValueError`` where eviction over the unmapped layers only would have no layer to evict from (every layer
     has a mapped KV group): its budget could not be honoured."""
-    plan = planned(resolved, llm) if eviction is not None and eviction.scope == "unmapped" else None
+    plan = planned(resolved, llm) if resolved.partial else None
     if plan is not None and len(plan) == llm.num_hidden_layers:
         raise ValueError(
-            f"{eviction!r} evicts only from layers without a mapped KV group, and this mapping leaves none: lower the "
+            f"{resolved.eviction!r} evicts only from layers without a mapped KV group, and this mapping leaves none: lower the "
             "ratio, or evict with scope='all'."
         )
+
+
+def checked(
+    config: MappingConfig,
+    llm: PretrainedConfig,
+    slm: PretrainedConfig,
+    eviction: EvictionPolicy | None = None,
+    kernels: Kernels = Kernels(),
+    tensor_parallel: bool = False,
+) -> Resolved:
+    """The run spec of ``config`` with ``eviction`` and ``kernels`` for the pair of configs ``llm`` and ``slm``, resolved
+    and checked: the one validation of a run's settings, before any weights (``load_checked``) and at wrapping
+    (``IAMForCausalLM``). Raises ``ValueError`` naming what cannot be served."""
+    check_eviction(config, eviction)
+    config.check_head_dims(llm, slm)
+    check_features(llm, config.local_window, eviction, tensor_parallel)
+    resolved = resolve(config, llm, slm, eviction, kernels)
+    check_blend(llm, slm, resolved.config.blend)
+    check_scope(resolved, llm)
+    return resolved
 
 
 def load_checked(
@@ -138,18 +159,11 @@ def load_checked(
         why = " (draft-kvzip scores with it)" if eviction is not None and eviction.reconstruct == "slm" else ""
         raise ValueError(f"an SLM is needed{why}: give slm, an alias, GGUF file or model folder of the LLM's family.")
     check_device(device)
-    for config in configs:
-        check_eviction(config, eviction)
     llm_config, slm_config = read_configs(llm, slm, progress, force)
     check_pair_configs(llm_config, slm_config)
-    for config in configs:
-        config.check_head_dims(llm_config, slm_config)
     placement.check(llm_config, device)
     for config in configs:
-        check_features(llm_config, config.local_window, eviction, placement.tensor_parallel)
-        resolved = resolve(config, llm_config, slm_config)
-        check_blend(llm_config, slm_config, resolved.config.blend)
-        check_scope(resolved, llm_config, eviction)
+        checked(config, llm_config, slm_config, eviction, tensor_parallel=placement.tensor_parallel)
     return load_pair(llm, slm, dtype=dtype, device=device, progress=progress, force=force, placement=placement)
 
 

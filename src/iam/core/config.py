@@ -136,6 +136,12 @@ class MappingConfig:
                 )
 
     @property
+    def maps(self) -> bool:
+        """Whether the config maps anything (a ratio above 0, explicit layers or a fixed head mapping); ratio 0 without
+        either is the LLM alone."""
+        return self.ratio > 0 or bool(self.layers) or self.head_mapping is not None
+
+    @property
     def int4(self) -> tuple[int, int]:
         """``(int4_group, int4_residual)``."""
         return self.int4_group, self.int4_residual
@@ -194,7 +200,7 @@ def check_layers_in_range(layers: list[Unit], n_layers: int, n_kv: int) -> None:
 
 def mapping_threshold(configs: Sequence[MappingConfig]) -> int:
     """Tokens from which each of ``configs`` that maps anything sets its mapping (0 where none maps)."""
-    return max((c.establish_threshold for c in configs if c.ratio > 0 or c.layers), default=0)
+    return max((c.establish_threshold for c in configs if c.maps), default=0)
 
 
 def check_mapped(lengths: Sequence[int], configs: Sequence[MappingConfig], what: str = "a window") -> None:

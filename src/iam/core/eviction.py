@@ -73,6 +73,16 @@ class EvictionPolicy(ABC):
         """Tokens the policy always keeps (sinks, a recent window)."""
         return 0
 
+    @property
+    def partial(self) -> bool:
+        """Whether it evicts from some layers only (``scope="unmapped"``)."""
+        return self.scope == "unmapped"
+
+    def observed_queries(self) -> int | None:
+        """How many of a forward's latest queries score the slots (policies with ``needs_scores`` that attention
+        scores): ``None`` for all of them."""
+        return None
+
     def kept(self, n_real: torch.Tensor) -> torch.Tensor:
         """``[B]`` tokens each sequence keeps out of its ``n_real`` real tokens."""
         if isinstance(self.budget, float):
@@ -171,6 +181,9 @@ class SnapKV(EvictionPolicy):
 
     @property
     def reserved(self) -> int:
+        return self.window
+
+    def observed_queries(self) -> int | None:
         return self.window
 
     def priority(self, scores, valid, age):

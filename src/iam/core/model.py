@@ -23,19 +23,21 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from ..models.placement import Placement, input_device
 from .attention import MappedAttention
 from .cache import IAMCache, Signature
-from .checks import check_eviction, check_generate, check_inputs, check_pair, check_scope, load_checked, planned
+from .checks import check_eviction, check_generate, check_inputs, check_pair, checked, load_checked, planned
 from .config import MappingConfig
 from .decoder import Pass, decoder_layers, local_window, positions, softcap
 from .eviction import EvictionPolicy, attention_mass, repeat_scores
-from .families import check_blend, check_features, family, layer_kinds
+from .families import family, layer_kinds
 from .kernels import Kernels
 from .layers import slm_cache
 from .mapping import Mapping, SLMWindow, Window, cap, slm_window_flats, window_attention
 from .parallel import gather_heads, shard_of, sum_heads
-from .resolution import Resolved, resolve
+from .resolution import Resolved
 from .selection import Plan
 from .similarity import METRICS
 from .step import SLMStep
+
+__all__ = ["IAMForCausalLM", "check_eviction", "load_checked"]  # the checks re-exported where callers import them
 
 
 class IAMForCausalLM(PreTrainedModel, GenerationMixin):
@@ -72,7 +74,9 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         kernels: Kernels = Kernels(),
     ) -> None:
         check_pair(llm, slm)
-        resolved = resolve(config if config is not None else MappingConfig(), llm.config, slm.config)
+        sharded = shard_of(decoder_layers(llm)[0].self_attn) is not None
+        config = config if config is not None else MappingConfig()
+        resolved = checked(config, llm.config, slm.config, eviction, kernels, tensor_parallel=sharded)
         super().__init__(copy.deepcopy(llm.config))
         self.llm, self.slm = llm, slm
         self.generation_config = copy.deepcopy(llm.generation_config)
@@ -80,14 +84,6 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         self.mapping_config: MappingConfig = resolved.config
         self.n_layers: int = llm.config.num_hidden_layers
         self.n_kv: int = llm.config.num_key_value_heads
-        check_eviction(self.mapping_config, eviction)
-        sharded = shard_of(decoder_layers(llm)[0].self_attn) is not None
-        check_features(llm.config, self.mapping_config.local_window, eviction, sharded)
-        check_blend(llm.config, slm.config, self.mapping_config.blend)
-        check_scope(resolved, llm.config, eviction)
-        self.mapping_config.check_head_dims(llm.config, slm.config)
-        self.eviction = eviction
-        self.kernels = kernels
         mapping = f"{self.mapping_config!r} {resolved.strategy!r}"
         self.signature = Signature(
             llm.config.to_json_string(),
@@ -95,8 +91,19 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
             mapping,
             repr(eviction),
             self.mapping_config.slm_cache,
-            self._local,
+            resolved.local,
+            repr(kernels),
         )
+
+    @property
+    def eviction(self) -> EvictionPolicy | None:
+        """The token eviction policy (``self.resolved.eviction``)."""
+        return self.resolved.eviction
+
+    @property
+    def kernels(self) -> Kernels:
+        """The kernels the mapped layers run (``self.resolved.kernels``)."""
+        return self.resolved.kernels
 
     @classmethod
     def from_pair(
@@ -172,19 +179,12 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
             self.llm.config,
             self.slm.config,
             config.slm_cache,
-            self.eviction,
-            self._local,
+            self.resolved.local,
             config.llm_cache,
             self.signature,
-            mapped=self.resolved.n_mapped > 0,
+            mapped=config.maps,
             int4=config.int4,
         )
-
-    @property
-    def _local(self) -> tuple[int, int] | None:
-        """``(sinks, window)`` of the exact local window where mapped layers use one (see ``IAMCache``)."""
-        config = self.mapping_config
-        return (config.sinks, config.local_window) if config.local_window and self.resolved.n_mapped else None
 
     # ---- generate --------------------------------------------------------------------------------------------
     def generate(self, inputs: torch.Tensor | None = None, generation_config=None, **kwargs):
@@ -245,13 +245,13 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         """Whether this forward establishes the mapping: something is mapped and the shortest sequence holds
         ``establish_threshold`` tokens, or at once with a fixed mapping (it needs no window)."""
         threshold = 1 if self.resolved.fixed is not None else self.mapping_config.establish_threshold
-        return self.resolved.n_mapped > 0 and int(mask.sum(-1).min()) >= threshold
+        return self.mapping_config.maps and int(mask.sum(-1).min()) >= threshold
 
     # ---- the three steps -------------------------------------------------------------------------------------
     def _alone(self, cache: IAMCache, ids, mask, position_ids, logits_to_keep: int) -> torch.Tensor:
         """The LLM alone, before the mapping exists (the cache keeps the tokens for the forward that establishes it,
         ``IAMCache.advance``)."""
-        if self.resolved.n_mapped > 0:  # eviction waits for the mapping, whose forward prefills the whole context
+        if self.mapping_config.maps:  # eviction waits for the mapping, whose forward prefills the whole context
             run = Pass(self.llm, ids, mask, position_ids, cache)
             for i in range(self.n_layers):
                 run.layer(i)
@@ -313,7 +313,7 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
     def _slm_step(self, cache: IAMCache, ids, mask, position_ids, depth: int) -> SLMStep:
         """The SLM's base model (never its LM head) through ``depth`` layers, recording their queries."""
         device = self.slm.device  # the SLM may sit apart from a dispatched LLM's first layer
-        slots = (mask if cache.partial else cache.slot_mask(mask, ids.shape[1])).to(device)
+        slots = (mask if self.resolved.partial else cache.slot_mask(mask, ids.shape[1])).to(device)
         queries = Pass(self.slm, ids.to(device), slots, position_ids.to(device), cache.slm).queries(depth)
         attn = decoder_layers(self.slm)[0].self_attn
         return SLMStep(queries, cache.slm.layers, attn.num_key_value_groups, attn.scaling, *self._borrowing)
@@ -340,13 +340,13 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         """The LLM over the new tokens, its mapped layers (if any) reading ``step``; then eviction, if the cache has
         a policy."""
         t = ids.shape[1]
-        policy = cache.eviction
+        policy = self.eviction
         first = cache.kept is None
         scoring = policy is not None and policy.needs_scores and not policy.reconstruct and (first or policy.decode)
         queries: dict[int, torch.Tensor] | None = {} if scoring else None
         run = self._llm_layers(cache, ids, mask, position_ids, step, establishing, queries)
         logits = self._logits(run, logits_to_keep)
-        if policy is not None and any(cache.evicts(i) for i in range(self.n_layers)):
+        if policy is not None and any(self._evicts(cache, i) for i in range(self.n_layers)):
             with record_function("iam.evict"):
                 mass, groups = None, None
                 if scoring:
@@ -359,7 +359,8 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
                     sync()
                     cache.scoring_s += time.perf_counter() - start
                 cache.track(mask[:, -t:], position_ids)
-                cache.evict(mass, prefill=first, groups=groups)
+                evicted = [i for i in range(self.n_layers) if self._evicts(cache, i)]
+                cache.evict(policy, evicted, mass, prefill=first, groups=groups, protect=self._protected)
         return logits
 
     def _llm_layers(
@@ -378,8 +379,8 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         slots = cache.slot_mask(mask, t)
         mapping = cache.mapping
         # with scope "unmapped", once tokens are evicted the mapped layers span more slots than the evicted ones
-        partial = cache.partial and cache.kept is not None and mapping is not None
-        evicted = [i for i in range(self.n_layers) if cache.evicts(i)]
+        partial = self.resolved.partial and cache.kept is not None and mapping is not None
+        evicted = [i for i in range(self.n_layers) if self._evicts(cache, i)]
         own_slots = cache.own_slot_masks(mask, t)  # layers whose KV groups keep slots of their own (KVzip's budgets)
         shared = evicted[0] if partial else min(mapping.plan) if own_slots and mapping is not None else None
         run = Pass(self.llm, ids, slots, position_ids, cache, shared, own_slots)
@@ -387,7 +388,8 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         layers = decoder_layers(self.llm)
         for i in range(self.n_layers):
             if mapping is not None and i in mapping.plan:
-                mapped = MappedAttention(layers[i].self_attn, mapping.plan[i], self.kernels, local=self._local is not None)
+                spec = self.resolved
+                mapped = MappedAttention(layers[i].self_attn, mapping.plan[i], spec.kernels, spec.local, spec.partial)
                 rope, own = run.rope_of(i), run.mask_of(i) if mapped.window is not None else None
                 attention = lambda x, m=mapped, rope=rope, own=own: m(
                     x, rope, mapped_mask, cache, mapping, step, establishing, own
@@ -406,7 +408,7 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         scratch copy of its cache. Returns the shared set's scores ``[B, S]`` (the mapped layers' and the SLM's:
         through the SLM heads the mapped heads borrow) and, per LLM layer that keeps K in every KV group and follows
         the kept set, ``[B, KV heads, S]``."""
-        policy, mapping = cache.eviction, cache.mapping
+        policy, mapping = self.eviction, cache.mapping
         draft = policy.reconstruct == "slm"
         if not policy.prompt:
             warnings.warn(
@@ -444,8 +446,7 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
                     decoder_layers(self.slm)[0].self_attn.scaling,
                 )
             else:
-                scratch = copy.deepcopy(cache)
-                scratch.eviction = None  # the scratch pass only reads
+                scratch = copy.deepcopy(cache)  # the scratch pass only reads: it evicts nothing (``_llm_layers``)
                 step = self._slm_step(scratch, rids, full, rpos, slm_depth) if mapping is not None else None
                 own: dict[int, torch.Tensor] = {}
                 self._llm_layers(scratch, rids, full, rpos, step, queries=own)
@@ -461,7 +462,7 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         groups = {
             i: llm_scores[i] if not draft else self._carried(slm_scores, i)
             for i in range(self.n_layers)
-            if cache.evicts(i) and (mapping is None or i not in mapping.plan)
+            if self._evicts(cache, i) and (mapping is None or i not in mapping.plan)
         }
         if mapping is not None:
             weight = mapping.borrowed_weight(self.slm.config.num_attention_heads)
@@ -483,14 +484,24 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
     def _attention_mass(self, cache: IAMCache, queries: dict[int, torch.Tensor], step: SLMStep | None, slots) -> torch.Tensor:
         """Attention mass on each cache slot from this forward's queries: the LLM's unmapped layers' own, and the SLM
         heads' that the mapped layers borrow, each by the weight the mapped heads put on it (they stand in for them)."""
-        last = getattr(cache.eviction, "window", None)
+        last = self.eviction.observed_queries()
         llm_scaling = decoder_layers(self.llm)[0].self_attn.scaling
         mass = sum(attention_mass(q, cache.layers[i].read_keys(), llm_scaling, slots, last) for i, q in queries.items())
         mass = sum_heads(mass, decoder_layers(self.llm)[0].self_attn)  # tensor parallel: every rank's heads
-        if cache.mapping is not None and not cache.partial:  # partial: the SLM's slots are not the kept ones
+        if cache.mapping is not None and not self.resolved.partial:  # partial: the SLM's slots are not the kept ones
             for layer, weight in cache.mapping.borrowed_weight(self.slm.config.num_attention_heads).items():
                 mass = mass + attention_mass(step.queries[layer], step.keys(layer), step.scaling, slots, last, head_weight=weight)
         return mass
+
+    def _evicts(self, cache: IAMCache, layer: int) -> bool:
+        """Whether LLM layer ``layer`` of ``cache`` follows the kept set."""
+        return self.resolved.evicts(layer, None if cache.mapping is None else cache.mapping.plan)
+
+    @property
+    def _protected(self) -> tuple[int, int] | None:
+        """``(sinks, window)`` that eviction keeps in every layer it evicts from: the exact local window's, where the
+        mapped layers follow the kept set."""
+        return None if self.resolved.partial else self.resolved.local
 
     def _logits(self, run: Pass, logits_to_keep: int) -> torch.Tensor:
         """The LM head's logits, soft-capped where the LLM caps them (Gemma 2's ``final_logit_softcapping``)."""
