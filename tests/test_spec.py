@@ -68,3 +68,22 @@ def test_unmapped_scope_protects_nothing_in_the_mapped_layers(pair, scope):
     llm, slm = pair
     model = IAMForCausalLM(llm, slm, MappingConfig(ratio=0.5, strategy="back", local_window=8), H2O(budget=24, scope=scope))
     assert model._protected == (None if scope == "unmapped" else (4, 8))
+
+
+def test_the_loader_passes_the_users_calibrations_and_a_plain_config_reads_none(pair_folders, tmp_path, monkeypatch):
+    """``from_pretrained`` and the command line look in ``$IAM_CACHE/calibration`` (the loader reads it); a config
+    built in code reads the shipped orders only, whatever the environment."""
+    from iam.cli import build_parser
+    from iam.cli.common import mapping_config
+    from iam.core.calibration import write_order
+
+    monkeypatch.setenv("IAM_CACHE", str(tmp_path / "cache"))
+    llm_folder, slm_folder = pair_folders
+    plain = IAMForCausalLM.from_pretrained(llm_folder, slm_folder, ratio=0.5, progress=False)
+    assert list(plain.planned) == [2, 3]  # nothing stored: "back"
+    write_order(plain.llm.config, plain.slm.config, [1, 3, 0, 2], {}, {}, tmp_path / "cache" / "calibration")
+    loaded = IAMForCausalLM.from_pretrained(llm_folder, slm_folder, ratio=0.5, progress=False)
+    assert list(loaded.planned) == [1, 3]
+    assert list(IAMForCausalLM(loaded.llm, loaded.slm, MappingConfig(ratio=0.5)).planned) == [2, 3]
+    args = build_parser().parse_args(["generate", "--llm", llm_folder, "--slm", slm_folder, "--prompt", "x"])
+    assert mapping_config(args, 0.5).calibrations == str(tmp_path / "cache" / "calibration")

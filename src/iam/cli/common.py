@@ -24,6 +24,7 @@ from ..core.similarity import METRICS
 from ..eval import data
 from ..eval.windows import text_windows
 from ..io import check_writable
+from ..models.loading import user_calibrations
 from ..models.placement import Placement
 from ..reporting import write_report
 
@@ -249,7 +250,7 @@ def from_flags(cls: type[T], args: argparse.Namespace, **given: object) -> T:
 
 
 def mapping_config(args: argparse.Namespace, ratio: float) -> MappingConfig:
-    return from_flags(MappingConfig, args, ratio=ratio)
+    return from_flags(MappingConfig, args, ratio=ratio, calibrations=user_calibrations())
 
 
 def setups_of(args: argparse.Namespace, text: str, **labelled) -> tuple[MappingConfig, list[Setup], list[MappingConfig]]:
@@ -259,7 +260,7 @@ def setups_of(args: argparse.Namespace, text: str, **labelled) -> tuple[MappingC
     apply to every configuration, ``--local-sinks`` to those with a window. ``labelled``: flags the command has
     written into the labels itself, left out of the base."""
     setups = parse_setups(text, args.local_sinks)
-    base = from_flags(MappingConfig, args, ratio=0.0, local_sinks=None, **labelled)
+    base = from_flags(MappingConfig, args, ratio=0.0, local_sinks=None, calibrations=user_calibrations(), **labelled)
     return base, setups, checked_configs(base, setups)
 
 

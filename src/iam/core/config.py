@@ -43,6 +43,9 @@ class MappingConfig:
     truncation_threshold : only the first this-many tokens' attention is compared.
     calibration : a calibration file (``iam calibrate`` writes them) whose order ``"auto"``/``"calibrated"`` use
         instead of the one stored for the pair (an error with any other strategy, or when the file is missing).
+    calibrations : a folder of calibrations (``iam calibrate`` writes them) where ``"auto"``/``"calibrated"`` look for
+        the pair's stored order before the shipped ones; ``None``: the shipped ones only. ``from_pretrained`` and the
+        command line pass the user's folder (``iam.models.loading.user_calibrations``).
     slm_cache : ``"native"`` (the SLM's own dtype), ``"int8"`` (K and V as int8 with per-token scales, about
         half the SLM cache bytes in fp16) or ``"int4"`` (KIVI-style groups with a full-precision residual, see
         ``int4_group``; about a quarter in fp16 at long contexts).
@@ -74,6 +77,7 @@ class MappingConfig:
     slm_cache: str = "native"
     llm_cache: str = "native"
     calibration: str | None = None
+    calibrations: str | None = None
     local_window: int = 0
     local_sinks: int | None = None
     int4_group: int = 32

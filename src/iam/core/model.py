@@ -20,6 +20,7 @@ from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from ..models.loading import user_calibrations
 from ..models.placement import Placement, input_device
 from .attention import MappedAttention
 from .cache import IAMCache, Signature
@@ -138,13 +139,14 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         **mapping,
     ) -> IAMForCausalLM:
         """Load a pair by alias, GGUF file or local folder (see ``iam.models.loading``) and wrap it; ``mapping`` holds
-        ``MappingConfig`` fields. The config is checked against the pair's configs before any weights load, and an
+        ``MappingConfig`` fields (``calibrations``: the user's folder, ``user_calibrations``, unless given). The config
+        is checked against the pair's configs before any weights load, and an
         SLM tuned through another LLM (``iam tune``) is refused unless ``force``.
 
         ``tp_plan``/``distributed_config`` (tensor parallelism, under ``torchrun``) or ``device_map``/``max_memory``/
         ``offload_folder`` (accelerate dispatch) go to transformers' ``from_pretrained`` for the LLM; the SLM is
         loaded whole, on each rank's device or on ``slm_device`` (see ``iam.models.placement``)."""
-        config = MappingConfig(**mapping)
+        config = MappingConfig(**{"calibrations": user_calibrations(), **mapping})
         placement = Placement(tp_plan, distributed_config, device_map, max_memory, offload_folder, slm_device)
         big, small, _ = load_checked(
             llm, slm, [config], eviction, dtype=dtype, device=device, progress=progress, force=force, placement=placement

@@ -93,7 +93,9 @@ def resolve(
     stored = None
     if isinstance(strategy, CalibratedSelection) and config.layers is None:
         file = config.calibration
-        stored = read_calibration(file, llm, slm) if file else find_calibration(llm, slm, config.local_window)
+        stored = (
+            read_calibration(file, llm, slm) if file else find_calibration(llm, slm, config.local_window, config.calibrations)
+        )
         if stored is None and strategy.fallback is None:
             raise ValueError("no calibrated layer order is stored for this LLM: run `iam calibrate --llm ... --slm ...` first.")
         strategy = replace(strategy, order=stored.order if stored else ())

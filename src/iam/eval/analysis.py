@@ -111,12 +111,13 @@ def eval_cross_similarity(
 def eval_consistency(llm, slm, tokenizer, windows, ratio: float, steps: int, base: MappingConfig, progress: bool = True) -> dict:
     """Paper §3.3: as decoding proceeds, does each mapped head's best match (recomputed on the whole growing
     context) stay the one chosen at prefill? Per mapped layer, the fraction of steps where it does."""
-    if not (ratio > 0 or base.layers):
+    config = replace(base, ratio=ratio)
+    if not config.maps:
         raise ValueError(f"`ratio` {ratio} maps nothing: consistency follows the mapped layers' matches (use `ratio` > 0).")
     if steps < 1:
         raise ValueError(f"`steps` must be a whole number >= 1 (decode steps followed), got {steps}.")
-    check_mapped([w.shape[1] for w in windows], [replace(base, ratio=ratio)])
-    iam = IAMForCausalLM(llm, slm, replace(base, ratio=ratio))
+    check_mapped([w.shape[1] for w in windows], [config])
+    iam = IAMForCausalLM(llm, slm, config)
     probe = IAMForCausalLM(llm, slm, replace(base, ratio=0.0))
     agree: dict[int, list[float]] = {}
     for w in tqdm(windows, desc="consistency", disable=not progress):
