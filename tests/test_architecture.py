@@ -1,5 +1,5 @@
 """The package's shape, read off its source: the method package reads no environment and imports no evaluation,
-bench or command-line code; there is no import circle."""
+bench or command-line code; there is no import circle; no module of the method is over 450 lines."""
 
 from __future__ import annotations
 
@@ -62,3 +62,8 @@ def test_no_import_circle():
 
     for module in graph:
         visit(module, ())
+
+
+def test_no_module_of_the_method_is_over_450_lines():
+    long = {m: n for m, p in MODULES.items() if m.startswith("iam.core") and (n := len(p.read_text().splitlines())) > 450}
+    assert not long
