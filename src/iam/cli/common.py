@@ -16,6 +16,7 @@ import torch
 
 from ..core.cache import SLM_CACHES
 from ..core.config import MappingConfig
+from ..core.errors import ConfigError
 from ..core.eviction import POLICIES, SCOPES, EvictionPolicy, make_policy, parse_budget
 from ..core.model import load_checked
 from ..core.selection import STRATEGIES, Unit, parse_unit
@@ -351,8 +352,12 @@ def option_flags(parser: argparse.ArgumentParser) -> dict[str, str]:
     return flags
 
 
-def as_flags(message: str, parser: argparse.ArgumentParser) -> str:
-    """A library error in the command line's words: each parameter it names in backticks becomes its flag
-    (`min_tokens` -> --min-tokens); any other name just loses the backticks."""
+def as_flags(error: Exception, parser: argparse.ArgumentParser) -> str:
+    """A library error in the command line's words. A ``ConfigError`` names its parameter by its flag (its ``param``
+    field: ``ratio`` -> --ratio; a parameter without a flag keeps its name). Messages that name parameters in backticks
+    instead (outside ``iam.core``) have each one replaced by its flag (`min_tokens` -> --min-tokens), any other name
+    just losing the backticks."""
     flags = option_flags(parser)
-    return re.sub(r"`(\w+)`", lambda m: flags.get(m.group(1), m.group(1)), message)
+    if isinstance(error, ConfigError):
+        return error.naming(flags.get(error.param, error.param))
+    return re.sub(r"`(\w+)`", lambda m: flags.get(m.group(1), m.group(1)), str(error))

@@ -15,6 +15,7 @@ from ..models.loading import load_pair, read_configs
 from ..models.placement import Placement, check_device
 from .config import MappingConfig
 from .decoder import decoder_layers
+from .errors import ConfigError
 from .eviction import EvictionPolicy
 from .families import check_blend, check_family, check_features, check_kinds, check_windows
 from .kernels import Kernels
@@ -89,9 +90,10 @@ def check_eviction(config: MappingConfig, eviction: EvictionPolicy | None) -> No
         return
     protected = eviction.reserved + config.sinks + config.local_window
     if eviction.budget < protected:
-        raise ValueError(
-            f"budget {eviction.budget} is smaller than the {protected} tokens the policy and the exact local window "
-            f"always keep ({eviction.reserved} + local_sinks {config.sinks} + local_window {config.local_window})."
+        raise ConfigError(
+            "budget",
+            f"{{param}} {eviction.budget} is smaller than the {protected} tokens the policy and the exact local window "
+            f"always keep ({eviction.reserved} + local_sinks {config.sinks} + local_window {config.local_window}).",
         )
 
 

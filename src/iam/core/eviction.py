@@ -30,6 +30,8 @@ from typing import ClassVar
 
 import torch
 
+from .errors import ConfigError
+
 SCOPES = ("all", "unmapped")
 """Which layers a policy evicts from (``EvictionPolicy.scope``)."""
 
@@ -57,16 +59,22 @@ class EvictionPolicy(ABC):
         for f in fields(self):  # a policy's own fields are token counts, each with its least value
             value, least = getattr(self, f.name), f.metadata.get("least")
             if least is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
-                raise ValueError(f"{type(self).__name__}.{f.name} must be an integer >= {least} (tokens), got {value!r}.")
+                raise ConfigError(
+                    f.name, f"{type(self).__name__}.{{param}} must be an integer >= {least} (tokens), got {value!r}."
+                )
         b = self.budget
         fraction = isinstance(b, float) and 0 < b <= 1
         count = isinstance(b, int) and not isinstance(b, bool) and b >= 1
         if not (fraction or count):
-            raise ValueError(f"budget must be a fraction in (0, 1] or a token count (a positive integer), got {b!r}.")
+            raise ConfigError(
+                "budget", f"{{param}} must be a fraction in (0, 1] or a token count (a positive integer), got {b!r}."
+            )
         if self.scope not in SCOPES:
-            raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}.")
+            raise ConfigError("scope", f"{{param}} must be one of {SCOPES}, got {self.scope!r}.")
         if count and b < self.reserved:
-            raise ValueError(f"budget {b} is smaller than the {self.reserved} tokens {type(self).__name__} always keeps.")
+            raise ConfigError(
+                "budget", f"{{param}} {b} is smaller than the {self.reserved} tokens {type(self).__name__} always keeps."
+            )
 
     @property
     def reserved(self) -> int:
@@ -177,7 +185,7 @@ class SnapKV(EvictionPolicy):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.kernel % 2 == 0:
-            raise ValueError(f"SnapKV.kernel must be odd (pooling centred on each token), got {self.kernel}.")
+            raise ConfigError("kernel", f"SnapKV.{{param}} must be odd (pooling centred on each token), got {self.kernel}.")
 
     @property
     def reserved(self) -> int:
@@ -225,7 +233,9 @@ class KVzip(EvictionPolicy):
         super().__post_init__()
         prompt = tuple(self.prompt)
         if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in prompt):
-            raise ValueError(f"{type(self).__name__}.prompt must be token ids (non-negative integers), got {self.prompt!r}.")
+            raise ConfigError(
+                "prompt", f"{type(self).__name__}.{{param}} must be token ids (non-negative integers), got {self.prompt!r}."
+            )
         object.__setattr__(self, "prompt", prompt)
 
     @property
@@ -268,10 +278,10 @@ def make_policy(
     ``prompt``: the repeat instruction of the reconstruction policies (``repeat_prompt``), ignored by the others."""
     if name is None:
         if budget is not None:
-            raise ValueError(f"a budget needs an eviction policy: set `eviction` to one of {sorted(POLICIES)}.")
+            raise ConfigError("eviction", f"a budget needs an eviction policy: set {{param}} to one of {sorted(POLICIES)}.")
         return None
     if name not in POLICIES:
-        raise ValueError(f"eviction policy must be one of {sorted(POLICIES)}, got {name!r}.")
+        raise ConfigError("eviction", f"{{param}} policy must be one of {sorted(POLICIES)}, got {name!r}.")
     cls = POLICIES[name]
     kwargs = {"scope": scope, **({} if budget is None else {"budget": budget})}
     return cls(**kwargs, prompt=prompt) if issubclass(cls, KVzip) else cls(**kwargs)

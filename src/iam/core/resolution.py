@@ -11,6 +11,7 @@ from transformers import PretrainedConfig
 
 from .calibration import find_calibration, read_calibration
 from .config import MappingConfig, check_layers_in_range
+from .errors import ConfigError
 from .eviction import EvictionPolicy
 from .fixed import FixedMapping, read_head_mapping
 from .kernels import Kernels
@@ -87,7 +88,9 @@ def resolve(
     if config.head_mapping is not None:
         fixed = read_head_mapping(config.head_mapping, llm, slm)
         if config.blend not in (None, fixed.blend):
-            raise ValueError(f"blend {config.blend} differs from the {fixed.blend} of head mapping file {config.head_mapping}.")
+            raise ConfigError(
+                "blend", f"{{param}} {config.blend} differs from the {fixed.blend} of head mapping file {config.head_mapping}."
+            )
         n_mapped = sum(map(len, fixed.plan.values()))
         return Resolved(replace(config, blend=fixed.blend), strategy, n_mapped, n_kv, fixed, eviction, kernels)
     stored = None
@@ -103,9 +106,10 @@ def resolve(
     config = replace(config, blend=(stored.blend if stored else 1) if config.blend is None else config.blend)
     slm_heads = slm.num_hidden_layers * slm.num_attention_heads
     if config.blend > slm_heads:
-        raise ValueError(
-            f"blend {config.blend} exceeds the SLM's {slm_heads} heads ({slm.num_hidden_layers} layers x "
-            f"{slm.num_attention_heads}): each mapped head borrows that many distinct SLM heads."
+        raise ConfigError(
+            "blend",
+            f"{{param}} {config.blend} exceeds the SLM's {slm_heads} heads ({slm.num_hidden_layers} layers x "
+            f"{slm.num_attention_heads}): each mapped head borrows that many distinct SLM heads.",
         )
     if config.layers is not None:
         check_layers_in_range(config.layers, n_layers, n_kv)
