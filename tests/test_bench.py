@@ -218,7 +218,7 @@ def test_measured_bench_drops_its_warm_up_round(monkeypatch):
 
 def test_slm_alone_is_timed_with_iams_kind_of_slm_cache(monkeypatch):
     from iam.bench.measure import time_slm
-    from iam.core.cache import Int8Layer
+    from iam.core.layers import Int8Layer
 
     quantize, calls = Int8Layer._quantize, []
     monkeypatch.setattr(Int8Layer, "_quantize", staticmethod(lambda x: calls.append(1) or quantize(x)))

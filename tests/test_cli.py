@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import char_tokenizer, kv_groups_mapped, tiny
+from iam import MappingConfig
 from iam.cli import build_parser, main
 
 PAIR = ["--llm", "qwen2.5-coder-1.5b", "--slm", "qwen2.5-coder-0.5b"]
@@ -33,13 +34,37 @@ def test_bad_ratio_is_a_clean_error(capsys):
     assert "ratio must be a number in [0, 1]" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", *PAIR, "--prompt", "hi", "--ratio", "2"], "--ratio must be a number in [0, 1]"),
+        (["generate", *PAIR, "--prompt", "hi", "--local-sinks", "4"], "--local-sinks=4 would not be used"),
+        (["generate", *PAIR, "--prompt", "hi", "--blend", "9"], "--blend must be at most 8"),
+        (["generate", *PAIR, "--prompt", "hi", "--budget", "0.5"], "a budget needs an eviction policy: set --eviction to one of"),
+    ],
+)
+def test_an_invalid_value_is_named_by_its_flag(argv, message, capsys):
+    """The library names the parameter in a field (``ConfigError.param``), and the command line names it by its flag;
+    the library's own message keeps the parameter's name."""
+    assert main(argv) == 2
+    assert f"iam: error: {message}" in capsys.readouterr().err
+
+
+def test_a_config_error_names_its_parameter_in_a_field():
+    from iam.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^local_sinks=4 would not be used") as caught:
+        MappingConfig(local_sinks=4)
+    assert caught.value.param == "local_sinks" and caught.value.naming("--local-sinks").startswith("--local-sinks=4 would")
+
+
 def test_local_window_flags_are_checked_before_loading(capsys):
     assert main(["generate", *PAIR, "--prompt", "hi", "--local-sinks", "4"]) == 2
     assert "needs local_window > 0" in capsys.readouterr().err
     assert main(["bench", "--analytic", "--local-window", "64"]) == 2
     assert "--analytic does not model --local-window" in capsys.readouterr().err
     assert main(["eval", "kv-tradeoff", *PAIR, "--local-windows", "64,-8"]) == 2
-    assert "local_window must be an integer >= 0" in capsys.readouterr().err
+    assert "--local-window must be an integer >= 0 (recent tokens attended exactly), got -8" in capsys.readouterr().err
     assert main(["eval", "kv-tradeoff", *PAIR, "--local-window", "8"]) == 2
     assert "takes --local-windows" in capsys.readouterr().err
     assert main(["eval", "perplexity", *PAIR, "--local-window", "8", "--eviction", "h2o", "--budget", "19"]) == 2

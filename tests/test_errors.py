@@ -8,6 +8,7 @@ import torch
 from conftest import forward, iam, left_pad, prompt, tiny
 from iam import IAMForCausalLM, MappingConfig
 from iam.core.eviction import H2O
+from iam.core.kernels import Kernels
 
 
 @pytest.mark.parametrize(
@@ -63,7 +64,7 @@ def test_a_ratio_that_maps_no_unit_is_refused_naming_the_one_that_maps_one(pair,
     assert iam(llm, slm, ratio=0.13, strategy="back").resolved.n_mapped == 1
     from iam.cli import main
 
-    monkeypatch.setattr("iam.core.model.load_pair", lambda *a, **k: pytest.fail("weights were loaded"))
+    monkeypatch.setattr("iam.core.checks.load_pair", lambda *a, **k: pytest.fail("weights were loaded"))
     assert main(["bench", "--llm", pair_folders[0], "--slm", pair_folders[1], "--configs", "iam0.1"]) == 2
     assert "ratio 0.1 maps none of this LLM's 4 layers" in capsys.readouterr().err
 
@@ -75,7 +76,7 @@ def test_from_pretrained_checks_the_eviction_before_weights_load(tmp_path, monke
 
     tiny("qwen2", 4, 64, 4, 2, 0).config.save_pretrained(tmp_path / "big")
     tiny("qwen2", 2, 32, 2, 1, 1).config.save_pretrained(tmp_path / "small")
-    monkeypatch.setattr("iam.core.model.load_pair", lambda *a, **k: pytest.fail("weights were loaded"))
+    monkeypatch.setattr("iam.core.checks.load_pair", lambda *a, **k: pytest.fail("weights were loaded"))
     unmapped = make_policy("h2o", 0.5, "unmapped")
     with pytest.raises(ValueError, match="this mapping leaves none"):
         IAMForCausalLM.from_pretrained(tmp_path / "big", tmp_path / "small", eviction=unmapped, ratio=1.0, strategy="back")
@@ -264,6 +265,7 @@ def test_a_foreign_filled_cache_is_refused(pair):
         (lambda llm, slm: IAMForCausalLM(llm, slm, MappingConfig(ratio=0.5), H2O(budget=12)), r"eviction policy None, not"),
         (lambda llm, slm: iam(tiny(llm.config.model_type, 6, 64, 4, 2, 0), slm, ratio=0.5), r"another LLM config"),
         (lambda llm, slm: iam(llm, tiny(llm.config.model_type, 3, 32, 2, 1, 3), ratio=0.5), r"another SLM config"),
+        (lambda llm, slm: iam(llm, slm, ratio=0.5, kernels=Kernels(flex_from=None)), r"kernel options Kernels\(flex_from=256"),
     ],
 )
 def test_another_models_cache_is_refused(pair, other, message):

@@ -9,7 +9,6 @@ import pytest
 
 from conftest import kv_groups_mapped
 from iam.cli import main
-from iam.core import calibration
 from iam.eval.data import trivia_choices
 from iam.eval.generation import token_f1
 
@@ -87,7 +86,8 @@ def test_consistency(tmp_path, capsys):
 
 def test_calibrate_writes_an_order_that_auto_uses(tmp_path, capsys, monkeypatch):
     # only the calibration folder moves: pointing IAM_CACHE here would convert both models again (9 GB)
-    monkeypatch.setattr(calibration, "user_folder", lambda: tmp_path / "calibration")
+    for module in ("iam.cli.common", "iam.eval.calibrate"):  # where the command line and `iam calibrate` find it
+        monkeypatch.setattr(f"{module}.user_calibrations", lambda: str(tmp_path / "calibration"))
     args = ["--method", "greedy", "--windows", "1", "--tokens", "24", "--steps", "2", "--shortlist", "1"]
     result = run(tmp_path, capsys, "calibrate", *args)
     assert [r["step"] for r in result["rows"]] == [1, 2] and [r["measured"] for r in result["rows"]] == [28, 1]

@@ -11,7 +11,7 @@ import torch
 from conftest import forward, prompt, save_tiny_pair, word_tokenizer
 from iam import IAMForCausalLM, MappingConfig
 from iam.cli import main
-from iam.core import model as core_model
+from iam.core import checks as core_checks
 from iam.core.fixed import FixedMapping, read_head_mapping
 from iam.export import export_vllm
 from iam.models.loading import read_configs
@@ -83,7 +83,7 @@ def no_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("weights were loaded before the pair was refused")
 
-    monkeypatch.setattr(core_model, "load_pair", refuse)
+    monkeypatch.setattr(core_checks, "load_pair", refuse)
 
 
 def test_another_architecture_is_refused_before_loading(tmp_path, text, no_loading, capsys):

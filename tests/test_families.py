@@ -16,6 +16,7 @@ from iam import IAMForCausalLM, MappingConfig
 from iam.core.decoder import decoder_layers, projection
 from iam.core.families import layer_kinds
 from iam.core.step import SLMStep
+from iam.eval.analysis import head_similarity
 
 NEW = sorted(set(FAMILIES) - set(CORE_FAMILIES))
 
@@ -302,7 +303,7 @@ def test_similarity_analysis_reads_every_slm_head_and_the_similar_strategy_borro
     the other layer kind ``-inf``, so that no layer is chosen for a head it cannot borrow."""
     llm, slm = tiny("gemma3_text", 4, 64, 4, 2, seed=0), tiny("gemma3_text", 2, 32, 2, 1, seed=1)
     model = iam(llm, slm, ratio=0.5, strategy="similar")
-    assert torch.isfinite(model.head_similarity(prompt(30))).all()
+    assert torch.isfinite(head_similarity(model, prompt(30))).all()
     probe = forward(model, prompt(30)).cache.mapping.probe  # [L, B, H, L_s * H_s]; SLM layer 0 local, 1 global
     assert probe[[0, 2]][..., 2:].isinf().all() and probe[[1, 3]][..., :2].isinf().all()
     assert torch.isfinite(probe[[0, 2]][..., :2]).all() and torch.isfinite(probe[[1, 3]][..., 2:]).all()

@@ -85,24 +85,25 @@ def test_partial_plan_decode_matches_its_own_prefill(pair):
     assert torch.equal(forward(model, out).logits[0, 39:-1].argmax(-1), out[0, 40:])
 
 
-def test_calibrated_kv_group_order(pair, tmp_path, monkeypatch):
+def test_calibrated_kv_group_order(pair, tmp_path):
     from iam.core.calibration import order_from_sweep, write_order
 
-    monkeypatch.setenv("IAM_CACHE", str(tmp_path))
     llm, slm = pair
     rows = [{"first_layer": None, "ppl_increase": 0.0}]
     rows += [{"first_layer": i, "kv_group": g, "ppl_increase": 0.1 * (7 - 2 * i - g)} for i in range(4) for g in range(2)]
     order = order_from_sweep(rows)
     assert order == [(3, 1), (3, 0), (2, 1), (2, 0), (1, 1), (1, 0), (0, 1), (0, 0)]
-    write_order(llm.config, slm.config, order, {}, {"dataset": "test"})
-    model = IAMForCausalLM(llm, slm, MappingConfig(ratio=0.375))  # round(0.375 * 8) = 3 of 8 KV groups
+    write_order(llm.config, slm.config, order, {}, {"dataset": "test"}, tmp_path)
+    model = IAMForCausalLM(
+        llm, slm, MappingConfig(ratio=0.375, calibrations=str(tmp_path))
+    )  # round(0.375 * 8) = 3 of 8 KV groups
     assert model.planned == {2: (1,), 3: (0, 1)} and model.resolved.n_mapped == 3
     assert model.resolved.layers_worth == 1.5  # three KV groups of two: one and a half layers' K
     with pytest.raises(ValueError, match=r"ratio 0.02 maps none of this LLM's 8 KV groups .* above 0.0625"):
-        IAMForCausalLM(llm, slm, MappingConfig(ratio=0.02))  # it mapped none, under an IAM label
-    write_order(llm.config, slm.config, order[:-1], {}, {"dataset": "test"})
+        IAMForCausalLM(llm, slm, MappingConfig(ratio=0.02, calibrations=str(tmp_path)))  # it mapped none, under an IAM label
+    write_order(llm.config, slm.config, order[:-1], {}, {"dataset": "test"}, tmp_path)
     with pytest.raises(ValueError, match=r"does not cover the LLM's 4 layers x 2 KV groups"):
-        _ = IAMForCausalLM(llm, slm, MappingConfig(ratio=0.5)).planned
+        _ = IAMForCausalLM(llm, slm, MappingConfig(ratio=0.5, calibrations=str(tmp_path))).planned
 
 
 def test_sweep_per_kv_group_maps_one_group_at_a_time(pair):

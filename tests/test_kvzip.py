@@ -9,8 +9,8 @@ import torch
 
 from conftest import forward, left_pad, prompt
 from iam import IAMForCausalLM, MappingConfig
-from iam.core.cache import Int4Layer, quantize4
 from iam.core.eviction import DraftKVzip, KVzip, repeat_prompt
+from iam.core.layers import Int4Layer, quantize4
 
 PROMPT = (3, 4, 5)
 

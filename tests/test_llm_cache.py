@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import forward, iam, left_pad, prompt
-from iam import MappingConfig
-from iam.core.cache import Int8Layer, Int8ValueOnlyLayer
+from iam import IAMForCausalLM, MappingConfig
 from iam.core.eviction import H2O, StreamingLLM
+from iam.core.layers import Int8Layer, Int8ValueOnlyLayer
 
 CONFIGS = [dict(ratio=0.0), dict(layers=[1, (2, 0)]), dict(layers=[1, (2, 0)], local_window=8)]
 
@@ -35,8 +35,7 @@ def test_int8_holds_a_quarter_of_fp32_plus_scales_and_stays_close(pair, mapping)
 @pytest.mark.parametrize("policy", [H2O(budget=0.6), StreamingLLM(budget=0.6, scope="unmapped")])
 def test_int8_composes_with_eviction_and_batches(pair, policy):
     llm, slm = pair
-    model = iam(llm, slm, layers=[1, (2, 0)], llm_cache="int8")
-    model.eviction = policy
+    model = IAMForCausalLM(llm, slm, MappingConfig(layers=[1, (2, 0)], llm_cache="int8"), policy)
     rows = [prompt(60, 1)[0], prompt(38, 2)[0]]
     ids, mask = left_pad(rows)
     batch = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)

@@ -404,7 +404,7 @@ def test_the_command_runs_side_by_side_resumes_and_reports(long_folders, tmp_pat
     ],
 )
 def test_bad_settings_fail_before_loading(pair_folders, tmp_path, capsys, monkeypatch, extra, message):
-    monkeypatch.setattr("iam.core.model.load_pair", lambda *a, **k: pytest.fail("weights were loaded"))
+    monkeypatch.setattr("iam.core.checks.load_pair", lambda *a, **k: pytest.fail("weights were loaded"))
     llm, slm = pair_folders
     try:
         code = main(["eval", "retrieval", "--llm", llm, "--slm", slm, "--out", str(tmp_path), *extra])
@@ -434,7 +434,7 @@ def test_a_run_is_prepared_and_checked_before_any_weights_load(pair_folders):
 def test_a_length_that_fails_after_loading_is_refused_before(long_folders, tmp_path, capsys, monkeypatch):
     """A question longer than the 96 tokens kept for one passed the check, then failed after loading ("generate at
     most 0 new tokens"); kv at a short length ran fewer questions."""
-    monkeypatch.setattr("iam.core.model.load_pair", lambda *a, **k: pytest.fail("weights were loaded"))
+    monkeypatch.setattr("iam.core.checks.load_pair", lambda *a, **k: pytest.fail("weights were loaded"))
     llm, slm = long_folders
     argv = ["eval", "retrieval", "--llm", llm, "--slm", slm, "--out", str(tmp_path), "--n", "1"]
     assert main([*argv, "--tasks", "vartrack", "--tokens", "888"]) == 2

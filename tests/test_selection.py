@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+from functools import partial
 
 import pytest
 import torch
@@ -33,50 +35,54 @@ def test_calibrated_order(pair, tmp_path, monkeypatch):
     from iam import IAMForCausalLM, MappingConfig
     from iam.core.calibration import order_from_sweep, write_order
 
-    monkeypatch.setenv("IAM_CACHE", str(tmp_path))
+    folder = tmp_path / "calibration"
     llm, slm = pair
     # no stored order: "calibrated" refuses, "auto" falls back to "back"
     with pytest.raises(ValueError, match="no calibrated layer order is stored for this LLM: run `iam calibrate"):
-        _ = list(IAMForCausalLM(llm, slm, MappingConfig(ratio=0.5, strategy="calibrated")).planned)
-    assert list(IAMForCausalLM(llm, slm, MappingConfig(ratio=0.5)).planned) == [2, 3]
+        _ = list(IAMForCausalLM(llm, slm, MappingConfig(ratio=0.5, strategy="calibrated", calibrations=str(folder))).planned)
+    assert list(IAMForCausalLM(llm, slm, MappingConfig(ratio=0.5, calibrations=str(folder))).planned) == [2, 3]
     rows = [{"first_layer": None, "ppl_increase": 0.0}] + [
         {"first_layer": i, "ppl_increase": d} for i, d in enumerate([0.05, 0.30, 0.01, 0.10])
     ]
     order = order_from_sweep(rows)
     assert order == [2, 0, 3, 1]
-    path = write_order(llm.config, slm.config, order, {}, {"dataset": "test"})
-    assert path.parent == tmp_path / "calibration" and [p.name for p in path.parent.iterdir()] == [path.name]
+    path = write_order(llm.config, slm.config, order, {}, {"dataset": "test"}, folder)
+    assert path.parent == folder and [p.name for p in path.parent.iterdir()] == [path.name]
     for strategy in ("calibrated", "auto"):
-        assert list(IAMForCausalLM(llm, slm, MappingConfig(ratio=0.5, strategy=strategy)).planned) == [0, 2]
-        assert list(IAMForCausalLM(llm, slm, MappingConfig(ratio=0.75, strategy=strategy)).planned) == [0, 2, 3]
+        config = MappingConfig(ratio=0.5, strategy=strategy, calibrations=str(folder))
+        assert list(IAMForCausalLM(llm, slm, config).planned) == [0, 2]
+        assert list(IAMForCausalLM(llm, slm, replace(config, ratio=0.75)).planned) == [0, 2, 3]
+    # the config names the folder: without it the shipped orders only, whatever the environment
+    monkeypatch.setenv("IAM_CACHE", str(tmp_path))
+    assert list(IAMForCausalLM(llm, slm, MappingConfig(ratio=0.5)).planned) == [2, 3]
 
 
-def test_an_order_measured_with_a_local_window_serves_that_window(pair, tmp_path, monkeypatch):
+def test_an_order_measured_with_a_local_window_serves_that_window(pair, tmp_path):
     from iam import IAMForCausalLM, MappingConfig
     from iam.core.calibration import write_order
 
-    monkeypatch.setenv("IAM_CACHE", str(tmp_path))
     llm, slm = pair
-    write_order(llm.config, slm.config, [2, 0, 3, 1], {}, {"dataset": "test"})
-    path = write_order(llm.config, slm.config, [1, 3, 0, 2], {}, {"dataset": "test"}, local_window=16)
+    write_order(llm.config, slm.config, [2, 0, 3, 1], {}, {"dataset": "test"}, tmp_path)
+    path = write_order(llm.config, slm.config, [1, 3, 0, 2], {}, {"dataset": "test"}, tmp_path, local_window=16)
     assert path.name.endswith("__local16.json")
 
     def planned(**kwargs) -> list:
-        return list(IAMForCausalLM(llm, slm, MappingConfig(ratio=0.5, **kwargs)).planned)
+        return list(IAMForCausalLM(llm, slm, MappingConfig(ratio=0.5, calibrations=str(tmp_path), **kwargs)).planned)
 
     assert planned() == [0, 2]
     assert planned(local_window=16) == [1, 3]
     assert planned(local_window=32) == [0, 2]  # no order for that window: the plain one
 
 
-def test_the_stored_blend_goes_with_the_stored_order(pair, tmp_path, monkeypatch):
-    from iam import IAMForCausalLM, MappingConfig
+def test_the_stored_blend_goes_with_the_stored_order(pair, tmp_path):
+    from iam import IAMForCausalLM
+    from iam import MappingConfig as Config
     from iam.core.calibration import write_order
 
-    monkeypatch.setenv("IAM_CACHE", str(tmp_path))
     llm, slm = pair
+    MappingConfig = partial(Config, calibrations=str(tmp_path))
     assert IAMForCausalLM(llm, slm, MappingConfig()).mapping_config.blend == 1  # nothing stored: the paper's best match
-    path = write_order(llm.config, slm.config, [2, 0, 3, 1], {}, {"dataset": "test"}, blend=3)
+    path = write_order(llm.config, slm.config, [2, 0, 3, 1], {}, {"dataset": "test"}, tmp_path, blend=3)
     config = MappingConfig(ratio=0.5)
     iam = IAMForCausalLM(llm, slm, config)
     assert (iam.mapping_config.blend, config.blend, list(iam.planned)) == (3, None, [0, 2])  # the user's config is untouched

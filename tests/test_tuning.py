@@ -278,7 +278,7 @@ def test_bad_tuning_settings_fail_before_anything_loads(tmp_path, capsys, flags,
 
 
 def test_bad_data_fails_before_the_weights_load(folders, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("iam.core.model.load_pair", lambda *a, **k: pytest.fail("weights loaded before the data was checked"))
+    monkeypatch.setattr("iam.core.checks.load_pair", lambda *a, **k: pytest.fail("weights loaded before the data was checked"))
     path = write_jsonl(tmp_path / "d.jsonl", [GOOD, {"instruction": "x"}])
     argv = ["tune", "--llm", folders["llm"], "--slm", folders["slm"], "--data", path, "--out", str(tmp_path / "o")]
     assert f"{path}:2: the record has no output" in user_error(capsys, argv)

@@ -18,10 +18,12 @@ import torch
 
 from iam_vllm import ARCHITECTURES, check_served
 
+from .core.checks import check_pair_configs, load_checked, planned
 from .core.config import MappingConfig
 from .core.fixed import FixedMapping, choose
-from .core.model import IAMForCausalLM, check_pair_configs, load_checked, planned
+from .core.model import IAMForCausalLM
 from .core.resolution import resolve
+from .eval.analysis import head_similarity
 from .io import atomic_folder, check_writable
 from .models.loading import check_tokenizers, load_tokenizer, read_configs
 from .models.loading import resolve as model_folder
@@ -65,7 +67,7 @@ def check_exportable(llm: str | os.PathLike, slm: str | os.PathLike, config: Map
 def calibrated_mapping(iam: IAMForCausalLM, windows: list[torch.Tensor], plan, source: dict) -> FixedMapping:
     """Each mapped head's SLM head of highest mean similarity over the ``windows`` (``head_similarity``, the analysis
     behind ``iam similarity``)."""
-    mean = torch.stack([iam.head_similarity(w.to(iam.device))[:, 0] for w in windows]).mean(0)  # [L, H, L_s * H_s]
+    mean = torch.stack([head_similarity(iam, w.to(iam.device))[:, 0] for w in windows]).mean(0)  # [L, H, L_s * H_s]
     llm, slm = iam.llm.config, iam.slm.config
     return choose(mean, plan, llm.num_key_value_heads, slm.num_attention_heads, llm, slm, iam.mapping_config.metric, **source)
 

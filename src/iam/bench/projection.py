@@ -103,7 +103,7 @@ class LayerBench:
 
     def _attention(self, kernels: Kernels) -> MappedAttention:
         """The layer's attention, wholly mapped, on ``kernels``."""
-        return MappedAttention(self.attn, self.every, kernels, local=self.local is not None)
+        return MappedAttention(self.attn, self.every, kernels, self.local)
 
     def _paired_cache(self) -> IAMCache:
         """An LLM cache with the layer wholly mapped (a ``ValueOnlyLayer``), and its ``LocalKeys`` with a window."""

@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return args.func(args)
         return args.func(args)
     except USER_ERRORS as err:
-        print(f"iam: error: {as_flags(str(err), parser)}", file=sys.stderr)
+        print(f"iam: error: {as_flags(err, parser)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("iam: interrupted", file=sys.stderr)

@@ -16,6 +16,7 @@ import torch
 
 from ..core.cache import SLM_CACHES
 from ..core.config import MappingConfig
+from ..core.errors import ConfigError
 from ..core.eviction import POLICIES, SCOPES, EvictionPolicy, make_policy, parse_budget
 from ..core.model import load_checked
 from ..core.selection import STRATEGIES, Unit, parse_unit
@@ -24,6 +25,7 @@ from ..eval import data
 from ..eval.setup import Setup, arranged, checked_configs, parse_setups
 from ..eval.windows import text_windows
 from ..io import check_writable
+from ..models.loading import user_calibrations
 from ..models.placement import Placement
 from ..reporting import write_report
 
@@ -249,7 +251,7 @@ def from_flags(cls: type[T], args: argparse.Namespace, **given: object) -> T:
 
 
 def mapping_config(args: argparse.Namespace, ratio: float) -> MappingConfig:
-    return from_flags(MappingConfig, args, ratio=ratio)
+    return from_flags(MappingConfig, args, ratio=ratio, calibrations=user_calibrations())
 
 
 def setups_of(
@@ -261,7 +263,7 @@ def setups_of(
     refused beside them (``eval.setup.configured``), the others apply to every configuration, ``--local-sinks`` to
     those with a window. ``labelled``: flags the command has put into its ``Setup``s itself, left out of the base."""
     setups = parse_setups(given, args.local_sinks) if isinstance(given, str) else arranged(given, args.local_sinks)
-    base = from_flags(MappingConfig, args, ratio=0.0, local_sinks=None, **labelled)
+    base = from_flags(MappingConfig, args, ratio=0.0, local_sinks=None, calibrations=user_calibrations(), **labelled)
     return base, setups, checked_configs(base, setups)
 
 
@@ -352,8 +354,12 @@ def option_flags(parser: argparse.ArgumentParser) -> dict[str, str]:
     return flags
 
 
-def as_flags(message: str, parser: argparse.ArgumentParser) -> str:
-    """A library error in the command line's words: each parameter it names in backticks becomes its flag
-    (`min_tokens` -> --min-tokens); any other name just loses the backticks."""
+def as_flags(error: Exception, parser: argparse.ArgumentParser) -> str:
+    """A library error in the command line's words. A ``ConfigError`` names its parameter by its flag (its ``param``
+    field: ``ratio`` -> --ratio; a parameter without a flag keeps its name). Messages that name parameters in backticks
+    instead (outside ``iam.core``) have each one replaced by its flag (`min_tokens` -> --min-tokens), any other name
+    just losing the backticks."""
     flags = option_flags(parser)
-    return re.sub(r"`(\w+)`", lambda m: flags.get(m.group(1), m.group(1)), message)
+    if isinstance(error, ConfigError):
+        return error.naming(flags.get(error.param, error.param))
+    return re.sub(r"`(\w+)`", lambda m: flags.get(m.group(1), m.group(1)), str(error))

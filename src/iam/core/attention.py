@@ -19,12 +19,12 @@ from torch import nn
 from torch.profiler import record_function
 from transformers.cache_utils import Cache
 
-from .cache import LocalKeys
 from .decoder import attend, local_window, project_qk, project_v, runs, softcap
 from .families import FULL, SLIDING
 from .kernels import Kernels
 from .kernels.local import local_chunked, local_decode, local_flex, local_sdpa
 from .kernels.prefill import flex_prefill, sdpa_prefill
+from .layers import LocalKeys
 from .mapping import HeadMap, Mapping, SLMWindow, window_attention
 from .parallel import rank_map, shard_of
 from .step import Routes, SLMStep
@@ -37,21 +37,30 @@ class MappedAttention:
     its ``v_proj``/``o_proj`` (and ``q_proj``/``k_proj`` on the establishing window, and their unmapped rows) are
     used. A layer can be mapped in part: its ``groups`` of query heads (one group per KV head) borrow SLM attention
     and keep no K, while the other groups attend as usual, with Q and K projected by row slices of
-    ``q_proj``/``k_proj`` (views, no copy) and attention by the model's own attention function. With ``local``
-    (``MappingConfig.local_window``), the mapped groups project Q and K too and attend exactly to their local window
-    (``_local``), their keys in the cache's ``LocalKeys``.
+    ``q_proj``/``k_proj`` (views, no copy) and attention by the model's own attention function. With a ``local``
+    window (``MappingConfig.local_window``), the mapped groups project Q and K too and attend exactly to the sinks and
+    the window (``_local``), their keys in the cache's ``LocalKeys``. The model passes each value from its run spec
+    (``iam.core.resolution.Resolved``).
 
     Parameters
     ----------
     original : the layer's own attention module.
     groups : the mapped KV groups of this layer (every group for a wholly mapped layer).
-    kernels : which kernels it runs (the model's ``Kernels``).
-    local : whether the mapped groups attend exactly to a local window (the cache then holds ``cache.local``).
+    kernels : which kernels it runs (``Resolved.kernels``).
+    local : ``(sinks, window)`` of the exact local window (``Resolved.local``), or ``None``.
+    partial : whether eviction leaves the mapped layers whole (``Resolved.partial``).
     """
 
-    def __init__(self, original: nn.Module, groups: tuple[int, ...], kernels: Kernels, local: bool = False) -> None:
+    def __init__(
+        self,
+        original: nn.Module,
+        groups: tuple[int, ...],
+        kernels: Kernels,
+        local: tuple[int, int] | None = None,
+        partial: bool = False,
+    ) -> None:
         self.original = original
-        self.local, self.kernels = local, kernels
+        self.kernels, self.local, self.partial = kernels, local, partial
         self.layer_idx: int = original.layer_idx
         self.window, self.softcap = local_window(original), softcap(original)  # as the layer's own attention (Gemma)
         per_group = original.num_key_value_groups
@@ -111,10 +120,10 @@ class MappedAttention:
         with record_function("iam.mapped_attention"):
             if mapped_v is None:  # this rank holds none of the layer's mapped groups
                 out = v.new_empty(b, 0, t, attn.head_dim)
-            elif self.local:
-                local = cache.local.layers[self.layer_idx]
-                starts = cache.first_slots()
-                out = self._local(hidden_states, position_embeddings, routes, mapped_v, local, starts, attention_mask, slm)
+            elif self.local is not None:
+                keys = cache.local.layers[self.layer_idx]
+                starts = cache.first_slots(self.partial)
+                out = self._local(hidden_states, position_embeddings, routes, mapped_v, keys, starts, attention_mask, slm)
             elif t == 1:
                 out = self._decode(routes, mapped_v, attention_mask, slm)
             else:
@@ -188,7 +197,7 @@ class MappedAttention:
         q, k = project_qk(self.original, hidden_states, *position_embeddings, self.groups)
         sink_k, recent_k = keys.update(k, None, {"starts": starts})
         t, d = q.shape[2:]
-        args = (q, sink_k, recent_k, v, slm, routes, starts.to(v.device), keys.sinks, keys.window, self.original.scaling)
+        args = (q, sink_k, recent_k, v, slm, routes, starts.to(v.device), *self.local, self.original.scaling)
         if self.kernels.flex(t, slm.queries[0].shape[-1], v, q, slm.queries[0]):
             exact, borrowed = local_flex(*args)
             mixed = routes.from_items(borrowed)

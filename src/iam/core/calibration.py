@@ -4,10 +4,11 @@ Two ways to measure an order: ``single`` maps each layer alone and sorts by the 
 (forward selection) grows the mapped set one layer at a time, each time adding the layer that costs least given the
 layers already mapped, so interactions between mapped layers count.
 
-Orders shipped with the library live in ``iam/core/calibrations/*.json``; ``iam calibrate`` writes new ones under
-``$IAM_CACHE/calibration``. An order is keyed by the LLM's architecture (and the SLM it was measured with), and
-carries the ``blend`` to use with it (``iam calibrate`` stores the one it measured under): ``MappingConfig(blend=None)``,
-the default, takes it with the order.
+Orders shipped with the library live in ``iam/core/calibrations/*.json``; ``iam calibrate`` writes new ones into a
+folder (the user's, ``iam.models.loading.user_calibrations``), which ``MappingConfig.calibrations`` names to look in
+first. This module reads no environment: the loader passes the user's folder in. An order is keyed by the LLM's
+architecture (and the SLM it was measured with), and carries the ``blend`` to use with it (``iam calibrate`` stores
+the one it measured under): ``MappingConfig(blend=None)``, the default, takes it with the order.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from pathlib import Path
 from transformers import PretrainedConfig
 
 from ..io import write_atomic
-from ..models.loading import cache_root
 from .selection import Unit
 
 SHIPPED = Path(__file__).parent / "calibrations"
@@ -66,22 +66,20 @@ def read_calibration(path: Path, llm: PretrainedConfig, slm: PretrainedConfig) -
     return Calibration(tuple(u if isinstance(u, int) else tuple(u) for u in order), blend)
 
 
-def user_folder() -> Path:
-    """Where ``iam calibrate`` writes orders and where :func:`find_calibration` looks first: ``$IAM_CACHE/calibration``."""
-    return cache_root() / "calibration"
-
-
 def file_name(llm: PretrainedConfig, slm: PretrainedConfig, local_window: int = 0) -> str:
     """The stored order's file name: per pair, and per ``MappingConfig.local_window`` where one was measured with it."""
     return pair_key(llm, slm) + (f"__local{local_window}" if local_window else "") + ".json"
 
 
-def find_calibration(llm: PretrainedConfig, slm: PretrainedConfig, local_window: int = 0) -> Calibration | None:
-    """The stored calibration for this pair (user calibrations first), or ``None``. With ``local_window`` an order
-    measured with that window comes first, then the pair's plain one."""
+def find_calibration(
+    llm: PretrainedConfig, slm: PretrainedConfig, local_window: int = 0, folder: str | Path | None = None
+) -> Calibration | None:
+    """The stored calibration for this pair, in ``folder`` first, then among the shipped ones; ``None`` where neither
+    holds one. With ``local_window`` an order measured with that window comes first, then the pair's plain one."""
     names = dict.fromkeys([file_name(llm, slm, local_window), file_name(llm, slm)])
+    folders = [SHIPPED] if folder is None else [Path(folder), SHIPPED]
     for name in names:
-        for folder in (user_folder(), SHIPPED):
+        for folder in folders:
             if (folder / name).is_file():
                 return read_calibration(folder / name, llm, slm)
     return None
@@ -100,14 +98,13 @@ def write_order(
     order: list[Unit],
     damage: dict,
     source: dict,
-    folder: Path | None = None,
+    folder: Path,
     blend: int = 1,
     local_window: int = 0,
 ) -> Path:
-    """Write the calibration atomically; returns its path. ``damage`` and ``source`` document how the order was
-    measured, ``blend`` and ``local_window`` the settings it was measured under (an order measured with a local
+    """Write the calibration atomically into ``folder``; returns its path. ``damage`` and ``source`` document how the
+    order was measured, ``blend`` and ``local_window`` the settings it was measured under (an order measured with a local
     window is stored apart, for that window)."""
-    folder = folder or user_folder()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / file_name(llm, slm, local_window)
     record = {"llm": arch_key(llm), "slm": arch_key(slm), "order": order, "blend": blend, "local_window": local_window}

@@ -18,7 +18,7 @@ with their own attention, and mapped layers with the SLM attention they borrow, 
 
 The reconstruction policies (``KVzip``, ``DraftKVzip``) score once, after prefill, by teacher-forcing a model through
 a repeat of the context, and let each KV group of the layers that keep K choose its own tokens, with one width per
-layer (``Kept.own``, each layer under its own mask); the mapped layers and the SLM keep the shared set.
+layer (``iam.core.kept.Kept.own``, each layer under its own mask); the mapped layers and the SLM keep the shared set.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
 import torch
+
+from .errors import ConfigError
 
 SCOPES = ("all", "unmapped")
 """Which layers a policy evicts from (``EvictionPolicy.scope``)."""
@@ -57,21 +59,37 @@ class EvictionPolicy(ABC):
         for f in fields(self):  # a policy's own fields are token counts, each with its least value
             value, least = getattr(self, f.name), f.metadata.get("least")
             if least is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
-                raise ValueError(f"{type(self).__name__}.{f.name} must be an integer >= {least} (tokens), got {value!r}.")
+                raise ConfigError(
+                    f.name, f"{type(self).__name__}.{{param}} must be an integer >= {least} (tokens), got {value!r}."
+                )
         b = self.budget
         fraction = isinstance(b, float) and 0 < b <= 1
         count = isinstance(b, int) and not isinstance(b, bool) and b >= 1
         if not (fraction or count):
-            raise ValueError(f"budget must be a fraction in (0, 1] or a token count (a positive integer), got {b!r}.")
+            raise ConfigError(
+                "budget", f"{{param}} must be a fraction in (0, 1] or a token count (a positive integer), got {b!r}."
+            )
         if self.scope not in SCOPES:
-            raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}.")
+            raise ConfigError("scope", f"{{param}} must be one of {SCOPES}, got {self.scope!r}.")
         if count and b < self.reserved:
-            raise ValueError(f"budget {b} is smaller than the {self.reserved} tokens {type(self).__name__} always keeps.")
+            raise ConfigError(
+                "budget", f"{{param}} {b} is smaller than the {self.reserved} tokens {type(self).__name__} always keeps."
+            )
 
     @property
     def reserved(self) -> int:
         """Tokens the policy always keeps (sinks, a recent window)."""
         return 0
+
+    @property
+    def partial(self) -> bool:
+        """Whether it evicts from some layers only (``scope="unmapped"``)."""
+        return self.scope == "unmapped"
+
+    def observed_queries(self) -> int | None:
+        """How many of a forward's latest queries score the slots (policies with ``needs_scores`` that attention
+        scores): ``None`` for all of them."""
+        return None
 
     def kept(self, n_real: torch.Tensor) -> torch.Tensor:
         """``[B]`` tokens each sequence keeps out of its ``n_real`` real tokens."""
@@ -93,7 +111,8 @@ class EvictionPolicy(ABC):
         """
 
 
-def _protect(priority: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def protect_slots(priority: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``priority`` with the slots of ``mask`` always kept (infinite priority)."""
     return priority.masked_fill(mask, math.inf)
 
 
@@ -121,7 +140,7 @@ class StreamingLLM(EvictionPolicy):
         return self.sinks
 
     def priority(self, scores, valid, age):
-        return _protect(-age.double(), _sinks(valid, age, self.sinks))
+        return protect_slots(-age.double(), _sinks(valid, age, self.sinks))
 
 
 @dataclass(frozen=True)
@@ -143,7 +162,7 @@ class H2O(EvictionPolicy):
         return self.recent
 
     def priority(self, scores, valid, age):
-        return _protect(scores.double(), age < self.recent)
+        return protect_slots(scores.double(), age < self.recent)
 
 
 @dataclass(frozen=True)
@@ -166,15 +185,18 @@ class SnapKV(EvictionPolicy):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.kernel % 2 == 0:
-            raise ValueError(f"SnapKV.kernel must be odd (pooling centred on each token), got {self.kernel}.")
+            raise ConfigError("kernel", f"SnapKV.{{param}} must be odd (pooling centred on each token), got {self.kernel}.")
 
     @property
     def reserved(self) -> int:
         return self.window
 
+    def observed_queries(self) -> int | None:
+        return self.window
+
     def priority(self, scores, valid, age):
         pooled = torch.nn.functional.max_pool1d(scores[:, None].float(), self.kernel, 1, self.kernel // 2)[:, 0]
-        return _protect(pooled.double(), age < self.window)
+        return protect_slots(pooled.double(), age < self.window)
 
 
 @dataclass(frozen=True)
@@ -211,7 +233,9 @@ class KVzip(EvictionPolicy):
         super().__post_init__()
         prompt = tuple(self.prompt)
         if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in prompt):
-            raise ValueError(f"{type(self).__name__}.prompt must be token ids (non-negative integers), got {self.prompt!r}.")
+            raise ConfigError(
+                "prompt", f"{type(self).__name__}.{{param}} must be token ids (non-negative integers), got {self.prompt!r}."
+            )
         object.__setattr__(self, "prompt", prompt)
 
     @property
@@ -219,7 +243,7 @@ class KVzip(EvictionPolicy):
         return self.sinks
 
     def priority(self, scores, valid, age):
-        return _protect(scores.double(), _sinks(valid, age, self.sinks))
+        return protect_slots(scores.double(), _sinks(valid, age, self.sinks))
 
 
 @dataclass(frozen=True)
@@ -254,10 +278,10 @@ def make_policy(
     ``prompt``: the repeat instruction of the reconstruction policies (``repeat_prompt``), ignored by the others."""
     if name is None:
         if budget is not None:
-            raise ValueError(f"a budget needs an eviction policy: set `eviction` to one of {sorted(POLICIES)}.")
+            raise ConfigError("eviction", f"a budget needs an eviction policy: set {{param}} to one of {sorted(POLICIES)}.")
         return None
     if name not in POLICIES:
-        raise ValueError(f"eviction policy must be one of {sorted(POLICIES)}, got {name!r}.")
+        raise ConfigError("eviction", f"{{param}} policy must be one of {sorted(POLICIES)}, got {name!r}.")
     cls = POLICIES[name]
     kwargs = {"scope": scope, **({} if budget is None else {"budget": budget})}
     return cls(**kwargs, prompt=prompt) if issubclass(cls, KVzip) else cls(**kwargs)
@@ -282,126 +306,6 @@ def parse_budget(text: str) -> float | int:
     """``"0.8"`` is a fraction, ``"256"`` a token count; ``"1"`` is the fraction 1 (keep every token)."""
     value = float(text)
     return int(value) if value.is_integer() and value > 1 else value
-
-
-@dataclass
-class Kept:
-    """Which tokens a cache holds, per sequence, once a policy evicts: one slot per cached position of every layer,
-    except in the layers of ``own``.
-
-    Parameters
-    ----------
-    valid : ``[B, S]`` slots holding a real token (not padding, not compacted away).
-    positions : ``[B, S]`` each slot's true position.
-    scores : ``[B, S]`` attention mass each slot has received (accumulated for H2O, the last forward's otherwise).
-    seen : ``[B]`` real tokens each sequence has had so far (kept or not).
-    own : per LLM layer whose KV groups keep slots of their own (``KVzip``), its ``[B, S_l]`` valid slots.
-    """
-
-    valid: torch.Tensor
-    positions: torch.Tensor
-    scores: torch.Tensor
-    seen: torch.Tensor
-    own: dict[int, torch.Tensor] = field(default_factory=dict)
-
-    @classmethod
-    def empty(cls, batch: int, device: torch.device) -> Kept:
-        none = torch.zeros(batch, 0, dtype=torch.long, device=device)
-        return cls(none.bool(), none, none.float(), torch.zeros(batch, dtype=torch.long, device=device))
-
-    def append(self, mask: torch.Tensor, positions: torch.Tensor) -> None:
-        """``t`` new slots (``mask`` ``[B, t]``, 0/1), in every layer."""
-        self.valid = torch.cat([self.valid, mask.bool()], -1)
-        self.positions = torch.cat([self.positions, positions], -1)
-        self.scores = torch.cat([self.scores, self.scores.new_zeros(mask.shape)], -1)
-        self.seen = self.seen + mask.sum(-1)
-        self.own = {i: torch.cat([v, mask.bool().to(v.device)], -1) for i, v in self.own.items()}
-
-    def rows(self, index: torch.Tensor) -> Kept:
-        """The bookkeeping of the sequences ``index`` (beam search's reorder and select)."""
-        return Kept(
-            self.valid[index],
-            self.positions[index],
-            self.scores[index],
-            self.seen[index],
-            {i: v[index] for i, v in self.own.items()},
-        )
-
-    def select(
-        self, policy: EvictionPolicy, protect: tuple[int, int] | None = None, rows: dict[int, torch.Tensor] | None = None
-    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]] | None:
-        """The slots to keep, in time order, front-padded (the pad slots become invalid); ``None`` where nothing need
-        go. Updates the bookkeeping to the kept slots.
-
-        Parameters
-        ----------
-        policy : what decides the kept count and the priority (by ``self.scores``).
-        protect : ``(sinks, window)``: each sequence's first ``sinks`` kept tokens and latest ``window`` ones are
-            always kept (the exact local window's), on top of those the policy itself always keeps.
-        rows : (``KVzip``) per LLM layer whose KV groups each choose their own slots by the policy's priority, their
-            ``[B, KV heads, S]`` scores. All groups of a layer keep as many slots per sequence: the shared set's count in
-            every layer (``KVzip.layerwise``), or, by default, as many as the layer's best group wins in one ranking
-            of every layer's slots (so the layers keep the shared set's count on average).
-
-        Returns
-        -------
-        ``(index, own)``: ``[B, S']`` slot indices of the shared set and, per layer of ``rows``, ``[B, KV heads,
-        S_l]`` of each group; a shorter sequence's padding comes first.
-        """
-        n_real = self.valid.sum(-1)
-        keep = policy.kept(self.seen)
-        if protect is not None:
-            keep = torch.maximum(keep, self.seen.clamp(max=policy.reserved + sum(protect)))
-        keep = keep.clamp(max=n_real)
-        if bool((keep >= n_real).all()):
-            return None
-        age = (self.seen[:, None] - 1 - self.positions).masked_fill(~self.valid, -1)
-
-        def priority(scores: torch.Tensor) -> torch.Tensor:  # [B, ..., S] scores -> the policy's keep priority
-            valid = self.valid.view(*self.valid.shape[:1], *[1] * (scores.dim() - 2), -1)
-            old = age.view_as(valid)
-            p = policy.priority(scores, valid, old)
-            if protect is not None:
-                first = old.amax(-1, keepdim=True)  # the oldest kept token's age: the sinks are always the oldest
-                p = _protect(p, (old < protect[1]) | (old > first - protect[0]))
-            return p.masked_fill(~valid, -math.inf)
-
-        own: dict[int, torch.Tensor] = {}
-        if rows:
-            p = priority(torch.stack([r.to(self.scores.device) for r in rows.values()], 1))  # [B, L, KV heads, S]
-            counts = keep[:, None].expand(p.shape[:2]) if policy.layerwise else _allocate(p, keep)
-            for layer, row, count in zip(rows, p.unbind(1), counts.unbind(1)):
-                kept = _best(row, count[:, None].expand(row.shape[:2]))
-                own[layer] = kept.clamp(min=0)
-                self.own[layer] = kept[:, 0] >= 0
-        index = _best(priority(self.scores), keep)
-        pad, index = index < 0, index.clamp(min=0)
-        self.valid = self.valid.gather(-1, index) & ~pad
-        self.positions, self.scores = self.positions.gather(-1, index), self.scores.gather(-1, index)
-        return index, own
-
-
-def _best(priority: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """``[..., width]`` the ``keep`` (``[...]``) slots of highest ``priority`` (``[..., S]``) in time order, front-padded
-    with -1 to the largest count. Exact ties go to the newer slot, so a sequence keeps the same tokens in any batch."""
-    width, s = int(keep.max()), priority.shape[-1]
-    order = s - 1 - priority.flip(-1).argsort(dim=-1, descending=True, stable=True)[..., :width]
-    chosen = torch.arange(width, device=order.device) < keep[..., None]
-    return order.masked_fill(~chosen, -1).sort(-1).values
-
-
-def _allocate(priority: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """``[B, L]`` slots each layer keeps per sequence when its KV groups share the layer's width: the layer's ``r``-th
-    slot is worth its best group's ``r``-th highest priority, and each sequence keeps its ``keep * L`` most worthy
-    slots over all ``L`` layers of ``priority`` (``[B, L, KV heads, S]``; ``keep``: ``[B]``). KVzip ranks every head's
-    pairs against one threshold; sharing a layer's width keeps its slots one tensor under one mask, and a group that
-    ranks fewer fills the width with its next best."""
-    worth = priority.sort(-1, descending=True).values.amax(2)  # [B, L, S], non-increasing along S
-    b, layers, s = worth.shape
-    order = worth.flatten(1).argsort(dim=-1, descending=True, stable=True)
-    take = torch.arange(layers * s, device=worth.device) < (keep * layers)[:, None]
-    chosen = torch.zeros_like(take).scatter(1, order, take)
-    return chosen.view(b, layers, s).sum(-1)
 
 
 def _probs(q: torch.Tensor, k: torch.Tensor, scaling: float, valid: torch.Tensor, first: int, chunk: int):

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from transformers import PretrainedConfig
 
+from .eviction import EvictionPolicy
+
 FULL, SLIDING = "full_attention", "sliding_attention"
 
 
@@ -152,13 +154,13 @@ def check_blend(llm: PretrainedConfig, slm: PretrainedConfig, blend: int) -> Non
 
 
 def check_features(
-    llm: PretrainedConfig, local_window: int | None, eviction: object | None, tensor_parallel: bool = False
+    llm: PretrainedConfig, local_window: int | None, eviction: EvictionPolicy | None, tensor_parallel: bool = False
 ) -> None:
     """Raise ``ValueError`` where a feature is asked of a family that does not serve it: tensor parallelism with a
     fused QKV projection (its row shards mix Q, K and V heads), token eviction and the exact local window with local
     layers or soft-capped logits (they compute attention without either)."""
     served = family(llm)
-    if tensor_parallel and getattr(eviction, "reconstruct", None):
+    if tensor_parallel and eviction is not None and eviction.reconstruct:
         raise ValueError(
             f"{type(eviction).__name__} scores per KV group from every rank's heads, which is not served under tensor "
             "parallelism: load the LLM without tp_plan, or use another policy."

@@ -1,175 +1,39 @@
 """``IAMForCausalLM``: a large causal LM that borrows attention from a small one of the same family, as a
 transformers model: ``forward`` runs one paired step, and transformers' own ``generate()`` and pipelines drive it.
 
-Flat on purpose (after gpt-fast): ``forward`` picks one of three steps, ``_alone`` (the LLM before the mapping
-exists), ``_establish`` (the forward where the context reaches ``establish_threshold``: both models over the whole
-context, the mapping set) and ``_paired`` (the SLM, then the LLM with its mapped layers).
+Flat on purpose (after gpt-fast): ``forward`` picks one of three steps, ``_alone``, ``_establish`` and ``_paired``
+(``iam.core.paired``). The run's settings are resolved and checked once, here (``checks.checked``), into the run spec
+``self.resolved``, which the steps hand to the cache and to each ``MappedAttention``.
 """
 
 from __future__ import annotations
 
 import copy
 import os
-import time
-import warnings
-from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torch.profiler import record_function
-from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..models.loading import load_pair, read_configs
-from ..models.placement import Placement, check_device, input_device
-from .attention import MappedAttention
-from .cache import IAMCache, Signature, slm_cache
+from ..models.loading import user_calibrations
+from ..models.placement import Placement, input_device
+from .cache import IAMCache, Signature
+from .checks import check_eviction, check_generate, check_inputs, check_pair, checked, load_checked
 from .config import MappingConfig
-from .decoder import Pass, decoder_layers, local_window, positions, softcap
-from .eviction import EvictionPolicy, attention_mass, repeat_scores
-from .families import check_blend, check_family, check_features, check_kinds, check_windows, family, layer_kinds
+from .decoder import decoder_layers, positions
+from .eviction import EvictionPolicy
 from .kernels import Kernels
-from .mapping import Mapping, SLMWindow, Window, cap, slm_window_flats, window_attention
-from .parallel import gather_heads, shard_of, sum_heads
-from .resolution import Resolved, resolve
-from .selection import Plan, plan_of
-from .similarity import METRICS
-from .step import SLMStep
+from .paired import PairedSteps
+from .parallel import shard_of
+from .resolution import Resolved
+from .selection import Plan
 
-SUPPORTED_ATTENTION = ("sdpa", "eager")
-
-UNSUPPORTED_GENERATION = {
-    "assistant_model": "assisted decoding",
-    "prompt_lookup_num_tokens": "prompt-lookup decoding",
-    "custom_generate": "custom generation methods",
-    "output_attentions": "output_attentions (mapped layers form no attention matrix)",
-    "output_hidden_states": "output_hidden_states",
-}
-"""``generate()`` arguments that IAM refuses, with the mode each one selects."""
+__all__ = ["IAMForCausalLM", "check_eviction", "load_checked"]  # the checks re-exported where callers import them
 
 
-def check_pair_configs(llm: PretrainedConfig, slm: PretrainedConfig) -> None:
-    """Raise ``ValueError`` unless the two configs are causal LMs of one supported family with one vocabulary, whose
-    sliding windows IAM serves (``iam.core.families``)."""
-    for role, config in (("LLM", llm), ("SLM", slm)):
-        check_family(role, config)
-        check_windows(role, config)
-    if llm.model_type != slm.model_type:
-        raise ValueError(
-            f"LLM and SLM are of different families ({llm.model_type!r} vs {slm.model_type!r}); "
-            "IAM needs two models of one family."
-        )
-    if llm.vocab_size != slm.vocab_size:
-        raise ValueError(
-            f"LLM and SLM vocabularies differ (vocab_size {llm.vocab_size} vs {slm.vocab_size}); "
-            "IAM needs one tokenizer for both."
-        )
-    check_kinds(llm, slm)
-
-
-def check_pair(llm: nn.Module, slm: nn.Module) -> None:
-    """Raise ``ValueError`` unless ``llm`` and ``slm`` are causal LMs of one supported family with one vocabulary,
-    loaded with a supported attention implementation, on one device (unless the LLM is dispatched over several), the
-    SLM whole (not sharded by tensor parallelism)."""
-    for role, model in (("LLM", llm), ("SLM", slm)):
-        if not isinstance(getattr(model, "config", None), PretrainedConfig):
-            raise ValueError(f"{role} is not a transformers model (it has no config).")
-    check_pair_configs(llm.config, slm.config)
-    for role, model in (("LLM", llm), ("SLM", slm)):
-        impl = model.config._attn_implementation
-        if impl not in SUPPORTED_ATTENTION:
-            raise ValueError(f"{role} uses attn_implementation {impl!r}; load it with one of {list(SUPPORTED_ATTENTION)}.")
-    if shard_of(decoder_layers(slm)[0].self_attn) is not None:
-        raise ValueError(
-            "the SLM is sharded (loaded with tp_plan): load it whole on every rank. Sharding a small model fails once "
-            "the tensor-parallel size exceeds its KV heads, and IAM reads every SLM head on every rank."
-        )
-    if llm.device != slm.device and getattr(llm, "hf_device_map", None) is None:
-        raise ValueError(
-            f"LLM is on {llm.device} but SLM on {slm.device}; put both on one device (or dispatch the LLM with a "
-            "device_map: from_pretrained(..., device_map=...))."
-        )
-
-
-def check_eviction(config: MappingConfig, eviction: EvictionPolicy | None) -> None:
-    """Raise ``ValueError`` where ``eviction`` cannot serve ``config``."""
-    if eviction is not None and eviction.decode and "int4" in (config.llm_cache, config.slm_cache):
-        raise ValueError(
-            f"{type(eviction).__name__} evicts at every decode step, and an int4 cache would quantize its keys again "
-            "each time (they are grouped in blocks of tokens): use int8, or a policy that evicts after prefill only "
-            "(snapkv, kvzip, draft-kvzip)."
-        )
-    if eviction is None or not config.local_window or not isinstance(eviction.budget, int):
-        return
-    protected = eviction.reserved + config.sinks + config.local_window
-    if eviction.budget < protected:
-        raise ValueError(
-            f"budget {eviction.budget} is smaller than the {protected} tokens the policy and the exact local window "
-            f"always keep ({eviction.reserved} + local_sinks {config.sinks} + local_window {config.local_window})."
-        )
-
-
-def planned(resolved: Resolved, llm: PretrainedConfig) -> Plan | None:
-    """The plan a resolved config fixes for an LLM of config ``llm`` before any input; ``None`` where the strategy
-    chooses per input (``"similar"``)."""
-    config, strategy, n_kv = resolved.config, resolved.strategy, llm.num_key_value_heads
-    if resolved.fixed is not None:
-        return resolved.fixed.plan
-    if config.layers is not None:
-        return plan_of(config.layers, n_kv)
-    if strategy.needs_scores:
-        return None
-    return strategy.plan(llm.num_hidden_layers, n_kv, config.ratio)
-
-
-def check_scope(resolved: Resolved, llm: PretrainedConfig, eviction: EvictionPolicy | None) -> None:
-    """Raise ``ValueError`` where eviction over the unmapped layers only would have no layer to evict from (every layer
-    has a mapped KV group): its budget could not be honoured."""
-    plan = planned(resolved, llm) if eviction is not None and eviction.scope == "unmapped" else None
-    if plan is not None and len(plan) == llm.num_hidden_layers:
-        raise ValueError(
-            f"{eviction!r} evicts only from layers without a mapped KV group, and this mapping leaves none: lower the "
-            "ratio, or evict with scope='all'."
-        )
-
-
-def load_checked(
-    llm: str | os.PathLike,
-    slm: str | os.PathLike,
-    configs: Sequence[MappingConfig] = (),
-    eviction: EvictionPolicy | None = None,
-    *,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
-    progress: bool = True,
-    force: bool = False,
-    placement: Placement | None = None,
-) -> tuple[nn.Module, nn.Module, PreTrainedTokenizerBase]:
-    """Load ``(llm, slm, tokenizer)`` after every check that needs no weights: the device, each of ``configs`` with
-    ``eviction``, the pair's configs, the ``placement``, and each config resolved against the pair (its stored order
-    and blend, its units, the eviction's scope). ``from_pretrained`` and the command line load through it."""
-    placement = placement or Placement()
-    if slm is None:
-        why = " (draft-kvzip scores with it)" if eviction is not None and eviction.reconstruct == "slm" else ""
-        raise ValueError(f"an SLM is needed{why}: give slm, an alias, GGUF file or model folder of the LLM's family.")
-    check_device(device)
-    for config in configs:
-        check_eviction(config, eviction)
-    llm_config, slm_config = read_configs(llm, slm, progress, force)
-    check_pair_configs(llm_config, slm_config)
-    for config in configs:
-        config.check_head_dims(llm_config, slm_config)
-    placement.check(llm_config, device)
-    for config in configs:
-        check_features(llm_config, config.local_window, eviction, placement.tensor_parallel)
-        resolved = resolve(config, llm_config, slm_config)
-        check_blend(llm_config, slm_config, resolved.config.blend)
-        check_scope(resolved, llm_config, eviction)
-    return load_pair(llm, slm, dtype=dtype, device=device, progress=progress, force=force, placement=placement)
-
-
-class IAMForCausalLM(PreTrainedModel, GenerationMixin):
+class IAMForCausalLM(PairedSteps, PreTrainedModel, GenerationMixin):
     """An LLM whose mapped layers take their attention from an SLM of the same family (IAM, arXiv 2507.11953).
 
     Build it with ``from_pair(llm, slm, config)`` or ``from_pretrained(llm=..., slm=..., **mapping)``. Wrapping
@@ -203,7 +67,9 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         kernels: Kernels = Kernels(),
     ) -> None:
         check_pair(llm, slm)
-        resolved = resolve(config if config is not None else MappingConfig(), llm.config, slm.config)
+        sharded = shard_of(decoder_layers(llm)[0].self_attn) is not None
+        config = config if config is not None else MappingConfig()
+        resolved = checked(config, llm.config, slm.config, eviction, kernels, tensor_parallel=sharded)
         super().__init__(copy.deepcopy(llm.config))
         self.llm, self.slm = llm, slm
         self.generation_config = copy.deepcopy(llm.generation_config)
@@ -211,14 +77,6 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         self.mapping_config: MappingConfig = resolved.config
         self.n_layers: int = llm.config.num_hidden_layers
         self.n_kv: int = llm.config.num_key_value_heads
-        check_eviction(self.mapping_config, eviction)
-        sharded = shard_of(decoder_layers(llm)[0].self_attn) is not None
-        check_features(llm.config, self.mapping_config.local_window, eviction, sharded)
-        check_blend(llm.config, slm.config, self.mapping_config.blend)
-        check_scope(resolved, llm.config, eviction)
-        self.mapping_config.check_head_dims(llm.config, slm.config)
-        self.eviction = eviction
-        self.kernels = kernels
         mapping = f"{self.mapping_config!r} {resolved.strategy!r}"
         self.signature = Signature(
             llm.config.to_json_string(),
@@ -226,8 +84,19 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
             mapping,
             repr(eviction),
             self.mapping_config.slm_cache,
-            self._local,
+            resolved.local,
+            repr(kernels),
         )
+
+    @property
+    def eviction(self) -> EvictionPolicy | None:
+        """The token eviction policy (``self.resolved.eviction``)."""
+        return self.resolved.eviction
+
+    @property
+    def kernels(self) -> Kernels:
+        """The kernels the mapped layers run (``self.resolved.kernels``)."""
+        return self.resolved.kernels
 
     @classmethod
     def from_pair(
@@ -262,13 +131,14 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         **mapping,
     ) -> IAMForCausalLM:
         """Load a pair by alias, GGUF file or local folder (see ``iam.models.loading``) and wrap it; ``mapping`` holds
-        ``MappingConfig`` fields. The config is checked against the pair's configs before any weights load, and an
+        ``MappingConfig`` fields (``calibrations``: the user's folder, ``user_calibrations``, unless given). The config
+        is checked against the pair's configs before any weights load, and an
         SLM tuned through another LLM (``iam tune``) is refused unless ``force``.
 
         ``tp_plan``/``distributed_config`` (tensor parallelism, under ``torchrun``) or ``device_map``/``max_memory``/
         ``offload_folder`` (accelerate dispatch) go to transformers' ``from_pretrained`` for the LLM; the SLM is
         loaded whole, on each rank's device or on ``slm_device`` (see ``iam.models.placement``)."""
-        config = MappingConfig(**mapping)
+        config = MappingConfig(**{"calibrations": user_calibrations(), **mapping})
         placement = Placement(tp_plan, distributed_config, device_map, max_memory, offload_folder, slm_device)
         big, small, _ = load_checked(
             llm, slm, [config], eviction, dtype=dtype, device=device, progress=progress, force=force, placement=placement
@@ -294,7 +164,7 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
     def planned(self) -> Plan | None:
         """The plan the config fixes before any input (``{}`` at ratio 0); ``None`` where the strategy chooses per
         input (``"similar"``)."""
-        return planned(self.resolved, self.llm.config)
+        return self._planned
 
     def new_cache(self) -> IAMCache:
         """An empty cache for this pair; pass it to ``forward`` or ``generate`` and read the results off it."""
@@ -303,48 +173,17 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
             self.llm.config,
             self.slm.config,
             config.slm_cache,
-            self.eviction,
-            self._local,
+            self.resolved.local,
             config.llm_cache,
             self.signature,
-            mapped=self.resolved.n_mapped > 0,
+            mapped=config.maps,
             int4=config.int4,
         )
 
-    @property
-    def _local(self) -> tuple[int, int] | None:
-        """``(sinks, window)`` of the exact local window where mapped layers use one (see ``IAMCache``)."""
-        config = self.mapping_config
-        return (config.sinks, config.local_window) if config.local_window and self.resolved.n_mapped else None
-
     # ---- generate --------------------------------------------------------------------------------------------
     def generate(self, inputs: torch.Tensor | None = None, generation_config=None, **kwargs):
-        """transformers' ``generate()``, refusing the modes IAM cannot serve (``UNSUPPORTED_GENERATION``),
-        ``use_cache=False`` and a static cache with a ``ValueError`` that names them."""
-        for name, mode in UNSUPPORTED_GENERATION.items():
-            value = kwargs.get(name, getattr(generation_config, name, None))
-            if value not in (None, False):
-                raise ValueError(f"IAMForCausalLM does not support {mode} (got {name}={value!r}).")
-        config = generation_config if generation_config is not None else self.generation_config
-        if kwargs.get("use_cache", getattr(config, "use_cache", True)) is False:
-            raise ValueError(
-                "IAMForCausalLM does not support use_cache=False: the SLM's cache and the mapping live in the cache."
-            )
-        implementation = kwargs.get("cache_implementation", getattr(generation_config, "cache_implementation", None))
-        if implementation not in (None, "dynamic"):
-            raise ValueError(f"IAMForCausalLM keeps its own IAMCache; cache_implementation={implementation!r} is not supported.")
-        ids = kwargs.get("input_ids", inputs)
-        if isinstance(ids, torch.Tensor) and (ids.dim() != 2 or 0 in ids.shape):  # transformers: an IndexError
-            raise ValueError(f"input_ids must be a non-empty [batch, length] LongTensor, got shape {tuple(ids.shape)}.")
-        if isinstance(ids, torch.Tensor):  # refused before generating, not midway with the tokens so far lost
-            new = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
-            total = ids.shape[1] + new if new is not None else kwargs.get("max_length", getattr(config, "max_length", None))
-            limit = min(self.llm.config.max_position_embeddings, self.slm.config.max_position_embeddings)
-            if total is not None and total - 1 > limit:  # the last token generated is never fed back
-                raise ValueError(
-                    f"a prompt of {ids.shape[1]} tokens generating up to {total - ids.shape[1]} more needs {total - 1} "
-                    f"positions, beyond the models' {limit}: generate at most {max(limit + 1 - ids.shape[1], 0)} new tokens."
-                )
+        """transformers' ``generate()``, refusing the modes IAM cannot serve (``checks.check_generate``)."""
+        check_generate(self.llm.config, self.slm.config, self.generation_config, inputs, generation_config, kwargs)
         return super().generate(inputs, generation_config, **kwargs)
 
     # ---- forward ---------------------------------------------------------------------------------------------
@@ -371,7 +210,8 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
         if kwargs.get("inputs_embeds") is not None:
             raise ValueError("IAMForCausalLM takes input_ids, not inputs_embeds: the SLM reads the same tokens.")
         cache = self._cache(cache if cache is not None else past_key_values)
-        ids, mask = self._inputs(input_ids, attention_mask, cache)
+        ids, mask = check_inputs(input_ids, attention_mask, cache.columns, self.llm.config, self.slm.config)
+        ids, mask = ids.to(self.device), mask.to(self.device)
         t = ids.shape[1]
         if position_ids is None:
             position_ids = positions(mask, t)
@@ -395,329 +235,8 @@ class IAMForCausalLM(PreTrainedModel, GenerationMixin):
             return self.new_cache()
         raise ValueError(f"IAMForCausalLM continues only its own IAMCache, got a filled {type(cache).__name__}.")
 
-    def _inputs(self, input_ids, attention_mask, cache: IAMCache) -> tuple[torch.Tensor, torch.Tensor]:
-        """Check the inputs; returns them on the LLM's device, with the full 2D mask (ones where none is given)."""
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
-            raise ValueError("input_ids must be a [batch, length] LongTensor.")
-        b, t = input_ids.shape
-        if b == 0 or t == 0:
-            raise ValueError(f"input_ids of shape {tuple(input_ids.shape)} is empty: give at least one row of one token.")
-        vocab = self.llm.config.vocab_size
-        if input_ids.min() < 0 or input_ids.max() >= vocab:
-            raise ValueError(
-                f"input_ids hold token ids outside the vocabulary [0, {vocab}): {input_ids.min()}..{input_ids.max()}."
-            )
-        past = cache.columns
-        if attention_mask is None:
-            attention_mask = torch.ones(b, past + t, dtype=torch.long, device=input_ids.device)
-        if attention_mask.dim() != 2 or attention_mask.shape != (b, past + t):
-            raise ValueError(
-                f"attention_mask {tuple(attention_mask.shape)} must be 2D [batch, cached + new tokens] = {(b, past + t)}."
-            )
-        if attention_mask.dtype != torch.bool and attention_mask.dtype.is_floating_point:
-            raise ValueError(f"attention_mask must be 0/1, bool or integer, got dtype {attention_mask.dtype}.")
-        mask = attention_mask.to(device=input_ids.device, dtype=torch.long)
-        if ((mask != 0) & (mask != 1)).any():
-            raise ValueError(f"attention_mask must hold only 0 and 1, got values {sorted(mask.unique().tolist())}.")
-        if (mask.diff(dim=-1) < 0).any() or (mask[:, -1] == 0).any():
-            raise ValueError(
-                "attention_mask must be left-padded (padding first, then the prompt): set tokenizer.padding_side='left'."
-            )
-        limit = min(self.llm.config.max_position_embeddings, self.slm.config.max_position_embeddings)
-        if past + t > limit:
-            raise ValueError(f"context too long: {past + t} tokens exceed the models' {limit}-position limit.")
-        return input_ids.to(self.device), mask.to(self.device)
-
     def _ready(self, mask: torch.Tensor) -> bool:
         """Whether this forward establishes the mapping: something is mapped and the shortest sequence holds
         ``establish_threshold`` tokens, or at once with a fixed mapping (it needs no window)."""
         threshold = 1 if self.resolved.fixed is not None else self.mapping_config.establish_threshold
-        return self.resolved.n_mapped > 0 and int(mask.sum(-1).min()) >= threshold
-
-    # ---- the three steps -------------------------------------------------------------------------------------
-    def _alone(self, cache: IAMCache, ids, mask, position_ids, logits_to_keep: int) -> torch.Tensor:
-        """The LLM alone, before the mapping exists (the cache keeps the tokens for the forward that establishes it,
-        ``IAMCache.advance``)."""
-        if self.resolved.n_mapped > 0:  # eviction waits for the mapping, whose forward prefills the whole context
-            run = Pass(self.llm, ids, mask, position_ids, cache)
-            for i in range(self.n_layers):
-                run.layer(i)
-            return self._logits(run, logits_to_keep)
-        return self._llm_step(cache, ids, mask, position_ids, logits_to_keep, None)
-
-    def _establish(self, cache: IAMCache, ids, mask, position_ids, logits_to_keep: int) -> torch.Tensor:
-        """Both models over the whole context (earlier tokens and these): the SLM first, with every layer's queries;
-        then the plan and the LLM, whose mapped layers match their heads on the window as they are reached. Returns
-        the logits of this forward's tokens only."""
-        t = ids.shape[1]
-        ids, position_ids = cache.context(ids, position_ids)
-        needs_scores = self.resolved.strategy.needs_scores
-        if needs_scores and ids.shape[0] > 1:
-            raise ValueError(
-                "strategy 'similar' chooses layers per input: run one sequence at a time (a batch would choose for all "
-                "rows at once)."
-            )
-        config, fixed = self.mapping_config, self.resolved.fixed
-        cache.slm.reset()
-        if fixed is not None:  # the heads are known: the SLM runs only as deep as they borrow, and no window is matched
-            step, establishing = self._slm_step(cache, ids, mask, position_ids, fixed.slm_depth), None
-            window = Window.from_mask(mask, config.truncation_threshold)
-        else:
-            step, establishing = self._slm_window(cache, ids, mask, position_ids, config.truncation_threshold)
-            window = establishing.window
-        probe = self._probe(ids, establishing) if needs_scores else None
-        plan = self._plan(probe)
-        heads = self.config.num_attention_heads
-        mapping = Mapping(plan, window, heads, self.n_kv, config.metric, config.blend, probe=probe, kernels=self.kernels)
-        cache.establish(mapping if fixed is None else fixed.mapping(ids.shape[0], mapping))
-        logits = self._llm_step(cache, ids, mask, position_ids, logits_to_keep or t, step, establishing)
-        cache.drop_slm_layers(cache.mapping.slm_layers[-1] + 1)  # from here on the SLM runs only this deep
-        return logits
-
-    def _paired(self, cache: IAMCache, ids, mask, position_ids, logits_to_keep: int) -> torch.Tensor:
-        """The SLM over the new tokens, as deep as the mapping reads, then the LLM with its mapped layers."""
-        with record_function("iam.slm"):
-            step = self._slm_step(cache, ids, mask, position_ids, cache.mapping.slm_layers[-1] + 1)
-        return self._llm_step(cache, ids, mask, position_ids, logits_to_keep, step)
-
-    # ---- parts -----------------------------------------------------------------------------------------------
-    def _slm_window(self, cache: IAMCache, ids, mask, position_ids, truncation: int) -> tuple[SLMStep, SLMWindow]:
-        """The SLM over the whole context, every layer (its queries recorded), and what it provides to establish a
-        mapping: its attention on the window of the first ``truncation`` real tokens."""
-        with record_function("iam.slm"):
-            step = self._slm_step(cache, ids, mask, position_ids, self.slm.config.num_hidden_layers)
-        with record_function("iam.slm_window"):
-            window = Window.from_mask(mask, truncation)
-            keys = [layer.read_keys() for layer in cache.slm.layers]
-            attns = [layer.self_attn for layer in decoder_layers(self.slm)]
-            own = [local_window(attn) for attn in attns]  # the SLM's own attention, as its layers compute it
-            flats = slm_window_flats(step.queries, keys, step.scaling, window, softcap(attns[0]), own)
-        config = self.mapping_config
-        kinds = tuple(layer_kinds(self.slm.config)) if family(self.llm.config).local_layers else None
-        heads = self.slm.config.num_attention_heads
-        return step, SLMWindow(window, flats, heads, METRICS[config.metric], config.blend, kinds)
-
-    def _slm_step(self, cache: IAMCache, ids, mask, position_ids, depth: int) -> SLMStep:
-        """The SLM's base model (never its LM head) through ``depth`` layers, recording their queries."""
-        device = self.slm.device  # the SLM may sit apart from a dispatched LLM's first layer
-        slots = (mask if cache.partial else cache.slot_mask(mask, ids.shape[1])).to(device)
-        queries = Pass(self.slm, ids.to(device), slots, position_ids.to(device), cache.slm).queries(depth)
-        attn = decoder_layers(self.slm)[0].self_attn
-        return SLMStep(queries, cache.slm.layers, attn.num_key_value_groups, attn.scaling, *self._borrowing)
-
-    @property
-    def _borrowing(self) -> tuple[float | None, list[int | None] | None]:
-        """How the LLM's mapped layers attend, applied to the SLM's logits they borrow: the LLM's soft-cap, and per SLM
-        layer the window of the LLM layers that borrow from it (local layers borrow from local ones only)."""
-        attns = [layer.self_attn for layer in decoder_layers(self.llm)]
-        windows = {kind: local_window(attn) for kind, attn in zip(layer_kinds(self.llm.config), attns)}
-        local = [windows.get(kind) for kind in layer_kinds(self.slm.config)] if family(self.llm.config).local_layers else None
-        return softcap(attns[0]), local
-
-    def _llm_step(
-        self,
-        cache: IAMCache,
-        ids,
-        mask,
-        position_ids,
-        logits_to_keep: int,
-        step: SLMStep | None,
-        establishing: SLMWindow | None = None,
-    ) -> torch.Tensor:
-        """The LLM over the new tokens, its mapped layers (if any) reading ``step``; then eviction, if the cache has
-        a policy."""
-        t = ids.shape[1]
-        policy = cache.eviction
-        first = cache.kept is None
-        scoring = policy is not None and policy.needs_scores and not policy.reconstruct and (first or policy.decode)
-        queries: dict[int, torch.Tensor] | None = {} if scoring else None
-        run = self._llm_layers(cache, ids, mask, position_ids, step, establishing, queries)
-        logits = self._logits(run, logits_to_keep)
-        if policy is not None and any(cache.evicts(i) for i in range(self.n_layers)):
-            with record_function("iam.evict"):
-                mass, groups = None, None
-                if scoring:
-                    mass = self._attention_mass(cache, queries, step, cache.slot_mask(mask, t))
-                elif policy.reconstruct and first:
-                    sync = torch.cuda.synchronize if ids.is_cuda else lambda: None  # time the work, not its launch
-                    sync()
-                    start = time.perf_counter()
-                    mass, groups = self._reconstruction(cache, ids, mask, position_ids)
-                    sync()
-                    cache.scoring_s += time.perf_counter() - start
-                cache.track(mask[:, -t:], position_ids)
-                cache.evict(mass, prefill=first, groups=groups)
-        return logits
-
-    def _llm_layers(
-        self,
-        cache: IAMCache,
-        ids,
-        mask,
-        position_ids,
-        step: SLMStep | None,
-        establishing: SLMWindow | None = None,
-        queries: dict[int, torch.Tensor] | None = None,
-    ) -> Pass:
-        """The LLM's decoder layers over the new tokens, its mapped layers (if any) reading ``step``; with
-        ``queries``, the unmapped layers' queries are recorded in it. Returns the pass (its hidden states)."""
-        t = ids.shape[1]
-        slots = cache.slot_mask(mask, t)
-        mapping = cache.mapping
-        # with scope "unmapped", once tokens are evicted the mapped layers span more slots than the evicted ones
-        partial = cache.partial and cache.kept is not None and mapping is not None
-        evicted = [i for i in range(self.n_layers) if cache.evicts(i)]
-        own_slots = cache.own_slot_masks(mask, t)  # layers whose KV groups keep slots of their own (KVzip's budgets)
-        shared = evicted[0] if partial else min(mapping.plan) if own_slots and mapping is not None else None
-        run = Pass(self.llm, ids, slots, position_ids, cache, shared, own_slots)
-        mapped_mask = None if mapping is None else run.causal_mask(mask, min(mapping.plan)) if partial else run.mask
-        layers = decoder_layers(self.llm)
-        for i in range(self.n_layers):
-            if mapping is not None and i in mapping.plan:
-                mapped = MappedAttention(layers[i].self_attn, mapping.plan[i], self.kernels, local=self._local is not None)
-                rope, own = run.rope_of(i), run.mask_of(i) if mapped.window is not None else None
-                attention = lambda x, m=mapped, rope=rope, own=own: m(
-                    x, rope, mapped_mask, cache, mapping, step, establishing, own
-                )  # noqa: E731
-                run.layer(i, attention)
-            elif queries is not None:
-                run.query_capture(i, queries)
-            else:
-                run.layer(i)
-        return run
-
-    @torch.no_grad()
-    def _reconstruction(self, cache: IAMCache, ids, mask, position_ids) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """KVzip's scores of the slots just prefilled (``EvictionPolicy.reconstruct``): the LLM (with its SLM where
-        it maps) or the SLM alone is teacher-forced through the repeat prompt and each chunk of the context on a
-        scratch copy of its cache. Returns the shared set's scores ``[B, S]`` (the mapped layers' and the SLM's:
-        through the SLM heads the mapped heads borrow) and, per LLM layer that keeps K in every KV group and follows
-        the kept set, ``[B, KV heads, S]``."""
-        policy, mapping = cache.eviction, cache.mapping
-        draft = policy.reconstruct == "slm"
-        if not policy.prompt:
-            warnings.warn(
-                f"{type(policy).__name__} has no repeat prompt, so the model repeats the bare context: build it with "
-                "prompt=repeat_prompt(tokenizer) (iam.core.eviction), as iam eval retrieval does.",
-                stacklevel=3,
-            )
-        s = mask.shape[1]
-        slm_depth = mapping.slm_layers[-1] + 1 if mapping is not None and not draft else self.slm.config.num_hidden_layers
-        source = cache.slm
-        if draft and mapping is None:  # the LLM alone: the SLM prefills the context for scoring only
-            source = slm_cache(self.slm.config, self.mapping_config.slm_cache, self.mapping_config.int4)
-            dev = self.slm.device
-            prefill = Pass(self.slm, ids.to(dev), mask.to(dev), position_ids.to(dev), source)
-            for j in range(slm_depth):
-                prefill.layer(j)
-        prompt = torch.tensor(policy.prompt, dtype=torch.long, device=ids.device).expand(ids.shape[0], -1)
-        start = position_ids.amax(-1, keepdim=True) + 1
-        llm_scores: dict[int, torch.Tensor] = {}
-        slm_scores: dict[int, torch.Tensor] = {}
-        keep_max = lambda into, key, x: into.__setitem__(key, x if key not in into else torch.maximum(into[key], x))
-        for end in range(s, 0, -policy.chunk):  # chunks counted from the newest token: a left-padded row's are its own
-            a = max(end - policy.chunk, 0)
-            part = mask[:, a:end]
-            rids = torch.cat([prompt, ids[:, a:end]], -1)
-            rmask = torch.cat([torch.ones_like(prompt), part], -1)
-            rpos = start + (rmask.cumsum(-1) - 1).clamp_min(0)
-            full = torch.cat([mask, rmask], -1)
-            if draft:
-                scratch = copy.deepcopy(source)
-                dev = self.slm.device
-                queries = Pass(self.slm, rids.to(dev), full.to(dev), rpos.to(dev), scratch).queries(slm_depth)
-                keys, scaling = (
-                    (lambda j, scratch=scratch: scratch.layers[j].read_keys()),
-                    decoder_layers(self.slm)[0].self_attn.scaling,
-                )
-            else:
-                scratch = copy.deepcopy(cache)
-                scratch.eviction = None  # the scratch pass only reads
-                step = self._slm_step(scratch, rids, full, rpos, slm_depth) if mapping is not None else None
-                own: dict[int, torch.Tensor] = {}
-                self._llm_layers(scratch, rids, full, rpos, step, queries=own)
-                llm_scaling = decoder_layers(self.llm)[0].self_attn.scaling
-                for i, q in own.items():  # a dispatched LLM's layers may sit on other devices
-                    x = repeat_scores(q, scratch.layers[i].read_keys(), llm_scaling, full.to(q.device), s)
-                    keep_max(llm_scores, i, x.unflatten(1, (self.n_kv, -1)).amax(2).to(ids.device))
-                queries = {} if step is None else step.queries
-                keys, scaling = (lambda j, step=step: step.keys(j)), (None if step is None else step.scaling)
-            for j, q in queries.items():
-                keep_max(slm_scores, j, repeat_scores(q, keys(j), scaling, full.to(q.device), s).to(ids.device))
-            del scratch
-        groups = {
-            i: llm_scores[i] if not draft else self._carried(slm_scores, i)
-            for i in range(self.n_layers)
-            if cache.evicts(i) and (mapping is None or i not in mapping.plan)
-        }
-        if mapping is not None:
-            weight = mapping.borrowed_weight(self.slm.config.num_attention_heads)
-            shared = torch.stack(
-                [slm_scores[j].masked_fill(~(w > 0)[..., None].to(ids.device), 0).amax(1) for j, w in weight.items()]
-            ).amax(0)
-        else:
-            shared = torch.cat(list(groups.values()), 1).amax(1)
-        return shared, groups
-
-    def _carried(self, slm_scores: dict[int, torch.Tensor], layer: int) -> torch.Tensor:
-        """``[B, KV heads, S]`` SLM repeat scores for LLM layer ``layer`` without a head map: the SLM layer at the same
-        relative depth, each LLM KV group taking the SLM KV group at the same relative place (max over its heads)."""
-        slm = self.slm.config
-        x = slm_scores[layer * slm.num_hidden_layers // self.n_layers]
-        per_group = x.unflatten(1, (slm.num_key_value_heads, -1)).amax(2)
-        return per_group[:, torch.arange(self.n_kv) * slm.num_key_value_heads // self.n_kv]
-
-    def _attention_mass(self, cache: IAMCache, queries: dict[int, torch.Tensor], step: SLMStep | None, slots) -> torch.Tensor:
-        """Attention mass on each cache slot from this forward's queries: the LLM's unmapped layers' own, and the SLM
-        heads' that the mapped layers borrow, each by the weight the mapped heads put on it (they stand in for them)."""
-        last = getattr(cache.eviction, "window", None)
-        llm_scaling = decoder_layers(self.llm)[0].self_attn.scaling
-        mass = sum(attention_mass(q, cache.layers[i].read_keys(), llm_scaling, slots, last) for i, q in queries.items())
-        mass = sum_heads(mass, decoder_layers(self.llm)[0].self_attn)  # tensor parallel: every rank's heads
-        if cache.mapping is not None and not cache.partial:  # partial: the SLM's slots are not the kept ones
-            for layer, weight in cache.mapping.borrowed_weight(self.slm.config.num_attention_heads).items():
-                mass = mass + attention_mass(step.queries[layer], step.keys(layer), step.scaling, slots, last, head_weight=weight)
-        return mass
-
-    def _logits(self, run: Pass, logits_to_keep: int) -> torch.Tensor:
-        """The LM head's logits, soft-capped where the LLM caps them (Gemma 2's ``final_logit_softcapping``)."""
-        hidden = self.llm.model.norm(run.hidden)
-        logits = self.llm.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
-        return cap(logits, getattr(self.llm.config, "final_logit_softcapping", None))
-
-    def _plan(self, probe: torch.Tensor | None) -> Plan:
-        planned = self.planned
-        if planned is not None:
-            return planned
-        scores = probe.amax(-1).mean((1, 2))
-        return self.resolved.strategy.plan(self.n_layers, self.n_kv, self.mapping_config.ratio, scores)
-
-    @torch.no_grad()
-    def _probe(self, ids: torch.Tensor, establishing: SLMWindow, borrowable: bool = True) -> torch.Tensor:
-        """Similarity ``[L, B, H, L_s * H_s]`` of every LLM head to every SLM head, from an unmapped LLM pass over
-        the window only; ``-inf`` to heads it cannot borrow (of another layer kind) where ``borrowable``."""
-        window_ids = establishing.window.take(ids, 1)
-        cache = slm_cache(self.llm.config)  # every layer keeps every key (an IAMCache keeps a local layer's window)
-        pos = torch.arange(window_ids.shape[1], device=ids.device).expand_as(window_ids)
-        queries = Pass(self.llm, window_ids, torch.ones_like(window_ids), pos, cache).queries(self.n_layers)
-        attns, kinds = [layer.self_attn for layer in decoder_layers(self.llm)], layer_kinds(self.llm.config)
-        similarity = [
-            establishing.similarity(
-                window_attention(queries[i], cache.layers[i].keys, a.scaling, softcap(a), local_window(a)).to(
-                    establishing.flats[0].device
-                ),
-                kinds[i] if borrowable else None,
-            )
-            for i, a in enumerate(attns)
-        ]
-        return gather_heads(torch.stack(similarity), attns[0], dim=2)  # tensor parallel: every rank's heads
-
-    @torch.inference_mode()
-    def head_similarity(self, input_ids: torch.Tensor, truncation_threshold: int | None = None) -> torch.Tensor:
-        """Similarity ``[L, B, H, L_s * H_s]`` of every LLM head to every SLM (layer, head) on the window of
-        ``input_ids`` (unpadded, ``[B, T]``), by the config's metric: the analysis behind ``iam similarity``."""
-        ids = input_ids.to(self.device)
-        truncation = truncation_threshold or self.mapping_config.truncation_threshold
-        mask = torch.ones_like(ids)
-        _, establishing = self._slm_window(self.new_cache(), ids, mask, positions(mask, ids.shape[1]), truncation)
-        return self._probe(ids, establishing, borrowable=False)
+        return self.mapping_config.maps and int(mask.sum(-1).min()) >= threshold

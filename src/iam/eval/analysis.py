@@ -14,9 +14,11 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from ..core.checks import check_family, load_checked
 from ..core.config import MappingConfig, check_mapped
+from ..core.decoder import positions
 from ..core.mapping import Mapping, tril_flat
-from ..core.model import IAMForCausalLM, check_family, load_checked
+from ..core.model import IAMForCausalLM
 from ..core.similarity import METRICS
 from ..models.loading import load_model, load_tokenizer, read_configs
 from ..models.placement import check_device
@@ -31,7 +33,7 @@ def eval_similarity(llm, slm, windows, base: MappingConfig, progress: bool = Tru
     the best head in that SLM layer)."""
     check_mapped([w.shape[1] for w in windows], [replace(base, ratio=1.0)])  # a mapping's window: no fewer tokens
     iam = IAMForCausalLM(llm, slm, replace(base, ratio=0.0))
-    sim = torch.cat([iam.head_similarity(w) for w in tqdm(windows, desc="similarity", disable=not progress)], 1)  # [L, B, H, S]
+    sim = torch.cat([head_similarity(iam, w) for w in tqdm(windows, desc="similarity", disable=not progress)], 1)  # [L, B, H, S]
     return similarity_summary(sim, slm.config.num_attention_heads, base.metric)
 
 
@@ -109,12 +111,13 @@ def eval_cross_similarity(
 def eval_consistency(llm, slm, tokenizer, windows, ratio: float, steps: int, base: MappingConfig, progress: bool = True) -> dict:
     """Paper §3.3: as decoding proceeds, does each mapped head's best match (recomputed on the whole growing
     context) stay the one chosen at prefill? Per mapped layer, the fraction of steps where it does."""
-    if not (ratio > 0 or base.layers):
+    config = replace(base, ratio=ratio)
+    if not config.maps:
         raise ValueError(f"`ratio` {ratio} maps nothing: consistency follows the mapped layers' matches (use `ratio` > 0).")
     if steps < 1:
         raise ValueError(f"`steps` must be a whole number >= 1 (decode steps followed), got {steps}.")
-    check_mapped([w.shape[1] for w in windows], [replace(base, ratio=ratio)])
-    iam = IAMForCausalLM(llm, slm, replace(base, ratio=ratio))
+    check_mapped([w.shape[1] for w in windows], [config])
+    iam = IAMForCausalLM(llm, slm, config)
     probe = IAMForCausalLM(llm, slm, replace(base, ratio=0.0))
     agree: dict[int, list[float]] = {}
     for w in tqdm(windows, desc="consistency", disable=not progress):
@@ -122,7 +125,7 @@ def eval_consistency(llm, slm, tokenizer, windows, ratio: float, steps: int, bas
         mapping, seq = out.cache.mapping, out.sequences
         layers = mapping.mapped_layers
         best = [
-            probe.head_similarity(seq[:, :k], truncation_threshold=k)[layers].argmax(-1)
+            head_similarity(probe, seq[:, :k], truncation_threshold=k)[layers].argmax(-1)
             for k in range(w.shape[1], seq.shape[1] + 1)
         ]
         for j, layer in enumerate(layers):
@@ -241,3 +244,14 @@ def eval_attention_maps(llm, slm, window: torch.Tensor, ratio: float, base: Mapp
         "mapped_layers": mapping.units,
         "maps": {name: m.tolist() for name, m in means.items()},
     }
+
+
+@torch.inference_mode()
+def head_similarity(iam: IAMForCausalLM, input_ids: torch.Tensor, truncation_threshold: int | None = None) -> torch.Tensor:
+    """Similarity ``[L, B, H, L_s * H_s]`` of every LLM head to every SLM (layer, head) on the window of
+    ``input_ids`` (unpadded, ``[B, T]``), by ``iam``'s metric: the analysis behind ``iam similarity``."""
+    ids = input_ids.to(iam.device)
+    truncation = truncation_threshold or iam.mapping_config.truncation_threshold
+    mask = torch.ones_like(ids)
+    _, establishing = iam._slm_window(iam.new_cache(), ids, mask, positions(mask, ids.shape[1]), truncation)
+    return iam._probe(ids, establishing, borrowable=False)

@@ -19,6 +19,7 @@ from ..core.eviction import repeat_scores
 from ..core.model import IAMForCausalLM
 from ..core.resolution import resolve
 from ..core.selection import Unit, unit_label
+from ..models.loading import user_calibrations
 from .retrieval import Sample, encode, prompt_parts
 from .sweep import eval_sweep
 
@@ -120,7 +121,7 @@ def calibrate(
     per_group : units are ``(layer, kv_group)`` pairs rather than whole layers.
     steps, shortlist : greedy only: units chosen greedily (default: half of them), candidates re-measured per step.
     source : what the windows came from, stored with the order.
-    folder : where to write (default: the user's calibration folder).
+    folder : where to write (default: the user's calibration folder, ``user_calibrations``).
 
     Returns
     -------
@@ -145,7 +146,7 @@ def calibrate(
         result = {"rows": rows}
         damage = {str(r["layer"]): r["damage"] for r in rows}
     path = calibration.write_order(
-        llm.config, slm.config, order, damage, source, Path(folder) if folder else None, base.blend, base.local_window
+        llm.config, slm.config, order, damage, source, Path(folder or user_calibrations()), base.blend, base.local_window
     )
     result.update(order=order, calibration_file=str(path), method=method)
     return result
@@ -222,6 +223,6 @@ def calibrate_retrieval(
     }
     damage = {r["layer"]: r["retrieval_score"] for r in rows}
     path = calibration.write_order(
-        llm.config, slm.config, order, damage, source, Path(folder) if folder else None, base.blend, base.local_window
+        llm.config, slm.config, order, damage, source, Path(folder or user_calibrations()), base.blend, base.local_window
     )
     return {"rows": rows, "order": order, "calibration_file": str(path), "method": "retrieval"}

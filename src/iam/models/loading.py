@@ -256,6 +256,12 @@ def check_tuned_pair(llm: str | os.PathLike, slm: str | os.PathLike, force: bool
     )
 
 
+def user_calibrations() -> str:
+    """The user's calibration folder, ``$IAM_CACHE/calibration``: where ``iam calibrate`` writes orders, and where
+    ``from_pretrained`` and the command line look for a pair's first (``MappingConfig.calibrations``)."""
+    return str(cache_root() / "calibration")
+
+
 def read_configs(
     llm: str | os.PathLike, slm: str | os.PathLike, progress: bool = True, force: bool = False
 ) -> tuple[PretrainedConfig, PretrainedConfig]:

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..errors import ConfigError
 from .flex import flex_ready, flex_serves
 
 
@@ -43,16 +44,20 @@ class Kernels:
 
     def __post_init__(self) -> None:
         if self.flex_from is not None and not _positive(self.flex_from):
-            raise ValueError(f"flex_from must be None (never FlexAttention) or an integer >= 1 (tokens), got {self.flex_from!r}.")
+            raise ConfigError(
+                "flex_from", f"{{param}} must be None (never FlexAttention) or an integer >= 1 (tokens), got {self.flex_from!r}."
+            )
         devices = (self.flex_devices,) if isinstance(self.flex_devices, str) else self.flex_devices
         if not isinstance(devices, (tuple, list)) or not all(isinstance(d, str) for d in devices):
-            raise ValueError(f"flex_devices must be a tuple of device types such as ('cuda',), got {self.flex_devices!r}.")
+            raise ConfigError(
+                "flex_devices", f"{{param}} must be a tuple of device types such as ('cuda',), got {self.flex_devices!r}."
+            )
         object.__setattr__(self, "flex_devices", tuple(devices))
         if not isinstance(self.window_reference, bool):
             raise ValueError(f"window_reference must be True or False, got {self.window_reference!r}.")
         for name in ("chunk_elements", "min_chunk"):
             if not _positive(getattr(self, name)):
-                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}.")
+                raise ConfigError(name, f"{{param}} must be an integer >= 1, got {getattr(self, name)!r}.")
 
     def flex(self, tokens: int, qk_dim: int, v: torch.Tensor, *inputs: torch.Tensor) -> bool:
         """Whether a prefill of ``tokens`` new tokens, with q/k of size ``qk_dim`` and the mapped groups' ``v``, runs

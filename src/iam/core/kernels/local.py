@@ -217,7 +217,6 @@ def local_chunked(
     return out.view(b, h, t, d).to(v.dtype)
 
 
-
 def local_decode(
     q: torch.Tensor,
     sink_k: torch.Tensor,

@@ -6,10 +6,10 @@ from collections.abc import Sequence
 
 from transformers import PretrainedConfig
 
+from ...core.checks import checked
 from ...core.config import MappingConfig
 from ...core.eviction import repeat_prompt
-from ...core.model import IAMForCausalLM, check_scope
-from ...core.resolution import resolve
+from ...core.model import IAMForCausalLM
 from ..runs import side_by_side
 from ..setup import Setup, build, configured
 from ..tradeoff import kv_shares
@@ -31,11 +31,11 @@ def prepare(
     spread: str = "even",
     filler: str = "prose",
 ) -> dict[tuple[str, int], list[Sample]]:
-    """A run's samples (``samples_for``), checked with everything else that needs no weights: each setup's eviction
-    scope against its config resolved for the pair (``check_scope``), and every context, question and answer within
-    both models' positions."""
+    """A run's samples (``samples_for``), checked with everything else that needs no weights: each setup's run spec
+    for the pair (``checked``: its eviction, scope and window), and every context, question and answer within both
+    models' positions."""
     for setup, config in zip(setups, configs):
-        check_scope(resolve(config, llm_config, slm_config), llm_config, setup.eviction())
+        checked(config, llm_config, slm_config, setup.eviction())
     limit = min(llm_config.max_position_embeddings, slm_config.max_position_embeddings)
     return samples_for(tokenizer, tasks, tokens, n, limit, seed, spread, filler)
 
