@@ -27,7 +27,6 @@ from safetensors.torch import save_model
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
-from ..core.families import FAMILIES
 from ..io import atomic_file
 from . import store
 from .placement import Placement, check_device, execution_device
@@ -323,8 +322,7 @@ def load_model(
     folder = resolve(name_or_path, progress)
     check_tokenizer_files(folder)
     check_weights(folder)
-    served = FAMILIES.get(read_config(folder).model_type)
-    attention = "eager" if served is not None and served.softcap else "sdpa"
+    attention = "eager" if getattr(read_config(folder), "attn_logit_softcapping", None) else "sdpa"
     model, info = AutoModelForCausalLM.from_pretrained(
         folder, dtype=dtype, attn_implementation=attention, use_safetensors=True, output_loading_info=True, **(placed or {})
     )
