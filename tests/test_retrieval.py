@@ -395,7 +395,8 @@ def test_the_command_runs_side_by_side_resumes_and_reports(long_folders, tmp_pat
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--tokens", "240", "--tasks", "passkey"], "exceeds the models' 256 positions"),
+        (["--tokens", "240", "--tasks", "passkey", "--configs", "iam0.5"], "exceeds the models' 256 positions"),
+        (["--configs", "iam0.5+int4"], "int4_group 32 must divide the LLM's head dimension 16"),
         (["--configs", "iam0.5+w8+h2o@10"], "smaller than the 20 tokens"),
         (["--configs", "iam0.5+zz"], "unknown part"),
         (["--configs", "iam1.0+streaming@0.5:unmapped", "--strategy", "back"], "this mapping leaves none"),

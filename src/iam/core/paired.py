@@ -333,5 +333,3 @@ class PairedSteps:
             for i, a in enumerate(attns)
         ]
         return gather_heads(torch.stack(similarity), attns[0], dim=2)  # tensor parallel: every rank's heads
-
-        return self._probe(ids, establishing, borrowable=False)
