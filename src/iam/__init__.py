@@ -1,5 +1,7 @@
 """iam-llm: efficient inference through attention mapping between different-scale LLMs (arXiv 2507.11953)."""
 
+from importlib.metadata import version
+
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .core.cache import IAMCache
@@ -15,4 +17,4 @@ from .core.similarity import METRICS
 MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.setdefault("iam", IAMForCausalLM.__name__)
 
 __all__ = ["IAMCache", "IAMForCausalLM", "METRICS", "Kernels", "Mapping", "MappingConfig", "STRATEGIES"]
-__version__ = "0.2.0"
+__version__ = version("iam-llm")  # pyproject.toml's, the one place it is written

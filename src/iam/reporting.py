@@ -9,12 +9,12 @@ import shlex
 import subprocess
 import time
 from collections.abc import Callable, Sequence
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
 import transformers
 
-from . import __version__
 from .io import atomic_file, write_atomic
 
 
@@ -37,7 +37,7 @@ def provenance(argv: Sequence[str]) -> dict:
     commit = git("rev-parse", "HEAD")
     return {
         "argv": shlex.join(["iam", *argv]),
-        "iam": __version__,
+        "iam": version("iam-llm"),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
