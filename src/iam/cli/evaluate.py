@@ -74,7 +74,7 @@ def check_windows(tokens: int, base: MappingConfig, ratios: Sequence[float], sco
 def mapped_base(args: argparse.Namespace, command: str) -> MappingConfig:
     """The mapping of an evaluation that measures mapped layers; ``--ratio 0`` without ``--layers`` is refused."""
     base = mapping_config(args, 0.0)
-    if not (args.ratio > 0 or base.layers):
+    if not replace(base, ratio=args.ratio).maps:
         raise ValueError(f"--ratio {args.ratio} maps nothing: iam eval {command} measures mapped layers (use --ratio > 0).")
     return base
 

@@ -108,9 +108,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     base, setups, cached_configs = setups_of(args, args.retrieval) if args.retrieval else (None, [], [])
     llm, slm, tok = load(args, configs + cached_configs)
     runs = []
-    for ratio, run in zip(args.ratios, demo.demo_runs(llm, slm, tok, configs, args.max_new_tokens)):
+    for config, run in zip(configs, demo.demo_runs(llm, slm, tok, configs, args.max_new_tokens)):
         runs.append(run)
-        print(f"\n=== {'LLM alone' if ratio == 0 else f'IAM, ratio {ratio}'} ===")
+        print(f"\n=== {f'IAM, ratio {config.ratio}' if config.maps else 'LLM alone'} ===")
         for prompt, text in zip(demo.PROMPTS, run["texts"]):
             print(f"\n> {prompt}\n{text.strip()}")
         kv, t = run["kv_cache_bytes"], run["timings"]

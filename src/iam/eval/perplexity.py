@@ -109,7 +109,7 @@ def eval_perplexity(
 
 def eval_metrics(llm, slm, windows, ratio: float, base: MappingConfig, metrics: Sequence[str], progress: bool = True) -> dict:
     """Perplexity under each similarity metric at one ratio (paper Table 1)."""
-    if not (ratio > 0 or base.layers):
+    if not replace(base, ratio=ratio).maps:
         raise ValueError(f"`ratio` {ratio} maps nothing: every metric's row would be the LLM alone (use `ratio` > 0).")
     configs: list[Config] = [({"metric": "none (LLM alone)", "ratio": 0.0}, MappingConfig(ratio=0.0))]
     configs += [({"metric": m, "ratio": ratio}, replace(base, ratio=ratio, metric=m)) for m in metrics]

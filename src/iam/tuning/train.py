@@ -101,7 +101,7 @@ class TuneConfig:
             raise ValueError(f"method must be one of {list(METHODS)}, got {self.method!r}.")
         if not isinstance(self.mapping, MappingConfig):
             raise ValueError(f"mapping must be a MappingConfig, got {self.mapping!r}.")
-        if not (self.mapping.ratio > 0 or self.mapping.layers):
+        if not self.mapping.maps:
             raise ValueError(
                 f"ratio must be in (0, 1]: at ratio 0 nothing is mapped and the SLM gets no gradient; got {self.mapping.ratio}."
             )
