@@ -437,7 +437,7 @@ def test_a_length_that_fails_after_loading_is_refused_before(long_folders, tmp_p
     most 0 new tokens"); kv at a short length ran fewer questions."""
     monkeypatch.setattr("iam.core.checks.load_pair", lambda *a, **k: pytest.fail("weights were loaded"))
     llm, slm = long_folders
-    argv = ["eval", "retrieval", "--llm", llm, "--slm", slm, "--out", str(tmp_path), "--n", "1"]
+    argv = ["eval", "retrieval", "--llm", llm, "--slm", slm, "--out", str(tmp_path), "--n", "1", "--configs", "iam0.5"]
     assert main([*argv, "--tasks", "vartrack", "--tokens", "888"]) == 2
     message = "tokens 888: a vartrack context with its question and answer (1063 tokens) exceeds the models' 1024 positions"
     assert message in capsys.readouterr().err
