@@ -17,6 +17,7 @@ from iam.cli import main
 from iam.core.kernels import Kernels
 from iam.eval.costs import Scenario, analytic_rows, break_even, kv_bytes_per_token
 from iam.models.presets import PRESETS, Arch, load_arch
+from iam.reporting import provenance
 
 
 def test_paper_kv_arithmetic_qwen2_72b_with_0_5b():
@@ -120,6 +121,8 @@ def test_every_measured_mode_runs_side_by_side_with_its_budget(pair_folders, tmp
     result = json.loads(capsys.readouterr().out)
     rows = result["rows"]
     assert [(r["prompt"], r["config"]) for r in rows] == [(p, c) for p in (96, 128) for c in ["llm", *configs.split(",")]]
+    on = {key: rows[0][key] for key in ("cpu", "cpu_isa", "threads", "cuda")}  # every row names the machine
+    assert on == {key: provenance([])[key] for key in on} and all(on.items() <= r.items() for r in rows)
     for prompt in (96, 128):
         alone, *others = [r for r in rows if r["prompt"] == prompt]
         assert "ttft_budget_s" not in alone and alone["kernels"] is None

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 
 from ..eval.timer import synchronize
+from ..reporting import machine
 from .memory import cpu_memory_measure, malloc_in_use
 
 
@@ -44,6 +45,13 @@ def timing_environment() -> dict:
         "allocator": allocator,
         "cpu_peak_memory": cpu_memory_measure(),
     }
+
+
+def stamped(rows: list[dict]) -> list[dict]:
+    """Timed ``rows``, each with the machine it ran on (``reporting.machine``: CPU, its bfloat16 path, threads, GPU):
+    absolute times, and rows of different runs, compare only on one machine."""
+    on = machine()
+    return [{**row, **on} for row in rows]
 
 
 STEADY_MALLOC = "MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1000000000000"

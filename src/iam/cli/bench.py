@@ -9,7 +9,7 @@ import sys
 import torch
 
 from ..bench import measure, profile, projection
-from ..bench.timing import allocator_note, timing_environment
+from ..bench.timing import allocator_note, stamped, timing_environment
 from ..core.config import MappingConfig, check_mapped
 from ..eval import costs
 from ..eval.setup import Setup
@@ -80,6 +80,7 @@ def bench_projection(args: argparse.Namespace, ratios: list[float]) -> int:
     tokens = args.tokens or ([512, 8192] if device.type == "cuda" else [512])
     dtype = getattr(torch, args.dtype)
     result = projection.project(llm, slm, ratios, tokens, device, dtype, args.repeats, args.decode_repeats, local)
+    result.update(parts=stamped(result["parts"]), rows=stamped(result["rows"]))
     result.update(mode="projection", local_window=args.local_window, device=str(device), dtype=args.dtype)
     result.update(repeats=args.repeats, decode_repeats=args.decode_repeats, **timing_environment())
     if not args.json:
@@ -149,14 +150,15 @@ def bench_measured(args: argparse.Namespace, scenario: costs.Scenario) -> int:
     if args.profile:
         at = costs.Scenario(prompts[0], scenario.batch, scenario.new_tokens)
         rows = profile.profile_prefill(llm, slm, setups, at, args.repeats, base)
-        result = {"mode": "profile", **meta, "prompt": at.prompt, "parts": profile.PARTS, **timing_environment(), "rows": rows}
+        result = {"mode": "profile", **meta, "prompt": at.prompt, "parts": profile.PARTS, **timing_environment()}
+        result["rows"] = stamped(rows)
         shares = [f"{name}_share" for name in ["llm_own", *(n[4:] for n in profile.PARTS)]]
         return finish(args, "bench-profile", result, ["config", "ttft_s", "profiled_ttft_s", *shares])
     rows = []
     for prompt in prompts:
         at = costs.Scenario(prompt, scenario.batch, scenario.new_tokens)
         rows += [{"prompt": prompt, **row} for row in measure.measure(llm, slm, setups, at, args.repeats, base)]
-    result = {"mode": "measured", **meta, "prompts": prompts, **timing_environment(), "rows": rows}
+    result = {"mode": "measured", **meta, "prompts": prompts, **timing_environment(), "rows": stamped(rows)}
     columns = ["prompt", "config", "kv_ratio", "ttft_s", "ttft_min_s", "ttft_max_s", "tpot_s", "tpot_min_s", "tpot_max_s"]
     columns += ["ttft_speedup", "tpot_speedup", "ttft_vs_budget", "ttft_vs_budget_min", "ttft_vs_budget_max"]
     columns += ["tpot_vs_budget", "tpot_vs_budget_min", "tpot_vs_budget_max", "peak_mem_bytes"]
