@@ -162,6 +162,13 @@ class Rows:
         return flex_heads(len(seq), chunk, mask).view(len(self.rows), h, t, d)
 
 
+def at_sinks(x: torch.Tensor, starts: torch.Tensor, sinks: int) -> torch.Tensor:
+    """``[B, G, sinks, e]``: each sequence's sink slots (``starts[b] ..``) of ``x`` ``[B, G, S, e]``; a slot past the
+    end reads the last one (the callers mask it)."""
+    slots = (starts[:, None] + torch.arange(sinks, device=x.device)).clamp_max(x.shape[2] - 1)
+    return x.gather(2, slots[:, None, :, None].expand(*x.shape[:2], sinks, x.shape[-1]))
+
+
 def local_chunked(
     q: torch.Tensor,
     sink_k: torch.Tensor,
@@ -186,7 +193,7 @@ def local_chunked(
     slots = torch.arange(total, device=v.device)
     first_real = starts[:, None, None]  # [B, 1, 1]
     sink_slots = first_real[:, 0] + slots[:sinks]  # [B, sinks]
-    sink_v = v.gather(2, sink_slots[:, None, :, None].expand(b, g, sinks, d))
+    sink_v = at_sinks(v, starts, sinks)
     first_recent = total - recent_k.shape[2]  # the slot of recent_k[:, :, 0]
     items = None if t == 1 else slm.items(routes, torch.float32)
     q = q.float().view(b, g, per, t, d)
@@ -242,9 +249,8 @@ def local_decode(
     sink_slots = starts[:, None] + torch.arange(sinks, device=v.device)  # [B, sinks]
     window_slots = torch.arange(lo, total, device=v.device)
     reads = torch.cat([sink_slots < total, window_slots >= starts[:, None] + sinks], -1)  # [B, sinks + w]
-    sink_slots = sink_slots.clamp_max(total - 1)
-    near_rows = torch.cat([rows.gather(2, sink_slots[:, None].expand(b, h, sinks)), rows[..., lo:]], -1)
-    near_v = torch.cat([v.gather(2, sink_slots[:, None, :, None].expand(b, g, sinks, d)), v[:, :, lo:]], 2).float()
+    near_rows = torch.cat([at_sinks(rows[..., None], starts, sinks)[..., 0], rows[..., lo:]], -1)
+    near_v = torch.cat([at_sinks(v, starts, sinks), v[:, :, lo:]], 2).float()
     near_k = torch.cat([sink_k, recent_k[:, :, recent_k.shape[2] - (total - lo) :]], 2).float()
     scores = (q.float().view(b, g, per, d) @ near_k.transpose(-1, -2)) * scaling  # [B, G, per, sinks + w]
     exact = scores.masked_fill(~reads[:, None, None], -math.inf).softmax(-1).nan_to_num(0.0)
@@ -300,18 +306,25 @@ def local_sdpa(
     qi, ki = slm.items(routes, v.dtype)
     ki, vi = ki[:, :, ki.shape[2] - total :], v[rows, routes.item_kv]  # [B, U, S, .]
     borrowed, lse = _sdpa_lse(qi, ki, vi, starts, past, slm.scaling)
-    at_sinks = (starts[:, None] + torch.arange(sinks, device=v.device))[:, None, :, None]  # [B, 1, sinks, 1]
-
-    def sink(x: torch.Tensor) -> torch.Tensor:
-        return x.gather(2, at_sinks.expand(*x.shape[:2], sinks, x.shape[-1]))
-
     near, mass = band(
-        qi[:, :, None], sink(ki), sink(vi), ki, vi, 0, starts, past, sinks, window, slm.scaling, kernels, lse[:, :, None]
+        qi[:, :, None],
+        at_sinks(ki, starts, sinks),
+        at_sinks(vi, starts, sinks),
+        ki,
+        vi,
+        0,
+        starts,
+        past,
+        sinks,
+        window,
+        slm.scaling,
+        kernels,
+        lse[:, :, None],
     )
     items = torch.cat([borrowed.float() - near[:, :, 0], mass[:, :, 0, :, None]], -1)  # [B, U, t, d + 1]
     exact, _ = band(
         q.view(b, g, h // g, t, d),
-        *(sink_k, sink(v), recent_k, v[:, :, first_recent:], first_recent),
+        *(sink_k, at_sinks(v, starts, sinks), recent_k, v[:, :, first_recent:], first_recent),
         *(starts, past, sinks, window, scaling, kernels),
     )
     mixed = routes.from_items(items)
