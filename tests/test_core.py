@@ -391,6 +391,7 @@ def test_two_models_each_run_their_own_kernels(monkeypatch):
         ({"flex_devices": [1]}, "flex_devices must be a tuple of device types"),
         ({"chunk_elements": 0}, "chunk_elements must be an integer >= 1"),
         ({"min_chunk": 2.5}, "min_chunk must be an integer >= 1"),
+        ({"window_reference": 1}, "window_reference must be True or False"),
     ],
 )
 def test_bad_kernel_options(kwargs, message):

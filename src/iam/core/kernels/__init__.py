@@ -54,7 +54,7 @@ class Kernels:
             )
         object.__setattr__(self, "flex_devices", tuple(devices))
         if not isinstance(self.window_reference, bool):
-            raise ValueError(f"window_reference must be True or False, got {self.window_reference!r}.")
+            raise ConfigError("window_reference", f"{{param}} must be True or False, got {self.window_reference!r}.")
         for name in ("chunk_elements", "min_chunk"):
             if not _positive(getattr(self, name)):
                 raise ConfigError(name, f"{{param}} must be an integer >= 1, got {getattr(self, name)!r}.")
