@@ -210,9 +210,10 @@ def test_valid_draws_run_to_their_references(kwargs):
 PARTS = {  # each part's kind, or None for a part that is refused however it is combined
     **{p: "mapping" for p in ("llm", "iam0.5", "iam1.0", "iam0.3", "iam0.13", "iam0.1")},
     **{p: "window" for p in ("w4", "w8")},
+    **{p: "blend" for p in ("b1", "b2")},
     **{p: "eviction" for p in ("h2o@0.5", "snapkv@0.8", "streaming@0.7:unmapped", "snapkv@24", "h2o@0.9:all")},
     "int8": "cache",
-    **{p: None for p in ("iam0", "iam1.5", "iamx", "w0", "q3", "", "lru@0.5", "h2o@0", "h2o@0.5:some", "llm+")},
+    **{p: None for p in ("iam0", "iam1.5", "iamx", "w0", "b0", "b9", "q3", "", "lru@0.5", "h2o@0", "h2o@0.5:some", "llm+")},
 }
 """Parts of a configuration's text, each of the kind it gives (``parse_setup``), or ``None`` where it is refused."""
 
@@ -225,7 +226,7 @@ def expected(parts: list[str]) -> dict | None:
         return None
     given = dict(zip(kinds, parts))
     ratio = float(given.get("mapping", "llm").removeprefix("iam").replace("llm", "0"))
-    if "window" in given and not ratio:
+    if ("window" in given or "blend" in given) and not ratio:
         return None
     policy = None
     if "eviction" in given:
@@ -233,13 +234,22 @@ def expected(parts: list[str]) -> dict | None:
         budget, _, scope = rest.partition(":")
         policy = make_policy(name, parse_budget(budget), scope or "all")
     window = int(given.get("window", "w0")[1:])
-    return {"ratio": ratio, "local_window": window, "llm_cache": "int8" if "cache" in given else "native", "policy": policy}
+    blend = int(given["blend"][1:]) if "blend" in given else None
+    return {
+        "ratio": ratio,
+        "local_window": window,
+        "blend": blend,
+        "llm_cache": "int8" if "cache" in given else "native",
+        "policy": policy,
+    }
 
 
 @st.composite
 def configurations(draw) -> list[str]:
     """A mapping part and some of the other kinds, in any order; rarely one more part, bad or of a kind given."""
-    kinds = {kind: sorted(p for p, k in PARTS.items() if k == kind) for kind in ("mapping", "window", "eviction", "cache")}
+    kinds = {
+        kind: sorted(p for p, k in PARTS.items() if k == kind) for kind in ("mapping", "window", "blend", "eviction", "cache")
+    }
     parts = [draw(st.sampled_from(kinds[k])) for k in kinds if k == "mapping" or draw(st.booleans())]
     parts = draw(st.permutations(parts))
     if draw(mostly(st.just(False), st.just(True))):
@@ -262,7 +272,7 @@ def test_a_configuration_runs_what_its_label_says_or_is_refused_naming_its_part(
         message = str(err)
         assert want is None, f"{text!r} refused: {message}"
         assert f"configuration {text.strip()!r}" in message
-        assert "part " in message or "a local window needs mapped layers" in message, message
+        assert "part " in message or re.search("a (local window|blend) needs mapped layers", message), message
         event("refused by name")
         return
     assert want is not None, f"{text!r} parsed as {setup}"
@@ -277,6 +287,7 @@ def test_a_configuration_runs_what_its_label_says_or_is_refused_naming_its_part(
         event("refused for this pair")
         return
     assert (config.ratio, config.local_window, config.llm_cache) == (want["ratio"], want["local_window"], want["llm_cache"])
+    assert config.blend == want["blend"] and (want["blend"] is None or model.resolved.config.blend == want["blend"])
     assert model.eviction == want["policy"]
     assert model.resolved.n_mapped == units_for_ratio(want["ratio"], 4)
     cache = forward(model, torch.arange(1, 31)[None]).cache

@@ -16,7 +16,7 @@ from iam import IAMForCausalLM, MappingConfig
 from iam.cli import main
 from iam.core.eviction import H2O, POLICIES, SnapKV, StreamingLLM
 from iam.eval import retrieval
-from iam.eval.setup import Setup, parse_setup, parse_setups
+from iam.eval.setup import Setup, configured, parse_setup, parse_setups
 from iam.eval.tradeoff import kv_shares
 
 UNITS = [1, 3]  # whole layers mapped; 0 and 2 keep K and V
@@ -85,6 +85,10 @@ def test_needles_sit_at_the_asked_depths():
         ("iam0+h2o@0.5", r"part 'iam0': iam<ratio> takes a ratio in \(0, 1\]"),
         ("iam1.5", r"part 'iam1.5': iam<ratio> takes a ratio in \(0, 1\]"),
         ("iam0.5+w0", "part 'w0': a window of 0 tokens is no window"),
+        ("iam0.5+b0", r"part 'b0': b<blend> takes 1 to 8 SLM heads"),
+        ("iam0.5+b9", r"part 'b9': b<blend> takes 1 to 8 SLM heads"),
+        ("iam0.5+b1+b2", "part 'b2': a second blend part after 'b1'"),
+        ("llm+b2", "'llm\\+b2': a blend needs mapped layers"),
         ("iam0.5+h2o@0.5:some", "part 'h2o@0.5:some': scope must be one of"),
     ],
 )
@@ -109,10 +113,20 @@ def test_configurations_parse_and_the_llm_alone_comes_first():
 def test_a_label_derived_from_values_parses_back_to_them():
     setups = [Setup(), Setup(0.3), Setup(0.5, 64, "streaming", 0.5, "unmapped", "int8", "int8")]
     setups += [Setup(policy="kvzip", budget=256, llm_cache="int4"), Setup(policy="draft-kvzip", budget=0.5, slm_cache="int4")]
+    setups += [Setup(0.5, 64, blend=1), Setup(0.3, blend=2, llm_cache="int8")]
     for setup in setups:
         assert parse_setup(setup.label) == setup and parse_setup(setup.label).label == setup.label
     with pytest.raises(ValueError, match="'llm\\+w64': a local window needs mapped layers"):
         Setup(local_window=64)
+
+
+def test_a_blend_part_sets_its_configuration_and_the_base_blend_serves_the_others():
+    one, other = parse_setups("iam0.5+w64+b1,iam0.5+w64")[1:]
+    assert (one.blend, one.label, other.blend) == (1, "iam0.5+w64+b1", None)
+    assert configured(MappingConfig(), one).blend == 1 and configured(MappingConfig(), other).blend is None
+    assert configured(MappingConfig(blend=2), other).blend == 2  # --blend for every configuration that gives none
+    with pytest.raises(ValueError, match="`blend` 2 would apply beside the configurations"):
+        configured(MappingConfig(blend=2), one)
 
 
 def test_a_near_miss_is_one_character_off():

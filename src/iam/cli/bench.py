@@ -204,7 +204,7 @@ def add_bench_parser(sub) -> None:
         "--configs",
         default=None,
         help="measured: configurations side by side instead of --ratios, e.g. iam0.5,iam0.5+w64,iam0.5+streaming@0.8 "
-        "(llm|iam<ratio>, then +w<window>, +<policy>@<budget>[:unmapped], +int8)",
+        "(llm|iam<ratio>, then +w<window>, +b<blend>, +<policy>@<budget>[:unmapped], +int8)",
     )
     p.add_argument("--repeats", type=positive_int, default=3)
     p.add_argument(

@@ -373,7 +373,8 @@ def retrieval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--configs",
         default=RETRIEVAL_CONFIGS,
-        help="comma-separated configurations: llm or iam<ratio>, then +w<window>, +<policy>@<budget>[:unmapped] "
+        help="comma-separated configurations: llm or iam<ratio>, then +w<window>, +b<blend> (SLM heads per mapped head), "
+        "+<policy>@<budget>[:unmapped] "
         "(policies: h2o, snapkv, streaming, kvzip, draft-kvzip), +int8 or +int4 (the LLM's cache), +slm-int8 or +slm-int4",
     )
 

@@ -1,7 +1,7 @@
 """The one typed configuration of a run (``Setup``): a mapping, an exact local window, an eviction policy and the
 caches' precision. Evaluations, benches and the GPU check build them from values; its label is derived from them,
-and the text grammar (``llm|iam<ratio>``, then ``+w<window>``, ``+<policy>@<budget>[:unmapped]``, ``+int8``/``+int4``,
-``+slm-int8``/``+slm-int4``: ``parse_setups``) is read only where a command line gives configurations."""
+and the text grammar (``llm|iam<ratio>``, then ``+w<window>``, ``+b<blend>``, ``+<policy>@<budget>[:unmapped]``,
+``+int8``/``+int4``, ``+slm-int8``/``+slm-int4``: ``parse_setups``) is read only where a command line gives configurations."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 
-from ..core.config import MappingConfig
+from ..core.config import MAX_BLEND, MappingConfig
 from ..core.eviction import EvictionPolicy, make_policy, parse_budget
 from ..core.kernels import Kernels
 from ..core.model import IAMForCausalLM, check_eviction
@@ -26,6 +26,8 @@ class Setup:
     scope : which layers the policy evicts from (``EvictionPolicy.scope``).
     llm_cache : ``MappingConfig.llm_cache``: the LLM's cache in its dtype, as int8 or as int4.
     slm_cache : ``MappingConfig.slm_cache``: the SLM's, likewise.
+    blend : ``MappingConfig.blend``: SLM heads per mapped head; ``None``: the run's base config's (``--blend``, else
+        the pair's stored blend).
     local_sinks : ``MappingConfig.local_sinks`` of a configuration with a local window (set by ``arranged``, not by
         the label).
     written : the label as a command line wrote it (``parse_setup``), kept for its reports; ``None``: derived.
@@ -38,6 +40,7 @@ class Setup:
     scope: str = "all"
     llm_cache: str = "native"
     slm_cache: str = "native"
+    blend: int | None = None
     local_sinks: int | None = None
     written: str | None = field(default=None, compare=False)
 
@@ -48,6 +51,8 @@ class Setup:
             )
         if self.local_window and not self.ratio:
             raise ValueError(f"configuration {self.label!r}: a local window needs mapped layers (iam<ratio> with ratio > 0).")
+        if self.blend is not None and not self.ratio:
+            raise ValueError(f"configuration {self.label!r}: a blend needs mapped layers (iam<ratio> with ratio > 0).")
 
     @property
     def label(self) -> str:
@@ -56,6 +61,7 @@ class Setup:
             return self.written
         parts = [f"iam{self.ratio}" if self.ratio else "llm"]
         parts += [f"w{self.local_window}"] if self.local_window else []
+        parts += [f"b{self.blend}"] if self.blend is not None else []
         if self.policy is not None:
             parts.append(f"{self.policy}@{self.budget}" + (":unmapped" if self.scope == "unmapped" else ""))
         parts += [] if self.llm_cache == "native" else [self.llm_cache]
@@ -73,7 +79,11 @@ class Setup:
 
 
 MAPPED_FIELDS = tuple(f.name for f in fields(Setup) if f.name in {g.name for g in fields(MappingConfig)})
-"""The ``MappingConfig`` fields a ``Setup`` sets (``configured``): the base config of a run leaves them to each row."""
+"""The ``MappingConfig`` fields a ``Setup`` sets (``configured``): the base config of a run leaves them to each row,
+except ``BASE_DEFAULTS``."""
+
+BASE_DEFAULTS = ("blend",)
+"""Fields a run's base config may set for every configuration (``--blend``) that a configuration leaves at ``None``."""
 
 
 def _part(part: str) -> tuple[str, dict]:
@@ -94,6 +104,10 @@ def _part(part: str) -> tuple[str, dict]:
         if int(part[1:]) == 0:
             raise ValueError("a window of 0 tokens is no window: leave the part out")
         return "window", {"local_window": int(part[1:])}
+    if re.fullmatch(r"b\d+", part):
+        if not 1 <= int(part[1:]) <= MAX_BLEND:
+            raise ValueError(f"b<blend> takes 1 to {MAX_BLEND} SLM heads per mapped head")
+        return "blend", {"blend": int(part[1:])}
     if "@" in part:
         name, _, rest = part.partition("@")
         budget, _, scope = rest.partition(":")
@@ -104,11 +118,12 @@ def _part(part: str) -> tuple[str, dict]:
 
 def parse_setup(text: str) -> Setup:
     """One configuration from ``+``-joined parts: ``llm`` (the LLM alone, also implied) or ``iam<ratio>``;
-    ``w<window>``, the exact local window of the mapped layers; ``<policy>@<budget>``, eviction, ``:unmapped`` after it
+    ``w<window>``, the exact local window of the mapped layers; ``b<blend>``, the SLM heads each mapped head borrows;
+    ``<policy>@<budget>``, eviction, ``:unmapped`` after it
     to evict only from the layers that keep K; ``int8`` or ``int4``, the LLM's cache so quantized; ``slm-int8`` or
     ``slm-int4``, the SLM's. E.g. ``llm+snapkv@0.7``, ``llm+kvzip@0.25+int4``, ``iam0.5+w64``,
-    ``iam0.5+w64+streaming@0.5:unmapped``, ``iam1.0+w64+int8+slm-int8``. ``ValueError`` naming the part for an
-    unknown or bad part, or a second part of one kind (two mappings, windows, evictions or caches)."""
+    ``iam0.5+w64+streaming@0.5:unmapped``, ``iam0.5+w64+b1``, ``iam1.0+w64+int8+slm-int8``. ``ValueError`` naming the part for an
+    unknown or bad part, or a second part of one kind (two mappings, windows, blends, evictions or caches)."""
     label = text.strip()
     given: dict = {}
     seen: dict[str, str] = {}  # each kind of part, and the part that gave it
@@ -120,7 +135,7 @@ def parse_setup(text: str) -> Setup:
         except ValueError as e:
             raise ValueError(
                 f"configuration {label!r}, part {part!r}: {str(e).rstrip('.')}. Write llm or iam<ratio>, then +w<window>, "
-                "+<policy>@<budget>[:unmapped], +int8 or +int4, +slm-int8 or +slm-int4, each at most once."
+                "+b<blend>, +<policy>@<budget>[:unmapped], +int8 or +int4, +slm-int8 or +slm-int4, each at most once."
             ) from None
         seen[kind] = part
         given.update(values)
@@ -152,25 +167,26 @@ def arranged(setups: Sequence[Setup], local_sinks: int | None = None) -> list[Se
 
 
 def configured(base: MappingConfig, setup: Setup) -> MappingConfig:
-    """``base`` (a ``MappingConfig``) with ``setup``'s ``MAPPED_FIELDS``. ``ValueError`` where ``base`` sets one of
-    them itself, or ``layers`` (which would override every ratio): each configuration runs what its label says."""
+    """``base`` (a ``MappingConfig``) with ``setup``'s ``MAPPED_FIELDS`` (a ``BASE_DEFAULTS`` field only where the
+    setup gives it). ``ValueError`` where ``base`` sets one of them itself (one of ``BASE_DEFAULTS`` only where the
+    setup gives it too), or ``layers`` (which would override every ratio): each configuration runs what its label
+    says."""
     if base.layers is not None:
         raise ValueError(
             f"`layers` {base.layers} would map those layers in every configuration, the LLM alone's included, whatever "
             "its label says: configurations map iam<ratio>; give explicit layers without them."
         )
     default = MappingConfig()
+    given = [name for name in MAPPED_FIELDS if name not in BASE_DEFAULTS or getattr(setup, name) is not None]
     clash = [  # a base's ratio is always replaced
-        f"`{name}` {getattr(base, name)!r}"
-        for name in MAPPED_FIELDS
-        if name != "ratio" and getattr(base, name) != getattr(default, name)
+        f"`{name}` {getattr(base, name)!r}" for name in given if name != "ratio" and getattr(base, name) != getattr(default, name)
     ]
     if clash:
         raise ValueError(
             f"{', '.join(clash)} would apply beside the configurations, whose labels set it: write it in the labels "
-            "that take it (+w<window>, +int8, +int4, +slm-int8, +slm-int4)."
+            "that take it (+w<window>, +b<blend>, +int8, +int4, +slm-int8, +slm-int4)."
         )
-    return replace(base, **{name: getattr(setup, name) for name in MAPPED_FIELDS})
+    return replace(base, **{name: getattr(setup, name) for name in given})
 
 
 def checked_configs(base: MappingConfig, setups: list[Setup]) -> list[MappingConfig]:
