@@ -36,7 +36,7 @@ from vllm.transformers_utils.config import set_default_rope_theta
 from iam.core.fixed import FixedMapping, read_head_mapping
 
 from . import check_served
-from .paged import Batch, PagedCache, attend
+from .paged import PagedCache, attend
 
 STACKED = (
     (".qkv_proj", ".q_proj", "q"),
@@ -107,25 +107,21 @@ def pair_of(config: PretrainedConfig, folder: Path, family: str) -> tuple[Pretra
 
 
 class Step:
-    """The SLM's part of one forward, read by the mapped layers: every SLM layer's queries of the new tokens
-    ``[T, L * H_s, d_s]``, and per request the keys in their caches, read once a forward."""
+    """The SLM's part of one forward, read by the mapped layers: every SLM layer's post-RoPE queries of the new tokens
+    ``[B, L * H_s, Q, d_s]`` and its keys ``[B, L * H_kv_s, N, d_s]``, padded as ``paged.Batch`` pads them."""
 
-    def __init__(self, caches: list[PagedCache]) -> None:
-        self.caches, self.parts, self._keys = caches, [], {}
+    def __init__(self) -> None:
+        self.parts: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.queries: torch.Tensor | None = None
+        self.keys: torch.Tensor | None = None
 
-    def add(self, q: torch.Tensor) -> None:
-        self.parts.append(q)
+    def add(self, q: torch.Tensor, k: torch.Tensor) -> None:
+        self.parts.append((q, k))
 
     def close(self) -> None:
-        self.queries, self.parts = torch.cat(self.parts, 1), []
-
-    def keys(self, i: int) -> torch.Tensor:
-        """Request ``i``'s cached keys of every SLM layer, ``[L * H_kv_s, tokens, d_s]``."""
-        if i not in self._keys:
-            d = self.caches[0].head_size
-            self._keys[i] = torch.cat([cache.read(Batch.of(cache.layer_name), i)[..., :d] for cache in self.caches])
-        return self._keys[i]
+        if self.parts:  # none in a profiling run
+            self.queries, self.keys = (torch.cat(part, 1) for part in zip(*self.parts))
+        self.parts = []
 
 
 class SLMAttention(nn.Module):
@@ -150,17 +146,15 @@ class SLMAttention(nn.Module):
         qkv, _ = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.heads * self.d, self.kv * self.d, self.kv * self.d], dim=-1)
         q, k = self.rotary_emb(positions, q, k)
-        q = q.view(t, self.heads, self.d)
-        step.add(q)
-        out = q.new_zeros(t, self.heads, self.d)
-        batch = Batch.of(self.attn.layer_name)
-        if batch is not None:
-            self.attn.store(batch, torch.cat([k.view(t, self.kv, self.d), v.view(t, self.kv, self.d)], -1))
-            for i, (a, n) in enumerate(zip(batch.starts, batch.queries)):
-                kv = self.attn.read(batch, i).repeat_interleave(self.heads // self.kv, 0)
-                mask = batch.causal(i, q.device)
-                out[a : a + n] = attend(q[a : a + n].transpose(0, 1), kv[..., : self.d], kv[..., self.d :], mask, self.d**-0.5)
-        return self.o_proj(out.view(t, -1))[0]
+        batch = self.attn.batch()
+        if batch is None:  # a profiling run
+            return self.o_proj(torch.zeros_like(q))[0]
+        self.attn.store(batch, torch.cat([k.view(t, self.kv, self.d), v.view(t, self.kv, self.d)], -1))
+        kv = self.attn.read(batch)
+        q, keys = batch.pad(q.view(t, self.heads, self.d)), kv[..., : self.d]
+        step.add(q, keys)
+        out = batch.unpad(attend(q, keys, kv[..., self.d :], batch.mask, self.d**-0.5), t)
+        return self.o_proj(out.reshape(t, -1))[0]
 
 
 class MappedAttention(nn.Module):
@@ -198,15 +192,13 @@ class MappedAttention(nn.Module):
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, step: Step) -> torch.Tensor:
         t = hidden_states.shape[0]
         v, _ = self.v_proj(hidden_states)
-        out = v.new_zeros(t, self.heads, self.d)
-        batch = Batch.of(self.attn.layer_name)
-        if batch is not None:
-            self.attn.store(batch, v.view(t, self.kv, self.d))
-            for i, (a, n) in enumerate(zip(batch.starts, batch.queries)):
-                q = step.queries[a : a + n, self.q_index].transpose(0, 1)
-                values = self.attn.read(batch, i)[self.v_index]
-                out[a : a + n] = attend(q, step.keys(i)[self.k_index], values, batch.causal(i, q.device), self.scale)
-        return self.o_proj(out.view(t, -1))[0]
+        batch = self.attn.batch()
+        if batch is None:  # a profiling run
+            return self.o_proj(v.new_zeros(t, self.heads * self.d))[0]
+        self.attn.store(batch, v.view(t, self.kv, self.d))
+        values = self.attn.read(batch)[:, self.v_index]
+        out = attend(step.queries[:, self.q_index], step.keys[:, self.k_index], values, batch.mask, self.scale)
+        return self.o_proj(batch.unpad(out, t).reshape(t, -1))[0]
 
 
 class DecoderLayer(nn.Module):
@@ -283,7 +275,7 @@ class IAMCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, intermediate_tensors=None, inputs_embeds=None):
         if inputs_embeds is not None:
             raise ValueError(f"{type(self).__name__} takes token ids: the SLM reads the same tokens.")
-        step = Step([layer.self_attn.attn for layer in self.slm.layers])
+        step = Step()
         hidden, residual = self.slm.embed_tokens(input_ids), None
         for layer in self.slm.layers:
             hidden, residual = layer(positions, hidden, residual, step)
