@@ -14,12 +14,11 @@ import shlex
 import statistics
 import subprocess
 import sys
-from pathlib import Path
 
 from iam.reporting import provenance, write_report
 
-ENVIRONMENT = ("OMP_NUM_THREADS", "VLLM_CPU_KVCACHE_SPACE")
-"""The variables that set the engines' threads and KV space, recorded with the result."""
+ENVIRONMENT = ("OMP_NUM_THREADS", "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_KVCACHE_SPACE")
+"""The variables that set the engines' threads, their cores and KV space, recorded with the result."""
 COLUMNS = ["engine", "runs", "tokens_per_s", "min", "max", "vs_llm", "vs_llm_min", "vs_llm_max", "seconds", "kv_tokens"]
 
 
