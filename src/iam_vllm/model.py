@@ -126,7 +126,7 @@ class Step:
 
 class SLMAttention(nn.Module):
     """An SLM layer's attention, vLLM's projections and rotary embedding over a ``PagedCache`` (K and V), recording
-    its post-RoPE queries in the forward's ``Step``."""
+    its post-RoPE queries and the keys it read (the batch's, padded) in the forward's ``Step``."""
 
     def __init__(self, config: PretrainedConfig, family: Family, quant_config: QuantizationConfig | None, prefix: str) -> None:
         super().__init__()
