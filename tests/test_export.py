@@ -29,11 +29,13 @@ def export(pair_folders, out, *extra) -> int:
     return main(["export-vllm", "--llm", llm, "--slm", slm, "--out", str(out), "--tokens", "48", "--windows", "2", *extra])
 
 
-def test_exported_folder_round_trips(pair_folders, text, tmp_path):
+def test_exported_folder_round_trips(family, text, tmp_path):
+    pair_folders = save_tiny_pair(tmp_path, family=family)
     out = tmp_path / "iam"
     assert export(pair_folders, out, "--ratio", "0.5", "--text", str(text)) == 0
     config = json.loads((out / "config.json").read_text())
-    assert config["architectures"] == ["IAMQwen2ForCausalLM"] and config["num_hidden_layers"] == 4
+    architecture = {"qwen2": "IAMQwen2ForCausalLM", "llama": "IAMLlamaForCausalLM"}[family]
+    assert config["architectures"] == [architecture] and config["num_hidden_layers"] == 4
     iam = config["iam"]
     assert iam["mapped_layers"] == [2, 3] and iam["slm"]["num_hidden_layers"] == 2 and iam["pair"] == list(pair_folders)
     assert (out / "model.safetensors").resolve() == (tmp_path / "llm" / "model.safetensors").resolve()
@@ -87,9 +89,9 @@ def no_loading(monkeypatch):
 
 
 def test_another_architecture_is_refused_before_loading(tmp_path, text, no_loading, capsys):
-    folders = save_tiny_pair(tmp_path, family="llama")
+    folders = save_tiny_pair(tmp_path, family="qwen3")
     assert export(folders, tmp_path / "iam", "--text", str(text)) == 2
-    assert "serves ['qwen2'] pairs, not 'llama'" in capsys.readouterr().err
+    assert "serves ['llama', 'qwen2'] pairs, not 'qwen3'" in capsys.readouterr().err
     assert not (tmp_path / "iam").exists()
 
 

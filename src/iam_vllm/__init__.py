@@ -4,8 +4,8 @@
 
 from __future__ import annotations
 
-ARCHITECTURES = {"qwen2": "IAMQwen2ForCausalLM"}
-"""The served LLM family (``model_type``) and the architecture name an exported folder's config carries."""
+ARCHITECTURES = {"qwen2": "IAMQwen2ForCausalLM", "llama": "IAMLlamaForCausalLM"}
+"""The served LLM families (``model_type``) and the architecture name an exported folder's config carries."""
 
 
 def check_served(plan: dict[int, tuple[int, ...]], blend: int, n_kv: int) -> None:

@@ -1,8 +1,9 @@
-"""``IAMQwen2ForCausalLM``: a Qwen2 LLM and its SLM in one vLLM model, built from vLLM's own layers.
+"""``IAMQwen2ForCausalLM``, ``IAMLlamaForCausalLM``: an LLM and its SLM of one family in one vLLM model, built from
+vLLM's own layers (what differs between the families is the table ``FAMILIES``).
 
 The engine schedules one model. Each forward runs the SLM's first ``depth`` layers (as deep as the fixed head mapping
-borrows), recording their post-RoPE queries, then the LLM. An unmapped LLM layer is vLLM's ``Qwen2DecoderLayer`` with
-vLLM's attention. A mapped layer projects V only (its Q/K weights are not even loaded), caches V only
+borrows), recording their post-RoPE queries, then the LLM. An unmapped LLM layer is vLLM's own decoder layer of the
+family with vLLM's attention. A mapped layer projects V only (its Q/K weights are not even loaded), caches V only
 (``iam_vllm.paged.ValueOnlyAttentionSpec``), and attends with each head's borrowed SLM query over the borrowed SLM
 head's cached keys, applied to its own V at the SLM's scale: ``softmax(q_slm k_slm^T) V_llm``, what ``IAMForCausalLM``
 computes with the same mapping. The SLM's and the mapped layers' caches are ``iam_vllm.paged.PagedCache``s, read
@@ -11,8 +12,10 @@ across layers in torch.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -26,13 +29,14 @@ from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader, safetensors_weights_iterator
+from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaMLP
 from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer, Qwen2MLP
 from vllm.transformers_utils.config import set_default_rope_theta
 
 from iam.core.fixed import FixedMapping, read_head_mapping
 
 from . import check_served
-from .paged import Batch, PagedCache, attend
+from .paged import PagedCache, attend
 
 STACKED = (
     (".qkv_proj", ".q_proj", "q"),
@@ -44,13 +48,56 @@ STACKED = (
 """vLLM's fused projections and the checkpoint tensors loaded into their shards."""
 
 
-def pair_of(config: PretrainedConfig, folder: Path) -> tuple[PretrainedConfig, FixedMapping, Path]:
-    """The SLM's config, the fixed mapping and the SLM's weights folder of an exported IAM folder's ``config``;
-    ``ValueError`` naming what is missing or unserved."""
+@dataclass(frozen=True)
+class Family:
+    """What differs between the served families: vLLM's own decoder layer (for unmapped LLM layers) and MLP, whether
+    the attention's QKV and output projections carry a bias, and RoPE's base where a config names none."""
+
+    layer: Callable[[VllmConfig, PretrainedConfig, str], nn.Module]
+    mlp: Callable[[PretrainedConfig, QuantizationConfig | None, str], nn.Module]
+    qkv_bias: Callable[[PretrainedConfig], bool]
+    o_bias: Callable[[PretrainedConfig], bool]
+    rope_theta: float
+
+
+FAMILIES = {
+    "qwen2": Family(
+        layer=lambda vllm, c, prefix: Qwen2DecoderLayer(c, vllm.cache_config, vllm.quant_config, prefix),
+        mlp=lambda c, quant, prefix: Qwen2MLP(c.hidden_size, c.intermediate_size, c.hidden_act, quant, prefix),
+        qkv_bias=lambda c: True,
+        o_bias=lambda c: False,
+        rope_theta=1000000,
+    ),
+    "llama": Family(
+        layer=lambda vllm, c, prefix: LlamaDecoderLayer(vllm, prefix, config=c),
+        mlp=lambda c, quant, prefix: LlamaMLP(
+            c.hidden_size, c.intermediate_size, c.hidden_act, quant, bias=getattr(c, "mlp_bias", False), prefix=prefix
+        ),
+        qkv_bias=lambda c: getattr(c, "attention_bias", False),
+        o_bias=lambda c: getattr(c, "attention_bias", False),
+        rope_theta=10000,
+    ),
+}
+"""The families served, by ``model_type`` (``iam_vllm.ARCHITECTURES`` names their model classes)."""
+
+
+def head_size(config: PretrainedConfig) -> int:
+    """The config's head size: its ``head_dim`` where it names one, else hidden size over heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def pair_of(config: PretrainedConfig, folder: Path, family: str) -> tuple[PretrainedConfig, FixedMapping, Path]:
+    """The SLM's config, the fixed mapping and the SLM's weights folder of an exported IAM folder's ``config``, a
+    ``family`` pair; ``ValueError`` naming what is missing or unserved."""
     iam = getattr(config, "iam", None)
     if not isinstance(iam, dict) or not {"slm", "slm_folder", "head_mapping"} <= iam.keys():
         raise ValueError(f"{folder / 'config.json'} has no complete 'iam' block: write the folder with `iam export-vllm`.")
     slm = AutoConfig.for_model(**iam["slm"])
+    if (config.model_type, slm.model_type) != (family, family):
+        raise ValueError(
+            f"{folder / 'config.json'} pairs a {config.model_type!r} LLM with a {slm.model_type!r} SLM, but names the "
+            f"{family!r} model class: write the folder again with `iam export-vllm`."
+        )
     fixed = read_head_mapping(folder / iam["head_mapping"], config, slm)
     check_served(fixed.plan, fixed.blend, config.num_key_value_heads)
     slm_folder = Path(iam["slm_folder"])
@@ -60,40 +107,36 @@ def pair_of(config: PretrainedConfig, folder: Path) -> tuple[PretrainedConfig, F
 
 
 class Step:
-    """The SLM's part of one forward, read by the mapped layers: every SLM layer's queries of the new tokens
-    ``[T, L * H_s, d_s]``, and per request the keys in their caches, read once a forward."""
+    """The SLM's part of one forward, read by the mapped layers: every SLM layer's post-RoPE queries of the new tokens
+    ``[B, L * H_s, Q, d_s]`` and its keys ``[B, L * H_kv_s, N, d_s]``, padded as ``paged.Batch`` pads them."""
 
-    def __init__(self, caches: list[PagedCache]) -> None:
-        self.caches, self.parts, self._keys = caches, [], {}
+    def __init__(self) -> None:
+        self.parts: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.queries: torch.Tensor | None = None
+        self.keys: torch.Tensor | None = None
 
-    def add(self, q: torch.Tensor) -> None:
-        self.parts.append(q)
+    def add(self, q: torch.Tensor, k: torch.Tensor) -> None:
+        self.parts.append((q, k))
 
     def close(self) -> None:
-        self.queries, self.parts = torch.cat(self.parts, 1), []
-
-    def keys(self, i: int) -> torch.Tensor:
-        """Request ``i``'s cached keys of every SLM layer, ``[L * H_kv_s, tokens, d_s]``."""
-        if i not in self._keys:
-            d = self.caches[0].head_size
-            self._keys[i] = torch.cat([cache.read(Batch.of(cache.layer_name), i)[..., :d] for cache in self.caches])
-        return self._keys[i]
+        if self.parts:  # none in a profiling run
+            self.queries, self.keys = (torch.cat(part, 1) for part in zip(*self.parts))
+        self.parts = []
 
 
 class SLMAttention(nn.Module):
     """An SLM layer's attention, vLLM's projections and rotary embedding over a ``PagedCache`` (K and V), recording
-    its post-RoPE queries in the forward's ``Step``."""
+    its post-RoPE queries and the keys it read (the batch's, padded) in the forward's ``Step``."""
 
-    def __init__(self, config: PretrainedConfig, quant_config: QuantizationConfig | None, prefix: str) -> None:
+    def __init__(self, config: PretrainedConfig, family: Family, quant_config: QuantizationConfig | None, prefix: str) -> None:
         super().__init__()
         heads, kv = config.num_attention_heads, config.num_key_value_heads
-        self.heads, self.kv, self.d = heads, kv, config.hidden_size // heads
+        self.heads, self.kv, self.d = heads, kv, head_size(config)
         self.qkv_proj = QKVParallelLinear(
-            config.hidden_size, self.d, heads, kv, bias=True, quant_config=quant_config, prefix=f"{prefix}.qkv_proj"
+            config.hidden_size, self.d, heads, kv, family.qkv_bias(config), quant_config=quant_config, prefix=f"{prefix}.qkv_proj"
         )
         self.o_proj = RowParallelLinear(
-            heads * self.d, config.hidden_size, bias=False, quant_config=quant_config, prefix=f"{prefix}.o_proj"
+            heads * self.d, config.hidden_size, family.o_bias(config), quant_config=quant_config, prefix=f"{prefix}.o_proj"
         )
         self.rotary_emb = get_rope(self.d, max_position=config.max_position_embeddings, rope_parameters=config.rope_parameters)
         self.attn = PagedCache(heads, kv, self.d, value_only=False, prefix=f"{prefix}.attn")
@@ -103,17 +146,15 @@ class SLMAttention(nn.Module):
         qkv, _ = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.heads * self.d, self.kv * self.d, self.kv * self.d], dim=-1)
         q, k = self.rotary_emb(positions, q, k)
-        q = q.view(t, self.heads, self.d)
-        step.add(q)
-        out = q.new_zeros(t, self.heads, self.d)
-        batch = Batch.of(self.attn.layer_name)
-        if batch is not None:
-            self.attn.store(batch, torch.cat([k.view(t, self.kv, self.d), v.view(t, self.kv, self.d)], -1))
-            for i, (a, n) in enumerate(zip(batch.starts, batch.queries)):
-                kv = self.attn.read(batch, i).repeat_interleave(self.heads // self.kv, 0)
-                mask = batch.causal(i, q.device)
-                out[a : a + n] = attend(q[a : a + n].transpose(0, 1), kv[..., : self.d], kv[..., self.d :], mask, self.d**-0.5)
-        return self.o_proj(out.view(t, -1))[0]
+        batch = self.attn.batch()
+        if batch is None:  # a profiling run
+            return self.o_proj(torch.zeros_like(q))[0]
+        self.attn.store(batch, torch.cat([k.view(t, self.kv, self.d), v.view(t, self.kv, self.d)], -1))
+        kv = self.attn.read(batch)
+        q, keys = batch.pad(q.view(t, self.heads, self.d)), kv[..., : self.d]
+        step.add(q, keys)
+        out = batch.unpad(attend(q, keys, kv[..., self.d :], batch.mask, self.d**-0.5), t)
+        return self.o_proj(out.reshape(t, -1))[0]
 
 
 class MappedAttention(nn.Module):
@@ -124,19 +165,20 @@ class MappedAttention(nn.Module):
         self,
         config: PretrainedConfig,
         slm: PretrainedConfig,
+        family: Family,
         borrow: list[tuple[int, int]],
         quant_config: QuantizationConfig | None,
         prefix: str,
     ) -> None:
         super().__init__()
         heads, kv = config.num_attention_heads, config.num_key_value_heads
-        self.heads, self.kv, self.d = heads, kv, config.hidden_size // heads
-        self.scale = (slm.hidden_size // slm.num_attention_heads) ** -0.5
+        self.heads, self.kv, self.d = heads, kv, head_size(config)
+        self.scale = head_size(slm) ** -0.5
         self.v_proj = ColumnParallelLinear(
-            config.hidden_size, kv * self.d, bias=True, quant_config=quant_config, prefix=f"{prefix}.v_proj"
+            config.hidden_size, kv * self.d, bias=family.qkv_bias(config), quant_config=quant_config, prefix=f"{prefix}.v_proj"
         )
         self.o_proj = RowParallelLinear(
-            heads * self.d, config.hidden_size, bias=False, quant_config=quant_config, prefix=f"{prefix}.o_proj"
+            heads * self.d, config.hidden_size, bias=family.o_bias(config), quant_config=quant_config, prefix=f"{prefix}.o_proj"
         )
         slm_groups = slm.num_attention_heads // slm.num_key_value_heads
         for name, index in (
@@ -150,24 +192,24 @@ class MappedAttention(nn.Module):
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, step: Step) -> torch.Tensor:
         t = hidden_states.shape[0]
         v, _ = self.v_proj(hidden_states)
-        out = v.new_zeros(t, self.heads, self.d)
-        batch = Batch.of(self.attn.layer_name)
-        if batch is not None:
-            self.attn.store(batch, v.view(t, self.kv, self.d))
-            for i, (a, n) in enumerate(zip(batch.starts, batch.queries)):
-                q = step.queries[a : a + n, self.q_index].transpose(0, 1)
-                values = self.attn.read(batch, i)[self.v_index]
-                out[a : a + n] = attend(q, step.keys(i)[self.k_index], values, batch.causal(i, q.device), self.scale)
-        return self.o_proj(out.view(t, -1))[0]
+        batch = self.attn.batch()
+        if batch is None:  # a profiling run
+            return self.o_proj(v.new_zeros(t, self.heads * self.d))[0]
+        self.attn.store(batch, v.view(t, self.kv, self.d))
+        values = self.attn.read(batch)[:, self.v_index]
+        out = attend(step.queries[:, self.q_index], step.keys[:, self.k_index], values, batch.mask, self.scale)
+        return self.o_proj(batch.unpad(out, t).reshape(t, -1))[0]
 
 
 class DecoderLayer(nn.Module):
-    """A Qwen2 decoder layer around one of IAM's attentions; its MLP and norms are vLLM's."""
+    """A decoder layer of the family around one of IAM's attentions; its MLP and norms are vLLM's."""
 
-    def __init__(self, config: PretrainedConfig, self_attn: nn.Module, quant_config, prefix: str) -> None:
+    def __init__(
+        self, config: PretrainedConfig, family: Family, self_attn: nn.Module, quant_config: QuantizationConfig | None, prefix: str
+    ) -> None:
         super().__init__()
         self.self_attn = self_attn
-        self.mlp = Qwen2MLP(config.hidden_size, config.intermediate_size, config.hidden_act, quant_config, f"{prefix}.mlp")
+        self.mlp = family.mlp(config, quant_config, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -191,31 +233,36 @@ class Stack(nn.Module):
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps) if norm else None
 
 
-class IAMQwen2ForCausalLM(nn.Module):
-    """A Qwen2 LLM whose mapped layers borrow attention from a Qwen2 SLM through a fixed head mapping (the folder that
-    ``iam export-vllm`` writes). Tensor parallelism is not served yet."""
+class IAMCausalLM(nn.Module):
+    """An LLM whose mapped layers borrow attention from an SLM of its ``family`` through a fixed head mapping (the
+    folder that ``iam export-vllm`` writes). Tensor parallelism is not served yet."""
+
+    family: ClassVar[str]
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
-        config = vllm_config.model_config.hf_config
+        config, name = vllm_config.model_config.hf_config, type(self).__name__
         if get_tensor_model_parallel_world_size() > 1:
-            raise ValueError("IAMQwen2ForCausalLM does not serve tensor parallelism yet: run with tensor_parallel_size=1.")
-        slm, fixed, self.slm_folder = pair_of(config, Path(vllm_config.model_config.model))
-        cache, quant = vllm_config.cache_config, vllm_config.quant_config
+            raise ValueError(f"{name} does not serve tensor parallelism yet: run with tensor_parallel_size=1.")
+        slm, fixed, self.slm_folder = pair_of(config, Path(vllm_config.model_config.model), self.family)
+        family, quant = FAMILIES[self.family], vllm_config.quant_config
         self.config, self.slm_config, self.depth = config, slm, fixed.slm_depth
         borrow = {layer: [(s, h) for ((s, h, _),) in heads] for layer, heads in fixed.borrow.items()}
-        mapped = lambda i: MappedAttention(config, slm, borrow[i], quant, f"model.layers.{i}.self_attn")
+        mapped = lambda i: MappedAttention(config, slm, family, borrow[i], quant, f"model.layers.{i}.self_attn")
         layers = [
-            DecoderLayer(config, mapped(i), quant, f"model.layers.{i}")
+            DecoderLayer(config, family, mapped(i), quant, f"model.layers.{i}")
             if i in borrow
-            else Qwen2DecoderLayer(config, cache, quant, f"model.layers.{i}")
+            else family.layer(vllm_config, config, f"model.layers.{i}")
             for i in range(config.num_hidden_layers)
         ]
         self.model = Stack(config, layers, "model", norm=True)
-        set_default_rope_theta(slm, default_theta=1000000)
-        slm_attention = lambda j: SLMAttention(slm, quant, f"slm.layers.{j}.self_attn")
+        set_default_rope_theta(slm, default_theta=family.rope_theta)
+        slm_attention = lambda j: SLMAttention(slm, family, quant, f"slm.layers.{j}.self_attn")
         self.slm = Stack(
-            slm, [DecoderLayer(slm, slm_attention(j), quant, f"slm.layers.{j}") for j in range(self.depth)], "slm", norm=False
+            slm,
+            [DecoderLayer(slm, family, slm_attention(j), quant, f"slm.layers.{j}") for j in range(self.depth)],
+            "slm",
+            norm=False,
         )
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, quant_config=quant, prefix="lm_head")
         if config.tie_word_embeddings:
@@ -227,8 +274,8 @@ class IAMQwen2ForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, intermediate_tensors=None, inputs_embeds=None):
         if inputs_embeds is not None:
-            raise ValueError("IAMQwen2ForCausalLM takes token ids: the SLM reads the same tokens.")
-        step = Step([layer.self_attn.attn for layer in self.slm.layers])
+            raise ValueError(f"{type(self).__name__} takes token ids: the SLM reads the same tokens.")
+        step = Step()
         hidden, residual = self.slm.embed_tokens(input_ids), None
         for layer in self.slm.layers:
             hidden, residual = layer(positions, hidden, residual, step)
@@ -281,3 +328,15 @@ class IAMQwen2ForCausalLM(nn.Module):
         if parts[:2] == ["model", "layers"] and isinstance(self.model.layers[int(parts[2])].self_attn, MappedAttention):
             return parts[4] in ("q_proj", "k_proj")
         return False
+
+
+class IAMQwen2ForCausalLM(IAMCausalLM):
+    """A Qwen2 / Qwen2.5 pair."""
+
+    family = "qwen2"
+
+
+class IAMLlamaForCausalLM(IAMCausalLM):
+    """A Llama pair (Llama 2 and 3, SmolLM2 and the other checkpoints of ``model_type`` llama)."""
+
+    family = "llama"

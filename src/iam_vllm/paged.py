@@ -12,6 +12,7 @@ sequence lengths, query starts, slots) from the engine's attention backend.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -35,36 +36,62 @@ class ValueOnlyAttentionSpec(FullAttentionSpec):
 
 @dataclass(frozen=True)
 class Batch:
-    """The requests of one forward as a paged layer reads them: per request, its first query row, its query rows and
-    its tokens (cached and new); the block table and each new token's slot."""
+    """The requests of one forward as the paged layers read them, padded to ``[requests, rows]`` for the new tokens
+    (each request's new tokens are its last ones) and ``[requests, positions]`` for its tokens, cached and new: where
+    each padded row lies in the forward's rows, where each position lies in the pages, and which positions each row
+    sees. Built once per forward and block table, shared by the layers that read it."""
 
-    starts: list[int]
-    queries: list[int]
-    lengths: list[int]
-    block_table: torch.Tensor
-    slots: torch.Tensor
+    slots: torch.Tensor  # [T] each new token's slot
+    rows: torch.Tensor  # [B, Q] each padded row's index among the forward's T rows (clamped)
+    real: torch.Tensor  # [B, Q] which padded rows are new tokens
+    blocks: torch.Tensor  # [B, N] each position's block
+    offsets: torch.Tensor  # [B, N] and its offset in the block
+    mask: torch.Tensor  # [B, 1, Q, N] which positions each row sees (a padded row sees them all, and is dropped)
+
+    _last: ClassVar[tuple[object, int, Batch] | None] = None
 
     @classmethod
-    def of(cls, layer_name: str) -> Batch | None:
-        """This forward's batch as the engine's metadata for ``layer_name`` gives it; ``None`` in a profiling run."""
+    def of(cls, layer_name: str, block_size: int) -> Batch | None:
+        """This forward's batch as the engine's metadata for ``layer_name`` gives it, over pages of ``block_size``
+        tokens; ``None`` in a profiling run. The layers of a forward share one metadata object: built once."""
         metadata = get_forward_context().attn_metadata
         metadata = metadata.get(layer_name) if isinstance(metadata, dict) else None
         if metadata is None:
             return None
-        loc = metadata.query_start_loc.tolist()
-        n = len(loc) - 1
+        if Batch._last is None or Batch._last[0] is not metadata or Batch._last[1] != block_size:
+            Batch._last = (metadata, block_size, cls.build(metadata, block_size))
+        return Batch._last[2]
+
+    @classmethod
+    def build(cls, metadata, block_size: int) -> Batch:
+        """The batch of the engine's attention ``metadata`` (query starts, sequence lengths, block table, slots)."""
+        loc = metadata.query_start_loc
+        n, device = len(loc) - 1, loc.device
+        starts, queries, lengths = loc[:-1].long(), (loc[1:] - loc[:-1]).long(), metadata.seq_lens[:n].long()
+        block_table = metadata.block_table[:n].long()
+        q, positions = int(queries.max()), int(lengths.max())
+        j, p = torch.arange(q, device=device), torch.arange(positions, device=device)
+        real = j[None] < queries[:, None]
+        rows = (starts[:, None] + j[None]).clamp(max=int(loc[-1]) - 1)
+        seen = p[None, None] <= (lengths - queries)[:, None, None] + j[None, :, None]  # causal, [B, Q, N]
+        mask = seen | ~real[..., None]
         return cls(
-            loc[:-1],
-            [b - a for a, b in zip(loc, loc[1:])],
-            metadata.seq_lens[:n].tolist(),
-            metadata.block_table,
-            metadata.slot_mapping[: loc[-1]],
+            metadata.slot_mapping[: int(loc[-1])],
+            rows,
+            real,
+            block_table.gather(1, (p // block_size)[None].expand(n, -1).clamp(max=block_table.shape[1] - 1)),
+            (p % block_size)[None].expand(n, -1),
+            mask[:, None],
         )
 
-    def causal(self, i: int, device: torch.device) -> torch.Tensor:
-        """``[queries, tokens]`` which tokens request ``i``'s new rows see (its new rows are its last tokens)."""
-        t, n = self.queries[i], self.lengths[i]
-        return torch.ones(t, n, dtype=torch.bool, device=device).tril(n - t)
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """``[T, heads, d]`` new rows -> ``[B, heads, Q, d]``."""
+        return x[self.rows].transpose(1, 2)
+
+    def unpad(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        """``[B, heads, Q, d]`` -> the ``t`` rows of the forward, ``[t, heads, d]`` (zeros past its new tokens)."""
+        rows = x.transpose(1, 2)[self.real]
+        return rows if len(rows) == t else F.pad(rows, (0, 0, 0, 0, 0, t - len(rows)))
 
 
 class PagedCache(nn.Module, AttentionLayerBase):
@@ -97,20 +124,24 @@ class PagedCache(nn.Module, AttentionLayerBase):
             dtype=self.dtype,
         )
 
+    def batch(self) -> Batch | None:
+        """This forward's ``Batch`` over this cache's pages; ``None`` in a profiling run."""
+        return Batch.of(self.layer_name, self.kv_cache.shape[2])
+
     def store(self, batch: Batch, x: torch.Tensor) -> None:
         """Write ``x`` ``[tokens, KV heads, channels]`` (K then V, or V) into the new tokens' slots."""
         block_size = self.kv_cache.shape[2]
         slots = batch.slots.long()
         self.kv_cache[slots // block_size, :, slots % block_size] = x[: len(slots)].to(self.kv_cache.dtype)
 
-    def read(self, batch: Batch, i: int) -> torch.Tensor:
-        """Request ``i``'s tokens, ``[KV heads, tokens, channels]``."""
-        block_size, n = self.kv_cache.shape[2], batch.lengths[i]
-        blocks = self.kv_cache[batch.block_table[i, : -(-n // block_size)].long()]  # [b, KV heads, block size, C]
-        return blocks.transpose(0, 1).flatten(1, 2)[:, :n]
+    def read(self, batch: Batch) -> torch.Tensor:
+        """Every request's tokens in one gather, ``[B, KV heads, N, channels]`` (past a request's length: whatever
+        its pages hold, masked by ``batch.mask``)."""
+        return self.kv_cache[batch.blocks, :, batch.offsets].transpose(1, 2)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """``q`` ``[H, t, d_q]``, ``k`` ``[H, n, d_q]``, ``v`` ``[H, n, d_v]`` (K/V expanded to the query heads), ``mask``
-    ``[t, n]`` -> ``[t, H, d_v]``."""
-    return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale).transpose(0, 1)
+    """``q`` ``[B, H, Q, d_q]``, ``k`` ``[B, H_kv, N, d_q]``, ``v`` ``[B, H_kv, N, d_v]`` (``H`` a multiple of
+    ``H_kv``), ``mask`` ``[B, 1, Q, N]`` -> ``[B, H, Q, d_v]``, one SDPA call for the batch."""
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])

@@ -1,6 +1,6 @@
-"""The transformers side of the engine tier, run in the project's own environment (transformers 5.24): ``pair DIR``
-saves a tiny random Qwen2 pair whose head size vLLM's CPU attention serves (64) and exports it; ``generate FOLDER``
-prints ``IAMForCausalLM.generate``'s greedy tokens with the folder's fixed mapping, as JSON."""
+"""The transformers side of the engine tier, run in the project's own environment (transformers 5.24): ``pair DIR
+FAMILY`` saves a tiny random pair of the family whose head size vLLM's CPU attention serves (64) and exports it;
+``generate FOLDER`` prints ``IAMForCausalLM.generate``'s greedy tokens with the folder's fixed mapping, as JSON."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ PROMPTS = [list(range(3 + i, 3 + i + n)) for i, n in enumerate((20, 33, 47, 9))]
 NEW_TOKENS = 16
 
 
-def pair(folder: Path) -> None:
-    for name, model in [("llm", tiny("qwen2", 4, 256, 4, 2, seed=0)), ("slm", tiny("qwen2", 2, 128, 2, 1, seed=1))]:
+def pair(folder: Path, family: str) -> None:
+    for name, model in [("llm", tiny(family, 4, 256, 4, 2, seed=0)), ("slm", tiny(family, 2, 128, 2, 1, seed=1))]:
         model.save_pretrained(folder / name)
         char_tokenizer().save_pretrained(folder / name)
     (folder / "calibration.txt").write_text("A paged cache holds the keys and values of every request. " * 30)
@@ -44,4 +44,4 @@ def generate(folder: Path) -> None:
 
 
 if __name__ == "__main__":
-    {"pair": pair, "generate": generate}[sys.argv[1]](Path(sys.argv[2]))
+    {"pair": pair, "generate": generate}[sys.argv[1]](Path(sys.argv[2]), *sys.argv[3:])

