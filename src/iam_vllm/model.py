@@ -36,7 +36,7 @@ from vllm.transformers_utils.config import set_default_rope_theta
 from iam.core.fixed import FixedMapping, read_head_mapping
 
 from . import check_served
-from .paged import PagedCache, attend
+from .paged import Batch, PagedCache, attend
 
 STACKED = (
     (".qkv_proj", ".q_proj", "q"),
@@ -108,9 +108,11 @@ def pair_of(config: PretrainedConfig, folder: Path, family: str) -> tuple[Pretra
 
 class Step:
     """The SLM's part of one forward, read by the mapped layers: every SLM layer's post-RoPE queries of the new tokens
-    ``[B, L * H_s, Q, d_s]`` and its keys ``[B, L * H_kv_s, N, d_s]``, padded as ``paged.Batch`` pads them."""
+    ``[B, L * H_s, Q, d_s]`` and its keys ``[B, L * H_kv_s, N, d_s]``, padded as ``paged.Batch`` pads them; and the
+    forward's batches (``batches``, built once for all its layers)."""
 
     def __init__(self) -> None:
+        self.batches: dict[tuple[int, int], Batch] = {}
         self.parts: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.queries: torch.Tensor | None = None
         self.keys: torch.Tensor | None = None
@@ -146,7 +148,7 @@ class SLMAttention(nn.Module):
         qkv, _ = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.heads * self.d, self.kv * self.d, self.kv * self.d], dim=-1)
         q, k = self.rotary_emb(positions, q, k)
-        batch = self.attn.batch()
+        batch = self.attn.batch(step.batches)
         if batch is None:  # a profiling run
             return self.o_proj(torch.zeros_like(q))[0]
         self.attn.store(batch, torch.cat([k.view(t, self.kv, self.d), v.view(t, self.kv, self.d)], -1))
@@ -192,7 +194,7 @@ class MappedAttention(nn.Module):
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, step: Step) -> torch.Tensor:
         t = hidden_states.shape[0]
         v, _ = self.v_proj(hidden_states)
-        batch = self.attn.batch()
+        batch = self.attn.batch(step.batches)
         if batch is None:  # a profiling run
             return self.o_proj(v.new_zeros(t, self.heads * self.d))[0]
         self.attn.store(batch, v.view(t, self.kv, self.d))

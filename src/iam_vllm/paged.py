@@ -12,7 +12,6 @@ sequence lengths, query starts, slots) from the engine's attention backend.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -48,19 +47,19 @@ class Batch:
     offsets: torch.Tensor  # [B, N] and its offset in the block
     mask: torch.Tensor  # [B, 1, Q, N] which positions each row sees (a padded row sees them all, and is dropped)
 
-    _last: ClassVar[tuple[object, int, Batch] | None] = None
-
     @classmethod
-    def of(cls, layer_name: str, block_size: int) -> Batch | None:
+    def of(cls, layer_name: str, block_size: int, built: dict[tuple[int, int], Batch]) -> Batch | None:
         """This forward's batch as the engine's metadata for ``layer_name`` gives it, over pages of ``block_size``
-        tokens; ``None`` in a profiling run. The layers of a forward share one metadata object: built once."""
+        tokens; ``None`` in a profiling run. The layers of a forward share one metadata object, so ``built`` (the
+        forward's own, by metadata object and block size) builds it once per forward."""
         metadata = get_forward_context().attn_metadata
         metadata = metadata.get(layer_name) if isinstance(metadata, dict) else None
         if metadata is None:
             return None
-        if Batch._last is None or Batch._last[0] is not metadata or Batch._last[1] != block_size:
-            Batch._last = (metadata, block_size, cls.build(metadata, block_size))
-        return Batch._last[2]
+        key = (id(metadata), block_size)  # the metadata lives through the forward, so its id is not reused in it
+        if key not in built:
+            built[key] = cls.build(metadata, block_size)
+        return built[key]
 
     @classmethod
     def build(cls, metadata, block_size: int) -> Batch:
@@ -124,9 +123,10 @@ class PagedCache(nn.Module, AttentionLayerBase):
             dtype=self.dtype,
         )
 
-    def batch(self) -> Batch | None:
-        """This forward's ``Batch`` over this cache's pages; ``None`` in a profiling run."""
-        return Batch.of(self.layer_name, self.kv_cache.shape[2])
+    def batch(self, built: dict[tuple[int, int], Batch]) -> Batch | None:
+        """This forward's ``Batch`` over this cache's pages; ``None`` in a profiling run. ``built``: as for
+        ``Batch.of``."""
+        return Batch.of(self.layer_name, self.kv_cache.shape[2], built)
 
     def store(self, batch: Batch, x: torch.Tensor) -> None:
         """Write ``x`` ``[tokens, KV heads, channels]`` (K then V, or V) into the new tokens' slots."""
