@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shlex
 import statistics
 import subprocess
 import sys
 
 from iam.reporting import provenance, write_report
+
+from .run import logged_capacity
 
 ENVIRONMENT = ("OMP_NUM_THREADS", "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_KVCACHE_SPACE")
 """The variables that set the engines' threads, their cores and KV space, recorded with the result."""
@@ -33,11 +34,10 @@ def generate(model: str, args: argparse.Namespace) -> dict:
     if done.returncode != 0 or not lines:
         raise RuntimeError(f"{shlex.join(argv)} failed (exit {done.returncode}):\n{log[-3000:]}")
     result = json.loads(lines[-1])
-    capacity = re.search(r"KV cache size: ([\d,]+) tokens", log)
     return {
         "seconds": result["seconds"][0],
         "tokens_per_s": result["output_tokens_per_s"],
-        "kv_tokens": int(capacity.group(1).replace(",", "")) if capacity else None,
+        "kv_tokens": logged_capacity(log),
     }
 
 

@@ -7,7 +7,14 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import time
+
+
+def logged_capacity(log: str) -> int | None:
+    """The KV capacity (tokens) an engine's log states ("KV cache size: N tokens"); ``None`` where it states none."""
+    found = re.search(r"KV cache size: ([\d,]+) tokens", log)
+    return int(found.group(1).replace(",", "")) if found else None
 
 
 def main() -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -23,6 +22,8 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("vllm")
+
+from iam_vllm.run import logged_capacity  # noqa: E402
 
 ROOT = Path(__file__).parents[2]
 IAM_PYTHON = os.environ.get("IAM_PYTHON", str(ROOT / ".venv/bin/python"))
@@ -74,9 +75,9 @@ def engine(model: Path, prompts: list[list[int]], new_tokens: int) -> tuple[dict
         "--max-model-len",
         "256",
     )
-    capacity = re.search(r"KV cache size: ([\d,]+) tokens", log)
-    assert capacity, log[-3000:]
-    return result, int(capacity.group(1).replace(",", ""))
+    capacity = logged_capacity(log)
+    assert capacity is not None, log[-3000:]
+    return result, capacity
 
 
 def bytes_per_token(config: dict, mapped: set[int], slm: dict | None, slm_depth: int) -> int:
